@@ -1,0 +1,353 @@
+//! Aligns the sites of a golden dump and a candidate dump, measures each pair and
+//! reaches a verdict, following the contract's comparison rules:
+//!
+//! - query rows of padding tokens are left out of every metric;
+//! - masks are compared as visibility patterns (float: hidden below -1, visible at 0;
+//!   bool/int: visible when non-zero);
+//! - integer sites (positions) must match exactly;
+//! - a site the candidate lacks is `missing`, never `pass`;
+//! - a shape mismatch fails that site and records both shapes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dump::{DType, Dump, Precision, Scenario, Tensor};
+use crate::error::{Error, Result};
+use crate::metrics::{unravel, Accumulator, Metrics};
+use crate::site::{Site, Step};
+use crate::tolerance::{Decision, Policy, Tolerance};
+
+/// The outcome of one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Missing,
+    Skipped,
+}
+
+/// The gate's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+/// What was measured at a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SiteMetrics {
+    /// Float activations: the full set of error measures.
+    Values(Metrics),
+    /// Integer activations: exact match required.
+    Exact { count: u64, mismatches: u64, first_mismatch: Option<Vec<usize>> },
+    /// The attention mask: visibility patterns compared.
+    Visibility { count: u64, mismatches: u64, first_mismatch: Option<Vec<usize>>, golden_visible: u64, candidate_visible: u64 },
+}
+
+impl SiteMetrics {
+    /// The float measures, if this site has them.
+    pub fn values(&self) -> Option<&Metrics> {
+        match self {
+            SiteMetrics::Values(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// One number for "how wrong": rel-L2 for values, the mismatch fraction otherwise.
+    pub fn error(&self) -> f64 {
+        match self {
+            SiteMetrics::Values(m) => m.rel_l2,
+            SiteMetrics::Exact { count, mismatches, .. } | SiteMetrics::Visibility { count, mismatches, .. } => {
+                if *count == 0 { 0.0 } else { *mismatches as f64 / *count as f64 }
+            }
+        }
+    }
+}
+
+/// The comparison of one site at one step.
+#[derive(Debug, Clone)]
+pub struct SiteResult {
+    pub step: Step,
+    pub site: Site,
+    pub status: Status,
+    pub metrics: Option<SiteMetrics>,
+    pub tolerance: Option<Tolerance>,
+    pub golden_shape: Vec<usize>,
+    pub candidate_shape: Option<Vec<usize>>,
+    pub golden_dtype: DType,
+    pub candidate_dtype: Option<DType>,
+    /// Why the site failed or was skipped, in words.
+    pub note: Option<String>,
+}
+
+impl SiteResult {
+    /// How far past its tolerance the site is (> 1 fails); 0 when not measured.
+    pub fn excess(&self) -> f64 {
+        match (&self.metrics, &self.tolerance) {
+            (Some(SiteMetrics::Values(m)), Some(t)) => {
+                let a = if t.max_rel_l2 > 0.0 { m.rel_l2 / t.max_rel_l2 } else { m.rel_l2 * f64::INFINITY };
+                let b = if t.min_cosine < 1.0 { (1.0 - m.cosine) / (1.0 - t.min_cosine) } else { 0.0 };
+                let c = if m.new_nonfinite > 0 { f64::INFINITY } else { 0.0 };
+                a.max(b).max(c)
+            }
+            (Some(m), _) => {
+                if m.error() > 0.0 { f64::INFINITY } else { 0.0 }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// The comparison of a candidate with a golden.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub golden: String,
+    pub candidate: String,
+    pub scenario: String,
+    pub golden_precision: Precision,
+    pub candidate_precision: Precision,
+    pub candidate_producer: serde_json::Value,
+    /// Every golden site at every golden step, in compute order.
+    pub sites: Vec<SiteResult>,
+}
+
+impl Comparison {
+    /// Pass when at least one site was checked and none failed.
+    pub fn verdict(&self) -> Verdict {
+        let any_fail = self.sites.iter().any(|s| s.status == Status::Fail);
+        let any_pass = self.sites.iter().any(|s| s.status == Status::Pass);
+        if any_fail || !any_pass { Verdict::Fail } else { Verdict::Pass }
+    }
+
+    /// The first failing site in compute order.
+    pub fn first_divergence(&self) -> Option<&SiteResult> {
+        self.sites.iter().find(|s| s.status == Status::Fail)
+    }
+
+    /// Counts of sites by status: (pass, fail, missing, skipped).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let c = |st| self.sites.iter().filter(|s| s.status == st).count();
+        (c(Status::Pass), c(Status::Fail), c(Status::Missing), c(Status::Skipped))
+    }
+}
+
+/// Compares `candidate` with `golden` under `policy`.
+///
+/// Errors only for inputs that cannot be compared at all (different scenarios);
+/// divergences are data in the returned [`Comparison`].
+pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Comparison> {
+    let (gm, cm) = (&golden.manifest, &candidate.manifest);
+    check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
+    let precision = cm.dtype;
+    let mut sites = Vec::new();
+    for &step in &gm.steps {
+        for site in golden.sites(step) {
+            let g = golden
+                .get(step, site)?
+                .ok_or_else(|| Error::format(golden.label(), format!("tensor `{step}/{site}` vanished")))?;
+            let c = if cm.steps.contains(&step) { candidate.get(step, site)? } else { None };
+            sites.push(compare_site(step, site, &g, c.as_ref(), &gm.scenario, policy, precision));
+        }
+    }
+    Ok(Comparison {
+        golden: golden.label(),
+        candidate: candidate.label(),
+        scenario: gm.scenario.name.clone(),
+        golden_precision: gm.dtype,
+        candidate_precision: precision,
+        candidate_producer: cm.producer.clone(),
+        sites,
+    })
+}
+
+fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()> {
+    let what = if g.input_ids != c.input_ids {
+        "input_ids"
+    } else if g.attention_mask != c.attention_mask {
+        "attention_mask"
+    } else if !c.decode_ids.is_empty() && g.decode_ids != c.decode_ids {
+        "decode_ids"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Manifest {
+        path: candidate.dir().map(|d| d.join("manifest.json")).unwrap_or_default(),
+        what: format!("scenario.{what} differs from the golden's: the two runs had different inputs"),
+    })
+}
+
+/// Compares one site. `c` is `None` when the candidate lacks it.
+pub fn compare_site(
+    step: Step,
+    site: &Site,
+    g: &Tensor,
+    c: Option<&Tensor>,
+    scenario: &Scenario,
+    policy: &Policy,
+    precision: Precision,
+) -> SiteResult {
+    let mut r = SiteResult {
+        step,
+        site: site.clone(),
+        status: Status::Missing,
+        metrics: None,
+        tolerance: None,
+        golden_shape: g.shape().to_vec(),
+        candidate_shape: c.map(|c| c.shape().to_vec()),
+        golden_dtype: g.dtype(),
+        candidate_dtype: c.map(Tensor::dtype),
+        note: None,
+    };
+    let tol = match policy.decide(step, site, precision) {
+        Decision::Skip => {
+            r.status = Status::Skipped;
+            r.note = Some("skipped by policy".into());
+            return r;
+        }
+        Decision::Check(t) => t,
+    };
+    let Some(c) = c else {
+        r.note = Some("the candidate did not dump this site".into());
+        return r;
+    };
+    if c.shape() != g.shape() {
+        r.status = Status::Fail;
+        r.note = Some(format!("shape {:?} but the golden's is {:?}", c.shape(), g.shape()));
+        return r;
+    }
+    let valid = RowFilter::new(step, site, g.shape(), scenario);
+    if site.is_mask() {
+        let m = compare_visibility(g, c, &valid);
+        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        if r.status == Status::Fail {
+            r.note = Some("the mask hides or shows different keys".into());
+        }
+        r.metrics = Some(m);
+    } else if !g.dtype().is_float() || matches!(site, Site::PositionIds) {
+        let m = compare_exact(g, c, &valid);
+        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        if r.status == Status::Fail {
+            r.note = Some("integer values differ".into());
+        }
+        r.metrics = Some(m);
+    } else {
+        let mut acc = Accumulator::new(c.dtype());
+        for i in 0..g.numel() {
+            if valid.keep(i) {
+                acc.push(i, g.get_f64(i), c.get_f64(i));
+            }
+        }
+        let m = acc.finish(g.shape());
+        let mut why = Vec::new();
+        if m.new_nonfinite > 0 {
+            why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
+        }
+        if !(m.rel_l2 <= tol.max_rel_l2) {
+            why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, tol.max_rel_l2));
+        }
+        if !(m.cosine >= tol.min_cosine) {
+            why.push(format!("cosine {:.6} < {}", m.cosine, tol.min_cosine));
+        }
+        if let Some(ma) = tol.max_abs {
+            if !(m.max_abs <= ma) {
+                why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
+            }
+        }
+        r.status = if why.is_empty() { Status::Pass } else { Status::Fail };
+        r.note = (!why.is_empty()).then(|| why.join("; "));
+        r.metrics = Some(SiteMetrics::Values(m));
+    }
+    r.tolerance = Some(tol);
+    r
+}
+
+/// Decides which flat indices belong to valid (non-padding) query rows.
+pub struct RowFilter<'a> {
+    scenario: &'a Scenario,
+    step: Step,
+    /// (stride of batch axis, stride of token axis, token count), when filtering applies.
+    axes: Option<(usize, usize, usize)>,
+}
+
+impl<'a> RowFilter<'a> {
+    pub fn new(step: Step, site: &Site, shape: &[usize], scenario: &'a Scenario) -> RowFilter<'a> {
+        let axes = match (step, site.token_axis()) {
+            (Step::Prefill, Some(ax))
+                if scenario.has_padding()
+                    && shape.len() > ax
+                    && shape[0] == scenario.batch()
+                    && shape[ax] == scenario.prefill_len() =>
+            {
+                let stride = |k: usize| shape[k + 1..].iter().product::<usize>();
+                Some((stride(0), stride(ax), shape[ax]))
+            }
+            _ => None,
+        };
+        RowFilter { scenario, step, axes }
+    }
+
+    /// True when flat index `i` lies in a valid query row.
+    #[inline]
+    pub fn keep(&self, i: usize) -> bool {
+        match self.axes {
+            None => true,
+            Some((sb, st, nt)) => self.scenario.is_valid_query(self.step, i / sb, (i / st) % nt),
+        }
+    }
+}
+
+fn compare_exact(g: &Tensor, c: &Tensor, valid: &RowFilter) -> SiteMetrics {
+    let (mut count, mut mismatches, mut first) = (0u64, 0u64, None);
+    for i in 0..g.numel() {
+        if !valid.keep(i) {
+            continue;
+        }
+        count += 1;
+        if g.get_f64(i) != c.get_f64(i) {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    SiteMetrics::Exact { count, mismatches, first_mismatch: first.map(|i| unravel(i, g.shape())) }
+}
+
+/// Visibility of one mask entry: `Some(true)` visible, `Some(false)` hidden, `None`
+/// for a value that is neither (NaN), which never matches.
+pub fn visible(dtype: DType, v: f64) -> Option<bool> {
+    if dtype.is_float() {
+        if v.is_nan() {
+            None
+        } else {
+            Some(v >= -1.0)
+        }
+    } else {
+        Some(v != 0.0)
+    }
+}
+
+fn compare_visibility(g: &Tensor, c: &Tensor, valid: &RowFilter) -> SiteMetrics {
+    let (mut count, mut mismatches, mut first, mut gv, mut cv) = (0u64, 0u64, None, 0u64, 0u64);
+    for i in 0..g.numel() {
+        if !valid.keep(i) {
+            continue;
+        }
+        count += 1;
+        let a = visible(g.dtype(), g.get_f64(i));
+        let b = visible(c.dtype(), c.get_f64(i));
+        gv += (a == Some(true)) as u64;
+        cv += (b == Some(true)) as u64;
+        if a.is_none() || a != b {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    SiteMetrics::Visibility {
+        count,
+        mismatches,
+        first_mismatch: first.map(|i| unravel(i, g.shape())),
+        golden_visible: gv,
+        candidate_visible: cv,
+    }
+}

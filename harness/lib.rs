@@ -1,0 +1,21 @@
+//! llama-parity: proves a Llama port numerically faithful to HuggingFace transformers,
+//! layer by layer, and says where and why it is not.
+//!
+//! The pipeline, one module a stage:
+//!
+//! - [`dump`]: the contract's dump format (manifest, activations, weights) and its loaders;
+//! - [`site`]: the names of activations and the order the model computes them in;
+//! - [`metrics`]: per-site error measures, streamed in one pass;
+//! - [`tolerance`]: the policy that turns metrics into pass or fail;
+//! - [`compare`]: aligns golden and candidate sites and reaches a verdict;
+//! - [`report`]: the verdict as JSON (and more) for people and CI.
+
+pub mod compare;
+pub mod dump;
+pub mod error;
+pub mod metrics;
+pub mod report;
+pub mod site;
+pub mod tolerance;
+
+pub use error::{Error, Result};

@@ -1,0 +1,295 @@
+//! Error measures between a golden tensor `g` and a candidate tensor `c`, streamed in
+//! one pass with `f64` accumulators (no whole-tensor copies).
+//!
+//! With `d = c - g` over the `n` element pairs where both sides are finite:
+//!
+//! | metric | formula |
+//! |---|---|
+//! | `cosine` | Σgc / √(Σg² Σc²); 1 when both are all zero, 0 when one is |
+//! | `max_abs` | max \|d\|, with the index where it occurs |
+//! | `max_rel` | max \|d\| / \|g\|; where g = 0, the dtype's eps is added to both sides (msprobe) |
+//! | `mean_abs` | Σ\|d\| / n |
+//! | `rel_l2` | √Σd² / √Σg² |
+//! | `rmse` | √(Σd² / n) |
+//! | `nmse`, `nmse_db` | Σd² / Σg², and 10·log10 of it |
+//! | `pearson` | cov(g, c) / (σg σc) (Welford co-moments) |
+//! | `snr_db` | 10·log10(Σg² / Σd²) |
+//! | `max_ulp` | max distance in units in the last place of the candidate's dtype, golden rounded to it |
+//! | `one_thousandth_ratio`, `five_thousandths_ratio` | fraction of elements whose relative error is below 0.001 / 0.005 |
+//!
+//! NaN and Inf are counted on each side; `new_nonfinite` counts elements where the
+//! candidate is NaN or Inf and the golden is not the same non-finite value. Such an
+//! element fails the site whatever the other numbers say.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dump::DType;
+
+/// The measures of one site. Non-finite values serialize as the strings `"inf"`,
+/// `"-inf"` and `"nan"` so that JSON stays valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Element pairs where both sides are finite.
+    pub count: u64,
+    #[serde(with = "num")]
+    pub cosine: f64,
+    #[serde(with = "num")]
+    pub max_abs: f64,
+    /// Multi-index of `max_abs` (empty when `count` is 0).
+    pub max_abs_index: Vec<usize>,
+    #[serde(with = "num")]
+    pub max_rel: f64,
+    #[serde(with = "num")]
+    pub mean_abs: f64,
+    #[serde(with = "num")]
+    pub rel_l2: f64,
+    #[serde(with = "num")]
+    pub rmse: f64,
+    #[serde(with = "num")]
+    pub nmse: f64,
+    #[serde(with = "num")]
+    pub nmse_db: f64,
+    #[serde(with = "num")]
+    pub pearson: f64,
+    #[serde(with = "num")]
+    pub snr_db: f64,
+    #[serde(with = "num")]
+    pub max_ulp: f64,
+    #[serde(with = "num")]
+    pub one_thousandth_ratio: f64,
+    #[serde(with = "num")]
+    pub five_thousandths_ratio: f64,
+    pub golden_nan: u64,
+    pub golden_inf: u64,
+    pub candidate_nan: u64,
+    pub candidate_inf: u64,
+    /// Elements where the candidate is NaN/Inf and the golden is not that same value.
+    pub new_nonfinite: u64,
+}
+
+/// Streams element pairs into [`Metrics`].
+#[derive(Debug, Clone)]
+pub struct Accumulator {
+    cand: DType,
+    eps: f64,
+    n: u64,
+    sgg: f64,
+    scc: f64,
+    sgc: f64,
+    sdd: f64,
+    sad: f64,
+    max_abs: f64,
+    max_abs_at: Option<usize>,
+    max_rel: f64,
+    max_ulp: f64,
+    below_1e3: u64,
+    below_5e3: u64,
+    // Welford state for Pearson.
+    mean_g: f64,
+    mean_c: f64,
+    m2_g: f64,
+    m2_c: f64,
+    co: f64,
+    golden_nan: u64,
+    golden_inf: u64,
+    candidate_nan: u64,
+    candidate_inf: u64,
+    new_nonfinite: u64,
+}
+
+impl Accumulator {
+    /// An empty accumulator; `candidate` is the candidate's storage dtype (for ULPs and
+    /// the eps of the relative error).
+    pub fn new(candidate: DType) -> Accumulator {
+        let eps = if candidate.is_float() { candidate.eps() } else { f32::EPSILON as f64 };
+        Accumulator {
+            cand: candidate,
+            eps,
+            n: 0,
+            sgg: 0.0,
+            scc: 0.0,
+            sgc: 0.0,
+            sdd: 0.0,
+            sad: 0.0,
+            max_abs: 0.0,
+            max_abs_at: None,
+            max_rel: 0.0,
+            max_ulp: 0.0,
+            below_1e3: 0,
+            below_5e3: 0,
+            mean_g: 0.0,
+            mean_c: 0.0,
+            m2_g: 0.0,
+            m2_c: 0.0,
+            co: 0.0,
+            golden_nan: 0,
+            golden_inf: 0,
+            candidate_nan: 0,
+            candidate_inf: 0,
+            new_nonfinite: 0,
+        }
+    }
+
+    /// Adds the pair at row-major flat index `index`.
+    #[inline]
+    pub fn push(&mut self, index: usize, g: f64, c: f64) {
+        let (gf, cf) = (g.is_finite(), c.is_finite());
+        self.golden_nan += g.is_nan() as u64;
+        self.golden_inf += g.is_infinite() as u64;
+        self.candidate_nan += c.is_nan() as u64;
+        self.candidate_inf += c.is_infinite() as u64;
+        if !cf && (gf || !(g == c || (g.is_nan() && c.is_nan()))) {
+            self.new_nonfinite += 1;
+        }
+        if !(gf && cf) {
+            return;
+        }
+        self.n += 1;
+        let d = c - g;
+        let ad = d.abs();
+        self.sgg += g * g;
+        self.scc += c * c;
+        self.sgc += g * c;
+        self.sdd += d * d;
+        self.sad += ad;
+        if ad > self.max_abs || self.max_abs_at.is_none() {
+            self.max_abs = ad;
+            self.max_abs_at = Some(index);
+        }
+        let rel = if g == 0.0 { ad / self.eps } else { ad / g.abs() };
+        self.max_rel = self.max_rel.max(rel);
+        self.below_1e3 += (rel < 1e-3) as u64;
+        self.below_5e3 += (rel < 5e-3) as u64;
+        self.max_ulp = self.max_ulp.max(ulp_distance(self.cand, g, c));
+        let n = self.n as f64;
+        let dg = g - self.mean_g;
+        let dc = c - self.mean_c;
+        self.mean_g += dg / n;
+        self.mean_c += dc / n;
+        self.m2_g += dg * (g - self.mean_g);
+        self.m2_c += dc * (c - self.mean_c);
+        self.co += dg * (c - self.mean_c);
+    }
+
+    /// The measures, with `max_abs_index` unravelled over `shape`.
+    pub fn finish(&self, shape: &[usize]) -> Metrics {
+        let n = self.n as f64;
+        let cosine = if self.sgg == 0.0 && self.scc == 0.0 {
+            1.0
+        } else if self.sgg == 0.0 || self.scc == 0.0 {
+            0.0
+        } else {
+            (self.sgc / (self.sgg.sqrt() * self.scc.sqrt())).clamp(-1.0, 1.0)
+        };
+        let nmse = ratio(self.sdd, self.sgg);
+        let pearson = if self.m2_g == 0.0 && self.m2_c == 0.0 {
+            if self.sdd == 0.0 { 1.0 } else { 0.0 }
+        } else if self.m2_g == 0.0 || self.m2_c == 0.0 {
+            0.0
+        } else {
+            (self.co / (self.m2_g.sqrt() * self.m2_c.sqrt())).clamp(-1.0, 1.0)
+        };
+        let frac = |k: u64| if self.n == 0 { 1.0 } else { k as f64 / n };
+        Metrics {
+            count: self.n,
+            cosine,
+            max_abs: self.max_abs,
+            max_abs_index: self.max_abs_at.map(|i| unravel(i, shape)).unwrap_or_default(),
+            max_rel: self.max_rel,
+            mean_abs: if self.n == 0 { 0.0 } else { self.sad / n },
+            rel_l2: nmse.sqrt(),
+            rmse: if self.n == 0 { 0.0 } else { (self.sdd / n).sqrt() },
+            nmse,
+            nmse_db: 10.0 * nmse.log10(),
+            pearson,
+            snr_db: 10.0 * ratio(self.sgg, self.sdd).log10(),
+            max_ulp: self.max_ulp,
+            one_thousandth_ratio: frac(self.below_1e3),
+            five_thousandths_ratio: frac(self.below_5e3),
+            golden_nan: self.golden_nan,
+            golden_inf: self.golden_inf,
+            candidate_nan: self.candidate_nan,
+            candidate_inf: self.candidate_inf,
+            new_nonfinite: self.new_nonfinite,
+        }
+    }
+}
+
+/// `a / b` with 0/0 = 0 and x/0 = +inf.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        if a == 0.0 { 0.0 } else { f64::INFINITY }
+    } else {
+        a / b
+    }
+}
+
+/// Row-major flat index to multi-index.
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
+}
+
+/// Distance between `c` and `g` rounded to `dtype`, in units in the last place of
+/// `dtype` (the number of representable values between them). 0 for integer dtypes.
+pub fn ulp_distance(dtype: DType, g: f64, c: f64) -> f64 {
+    // Sign-magnitude bits to a line on which neighbouring values differ by one
+    // (-0 and +0 both map to 0).
+    fn line(bits: u64, sign: u64) -> i128 {
+        if bits & sign != 0 { -((bits & (sign - 1)) as i128) } else { bits as i128 }
+    }
+    let key = |x: f64| -> i128 {
+        match dtype {
+            DType::F64 => line(x.to_bits(), 1 << 63),
+            DType::F32 => line((x as f32).to_bits() as u64, 1 << 31),
+            DType::F16 => line(half::f16::from_f64(x).to_bits() as u64, 1 << 15),
+            DType::BF16 => line(half::bf16::from_f64(x).to_bits() as u64, 1 << 15),
+            _ => 0,
+        }
+    };
+    if !dtype.is_float() {
+        return 0.0;
+    }
+    (key(c) - key(g)).unsigned_abs() as f64
+}
+
+mod num {
+    //! Serde for `f64` that keeps non-finite values as strings.
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("nan")
+        } else if *v > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum N {
+            F(f64),
+            S(String),
+        }
+        match N::deserialize(d)? {
+            N::F(f) => Ok(f),
+            N::S(s) => match s.as_str() {
+                "nan" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                _ => Err(serde::de::Error::custom(format!("not a number: {s:?}"))),
+            },
+        }
+    }
+}

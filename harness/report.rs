@@ -1,0 +1,1 @@
+//! Reports: `report.json` for tools and CI.
