@@ -82,24 +82,6 @@ pub struct SiteResult {
     pub note: Option<String>,
 }
 
-impl SiteResult {
-    /// How far past its tolerance the site is (> 1 fails); 0 when not measured.
-    pub fn excess(&self) -> f64 {
-        match (&self.metrics, &self.tolerance) {
-            (Some(SiteMetrics::Values(m)), Some(t)) => {
-                let a = if t.max_rel_l2 > 0.0 { m.rel_l2 / t.max_rel_l2 } else { m.rel_l2 * f64::INFINITY };
-                let b = if t.min_cosine < 1.0 { (1.0 - m.cosine) / (1.0 - t.min_cosine) } else { 0.0 };
-                let c = if m.new_nonfinite > 0 { f64::INFINITY } else { 0.0 };
-                a.max(b).max(c)
-            }
-            (Some(m), _) => {
-                if m.error() > 0.0 { f64::INFINITY } else { 0.0 }
-            }
-            _ => 0.0,
-        }
-    }
-}
-
 /// The comparison of a candidate with a golden.
 #[derive(Debug, Clone)]
 pub struct Comparison {

@@ -6,6 +6,7 @@
 //! - [`dump`]: the contract's dump format (manifest, activations, weights) and its loaders;
 //! - [`site`]: the names of activations and the order the model computes them in;
 //! - [`metrics`]: per-site error measures, streamed in one pass;
+//! - [`model`]: implementations that produce dumps (reference, ascend, mindspore);
 //! - [`tolerance`]: the policy that turns metrics into pass or fail;
 //! - [`compare`]: aligns golden and candidate sites and reaches a verdict;
 //! - [`report`]: the verdict as JSON (and more) for people and CI.
@@ -13,7 +14,9 @@
 pub mod compare;
 pub mod dump;
 pub mod error;
+pub mod fault;
 pub mod metrics;
+pub mod model;
 pub mod report;
 pub mod site;
 pub mod tolerance;

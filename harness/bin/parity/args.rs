@@ -1,0 +1,107 @@
+//! Command-line arguments as clap sees them. Nothing here reaches the library: the
+//! commands turn these into validated library options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Prove a Llama port numerically faithful to HuggingFace transformers, layer by layer.
+///
+/// A dump is a directory with manifest.json and activations (llama-parity/dump@1; see
+/// CONTRACT.md). `compare` measures a candidate dump against a golden dump made by HF
+/// transformers; `run` produces the candidate itself with one of the built-in
+/// implementations and compares it. Both print the first divergence in compute order
+/// and can write a report.
+///
+/// Exit status: 0 every checked site within tolerance, 1 divergence, 2 bad input.
+#[derive(Debug, Parser)]
+#[command(name = "parity", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compare a candidate dump with a golden dump, site by site.
+    #[command(verbatim_doc_comment)]
+    ///
+    /// Example:
+    ///   parity compare golden/gqa_pad_f32 my_port_dump --report reports/my_port
+    Compare(CompareArgs),
+    /// Run a golden's scenario with a built-in implementation and compare it.
+    #[command(verbatim_doc_comment)]
+    ///
+    /// Examples:
+    ///   parity run golden/gqa_pad_f32 --impl reference
+    ///   parity run golden/gqa_pad_f32 --impl ascend --dtype bfloat16 --fault rope.pos_reset --report reports/x
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// The golden dump directory (made by HF transformers).
+    pub golden: PathBuf,
+    /// The candidate dump directory (made by the port under test).
+    pub candidate: PathBuf,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Key map for candidates whose site names differ (JSON {"candidate name": "contract name"}).
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The golden dump directory; its manifest gives the model and scenario, its
+    /// weights.safetensors the weights.
+    pub golden: PathBuf,
+    /// Which implementation runs the scenario.
+    #[arg(long = "impl", value_enum, value_name = "IMPL")]
+    pub implementation: ImplArg,
+    /// Compute dtype [default: the golden's; the reference always computes in float64].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Plant a known porting fault (repeatable), e.g. rope.pos_reset. See CONTRACT.md §3.
+    #[arg(long = "fault", value_name = "ID")]
+    pub faults: Vec<String>,
+    /// Also run each layer from the golden's input to it, to separate the error a site
+    /// adds from the error it inherits.
+    #[arg(long)]
+    pub teacher_force: bool,
+    /// Write the run's own dump here (a contract dump that `parity compare` accepts).
+    #[arg(long, value_name = "DIR")]
+    pub dump: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// Write report.json (and the other report files) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Tolerance policy (JSON) overriding the default thresholds by site and step.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Print only the verdict line and the first divergence.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImplArg {
+    /// float64 reference written from the formulas
+    Reference,
+    /// the port's numerics on Ascend simulated on the CPU
+    Ascend,
+    /// the real MindSpore port (fixtures/ports/mindspore) in a subprocess
+    Mindspore,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    Float32,
+    Bfloat16,
+    Float16,
+}

@@ -1,0 +1,151 @@
+//! The commands: validate arguments into library options, run, print, report.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use llama_parity::compare::{compare, Verdict};
+use llama_parity::dump::{Dump, Precision};
+use llama_parity::fault::Fault;
+use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::report::{render_summary, Report};
+use llama_parity::tolerance::Policy;
+use llama_parity::{Error, Result};
+
+use crate::args::{Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs};
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Compare(a) => cmd_compare(a),
+        Command::Run(a) => cmd_run(a),
+    }
+}
+
+fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
+    if a.map.is_some() {
+        return Err(Error::Usage { flag: "--map".into(), what: "site key maps are not supported yet".into() });
+    }
+    let inputs = [a.golden.as_path(), a.candidate.as_path()];
+    let policy = load_policy(&a.common)?;
+    check_outputs(&inputs, &[("--report", a.common.report.as_deref())])?;
+    let golden = Dump::open(&a.golden)?;
+    let candidate = Dump::open(&a.candidate)?;
+    let cmp = compare(&golden, &candidate, &policy)?;
+    let report = Report::new(&cmp, Vec::new());
+    finish(report, &a.common)
+}
+
+fn cmd_run(a: RunArgs) -> Result<ExitCode> {
+    let implementation = match a.implementation {
+        ImplArg::Reference => Implementation::Reference,
+        ImplArg::Ascend => Implementation::Ascend,
+        ImplArg::Mindspore => Implementation::MindSpore,
+    };
+    let precision = a.dtype.map(|d| match d {
+        DTypeArg::Float32 => Precision::F32,
+        DTypeArg::Bfloat16 => Precision::Bf16,
+        DTypeArg::Float16 => Precision::F16,
+    });
+    let faults = a
+        .faults
+        .iter()
+        .map(|id| {
+            Fault::parse(id).ok_or_else(|| Error::Usage {
+                flag: "--fault".into(),
+                what: format!(
+                    "unknown fault {id:?}; known: {}",
+                    Fault::ALL.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let policy = load_policy(&a.common)?;
+    check_outputs(&[a.golden.as_path()], &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())])?;
+    let golden = Dump::open(&a.golden)?;
+    let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
+    progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
+    let out = model::run(&golden, &opts)?;
+    if let Some(dir) = &a.dump {
+        out.dump.write(dir)?;
+        progress(&format!("dump written to {}", dir.display()));
+    }
+    let cmp = compare(&golden, &out.dump, &policy)?;
+    let mut report = Report::new(&cmp, Vec::new());
+    if let Some(tf) = &out.teacher_forced {
+        let local = compare(&golden, tf, &policy)?;
+        report.attach_local(&local);
+    }
+    finish(report, &a.common)
+}
+
+fn load_policy(c: &CommonArgs) -> Result<Policy> {
+    match &c.policy {
+        Some(p) => Policy::load(p),
+        None => Ok(Policy::default()),
+    }
+}
+
+/// Prints the summary, writes the report, and maps the verdict to the exit status.
+fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
+    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let text = render_summary(&report, color);
+    if c.quiet {
+        for line in text.lines().take_while(|l| !l.is_empty()).filter(|l| !l.starts_with("  ")) {
+            println!("{line}");
+        }
+    } else {
+        print!("{text}");
+    }
+    if let Some(dir) = &c.report {
+        report.write(dir)?;
+        println!("report: {}", dir.display());
+    }
+    Ok(match report.verdict {
+        Verdict::Pass => ExitCode::SUCCESS,
+        Verdict::Fail => ExitCode::from(1),
+    })
+}
+
+fn progress(msg: &str) {
+    eprintln!("parity: {msg}");
+}
+
+/// Refuses output directories that lie inside an input directory: a run never writes
+/// into its inputs.
+fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    for (flag, out) in outputs {
+        let Some(out) = out else { continue };
+        let out_abs = absolute(out);
+        for input in inputs {
+            let in_abs = absolute(input);
+            if out_abs.starts_with(&in_abs) {
+                return Err(Error::Usage {
+                    flag: (*flag).to_string(),
+                    what: format!("{} lies inside the input {}; choose a directory outside it", out.display(), input.display()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The absolute, symlink-resolved form of `p`, resolving its longest existing prefix.
+fn absolute(p: &Path) -> PathBuf {
+    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut existing = p.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name().map(|s| s.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return p,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    for name in rest.into_iter().rev() {
+        out.push(name);
+    }
+    out
+}

@@ -1,1 +1,0 @@
-//! Reports: `report.json` for tools and CI.

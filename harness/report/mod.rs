@@ -1,0 +1,177 @@
+//! Reports of a comparison: `report.json` (the contract's fields and more) and a
+//! compact terminal table. Every file is written atomically.
+
+mod terminal;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
+use crate::dump::write_atomic;
+use crate::error::{Error, Result};
+use crate::tolerance::Tolerance;
+
+pub use terminal::render_summary;
+
+/// Format string of `report.json`.
+pub const FORMAT: &str = "llama-parity/report@1";
+
+/// One hypothesis of the diagnosis: a known fault, how well it explains the divergence
+/// (0..1), and the evidence in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub fault: String,
+    pub score: f64,
+    pub explains: String,
+}
+
+/// One site of the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteEntry {
+    pub step: String,
+    pub site: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SiteMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<Tolerance>,
+    pub golden_shape: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_shape: Option<Vec<usize>>,
+    pub golden_dtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// With teacher forcing: the error this site adds on its own, from the golden's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_metrics: Option<SiteMetrics>,
+}
+
+impl SiteEntry {
+    fn from_result(r: &SiteResult) -> SiteEntry {
+        SiteEntry {
+            step: r.step.to_string(),
+            site: r.site.to_string(),
+            status: r.status,
+            metrics: r.metrics.clone(),
+            tolerance: r.tolerance,
+            golden_shape: r.golden_shape.clone(),
+            candidate_shape: r.candidate_shape.clone(),
+            golden_dtype: r.golden_dtype.to_string(),
+            candidate_dtype: r.candidate_dtype.map(|d| d.to_string()),
+            note: r.note.clone(),
+            local_metrics: None,
+        }
+    }
+
+    /// rel-L2 for value sites, the mismatch fraction otherwise.
+    pub fn error(&self) -> Option<f64> {
+        self.metrics.as_ref().map(SiteMetrics::error)
+    }
+}
+
+/// Counts of sites by status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub pass: usize,
+    pub fail: usize,
+    pub missing: usize,
+    pub skipped: usize,
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub format: String,
+    pub verdict: Verdict,
+    pub golden: String,
+    pub candidate: String,
+    pub scenario: String,
+    pub golden_dtype: String,
+    pub candidate_dtype: String,
+    pub candidate_producer: serde_json::Value,
+    pub first_divergence: Option<SiteEntry>,
+    pub diagnosis: Vec<Finding>,
+    pub summary: Summary,
+    /// True when the sites carry `local_metrics` from a teacher-forced run.
+    #[serde(default)]
+    pub teacher_forced: bool,
+    pub sites: Vec<SiteEntry>,
+}
+
+impl Report {
+    /// Builds the report of `cmp`, with `diagnosis` best first.
+    pub fn new(cmp: &Comparison, diagnosis: Vec<Finding>) -> Report {
+        let (pass, fail, missing, skipped) = cmp.counts();
+        Report {
+            format: FORMAT.to_string(),
+            verdict: cmp.verdict(),
+            golden: cmp.golden.clone(),
+            candidate: cmp.candidate.clone(),
+            scenario: cmp.scenario.clone(),
+            golden_dtype: cmp.golden_precision.name().to_string(),
+            candidate_dtype: cmp.candidate_precision.name().to_string(),
+            candidate_producer: cmp.candidate_producer.clone(),
+            first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
+            diagnosis,
+            summary: Summary { pass, fail, missing, skipped },
+            teacher_forced: false,
+            sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
+        }
+    }
+
+    /// Attaches the local (teacher-forced) measures of `local`, site by site.
+    pub fn attach_local(&mut self, local: &Comparison) {
+        for (e, l) in self.sites.iter_mut().zip(&local.sites) {
+            if e.step == l.step.to_string() && e.site == l.site.to_string() {
+                e.local_metrics = l.metrics.clone();
+            }
+        }
+        self.teacher_forced = true;
+    }
+
+    /// The report as pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        s.push('\n');
+        s
+    }
+
+    /// Writes every report file into `dir` (created if needed), each atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_atomic(&dir.join("report.json"), self.to_json().as_bytes())?;
+        Ok(())
+    }
+
+    /// Sites that did not pass or are closest to failing, worst first.
+    pub fn worst(&self, n: usize) -> Vec<&SiteEntry> {
+        let mut v: Vec<&SiteEntry> = self
+            .sites
+            .iter()
+            .filter(|s| matches!(s.status, Status::Pass | Status::Fail))
+            .collect();
+        v.sort_by(|a, b| excess(b).total_cmp(&excess(a)));
+        v.truncate(n);
+        v
+    }
+}
+
+/// How far past its tolerance a site is (> 1 fails).
+pub fn excess(s: &SiteEntry) -> f64 {
+    match (&s.metrics, &s.tolerance) {
+        (Some(SiteMetrics::Values(m)), Some(t)) => {
+            let a = if t.max_rel_l2 > 0.0 { m.rel_l2 / t.max_rel_l2 } else { f64::INFINITY };
+            let b = if t.min_cosine < 1.0 { (1.0 - m.cosine) / (1.0 - t.min_cosine) } else { 0.0 };
+            let c = if m.new_nonfinite > 0 { f64::INFINITY } else { 0.0 };
+            let v = a.max(b).max(c);
+            if v.is_nan() { f64::INFINITY } else { v }
+        }
+        (Some(m), _) => {
+            if m.error() > 0.0 { f64::INFINITY } else { 0.0 }
+        }
+        _ => 0.0,
+    }
+}
