@@ -202,7 +202,7 @@ impl Accumulator {
             nmse,
             nmse_db: 10.0 * nmse.log10(),
             pearson,
-            snr_db: 10.0 * ratio(self.sgg, self.sdd).log10(),
+            snr_db: if self.sdd == 0.0 { f64::INFINITY } else { 10.0 * (self.sgg / self.sdd).log10() },
             max_ulp: self.max_ulp,
             one_thousandth_ratio: frac(self.below_1e3),
             five_thousandths_ratio: frac(self.below_5e3),
@@ -291,5 +291,140 @@ mod num {
                 _ => Err(serde::de::Error::custom(format!("not a number: {s:?}"))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use approx::assert_relative_eq;
+
+    fn measure(g: &[f64], c: &[f64], dtype: DType) -> Metrics {
+        let mut a = Accumulator::new(dtype);
+        for (i, (&g, &c)) in g.iter().zip(c).enumerate() {
+            a.push(i, g, c);
+        }
+        a.finish(&[g.len()])
+    }
+
+    #[test]
+    fn every_metric_matches_hand_computed_values() {
+        // g = [1, 2, 3, 4], c = [1, 2, 3, 5]: d = [0, 0, 0, 1].
+        let m = measure(&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 5.0], DType::F32);
+        assert_eq!(m.count, 4);
+        assert_relative_eq!(m.cosine, 34.0 / (30.0f64 * 39.0).sqrt(), max_relative = 1e-12);
+        assert_eq!(m.max_abs, 1.0);
+        assert_eq!(m.max_abs_index, vec![3]);
+        assert_relative_eq!(m.max_rel, 0.25);
+        assert_relative_eq!(m.mean_abs, 0.25);
+        assert_relative_eq!(m.rel_l2, 1.0 / 30.0f64.sqrt(), max_relative = 1e-12);
+        assert_relative_eq!(m.rmse, 0.5);
+        assert_relative_eq!(m.nmse, 1.0 / 30.0, max_relative = 1e-12);
+        assert_relative_eq!(m.nmse_db, -14.771212547196624, max_relative = 1e-12);
+        assert_relative_eq!(m.snr_db, 14.771212547196624, max_relative = 1e-12);
+        // cov = 6.5, Σ(g-ḡ)² = 5, Σ(c-c̄)² = 8.75.
+        assert_relative_eq!(m.pearson, 6.5 / (5.0f64 * 8.75).sqrt(), max_relative = 1e-12);
+        // 4.0 and 5.0 are 2^21 float32 ULPs apart (ULP in [4, 8) is 2^-21).
+        assert_eq!(m.max_ulp, 2097152.0);
+        assert_eq!(m.one_thousandth_ratio, 0.75);
+        assert_eq!(m.five_thousandths_ratio, 0.75);
+        assert_eq!((m.golden_nan, m.golden_inf, m.candidate_nan, m.candidate_inf, m.new_nonfinite), (0, 0, 0, 0, 0));
+    }
+
+    #[test]
+    fn identical_tensors_are_perfect() {
+        let m = measure(&[0.5, -1.0, 3.0], &[0.5, -1.0, 3.0], DType::F32);
+        assert_eq!((m.cosine, m.rel_l2, m.max_abs, m.max_rel, m.max_ulp, m.pearson), (1.0, 0.0, 0.0, 0.0, 0.0, 1.0));
+        assert_eq!(m.nmse_db, f64::NEG_INFINITY);
+        assert_eq!(m.snr_db, f64::INFINITY);
+        assert_eq!(m.one_thousandth_ratio, 1.0);
+    }
+
+    #[test]
+    fn zero_golden_uses_the_dtype_eps_for_relative_error() {
+        // msprobe's rule: where g = 0, eps is added to both sides, so rel = |c| / eps.
+        let m = measure(&[0.0, 0.0], &[0.0, 1e-3], DType::F16);
+        assert_relative_eq!(m.max_rel, 1e-3 / 9.765625e-4, max_relative = 1e-12);
+        assert_eq!(m.rel_l2, f64::INFINITY);
+        assert_eq!(m.cosine, 0.0);
+        assert_eq!(m.snr_db, f64::NEG_INFINITY);
+        assert_eq!(m.one_thousandth_ratio, 0.5);
+        let z = measure(&[0.0, 0.0], &[0.0, 0.0], DType::F32);
+        assert_eq!((z.cosine, z.rel_l2, z.max_rel, z.pearson), (1.0, 0.0, 0.0, 1.0));
+    }
+
+    #[test]
+    fn nan_and_inf_are_counted_and_new_ones_flagged() {
+        let m = measure(&[1.0, f64::NAN, f64::INFINITY], &[1.0, f64::NAN, f64::INFINITY], DType::F32);
+        assert_eq!((m.golden_nan, m.golden_inf, m.candidate_nan, m.candidate_inf), (1, 1, 1, 1));
+        assert_eq!(m.new_nonfinite, 0);
+        assert_eq!(m.count, 1);
+        assert_eq!(m.rel_l2, 0.0);
+        let m = measure(&[1.0, 2.0, f64::INFINITY], &[1.0, f64::NAN, f64::NEG_INFINITY], DType::F32);
+        assert_eq!(m.new_nonfinite, 2);
+        assert_eq!(m.count, 1);
+        // A NaN in the golden alone is counted but is not the candidate's fault.
+        let m = measure(&[f64::NAN, 1.0], &[0.0, 1.0], DType::F32);
+        assert_eq!((m.golden_nan, m.new_nonfinite, m.count), (1, 0, 1));
+    }
+
+    #[test]
+    fn constant_tensors_have_defined_correlation() {
+        let m = measure(&[2.0; 3], &[2.0; 3], DType::F32);
+        assert_eq!(m.pearson, 1.0);
+        let m = measure(&[2.0; 3], &[3.0; 3], DType::F32);
+        assert_eq!(m.pearson, 0.0);
+        assert_relative_eq!(m.cosine, 1.0);
+        assert_relative_eq!(m.rel_l2, 0.5);
+        let m = measure(&[2.0, 2.0, 2.0], &[1.0, 2.0, 3.0], DType::F32);
+        assert_eq!(m.pearson, 0.0);
+    }
+
+    #[test]
+    fn length_one_tensors() {
+        let m = measure(&[2.0], &[3.0], DType::F32);
+        assert_eq!(m.count, 1);
+        assert_eq!(m.cosine, 1.0);
+        assert_eq!(m.rel_l2, 0.5);
+        assert_eq!(m.max_rel, 0.5);
+        assert_eq!(m.max_abs_index, vec![0]);
+        assert_eq!(m.pearson, 0.0);
+        assert_eq!(m.rmse, 1.0);
+        let e = Accumulator::new(DType::F32).finish(&[0]);
+        assert_eq!((e.count, e.rel_l2, e.cosine), (0, 0.0, 1.0));
+        assert!(e.max_abs_index.is_empty());
+    }
+
+    #[test]
+    fn ulps_count_representable_values_of_the_candidate_dtype() {
+        assert_eq!(ulp_distance(DType::BF16, 1.0, 1.0078125), 1.0);
+        assert_eq!(ulp_distance(DType::F16, 1.0, 1.0 + 2.0 * 9.765625e-4), 2.0);
+        assert_eq!(ulp_distance(DType::F16, -0.0, 0.0), 0.0);
+        // The smallest positive and negative subnormals are two steps apart across zero.
+        assert_eq!(ulp_distance(DType::F32, -(f32::from_bits(1) as f64), f32::from_bits(1) as f64), 2.0);
+        // The golden is rounded to the candidate's dtype first.
+        assert_eq!(ulp_distance(DType::BF16, 1.001, 1.0), 0.0);
+        assert_eq!(ulp_distance(DType::I32, 1.0, 5.0), 0.0);
+    }
+
+    #[test]
+    fn max_abs_index_is_unravelled_row_major() {
+        assert_eq!(unravel(5, &[2, 3]), vec![1, 2]);
+        assert_eq!(unravel(7, &[2, 2, 2]), vec![1, 1, 1]);
+        let mut a = Accumulator::new(DType::F32);
+        for i in 0..6 {
+            a.push(i, 0.0, if i == 4 { 2.0 } else { 0.0 });
+        }
+        assert_eq!(a.finish(&[2, 3]).max_abs_index, vec![1, 1]);
+    }
+
+    #[test]
+    fn non_finite_metrics_serialize_as_strings() {
+        let m = measure(&[0.0], &[1.0], DType::F32);
+        let j = serde_json::to_value(&m).unwrap();
+        assert_eq!(j["rel_l2"], "inf");
+        assert_eq!(j["snr_db"], "-inf");
+        let back: Metrics = serde_json::from_value(j).unwrap();
+        assert_eq!(back.rel_l2, f64::INFINITY);
     }
 }
