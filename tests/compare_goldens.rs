@@ -1,0 +1,188 @@
+//! `parity compare` on the committed golden suite: each golden against itself passes;
+//! a copy with one site scaled, or with one NaN planted, fails at exactly that site.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llama_parity::dump::{DType, Dump, Precision, Tensor};
+use llama_parity::site::{self, Site, Step};
+
+fn goldens() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("golden/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no golden dumps under {}", root.display());
+    v
+}
+
+fn parity(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A copy of `golden` (activations and manifest) with `edit` applied to one tensor.
+fn planted_copy(golden: &Path, dir: &Path, step: Step, site: &Site, edit: impl Fn(&mut Vec<f64>)) -> PathBuf {
+    let g = Dump::open(golden).expect("open golden");
+    let mut tensors = BTreeMap::new();
+    for &s in &g.manifest.steps {
+        for st in g.sites(s) {
+            let t = g.get(s, st).expect("read").expect("present");
+            tensors.insert(site::key(s, st), t);
+        }
+    }
+    let key = site::key(step, site);
+    let t = tensors.get(&key).unwrap_or_else(|| panic!("{} lacks {key}", golden.display())).clone();
+    let mut values = t.to_f64_vec();
+    edit(&mut values);
+    tensors.insert(key, Tensor::from_f64(t.shape(), &values, t.dtype()));
+    let out = dir.join(golden.file_name().expect("name"));
+    Dump::in_memory(g.manifest.clone(), tensors).expect("dump").write(&out).expect("write copy");
+    out
+}
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json")).expect("json")
+}
+
+#[test]
+fn every_golden_passes_against_itself() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for g in goldens() {
+        let rep = tmp.path().join(g.file_name().unwrap());
+        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), g.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{}: {out}{err}", g.display());
+        let r = report(&rep);
+        assert_eq!(r["verdict"], "pass");
+        assert!(r["first_divergence"].is_null());
+        assert_eq!(r["summary"]["fail"], 0);
+        assert_eq!(r["summary"]["missing"], 0);
+    }
+}
+
+#[test]
+fn a_site_scaled_by_one_percent_is_the_first_divergence() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = Site::parse("model.layers.0.self_attn.v_proj");
+    for g in goldens() {
+        let m = Dump::open(&g).expect("open");
+        // 1 % is the planted error. bfloat16 stores ~2.4 significant digits
+        // (eps 0.8 %), so a bf16 golden compared with itself at bf16 tolerance needs a
+        // larger planted error to be a real divergence rather than rounding noise.
+        let factor = match m.manifest.dtype {
+            Precision::F32 => 1.01,
+            Precision::F16 => 1.05,
+            Precision::Bf16 => 1.10,
+        };
+        let step = Step::Decode(1);
+        let copy = planted_copy(&g, tmp.path(), step, &site, |v| v.iter_mut().for_each(|x| *x *= factor));
+        let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
+        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), copy.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
+        let r = report(&rep);
+        assert_eq!(r["first_divergence"]["step"], "decode.1", "{}", g.display());
+        assert_eq!(r["first_divergence"]["site"], site.to_string(), "{}", g.display());
+        assert_eq!(r["summary"]["fail"], 1, "{}: only the planted site differs", g.display());
+    }
+}
+
+#[test]
+fn a_single_nan_in_a_decode_site_is_the_first_divergence() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = Site::parse("model.layers.1.mlp");
+    for g in goldens() {
+        let step = Step::Decode(2);
+        let copy = planted_copy(&g, tmp.path(), step, &site, |v| {
+            let k = v.len() / 2;
+            v[k] = f64::NAN;
+        });
+        let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
+        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), copy.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
+        let r = report(&rep);
+        assert_eq!(r["first_divergence"]["step"], "decode.2");
+        assert_eq!(r["first_divergence"]["site"], "model.layers.1.mlp");
+        assert_eq!(r["first_divergence"]["metrics"]["new_nonfinite"], 1);
+        assert!(out.contains("NaN/Inf where the golden has none"), "{out}");
+    }
+}
+
+#[test]
+fn a_missing_site_is_reported_missing_never_pass() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = &goldens()[0];
+    let d = Dump::open(g).expect("open");
+    let mut tensors = BTreeMap::new();
+    for &s in &d.manifest.steps {
+        for st in d.sites(s) {
+            if *st != Site::LmHead {
+                tensors.insert(site::key(s, st), d.get(s, st).unwrap().unwrap());
+            }
+        }
+    }
+    let out = tmp.path().join("no-logits");
+    Dump::in_memory(d.manifest.clone(), tensors).unwrap().write(&out).unwrap();
+    let rep = tmp.path().join("rep");
+    let (code, _, _) = parity(&["compare", g.to_str().unwrap(), out.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "missing sites do not fail the gate by themselves");
+    let r = report(&rep);
+    let lm: Vec<&serde_json::Value> = r["sites"].as_array().unwrap().iter().filter(|s| s["site"] == "lm_head").collect();
+    assert!(!lm.is_empty());
+    assert!(lm.iter().all(|s| s["status"] == "missing"));
+    assert_eq!(r["summary"]["missing"], d.manifest.steps.len());
+}
+
+#[test]
+fn the_npy_tree_form_reads_the_same_tensors_as_safetensors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = &goldens()[0];
+    let d = Dump::open(g).expect("open");
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::copy(g.join("manifest.json"), tree.join("manifest.json")).unwrap();
+    for &s in &d.manifest.steps {
+        let sd = tree.join("activations").join(s.to_string());
+        std::fs::create_dir_all(&sd).unwrap();
+        for st in d.sites(s) {
+            let t = d.get(s, st).unwrap().unwrap();
+            // .npy has no bfloat16: store such tensors widened to float32 (exact).
+            let t = if t.dtype() == DType::BF16 { Tensor::from_f64(t.shape(), &t.to_f64_vec(), DType::F32) } else { t };
+            let mut f = std::fs::File::create(sd.join(format!("{st}.npy"))).unwrap();
+            write_npy(&mut f, &t);
+        }
+    }
+    let (code, out, err) = parity(&["compare", g.to_str().unwrap(), tree.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+fn write_npy(f: &mut std::fs::File, t: &Tensor) {
+    use std::io::Write;
+    let descr = match t.dtype() {
+        DType::F64 => "<f8",
+        DType::F32 => "<f4",
+        DType::F16 => "<f2",
+        DType::I64 => "<i8",
+        DType::I32 => "<i4",
+        DType::U8 => "|u1",
+        DType::Bool => "|b1",
+        DType::BF16 => unreachable!("widened above"),
+    };
+    let shape = match t.shape() {
+        [] => "()".to_string(),
+        [d] => format!("({d},)"),
+        s => format!("({})", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    f.write_all(b"\x93NUMPY\x01\x00").unwrap();
+    f.write_all(&(h.len() as u16).to_le_bytes()).unwrap();
+    f.write_all(h.as_bytes()).unwrap();
+    f.write_all(t.bytes()).unwrap();
+}
