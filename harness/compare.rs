@@ -1,7 +1,8 @@
 //! Aligns the sites of a golden dump and a candidate dump, measures each pair and
 //! reaches a verdict, following the contract's comparison rules:
 //!
-//! - query rows of padding tokens are left out of every metric;
+//! - query rows of padding tokens are left out of every metric, and so are the KV-cache
+//!   slots of padding tokens (see [`RowFilter`]);
 //! - masks are compared as visibility patterns (float: hidden below -1, visible at 0;
 //!   bool/int: visible when non-zero);
 //! - integer sites (positions) must match exactly;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::dump::{DType, Dump, Precision, Scenario, Tensor};
 use crate::error::{Error, Result};
 use crate::metrics::{unravel, Accumulator, Metrics};
-use crate::site::{Site, Step};
+use crate::site::{LayerPart, Site, Step};
 use crate::tolerance::{Decision, Policy, Tolerance};
 
 /// The outcome of one site.
@@ -245,37 +246,57 @@ pub fn compare_site(
     r
 }
 
-/// Decides which flat indices belong to valid (non-padding) query rows.
+/// Decides which flat indices carry meaning: not a padding query row, and not a KV-cache
+/// slot of a padding token.
+///
+/// A padding token's query row means nothing (HF gives it a uniform softmax), so
+/// neither do the hidden states computed from it, nor the keys and values that the
+/// next layer derives from those states and writes into the cache. Padding slots of
+/// `k_cache`/`v_cache` are therefore left out at every step, as padding query rows are.
 pub struct RowFilter<'a> {
     scenario: &'a Scenario,
     step: Step,
-    /// (stride of batch axis, stride of token axis, token count), when filtering applies.
-    axes: Option<(usize, usize, usize)>,
+    /// (stride of the batch axis, stride of the filtered axis, its length, kind).
+    axes: Option<(usize, usize, usize, Axis)>,
+}
+
+#[derive(Clone, Copy)]
+enum Axis {
+    /// Query rows of this step's tokens (prefill only).
+    Query,
+    /// KV-cache slots: slot s < P is prefill token s.
+    Slot,
 }
 
 impl<'a> RowFilter<'a> {
     pub fn new(step: Step, site: &Site, shape: &[usize], scenario: &'a Scenario) -> RowFilter<'a> {
-        let axes = match (step, site.token_axis()) {
-            (Step::Prefill, Some(ax))
-                if scenario.has_padding()
-                    && shape.len() > ax
-                    && shape[0] == scenario.batch()
-                    && shape[ax] == scenario.prefill_len() =>
-            {
-                let stride = |k: usize| shape[k + 1..].iter().product::<usize>();
-                Some((stride(0), stride(ax), shape[ax]))
+        let stride = |k: usize| shape[k + 1..].iter().product::<usize>();
+        let batch_ok = |ax: usize| shape.len() > ax && shape[0] == scenario.batch() && scenario.has_padding();
+        let axes = match (step, site) {
+            (_, Site::Layer(_, LayerPart::KCache | LayerPart::VCache)) if batch_ok(2) => {
+                Some((stride(0), stride(2), shape[2], Axis::Slot))
             }
+            (Step::Prefill, _) => match site.token_axis() {
+                Some(ax) if batch_ok(ax) && shape[ax] == scenario.prefill_len() => {
+                    Some((stride(0), stride(ax), shape[ax], Axis::Query))
+                }
+                _ => None,
+            },
             _ => None,
         };
         RowFilter { scenario, step, axes }
     }
 
-    /// True when flat index `i` lies in a valid query row.
+    /// True when flat index `i` carries meaning.
     #[inline]
     pub fn keep(&self, i: usize) -> bool {
         match self.axes {
             None => true,
-            Some((sb, st, nt)) => self.scenario.is_valid_query(self.step, i / sb, (i / st) % nt),
+            Some((sb, st, n, Axis::Query)) => self.scenario.is_valid_query(self.step, i / sb, (i / st) % n),
+            Some((sb, st, n, Axis::Slot)) => {
+                let slot = (i / st) % n;
+                slot >= self.scenario.prefill_len() || self.scenario.is_valid_query(Step::Prefill, i / sb, slot)
+            }
         }
     }
 }
