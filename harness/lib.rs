@@ -9,9 +9,11 @@
 //! - [`model`]: implementations that produce dumps (reference, ascend, mindspore);
 //! - [`tolerance`]: the policy that turns metrics into pass or fail;
 //! - [`compare`]: aligns golden and candidate sites and reaches a verdict;
+//! - [`diagnosis`]: names the known porting fault behind a divergence;
 //! - [`report`]: the verdict as JSON (and more) for people and CI.
 
 pub mod compare;
+pub mod diagnosis;
 pub mod dump;
 pub mod error;
 pub mod fault;

@@ -36,6 +36,32 @@ pub enum Command {
     ///   parity run golden/gqa_pad_f32 --impl reference
     ///   parity run golden/gqa_pad_f32 --impl ascend --dtype bfloat16 --fault rope.pos_reset --report reports/x
     Run(RunArgs),
+    /// Run every implementation on every golden of a suite, and every faulty candidate
+    /// beside it, and print the matrix.
+    ///
+    /// For each golden under DIR: the float64 reference, and the simulated Ascend port
+    /// at bfloat16 and float16 (a correct low-precision port must pass). For each
+    /// candidate under fixtures/candidates/<golden>__<fault>/: the comparison with its
+    /// golden and the diagnosis, which should name the planted fault.
+    ///
+    /// Example:
+    ///   parity suite                      (golden/ and fixtures/candidates/)
+    ///   parity suite golden --report reports/suite
+    #[command(verbatim_doc_comment)]
+    Suite(SuiteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SuiteArgs {
+    /// Directory holding one golden dump per subdirectory.
+    #[arg(default_value = "golden")]
+    pub goldens: PathBuf,
+    /// Directory of faulty candidates, named <golden>__<fault id with dots as _>.
+    #[arg(long, value_name = "DIR", default_value = "fixtures/candidates")]
+    pub candidates: PathBuf,
+    /// Write one report per run into DIR/<golden>/<run>/ and DIR/suite.json.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -18,6 +18,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Compare(a) => cmd_compare(a),
         Command::Run(a) => cmd_run(a),
+        Command::Suite(a) => crate::suite::cmd_suite(a),
     }
 }
 
@@ -78,7 +79,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     finish(report, &a.common)
 }
 
-fn load_policy(c: &CommonArgs) -> Result<Policy> {
+pub(crate) fn load_policy(c: &CommonArgs) -> Result<Policy> {
     match &c.policy {
         Some(p) => Policy::load(p),
         None => Ok(Policy::default()),
@@ -112,7 +113,7 @@ fn progress(msg: &str) {
 
 /// Refuses output directories that lie inside an input directory: a run never writes
 /// into its inputs.
-fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)]) -> Result<()> {
+pub(crate) fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)]) -> Result<()> {
     for (flag, out) in outputs {
         let Some(out) = out else { continue };
         let out_abs = absolute(out);

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod suite;
 
 use std::error::Error as _;
 use std::process::ExitCode;

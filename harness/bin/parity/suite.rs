@@ -1,0 +1,170 @@
+//! `parity suite`: every implementation on every golden, every faulty candidate
+//! against its golden, as one matrix.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use llama_parity::compare::{compare, Verdict};
+use llama_parity::diagnosis::diagnose;
+use llama_parity::dump::{Dump, Precision};
+use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::report::Report;
+use llama_parity::tolerance::Policy;
+use llama_parity::{Error, Result};
+
+use crate::args::SuiteArgs;
+
+/// One cell of the matrix.
+struct Row {
+    golden: String,
+    run: String,
+    expect: Verdict,
+    outcome: std::result::Result<Report, String>,
+    seconds: f64,
+}
+
+impl Row {
+    fn ok(&self) -> bool {
+        match &self.outcome {
+            Ok(r) => r.verdict == self.expect && self.diagnosis_ok(r),
+            Err(_) => false,
+        }
+    }
+
+    /// For a faulty candidate, the planted fault must be ranked first.
+    fn diagnosis_ok(&self, r: &Report) -> bool {
+        match self.run.strip_prefix("candidate ") {
+            Some(fault) => r.diagnosis.first().is_some_and(|f| f.fault == fault),
+            None => true,
+        }
+    }
+}
+
+pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
+    let goldens = list_dirs(&a.goldens)?;
+    if goldens.is_empty() {
+        return Err(Error::Usage { flag: "GOLDENS".into(), what: format!("{} holds no golden dump", a.goldens.display()) });
+    }
+    let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
+    crate::commands::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
+    let policy = Policy::default();
+    let candidates = if a.candidates.is_dir() { list_dirs(&a.candidates)? } else { Vec::new() };
+    let mut rows = Vec::new();
+    for gdir in &goldens {
+        let gname = name(gdir);
+        let golden = Dump::open(gdir)?;
+        let mut runs: Vec<(String, RunOptions)> = vec![(
+            "reference".into(),
+            RunOptions { implementation: Implementation::Reference, precision: None, faults: vec![], teacher_force: false },
+        )];
+        for p in [Precision::Bf16, Precision::F16] {
+            runs.push((
+                format!("ascend {p}"),
+                RunOptions { implementation: Implementation::Ascend, precision: Some(p), faults: vec![], teacher_force: false },
+            ));
+        }
+        for (label, opts) in runs {
+            eprintln!("parity: suite: {gname}: {label}");
+            let t = Instant::now();
+            let outcome = model::run(&golden, &opts)
+                .and_then(|out| compare(&golden, &out.dump, &policy))
+                .map(|cmp| Report::new(&cmp, Vec::new()))
+                .map_err(|e| e.to_string());
+            rows.push(Row { golden: gname.clone(), run: label, expect: Verdict::Pass, outcome, seconds: t.elapsed().as_secs_f64() });
+        }
+        for cdir in candidates.iter().filter(|c| name(c).split("__").next() == Some(gname.as_str())) {
+            let fault = fault_id(&name(cdir).split("__").nth(1).unwrap_or_default().replace('_', "."));
+            eprintln!("parity: suite: {gname}: candidate {fault}");
+            let t = Instant::now();
+            let outcome = (|| -> Result<Report> {
+                let cand = Dump::open(cdir)?;
+                let cmp = compare(&golden, &cand, &policy)?;
+                let diag = diagnose(&golden, &cand, &cmp)?;
+                Ok(Report::new(&cmp, diag))
+            })()
+            .map_err(|e| e.to_string());
+            rows.push(Row {
+                golden: gname.clone(),
+                run: format!("candidate {fault}"),
+                expect: Verdict::Fail,
+                outcome,
+                seconds: t.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    print_matrix(&rows);
+    if let Some(dir) = &a.report {
+        for r in &rows {
+            if let Ok(rep) = &r.outcome {
+                rep.write(&dir.join(&r.golden).join(r.run.replace(' ', "_")))?;
+            }
+        }
+        let summary: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "golden": r.golden, "run": r.run,
+                    "expected": r.expect, "ok": r.ok(),
+                    "verdict": r.outcome.as_ref().ok().map(|x| x.verdict),
+                    "first_divergence": r.outcome.as_ref().ok().and_then(|x| x.first_divergence.as_ref().map(|f| format!("{}/{}", f.step, f.site))),
+                    "diagnosis": r.outcome.as_ref().ok().and_then(|x| x.diagnosis.first().map(|f| f.fault.clone())),
+                    "error": r.outcome.as_ref().err(),
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n";
+        llama_parity::dump::write_atomic(&dir.join("suite.json"), text.as_bytes())?;
+        println!("report: {}", dir.display());
+    }
+    let bad = rows.iter().filter(|r| !r.ok()).count();
+    println!("\n{} of {} runs as expected", rows.len() - bad, rows.len());
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Candidate directory names spell fault IDs with `_` for `.`; the first `_` after the
+/// family is the separator (`rope_pos_reset` → `rope.pos_reset`).
+fn fault_id(s: &str) -> String {
+    match s.split_once('.') {
+        Some((family, rest)) => format!("{family}.{}", rest.replace('.', "_")),
+        None => s.to_string(),
+    }
+}
+
+fn print_matrix(rows: &[Row]) {
+    println!("{:<16} {:<34} {:<8} {:<8} {:<52} {:>6}", "golden", "run", "expect", "got", "first divergence / diagnosis", "secs");
+    for r in rows {
+        let (got, detail) = match &r.outcome {
+            Ok(rep) => {
+                let v = match rep.verdict {
+                    Verdict::Pass => "pass",
+                    Verdict::Fail => "fail",
+                };
+                let fd = rep.first_divergence.as_ref().map(|f| format!("{}/{}", f.step, f.site)).unwrap_or_default();
+                let dg = rep.diagnosis.first().map(|f| format!(" => {} ({:.2})", f.fault, f.score)).unwrap_or_default();
+                (v.to_string(), format!("{fd}{dg}"))
+            }
+            Err(e) => ("error".to_string(), e.clone()),
+        };
+        let expect = match r.expect {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+        };
+        let mark = if r.ok() { "" } else { "  <-- unexpected" };
+        println!("{:<16} {:<34} {:<8} {:<8} {:<52} {:>6.2}{mark}", r.golden, r.run, expect, got, detail, r.seconds);
+    }
+}
+
+fn list_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}

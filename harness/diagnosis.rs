@@ -1,0 +1,132 @@
+//! Diagnosis: names the known porting fault behind a divergence.
+//!
+//! Each fault of CONTRACT §3 is a hypothesis. For a divergent candidate whose golden
+//! carries weights, the harness reruns the golden's scenario with the simulated port
+//! (the `ascend` implementation, at the candidate's dtype) once without a fault and
+//! once per hypothesis with that fault planted, and measures how well each run
+//! reproduces the candidate at the evidence sites: the first divergent site and every
+//! site the candidate dumped after it. A hypothesis explains the divergence when its
+//! run is much closer to the candidate than the fault-free run is, and about as close
+//! as a correct simulation is to a correct HF run (the noise floor). A poor fit is
+//! never presented as a finding.
+//!
+//! Only hypotheses whose earliest effect lies at or before the first divergent site
+//! are run: a fault cannot explain a divergence that begins before it acts.
+
+use std::cmp::Ordering;
+
+use crate::compare::{compare_site, Comparison, Status};
+use crate::dump::{Dump, Precision};
+use crate::error::Result;
+use crate::fault::Fault;
+use crate::model::{self, Implementation, RunOptions};
+use crate::report::Finding;
+use crate::site::{LayerPart, Site, Step};
+use crate::tolerance::{Policy, Tolerance};
+
+/// The earliest (step, site) at which a fault can change an activation.
+pub fn earliest_effect(fault: Fault) -> (Step, Site) {
+    use Fault::*;
+    let l0 = |p| Site::Layer(0, p);
+    match fault {
+        RopePosReset | RopePosFixed | RopePosOffByOne => (Step::Decode(0), Site::PositionIds),
+        RopeInterleaved => (Step::Prefill, l0(LayerPart::QRope)),
+        RopeCosSinSwapped | RopeWrongTheta | RopeLowPrecisionAngles => (Step::Prefill, Site::RotaryCos),
+        MaskNone | MaskInverted | MaskPaddingIgnored | MaskPadTokenMasked | MaskFp16Overflow => (Step::Prefill, Site::Mask),
+        NormLayernorm | NormBias | NormEpsOutside | NormNoUpcast | NormWeightUnmapped => {
+            (Step::Prefill, l0(LayerPart::InputLayernorm))
+        }
+        WeightsTransposed => (Step::Prefill, l0(LayerPart::QProj)),
+        WeightsGateUpSwapped => (Step::Prefill, l0(LayerPart::Mlp)),
+        KvStale | KvWrongSlot => (Step::Decode(0), l0(LayerPart::KCache)),
+        KvUnrotatedKeys => (Step::Prefill, l0(LayerPart::KCache)),
+        KvGqaTiled | AttnNoScale | AttnSoftmaxLowPrecision => (Step::Prefill, l0(LayerPart::Probs)),
+    }
+}
+
+fn order(a: &(Step, Site), b: &(Step, Site)) -> Ordering {
+    a.0.cmp(&b.0).then_with(|| a.1.compute_order(&b.1))
+}
+
+/// How closely a run reproduces the candidate at the evidence sites.
+#[derive(Debug, Clone)]
+struct Fit {
+    /// Mean rel-L2 between the run and the candidate over the evidence sites.
+    distance: f64,
+    /// rel-L2 at the first divergent site.
+    at_first: f64,
+}
+
+/// Ranks the known faults that explain `cmp`'s divergence, best first. Empty when the
+/// comparison passed, when the golden has no weights, or when no fault fits well.
+pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec<Finding>> {
+    let Some(first) = cmp.first_divergence() else { return Ok(Vec::new()) };
+    if golden.weights()?.is_none() {
+        return Ok(Vec::new());
+    }
+    let first_at = (first.step, first.site.clone());
+    // Evidence: the first divergent site and every site the candidate dumped after it
+    // that was measured.
+    let evidence: Vec<(Step, Site)> = cmp
+        .sites
+        .iter()
+        .filter(|s| matches!(s.status, Status::Pass | Status::Fail))
+        .map(|s| (s.step, s.site.clone()))
+        .filter(|k| order(k, &first_at) != Ordering::Less)
+        .collect();
+    let precision = candidate.manifest.dtype;
+    let run = |faults: Vec<Fault>| -> Result<Dump> {
+        let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults, teacher_force: false };
+        Ok(model::run(golden, &opts)?.dump)
+    };
+    let baseline = run(Vec::new())?;
+    let clean = fit(&baseline, candidate, golden, &evidence)?;
+    // The noise floor: how far a correct simulation is from the correct golden here.
+    let floor = fit(&baseline, golden, golden, &evidence)?.distance;
+    let tol = Tolerance::default_for(precision);
+    let accept = (3.0 * floor).max(tol.max_rel_l2);
+    let mut found = Vec::new();
+    for fault in Fault::ALL {
+        if order(&earliest_effect(fault), &first_at) == Ordering::Greater {
+            continue;
+        }
+        if fault == Fault::MaskFp16Overflow && precision != Precision::F16 {
+            continue;
+        }
+        let dump = match run(vec![fault]) {
+            Ok(d) => d,
+            Err(_) => continue,
+        };
+        let f = fit(&dump, candidate, golden, &evidence)?;
+        if !(f.distance <= accept && f.distance <= 0.25 * clean.distance) {
+            continue;
+        }
+        let score = (1.0 - f.distance / clean.distance).clamp(0.0, 1.0);
+        let explains = format!(
+            "{} {} matches a run with {}: rel-L2 {:.1e} against {:.1e} for the correct run ({} evidence sites, mean rel-L2 {:.1e} against {:.1e})",
+            first.step, first.site, fault.id(), f.at_first, clean.at_first, evidence.len(), f.distance, clean.distance
+        );
+        found.push(Finding { fault: fault.id().to_string(), score, explains });
+    }
+    found.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Ok(found)
+}
+
+/// Measures `run` against `target` at the evidence sites (padding handled as in
+/// comparisons, with `golden`'s scenario).
+fn fit(run: &Dump, target: &Dump, golden: &Dump, evidence: &[(Step, Site)]) -> Result<Fit> {
+    let policy = Policy::default();
+    let (mut sum, mut n, mut at_first) = (0.0, 0usize, f64::NAN);
+    for (k, (step, site)) in evidence.iter().enumerate() {
+        let (Some(r), Some(t)) = (run.get(*step, site)?, target.get(*step, site)?) else { continue };
+        let res = compare_site(*step, site, &r, Some(&t), &golden.manifest.scenario, &policy, Precision::F32);
+        let e = res.metrics.as_ref().map_or(f64::INFINITY, |m| m.error());
+        let e = if e.is_finite() { e.min(10.0) } else { 10.0 };
+        if k == 0 {
+            at_first = e;
+        }
+        sum += e;
+        n += 1;
+    }
+    Ok(Fit { distance: if n == 0 { f64::INFINITY } else { sum / n as f64 }, at_first })
+}
