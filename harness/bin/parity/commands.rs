@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use llama_parity::compare::{compare, Verdict};
+use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
@@ -32,7 +33,7 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let golden = Dump::open(&a.golden)?;
     let candidate = Dump::open(&a.candidate)?;
     let cmp = compare(&golden, &candidate, &policy)?;
-    let report = Report::new(&cmp, Vec::new());
+    let report = Report::new(&cmp, diagnosis(&golden, &candidate, &cmp));
     finish(report, &a.common)
 }
 
@@ -71,12 +72,28 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         progress(&format!("dump written to {}", dir.display()));
     }
     let cmp = compare(&golden, &out.dump, &policy)?;
-    let mut report = Report::new(&cmp, Vec::new());
+    let mut report = Report::new(&cmp, diagnosis(&golden, &out.dump, &cmp));
     if let Some(tf) = &out.teacher_forced {
         let local = compare(&golden, tf, &policy)?;
         report.attach_local(&local);
     }
     finish(report, &a.common)
+}
+
+/// The diagnosis of a divergence; a diagnosis that cannot be made is reported on
+/// stderr and leaves the verdict alone.
+fn diagnosis(golden: &Dump, candidate: &Dump, cmp: &llama_parity::compare::Comparison) -> Vec<llama_parity::report::Finding> {
+    if cmp.first_divergence().is_none() {
+        return Vec::new();
+    }
+    progress("diagnosing the divergence ...");
+    match diagnose(golden, candidate, cmp) {
+        Ok(f) => f,
+        Err(e) => {
+            progress(&format!("diagnosis unavailable: {e}"));
+            Vec::new()
+        }
+    }
 }
 
 pub(crate) fn load_policy(c: &CommonArgs) -> Result<Policy> {
