@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -511,9 +512,16 @@ def save_tensors(tensors: dict, path: Path) -> None:
     safetensors.torch.save_file(ordered, str(path), metadata={"format": "pt"})  # one key: safetensors orders metadata keys by hash
 
 
+def manifest_json(manifest: dict) -> str:
+    """Indented JSON with innermost lists of numbers / strings kept on one line."""
+    text = json.dumps(manifest, indent=2)
+    flat = re.compile(r'\[\s*((?:-?[\d.eE+-]+|"[^"\n]*")(?:,\s*(?:-?[\d.eE+-]+|"[^"\n]*"))*)\s*\]')
+    return flat.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+
+
 def write_dump(out: Path, manifest: dict, acts: dict, weights: dict | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    (out / "manifest.json").write_text(manifest_json(manifest))
     save_tensors(acts, out / "activations.safetensors")
     if weights is not None:
         save_tensors(weights, out / "weights.safetensors")
