@@ -119,7 +119,7 @@ fn log_range(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
         return (FLOOR, 1.0);
     }
     let lo = 10f64.powf(lo.log10().floor());
-    let mut hi = 10f64.powf(hi.log10().ceil());
+    let mut hi = 10f64.powf(hi.log10().floor() + 1.0);
     if hi <= lo {
         hi = lo * 10.0;
     }
@@ -178,19 +178,10 @@ fn draw_line(
     id: &str,
     points: &[(f64, f64)],
     colour: RGBColor,
-    label: &str,
     dots: bool,
 ) -> Result<()> {
-    let mut first = true;
     for run in runs(points) {
-        let anno = chart
-            .draw_series(LineSeries::new(run.iter().copied(), colour.stroke_width(2)))
-            .or_chart(id)?;
-        if first {
-            anno.label(label.to_string())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3)));
-            first = false;
-        }
+        chart.draw_series(LineSeries::new(run.iter().copied(), colour.stroke_width(2))).or_chart(id)?;
         if dots {
             chart
                 .draw_series(run.iter().map(|&p| Circle::new(p, 3, colour.filled())))
@@ -210,34 +201,62 @@ fn draw_tolerance(
         return Ok(());
     }
     let style = ShapeStyle::from(&TOL_GREY).stroke_width(2);
-    let mut anno = None;
     for run in runs(points) {
         let mut step = Vec::with_capacity(run.len() * 2);
         for &(x, y) in &run {
             step.push((x - 0.5, y));
             step.push((x + 0.5, y));
         }
-        anno = Some(chart.draw_series(DashedLineSeries::new(step, 6, 4, style)).or_chart(id)?);
-    }
-    if let Some(a) = anno {
-        a.label("tolerance (max rel-L2)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        chart.draw_series(DashedLineSeries::new(step, 6, 4, style)).or_chart(id)?;
     }
     Ok(())
 }
 
-fn legend<'a, 'b: 'a>(
-    chart: &mut LogPlot<'a, 'b>,
-    id: &str,
-) -> Result<()> {
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font((FONT, 13))
-        .draw()
-        .or_chart(id)
+/// Width of the legend panel right of a plot.
+const LEGEND_W: u32 = 190;
+
+/// How a legend entry is drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Key {
+    Line(RGBColor),
+    Dashed(RGBColor),
+}
+
+/// Draws `entries` as a legend in `area` (a panel beside the plot, so that the
+/// legend never covers data).
+fn side_legend(area: &DrawingArea<SVGBackend, Shift>, id: &str, entries: &[(String, Key)]) -> Result<()> {
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    for (k, (label, key)) in entries.iter().enumerate() {
+        let y = 24 + k as i32 * 22;
+        match key {
+            Key::Line(c) => {
+                area.draw(&PathElement::new(vec![(8, y), (34, y)], c.stroke_width(3))).or_chart(id)?;
+                area.draw(&Circle::new((21, y), 3, c.filled())).or_chart(id)?;
+            }
+            Key::Dashed(c) => {
+                for x in [8, 19, 30] {
+                    area.draw(&PathElement::new(vec![(x, y), (x + 6, y)], c.stroke_width(2))).or_chart(id)?;
+                }
+            }
+        }
+        area.draw(&Text::new(label.clone(), (42, y), style.clone())).or_chart(id)?;
+    }
+    Ok(())
+}
+
+/// The error a line chart plots: rel-L2 for values, the mismatch fraction for
+/// positions and the mask, NaN (a gap, not a dive to the floor) where those match
+/// exactly or nothing was measured.
+fn plotted(m: &SiteMetrics) -> f64 {
+    match m {
+        SiteMetrics::Values(v) => v.rel_l2,
+        other if other.error() == 0.0 => f64::NAN,
+        other => other.error(),
+    }
+}
+
+fn plotted_error(e: &SiteEntry) -> f64 {
+    e.metrics.as_ref().map_or(f64::NAN, plotted)
 }
 
 fn tolerance_of(e: &SiteEntry) -> f64 {
@@ -258,7 +277,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
     let reference = &steps[0].1;
     let series: Vec<(&str, Vec<(f64, f64)>)> = steps
         .iter()
-        .map(|(s, v)| (*s, v.iter().enumerate().map(|(i, e)| (i as f64, e.error().unwrap_or(f64::NAN))).collect()))
+        .map(|(s, v)| (*s, v.iter().enumerate().map(|(i, e)| (i as f64, plotted_error(e))).collect()))
         .collect();
     let tol: Vec<(f64, f64)> = reference.iter().enumerate().map(|(i, e)| (i as f64, tolerance_of(e))).collect();
     let (lo, hi) = log_range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).chain(tol.iter().map(|q| q.1)));
@@ -268,8 +287,12 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         Some((i as f64, clamp_log(fd.error().unwrap_or(hi)), format!("first divergence: {} {}", fd.step, short_site(&fd.site))))
     });
     let title = "Error along the compute order";
+    let mut keys: Vec<(String, Key)> = vec![("tolerance".into(), Key::Dashed(TOL_GREY))];
+    keys.extend(series.iter().enumerate().map(|(k, (s, _))| (s.to_string(), Key::Line(PALETTE[k % PALETTE.len()]))));
     let out = svg(ID, title, (WIDTH, 440), |root| {
-        let mut chart = ChartBuilder::on(root)
+        let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
+        side_legend(&side, ID, &keys)?;
+        let mut chart = ChartBuilder::on(&plot)
             .margin(12)
             .margin_right(24)
             .x_label_area_size(44)
@@ -305,20 +328,21 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             }
         }
         draw_tolerance(&mut chart, ID, &tol)?;
-        for (k, (step, pts)) in series.iter().enumerate() {
-            draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], step, pts.len() <= 80)?;
+        for (k, (_, pts)) in series.iter().enumerate() {
+            draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], pts.len() <= 80)?;
         }
         if let Some((x, y, label)) = &first {
             chart
                 .draw_series(std::iter::once(Circle::new((*x, *y), 8, FAIL_RED.stroke_width(3))))
                 .or_chart(ID)?;
-            let style = TextStyle::from((FONT, 14).into_font()).color(&FAIL_RED).pos(Pos::new(
-                if *x > n as f64 * 0.6 { HPos::Right } else { HPos::Left },
-                VPos::Bottom,
-            ));
-            chart.draw_series(std::iter::once(Text::new(label.clone(), (*x, *y * 1.6), style))).or_chart(ID)?;
+            // Above the ring, or below it when the ring is near the top.
+            let near_top = (hi / *y).log10() < 0.25 * (hi / lo).log10();
+            let (ty, vpos) = if near_top { (*y / 3.0, VPos::Top) } else { (*y * 2.5, VPos::Bottom) };
+            let hpos = if *x > n as f64 * 0.6 { HPos::Right } else { HPos::Left };
+            let style = TextStyle::from((FONT, 14).into_font()).color(&FAIL_RED).pos(Pos::new(hpos, vpos));
+            chart.draw_series(std::iter::once(Text::new(label.clone(), (*x + 0.3, ty), style))).or_chart(ID)?;
         }
-        legend(&mut chart, ID)
+        Ok(())
     })?;
     Ok(Some(Chart {
         id: ID,
@@ -389,8 +413,12 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
         .unwrap_or_default();
     let (lo, hi) = log_range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).chain(tol.iter().map(|q| q.1)));
     let title = "Error per token position";
+    let mut keys: Vec<(String, Key)> = vec![("tolerance".into(), Key::Dashed(TOL_GREY))];
+    keys.extend(series.iter().enumerate().map(|(k, (s, _))| (s.clone(), Key::Line(PALETTE[k % PALETTE.len()]))));
     let out = svg(ID, title, (WIDTH, 400), |root| {
-        let mut chart = ChartBuilder::on(root)
+        let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
+        side_legend(&side, ID, &keys)?;
+        let mut chart = ChartBuilder::on(&plot)
             .margin(12)
             .margin_right(24)
             .x_label_area_size(44)
@@ -417,10 +445,10 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
             chart.draw_series(std::iter::once(Text::new("decode →", (x + 0.1, hi), style))).or_chart(ID)?;
         }
         draw_tolerance(&mut chart, ID, &tol)?;
-        for (k, (label, pts)) in series.iter().enumerate() {
-            draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], label, true)?;
+        for (k, (_, pts)) in series.iter().enumerate() {
+            draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], true)?;
         }
-        legend(&mut chart, ID)
+        Ok(())
     })?;
     Ok(Some(Chart {
         id: ID,
@@ -622,21 +650,28 @@ fn local_vs_inherited(r: &Report) -> Result<Option<Chart>> {
     }
     let steps = steps(r);
     let want = r.first_divergence.as_ref().map(|fd| fd.step.as_str());
-    let Some((step, sites)) = steps.iter().find(|(s, _)| want.is_none_or(|w| w == *s)).or(steps.first()) else {
+    let Some((step, sites)) = steps.iter().find(|(s, _)| want.map_or(true, |w| w == *s)).or(steps.first()) else {
         return Ok(None);
     };
-    let total: Vec<(f64, f64)> = sites.iter().enumerate().map(|(i, e)| (i as f64, e.error().unwrap_or(f64::NAN))).collect();
+    let total: Vec<(f64, f64)> = sites.iter().enumerate().map(|(i, e)| (i as f64, plotted_error(e))).collect();
     let local: Vec<(f64, f64)> = sites
         .iter()
         .enumerate()
-        .map(|(i, e)| (i as f64, e.local_metrics.as_ref().map_or(f64::NAN, SiteMetrics::error)))
+        .map(|(i, e)| (i as f64, e.local_metrics.as_ref().map_or(f64::NAN, plotted)))
         .collect();
     let tol: Vec<(f64, f64)> = sites.iter().enumerate().map(|(i, e)| (i as f64, tolerance_of(e))).collect();
     let (lo, hi) = log_range(total.iter().chain(&local).chain(&tol).map(|p| p.1));
     let n = sites.len();
     let title = "Local versus inherited error";
+    let keys = vec![
+        ("tolerance".to_string(), Key::Dashed(TOL_GREY)),
+        ("total (free running)".to_string(), Key::Line(PALETTE[0])),
+        ("local (golden input)".to_string(), Key::Line(PALETTE[1])),
+    ];
     let out = svg(ID, title, (WIDTH, 400), |root| {
-        let mut chart = ChartBuilder::on(root)
+        let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
+        side_legend(&side, ID, &keys)?;
+        let mut chart = ChartBuilder::on(&plot)
             .margin(12)
             .margin_right(24)
             .x_label_area_size(44)
@@ -655,9 +690,9 @@ fn local_vs_inherited(r: &Report) -> Result<Option<Chart>> {
             .draw()
             .or_chart(ID)?;
         draw_tolerance(&mut chart, ID, &tol)?;
-        draw_line(&mut chart, ID, &total, PALETTE[0], "total (free running)", n <= 80)?;
-        draw_line(&mut chart, ID, &local, PALETTE[1], "local (golden input)", n <= 80)?;
-        legend(&mut chart, ID)
+        draw_line(&mut chart, ID, &total, PALETTE[0], n <= 80)?;
+        draw_line(&mut chart, ID, &local, PALETTE[1], n <= 80)?;
+        Ok(())
     })?;
     let failing_local = sites
         .iter()

@@ -37,6 +37,7 @@ code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Lib
 .card h2 { font-size: 13px; text-transform: uppercase; letter-spacing: 0.06em; color: var(--muted); margin: 0 0 6px; }
 .card.first { border-left: 6px solid var(--fail); }
 .card.ok { border-left: 6px solid var(--pass); }
+.big a { color: inherit; text-decoration: underline dotted; }
 .big { font-size: 18px; font-weight: 650; word-break: break-all; }
 .muted { color: var(--muted); }
 ol.findings { margin: 4px 0 0; padding-left: 22px; }
@@ -58,6 +59,7 @@ figcaption { color: var(--muted); font-size: 13.5px; margin-top: 6px; }
 table.sites { border-collapse: collapse; width: 100%; font-size: 12.5px; }
 table.sites th, table.sites td { border-bottom: 1px solid var(--line); padding: 3px 6px; text-align: left; vertical-align: top; }
 table.sites th { background: var(--bg); position: sticky; top: 0; }
+table.sites td.nw { white-space: nowrap; }
 table.sites td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.sites tr.fail td { background: #fdecec; }
 table.sites tr.missing td, table.sites tr.skipped td { background: #fff8e1; }
@@ -275,7 +277,7 @@ fn sites_table(out: &mut String, r: &Report) {
             out,
             "<tr class=\"{status}{}\"{}><td class=\"mono\" title=\"{}\">{}</td><td class=\"st\">{status}</td>\
              <td class=\"num\">{rel}</td><td class=\"num\">{cos}</td><td class=\"num\">{ma}</td><td class=\"num\">{mr}</td>\
-             <td class=\"num\">{nn}</td><td class=\"mono\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{nn}</td><td class=\"mono nw\">{}</td><td>{}</td></tr>",
             if first { " first" } else { "" },
             if first { " id=\"row-first\"" } else { "" },
             escape(&e.site),

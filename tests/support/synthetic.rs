@@ -184,7 +184,14 @@ pub fn pass_report() -> Report {
     let g = golden();
     let c = dump(Plant::None, "synthetic-port", &[]);
     let cmp = compare(&g, &c, &Policy::default()).expect("compare");
-    Report::new(&cmp, Vec::new())
+    label(Report::new(&cmp, Vec::new()))
+}
+
+/// Names the in-memory dumps as a CI job would (relative paths).
+fn label(mut r: Report) -> Report {
+    r.golden = "goldens/synthetic-padded".into();
+    r.candidate = "dumps/synthetic-port".into();
+    r
 }
 
 /// A report of a candidate with wrong decode positions, one site missing, teacher
@@ -210,5 +217,5 @@ pub fn fail_report() -> Report {
     ];
     let mut r = Report::new(&cmp, diagnosis);
     r.attach_local(&compare(&g, &local, &policy).expect("compare local"));
-    r
+    label(r)
 }
