@@ -6,8 +6,8 @@
 //! ```
 //!
 //! `OUT_DIR/pass` and `OUT_DIR/fail` receive the report files; with SCREENSHOT_DIR,
-//! `pass.png` and `fail.png` (1200x1600) go there (`reports/examples/` in the repo,
-//! then reduced with `.ci/shrink-png` if ImageMagick is present).
+//! `pass.png` and `fail.png` (1200x1600) go there (`reports/examples/` in the repo;
+//! each stays under 300 KB as Chromium writes it).
 
 #[path = "../tests/support/chromium.rs"]
 mod chromium;

@@ -119,3 +119,15 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_xml_covers_markup_quotes_and_controls() {
+        assert_eq!(escape_xml(r#"a<b>&"c" 'd'"#), "a&lt;b&gt;&amp;&quot;c&quot; &apos;d&apos;");
+        assert_eq!(escape_xml("x\u{1}y\tz\n"), "x?y\tz\n");
+        assert_eq!(escape_xml("model.layers.0.mlp"), "model.layers.0.mlp");
+    }
+}

@@ -101,3 +101,15 @@ pub fn render_markdown(r: &Report) -> String {
 fn format_excess(x: f64) -> String {
     if x.is_finite() { format!("{x:.2}") } else { "inf".into() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_md_neutralises_table_and_emphasis_characters() {
+        assert_eq!(escape_md("a|b"), "a\\|b");
+        assert_eq!(escape_md("x_1 *y* <z>"), "x\\_1 \\*y\\* \\<z\\>");
+        assert_eq!(escape_md("two\nlines"), "two lines");
+    }
+}
