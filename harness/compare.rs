@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dump::{DType, Dump, Precision, Scenario, Tensor};
 use crate::error::{Error, Result};
-use crate::metrics::{unravel, Accumulator, Metrics};
+use crate::metrics::{unravel, Accumulator, ErrorHistogram, GroupL2, Metrics};
 use crate::site::{LayerPart, Site, Step};
 use crate::tolerance::{Decision, Policy, Tolerance};
 
@@ -81,6 +81,14 @@ pub struct SiteResult {
     pub candidate_dtype: Option<DType>,
     /// Why the site failed or was skipped, in words.
     pub note: Option<String>,
+    /// Value sites with a token axis: rel-L2 of each token row `t` of this step (batch
+    /// rows combined, padding rows left out; NaN where every row was padding).
+    pub per_token: Option<Vec<f64>>,
+    /// `q_rope`, `k_rope`, `probs` (head axis 1) and `context` (last axis split in
+    /// `num_attention_heads` chunks): rel-L2 of each head.
+    pub per_head: Option<Vec<f64>>,
+    /// Failing value sites: |candidate - golden| counted by decade.
+    pub abs_histogram: Option<ErrorHistogram>,
 }
 
 /// The comparison of a candidate with a golden.
@@ -124,6 +132,12 @@ pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Compa
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
     check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
     let precision = cm.dtype;
+    let ctx = SiteContext {
+        scenario: &gm.scenario,
+        policy,
+        precision,
+        heads: Some(gm.model.num_attention_heads),
+    };
     let mut sites = Vec::new();
     for &step in &gm.steps {
         for site in golden.sites(step) {
@@ -131,7 +145,7 @@ pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Compa
                 .get(step, site)?
                 .ok_or_else(|| Error::format(golden.label(), format!("tensor `{step}/{site}` vanished")))?;
             let c = if cm.steps.contains(&step) { candidate.get(step, site)? } else { None };
-            sites.push(compare_site(step, site, &g, c.as_ref(), &gm.scenario, policy, precision));
+            sites.push(compare_site_in(step, site, &g, c.as_ref(), &ctx));
         }
     }
     Ok(Comparison {
@@ -161,6 +175,18 @@ fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()>
     })
 }
 
+/// What a site comparison needs beyond the two tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteContext<'a> {
+    pub scenario: &'a Scenario,
+    pub policy: &'a Policy,
+    /// The candidate's compute precision (selects the default tolerance).
+    pub precision: Precision,
+    /// `num_attention_heads` of the model, to split `context` into heads; `None`
+    /// leaves `context` without a per-head breakdown.
+    pub heads: Option<usize>,
+}
+
 /// Compares one site. `c` is `None` when the candidate lacks it.
 pub fn compare_site(
     step: Step,
@@ -171,6 +197,12 @@ pub fn compare_site(
     policy: &Policy,
     precision: Precision,
 ) -> SiteResult {
+    compare_site_in(step, site, g, c, &SiteContext { scenario, policy, precision, heads: None })
+}
+
+/// Compares one site under `ctx`. `c` is `None` when the candidate lacks it.
+pub fn compare_site_in(step: Step, site: &Site, g: &Tensor, c: Option<&Tensor>, ctx: &SiteContext) -> SiteResult {
+    let SiteContext { scenario, policy, precision, heads } = *ctx;
     let mut r = SiteResult {
         step,
         site: site.clone(),
@@ -182,6 +214,9 @@ pub fn compare_site(
         golden_dtype: g.dtype(),
         candidate_dtype: c.map(Tensor::dtype),
         note: None,
+        per_token: None,
+        per_head: None,
+        abs_histogram: None,
     };
     let tol = match policy.decide(step, site, precision) {
         Decision::Skip => {
@@ -217,12 +252,27 @@ pub fn compare_site(
         r.metrics = Some(m);
     } else {
         let mut acc = Accumulator::new(c.dtype());
+        let tokens = Groups::tokens(site, g.shape());
+        let head_groups = Groups::heads(site, g.shape(), heads);
+        let mut per_token = tokens.map(|t| GroupL2::new(t.n));
+        let mut per_head = head_groups.map(|h| GroupL2::new(h.n));
+        let mut hist = ErrorHistogram::new();
         for i in 0..g.numel() {
             if valid.keep(i) {
-                acc.push(i, g.get_f64(i), c.get_f64(i));
+                let (gv, cv) = (g.get_f64(i), c.get_f64(i));
+                acc.push(i, gv, cv);
+                hist.push(gv, cv);
+                if let (Some(t), Some(acc_t)) = (tokens, per_token.as_mut()) {
+                    acc_t.push(t.of(i), gv, cv);
+                }
+                if let (Some(h), Some(acc_h)) = (head_groups, per_head.as_mut()) {
+                    acc_h.push(h.of(i), gv, cv);
+                }
             }
         }
         let m = acc.finish(g.shape());
+        r.per_token = per_token.map(|a| a.finish());
+        r.per_head = per_head.map(|a| a.finish());
         let mut why = Vec::new();
         if m.new_nonfinite > 0 {
             why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
@@ -241,9 +291,47 @@ pub fn compare_site(
         r.status = if why.is_empty() { Status::Pass } else { Status::Fail };
         r.note = (!why.is_empty()).then(|| why.join("; "));
         r.metrics = Some(SiteMetrics::Values(m));
+        if r.status == Status::Fail {
+            r.abs_histogram = Some(hist);
+        }
     }
     r.tolerance = Some(tol);
     r
+}
+
+/// A partition of a tensor's flat indices: index `i` lies in group `(i / stride) % n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Groups {
+    stride: usize,
+    n: usize,
+}
+
+impl Groups {
+    #[inline]
+    fn of(self, i: usize) -> usize {
+        (i / self.stride) % self.n
+    }
+
+    /// Token rows: the site's token axis.
+    fn tokens(site: &Site, shape: &[usize]) -> Option<Groups> {
+        let ax = site.token_axis().filter(|&ax| ax < shape.len() && shape[ax] > 0)?;
+        Some(Groups { stride: shape[ax + 1..].iter().product(), n: shape[ax] })
+    }
+
+    /// Heads: axis 1 of `q_rope`, `k_rope` and `probs` (`[B, heads, T, ·]`), or the
+    /// last axis of `context` (`[B, T, nH·D]`) cut into `heads` equal chunks.
+    fn heads(site: &Site, shape: &[usize], heads: Option<usize>) -> Option<Groups> {
+        match site {
+            Site::Layer(_, LayerPart::QRope | LayerPart::KRope | LayerPart::Probs) if shape.len() == 4 && shape[1] > 0 => {
+                Some(Groups { stride: shape[2..].iter().product(), n: shape[1] })
+            }
+            Site::Layer(_, LayerPart::Context) => {
+                let (nh, last) = (heads?, *shape.last()?);
+                (shape.len() == 3 && nh > 0 && last % nh == 0 && last > 0).then(|| Groups { stride: last / nh, n: nh })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Decides which flat indices carry meaning: not a padding query row, and not a KV-cache

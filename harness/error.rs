@@ -50,6 +50,9 @@ pub enum Error {
     /// A model configuration the implementation cannot run.
     #[error("{path}: model config: {what}")]
     Config { path: PathBuf, what: String },
+    /// A chart of the HTML report could not be drawn.
+    #[error("chart `{chart}`: {what}")]
+    Chart { chart: String, what: String },
     /// An external program (the MindSpore port, a browser) failed.
     #[error("{program}: {what}")]
     External { program: String, what: String },

@@ -215,6 +215,104 @@ impl Accumulator {
     }
 }
 
+/// rel-L2 per group of elements (a token row, a head), streamed in the same pass as
+/// [`Accumulator`]: Σd² and Σg² per group over the pairs where both sides are finite.
+///
+/// A group with a new NaN/Inf on the candidate's side reads `+inf`; a group that
+/// received no element (every row of it padding) reads NaN.
+#[derive(Debug, Clone)]
+pub struct GroupL2 {
+    sdd: Vec<f64>,
+    sgg: Vec<f64>,
+    seen: Vec<bool>,
+    broken: Vec<bool>,
+}
+
+impl GroupL2 {
+    /// An accumulator over `groups` groups.
+    pub fn new(groups: usize) -> GroupL2 {
+        GroupL2 { sdd: vec![0.0; groups], sgg: vec![0.0; groups], seen: vec![false; groups], broken: vec![false; groups] }
+    }
+
+    /// Adds the pair `(g, c)` to group `k` (ignored when `k` is out of range).
+    #[inline]
+    pub fn push(&mut self, k: usize, g: f64, c: f64) {
+        if k >= self.sdd.len() {
+            return;
+        }
+        self.seen[k] = true;
+        if g.is_finite() && c.is_finite() {
+            let d = c - g;
+            self.sdd[k] += d * d;
+            self.sgg[k] += g * g;
+        } else if !c.is_finite() && (g.is_finite() || !(g == c || (g.is_nan() && c.is_nan()))) {
+            self.broken[k] = true;
+        }
+    }
+
+    /// rel-L2 of each group.
+    pub fn finish(&self) -> Vec<f64> {
+        (0..self.sdd.len())
+            .map(|k| {
+                if self.broken[k] {
+                    f64::INFINITY
+                } else if !self.seen[k] {
+                    f64::NAN
+                } else {
+                    ratio(self.sdd[k], self.sgg[k]).sqrt()
+                }
+            })
+            .collect()
+    }
+}
+
+/// Counts of absolute errors |d| in decades: bucket `k` holds `10^(min_exp+k) <= |d| <
+/// 10^(min_exp+k+1)`; the first bucket also takes every smaller non-zero |d| and the
+/// last every larger one. `exact` counts |d| = 0. Only pairs where both sides are finite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorHistogram {
+    pub min_exp: i32,
+    pub counts: Vec<u64>,
+    pub exact: u64,
+}
+
+impl ErrorHistogram {
+    /// Smallest decade kept apart (1e-12 and below share the first bucket).
+    pub const MIN_EXP: i32 = -12;
+    /// Largest decade kept apart (1e3 and above share the last bucket).
+    pub const MAX_EXP: i32 = 3;
+
+    pub fn new() -> ErrorHistogram {
+        ErrorHistogram { min_exp: Self::MIN_EXP, counts: vec![0; (Self::MAX_EXP - Self::MIN_EXP + 1) as usize], exact: 0 }
+    }
+
+    /// Adds the pair `(g, c)`.
+    #[inline]
+    pub fn push(&mut self, g: f64, c: f64) {
+        if !(g.is_finite() && c.is_finite()) {
+            return;
+        }
+        let ad = (c - g).abs();
+        if ad == 0.0 {
+            self.exact += 1;
+            return;
+        }
+        let e = (ad.log10().floor() as i64).clamp(self.min_exp as i64, (self.min_exp as i64) + self.counts.len() as i64 - 1);
+        self.counts[(e - self.min_exp as i64) as usize] += 1;
+    }
+
+    /// Every counted pair.
+    pub fn total(&self) -> u64 {
+        self.exact + self.counts.iter().sum::<u64>()
+    }
+}
+
+impl Default for ErrorHistogram {
+    fn default() -> Self {
+        ErrorHistogram::new()
+    }
+}
+
 /// `a / b` with 0/0 = 0 and x/0 = +inf.
 fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
@@ -257,6 +355,37 @@ pub fn ulp_distance(dtype: DType, g: f64, c: f64) -> f64 {
         return 0.0;
     }
     (key(c) - key(g)).unsigned_abs() as f64
+}
+
+/// Serde for `Option<Vec<f64>>` that keeps non-finite values as strings, like `num`.
+pub(crate) mod num_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    struct N(f64);
+
+    impl Serialize for N {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            super::num::serialize(&self.0, s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for N {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<N, D::Error> {
+            super::num::deserialize(d).map(N)
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<f64>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_seq(v.iter().map(|&x| N(x))),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+        let v: Option<Vec<N>> = Option::deserialize(d)?;
+        Ok(v.map(|v| v.into_iter().map(|n| n.0).collect()))
+    }
 }
 
 mod num {
@@ -426,5 +555,50 @@ mod tests {
         assert_eq!(j["snr_db"], "-inf");
         let back: Metrics = serde_json::from_value(j).unwrap();
         assert_eq!(back.rel_l2, f64::INFINITY);
+    }
+
+    #[test]
+    fn group_l2_is_rel_l2_of_each_group() {
+        let mut g = GroupL2::new(3);
+        g.push(0, 3.0, 3.0);
+        g.push(0, 4.0, 4.0);
+        g.push(1, 3.0, 3.3);
+        g.push(1, 4.0, 4.4);
+        let v = g.finish();
+        assert_eq!(v[0], 0.0);
+        assert!((v[1] - 0.1).abs() < 1e-12, "{}", v[1]);
+        assert!(v[2].is_nan(), "a group with no element reads NaN");
+        g.push(2, 1.0, f64::NAN);
+        assert_eq!(g.finish()[2], f64::INFINITY);
+    }
+
+    #[test]
+    fn histogram_buckets_by_decade_and_clamps_the_ends() {
+        let mut h = ErrorHistogram::new();
+        h.push(1.0, 1.0);
+        h.push(1.0, 1.5); // 0.5 -> decade -1
+        h.push(0.0, 1e-20); // below the first decade
+        h.push(0.0, 1e9); // above the last
+        h.push(0.0, f64::NAN); // not counted
+        assert_eq!(h.exact, 1);
+        assert_eq!(h.counts[(-1 - ErrorHistogram::MIN_EXP) as usize], 1);
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(*h.counts.last().unwrap(), 1);
+        assert_eq!(h.total(), 4);
+    }
+
+    #[test]
+    fn num_vec_round_trips_non_finite_values() {
+        #[derive(Serialize, Deserialize)]
+        struct W {
+            #[serde(with = "num_vec")]
+            v: Option<Vec<f64>>,
+        }
+        let s = serde_json::to_string(&W { v: Some(vec![0.5, f64::INFINITY, f64::NAN]) }).unwrap();
+        assert_eq!(s, r#"{"v":[0.5,"inf","nan"]}"#);
+        let w: W = serde_json::from_str(&s).unwrap();
+        let v = w.v.unwrap();
+        assert_eq!(v[0], 0.5);
+        assert!(v[1].is_infinite() && v[2].is_nan());
     }
 }

@@ -1,6 +1,18 @@
-//! Reports of a comparison: `report.json` (the contract's fields and more) and a
-//! compact terminal table. Every file is written atomically.
+//! Reports of a comparison, each rendered from a [`Report`] alone so that `compare`
+//! and `run` give the same files:
+//!
+//! - `report.json`: the contract's fields and more;
+//! - `report.html` ([`html`]): one self-contained page with charts ([`charts`]);
+//! - `junit.xml` ([`junit`]): one test case per step and site, for CI test views;
+//! - `summary.md` ([`markdown`]): a short summary for CI step summaries and PR comments;
+//! - a compact terminal table ([`terminal`]).
+//!
+//! Every file is written atomically, and the same report gives byte-identical files.
 
+mod charts;
+mod html;
+mod junit;
+mod markdown;
 mod terminal;
 
 use std::path::Path;
@@ -10,8 +22,12 @@ use serde::{Deserialize, Serialize};
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use crate::dump::write_atomic;
 use crate::error::{Error, Result};
+use crate::metrics::{num_vec, ErrorHistogram};
 use crate::tolerance::Tolerance;
 
+pub use html::render_html;
+pub use junit::render_junit;
+pub use markdown::render_markdown;
 pub use terminal::render_summary;
 
 /// Format string of `report.json`.
@@ -47,6 +63,15 @@ pub struct SiteEntry {
     /// With teacher forcing: the error this site adds on its own, from the golden's input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_metrics: Option<SiteMetrics>,
+    /// rel-L2 of each token row of this step (value sites with a token axis).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "num_vec")]
+    pub per_token: Option<Vec<f64>>,
+    /// rel-L2 of each attention head (`q_rope`, `k_rope`, `probs`, `context`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "num_vec")]
+    pub per_head: Option<Vec<f64>>,
+    /// |candidate - golden| by decade (failing value sites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abs_histogram: Option<ErrorHistogram>,
 }
 
 impl SiteEntry {
@@ -63,6 +88,9 @@ impl SiteEntry {
             candidate_dtype: r.candidate_dtype.map(|d| d.to_string()),
             note: r.note.clone(),
             local_metrics: None,
+            per_token: r.per_token.clone(),
+            per_head: r.per_head.clone(),
+            abs_histogram: r.abs_histogram.clone(),
         }
     }
 
@@ -139,10 +167,24 @@ impl Report {
         s
     }
 
-    /// Writes every report file into `dir` (created if needed), each atomically.
+    /// Every report file by name, rendered in memory.
+    pub fn render_files(&self) -> Result<Vec<(&'static str, String)>> {
+        Ok(vec![
+            ("report.json", self.to_json()),
+            ("report.html", render_html(self)?),
+            ("junit.xml", render_junit(self)),
+            ("summary.md", render_markdown(self)),
+        ])
+    }
+
+    /// Writes every report file into `dir` (created if needed), each atomically. All
+    /// are rendered before the first is written, so a rendering error writes nothing.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        let files = self.render_files()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        write_atomic(&dir.join("report.json"), self.to_json().as_bytes())?;
+        for (name, text) in files {
+            write_atomic(&dir.join(name), text.as_bytes())?;
+        }
         Ok(())
     }
 
@@ -174,4 +216,45 @@ pub fn excess(s: &SiteEntry) -> f64 {
         }
         _ => 0.0,
     }
+}
+
+/// A number for people: `1.234e-5`, or `nan`/`inf`/`-inf`; the same bytes every time.
+pub(crate) fn sci(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf".into() } else { "-inf".into() }
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+/// The main measures of a site in one line: `rel_l2 1.2e-3, cosine 0.999981, ...`.
+pub(crate) fn metrics_line(m: &SiteMetrics) -> String {
+    match m {
+        SiteMetrics::Values(v) => format!(
+            "rel_l2 {}, cosine {:.6}, max_abs {}, max_rel {}, new NaN/Inf {}",
+            sci(v.rel_l2),
+            v.cosine,
+            sci(v.max_abs),
+            sci(v.max_rel),
+            v.new_nonfinite
+        ),
+        SiteMetrics::Exact { count, mismatches, first_mismatch } => {
+            format!("{mismatches} of {count} values differ{}", at(first_mismatch))
+        }
+        SiteMetrics::Visibility { count, mismatches, first_mismatch, golden_visible, candidate_visible } => format!(
+            "{mismatches} of {count} entries differ in visibility{} (visible: golden {golden_visible}, candidate {candidate_visible})",
+            at(first_mismatch)
+        ),
+    }
+}
+
+fn at(idx: &Option<Vec<usize>>) -> String {
+    idx.as_ref().map_or_else(String::new, |i| format!(", first at {i:?}"))
+}
+
+/// A shape as `[2, 4, 6]`.
+pub(crate) fn shape(s: &[usize]) -> String {
+    format!("{s:?}")
 }
