@@ -84,6 +84,13 @@ pub fn round_in_place<D: Dimension>(n: &dyn Numerics, at: RoundAt, a: &mut Array
 }
 
 /// Nothing is rounded: the float64 reference.
+///
+/// One exception, which defines values rather than approximating them: a masked score
+/// (`score + fill`, far below any real score) is stored in the mask's dtype, as HF
+/// stores it. In float32 and bfloat16 the fill swallows the score in float64 too, but a
+/// float16 fill of `-65504` does not: HF's `score + fill` rounds to `-65504` (or `-inf`
+/// once `score <= -16`), so a padding query's fully masked row is uniform in HF and would
+/// not be in float64. Visible entries are never touched.
 #[derive(Debug, Clone, Copy)]
 pub struct Exact {
     /// The dtype whose `finfo.min` fills hidden mask entries, so that fully masked rows
@@ -102,12 +109,16 @@ impl Numerics for Exact {
         "float64"
     }
 
-    fn rounds_at(&self, _at: RoundAt) -> bool {
-        false
+    fn rounds_at(&self, at: RoundAt) -> bool {
+        at == RoundAt::MaskedScores
     }
 
-    fn round(&self, _at: RoundAt, x: f64) -> f64 {
-        x
+    fn round(&self, at: RoundAt, x: f64) -> f64 {
+        if at == RoundAt::MaskedScores && x < self.mask_fill() / 2.0 {
+            self.mask_dtype.round(x)
+        } else {
+            x
+        }
     }
 
     fn mask_fill(&self) -> f64 {
@@ -133,6 +144,14 @@ mod tests {
         assert_eq!(dtype_min(Precision::F16), -65504.0);
         assert_eq!(dtype_min(Precision::F32), -3.4028234663852886e38);
         assert_eq!(dtype_min(Precision::Bf16), -3.3895313892515355e38);
+    }
+
+    #[test]
+    fn exact_stores_masked_scores_like_the_mask_dtype() {
+        let n = Exact::new(Precision::F16);
+        assert_eq!(n.round(RoundAt::MaskedScores, -65504.0 + 0.37), -65504.0);
+        assert_eq!(n.round(RoundAt::MaskedScores, -65504.0 - 20.0), f64::NEG_INFINITY);
+        assert_eq!(n.round(RoundAt::MaskedScores, 0.37), 0.37);
     }
 
     #[test]
