@@ -1,5 +1,32 @@
 //! Implementations that run a golden's scenario and produce a dump of every site:
 //! the float64 reference, the simulated Ascend port, and the real MindSpore port.
+//!
+//! One building block a file, composed by [`llama`]:
+//! [`weights`] (HF names) → [`embedding`] → [`rope`] (frequencies, tables, rotation) →
+//! [`mask`] → per layer [`rms_norm`], [`linear`], [`kv_cache`], [`attention`], [`mlp`].
+//!
+//! Two seams are threaded through every block so that the reference and a simulated
+//! port share the model code:
+//! - [`numerics::Numerics`] says how values are rounded at each named point
+//!   ([`numerics::RoundAt`]); the reference uses [`numerics::Exact`] (float64, nothing
+//!   rounded), the ascend implementation supplies its own (bf16/fp16 storage, fp32
+//!   accumulation);
+//! - [`plan::Plan`] maps the planted faults (`--fault ID`) to the variant each block
+//!   runs (positions bookkeeping, layout, cache write, key mapping...).
+
+pub mod attention;
+pub mod embedding;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod mask;
+pub mod mlp;
+pub mod numerics;
+pub mod plan;
+mod reference;
+pub mod rms_norm;
+pub mod rope;
+pub mod weights;
 
 use crate::dump::{Dump, Precision};
 use crate::error::{Error, Result};
@@ -30,7 +57,9 @@ impl Implementation {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub implementation: Implementation,
-    /// Compute precision; `None` means the golden's dtype (float64 for the reference).
+    /// Compute precision; `None` means the golden's dtype. The reference always computes
+    /// in float64 and uses this only as the dtype its dump declares (which picks the
+    /// tolerance the comparison applies).
     pub precision: Option<Precision>,
     /// Faults planted where each lives in a real port.
     pub faults: Vec<Fault>,
@@ -48,6 +77,14 @@ pub struct RunOutput {
 
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
-    let _ = golden;
-    Err(Error::usage("--impl", format!("the {} implementation is not built yet", opts.implementation.name())))
+    let plan = plan::Plan::new(&opts.faults);
+    let unplanted = plan.unplanted();
+    if !unplanted.is_empty() {
+        let ids: Vec<&str> = unplanted.iter().map(|f| f.id()).collect();
+        return Err(Error::usage("--fault", format!("{} cannot be planted yet", ids.join(", "))));
+    }
+    match opts.implementation {
+        Implementation::Reference => reference::run(golden, opts.precision, &plan, opts.teacher_force),
+        other => Err(Error::usage("--impl", format!("the {} implementation is not built yet", other.name()))),
+    }
 }

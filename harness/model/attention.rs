@@ -1,0 +1,86 @@
+//! Eager scaled-dot-product attention with grouped key/value heads.
+//!
+//! `probs = softmax(q·kᵀ · scale + mask)` over keys, `context = probs · v`, following HF
+//! `eager_attention_forward`: `repeat_kv` maps query head `h` to key/value head
+//! `h / n_rep` (`n_rep = nH / nKV`; MQA is `nKV = 1`), `scale = 1/sqrt(D)`, the additive
+//! mask is added after scaling, and the softmax is taken in float32 then cast back
+//! (`RoundAt::Probs`). Head mapping and scaling are fault seams.
+
+use ndarray::{s, Array3, Array4, ArrayView4};
+
+use super::numerics::{Numerics, RoundAt};
+use super::plan::{HeadMapping, ScoreScale};
+use super::rope::merge_heads;
+
+/// The key/value head read by query head `h`.
+pub fn kv_head(h: usize, heads: usize, kv_heads: usize, mapping: HeadMapping) -> usize {
+    match mapping {
+        HeadMapping::Grouped => h / (heads / kv_heads),
+        HeadMapping::Tiled => h % kv_heads,
+    }
+}
+
+/// The scale applied to scores.
+pub fn scale(head_dim: usize, rule: ScoreScale) -> f64 {
+    match rule {
+        ScoreScale::InvSqrtHeadDim => 1.0 / (head_dim as f64).sqrt(),
+        ScoreScale::Unscaled => 1.0,
+    }
+}
+
+/// Softmax of one row, max-subtracted.
+pub fn softmax(row: &mut [f64]) {
+    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// `q` `[batch, heads, T, D]`, `k`/`v` `[batch, kv_heads, S, D]`, `mask` `[batch, 1, T, S]`
+/// → `(probs [batch, heads, T, S], context [batch, T, heads·D])`.
+pub fn eager(
+    q: &Array4<f64>,
+    k: ArrayView4<f64>,
+    v: ArrayView4<f64>,
+    mask: &Array4<f64>,
+    scale: f64,
+    mapping: HeadMapping,
+    n: &dyn Numerics,
+) -> (Array4<f64>, Array3<f64>) {
+    let (b, heads, t, d) = q.dim();
+    let (_, kv_heads, s_len, _) = k.dim();
+    let mut probs = Array4::zeros((b, heads, t, s_len));
+    let mut ctx = Array4::zeros((b, heads, t, d));
+    let mut row = vec![0.0; s_len];
+    for bi in 0..b {
+        for h in 0..heads {
+            let kh = kv_head(h, heads, kv_heads, mapping);
+            let keys = k.slice(s![bi, kh, .., ..]);
+            let vals = v.slice(s![bi, kh, .., ..]);
+            for ti in 0..t {
+                let qv = q.slice(s![bi, h, ti, ..]);
+                for (si, r) in row.iter_mut().enumerate() {
+                    let dot = qv.dot(&keys.row(si));
+                    let sc = n.round(RoundAt::Scores, dot * scale);
+                    *r = n.round(RoundAt::MaskedScores, sc + mask[[bi, 0, ti, si]]);
+                }
+                softmax(&mut row);
+                for (si, r) in row.iter_mut().enumerate() {
+                    *r = n.round(RoundAt::Probs, *r);
+                    probs[[bi, h, ti, si]] = *r;
+                }
+                let pr = ndarray::ArrayView1::from(&row[..]);
+                let c = pr.dot(&vals);
+                for (j, x) in c.iter().enumerate() {
+                    ctx[[bi, h, ti, j]] = n.round(RoundAt::Context, *x);
+                }
+            }
+        }
+    }
+    (probs, merge_heads(&ctx))
+}

@@ -1,0 +1,226 @@
+//! The fault seams: one enum per place where a real port goes wrong, chosen from the
+//! planted faults (CONTRACT §3, `--fault ID`).
+//!
+//! The model code never asks "is fault X planted?"; each building block takes the
+//! variant that says what it does (`RopeLayout::Interleaved`, `CacheWrite::Skip`, ...),
+//! and [`Plan::new`] is the one place that maps fault IDs to variants. An implementation
+//! with no faults gets [`Plan::default`], HF's behaviour everywhere.
+//!
+//! Faults whose seam exists but which this version does not plant yet are listed by
+//! [`Plan::unplanted`]; `run` refuses them rather than silently ignoring them.
+
+use crate::fault::Fault;
+
+/// Where decode positions come from (positions bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodePositions {
+    /// HF: the row's count of real tokens so far (`pos_offset` accumulates).
+    #[default]
+    Continue,
+    /// `rope.pos_reset`: decode step j uses position j.
+    Reset,
+    /// `rope.pos_fixed`: every decode step uses position 0.
+    Fixed,
+    /// `rope.pos_off_by_one`: one past the right position.
+    OffByOne,
+}
+
+/// Which dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopeLayout {
+    /// HF `rotate_half`: pairs (k, k + D/2).
+    #[default]
+    HalfSplit,
+    /// GPT-J / Meta: pairs (2k, 2k + 1).
+    Interleaved,
+}
+
+/// How the cos/sin tables reach the rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopeTables {
+    #[default]
+    AsComputed,
+    /// `rope.cos_sin_swapped`.
+    Swapped,
+}
+
+/// Which rotary frequencies are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopeFrequencies {
+    /// The configured theta and scaling.
+    #[default]
+    Configured,
+    /// `rope.wrong_theta`: theta 10000 and no scaling.
+    DefaultTheta10k,
+}
+
+/// Precision of `position · inv_freq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnglePrecision {
+    /// Whatever the numerics say (`RoundAt::RopeAngle`).
+    #[default]
+    Numerics,
+    /// `rope.low_precision_angles`: float16.
+    F16,
+}
+
+/// The visibility rule of the attention mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskRule {
+    /// Causal and left padding hidden.
+    #[default]
+    CausalPadded,
+    /// `mask.none`: everything visible in prefill (padding still hidden).
+    NoCausal,
+    /// `mask.inverted`: future visible, past hidden.
+    Inverted,
+    /// `mask.padding_ignored`: causal only.
+    PaddingIgnored,
+}
+
+/// Which cache slot a step writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheWrite {
+    /// The next free slot.
+    #[default]
+    NextSlot,
+    /// `kv.stale`: decode k/v never written.
+    Skip,
+    /// `kv.wrong_slot`: decode writes one slot past the next free one.
+    OneSlotOff,
+}
+
+/// Which keys the cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachedKeys {
+    #[default]
+    Rotated,
+    /// `kv.unrotated_keys`: keys cached before RoPE.
+    Unrotated,
+}
+
+/// Which key/value head a query head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadMapping {
+    /// HF `repeat_kv`: query head h reads kv head h / n_rep.
+    #[default]
+    Grouped,
+    /// `kv.gqa_tiled`: h % n_kv.
+    Tiled,
+}
+
+/// The score scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoreScale {
+    /// `1/sqrt(D)`.
+    #[default]
+    InvSqrtHeadDim,
+    /// `attn.no_scale`.
+    Unscaled,
+}
+
+/// The normalisation applied where HF has RMSNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormKind {
+    /// `x · rsqrt(mean(x²) + eps) · w`.
+    #[default]
+    Rms,
+    /// `norm.layernorm`: mean subtracted first.
+    LayerNorm,
+    /// `norm.eps_outside`: `x / (sqrt(mean(x²)) + eps) · w`.
+    EpsOutside,
+}
+
+/// How HF parameter names map onto the model's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightMapping {
+    #[default]
+    Hf,
+    /// `weights.gate_up_swapped`.
+    GateUpSwapped,
+    /// `weights.transposed`: square projections (o_proj, and q_proj where square) not transposed.
+    SquareTransposed,
+    /// `norm.weight_unmapped`: the norm weights left at ones.
+    NormWeightsUnmapped,
+}
+
+/// The choices of every seam, derived from the planted faults.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub faults: Vec<Fault>,
+    pub decode_positions: DecodePositions,
+    pub rope_layout: RopeLayout,
+    pub rope_tables: RopeTables,
+    pub rope_frequencies: RopeFrequencies,
+    pub angle_precision: AnglePrecision,
+    pub mask_rule: MaskRule,
+    pub cache_write: CacheWrite,
+    pub cached_keys: CachedKeys,
+    pub head_mapping: HeadMapping,
+    pub score_scale: ScoreScale,
+    pub norm_kind: NormKind,
+    pub weight_mappings: Vec<WeightMapping>,
+}
+
+impl Plan {
+    /// The seams for `faults` (HF's behaviour where none applies).
+    pub fn new(faults: &[Fault]) -> Plan {
+        let mut p = Plan { faults: faults.to_vec(), ..Plan::default() };
+        for &f in faults {
+            match f {
+                Fault::RopePosReset => p.decode_positions = DecodePositions::Reset,
+                Fault::RopePosFixed => p.decode_positions = DecodePositions::Fixed,
+                Fault::RopePosOffByOne => p.decode_positions = DecodePositions::OffByOne,
+                Fault::RopeInterleaved => p.rope_layout = RopeLayout::Interleaved,
+                Fault::RopeCosSinSwapped => p.rope_tables = RopeTables::Swapped,
+                Fault::RopeWrongTheta => p.rope_frequencies = RopeFrequencies::DefaultTheta10k,
+                Fault::RopeLowPrecisionAngles => p.angle_precision = AnglePrecision::F16,
+                Fault::MaskNone => p.mask_rule = MaskRule::NoCausal,
+                Fault::MaskInverted => p.mask_rule = MaskRule::Inverted,
+                Fault::MaskPaddingIgnored => p.mask_rule = MaskRule::PaddingIgnored,
+                Fault::NormLayernorm => p.norm_kind = NormKind::LayerNorm,
+                Fault::NormEpsOutside => p.norm_kind = NormKind::EpsOutside,
+                Fault::NormWeightUnmapped => p.weight_mappings.push(WeightMapping::NormWeightsUnmapped),
+                Fault::WeightsTransposed => p.weight_mappings.push(WeightMapping::SquareTransposed),
+                Fault::WeightsGateUpSwapped => p.weight_mappings.push(WeightMapping::GateUpSwapped),
+                Fault::KvStale => p.cache_write = CacheWrite::Skip,
+                Fault::KvWrongSlot => p.cache_write = CacheWrite::OneSlotOff,
+                Fault::KvUnrotatedKeys => p.cached_keys = CachedKeys::Unrotated,
+                Fault::KvGqaTiled => p.head_mapping = HeadMapping::Tiled,
+                Fault::AttnNoScale => p.score_scale = ScoreScale::Unscaled,
+                // Seams in the numerics or the mask builder, not planted yet.
+                Fault::MaskPadTokenMasked
+                | Fault::MaskFp16Overflow
+                | Fault::NormBias
+                | Fault::NormNoUpcast
+                | Fault::AttnSoftmaxLowPrecision => {}
+            }
+        }
+        p
+    }
+
+    /// Planted faults this version cannot plant yet (their seam is a [`Numerics`]
+    /// implementation or a mask built from token ids).
+    ///
+    /// [`Numerics`]: super::numerics::Numerics
+    pub fn unplanted(&self) -> Vec<Fault> {
+        self.faults
+            .iter()
+            .copied()
+            .filter(|f| {
+                matches!(
+                    f,
+                    Fault::MaskPadTokenMasked
+                        | Fault::MaskFp16Overflow
+                        | Fault::NormBias
+                        | Fault::NormNoUpcast
+                        | Fault::AttnSoftmaxLowPrecision
+                )
+            })
+            .collect()
+    }
+
+    pub fn maps(&self, m: WeightMapping) -> bool {
+        self.weight_mappings.contains(&m)
+    }
+}
