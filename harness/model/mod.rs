@@ -5,6 +5,8 @@ use crate::dump::{Dump, Precision};
 use crate::error::{Error, Result};
 use crate::fault::Fault;
 
+pub mod mindspore;
+
 /// Which implementation runs the scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Implementation {
@@ -48,6 +50,13 @@ pub struct RunOutput {
 
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
-    let _ = golden;
+    if opts.implementation == Implementation::MindSpore {
+        return run_mindspore(golden, opts);
+    }
     Err(Error::usage("--impl", format!("the {} implementation is not built yet", opts.implementation.name())))
+}
+
+/// The MindSpore port in a subprocess; its output lines become progress on stderr.
+fn run_mindspore(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
+    mindspore::run(golden, opts, &mut |line| eprintln!("parity: mindspore: {line}"))
 }
