@@ -35,6 +35,12 @@ pub enum Command {
     /// Examples:
     ///   parity run golden/gqa_pad_f32 --impl reference
     ///   parity run golden/gqa_pad_f32 --impl ascend --dtype bfloat16 --fault rope.pos_reset --report reports/x
+    ///   parity run golden/gqa_pad_f32 --impl mindspore --dtype float16 --dump dumps/ms_f16
+    ///
+    /// --impl mindspore runs fixtures/ports/mindspore/run.py with the interpreter in
+    /// $PARITY_MINDSPORE_PYTHON, else <venv>/bin/python, <venv> being $PARITY_MINDSPORE_VENV
+    /// or ~/.cache/llama-parity/mindspore-venv (`bash .ci/setup` creates it);
+    /// $PARITY_MINDSPORE_PORT overrides the port's run.py.
     Run(RunArgs),
     /// Check a port's checkpoint against the HF weights it was converted from.
     #[command(verbatim_doc_comment)]
