@@ -11,16 +11,23 @@
 //! - [`compare`]: aligns golden and candidate sites and reaches a verdict;
 //! - [`diagnosis`]: names the known porting fault behind a divergence;
 //! - [`report`]: the verdict as JSON (and more) for people and CI.
+//!
+//! Beside it, for a port's weights: [`ckpt`] reads MindSpore checkpoints, [`keymap`]
+//! maps HF parameter names to a port's, and [`weight_check`] checks a converted
+//! checkpoint against the HF weights.
 
+pub mod ckpt;
 pub mod compare;
 pub mod diagnosis;
 pub mod dump;
 pub mod error;
 pub mod fault;
+pub mod keymap;
 pub mod metrics;
 pub mod model;
 pub mod report;
 pub mod site;
 pub mod tolerance;
+pub mod weight_check;
 
 pub use error::{Error, Result};

@@ -32,6 +32,8 @@ use crate::dump::{Dump, Precision};
 use crate::error::{Error, Result};
 use crate::fault::Fault;
 
+pub mod mindspore;
+
 /// Which implementation runs the scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Implementation {
@@ -77,6 +79,9 @@ pub struct RunOutput {
 
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
+    if opts.implementation == Implementation::MindSpore {
+        return run_mindspore(golden, opts);
+    }
     let plan = plan::Plan::new(&opts.faults);
     let unplanted = plan.unplanted();
     if !unplanted.is_empty() {
@@ -87,4 +92,9 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
         Implementation::Reference => reference::run(golden, opts.precision, &plan, opts.teacher_force),
         other => Err(Error::usage("--impl", format!("the {} implementation is not built yet", other.name()))),
     }
+}
+
+/// The MindSpore port in a subprocess; its output lines become progress on stderr.
+fn run_mindspore(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
+    mindspore::run(golden, opts, &mut |line| eprintln!("parity: mindspore: {line}"))
 }

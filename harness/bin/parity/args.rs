@@ -35,6 +35,12 @@ pub enum Command {
     /// Examples:
     ///   parity run golden/gqa_pad_f32 --impl reference
     ///   parity run golden/gqa_pad_f32 --impl ascend --dtype bfloat16 --fault rope.pos_reset --report reports/x
+    ///   parity run golden/gqa_pad_f32 --impl mindspore --dtype float16 --dump dumps/ms_f16
+    ///
+    /// --impl mindspore runs fixtures/ports/mindspore/run.py with the interpreter in
+    /// $PARITY_MINDSPORE_PYTHON, else <venv>/bin/python, <venv> being $PARITY_MINDSPORE_VENV
+    /// or ~/.cache/llama-parity/mindspore-venv (`bash .ci/setup` creates it);
+    /// $PARITY_MINDSPORE_PORT overrides the port's run.py.
     Run(RunArgs),
     /// Run every implementation on every golden of a suite, and every faulty candidate
     /// beside it, and print the matrix.
@@ -49,6 +55,22 @@ pub enum Command {
     ///   parity suite golden --report reports/suite
     #[command(verbatim_doc_comment)]
     Suite(SuiteArgs),
+    /// Check a port's checkpoint against the HF weights it was converted from.
+    #[command(verbatim_doc_comment)]
+    ///
+    /// Maps every HF tensor through the key map (the MindSpore port's map is built in)
+    /// and reports HF tensors left unmapped or missing in the port, port tensors no rule
+    /// produces (e.g. a LayerNorm beta), shape and dtype mismatches, and values that are
+    /// not exactly the HF values cast to the port's dtype, naming a norm weight left at
+    /// ones and a square matrix stored transposed.
+    ///
+    /// Exit status: 0 no finding, 1 any finding, 2 bad input.
+    ///
+    /// Examples:
+    ///   parity check-weights golden/gqa_pad_f32/weights.safetensors model.ckpt
+    ///   parity check-weights hf.safetensors model.ckpt --dtype bfloat16 --report reports/weights
+    ///   parity check-weights hf.safetensors model.ckpt --map my_keymap.json
+    CheckWeights(CheckWeightsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +82,24 @@ pub struct SuiteArgs {
     #[arg(long, value_name = "DIR", default_value = "fixtures/candidates")]
     pub candidates: PathBuf,
     /// Write one report per run into DIR/<golden>/<run>/ and DIR/suite.json.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckWeightsArgs {
+    /// The HF weights (safetensors, HF names and layouts).
+    pub hf: PathBuf,
+    /// The port's MindSpore checkpoint (.ckpt).
+    pub port: PathBuf,
+    /// Key map (llama-parity/keymap@1 JSON) [default: the MindSpore port's, built in].
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+    /// The dtype every port tensor must have [default: any; values are compared after
+    /// casting the HF value to the port tensor's dtype].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Write weights.json into DIR.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
 }

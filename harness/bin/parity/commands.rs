@@ -4,22 +4,51 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use llama_parity::ckpt::Checkpoint;
 use llama_parity::compare::{compare, Verdict};
 use llama_parity::diagnosis::diagnose;
-use llama_parity::dump::{Dump, Precision};
+use llama_parity::dump::{Dump, Precision, SafetensorsFile};
 use llama_parity::fault::Fault;
+use llama_parity::keymap::KeyMap;
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::{render_summary, Report};
 use llama_parity::tolerance::Policy;
+use llama_parity::weight_check::check_weights;
 use llama_parity::{Error, Result};
 
-use crate::args::{Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs};
+use crate::args::{CheckWeightsArgs, Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs};
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Compare(a) => cmd_compare(a),
         Command::Run(a) => cmd_run(a),
         Command::Suite(a) => crate::suite::cmd_suite(a),
+        Command::CheckWeights(a) => cmd_check_weights(a),
+    }
+}
+
+fn cmd_check_weights(a: CheckWeightsArgs) -> Result<ExitCode> {
+    let map = match &a.map {
+        Some(p) => KeyMap::load(p)?,
+        None => KeyMap::mindspore(),
+    };
+    let dtype = a.dtype.map(|d| precision(d).dtype());
+    let hf = SafetensorsFile::open(&a.hf)?;
+    let port = Checkpoint::open(&a.port)?;
+    let check = check_weights(&hf, &port, &map, dtype)?;
+    print!("{}", check.render());
+    if let Some(dir) = &a.report {
+        check.write(dir)?;
+        println!("report: {}", dir.join("weights.json").display());
+    }
+    Ok(if check.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn precision(d: DTypeArg) -> Precision {
+    match d {
+        DTypeArg::Float32 => Precision::F32,
+        DTypeArg::Bfloat16 => Precision::Bf16,
+        DTypeArg::Float16 => Precision::F16,
     }
 }
 
@@ -43,11 +72,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         ImplArg::Ascend => Implementation::Ascend,
         ImplArg::Mindspore => Implementation::MindSpore,
     };
-    let precision = a.dtype.map(|d| match d {
-        DTypeArg::Float32 => Precision::F32,
-        DTypeArg::Bfloat16 => Precision::Bf16,
-        DTypeArg::Float16 => Precision::F16,
-    });
+    let precision = a.dtype.map(precision);
     let faults = a
         .faults
         .iter()
