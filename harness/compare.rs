@@ -131,7 +131,9 @@ impl Comparison {
 pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Comparison> {
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
     check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
-    let precision = cm.dtype;
+    // The tolerance follows the coarser of the two dtypes: a float32 run measured
+    // against a bfloat16 golden inherits the golden's own rounding error.
+    let precision = gm.dtype.coarser(cm.dtype);
     let ctx = SiteContext {
         scenario: &gm.scenario,
         policy,
@@ -153,7 +155,7 @@ pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Compa
         candidate: candidate.label(),
         scenario: gm.scenario.name.clone(),
         golden_precision: gm.dtype,
-        candidate_precision: precision,
+        candidate_precision: cm.dtype,
         candidate_producer: cm.producer.clone(),
         sites,
     })
@@ -180,7 +182,8 @@ fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()>
 pub struct SiteContext<'a> {
     pub scenario: &'a Scenario,
     pub policy: &'a Policy,
-    /// The candidate's compute precision (selects the default tolerance).
+    /// The precision whose default tolerance applies: the coarser of the golden's and
+    /// the candidate's.
     pub precision: Precision,
     /// `num_attention_heads` of the model, to split `context` into heads; `None`
     /// leaves `context` without a per-head breakdown.

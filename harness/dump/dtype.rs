@@ -119,6 +119,17 @@ impl Precision {
         }
     }
 
+    /// Relative resolution: the spacing of values near 1.
+    pub fn eps(self) -> f64 {
+        self.dtype().eps()
+    }
+
+    /// The coarser of two precisions (bfloat16 is coarser than float16, which is
+    /// coarser than float32).
+    pub fn coarser(self, other: Precision) -> Precision {
+        if other.eps() > self.eps() { other } else { self }
+    }
+
     /// Rounds `x` to this precision (round to nearest even) and widens it back.
     pub fn round(self, x: f64) -> f64 {
         match self {
@@ -154,5 +165,13 @@ mod tests {
         assert_eq!(Precision::Bf16.round(1.0 + 2f64.powi(-8)), 1.0);
         assert_eq!(Precision::Bf16.round(1.0 + 3.0 * 2f64.powi(-8)), 1.0 + 2f64.powi(-6));
         assert_eq!(Precision::F32.round(0.1), 0.1f32 as f64);
+    }
+
+    #[test]
+    fn coarser_picks_the_lower_resolution() {
+        assert_eq!(Precision::F32.coarser(Precision::Bf16), Precision::Bf16);
+        assert_eq!(Precision::F16.coarser(Precision::Bf16), Precision::Bf16);
+        assert_eq!(Precision::F16.coarser(Precision::F32), Precision::F16);
+        assert_eq!(Precision::F32.coarser(Precision::F32), Precision::F32);
     }
 }
