@@ -1,0 +1,161 @@
+//! Diagnosis names the planted fault: on faulty candidates made by real HF code
+//! (`fixtures/candidates/`) and by the simulated port at float32 and bfloat16 across the
+//! committed goldens, the planted fault is ranked first in at least 95 % of the cases
+//! where it is observable (the candidate fails the gate). The confusion matrix is
+//! printed. Correct low-precision candidates pass with an empty diagnosis, and
+//! candidates that dumped only layer outputs and logits are still diagnosed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use llama_parity::compare::{compare, Verdict};
+use llama_parity::diagnosis::diagnose;
+use llama_parity::dump::{Dump, Precision};
+use llama_parity::fault::Fault;
+use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::site::{self, LayerPart, Site};
+use llama_parity::tolerance::Policy;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn dirs(sub: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join(sub))
+        .unwrap_or_else(|e| panic!("{sub}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "nothing under {sub}");
+    v
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// One diagnosed case.
+struct Case {
+    planted: String,
+    top: Option<String>,
+    /// The planted fault has the best score (ties included).
+    first: bool,
+}
+
+fn diagnose_case(golden: &Dump, cand: &Dump, planted: &str) -> Option<Case> {
+    let cmp = compare(golden, cand, &Policy::default()).expect("compare");
+    if cmp.verdict() == Verdict::Pass {
+        return None;
+    }
+    let d = diagnose(golden, cand, &cmp).expect("diagnose");
+    let best = d.first().map(|f| f.score);
+    let first = d.iter().any(|f| f.fault == planted && Some(f.score) == best);
+    Some(Case { planted: planted.to_string(), top: d.first().map(|f| f.fault.clone()), first })
+}
+
+fn print_matrix(title: &str, cases: &[Case]) {
+    let mut m: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
+    for c in cases {
+        *m.entry(&c.planted).or_default().entry(c.top.clone().unwrap_or_else(|| "(none)".into())).or_default() += 1;
+    }
+    println!("\n{title}: planted fault -> top-ranked diagnosis (count)");
+    for (planted, row) in &m {
+        let cells: Vec<String> = row.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        println!("  {planted:<28} {}", cells.join(", "));
+    }
+    let ok = cases.iter().filter(|c| c.first).count();
+    println!("  ranked first: {ok} of {} observable cases", cases.len());
+}
+
+#[test]
+fn hf_made_faulty_candidates_are_diagnosed() {
+    let mut cases = Vec::new();
+    for c in dirs("fixtures/candidates") {
+        let n = name(&c);
+        let (g, f) = n.split_once("__").expect("<golden>__<fault>");
+        let planted = match f.split_once('_') {
+            Some((family, rest)) => format!("{family}.{rest}"),
+            None => f.to_string(),
+        };
+        assert!(Fault::parse(&planted).is_some(), "{n}: {planted} is not a fault id");
+        let golden = Dump::open(&root().join("golden").join(g)).expect("golden");
+        let cand = Dump::open(&c).expect("candidate");
+        let case = diagnose_case(&golden, &cand, &planted).unwrap_or_else(|| panic!("{n} passes the gate"));
+        cases.push(case);
+    }
+    print_matrix("HF-made candidates", &cases);
+    let missed: Vec<String> = cases.iter().filter(|c| !c.first).map(|c| format!("{} -> {:?}", c.planted, c.top)).collect();
+    assert!(missed.is_empty(), "planted fault not ranked first: {missed:?}");
+}
+
+#[test]
+fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
+    let mut cases = Vec::new();
+    let mut unobservable = Vec::new();
+    for g in dirs("golden") {
+        let golden = Dump::open(&g).expect("golden");
+        if golden.manifest.dtype != Precision::F32 {
+            continue;
+        }
+        for precision in [Precision::F32, Precision::Bf16] {
+            for fault in Fault::ALL {
+                let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults: vec![fault], teacher_force: false };
+                let cand = model::run(&golden, &opts).expect("run").dump;
+                match diagnose_case(&golden, &cand, fault.id()) {
+                    Some(c) => cases.push(c),
+                    None => unobservable.push(format!("{} {} {precision}", name(&g), fault.id())),
+                }
+            }
+        }
+    }
+    print_matrix("simulated candidates (float32 and bfloat16)", &cases);
+    println!("  not observable (the candidate passes the gate): {}", unobservable.join("; "));
+    let ok = cases.iter().filter(|c| c.first).count();
+    let rate = ok as f64 / cases.len() as f64;
+    assert!(rate >= 0.95, "planted fault ranked first in {ok} of {} cases ({:.1} %)", cases.len(), rate * 100.0);
+}
+
+#[test]
+fn correct_low_precision_candidates_pass_with_an_empty_diagnosis() {
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
+    for c in ["gqa_pad_bf16", "gqa_pad_f16"] {
+        let cand = Dump::open(&root().join("golden").join(c)).expect("candidate");
+        let cmp = compare(&golden, &cand, &Policy::default()).expect("compare");
+        assert_eq!(cmp.verdict(), Verdict::Pass, "{c}");
+        assert!(diagnose(&golden, &cand, &cmp).expect("diagnose").is_empty(), "{c}");
+    }
+    for precision in [Precision::Bf16, Precision::F16] {
+        let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults: vec![], teacher_force: false };
+        let cand = model::run(&golden, &opts).expect("run").dump;
+        let cmp = compare(&golden, &cand, &Policy::default()).expect("compare");
+        assert_eq!(cmp.verdict(), Verdict::Pass, "ascend {precision}");
+        assert!(diagnose(&golden, &cand, &cmp).expect("diagnose").is_empty());
+    }
+}
+
+#[test]
+fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
+    let layers = golden.manifest.model.num_hidden_layers;
+    let keep = |s: &Site| matches!(s, Site::Layer(_, LayerPart::Output) | Site::LmHead);
+    let mut cases = Vec::new();
+    for fault in [Fault::RopePosReset, Fault::MaskPaddingIgnored, Fault::NormLayernorm, Fault::WeightsGateUpSwapped, Fault::KvWrongSlot, Fault::RopeInterleaved] {
+        let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(Precision::Bf16), faults: vec![fault], teacher_force: false };
+        let full = model::run(&golden, &opts).expect("run").dump;
+        let mut tensors = BTreeMap::new();
+        for &step in &full.manifest.steps {
+            for s in Site::all(layers).iter().filter(|s| keep(s)) {
+                if let Some(t) = full.get(step, s).expect("read") {
+                    tensors.insert(site::key(step, s), t);
+                }
+            }
+        }
+        let partial = Dump::in_memory(full.manifest.clone(), tensors).expect("dump");
+        let case = diagnose_case(&golden, &partial, fault.id()).unwrap_or_else(|| panic!("{fault} passes"));
+        cases.push(case);
+    }
+    print_matrix("layer outputs and logits only (bfloat16)", &cases);
+    let missed: Vec<String> = cases.iter().filter(|c| !c.first).map(|c| format!("{} -> {:?}", c.planted, c.top)).collect();
+    assert!(missed.is_empty(), "not ranked first: {missed:?}");
+}
