@@ -81,6 +81,11 @@ impl KeyMap {
         self.rules.iter().find_map(|r| apply(&r.hf, &r.port, hf).map(|p| (p, r)))
     }
 
+    /// The HF (contract) name that a rule maps to the port name `port`, or `None`.
+    pub fn to_hf(&self, port: &str) -> Option<String> {
+        self.rules.iter().find_map(|r| apply(&r.port, &r.hf, port))
+    }
+
     /// True if some rule, applied to some HF name, produces the port name `port`.
     pub fn is_port_name(&self, port: &str) -> bool {
         self.rules.iter().any(|r| apply(&r.port, &r.port, port).is_some())
@@ -115,6 +120,8 @@ mod tests {
         assert!(m.to_port("model.rotary_emb.inv_freq").is_none());
         assert!(m.is_port_name("model.layers.3.ffn_norm.weight"));
         assert!(!m.is_port_name("model.layers.0.attention_norm.beta"));
+        assert_eq!(m.to_hf("model.layers.4.feed_forward.w3.weight").as_deref(), Some("model.layers.4.mlp.up_proj.weight"));
+        assert_eq!(m.to_hf("model.layers.4.feed_forward.w9.weight"), None);
     }
 
     #[test]

@@ -186,3 +186,42 @@ fn write_npy(f: &mut std::fs::File, t: &Tensor) {
     f.write_all(h.as_bytes()).unwrap();
     f.write_all(t.bytes()).unwrap();
 }
+
+#[test]
+fn a_site_map_lets_a_candidate_use_its_own_site_names() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/gqa_pad_f32");
+    let d = Dump::open(&g).expect("open");
+    // The candidate calls the q/k projections by MindFormers' names.
+    let renamed = d
+        .rename_sites(|s| {
+            let s = s.strip_prefix("model.layers.")?;
+            let (i, rest) = s.split_once('.')?;
+            let port = match rest {
+                "self_attn.q_proj" => "attention.wq",
+                "self_attn.k_proj" => "attention.wk",
+                _ => return None,
+            };
+            Some(format!("layers.{i}.{port}"))
+        })
+        .expect("rename");
+    let cand = tmp.path().join("cand");
+    renamed.write(&cand).expect("write");
+    let map = tmp.path().join("sites.json");
+    std::fs::write(
+        &map,
+        r#"{"format": "llama-parity/keymap@1", "rules": [
+            {"hf": "model.layers.{i}.self_attn.q_proj", "port": "layers.{i}.attention.wq"},
+            {"hf": "model.layers.{i}.self_attn.k_proj", "port": "layers.{i}.attention.wk"}]}"#,
+    )
+    .unwrap();
+    let rep = tmp.path().join("rep");
+    let (code, out, err) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--map", map.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(report(&rep)["summary"]["missing"], 0);
+    let (code, _, _) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    let r = report(&rep);
+    let layers = d.manifest.model.num_hidden_layers;
+    assert_eq!(r["summary"]["missing"], 2 * layers * d.manifest.steps.len(), "without the map the renamed sites are missing");
+}

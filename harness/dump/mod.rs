@@ -72,6 +72,26 @@ impl Dump {
         Ok(Dump { dir: None, manifest, store: Store::Memory(tensors), keys })
     }
 
+    /// This dump with its site names translated by `rename` (a name `rename` maps to
+    /// `None` keeps its own), held in memory; tensors are shared, not copied. Two names
+    /// mapped to one site in the same step is an error.
+    pub fn rename_sites(&self, rename: impl Fn(&str) -> Option<String>) -> Result<Dump> {
+        let mut tensors = BTreeMap::new();
+        for (&step, sites) in &self.keys {
+            for s in sites {
+                let from = s.to_string();
+                let to = rename(&from).unwrap_or_else(|| from.clone());
+                let key = format!("{step}/{to}");
+                let t = self.get(step, s)?.ok_or_else(|| Error::format(self.label(), format!("tensor `{step}/{from}` vanished")))?;
+                if tensors.insert(key.clone(), t).is_some() {
+                    return Err(Error::format(self.label(), format!("two sites map to `{key}`")));
+                }
+            }
+        }
+        let keys = index_keys(&self.manifest, &tensors.keys().cloned().collect::<Vec<_>>(), Path::new(&self.label()))?;
+        Ok(Dump { dir: self.dir.clone(), manifest: self.manifest.clone(), store: Store::Memory(tensors), keys })
+    }
+
     /// The directory this dump was read from, if any.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()

@@ -112,7 +112,10 @@ pub struct CompareArgs {
     pub candidate: PathBuf,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Key map for candidates whose site names differ (JSON {"candidate name": "contract name"}).
+    /// Site name map for candidates that name sites their own way: a key map file
+    /// (llama-parity/keymap@1) whose rules give the contract name as "hf" and the
+    /// candidate's name as "port", with {i} for the layer, e.g.
+    /// {"hf": "model.layers.{i}.self_attn.q_proj", "port": "layers.{i}.attention.wq"}.
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
 }

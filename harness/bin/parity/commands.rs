@@ -53,14 +53,15 @@ fn precision(d: DTypeArg) -> Precision {
 }
 
 fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
-    if a.map.is_some() {
-        return Err(Error::Usage { flag: "--map".into(), what: "site key maps are not supported yet".into() });
-    }
     let inputs = [a.golden.as_path(), a.candidate.as_path()];
     let policy = load_policy(&a.common)?;
     check_outputs(&inputs, &[("--report", a.common.report.as_deref())])?;
     let golden = Dump::open(&a.golden)?;
-    let candidate = Dump::open(&a.candidate)?;
+    let mut candidate = Dump::open(&a.candidate)?;
+    if let Some(p) = &a.map {
+        let map = KeyMap::load(p)?;
+        candidate = candidate.rename_sites(|name| map.to_hf(name))?;
+    }
     let cmp = compare(&golden, &candidate, &policy)?;
     let report = Report::new(&cmp, diagnosis(&golden, &candidate, &cmp));
     finish(report, &a.common)
