@@ -16,7 +16,7 @@
 use std::cmp::Ordering;
 
 use crate::compare::{compare_site, Comparison, Status};
-use crate::dump::{Dump, Precision};
+use crate::dump::{Dump, Manifest, Precision};
 use crate::error::Result;
 use crate::fault::Fault;
 use crate::model::{self, Implementation, RunOptions};
@@ -41,6 +41,81 @@ pub fn earliest_effect(fault: Fault) -> (Step, Site) {
         KvStale | KvWrongSlot => (Step::Decode(0), l0(LayerPart::KCache)),
         KvUnrotatedKeys => (Step::Prefill, l0(LayerPart::KCache)),
         KvGqaTiled | AttnNoScale | AttnSoftmaxLowPrecision => (Step::Prefill, l0(LayerPart::Probs)),
+    }
+}
+
+/// Whether a planted fault can show on a golden, and where it first does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Visibility {
+    /// The first (step, site) in compute order whose comparison the fault changes.
+    Shows(Step, Site),
+    /// The golden's shape or scenario gives the fault nothing to act on.
+    CannotShow(String),
+}
+
+/// Where `fault`, planted in a run at `precision` of the scenario in `m`, first shows
+/// under the contract's comparison rules: [`earliest_effect`] refined by what the
+/// model and scenario let the fault act on. Faults whose effect is below a dtype's
+/// resolution are not decided here (that is a measurement, see `tests/fault_matrix.rs`).
+pub fn first_site(fault: Fault, m: &Manifest, precision: Precision) -> Visibility {
+    use Fault::*;
+    let c = &m.model;
+    let sc = &m.scenario;
+    let no = |why: &str| Visibility::CannotShow(why.to_string());
+    let (nh, nkv, d, h) = (c.num_attention_heads, c.kv_heads(), c.head_dim(), c.hidden_size);
+    let padded = sc.has_padding();
+    let (step, site) = earliest_effect(fault);
+    match fault {
+        RopePosReset | RopePosFixed | RopePosOffByOne | KvStale | KvWrongSlot if sc.decode_steps() == 0 => {
+            no("no decode step")
+        }
+        RopeWrongTheta => {
+            let rope = crate::model::rope::RopeConfig::from_model(c, std::path::Path::new("manifest.json"));
+            match rope {
+                Ok(r) if r.theta == 10000.0 && r.kind == crate::model::rope::RopeType::Default => {
+                    no("the configured rope is already theta 10000 without scaling")
+                }
+                _ => Visibility::Shows(step, site),
+            }
+        }
+        MaskPaddingIgnored if !padded => no("no padding"),
+        MaskPadTokenMasked => {
+            let pad = c.extra.get("pad_token_id").and_then(serde_json::Value::as_i64).unwrap_or(0);
+            let in_prefill = sc.input_ids.iter().zip(&sc.attention_mask).any(|(ids, mask)| ids.iter().zip(mask).any(|(&i, &k)| k != 0 && i == pad));
+            let in_decode = sc.decode_ids.iter().flatten().any(|&i| i == pad);
+            if in_prefill {
+                Visibility::Shows(step, site)
+            } else if in_decode {
+                let j = (0..sc.decode_steps()).find(|&j| sc.decode_ids.iter().any(|r| r.get(j) == Some(&pad))).unwrap_or(0);
+                Visibility::Shows(Step::Decode(j), Site::Mask)
+            } else {
+                no("no real token has the pad id")
+            }
+        }
+        // The -inf fill itself hides what it should (the mask is compared as a pattern);
+        // the NaN of a fully hidden row is a padding query's, which comparisons leave
+        // out, until layer 1 reads that row's keys and values at the padding slots.
+        MaskFp16Overflow if precision != Precision::F16 => no("the -1e9 fill is finite below float16"),
+        MaskFp16Overflow if !padded => no("no fully hidden row without padding"),
+        MaskFp16Overflow if c.num_hidden_layers < 2 => no("one layer: the NaN rows stay padding rows"),
+        MaskFp16Overflow => Visibility::Shows(Step::Prefill, Site::Layer(1, LayerPart::Probs)),
+        // Each square projection is left untransposed, in the loader's order.
+        WeightsTransposed => {
+            let l0 = |p| Site::Layer(0, p);
+            if nh * d == h {
+                Visibility::Shows(step, l0(LayerPart::QProj))
+            } else if nkv * d == h {
+                Visibility::Shows(step, l0(LayerPart::KProj))
+            } else if c.intermediate_size == h {
+                Visibility::Shows(step, l0(LayerPart::Mlp))
+            } else if c.vocab_size == h {
+                Visibility::Shows(step, Site::LmHead)
+            } else {
+                no("no square projection")
+            }
+        }
+        KvGqaTiled if nkv == 1 || nkv == nh => no("n_rep = 1 or nKV = 1: tiling and grouping agree"),
+        _ => Visibility::Shows(step, site),
     }
 }
 

@@ -5,6 +5,13 @@
 //! `h / n_rep` (`n_rep = nH / nKV`; MQA is `nKV = 1`), `scale = 1/sqrt(D)`, the additive
 //! mask is added after scaling, and the softmax is taken in float32 then cast back
 //! (`RoundAt::Probs`). Head mapping and scaling are fault seams.
+//!
+//! Rounding points, in order: the raw `q·kᵀ` (`RoundAt::ScoreProduct`, a batched
+//! matmul's output), the scale as a constant of the compute dtype (`RoundAt::Weight`,
+//! MindFormers' `inv_norm_factor` tensor), the scaled scores (`RoundAt::Scores`), scores
+//! plus mask (`RoundAt::MaskedScores`), every softmax intermediate
+//! (`RoundAt::SoftmaxStep`, the softmax's own dtype), the probabilities
+//! (`RoundAt::Probs`) and the context (`RoundAt::Context`).
 
 use ndarray::{s, Array3, Array4, ArrayView4};
 
@@ -41,6 +48,25 @@ pub fn softmax(row: &mut [f64]) {
     }
 }
 
+/// Softmax of one row whose intermediates are stored at `RoundAt::SoftmaxStep`:
+/// `e = exp(x - max)`, summed left to right, `e / sum`. Equal to [`softmax`] when the
+/// numerics keep those values exact.
+pub fn softmax_in(row: &mut [f64], n: &dyn Numerics) {
+    if !n.rounds_at(RoundAt::SoftmaxStep) {
+        return softmax(row);
+    }
+    let r = |x: f64| n.round(RoundAt::SoftmaxStep, x);
+    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = r(r(*x - m).exp());
+        sum = r(sum + *x);
+    }
+    for x in row.iter_mut() {
+        *x = r(*x / sum);
+    }
+}
+
 /// `q` `[batch, heads, T, D]`, `k`/`v` `[batch, kv_heads, S, D]`, `mask` `[batch, 1, T, S]`
 /// → `(probs [batch, heads, T, S], context [batch, T, heads·D])`.
 pub fn eager(
@@ -57,6 +83,7 @@ pub fn eager(
     let mut probs = Array4::zeros((b, heads, t, s_len));
     let mut ctx = Array4::zeros((b, heads, t, d));
     let mut row = vec![0.0; s_len];
+    let scale = n.round(RoundAt::Weight, scale);
     for bi in 0..b {
         for h in 0..heads {
             let kh = kv_head(h, heads, kv_heads, mapping);
@@ -65,11 +92,11 @@ pub fn eager(
             for ti in 0..t {
                 let qv = q.slice(s![bi, h, ti, ..]);
                 for (si, r) in row.iter_mut().enumerate() {
-                    let dot = qv.dot(&keys.row(si));
+                    let dot = n.round(RoundAt::ScoreProduct, qv.dot(&keys.row(si)));
                     let sc = n.round(RoundAt::Scores, dot * scale);
                     *r = n.round(RoundAt::MaskedScores, sc + mask[[bi, 0, ti, si]]);
                 }
-                softmax(&mut row);
+                softmax_in(&mut row, n);
                 for (si, r) in row.iter_mut().enumerate() {
                     *r = n.round(RoundAt::Probs, *r);
                     probs[[bi, h, ti, si]] = *r;

@@ -24,7 +24,7 @@ use super::kv_cache::KvCache;
 use super::mask;
 use super::mlp::Mlp;
 use super::numerics::{round_in_place, Numerics, RoundAt};
-use super::plan::{CacheWrite, CachedKeys, DecodePositions, Plan, RopeTables};
+use super::plan::{CacheWrite, CachedKeys, DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
 use super::rms_norm::RmsNorm;
 use super::rope::{self, Rope, RopeConfig};
 use super::weights::Weights;
@@ -101,6 +101,24 @@ impl<'m> Session<'m> {
         Session { model, numerics, plan, caches, rope, key_valid: vec![Vec::new(); batch], pos_offset: vec![0; batch], decode_steps: 0 }
     }
 
+    /// Builds the rotary tables once for every position up to `max_position_embeddings`
+    /// (a port's precomputed tables, MindFormers `FreqsMgr`), gathered by position after.
+    pub fn precompute_rope_tables(&mut self) {
+        self.rope.precompute(self.numerics);
+    }
+
+    /// Whether each token of `ids` `[batch][T]` counts as real, by the plan's padding
+    /// source: the attention mask `[batch][T]`, or `id != pad_token_id`.
+    fn real_tokens(&self, ids: &[Vec<i64>], attention_mask: &[Vec<i64>]) -> Vec<Vec<bool>> {
+        match self.plan.padding_source {
+            PaddingSource::AttentionMask => attention_mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect(),
+            PaddingSource::TokenIds => {
+                let pad = self.model.config.extra.get("pad_token_id").and_then(serde_json::Value::as_i64).unwrap_or(0);
+                ids.iter().map(|r| r.iter().map(|&i| i != pad).collect()).collect()
+            }
+        }
+    }
+
     /// The caches, one per layer.
     pub fn caches(&self) -> &[KvCache] {
         &self.caches
@@ -127,7 +145,7 @@ impl<'m> Session<'m> {
             }
             self.pos_offset[b] = c;
         }
-        let valid: Vec<Vec<bool>> = attention_mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect();
+        let valid = self.real_tokens(ids, attention_mask);
         self.forward(ids, &valid, positions, CacheWrite::NextSlot, teacher)
     }
 
@@ -146,7 +164,7 @@ impl<'m> Session<'m> {
             *o += 1;
         }
         self.decode_steps += 1;
-        let valid = vec![vec![true]; ids.len()];
+        let valid = self.real_tokens(&rows, &vec![vec![1]; ids.len()]);
         self.forward(&rows, &valid, positions, self.plan.cache_write, teacher)
     }
 
@@ -193,7 +211,11 @@ impl<'m> Session<'m> {
         for (row, v) in self.key_valid.iter_mut().zip(valid) {
             row.extend_from_slice(v);
         }
-        let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, n.mask_fill());
+        let fill = match plan.mask_fill {
+            MaskFill::Convention => n.mask_fill(),
+            MaskFill::Overflowing => n.mask_precision().round(OVERFLOWING_FILL),
+        };
+        let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
         out.put(Site::Mask, m.clone());
 
         let scale = attention::scale(d, plan.score_scale);
@@ -207,7 +229,7 @@ impl<'m> Session<'m> {
                 }
             }
             let site = |p: LayerPart| Site::Layer(i, p);
-            let x = RmsNorm { weight: &lw.input_layernorm, eps: c.rms_norm_eps, kind: plan.norm_kind }.forward(&h, n);
+            let x = RmsNorm { weight: &lw.input_layernorm, eps: c.rms_norm_eps, kind: plan.norm_kind, beta: plan.norm_beta }.forward(&h, n);
             out.put(site(LayerPart::InputLayernorm), x.clone());
             let q = lw.q_proj.forward(&x, n);
             let k = lw.k_proj.forward(&x, n);
@@ -234,14 +256,14 @@ impl<'m> Session<'m> {
             let o = lw.o_proj.forward(&ctx, n);
             out.put(site(LayerPart::OProj), o.clone());
             residual_add(&mut h, &o, n);
-            let x = RmsNorm { weight: &lw.post_attention_layernorm, eps: c.rms_norm_eps, kind: plan.norm_kind }.forward(&h, n);
+            let x = RmsNorm { weight: &lw.post_attention_layernorm, eps: c.rms_norm_eps, kind: plan.norm_kind, beta: plan.norm_beta }.forward(&h, n);
             out.put(site(LayerPart::PostAttentionLayernorm), x.clone());
             let y = Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }.forward(&x, n);
             out.put(site(LayerPart::Mlp), y.clone());
             residual_add(&mut h, &y, n);
             out.put(site(LayerPart::Output), h.clone());
         }
-        let x = RmsNorm { weight: &w.norm, eps: c.rms_norm_eps, kind: plan.norm_kind }.forward(&h, n);
+        let x = RmsNorm { weight: &w.norm, eps: c.rms_norm_eps, kind: plan.norm_kind, beta: plan.norm_beta }.forward(&h, n);
         out.put(Site::Norm, x.clone());
         out.put(Site::LmHead, w.lm_head.forward(&x, n));
         Ok(out)

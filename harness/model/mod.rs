@@ -9,11 +9,12 @@
 //! port share the model code:
 //! - [`numerics::Numerics`] says how values are rounded at each named point
 //!   ([`numerics::RoundAt`]); the reference uses [`numerics::Exact`] (float64, nothing
-//!   rounded), the ascend implementation supplies its own (bf16/fp16 storage, fp32
-//!   accumulation);
+//!   rounded), the ascend implementation ([`ascend`]) supplies its own (bf16/fp16
+//!   storage, fp32 accumulation, MindFormers' conventions as named options);
 //! - [`plan::Plan`] maps the planted faults (`--fault ID`) to the variant each block
 //!   runs (positions bookkeeping, layout, cache write, key mapping...).
 
+pub mod ascend;
 pub mod attention;
 pub mod embedding;
 pub mod kv_cache;
@@ -83,13 +84,12 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
         return run_mindspore(golden, opts);
     }
     let plan = plan::Plan::new(&opts.faults);
-    let unplanted = plan.unplanted();
-    if !unplanted.is_empty() {
-        let ids: Vec<&str> = unplanted.iter().map(|f| f.id()).collect();
-        return Err(Error::usage("--fault", format!("{} cannot be planted yet", ids.join(", "))));
-    }
     match opts.implementation {
         Implementation::Reference => reference::run(golden, opts.precision, &plan, opts.teacher_force),
+        Implementation::Ascend => {
+            let precision = opts.precision.unwrap_or(golden.manifest.dtype);
+            ascend::run(golden, &ascend::AscendOptions::mindformers(precision), &plan, opts.teacher_force)
+        }
         other => Err(Error::usage("--impl", format!("the {} implementation is not built yet", other.name()))),
     }
 }

@@ -23,6 +23,8 @@ pub enum RoundAt {
     Weight,
     /// The embedding output.
     Embedding,
+    /// The rotary frequencies `inv_freq` (HF and MindFormers keep them in float32).
+    RopeFrequency,
     /// `position · inv_freq` (HF: float32 with autocast disabled).
     RopeAngle,
     /// The cos/sin tables after the attention factor, cast to the activation dtype.
@@ -37,10 +39,15 @@ pub enum RoundAt {
     Projection,
     /// Queries and keys after RoPE.
     RopeOutput,
+    /// The raw product `q·kᵀ` (a batched matmul's output), before scaling.
+    ScoreProduct,
     /// Attention scores `q·kᵀ · scale`.
     Scores,
     /// Scores plus the additive mask.
     MaskedScores,
+    /// Each intermediate inside the softmax (`x - max`, its `exp`, the running sum, the
+    /// quotient): the softmax's compute dtype (HF and MindFormers: float32).
+    SoftmaxStep,
     /// Softmax output (HF: computed in float32, then cast to the query dtype).
     Probs,
     /// `probs · v`, the attention context.
@@ -64,6 +71,9 @@ pub trait Numerics {
 
     /// The additive fill of a hidden mask entry (HF eager: `torch.finfo(dtype).min`).
     fn mask_fill(&self) -> f64;
+
+    /// The dtype the additive mask is stored in (where a fill may overflow).
+    fn mask_precision(&self) -> Precision;
 
     /// Rounds every element of `a` in place at `at`.
     fn round_array<D: Dimension>(&self, at: RoundAt, a: &mut Array<f64, D>)
@@ -123,6 +133,10 @@ impl Numerics for Exact {
 
     fn mask_fill(&self) -> f64 {
         dtype_min(self.mask_dtype)
+    }
+
+    fn mask_precision(&self) -> Precision {
+        self.mask_dtype
     }
 }
 

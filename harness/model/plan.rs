@@ -6,8 +6,9 @@
 //! and [`Plan::new`] is the one place that maps fault IDs to variants. An implementation
 //! with no faults gets [`Plan::default`], HF's behaviour everywhere.
 //!
-//! Faults whose seam exists but which this version does not plant yet are listed by
-//! [`Plan::unplanted`]; `run` refuses them rather than silently ignoring them.
+//! Two faults are precision choices ([`VariancePrecision`], [`SoftmaxPrecision`]): the
+//! model code reads them through the [`Numerics`](super::numerics::Numerics) of the run,
+//! so they change nothing in the float64 reference, whose compute dtype is float64.
 
 use crate::fault::Fault;
 
@@ -78,6 +79,32 @@ pub enum MaskRule {
     PaddingIgnored,
 }
 
+/// Which tokens the mask hides as padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PaddingSource {
+    /// The scenario's `attention_mask` (HF `generate`).
+    #[default]
+    AttentionMask,
+    /// `mask.pad_token_masked`: `input_ids != pad_token_id`, which also hides real
+    /// tokens whose id is the pad id (the config's `pad_token_id`, 0 when absent).
+    TokenIds,
+}
+
+/// The additive fill of hidden mask entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskFill {
+    /// The implementation's convention ([`Numerics::mask_fill`](super::numerics::Numerics::mask_fill)).
+    #[default]
+    Convention,
+    /// `mask.fp16_overflow`: `masked_fill(-1e9)` (the constant many ports copy from the
+    /// original Transformer code), stored in the mask's dtype: finite in float32 and
+    /// bfloat16, `-inf` in float16, where a fully hidden row becomes `-inf - (-inf)` = NaN.
+    Overflowing,
+}
+
+/// The fill of [`MaskFill::Overflowing`].
+pub const OVERFLOWING_FILL: f64 = -1.0e9;
+
 /// Which cache slot a step writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheWrite {
@@ -131,6 +158,42 @@ pub enum NormKind {
     EpsOutside,
 }
 
+/// A bias (LayerNorm beta) after the norm's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormBeta {
+    /// RMSNorm has none.
+    #[default]
+    Absent,
+    /// `norm.bias`: a beta left in, [`norm_beta`]`(j)` for hidden unit `j`.
+    LeftIn,
+}
+
+/// The beta of `norm.bias` for hidden unit `j`: `0.1 + 0.02 · (j mod 5)`, deterministic,
+/// non-zero, and large enough to exceed bfloat16's tolerance at the first norm.
+pub fn norm_beta(j: usize) -> f64 {
+    0.1 + 0.02 * (j % 5) as f64
+}
+
+/// The dtype of RMSNorm's `mean(x²)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VariancePrecision {
+    /// Upcast to float32 (HF, MindFormers `LlamaRMSNorm.compute_type`).
+    #[default]
+    Float32,
+    /// `norm.no_upcast`: the compute dtype.
+    Compute,
+}
+
+/// The dtype of the softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SoftmaxPrecision {
+    /// float32 (HF, MindFormers `softmax_compute_type`).
+    #[default]
+    Float32,
+    /// `attn.softmax_low_precision`: the compute dtype.
+    Compute,
+}
+
 /// How HF parameter names map onto the model's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMapping {
@@ -159,6 +222,11 @@ pub struct Plan {
     pub head_mapping: HeadMapping,
     pub score_scale: ScoreScale,
     pub norm_kind: NormKind,
+    pub norm_beta: NormBeta,
+    pub variance_precision: VariancePrecision,
+    pub softmax_precision: SoftmaxPrecision,
+    pub padding_source: PaddingSource,
+    pub mask_fill: MaskFill,
     pub weight_mappings: Vec<WeightMapping>,
 }
 
@@ -188,36 +256,14 @@ impl Plan {
                 Fault::KvUnrotatedKeys => p.cached_keys = CachedKeys::Unrotated,
                 Fault::KvGqaTiled => p.head_mapping = HeadMapping::Tiled,
                 Fault::AttnNoScale => p.score_scale = ScoreScale::Unscaled,
-                // Seams in the numerics or the mask builder, not planted yet.
-                Fault::MaskPadTokenMasked
-                | Fault::MaskFp16Overflow
-                | Fault::NormBias
-                | Fault::NormNoUpcast
-                | Fault::AttnSoftmaxLowPrecision => {}
+                Fault::MaskPadTokenMasked => p.padding_source = PaddingSource::TokenIds,
+                Fault::MaskFp16Overflow => p.mask_fill = MaskFill::Overflowing,
+                Fault::NormBias => p.norm_beta = NormBeta::LeftIn,
+                Fault::NormNoUpcast => p.variance_precision = VariancePrecision::Compute,
+                Fault::AttnSoftmaxLowPrecision => p.softmax_precision = SoftmaxPrecision::Compute,
             }
         }
         p
-    }
-
-    /// Planted faults this version cannot plant yet (their seam is a [`Numerics`]
-    /// implementation or a mask built from token ids).
-    ///
-    /// [`Numerics`]: super::numerics::Numerics
-    pub fn unplanted(&self) -> Vec<Fault> {
-        self.faults
-            .iter()
-            .copied()
-            .filter(|f| {
-                matches!(
-                    f,
-                    Fault::MaskPadTokenMasked
-                        | Fault::MaskFp16Overflow
-                        | Fault::NormBias
-                        | Fault::NormNoUpcast
-                        | Fault::AttnSoftmaxLowPrecision
-                )
-            })
-            .collect()
     }
 
     pub fn maps(&self, m: WeightMapping) -> bool {

@@ -29,6 +29,19 @@ use super::RunOutput;
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
 /// class), the golden's when `None`.
 pub fn run(golden: &Dump, precision: Option<Precision>, plan: &Plan, teacher_force: bool) -> Result<RunOutput> {
+    let model = load_model(golden, plan)?;
+    // Hidden mask entries hold the golden dtype's finfo.min, as HF's eager mask does.
+    let numerics = Exact::new(golden.manifest.dtype);
+    let declared = precision.unwrap_or(golden.manifest.dtype);
+    let runner = Runner { implementation: "reference", numerics: &numerics, plan, declared, rope_tables: RopeTableSource::PerStep };
+    let dump = runner.run_scenario(&model, golden, None)?;
+    let teacher_forced = if teacher_force { Some(runner.run_scenario(&model, golden, Some(golden))?) } else { None };
+    Ok(RunOutput { dump, teacher_forced })
+}
+
+/// Loads `golden`'s weights (through the plan's key mapping) and checks its scenario's
+/// token ids against the vocabulary.
+pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
     let manifest_path = golden.dir().map(|d| d.join("manifest.json")).unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
     let weights_file = golden.weights()?.ok_or_else(|| Error::MissingTensor {
         file: golden.dir().map(Weights::path_in).unwrap_or_default(),
@@ -42,12 +55,27 @@ pub fn run(golden: &Dump, precision: Option<Precision>, plan: &Plan, teacher_for
     if let Some(bad) = sc.input_ids.iter().chain(&sc.decode_ids).flatten().find(|&&i| i < 0 || i >= vocab) {
         return Err(Error::Manifest { path: manifest_path, what: format!("scenario token id {bad} is outside the vocabulary (size {vocab})") });
     }
-    // Hidden mask entries hold the golden dtype's finfo.min, as HF's eager mask does.
-    let numerics = Exact::new(golden.manifest.dtype);
-    let declared = precision.unwrap_or(golden.manifest.dtype);
-    let dump = run_scenario(&model, golden, &numerics, plan, declared, None)?;
-    let teacher_forced = if teacher_force { Some(run_scenario(&model, golden, &numerics, plan, declared, Some(golden))?) } else { None };
-    Ok(RunOutput { dump, teacher_forced })
+    Ok(model)
+}
+
+/// Where a session's rotary tables come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RopeTableSource {
+    /// Computed for each step's positions (HF `LlamaRotaryEmbedding.forward`).
+    PerStep,
+    /// Built once for `max_position_embeddings` and gathered (MindFormers `FreqsMgr`).
+    Precomputed,
+}
+
+/// How an implementation runs a scenario on a loaded model.
+pub(super) struct Runner<'a> {
+    /// The producer's `implementation` in the dump's manifest.
+    pub implementation: &'static str,
+    pub numerics: &'a dyn Numerics,
+    pub plan: &'a Plan,
+    /// The dtype the dump declares.
+    pub declared: Precision,
+    pub rope_tables: RopeTableSource,
 }
 
 /// The golden's layer inputs at one step.
@@ -70,11 +98,17 @@ impl LayerInputs for GoldenInputs<'_> {
     }
 }
 
-fn run_scenario(model: &Llama, golden: &Dump, n: &dyn Numerics, plan: &Plan, declared: Precision, teacher: Option<&Dump>) -> Result<Dump> {
+impl Runner<'_> {
+/// The free run (`teacher` `None`) or the teacher-forced run of `golden`'s scenario.
+pub(super) fn run_scenario(&self, model: &Llama, golden: &Dump, teacher: Option<&Dump>) -> Result<Dump> {
+    let (n, plan, declared) = (self.numerics, self.plan, self.declared);
     let sc = &golden.manifest.scenario;
     let steps = golden.manifest.steps.clone();
     let max_len = sc.prefill_len() + sc.decode_steps();
     let mut session = Session::new(model, sc.batch(), max_len, n, plan);
+    if self.rope_tables == RopeTableSource::Precomputed {
+        session.precompute_rope_tables();
+    }
     let mut tensors = BTreeMap::new();
     for &step in &steps {
         let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
@@ -96,7 +130,7 @@ fn run_scenario(model: &Llama, golden: &Dump, n: &dyn Numerics, plan: &Plan, dec
     let mut manifest: Manifest = golden.manifest.clone();
     manifest.producer = json!({
         "framework": "llama-parity",
-        "implementation": "reference",
+        "implementation": self.implementation,
         "version": env!("CARGO_PKG_VERSION"),
         "numerics": n.name(),
         "faults": plan.faults.iter().map(|f| f.id()).collect::<Vec<_>>(),
@@ -104,6 +138,7 @@ fn run_scenario(model: &Llama, golden: &Dump, n: &dyn Numerics, plan: &Plan, dec
     manifest.dtype = declared;
     manifest.steps = steps;
     Dump::in_memory(manifest, tensors)
+}
 }
 
 /// Positions as I64; everything else as F64 so metrics see the full precision.

@@ -5,12 +5,15 @@
 //! by the weight. The two roundings are `RoundAt::NormVariance` and
 //! `RoundAt::NormNormalized`; the product is `RoundAt::NormOutput`.
 //!
-//! The normalisation rule is a fault seam ([`NormKind`]).
+//! The normalisation rule is a fault seam ([`NormKind`]), and so is a LayerNorm beta left
+//! in ([`NormBeta`], added after the weight, stored like a parameter at `RoundAt::Weight`).
+//! The variance's dtype is the numerics' (`RoundAt::NormVariance`; `norm.no_upcast` is an
+//! implementation's numerics rounding it to the compute dtype).
 
 use ndarray::{Array1, Array3, Axis, Zip};
 
 use super::numerics::{round_in_place, Numerics, RoundAt};
-use super::plan::NormKind;
+use super::plan::{norm_beta, NormBeta, NormKind};
 
 /// Weight `[hidden]` and epsilon.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +21,7 @@ pub struct RmsNorm<'w> {
     pub weight: &'w Array1<f64>,
     pub eps: f64,
     pub kind: NormKind,
+    pub beta: NormBeta,
 }
 
 impl RmsNorm<'_> {
@@ -44,6 +48,10 @@ impl RmsNorm<'_> {
         }
         round_in_place(n, RoundAt::NormNormalized, &mut y);
         Zip::from(y.lanes_mut(Axis(2))).for_each(|mut row| row *= self.weight);
+        if self.beta == NormBeta::LeftIn {
+            let beta = Array1::from_shape_fn(self.weight.len(), |j| n.round(RoundAt::Weight, norm_beta(j)));
+            Zip::from(y.lanes_mut(Axis(2))).for_each(|mut row| row += &beta);
+        }
         round_in_place(n, RoundAt::NormOutput, &mut y);
         y
     }

@@ -266,6 +266,8 @@ pub struct Rope {
     /// HF `max_seq_len_cached` (dynamic).
     max_seq_len_cached: usize,
     angles: AnglePrecision,
+    /// With [`Rope::precompute`]: the cos and sin half-rows of every position.
+    table: Option<Vec<(Vec<f64>, Vec<f64>)>>,
 }
 
 impl Rope {
@@ -278,7 +280,7 @@ impl Rope {
         };
         let (inv_freq, attention_factor) = config.inv_freq(None);
         let max = config.max_position_embeddings;
-        Rope { original_inv_freq: inv_freq.clone(), inv_freq, attention_factor, max_seq_len_cached: max, config, angles }
+        Rope { original_inv_freq: inv_freq.clone(), inv_freq, attention_factor, max_seq_len_cached: max, config, angles, table: None }
     }
 
     /// The current `inv_freq` `[D/2]` and attention factor.
@@ -314,27 +316,58 @@ impl Rope {
         }
     }
 
+    /// The first half of the cos and sin rows `[D/2]` at position `p` (the second half
+    /// repeats it): `inv_freq` stored at `RoundAt::RopeFrequency`, the angle at
+    /// `RoundAt::RopeAngle`, the tables at `RoundAt::RopeTable`.
+    fn row(&self, p: i64, n: &dyn Numerics) -> (Vec<f64>, Vec<f64>) {
+        let half = self.config.dim / 2;
+        let (mut c, mut s_) = (Vec::with_capacity(half), Vec::with_capacity(half));
+        for k in 0..half {
+            let f = n.round(RoundAt::RopeFrequency, self.inv_freq[k]);
+            let mut angle = n.round(RoundAt::RopeAngle, p as f64 * f);
+            if self.angles == AnglePrecision::F16 {
+                angle = Precision::F16.round(Precision::F16.round(p as f64) * Precision::F16.round(f));
+            }
+            c.push(n.round(RoundAt::RopeTable, angle.cos() * self.attention_factor));
+            s_.push(n.round(RoundAt::RopeTable, angle.sin() * self.attention_factor));
+        }
+        (c, s_)
+    }
+
+    /// Builds the tables once for positions `0..max_position_embeddings` `[max_pos, D/2]`,
+    /// as MindFormers' `FreqsMgr` does at construction; later [`Rope::tables`] calls
+    /// gather their rows instead of computing them (the dynamic types' frequencies then
+    /// stay at their un-grown values; a position past the table is computed directly).
+    pub fn precompute(&mut self, n: &dyn Numerics) {
+        let rows = (0..self.config.max_position_embeddings as i64).map(|p| self.row(p, n)).collect();
+        self.table = Some(rows);
+    }
+
     /// cos and sin tables `[batch, seq, D]` for `positions` `[batch, seq]`.
     pub fn tables(&mut self, positions: &Array2<i64>, n: &dyn Numerics) -> (Array3<f64>, Array3<f64>) {
-        if let Some(&m) = positions.iter().max() {
-            self.update(m);
+        if self.table.is_none() {
+            if let Some(&m) = positions.iter().max() {
+                self.update(m);
+            }
         }
         let (b, t) = positions.dim();
         let (d, half) = (self.config.dim, self.config.dim / 2);
         let mut cos = Array3::zeros((b, t, d));
         let mut sin = Array3::zeros((b, t, d));
         for ((bi, ti), &p) in positions.indexed_iter() {
-            for k in 0..half {
-                let mut angle = n.round(RoundAt::RopeAngle, p as f64 * self.inv_freq[k]);
-                if self.angles == AnglePrecision::F16 {
-                    angle = Precision::F16.round(Precision::F16.round(p as f64) * Precision::F16.round(self.inv_freq[k]));
+            let computed;
+            let (c, s_) = match self.table.as_ref().and_then(|tb| usize::try_from(p).ok().and_then(|i| tb.get(i))) {
+                Some((c, s_)) => (c, s_),
+                None => {
+                    computed = self.row(p, n);
+                    (&computed.0, &computed.1)
                 }
-                let c = n.round(RoundAt::RopeTable, angle.cos() * self.attention_factor);
-                let s_ = n.round(RoundAt::RopeTable, angle.sin() * self.attention_factor);
-                cos[[bi, ti, k]] = c;
-                cos[[bi, ti, k + half]] = c;
-                sin[[bi, ti, k]] = s_;
-                sin[[bi, ti, k + half]] = s_;
+            };
+            for k in 0..half {
+                cos[[bi, ti, k]] = c[k];
+                cos[[bi, ti, k + half]] = c[k];
+                sin[[bi, ti, k]] = s_[k];
+                sin[[bi, ti, k + half]] = s_[k];
             }
         }
         (cos, sin)

@@ -21,6 +21,7 @@ use crate::dump::{ModelConfig, SafetensorsFile};
 use crate::error::{Error, Result};
 
 use super::linear::Linear;
+use super::numerics::{round_in_place, Numerics, RoundAt};
 use super::plan::{Plan, WeightMapping};
 
 /// One decoder layer's parameters.
@@ -143,6 +144,27 @@ impl<S: Source> Loader<'_, S> {
 }
 
 impl Weights {
+    /// Stores every parameter at `RoundAt::Weight` (a port casts the checkpoint to its
+    /// compute dtype when it loads it).
+    pub fn round(&mut self, n: &dyn Numerics) {
+        let lin = |l: &mut Linear| {
+            round_in_place(n, RoundAt::Weight, &mut l.weight);
+            if let Some(b) = &mut l.bias {
+                round_in_place(n, RoundAt::Weight, b);
+            }
+        };
+        round_in_place(n, RoundAt::Weight, &mut self.embed_tokens);
+        for l in &mut self.layers {
+            round_in_place(n, RoundAt::Weight, &mut l.input_layernorm);
+            round_in_place(n, RoundAt::Weight, &mut l.post_attention_layernorm);
+            for p in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj, &mut l.gate_proj, &mut l.up_proj, &mut l.down_proj] {
+                lin(p);
+            }
+        }
+        round_in_place(n, RoundAt::Weight, &mut self.norm);
+        lin(&mut self.lm_head);
+    }
+
     /// Loads every parameter of `cfg` from `file`, mapped per `plan`.
     ///
     /// Errors: `MissingTensor` or `Shape` naming the file and the HF parameter.
