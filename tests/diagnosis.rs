@@ -41,6 +41,8 @@ struct Case {
     top: Option<String>,
     /// The planted fault has the best score (ties included).
     first: bool,
+    /// ... and no other fault shares that score.
+    alone: bool,
 }
 
 fn diagnose_case(golden: &Dump, cand: &Dump, planted: &str) -> Option<Case> {
@@ -51,7 +53,8 @@ fn diagnose_case(golden: &Dump, cand: &Dump, planted: &str) -> Option<Case> {
     let d = diagnose(golden, cand, &cmp).expect("diagnose");
     let best = d.first().map(|f| f.score);
     let first = d.iter().any(|f| f.fault == planted && Some(f.score) == best);
-    Some(Case { planted: planted.to_string(), top: d.first().map(|f| f.fault.clone()), first })
+    let alone = first && d.iter().filter(|f| Some(f.score) == best).count() == 1;
+    Some(Case { planted: planted.to_string(), top: d.first().map(|f| f.fault.clone()), first, alone })
 }
 
 fn print_matrix(title: &str, cases: &[Case]) {
@@ -65,7 +68,8 @@ fn print_matrix(title: &str, cases: &[Case]) {
         println!("  {planted:<28} {}", cells.join(", "));
     }
     let ok = cases.iter().filter(|c| c.first).count();
-    println!("  ranked first: {ok} of {} observable cases", cases.len());
+    let alone = cases.iter().filter(|c| c.alone).count();
+    println!("  ranked first: {ok} of {} observable cases ({alone} with no other fault tied)", cases.len());
 }
 
 #[test]

@@ -115,6 +115,8 @@ fn fault_diverges_first_at(fault: &str, step: &str, site: &str) {
     assert_eq!(o.code, Some(1), "{fault}: exit {:?}\n{}", o.code, o.output);
     assert_eq!(o.report["verdict"], "fail", "{fault}");
     assert_eq!((first["step"].as_str(), first["site"].as_str()), (Some(step), Some(site)), "{fault}: {first}\n{}", o.output);
+    // The diagnosis names the fault the port planted in its own code.
+    assert_eq!(o.report["diagnosis"][0]["fault"], fault, "{fault}: diagnosis {}", o.report["diagnosis"]);
 }
 
 #[test]
