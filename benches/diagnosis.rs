@@ -30,7 +30,7 @@ fn median(n: usize, mut f: impl FnMut()) -> Duration {
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::default();
-    println!("{:<16} {:<24} {:>12} {:>12} {:>12} {:>10} {:>10}", "golden", "candidate", "compare", "one run", "diagnosis", "x compare", "x run");
+    println!("{:<16} {:<32} {:>12} {:>12} {:>12} {:>10} {:>10}", "golden", "candidate", "compare", "one run", "diagnosis", "x compare", "x run");
     let mut worst = Duration::ZERO;
     for (golden, fault, precision) in [
         ("mha_f32", Fault::RopePosReset, Precision::F32),
@@ -60,7 +60,7 @@ fn main() {
         });
         worst = worst.max(t_diag);
         println!(
-            "{:<16} {:<24} {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>9.1}x {:>9.1}x   top: {top}",
+            "{:<16} {:<32} {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>9.1}x {:>9.1}x   top: {top}",
             golden,
             format!("{} {}", fault.id(), precision),
             t_cmp.as_secs_f64() * 1e3,
