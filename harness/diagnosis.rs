@@ -128,8 +128,11 @@ fn order(a: &(Step, Site), b: &(Step, Site)) -> Ordering {
 struct Fit {
     /// Mean rel-L2 between the run and the candidate over the evidence sites.
     distance: f64,
-    /// rel-L2 at the first divergent site.
+    /// The error at the first divergent site: rel-L2, or the mismatch fraction for
+    /// integer sites and the mask.
     at_first: f64,
+    /// What `at_first` measures.
+    first_measure: &'static str,
 }
 
 /// Ranks the known faults that explain `cmp`'s divergence, best first. Empty when the
@@ -178,8 +181,8 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
         }
         let score = (1.0 - f.distance / clean.distance).clamp(0.0, 1.0);
         let explains = format!(
-            "{} {} matches a run with {}: rel-L2 {:.1e} against {:.1e} for the correct run ({} evidence sites, mean rel-L2 {:.1e} against {:.1e})",
-            first.step, first.site, fault.id(), f.at_first, clean.at_first, evidence.len(), f.distance, clean.distance
+            "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run ({} evidence sites, mean error {:.1e} against {:.1e})",
+            first.step, first.site, fault.id(), f.first_measure, f.at_first, clean.at_first, evidence.len(), f.distance, clean.distance
         );
         found.push(Finding { fault: fault.id().to_string(), score, explains });
     }
@@ -191,7 +194,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
 /// comparisons, with `golden`'s scenario).
 fn fit(run: &Dump, target: &Dump, golden: &Dump, evidence: &[(Step, Site)]) -> Result<Fit> {
     let policy = Policy::default();
-    let (mut sum, mut n, mut at_first) = (0.0, 0usize, f64::NAN);
+    let (mut sum, mut n, mut at_first, mut first_measure) = (0.0, 0usize, f64::NAN, "rel-L2");
     for (k, (step, site)) in evidence.iter().enumerate() {
         let (Some(r), Some(t)) = (run.get(*step, site)?, target.get(*step, site)?) else { continue };
         let res = compare_site(*step, site, &r, Some(&t), &golden.manifest.scenario, &policy, Precision::F32);
@@ -199,9 +202,12 @@ fn fit(run: &Dump, target: &Dump, golden: &Dump, evidence: &[(Step, Site)]) -> R
         let e = if e.is_finite() { e.min(10.0) } else { 10.0 };
         if k == 0 {
             at_first = e;
+            if !matches!(res.metrics, Some(crate::compare::SiteMetrics::Values(_))) {
+                first_measure = "mismatch fraction";
+            }
         }
         sum += e;
         n += 1;
     }
-    Ok(Fit { distance: if n == 0 { f64::INFINITY } else { sum / n as f64 }, at_first })
+    Ok(Fit { distance: if n == 0 { f64::INFINITY } else { sum / n as f64 }, at_first, first_measure })
 }

@@ -31,6 +31,8 @@ enum Store {
 /// A dump: its manifest and its activations, keyed `"<step>/<site>"`.
 pub struct Dump {
     dir: Option<PathBuf>,
+    /// How an in-memory dump is named in messages and reports.
+    name: Option<String>,
     pub manifest: Manifest,
     store: Store,
     keys: BTreeMap<Step, Vec<Site>>,
@@ -62,14 +64,14 @@ impl Dump {
             _ => dir.join("activations"),
         };
         let keys = index_keys(&manifest, &names, &src)?;
-        Ok(Dump { dir: Some(dir.to_path_buf()), manifest, store, keys })
+        Ok(Dump { dir: Some(dir.to_path_buf()), name: None, manifest, store, keys })
     }
 
     /// A dump held in memory, as an implementation produces it.
     pub fn in_memory(manifest: Manifest, tensors: BTreeMap<String, Tensor>) -> Result<Dump> {
         let names: Vec<String> = tensors.keys().cloned().collect();
         let keys = index_keys(&manifest, &names, Path::new("<in-memory dump>"))?;
-        Ok(Dump { dir: None, manifest, store: Store::Memory(tensors), keys })
+        Ok(Dump { dir: None, name: None, manifest, store: Store::Memory(tensors), keys })
     }
 
     /// This dump with its site names translated by `rename` (a name `rename` maps to
@@ -89,7 +91,7 @@ impl Dump {
             }
         }
         let keys = index_keys(&self.manifest, &tensors.keys().cloned().collect::<Vec<_>>(), Path::new(&self.label()))?;
-        Ok(Dump { dir: self.dir.clone(), manifest: self.manifest.clone(), store: Store::Memory(tensors), keys })
+        Ok(Dump { dir: self.dir.clone(), name: self.name.clone(), manifest: self.manifest.clone(), store: Store::Memory(tensors), keys })
     }
 
     /// The directory this dump was read from, if any.
@@ -97,8 +99,16 @@ impl Dump {
         self.dir.as_deref()
     }
 
-    /// A short label for messages: the directory, or "<in-memory dump>".
+    /// Names this dump in messages and reports (instead of its directory).
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = Some(name.into());
+    }
+
+    /// A short label for messages: the name given, the directory, or "<in-memory dump>".
     pub fn label(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
         self.dir.as_ref().map_or_else(|| "<in-memory dump>".to_string(), |d| d.display().to_string())
     }
 

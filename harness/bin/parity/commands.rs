@@ -92,7 +92,12 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let golden = Dump::open(&a.golden)?;
     let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let out = model::run(&golden, &opts)?;
+    let mut out = model::run(&golden, &opts)?;
+    let mut name = format!("{} run", implementation.name());
+    if !opts.faults.is_empty() {
+        name.push_str(&format!(" with {}", opts.faults.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")));
+    }
+    out.dump.set_name(name);
     if let Some(dir) = &a.dump {
         out.dump.write(dir)?;
         progress(&format!("dump written to {}", dir.display()));
@@ -134,7 +139,7 @@ fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let text = render_summary(&report, color);
     if c.quiet {
-        for line in text.lines().take_while(|l| !l.is_empty()).filter(|l| !l.starts_with("  ")) {
+        for line in text.lines().take_while(|l| !l.is_empty()) {
             println!("{line}");
         }
     } else {

@@ -132,7 +132,7 @@ fn fault_id(s: &str) -> String {
 }
 
 fn print_matrix(rows: &[Row]) {
-    println!("{:<16} {:<34} {:<8} {:<8} {:<52} {:>6}", "golden", "run", "expect", "got", "first divergence / diagnosis", "secs");
+    println!("{:<16} {:<34} {:<8} {:<8} {:<70} {:>6}", "golden", "run", "expect", "got", "first divergence / diagnosis", "secs");
     for r in rows {
         let (got, detail) = match &r.outcome {
             Ok(rep) => {
@@ -151,7 +151,7 @@ fn print_matrix(rows: &[Row]) {
             Verdict::Fail => "fail",
         };
         let mark = if r.ok() { "" } else { "  <-- unexpected" };
-        println!("{:<16} {:<34} {:<8} {:<8} {:<52} {:>6.2}{mark}", r.golden, r.run, expect, got, detail, r.seconds);
+        println!("{:<16} {:<34} {:<8} {:<8} {:<70} {:>6.2}{mark}", r.golden, r.run, expect, got, detail, r.seconds);
     }
 }
 
