@@ -1,0 +1,42 @@
+//! `parity suite`, the main job on the embedded golden suite: every implementation on
+//! every golden passes, every HF-made faulty candidate fails with its planted fault
+//! ranked first, and the suite report lists each run.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_suite_runs_as_expected_on_the_embedded_goldens() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(root)
+        .args(["suite", "--report"])
+        .arg(tmp.path())
+        .output()
+        .expect("run parity suite");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("unexpected"), "{stdout}");
+    let suite: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("suite.json")).expect("suite.json")).expect("json");
+    let runs = suite.as_array().expect("array");
+    let goldens = std::fs::read_dir(root.join("golden")).unwrap().filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file()).count();
+    let candidates = std::fs::read_dir(root.join("fixtures/candidates")).unwrap().count();
+    assert_eq!(runs.len(), goldens * 3 + candidates, "three runs per golden and one per candidate");
+    assert!(runs.iter().all(|r| r["ok"] == true));
+    for r in runs.iter().filter(|r| r["run"].as_str().unwrap().starts_with("candidate ")) {
+        let fault = r["run"].as_str().unwrap().trim_start_matches("candidate ");
+        assert_eq!(r["verdict"], "fail");
+        assert_eq!(r["diagnosis"], fault);
+    }
+    assert!(tmp.path().join("gqa_pad_f32/candidate_rope.pos_reset/report.html").is_file());
+}
+
+#[test]
+fn the_suite_refuses_a_directory_without_goldens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_parity")).arg("suite").arg(tmp.path()).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no golden dump"));
+}
