@@ -173,3 +173,37 @@ fn a_failing_port_exits_2_with_its_last_message() {
     assert!(last.starts_with("parity: error: mindspore port: ") && last.contains("run.py exited with status 2"), "{stderr}");
     assert!(last.contains("mask.fp16_overflow"), "{stderr}");
 }
+
+/// Every other fault switch of the port (beyond the five above): the gate fails at the
+/// first site where the fault acts, and the diagnosis names it. `rope.cos_sin_swapped`
+/// swaps the tables where the port applies them (its dumped tables stay right), so it
+/// first shows at q_rope; `rope.wrong_theta` needs a golden with rope scaling.
+#[test]
+fn every_other_port_fault_switch_fails_where_it_acts_and_is_diagnosed() {
+    let cases = [
+        ("rope.pos_fixed", "gqa_pad_f32", "decode.0", "inputs.position_ids"),
+        ("rope.pos_off_by_one", "gqa_pad_f32", "decode.0", "inputs.position_ids"),
+        ("rope.cos_sin_swapped", "gqa_pad_f32", "prefill", "model.layers.0.self_attn.q_rope"),
+        ("rope.wrong_theta", "llama3_f32", "prefill", "model.rotary_emb.cos"),
+        ("mask.none", "gqa_pad_f32", "prefill", "model.mask"),
+        ("kv.stale", "gqa_pad_f32", "decode.0", "model.layers.0.self_attn.k_cache"),
+        ("kv.gqa_tiled", "gqa_pad_f32", "prefill", "model.layers.0.self_attn.probs"),
+        ("norm.layernorm", "gqa_pad_f32", "prefill", "model.layers.0.input_layernorm"),
+        ("norm.eps_outside", "gqa_pad_f32", "prefill", "model.layers.0.input_layernorm"),
+        ("norm.weight_unmapped", "gqa_pad_f32", "prefill", "model.layers.0.input_layernorm"),
+        ("attn.no_scale", "gqa_pad_f32", "prefill", "model.layers.0.self_attn.probs"),
+        ("weights.transposed", "gqa_pad_f32", "prefill", "model.layers.0.self_attn.q_proj"),
+    ];
+    let mut failures = Vec::new();
+    for (fault, golden, step, site) in cases {
+        let o = run_port(golden, &["--fault", fault]);
+        let first = &o.report["first_divergence"];
+        let got = (o.code, first["step"].as_str().unwrap_or("-").to_string(), first["site"].as_str().unwrap_or("-").to_string());
+        let diag = o.report["diagnosis"][0]["fault"].as_str().unwrap_or("(none)").to_string();
+        eprintln!("{fault} on {golden}: exit {:?}, first divergence {}/{}, diagnosis {diag}", got.0, got.1, got.2);
+        if got != (Some(1), step.to_string(), site.to_string()) || diag != fault {
+            failures.push(format!("{fault}: exit {:?} at {}/{}, diagnosis {diag}", got.0, got.1, got.2));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -203,7 +203,8 @@ pub enum WeightMapping {
     GateUpSwapped,
     /// `weights.transposed`: square projections (o_proj, and q_proj where square) not transposed.
     SquareTransposed,
-    /// `norm.weight_unmapped`: the norm weights left at ones.
+    /// `norm.weight_unmapped`: the key map lacks the `input_layernorm` rule, so those
+    /// weights stay at ones in every layer.
     NormWeightsUnmapped,
 }
 

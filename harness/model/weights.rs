@@ -95,7 +95,8 @@ impl<S: Source> Loader<'_, S> {
 
     fn norm(&mut self, key: &str, n: usize) -> Result<Array1<f64>> {
         let w = self.vector(key, n)?;
-        Ok(if self.plan.maps(WeightMapping::NormWeightsUnmapped) { Array1::ones(n) } else { w })
+        let unmapped = self.plan.maps(WeightMapping::NormWeightsUnmapped) && key.ends_with(".input_layernorm.weight");
+        Ok(if unmapped { Array1::ones(n) } else { w })
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
