@@ -244,6 +244,39 @@ fn side_legend(area: &DrawingArea<SVGBackend, Shift>, id: &str, entries: &[(Stri
     Ok(())
 }
 
+/// The coordinates of the log-scale error charts.
+type LogChart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, LogCoord<f64>>>;
+
+/// A chart of `n` points along x against rel-L2 on a log scale from `lo` to `hi`, with
+/// its mesh drawn.
+fn log_chart<'a, 'b>(
+    plot: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    id: &str,
+    n: usize,
+    (lo, hi): (f64, f64),
+    x_desc: impl Into<String>,
+) -> Result<LogChart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(plot)
+        .margin(12)
+        .margin_right(24)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())
+        .or_chart(id)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("rel-L2 (log)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&sci_tick)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .or_chart(id)?;
+    Ok(chart)
+}
+
 /// The error a line chart plots: rel-L2 for values, the mismatch fraction for
 /// positions and the mask, NaN (a gap, not a dive to the floor) where those match
 /// exactly or nothing was measured.
@@ -292,24 +325,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
     let out = svg(ID, title, (WIDTH, 440), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;
-        let mut chart = ChartBuilder::on(&plot)
-            .margin(12)
-            .margin_right(24)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())
-            .or_chart(ID)?;
-        chart
-            .configure_mesh()
-            .x_desc("site index in compute order (layer starts marked L0, L1, …)")
-            .y_desc("rel-L2 (log)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&sci_tick)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .or_chart(ID)?;
+        let mut chart = log_chart(&plot, ID, n, (lo, hi), "site index in compute order (layer starts marked L0, L1, …)")?;
         // Layer boundaries, labelled at the top.
         let every = (reference.iter().filter(|e| e.site.ends_with(".input_layernorm")).count() / 24).max(1);
         let mut k = 0;
@@ -418,24 +434,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
     let out = svg(ID, title, (WIDTH, 400), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;
-        let mut chart = ChartBuilder::on(&plot)
-            .margin(12)
-            .margin_right(24)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5f64..(total as f64 - 0.5), (lo..hi).log_scale())
-            .or_chart(ID)?;
-        chart
-            .configure_mesh()
-            .x_desc("token index: prefill rows, then one per decode step")
-            .y_desc("rel-L2 (log)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&sci_tick)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .or_chart(ID)?;
+        let mut chart = log_chart(&plot, ID, total, (lo, hi), "token index: prefill rows, then one per decode step")?;
         if let Some(p) = prefill_end.filter(|&p| p < total) {
             let x = p as f64 - 0.5;
             chart
@@ -671,24 +670,7 @@ fn local_vs_inherited(r: &Report) -> Result<Option<Chart>> {
     let out = svg(ID, title, (WIDTH, 400), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;
-        let mut chart = ChartBuilder::on(&plot)
-            .margin(12)
-            .margin_right(24)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())
-            .or_chart(ID)?;
-        chart
-            .configure_mesh()
-            .x_desc(format!("site index in compute order ({step})"))
-            .y_desc("rel-L2 (log)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&sci_tick)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .or_chart(ID)?;
+        let mut chart = log_chart(&plot, ID, n, (lo, hi), format!("site index in compute order ({step})"))?;
         draw_tolerance(&mut chart, ID, &tol)?;
         draw_line(&mut chart, ID, &total, PALETTE[0], n <= 80)?;
         draw_line(&mut chart, ID, &local, PALETTE[1], n <= 80)?;
