@@ -95,4 +95,7 @@ fn bad_flags_exit_2_and_name_the_flag() {
     assert_eq!(code, Some(2));
     assert!(err.contains("--report") && err.contains("inside the input"), "{err}");
     assert!(!root().join("fixtures/bad/valid/out").exists());
+    let (code, err) = run(&["run", "fixtures/bad/valid", "--impl", "reference"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("fixtures/bad/valid/weights.safetensors: missing"), "{err}");
 }

@@ -43,9 +43,9 @@ pub fn run(golden: &Dump, precision: Option<Precision>, plan: &Plan, teacher_for
 /// token ids against the vocabulary.
 pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
     let manifest_path = golden.dir().map(|d| d.join("manifest.json")).unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
-    let weights_file = golden.weights()?.ok_or_else(|| Error::MissingTensor {
-        file: golden.dir().map(Weights::path_in).unwrap_or_default(),
-        key: "weights.safetensors (the reference needs the golden's weights)".into(),
+    let weights_file = golden.weights()?.ok_or_else(|| Error::Format {
+        path: golden.dir().map(Weights::path_in).unwrap_or_default(),
+        what: "missing: running a golden's scenario needs its HF weights beside the activations".into(),
     })?;
     let cfg = golden.manifest.model.clone();
     let weights = Weights::load(&weights_file, &cfg, plan)?;
