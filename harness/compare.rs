@@ -276,18 +276,20 @@ pub fn compare_site_in(step: Step, site: &Site, g: &Tensor, c: Option<&Tensor>, 
         let m = acc.finish(g.shape());
         r.per_token = per_token.map(|a| a.finish());
         r.per_head = per_head.map(|a| a.finish());
+        // `!(x <= limit)` rather than `x > limit` on purpose: a NaN metric must fail.
+        let within = |x: f64, limit: f64| x <= limit;
         let mut why = Vec::new();
         if m.new_nonfinite > 0 {
             why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
         }
-        if !(m.rel_l2 <= tol.max_rel_l2) {
+        if !within(m.rel_l2, tol.max_rel_l2) {
             why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, tol.max_rel_l2));
         }
-        if !(m.cosine >= tol.min_cosine) {
+        if !within(-m.cosine, -tol.min_cosine) {
             why.push(format!("cosine {:.6} < {}", m.cosine, tol.min_cosine));
         }
         if let Some(ma) = tol.max_abs {
-            if !(m.max_abs <= ma) {
+            if !within(m.max_abs, ma) {
                 why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
             }
         }

@@ -649,7 +649,7 @@ fn local_vs_inherited(r: &Report) -> Result<Option<Chart>> {
     }
     let steps = steps(r);
     let want = r.first_divergence.as_ref().map(|fd| fd.step.as_str());
-    let Some((step, sites)) = steps.iter().find(|(s, _)| want.map_or(true, |w| w == *s)).or(steps.first()) else {
+    let Some((step, sites)) = steps.iter().find(|(s, _)| want.is_none_or(|w| w == *s)).or(steps.first()) else {
         return Ok(None);
     };
     let total: Vec<(f64, f64)> = sites.iter().enumerate().map(|(i, e)| (i as f64, plotted_error(e))).collect();

@@ -211,9 +211,8 @@ pub fn excess(s: &SiteEntry) -> f64 {
             let v = a.max(b).max(c);
             if v.is_nan() { f64::INFINITY } else { v }
         }
-        (Some(m), _) => {
-            if m.error() > 0.0 { f64::INFINITY } else { 0.0 }
-        }
+        (Some(m), _)
+            if m.error() > 0.0 => { f64::INFINITY }
         _ => 0.0,
     }
 }
