@@ -225,3 +225,24 @@ fn a_site_map_lets_a_candidate_use_its_own_site_names() {
     let layers = d.manifest.model.num_hidden_layers;
     assert_eq!(r["summary"]["missing"], 2 * layers * d.manifest.steps.len(), "without the map the renamed sites are missing");
 }
+
+#[test]
+fn without_weights_beside_the_golden_the_report_says_why_there_is_no_diagnosis() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let g = tmp.path().join("golden");
+    std::fs::create_dir_all(&g).unwrap();
+    for f in ["manifest.json", "activations.safetensors"] {
+        std::fs::copy(root.join("golden/gqa_pad_f32").join(f), g.join(f)).unwrap();
+    }
+    let cand = root.join("fixtures/candidates/gqa_pad_f32__rope_pos_reset");
+    let rep = tmp.path().join("rep");
+    let (code, out, _) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("diagnosis: not made: the golden has no weights.safetensors"), "{out}");
+    let r = report(&rep);
+    assert_eq!(r["diagnosis"].as_array().map(Vec::len), Some(0));
+    assert!(r["diagnosis_note"].as_str().unwrap().contains("weights.safetensors"));
+    let (_, out, _) = parity(&["compare", "golden/gqa_pad_f32", cand.to_str().unwrap()]);
+    assert!(out.contains("rope.pos_reset"), "with weights the fault is named: {out}");
+}

@@ -197,7 +197,10 @@ fn glance(out: &mut String, r: &Report) {
         }
         let _ = writeln!(out, "</ol>");
     } else if r.verdict == Verdict::Fail && r.summary.fail > 0 {
-        let _ = writeln!(out, "<p class=\"none\">No known fault explains this divergence.</p>");
+        let text = r.empty_diagnosis_text();
+        let mut chars = text.chars();
+        let text = chars.next().map(|c| c.to_uppercase().collect::<String>() + chars.as_str()).unwrap_or_default();
+        let _ = writeln!(out, "<p class=\"none\">{}.</p>", escape(&text));
     } else {
         let _ = writeln!(out, "<p class=\"muted\">Nothing to explain.</p>");
     }

@@ -71,7 +71,7 @@ pub fn render_markdown(r: &Report) -> String {
         }
         let _ = writeln!(out);
     } else if r.verdict == Verdict::Fail && s.fail > 0 {
-        let _ = writeln!(out, "**Diagnosis:** no known fault explains this divergence.\n");
+        let _ = writeln!(out, "**Diagnosis:** {}.\n", escape_md(&r.empty_diagnosis_text()));
     }
     let worst = r.worst(10);
     if !worst.is_empty() {

@@ -123,6 +123,10 @@ pub struct Report {
     pub first_divergence: Option<SiteEntry>,
     pub diagnosis: Vec<Finding>,
     pub summary: Summary,
+    /// Why no diagnosis could be made (no weights beside the golden, say); absent when
+    /// the diagnosis ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis_note: Option<String>,
     /// True when the sites carry `local_metrics` from a teacher-forced run.
     #[serde(default)]
     pub teacher_forced: bool,
@@ -144,10 +148,16 @@ impl Report {
             candidate_producer: cmp.candidate_producer.clone(),
             first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
             diagnosis,
+            diagnosis_note: None,
             summary: Summary { pass, fail, missing, skipped },
             teacher_forced: false,
             sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
         }
+    }
+
+    /// What to say of a failed comparison whose diagnosis is empty.
+    pub fn empty_diagnosis_text(&self) -> String {
+        self.diagnosis_note.clone().unwrap_or_else(|| "no known fault explains this divergence".to_string())
     }
 
     /// Attaches the local (teacher-forced) measures of `local`, site by site.

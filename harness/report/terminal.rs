@@ -34,7 +34,7 @@ pub fn render_summary(r: &Report, color: bool) -> String {
             let _ = writeln!(out, "  {:<28} score {:.2}  {}", paint("1;33", &f.fault), f.score, f.explains);
         }
     } else if r.verdict == Verdict::Fail && s.fail > 0 {
-        let _ = writeln!(out, "diagnosis: no known fault explains this divergence");
+        let _ = writeln!(out, "diagnosis: {}", r.empty_diagnosis_text());
     }
     let worst = r.worst(8);
     if !worst.is_empty() {

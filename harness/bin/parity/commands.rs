@@ -63,7 +63,8 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         candidate = candidate.rename_sites(|name| map.to_hf(name))?;
     }
     let cmp = compare(&golden, &candidate, &policy)?;
-    let report = Report::new(&cmp, diagnosis(&golden, &candidate, &cmp));
+    let mut report = Report::new(&cmp, Vec::new());
+    diagnose_into(&mut report, &golden, &candidate, &cmp);
     finish(report, &a.common)
 }
 
@@ -103,7 +104,8 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         progress(&format!("dump written to {}", dir.display()));
     }
     let cmp = compare(&golden, &out.dump, &policy)?;
-    let mut report = Report::new(&cmp, diagnosis(&golden, &out.dump, &cmp));
+    let mut report = Report::new(&cmp, Vec::new());
+    diagnose_into(&mut report, &golden, &out.dump, &cmp);
     if let Some(tf) = &out.teacher_forced {
         let local = compare(&golden, tf, &policy)?;
         report.attach_local(&local);
@@ -111,19 +113,24 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     finish(report, &a.common)
 }
 
-/// The diagnosis of a divergence; a diagnosis that cannot be made is reported on
-/// stderr and leaves the verdict alone.
-fn diagnosis(golden: &Dump, candidate: &Dump, cmp: &llama_parity::compare::Comparison) -> Vec<llama_parity::report::Finding> {
+/// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is
+/// said in the report and leaves the verdict alone.
+fn diagnose_into(report: &mut Report, golden: &Dump, candidate: &Dump, cmp: &llama_parity::compare::Comparison) {
     if cmp.first_divergence().is_none() {
-        return Vec::new();
+        return;
+    }
+    match golden.weights() {
+        Ok(Some(_)) => {}
+        _ => {
+            report.diagnosis_note =
+                Some("not made: the golden has no weights.safetensors to rerun its scenario with".to_string());
+            return;
+        }
     }
     progress("diagnosing the divergence ...");
     match diagnose(golden, candidate, cmp) {
-        Ok(f) => f,
-        Err(e) => {
-            progress(&format!("diagnosis unavailable: {e}"));
-            Vec::new()
-        }
+        Ok(f) => report.diagnosis = f,
+        Err(e) => report.diagnosis_note = Some(format!("not made: {e}")),
     }
 }
 
