@@ -63,8 +63,19 @@ CANDIDATES = [
     ("gqa_pad_f32", "mask.padding_ignored"),
     ("gqa_pad_f32", "norm.layernorm"),
     ("gqa_pad_f32", "weights.gate_up_swapped"),
+    ("gqa_pad_f32", "rope.pos_fixed"),
+    ("gqa_pad_f32", "rope.pos_off_by_one"),
+    ("gqa_pad_f32", "rope.cos_sin_swapped"),
+    ("gqa_pad_f32", "mask.pad_token_masked"),
+    ("gqa_pad_f32", "norm.eps_outside"),
+    ("gqa_pad_f32", "attn.no_scale"),
+    ("gqa_pad_f32", "kv.gqa_tiled"),
+    ("llama3_f32", "rope.wrong_theta"),
     ("gqa_pad_bf16", "rope.pos_reset"),
     ("gqa_pad_bf16", "norm.layernorm"),
+    ("gqa_pad_bf16", "mask.padding_ignored"),
+    ("gqa_pad_bf16", "weights.gate_up_swapped"),
+    ("gqa_pad_bf16", "rope.interleaved"),
 ]
 
 FAULTS = {
