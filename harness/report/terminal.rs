@@ -38,7 +38,8 @@ pub fn render_summary(r: &Report, color: bool) -> String {
     }
     let worst = r.worst(8);
     if !worst.is_empty() {
-        let _ = writeln!(out, "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}", "status", "step", "site", "rel_l2", "cosine", "x tol");
+        let local_col = if r.teacher_forced { format!(" {:>11}", "local") } else { String::new() };
+        let _ = writeln!(out, "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{local_col}", "status", "step", "site", "rel_l2", "cosine", "x tol");
         for e in worst {
             let st = match e.status {
                 Status::Fail => paint("31", "fail    "),
@@ -49,7 +50,13 @@ pub fn render_summary(r: &Report, color: bool) -> String {
                 Some(m) => (format!("{:.3e}", m.error()), "-".to_string()),
                 None => ("-".into(), "-".into()),
             };
-            let _ = writeln!(out, "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}", e.step, e.site, rel, cos, excess(e));
+            // Under teacher forcing: the error this site adds from the golden's input.
+            let local = match (&e.local_metrics, r.teacher_forced) {
+                (Some(m), true) => format!(" {:>11.3e}", m.error()),
+                (None, true) => format!(" {:>11}", "-"),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{local}", e.step, e.site, rel, cos, excess(e));
         }
     }
     out
