@@ -68,31 +68,6 @@ fn install_hint(python: &Path, problem: &str) -> Error {
     }
 }
 
-/// A temporary directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        let base = std::env::temp_dir();
-        for n in 0..100u32 {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-            let p = base.join(format!("parity-mindspore-{}-{nanos}-{n}", std::process::id()));
-            match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(TempDir(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(p, e)),
-            }
-        }
-        Err(Error::format(base, "cannot create a temporary directory"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the port on `golden`'s scenario and returns its dump (held in memory).
 /// `progress` receives each line the port writes.
 pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<RunOutput> {
@@ -113,8 +88,11 @@ pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> 
             what: format!("{}: no such file (set PARITY_MINDSPORE_PORT to the port's run.py)", port.display()),
         });
     }
-    let tmp = TempDir::new()?;
-    let out = tmp.0.join("dump");
+    let tmp = tempfile::Builder::new()
+        .prefix("parity-mindspore-")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let out = tmp.path().join("dump");
     let mut cmd = Command::new(&python);
     cmd.arg(&port).arg("--golden").arg(golden_dir).arg("--out").arg(&out);
     if let Some(p) = opts.precision {
