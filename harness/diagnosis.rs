@@ -223,6 +223,10 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
             f.mean(),
             clean.mean()
         );
+        let explains = match detail(fault, golden, candidate, cmp)? {
+            Some(d) => format!("{d}; {explains}"),
+            None => explains,
+        };
         found.push(Finding { fault: fault.id().to_string(), score, explains });
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -255,5 +259,37 @@ fn ratio(a: f64, b: f64) -> f64 {
         1.0
     } else {
         0.0
+    }
+}
+
+/// Evidence in the terms of the fault itself, where the candidate dumped what it needs:
+/// the positions a position fault fed, the keys a mask fault shows or hides.
+fn detail(fault: Fault, golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Option<String>> {
+    use Fault::*;
+    match fault {
+        RopePosReset | RopePosFixed | RopePosOffByOne => {
+            for &step in golden.manifest.steps.iter().filter(|s| matches!(s, Step::Decode(_))) {
+                let (Some(g), Some(c)) = (golden.get(step, &Site::PositionIds)?, candidate.get(step, &Site::PositionIds)?) else {
+                    continue;
+                };
+                let (g, c) = (g.to_f64_vec(), c.to_f64_vec());
+                if g != c {
+                    let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
+                    return Ok(Some(format!("{step} was fed positions [{}] instead of [{}]", list(&c), list(&g))));
+                }
+            }
+            Ok(None)
+        }
+        MaskNone | MaskInverted | MaskPaddingIgnored | MaskPadTokenMasked => {
+            let site = cmp.sites.iter().find(|s| s.site == Site::Mask && s.status == Status::Fail);
+            Ok(site.and_then(|s| match &s.metrics {
+                Some(crate::compare::SiteMetrics::Visibility { mismatches, golden_visible, candidate_visible, .. }) => Some(format!(
+                    "{} mask shows {candidate_visible} (query, key) pairs where the golden shows {golden_visible}; {mismatches} differ",
+                    s.step
+                )),
+                _ => None,
+            }))
+        }
+        _ => Ok(None),
     }
 }
