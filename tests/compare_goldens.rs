@@ -245,4 +245,6 @@ fn without_weights_beside_the_golden_the_report_says_why_there_is_no_diagnosis()
     assert!(r["diagnosis_note"].as_str().unwrap().contains("weights.safetensors"));
     let (_, out, _) = parity(&["compare", "golden/gqa_pad_f32", cand.to_str().unwrap()]);
     assert!(out.contains("rope.pos_reset"), "with weights the fault is named: {out}");
+    // The evidence speaks of positions: gqa_pad_f32 has 6 and 9 real prefill tokens.
+    assert!(out.contains("decode.0 was fed positions [0, 0] instead of [6, 9]"), "{out}");
 }
