@@ -53,6 +53,7 @@ pub enum Command {
     /// Example:
     ///   parity suite                      (golden/ and fixtures/candidates/)
     ///   parity suite golden --report reports/suite
+    ///   parity suite --mindspore            (the real MindSpore port too)
     #[command(verbatim_doc_comment)]
     Suite(SuiteArgs),
     /// Check a port's checkpoint against the HF weights it was converted from.
@@ -81,6 +82,10 @@ pub struct SuiteArgs {
     /// Directory of faulty candidates, named <golden>__<fault id with dots as _>.
     #[arg(long, value_name = "DIR", default_value = "fixtures/candidates")]
     pub candidates: PathBuf,
+    /// Also run the real MindSpore port (fixtures/ports/mindspore) on every golden at
+    /// float32 and float16 (needs its venv: see `bash .ci/setup`; about 7 s a run).
+    #[arg(long)]
+    pub mindspore: bool,
     /// Write one report per run into DIR/<golden>/<run>/ and DIR/suite.json.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,

@@ -64,6 +64,14 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
                 RunOptions { implementation: Implementation::Ascend, precision: Some(p), faults: vec![], teacher_force: false },
             ));
         }
+        if a.mindspore {
+            for p in [Precision::F32, Precision::F16] {
+                runs.push((
+                    format!("mindspore {p}"),
+                    RunOptions { implementation: Implementation::MindSpore, precision: Some(p), faults: vec![], teacher_force: false },
+                ));
+            }
+        }
         for (label, opts) in runs {
             eprintln!("parity: suite: {gname}: {label}");
             let t = Instant::now();
