@@ -56,7 +56,7 @@ INIT = {
 NORM_STD, PROJ_STD, BIAS_STD = 0.1, 0.08, 0.02
 
 # The suite committed to the repository.
-SUITE = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "mqa_tied_f32"]
+SUITE = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"]
 CANDIDATES = [
     ("gqa_pad_f32", "rope.pos_reset"),
     ("gqa_pad_f32", "rope.interleaved"),

@@ -9,7 +9,7 @@ use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::tolerance::Policy;
 
-const GOLDENS: [&str; 7] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "mqa_tied_f32"];
+const GOLDENS: [&str; 9] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"];
 
 fn golden(name: &str) -> Dump {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);

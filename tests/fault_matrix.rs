@@ -16,7 +16,7 @@ use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::tolerance::Policy;
 
-const GOLDENS: [&str; 7] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "mqa_tied_f32"];
+const GOLDENS: [&str; 9] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"];
 
 /// Faults whose effect at bfloat16 is below bfloat16's tolerance (rel-L2 0.05) on every
 /// committed golden, measured by this test (the printed rel-L2 is at the site where the

@@ -54,7 +54,7 @@ fn contract_shape(d: &Dump, step: Step, site: &Site) -> Vec<usize> {
 #[test]
 fn the_suite_covers_the_required_scenarios() {
     let names: Vec<String> = goldens().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "mqa_tied_f32"] {
+    for want in ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"] {
         assert!(names.iter().any(|n| n == want), "golden/{want} is missing; have {names:?}");
     }
 }

@@ -66,6 +66,16 @@ fn reference_matches_yarn_f32_golden() {
 }
 
 #[test]
+fn reference_matches_linear_f32_golden() {
+    check("linear_f32", 1e-5, false);
+}
+
+#[test]
+fn reference_matches_longrope_f32_golden() {
+    check("longrope_f32", 1e-5, true);
+}
+
+#[test]
 fn reference_matches_mqa_tied_f32_golden() {
     check("mqa_tied_f32", 1e-5, true);
 }
