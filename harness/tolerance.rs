@@ -2,7 +2,7 @@
 //!
 //! A site passes when `rel_l2 <= max_rel_l2`, `cosine >= min_cosine`, `max_abs <=
 //! max_abs` (when set) and the candidate has no NaN or Inf the golden lacks. Defaults
-//! depend on the candidate's dtype; they are set so that a correct bfloat16 or float16
+//! depend on the coarser of the golden's and the candidate's dtype; they are set so that a correct bfloat16 or float16
 //! run of the same model passes against a float32 golden while real porting faults
 //! fail (the measurements behind them are in README.md, "Tolerances").
 //!
@@ -40,7 +40,8 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    /// The default for a candidate computed at `precision` against a float32 golden.
+    /// The default for a comparison at `precision` (the coarser of the golden's and the
+    /// candidate's dtype).
     pub fn default_for(precision: Precision) -> Tolerance {
         match precision {
             Precision::F32 => Tolerance { max_rel_l2: 1e-4, min_cosine: 0.99999, max_abs: None },
