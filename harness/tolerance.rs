@@ -2,9 +2,10 @@
 //!
 //! A site passes when `rel_l2 <= max_rel_l2`, `cosine >= min_cosine`, `max_abs <=
 //! max_abs` (when set) and the candidate has no NaN or Inf the golden lacks. Defaults
-//! depend on the coarser of the golden's and the candidate's dtype; they are set so that a correct bfloat16 or float16
-//! run of the same model passes against a float32 golden while real porting faults
-//! fail (the measurements behind them are in README.md, "Tolerances").
+//! depend on the coarser of the golden's and the candidate's dtype; they are set so
+//! that a correct bfloat16 or float16 run of the same model passes against a float32
+//! golden while real porting faults fail (the measurements behind them are in
+//! README.md, "Tolerances").
 //!
 //! A policy file (`--policy FILE`, JSON) overrides them:
 //!
