@@ -128,6 +128,13 @@ impl Fault {
     pub fn parse(id: &str) -> Option<Fault> {
         Fault::ALL.iter().copied().find(|f| f.id() == id)
     }
+
+    /// Parses an ID spelled with `_` for its `.`, as candidate directory names spell it
+    /// (`rope_pos_reset` for `rope.pos_reset`).
+    pub fn parse_underscored(s: &str) -> Option<Fault> {
+        let (family, rest) = s.split_once('_')?;
+        Fault::parse(&format!("{family}.{rest}"))
+    }
 }
 
 impl fmt::Display for Fault {
@@ -150,5 +157,7 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), Fault::ALL.len());
         assert_eq!(Fault::parse("rope.nope"), None);
+        assert_eq!(Fault::parse_underscored("weights_gate_up_swapped"), Some(Fault::WeightsGateUpSwapped));
+        assert_eq!(Fault::parse_underscored("rope"), None);
     }
 }

@@ -78,11 +78,7 @@ fn hf_made_faulty_candidates_are_diagnosed() {
     for c in dirs("fixtures/candidates") {
         let n = name(&c);
         let (g, f) = n.split_once("__").expect("<golden>__<fault>");
-        let planted = match f.split_once('_') {
-            Some((family, rest)) => format!("{family}.{rest}"),
-            None => f.to_string(),
-        };
-        assert!(Fault::parse(&planted).is_some(), "{n}: {planted} is not a fault id");
+        let planted = Fault::parse_underscored(f).unwrap_or_else(|| panic!("{n}: {f} is not a fault id")).id().to_string();
         let golden = Dump::open(&root().join("golden").join(g)).expect("golden");
         let cand = Dump::open(&c).expect("candidate");
         let case = diagnose_case(&golden, &cand, &planted).unwrap_or_else(|| panic!("{n} passes the gate"));

@@ -8,6 +8,7 @@ use std::time::Instant;
 use llama_parity::compare::{compare, Verdict};
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
+use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::Report;
 use llama_parity::tolerance::Policy;
@@ -82,7 +83,8 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             rows.push(Row { golden: gname.clone(), run: label, expect: Verdict::Pass, outcome, seconds: t.elapsed().as_secs_f64() });
         }
         for cdir in candidates.iter().filter(|c| name(c).split("__").next() == Some(gname.as_str())) {
-            let fault = fault_id(&name(cdir).split("__").nth(1).unwrap_or_default().replace('_', "."));
+            let dir_fault = name(cdir).split("__").nth(1).unwrap_or_default().to_string();
+            let fault = Fault::parse_underscored(&dir_fault).map_or(dir_fault, |f| f.id().to_string());
             eprintln!("parity: suite: {gname}: candidate {fault}");
             let t = Instant::now();
             let outcome = (|| -> Result<Report> {
@@ -128,15 +130,6 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
     let bad = rows.iter().filter(|r| !r.ok()).count();
     println!("\n{} of {} runs as expected", rows.len() - bad, rows.len());
     Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-/// Candidate directory names spell fault IDs with `_` for `.`; the first `_` after the
-/// family is the separator (`rope_pos_reset` → `rope.pos_reset`).
-fn fault_id(s: &str) -> String {
-    match s.split_once('.') {
-        Some((family, rest)) => format!("{family}.{}", rest.replace('.', "_")),
-        None => s.to_string(),
-    }
 }
 
 fn print_matrix(rows: &[Row]) {
