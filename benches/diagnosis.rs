@@ -8,11 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use llama_parity::compare::compare;
+use llama_parity::compare::tolerance::Policy;
+use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
-use llama_parity::tolerance::Policy;
 
 /// Median wall time of `n` calls of `f`.
 fn median(n: usize, mut f: impl FnMut()) -> Duration {
@@ -30,7 +30,10 @@ fn median(n: usize, mut f: impl FnMut()) -> Duration {
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::default();
-    println!("{:<16} {:<32} {:>12} {:>12} {:>12} {:>10} {:>10}", "golden", "candidate", "compare", "one run", "diagnosis", "x compare", "x run");
+    println!(
+        "{:<16} {:<32} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "golden", "candidate", "compare", "one run", "diagnosis", "x compare", "x run"
+    );
     let mut worst = Duration::ZERO;
     for (golden, fault, precision) in [
         ("mha_f32", Fault::RopePosReset, Precision::F32),

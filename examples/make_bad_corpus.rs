@@ -84,20 +84,31 @@ fn main() {
     past_end[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     case(&root, "header_past_end", MANIFEST, Some(past_end));
 
-    case(&root, "header_not_json", MANIFEST, Some(safetensors("{\"prefill/model.embed_tokens\": [oops", &[0; 16])));
+    case(
+        &root,
+        "header_not_json",
+        MANIFEST,
+        Some(safetensors("{\"prefill/model.embed_tokens\": [oops", &[0; 16])),
+    );
 
     case(
         &root,
         "unknown_dtype",
         MANIFEST,
-        Some(safetensors(r#"{"prefill/model.embed_tokens":{"dtype":"Q4_K","shape":[1,3,4],"data_offsets":[0,48]}}"#, &[0; 48])),
+        Some(safetensors(
+            r#"{"prefill/model.embed_tokens":{"dtype":"Q4_K","shape":[1,3,4],"data_offsets":[0,48]}}"#,
+            &[0; 48],
+        )),
     );
 
     case(
         &root,
         "size_mismatch",
         MANIFEST,
-        Some(safetensors(r#"{"prefill/model.embed_tokens":{"dtype":"F32","shape":[1,3,4],"data_offsets":[0,40]}}"#, &[0; 48])),
+        Some(safetensors(
+            r#"{"prefill/model.embed_tokens":{"dtype":"F32","shape":[1,3,4],"data_offsets":[0,40]}}"#,
+            &[0; 48],
+        )),
     );
 
     case(
@@ -116,16 +127,30 @@ fn main() {
     fs::create_dir_all(dir.join("activations/prefill")).expect("mkdir");
     fs::create_dir_all(dir.join("activations/decode.0")).expect("mkdir");
     fs::write(dir.join("manifest.json"), MANIFEST).expect("write");
-    fs::write(dir.join("activations/prefill/model.embed_tokens.npy"), npy(b"\x93NUMPX", "(1, 3, 4)", &[0.5; 12])).expect("write");
-    fs::write(dir.join("activations/decode.0/model.embed_tokens.npy"), npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4])).expect("write");
+    fs::write(
+        dir.join("activations/prefill/model.embed_tokens.npy"),
+        npy(b"\x93NUMPX", "(1, 3, 4)", &[0.5; 12]),
+    )
+    .expect("write");
+    fs::write(
+        dir.join("activations/decode.0/model.embed_tokens.npy"),
+        npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4]),
+    )
+    .expect("write");
 
     let no_steps = MANIFEST.replace(",\n  \"steps\": [\"prefill\", \"decode.0\"]", "");
     case(&root, "manifest_without_steps", &no_steps, Some(good.clone()));
 
-    let extra_step = MANIFEST.replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]");
+    let extra_step = MANIFEST
+        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]");
     case(&root, "step_without_tensors", &extra_step, Some(good.clone()));
 
-    case(&root, "manifest_not_json", "{\"format\": \"llama-parity/dump@1\",\n  \"producer\": {,\n}\n", Some(good.clone()));
+    case(
+        &root,
+        "manifest_not_json",
+        "{\"format\": \"llama-parity/dump@1\",\n  \"producer\": {,\n}\n",
+        Some(good.clone()),
+    );
 
     case(&root, "valid", MANIFEST, Some(good));
     println!("wrote {}", root.display());

@@ -1,33 +1,39 @@
 //! llama-parity: proves a Llama port numerically faithful to HuggingFace transformers,
 //! layer by layer, and says where and why it is not.
 //!
-//! The pipeline, one module a stage:
+//! The library is laid out in pipeline order, one folder a stage (`ls harness` reads
+//! it); every stage uses only the stages before it:
 //!
-//! - [`dump`]: the contract's dump format (manifest, activations, weights) and its loaders;
-//! - [`site`]: the names of activations and the order the model computes them in;
-//! - [`metrics`]: per-site error measures, streamed in one pass;
-//! - [`model`]: implementations that produce dumps (reference, ascend, mindspore);
-//! - [`tolerance`]: the policy that turns metrics into pass or fail;
-//! - [`compare`]: aligns golden and candidate sites and reaches a verdict;
-//! - [`diagnosis`]: names the known porting fault behind a divergence;
-//! - [`report`]: the verdict as JSON (and more) for people and CI.
+//! 0. [`contract`]: sites, steps and compute order, fault IDs, the error type;
+//! 1. [`dump`]: the contract's dump format (manifest, activations, weights) and its loaders;
+//! 2. [`weights`]: a port's checkpoints and key maps, and `check-weights`;
+//! 3. [`model`]: implementations that run a golden's scenario and produce a dump
+//!    (the float64 reference, the simulated Ascend port, the MindSpore runner);
+//! 4. [`compare`]: aligns golden and candidate sites, measures them, judges each against
+//!    the tolerance policy and reaches a verdict;
+//! 5. [`diagnosis`]: names the known porting fault behind a divergence, by rerunning
+//!    the model under each hypothesis;
+//! 6. [`report`]: the verdict for people and CI (JSON, HTML, JUnit, Markdown, terminal);
+//! 7. [`pipeline`]: compare, diagnose and report in one call, as every command uses it.
 //!
-//! Beside it, for a port's weights: [`ckpt`] reads MindSpore checkpoints, [`keymap`]
-//! maps HF parameter names to a port's, and [`weight_check`] checks a converted
-//! checkpoint against the HF weights.
+//! The `parity` binary (`harness/bin/parity/`) is a thin layer over [`pipeline`]:
+//! it parses flags into library options and maps library errors to exit codes.
 
-pub mod ckpt;
+#[path = "4-compare/mod.rs"]
 pub mod compare;
+#[path = "0-contract/mod.rs"]
+pub mod contract;
+#[path = "5-diagnosis/mod.rs"]
 pub mod diagnosis;
+#[path = "1-dump/mod.rs"]
 pub mod dump;
-pub mod error;
-pub mod fault;
-pub mod keymap;
-pub mod metrics;
+#[path = "3-model/mod.rs"]
 pub mod model;
+#[path = "7-pipeline.rs"]
+pub mod pipeline;
+#[path = "6-report/mod.rs"]
 pub mod report;
-pub mod site;
-pub mod tolerance;
-pub mod weight_check;
+#[path = "2-weights/mod.rs"]
+pub mod weights;
 
-pub use error::{Error, Result};
+pub use contract::error::{Error, Result};

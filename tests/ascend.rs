@@ -4,12 +4,22 @@
 
 use std::path::PathBuf;
 
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Comparison, Verdict};
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
-use llama_parity::tolerance::Policy;
 
-const GOLDENS: [&str; 9] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"];
+const GOLDENS: [&str; 9] = [
+    "mha_f32",
+    "gqa_pad_f32",
+    "gqa_pad_bf16",
+    "gqa_pad_f16",
+    "llama3_f32",
+    "yarn_f32",
+    "linear_f32",
+    "longrope_f32",
+    "mqa_tied_f32",
+];
 
 fn golden(name: &str) -> Dump {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);
@@ -18,7 +28,12 @@ fn golden(name: &str) -> Dump {
 }
 
 fn run(g: &Dump, implementation: Implementation, precision: Precision) -> Comparison {
-    let opts = RunOptions { implementation, precision: Some(precision), faults: Vec::new(), teacher_force: false };
+    let opts = RunOptions {
+        implementation,
+        precision: Some(precision),
+        faults: Vec::new(),
+        teacher_force: false,
+    };
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.dump.manifest.dtype, precision, "the dump declares the run's dtype");
     compare(g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"))
@@ -43,7 +58,12 @@ fn passes_everywhere(precision: Precision) {
         let cmp = run(&g, Implementation::Ascend, precision);
         let (w, at) = worst(&cmp);
         println!("ascend {precision} on {name}: worst rel-L2 {w:.3e} at {at}");
-        let fails: Vec<String> = cmp.sites.iter().filter(|s| s.status == llama_parity::compare::Status::Fail).map(|s| format!("{} {} {:?}", s.step, s.site, s.note)).collect();
+        let fails: Vec<String> = cmp
+            .sites
+            .iter()
+            .filter(|s| s.status == llama_parity::compare::Status::Fail)
+            .map(|s| format!("{} {} {:?}", s.step, s.site, s.note))
+            .collect();
         assert_eq!(cmp.verdict(), Verdict::Pass, "ascend {precision} on {name}: {fails:?}");
         assert!(w > 0.0, "{name}: a {precision} simulation cannot be exact");
     }
@@ -76,19 +96,40 @@ fn f32_simulation_passes_the_f32_goldens() {
 /// too; the two precision faults have nothing to act on in float64 (exact).
 #[test]
 fn reference_plants_every_fault_and_precision_faults_are_exact_there() {
-    use llama_parity::fault::Fault;
+    use llama_parity::contract::fault::Fault;
     let g = golden("gqa_pad_f32");
     for f in Fault::ALL {
-        let opts = RunOptions { implementation: Implementation::Reference, precision: None, faults: vec![f], teacher_force: false };
+        let opts = RunOptions {
+            implementation: Implementation::Reference,
+            precision: None,
+            faults: vec![f],
+            teacher_force: false,
+        };
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{}: {e}", f.id()));
         let cmp = compare(&g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
-        if matches!(f, Fault::NormNoUpcast | Fault::AttnSoftmaxLowPrecision | Fault::MaskFp16Overflow | Fault::RopeWrongTheta) {
-            assert_eq!(cmp.verdict(), Verdict::Pass, "{} has no effect on a float32 golden with theta 10000 in float64", f.id());
+        if matches!(
+            f,
+            Fault::NormNoUpcast
+                | Fault::AttnSoftmaxLowPrecision
+                | Fault::MaskFp16Overflow
+                | Fault::RopeWrongTheta
+        ) {
+            assert_eq!(
+                cmp.verdict(),
+                Verdict::Pass,
+                "{} has no effect on a float32 golden with theta 10000 in float64",
+                f.id()
+            );
         }
     }
     // norm.bias and mask.pad_token_masked do act in float64.
     for f in [Fault::NormBias, Fault::MaskPadTokenMasked] {
-        let opts = RunOptions { implementation: Implementation::Reference, precision: None, faults: vec![f], teacher_force: false };
+        let opts = RunOptions {
+            implementation: Implementation::Reference,
+            precision: None,
+            faults: vec![f],
+            teacher_force: false,
+        };
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{e}"));
         let cmp = compare(&g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cmp.verdict(), Verdict::Fail, "{}", f.id());

@@ -21,15 +21,31 @@ fn compare_bad(case: &str) -> (Option<i32>, String) {
 
 /// (case, file the message must name, what it must say).
 const CASES: &[(&str, &str, &str)] = &[
-    ("truncated_safetensors", "truncated_safetensors/activations.safetensors", "run past the end of the data"),
-    ("header_past_end", "header_past_end/activations.safetensors", "header length 1099511627776 runs past the end of the file"),
+    (
+        "truncated_safetensors",
+        "truncated_safetensors/activations.safetensors",
+        "run past the end of the data",
+    ),
+    (
+        "header_past_end",
+        "header_past_end/activations.safetensors",
+        "header length 1099511627776 runs past the end of the file",
+    ),
     ("header_not_json", "header_not_json/activations.safetensors", "header is not valid JSON"),
     ("unknown_dtype", "unknown_dtype/activations.safetensors", "unknown dtype \"Q4_K\""),
-    ("size_mismatch", "size_mismatch/activations.safetensors", "needs 48 bytes but data_offsets [0, 40] hold 40"),
+    (
+        "size_mismatch",
+        "size_mismatch/activations.safetensors",
+        "needs 48 bytes but data_offsets [0, 40] hold 40",
+    ),
     ("shape_overflow", "shape_overflow/activations.safetensors", "element count that overflows"),
     ("npy_bad_magic", "npy_bad_magic/activations/prefill/model.embed_tokens.npy", "bad magic"),
     ("manifest_without_steps", "manifest_without_steps/manifest.json", "missing field `steps`"),
-    ("step_without_tensors", "step_without_tensors/activations.safetensors", "step decode.1 is listed in manifest.json `steps` but has no tensors"),
+    (
+        "step_without_tensors",
+        "step_without_tensors/activations.safetensors",
+        "step decode.1 is listed in manifest.json `steps` but has no tensors",
+    ),
     ("manifest_not_json", "manifest_not_json/manifest.json", "not valid JSON"),
 ];
 
@@ -61,7 +77,8 @@ fn the_corpus_holds_exactly_the_pinned_cases_plus_a_valid_dump() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     dirs.sort();
-    let mut want: Vec<String> = CASES.iter().map(|c| c.0.to_string()).chain(["valid".to_string()]).collect();
+    let mut want: Vec<String> =
+        CASES.iter().map(|c| c.0.to_string()).chain(["valid".to_string()]).collect();
     want.sort();
     assert_eq!(dirs, want);
 }
@@ -79,19 +96,39 @@ fn the_valid_dump_of_the_corpus_passes_against_itself() {
 #[test]
 fn bad_flags_exit_2_and_name_the_flag() {
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_parity")).current_dir(root()).args(args).output().expect("run");
+        let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+            .current_dir(root())
+            .args(args)
+            .output()
+            .expect("run");
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let (code, err) = run(&["run", "fixtures/bad/valid", "--impl", "reference", "--fault", "rope.nope"]);
+    let (code, err) =
+        run(&["run", "fixtures/bad/valid", "--impl", "reference", "--fault", "rope.nope"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--fault") && err.contains("rope.nope"), "{err}");
     let (code, err) = run(&["run", "fixtures/bad/valid", "--impl", "warp-drive"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--impl"), "{err}");
-    let (code, err) = run(&["compare", "fixtures/bad/valid", "fixtures/bad/valid", "--policy", "fixtures/bad/valid/manifest.json"]);
+    let (code, err) = run(&[
+        "compare",
+        "fixtures/bad/valid",
+        "fixtures/bad/valid",
+        "--policy",
+        "fixtures/bad/valid/manifest.json",
+    ]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("fixtures/bad/valid/manifest.json") && err.contains("not a valid policy"), "{err}");
-    let (code, err) = run(&["compare", "fixtures/bad/valid", "fixtures/bad/valid", "--report", "fixtures/bad/valid/out"]);
+    assert!(
+        err.contains("fixtures/bad/valid/manifest.json") && err.contains("not a valid policy"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        "compare",
+        "fixtures/bad/valid",
+        "fixtures/bad/valid",
+        "--report",
+        "fixtures/bad/valid/out",
+    ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--report") && err.contains("inside the input"), "{err}");
     assert!(!root().join("fixtures/bad/valid/out").exists());

@@ -35,10 +35,15 @@ fn fixtures() -> serde_json::Value {
 fn good_ckpt_passes_against_the_hf_weights() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("r");
-    let (code, stdout, stderr) = check(&ckpt_dir().join("good.ckpt"), &["--dtype", "float32", "--report", report.to_str().unwrap()]);
+    let (code, stdout, stderr) = check(
+        &ckpt_dir().join("good.ckpt"),
+        &["--dtype", "float32", "--report", report.to_str().unwrap()],
+    );
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("PASS: 21 mapped tensors, 0 findings"), "{stdout}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report.join("weights.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("weights.json")).unwrap())
+            .unwrap();
     assert_eq!(json["verdict"], "pass");
     assert_eq!(json["tensors"].as_array().unwrap().len(), 21);
 }
@@ -68,11 +73,16 @@ fn each_defective_ckpt_exits_1_naming_its_key_and_finding() {
         let key = files[file]["key"].as_str().expect("key");
         let dir = tempfile::tempdir().unwrap();
         let report = dir.path().join("r");
-        let (code, stdout, stderr) = check(&ckpt_dir().join(file), &["--report", report.to_str().unwrap()]);
+        let (code, stdout, stderr) =
+            check(&ckpt_dir().join(file), &["--report", report.to_str().unwrap()]);
         let line = format!("FINDING {kind}: `{key}`");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(report.join("weights.json")).unwrap_or_default()).unwrap_or_default();
-        let in_json = json["findings"].as_array().is_some_and(|a| a.iter().any(|f| f["kind"] == kind && f["port"] == key));
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(report.join("weights.json")).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        let in_json = json["findings"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|f| f["kind"] == kind && f["port"] == key));
         if code != Some(1) || !stdout.contains(&line) || !in_json || !stderr.is_empty() {
             failures.push(format!("{file}: exit {code:?}, want a line {line:?} and it in weights.json:\n{stdout}{stderr}"));
         }
@@ -90,8 +100,15 @@ fn a_truncated_ckpt_exits_2_naming_the_file() {
     assert_eq!(code, Some(2), "{stdout}{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("parity: error: ") && lines[0].contains(cut.to_str().unwrap()), "{stderr}");
-    assert!(lines[0].contains("malformed MindSpore checkpoint at byte") && lines[0].contains("runs past the end"), "{stderr}");
+    assert!(
+        lines[0].starts_with("parity: error: ") && lines[0].contains(cut.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(
+        lines[0].contains("malformed MindSpore checkpoint at byte")
+            && lines[0].contains("runs past the end"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use llama_parity::contract::site::{self, Site, Step};
 use llama_parity::dump::{DType, Dump, Precision, Tensor};
-use llama_parity::site::{self, Site, Step};
 
 fn goldens() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
@@ -22,11 +22,21 @@ fn goldens() -> Vec<PathBuf> {
 
 fn parity(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A copy of `golden` (activations and manifest) with `edit` applied to one tensor.
-fn planted_copy(golden: &Path, dir: &Path, step: Step, site: &Site, edit: impl Fn(&mut Vec<f64>)) -> PathBuf {
+fn planted_copy(
+    golden: &Path,
+    dir: &Path,
+    step: Step,
+    site: &Site,
+    edit: impl Fn(&mut Vec<f64>),
+) -> PathBuf {
     let g = Dump::open(golden).expect("open golden");
     let mut tensors = BTreeMap::new();
     for &s in &g.manifest.steps {
@@ -46,7 +56,8 @@ fn planted_copy(golden: &Path, dir: &Path, step: Step, site: &Site, edit: impl F
 }
 
 fn report(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json")).expect("json")
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json"))
+        .expect("json")
 }
 
 #[test]
@@ -54,7 +65,13 @@ fn every_golden_passes_against_itself() {
     let tmp = tempfile::tempdir().expect("tmp");
     for g in goldens() {
         let rep = tmp.path().join(g.file_name().unwrap());
-        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), g.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        let (code, out, err) = parity(&[
+            "compare",
+            g.to_str().unwrap(),
+            g.to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
         assert_eq!(code, Some(0), "{}: {out}{err}", g.display());
         let r = report(&rep);
         assert_eq!(r["verdict"], "pass");
@@ -79,9 +96,16 @@ fn a_site_scaled_by_one_percent_is_the_first_divergence() {
             Precision::Bf16 => 1.10,
         };
         let step = Step::Decode(1);
-        let copy = planted_copy(&g, tmp.path(), step, &site, |v| v.iter_mut().for_each(|x| *x *= factor));
+        let copy =
+            planted_copy(&g, tmp.path(), step, &site, |v| v.iter_mut().for_each(|x| *x *= factor));
         let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
-        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), copy.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        let (code, out, err) = parity(&[
+            "compare",
+            g.to_str().unwrap(),
+            copy.to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
         assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
         let r = report(&rep);
         assert_eq!(r["first_divergence"]["step"], "decode.1", "{}", g.display());
@@ -101,7 +125,13 @@ fn a_single_nan_in_a_decode_site_is_the_first_divergence() {
             v[k] = f64::NAN;
         });
         let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
-        let (code, out, err) = parity(&["compare", g.to_str().unwrap(), copy.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+        let (code, out, err) = parity(&[
+            "compare",
+            g.to_str().unwrap(),
+            copy.to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
         assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
         let r = report(&rep);
         assert_eq!(r["first_divergence"]["step"], "decode.2");
@@ -127,10 +157,17 @@ fn a_missing_site_is_reported_missing_never_pass() {
     let out = tmp.path().join("no-logits");
     Dump::in_memory(d.manifest.clone(), tensors).unwrap().write(&out).unwrap();
     let rep = tmp.path().join("rep");
-    let (code, _, _) = parity(&["compare", g.to_str().unwrap(), out.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    let (code, _, _) = parity(&[
+        "compare",
+        g.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "missing sites do not fail the gate by themselves");
     let r = report(&rep);
-    let lm: Vec<&serde_json::Value> = r["sites"].as_array().unwrap().iter().filter(|s| s["site"] == "lm_head").collect();
+    let lm: Vec<&serde_json::Value> =
+        r["sites"].as_array().unwrap().iter().filter(|s| s["site"] == "lm_head").collect();
     assert!(!lm.is_empty());
     assert!(lm.iter().all(|s| s["status"] == "missing"));
     assert_eq!(r["summary"]["missing"], d.manifest.steps.len());
@@ -150,7 +187,11 @@ fn the_npy_tree_form_reads_the_same_tensors_as_safetensors() {
         for st in d.sites(s) {
             let t = d.get(s, st).unwrap().unwrap();
             // .npy has no bfloat16: store such tensors widened to float32 (exact).
-            let t = if t.dtype() == DType::BF16 { Tensor::from_f64(t.shape(), &t.to_f64_vec(), DType::F32) } else { t };
+            let t = if t.dtype() == DType::BF16 {
+                Tensor::from_f64(t.shape(), &t.to_f64_vec(), DType::F32)
+            } else {
+                t
+            };
             let mut f = std::fs::File::create(sd.join(format!("{st}.npy"))).unwrap();
             write_npy(&mut f, &t);
         }
@@ -216,14 +257,32 @@ fn a_site_map_lets_a_candidate_use_its_own_site_names() {
     )
     .unwrap();
     let rep = tmp.path().join("rep");
-    let (code, out, err) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--map", map.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    let (code, out, err) = parity(&[
+        "compare",
+        g.to_str().unwrap(),
+        cand.to_str().unwrap(),
+        "--map",
+        map.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(report(&rep)["summary"]["missing"], 0);
-    let (code, _, _) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    let (code, _, _) = parity(&[
+        "compare",
+        g.to_str().unwrap(),
+        cand.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0));
     let r = report(&rep);
     let layers = d.manifest.model.num_hidden_layers;
-    assert_eq!(r["summary"]["missing"], 2 * layers * d.manifest.steps.len(), "without the map the renamed sites are missing");
+    assert_eq!(
+        r["summary"]["missing"],
+        2 * layers * d.manifest.steps.len(),
+        "without the map the renamed sites are missing"
+    );
 }
 
 #[test]
@@ -237,7 +296,13 @@ fn without_weights_beside_the_golden_the_report_says_why_there_is_no_diagnosis()
     }
     let cand = root.join("fixtures/candidates/gqa_pad_f32__rope_pos_reset");
     let rep = tmp.path().join("rep");
-    let (code, out, _) = parity(&["compare", g.to_str().unwrap(), cand.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    let (code, out, _) = parity(&[
+        "compare",
+        g.to_str().unwrap(),
+        cand.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(1));
     assert!(out.contains("diagnosis: not made: the golden has no weights.safetensors"), "{out}");
     let r = report(&rep);

@@ -8,13 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
+use llama_parity::contract::fault::Fault;
+use llama_parity::contract::site::{self, LayerPart, Site};
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
-use llama_parity::site::{self, LayerPart, Site};
-use llama_parity::tolerance::Policy;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -54,13 +54,21 @@ fn diagnose_case(golden: &Dump, cand: &Dump, planted: &str) -> Option<Case> {
     let best = d.first().map(|f| f.score);
     let first = d.iter().any(|f| f.fault == planted && Some(f.score) == best);
     let alone = first && d.iter().filter(|f| Some(f.score) == best).count() == 1;
-    Some(Case { planted: planted.to_string(), top: d.first().map(|f| f.fault.clone()), first, alone })
+    Some(Case {
+        planted: planted.to_string(),
+        top: d.first().map(|f| f.fault.clone()),
+        first,
+        alone,
+    })
 }
 
 fn print_matrix(title: &str, cases: &[Case]) {
     let mut m: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
     for c in cases {
-        *m.entry(&c.planted).or_default().entry(c.top.clone().unwrap_or_else(|| "(none)".into())).or_default() += 1;
+        *m.entry(&c.planted)
+            .or_default()
+            .entry(c.top.clone().unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
     }
     println!("\n{title}: planted fault -> top-ranked diagnosis (count)");
     for (planted, row) in &m {
@@ -69,7 +77,10 @@ fn print_matrix(title: &str, cases: &[Case]) {
     }
     let ok = cases.iter().filter(|c| c.first).count();
     let alone = cases.iter().filter(|c| c.alone).count();
-    println!("  ranked first: {ok} of {} observable cases ({alone} with no other fault tied)", cases.len());
+    println!(
+        "  ranked first: {ok} of {} observable cases ({alone} with no other fault tied)",
+        cases.len()
+    );
 }
 
 #[test]
@@ -78,14 +89,22 @@ fn hf_made_faulty_candidates_are_diagnosed() {
     for c in dirs("fixtures/candidates") {
         let n = name(&c);
         let (g, f) = n.split_once("__").expect("<golden>__<fault>");
-        let planted = Fault::parse_underscored(f).unwrap_or_else(|| panic!("{n}: {f} is not a fault id")).id().to_string();
+        let planted = Fault::parse_underscored(f)
+            .unwrap_or_else(|| panic!("{n}: {f} is not a fault id"))
+            .id()
+            .to_string();
         let golden = Dump::open(&root().join("golden").join(g)).expect("golden");
         let cand = Dump::open(&c).expect("candidate");
-        let case = diagnose_case(&golden, &cand, &planted).unwrap_or_else(|| panic!("{n} passes the gate"));
+        let case = diagnose_case(&golden, &cand, &planted)
+            .unwrap_or_else(|| panic!("{n} passes the gate"));
         cases.push(case);
     }
     print_matrix("HF-made candidates", &cases);
-    let missed: Vec<String> = cases.iter().filter(|c| !c.first).map(|c| format!("{} -> {:?}", c.planted, c.top)).collect();
+    let missed: Vec<String> = cases
+        .iter()
+        .filter(|c| !c.first)
+        .map(|c| format!("{} -> {:?}", c.planted, c.top))
+        .collect();
     assert!(missed.is_empty(), "planted fault not ranked first: {missed:?}");
 }
 
@@ -100,7 +119,12 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
         }
         for precision in [Precision::F32, Precision::Bf16] {
             for fault in Fault::ALL {
-                let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults: vec![fault], teacher_force: false };
+                let opts = RunOptions {
+                    implementation: Implementation::Ascend,
+                    precision: Some(precision),
+                    faults: vec![fault],
+                    teacher_force: false,
+                };
                 let cand = model::run(&golden, &opts).expect("run").dump;
                 match diagnose_case(&golden, &cand, fault.id()) {
                     Some(c) => cases.push(c),
@@ -113,7 +137,12 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
     println!("  not observable (the candidate passes the gate): {}", unobservable.join("; "));
     let ok = cases.iter().filter(|c| c.first).count();
     let rate = ok as f64 / cases.len() as f64;
-    assert!(rate >= 0.95, "planted fault ranked first in {ok} of {} cases ({:.1} %)", cases.len(), rate * 100.0);
+    assert!(
+        rate >= 0.95,
+        "planted fault ranked first in {ok} of {} cases ({:.1} %)",
+        cases.len(),
+        rate * 100.0
+    );
 }
 
 #[test]
@@ -126,7 +155,12 @@ fn correct_low_precision_candidates_pass_with_an_empty_diagnosis() {
         assert!(diagnose(&golden, &cand, &cmp).expect("diagnose").is_empty(), "{c}");
     }
     for precision in [Precision::Bf16, Precision::F16] {
-        let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults: vec![], teacher_force: false };
+        let opts = RunOptions {
+            implementation: Implementation::Ascend,
+            precision: Some(precision),
+            faults: vec![],
+            teacher_force: false,
+        };
         let cand = model::run(&golden, &opts).expect("run").dump;
         let cmp = compare(&golden, &cand, &Policy::default()).expect("compare");
         assert_eq!(cmp.verdict(), Verdict::Pass, "ascend {precision}");
@@ -140,8 +174,20 @@ fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
     let layers = golden.manifest.model.num_hidden_layers;
     let keep = |s: &Site| matches!(s, Site::Layer(_, LayerPart::Output) | Site::LmHead);
     let mut cases = Vec::new();
-    for fault in [Fault::RopePosReset, Fault::MaskPaddingIgnored, Fault::NormLayernorm, Fault::WeightsGateUpSwapped, Fault::KvWrongSlot, Fault::RopeInterleaved] {
-        let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(Precision::Bf16), faults: vec![fault], teacher_force: false };
+    for fault in [
+        Fault::RopePosReset,
+        Fault::MaskPaddingIgnored,
+        Fault::NormLayernorm,
+        Fault::WeightsGateUpSwapped,
+        Fault::KvWrongSlot,
+        Fault::RopeInterleaved,
+    ] {
+        let opts = RunOptions {
+            implementation: Implementation::Ascend,
+            precision: Some(Precision::Bf16),
+            faults: vec![fault],
+            teacher_force: false,
+        };
         let full = model::run(&golden, &opts).expect("run").dump;
         let mut tensors = BTreeMap::new();
         for &step in &full.manifest.steps {
@@ -152,10 +198,15 @@ fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
             }
         }
         let partial = Dump::in_memory(full.manifest.clone(), tensors).expect("dump");
-        let case = diagnose_case(&golden, &partial, fault.id()).unwrap_or_else(|| panic!("{fault} passes"));
+        let case = diagnose_case(&golden, &partial, fault.id())
+            .unwrap_or_else(|| panic!("{fault} passes"));
         cases.push(case);
     }
     print_matrix("layer outputs and logits only (bfloat16)", &cases);
-    let missed: Vec<String> = cases.iter().filter(|c| !c.first).map(|c| format!("{} -> {:?}", c.planted, c.top)).collect();
+    let missed: Vec<String> = cases
+        .iter()
+        .filter(|c| !c.first)
+        .map(|c| format!("{} -> {:?}", c.planted, c.top))
+        .collect();
     assert!(missed.is_empty(), "not ranked first: {missed:?}");
 }

@@ -9,14 +9,24 @@
 
 use std::path::PathBuf;
 
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
+use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::{first_site, Visibility};
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
-use llama_parity::tolerance::Policy;
 
-const GOLDENS: [&str; 9] = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"];
+const GOLDENS: [&str; 9] = [
+    "mha_f32",
+    "gqa_pad_f32",
+    "gqa_pad_bf16",
+    "gqa_pad_f16",
+    "llama3_f32",
+    "yarn_f32",
+    "linear_f32",
+    "longrope_f32",
+    "mqa_tied_f32",
+];
 
 /// Faults whose effect at bfloat16 is below bfloat16's tolerance (rel-L2 0.05) on every
 /// committed golden, measured by this test (the printed rel-L2 is at the site where the
@@ -36,8 +46,18 @@ fn golden(name: &str) -> Dump {
 
 /// Runs `fault` at `precision` on `g` and returns (verdict, first divergence, rel-L2 there
 /// or at `at` when it passed).
-fn plant(g: &Dump, fault: Fault, precision: Precision, at: Option<&(llama_parity::site::Step, llama_parity::site::Site)>) -> (Verdict, Option<String>, f64) {
-    let opts = RunOptions { implementation: Implementation::Ascend, precision: Some(precision), faults: vec![fault], teacher_force: false };
+fn plant(
+    g: &Dump,
+    fault: Fault,
+    precision: Precision,
+    at: Option<&(llama_parity::contract::site::Step, llama_parity::contract::site::Site)>,
+) -> (Verdict, Option<String>, f64) {
+    let opts = RunOptions {
+        implementation: Implementation::Ascend,
+        precision: Some(precision),
+        faults: vec![fault],
+        teacher_force: false,
+    };
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{}: {e}", fault.id()));
     let cmp = compare(g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
     let first = cmp.first_divergence().map(|s| format!("{} {}", s.step, s.site));
@@ -55,13 +75,16 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
     println!("| fault | {} |", GOLDENS.join(" | "));
     println!("|---|{}", "---|".repeat(GOLDENS.len()));
     let goldens: Vec<Dump> = GOLDENS.iter().map(|n| golden(n)).collect();
-    let mut cases: Vec<(Fault, Precision)> = Fault::ALL.iter().map(|&f| (f, Precision::Bf16)).collect();
+    let mut cases: Vec<(Fault, Precision)> =
+        Fault::ALL.iter().map(|&f| (f, Precision::Bf16)).collect();
     cases.push((Fault::MaskFp16Overflow, Precision::F16));
     for (fault, precision) in cases {
         let mut cells = Vec::new();
         for (name, g) in GOLDENS.iter().zip(&goldens) {
             let expected = first_site(fault, &g.manifest, precision);
-            let below = BELOW_BF16_RESOLUTION.iter().find(|(f, _)| *f == fault && precision == Precision::Bf16);
+            let below = BELOW_BF16_RESOLUTION
+                .iter()
+                .find(|(f, _)| *f == fault && precision == Precision::Bf16);
             let at = match &expected {
                 Visibility::Shows(st, si) => Some((*st, si.clone())),
                 Visibility::CannotShow(_) => None,
@@ -70,7 +93,10 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
             let cell = match (&expected, below) {
                 (Visibility::CannotShow(why), _) => {
                     if verdict != Verdict::Pass {
-                        problems.push(format!("{} on {name}: expected no effect ({why}) but failed at {first:?}", fault.id()));
+                        problems.push(format!(
+                            "{} on {name}: expected no effect ({why}) but failed at {first:?}",
+                            fault.id()
+                        ));
                     }
                     format!("— ({why})")
                 }
@@ -90,7 +116,11 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
             };
             cells.push(cell);
         }
-        let label = if precision == Precision::Bf16 { fault.id().to_string() } else { format!("{} @{}", fault.id(), precision) };
+        let label = if precision == Precision::Bf16 {
+            fault.id().to_string()
+        } else {
+            format!("{} @{}", fault.id(), precision)
+        };
         println!("| {label} | {} |", cells.join(" | "));
     }
     assert!(problems.is_empty(), "{} mismatches:\n{}", problems.len(), problems.join("\n"));

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use llama_parity::contract::site::{LayerPart, Site, Step};
 use llama_parity::dump::{DType, Dump};
-use llama_parity::site::{LayerPart, Site, Step};
 use sha2::{Digest, Sha256};
 
 fn root() -> PathBuf {
@@ -31,7 +31,8 @@ fn contract_shape(d: &Dump, step: Step, site: &Site) -> Vec<usize> {
         Step::Prefill => (p, p),
         Step::Decode(j) => (1, p + j + 1),
     };
-    let (h, nh, nkv, hd, v) = (m.hidden_size, m.num_attention_heads, m.kv_heads(), m.head_dim(), m.vocab_size);
+    let (h, nh, nkv, hd, v) =
+        (m.hidden_size, m.num_attention_heads, m.kv_heads(), m.head_dim(), m.vocab_size);
     match site {
         Site::PositionIds => vec![b, t],
         Site::EmbedTokens | Site::Norm => vec![b, t, h],
@@ -53,8 +54,19 @@ fn contract_shape(d: &Dump, step: Step, site: &Site) -> Vec<usize> {
 
 #[test]
 fn the_suite_covers_the_required_scenarios() {
-    let names: Vec<String> = goldens().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"] {
+    let names: Vec<String> =
+        goldens().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for want in [
+        "mha_f32",
+        "gqa_pad_f32",
+        "gqa_pad_bf16",
+        "gqa_pad_f16",
+        "llama3_f32",
+        "yarn_f32",
+        "linear_f32",
+        "longrope_f32",
+        "mqa_tied_f32",
+    ] {
         assert!(names.iter().any(|n| n == want), "golden/{want} is missing; have {names:?}");
     }
 }
@@ -68,8 +80,9 @@ fn every_golden_has_every_site_with_contract_shapes_and_dtypes() {
         let m = &d.manifest;
         assert!(m.scenario.prefill_len() >= 7, "{}: prefill shorter than 7", g.display());
         assert!(m.scenario.decode_steps() >= 4, "{}: fewer than 4 decode steps", g.display());
-        let want_steps: Vec<Step> =
-            std::iter::once(Step::Prefill).chain((0..m.scenario.decode_steps()).map(Step::Decode)).collect();
+        let want_steps: Vec<Step> = std::iter::once(Step::Prefill)
+            .chain((0..m.scenario.decode_steps()).map(Step::Decode))
+            .collect();
         assert_eq!(m.steps, want_steps, "{}", g.display());
         for &step in &m.steps {
             for site in Site::all(m.model.num_hidden_layers) {
@@ -77,7 +90,12 @@ fn every_golden_has_every_site_with_contract_shapes_and_dtypes() {
                     .get(step, &site)
                     .expect("read")
                     .unwrap_or_else(|| panic!("{}: {step}/{site} missing", g.display()));
-                assert_eq!(t.shape(), contract_shape(&d, step, &site).as_slice(), "{}: {step}/{site}", g.display());
+                assert_eq!(
+                    t.shape(),
+                    contract_shape(&d, step, &site).as_slice(),
+                    "{}: {step}/{site}",
+                    g.display()
+                );
                 let want = match site {
                     Site::PositionIds => DType::I64,
                     _ => m.dtype.dtype(),
@@ -92,23 +110,45 @@ fn every_golden_has_every_site_with_contract_shapes_and_dtypes() {
 fn every_golden_carries_hf_weights_of_the_configured_shapes() {
     for g in goldens() {
         let d = Dump::open(&g).expect("open golden");
-        let w = d.weights().expect("weights").unwrap_or_else(|| panic!("{}: no weights.safetensors", g.display()));
+        let w = d
+            .weights()
+            .expect("weights")
+            .unwrap_or_else(|| panic!("{}: no weights.safetensors", g.display()));
         let m = &d.manifest.model;
         let hd = m.head_dim();
-        let mut want = vec![("model.embed_tokens.weight".to_string(), vec![m.vocab_size, m.hidden_size])];
+        let mut want =
+            vec![("model.embed_tokens.weight".to_string(), vec![m.vocab_size, m.hidden_size])];
         want.push(("model.norm.weight".into(), vec![m.hidden_size]));
         if !m.tie_word_embeddings {
             want.push(("lm_head.weight".into(), vec![m.vocab_size, m.hidden_size]));
         }
         for i in 0..m.num_hidden_layers {
             let p = format!("model.layers.{i}.");
-            want.push((format!("{p}self_attn.q_proj.weight"), vec![m.num_attention_heads * hd, m.hidden_size]));
-            want.push((format!("{p}self_attn.k_proj.weight"), vec![m.kv_heads() * hd, m.hidden_size]));
-            want.push((format!("{p}self_attn.v_proj.weight"), vec![m.kv_heads() * hd, m.hidden_size]));
-            want.push((format!("{p}self_attn.o_proj.weight"), vec![m.hidden_size, m.num_attention_heads * hd]));
-            want.push((format!("{p}mlp.gate_proj.weight"), vec![m.intermediate_size, m.hidden_size]));
+            want.push((
+                format!("{p}self_attn.q_proj.weight"),
+                vec![m.num_attention_heads * hd, m.hidden_size],
+            ));
+            want.push((
+                format!("{p}self_attn.k_proj.weight"),
+                vec![m.kv_heads() * hd, m.hidden_size],
+            ));
+            want.push((
+                format!("{p}self_attn.v_proj.weight"),
+                vec![m.kv_heads() * hd, m.hidden_size],
+            ));
+            want.push((
+                format!("{p}self_attn.o_proj.weight"),
+                vec![m.hidden_size, m.num_attention_heads * hd],
+            ));
+            want.push((
+                format!("{p}mlp.gate_proj.weight"),
+                vec![m.intermediate_size, m.hidden_size],
+            ));
             want.push((format!("{p}mlp.up_proj.weight"), vec![m.intermediate_size, m.hidden_size]));
-            want.push((format!("{p}mlp.down_proj.weight"), vec![m.hidden_size, m.intermediate_size]));
+            want.push((
+                format!("{p}mlp.down_proj.weight"),
+                vec![m.hidden_size, m.intermediate_size],
+            ));
             want.push((format!("{p}input_layernorm.weight"), vec![m.hidden_size]));
             want.push((format!("{p}post_attention_layernorm.weight"), vec![m.hidden_size]));
         }

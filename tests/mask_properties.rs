@@ -1,6 +1,6 @@
 //! Properties of the attention mask and the softmax over it (`harness/model/mask.rs`).
 
-mod common;
+use crate::helpers as common;
 
 use llama_parity::dump::Precision;
 use llama_parity::model::attention;

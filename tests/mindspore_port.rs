@@ -47,7 +47,8 @@ fn run_port(golden: &str, args: &[&str]) -> Outcome {
         .arg(&report_dir)
         .output()
         .expect("run parity");
-    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let output =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let report = std::fs::read_to_string(report_dir.join("report.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -61,7 +62,14 @@ fn worst(report: &Value) -> String {
     for s in report["sites"].as_array().into_iter().flatten() {
         if let Some(r) = s["metrics"]["rel_l2"].as_f64() {
             if best.as_ref().is_none_or(|(b, _)| r > *b) {
-                best = Some((r, format!("{}/{}", s["step"].as_str().unwrap_or("?"), s["site"].as_str().unwrap_or("?"))));
+                best = Some((
+                    r,
+                    format!(
+                        "{}/{}",
+                        s["step"].as_str().unwrap_or("?"),
+                        s["site"].as_str().unwrap_or("?")
+                    ),
+                ));
             }
         }
     }
@@ -70,7 +78,8 @@ fn worst(report: &Value) -> String {
 
 /// The golden's compute dtype, from its manifest.
 fn golden_dtype(golden: &str) -> String {
-    let text = std::fs::read_to_string(root().join("golden").join(golden).join("manifest.json")).expect("manifest");
+    let text = std::fs::read_to_string(root().join("golden").join(golden).join("manifest.json"))
+        .expect("manifest");
     let m: Value = serde_json::from_str(&text).expect("manifest JSON");
     m["dtype"].as_str().expect("dtype").to_string()
 }
@@ -84,7 +93,12 @@ fn every_golden_passes_at(dtype: &str) {
     let mut failures = Vec::new();
     for g in goldens() {
         let o = run_port(&g, &["--dtype", dtype]);
-        eprintln!("{g} ({}) at {dtype}: exit {:?}, worst {}", golden_dtype(&g), o.code, worst(&o.report));
+        eprintln!(
+            "{g} ({}) at {dtype}: exit {:?}, worst {}",
+            golden_dtype(&g),
+            o.code,
+            worst(&o.report)
+        );
         if o.code != Some(0) || o.report["verdict"] != "pass" {
             failures.push(format!("{g} at {dtype}: exit {:?}\n{}", o.code, o.output));
         }
@@ -114,9 +128,18 @@ fn fault_diverges_first_at(fault: &str, step: &str, site: &str) {
     let first = &o.report["first_divergence"];
     assert_eq!(o.code, Some(1), "{fault}: exit {:?}\n{}", o.code, o.output);
     assert_eq!(o.report["verdict"], "fail", "{fault}");
-    assert_eq!((first["step"].as_str(), first["site"].as_str()), (Some(step), Some(site)), "{fault}: {first}\n{}", o.output);
+    assert_eq!(
+        (first["step"].as_str(), first["site"].as_str()),
+        (Some(step), Some(site)),
+        "{fault}: {first}\n{}",
+        o.output
+    );
     // The diagnosis names the fault the port planted in its own code.
-    assert_eq!(o.report["diagnosis"][0]["fault"], fault, "{fault}: diagnosis {}", o.report["diagnosis"]);
+    assert_eq!(
+        o.report["diagnosis"][0]["fault"], fault,
+        "{fault}: diagnosis {}",
+        o.report["diagnosis"]
+    );
 }
 
 #[test]
@@ -155,8 +178,14 @@ fn without_mindspore_the_run_exits_2_saying_how_to_install_it() {
         .expect("run parity");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("/nonexistent/bin/python") && stderr.contains("bash .ci/setup"), "{stderr}");
-    assert!(stderr.contains("pip install -r fixtures/ports/mindspore/requirements.txt"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/bin/python") && stderr.contains("bash .ci/setup"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pip install -r fixtures/ports/mindspore/requirements.txt"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -170,7 +199,11 @@ fn a_failing_port_exits_2_with_its_last_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("parity: error: mindspore port: ") && last.contains("run.py exited with status 2"), "{stderr}");
+    assert!(
+        last.starts_with("parity: error: mindspore port: ")
+            && last.contains("run.py exited with status 2"),
+        "{stderr}"
+    );
     assert!(last.contains("mask.fp16_overflow"), "{stderr}");
 }
 
@@ -198,11 +231,21 @@ fn every_other_port_fault_switch_fails_where_it_acts_and_is_diagnosed() {
     for (fault, golden, step, site) in cases {
         let o = run_port(golden, &["--fault", fault]);
         let first = &o.report["first_divergence"];
-        let got = (o.code, first["step"].as_str().unwrap_or("-").to_string(), first["site"].as_str().unwrap_or("-").to_string());
+        let got = (
+            o.code,
+            first["step"].as_str().unwrap_or("-").to_string(),
+            first["site"].as_str().unwrap_or("-").to_string(),
+        );
         let diag = o.report["diagnosis"][0]["fault"].as_str().unwrap_or("(none)").to_string();
-        eprintln!("{fault} on {golden}: exit {:?}, first divergence {}/{}, diagnosis {diag}", got.0, got.1, got.2);
+        eprintln!(
+            "{fault} on {golden}: exit {:?}, first divergence {}/{}, diagnosis {diag}",
+            got.0, got.1, got.2
+        );
         if got != (Some(1), step.to_string(), site.to_string()) || diag != fault {
-            failures.push(format!("{fault}: exit {:?} at {}/{}, diagnosis {diag}", got.0, got.1, got.2));
+            failures.push(format!(
+                "{fault}: exit {:?} at {}/{}, diagnosis {diag}",
+                got.0, got.1, got.2
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

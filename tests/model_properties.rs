@@ -1,20 +1,22 @@
 //! Properties of attention, the KV cache and the composed model
 //! (`harness/model/{attention,kv_cache,llama}.rs`), on tiny random models.
 
-mod common;
+use crate::helpers as common;
 
+use llama_parity::contract::site::{LayerPart, Site};
 use llama_parity::dump::Precision;
 use llama_parity::model::attention::{self, kv_head};
 use llama_parity::model::kv_cache::KvCache;
 use llama_parity::model::mask::additive;
 use llama_parity::model::numerics::Exact;
 use llama_parity::model::plan::{CacheWrite, HeadMapping, MaskRule};
-use llama_parity::site::{LayerPart, Site};
 use ndarray::{concatenate, s, Array4, Axis};
 use proptest::prelude::*;
 
 fn filled(shape: (usize, usize, usize, usize), vals: &[f64], salt: usize) -> Array4<f64> {
-    Array4::from_shape_fn(shape, |(a, b, c, d)| vals[(a * 1009 + b * 101 + c * 13 + d + salt) % vals.len()])
+    Array4::from_shape_fn(shape, |(a, b, c, d)| {
+        vals[(a * 1009 + b * 101 + c * 13 + d + salt) % vals.len()]
+    })
 }
 
 proptest! {

@@ -3,19 +3,28 @@
 
 use std::path::PathBuf;
 
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Status, Verdict};
 use llama_parity::dump::Dump;
 use llama_parity::model::{self, Implementation, RunOptions};
-use llama_parity::tolerance::Policy;
 
 fn golden(name: &str) -> Dump {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);
-    assert!(dir.is_dir(), "golden dump {} is missing: merge the golden branch (golden/<name>/)", dir.display());
+    assert!(
+        dir.is_dir(),
+        "golden dump {} is missing: merge the golden branch (golden/<name>/)",
+        dir.display()
+    );
     Dump::open(&dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn options(teacher_force: bool) -> RunOptions {
-    RunOptions { implementation: Implementation::Reference, precision: None, faults: Vec::new(), teacher_force }
+    RunOptions {
+        implementation: Implementation::Reference,
+        precision: None,
+        faults: Vec::new(),
+        teacher_force,
+    }
 }
 
 /// Every site passes and every float site is within `max_rel_l2`; returns the worst.
@@ -32,9 +41,23 @@ fn check(name: &str, max_rel_l2: f64, teacher_force: bool) {
         assert!(!cmp.sites.is_empty());
         let mut worst = (0.0, String::new());
         for s in &cmp.sites {
-            assert_eq!(s.status, Status::Pass, "{name} ({kind}): {}/{} is {:?} ({:?})", s.step, s.site, s.status, s.note);
+            assert_eq!(
+                s.status,
+                Status::Pass,
+                "{name} ({kind}): {}/{} is {:?} ({:?})",
+                s.step,
+                s.site,
+                s.status,
+                s.note
+            );
             if let Some(m) = s.metrics.as_ref().and_then(|m| m.values()) {
-                assert!(m.rel_l2 <= max_rel_l2, "{name} ({kind}): {}/{} rel_l2 {:.3e}", s.step, s.site, m.rel_l2);
+                assert!(
+                    m.rel_l2 <= max_rel_l2,
+                    "{name} ({kind}): {}/{} rel_l2 {:.3e}",
+                    s.step,
+                    s.site,
+                    m.rel_l2
+                );
                 if m.rel_l2 > worst.0 {
                     worst = (m.rel_l2, format!("{}/{}", s.step, s.site));
                 }

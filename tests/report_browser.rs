@@ -6,20 +6,35 @@
 //! Needs `/usr/bin/chromium` (`apt-get install -y chromium`); PARITY_SKIP_BROWSER=1
 //! skips it where no browser can be installed.
 
-#[path = "support/chromium.rs"]
-mod chromium;
-#[path = "support/synthetic.rs"]
-mod synthetic;
+use crate::helpers::chromium;
+use crate::helpers::synthetic;
 
-
-const CHART_IDS: [&str; 5] =
-    ["chart-compute-order", "chart-per-token", "chart-head-heatmap", "chart-abs-histogram", "chart-local-inherited"];
+const CHART_IDS: [&str; 5] = [
+    "chart-compute-order",
+    "chart-per-token",
+    "chart-head-heatmap",
+    "chart-abs-histogram",
+    "chart-local-inherited",
+];
 
 /// Every `src=`, `href=`, `url(`, `@import` target in `html` that is not a fragment.
 fn external_references(html: &str) -> Vec<String> {
     let lower = html.to_ascii_lowercase();
     let mut found = Vec::new();
-    for needle in ["src=", "href=", "url(", "@import", "xlink:href=", "srcset=", "action=", "<link", "<script", "<iframe", "<object", "<embed"] {
+    for needle in [
+        "src=",
+        "href=",
+        "url(",
+        "@import",
+        "xlink:href=",
+        "srcset=",
+        "action=",
+        "<link",
+        "<script",
+        "<iframe",
+        "<object",
+        "<embed",
+    ] {
         let mut from = 0;
         while let Some(at) = lower[from..].find(needle) {
             let start = from + at;
@@ -52,15 +67,35 @@ fn report_html_renders_in_chromium_with_every_chart_and_no_network() {
     // Rendered DOM, with a net log of every request the page made.
     let (dom, asked) = chromium::dom_and_page_requests(&browser, &page);
     assert!(asked.is_empty(), "the page asked the network for {asked:?}");
-    assert!(dom.contains("<header class=\"verdict fail\" id=\"verdict\"><div class=\"word\">FAIL</div>"), "verdict missing from the DOM");
-    assert!(dom.contains("First divergence") && dom.contains("decode.0") && dom.contains("model.rotary_emb.cos"));
+    assert!(
+        dom.contains(
+            "<header class=\"verdict fail\" id=\"verdict\"><div class=\"word\">FAIL</div>"
+        ),
+        "verdict missing from the DOM"
+    );
+    assert!(
+        dom.contains("First divergence")
+            && dom.contains("decode.0")
+            && dom.contains("model.rotary_emb.cos")
+    );
     assert!(dom.contains("rope.pos_reset"), "diagnosis missing from the DOM");
     for id in CHART_IDS {
-        let at = dom.find(&format!("<svg id=\"{id}\"")).unwrap_or_else(|| panic!("chart {id} missing from the DOM"));
-        let end = dom[at..].find("</svg>").map(|e| at + e).unwrap_or_else(|| panic!("chart {id} not closed"));
-        assert!(dom[at..end].matches("<rect").count() + dom[at..end].matches("<polyline").count() > 3, "chart {id} is empty");
+        let at = dom
+            .find(&format!("<svg id=\"{id}\""))
+            .unwrap_or_else(|| panic!("chart {id} missing from the DOM"));
+        let end = dom[at..]
+            .find("</svg>")
+            .map(|e| at + e)
+            .unwrap_or_else(|| panic!("chart {id} not closed"));
+        assert!(
+            dom[at..end].matches("<rect").count() + dom[at..end].matches("<polyline").count() > 3,
+            "chart {id} is empty"
+        );
         let fig = &dom[..at];
-        assert!(fig.rfind("<figure").is_some_and(|f| !fig[f..].contains("</figure>")), "chart {id} is not inside a figure");
+        assert!(
+            fig.rfind("<figure").is_some_and(|f| !fig[f..].contains("</figure>")),
+            "chart {id} is not inside a figure"
+        );
     }
     assert_eq!(dom.matches("<figcaption>").count(), CHART_IDS.len());
 
@@ -68,7 +103,11 @@ fn report_html_renders_in_chromium_with_every_chart_and_no_network() {
     let png = dir.path().join("shot.png");
     chromium::screenshot(&browser, &page, &png, 1280, 2400);
     let bytes = std::fs::read(&png).expect("no screenshot written");
-    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20_000, "screenshot too small: {} bytes", bytes.len());
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20_000,
+        "screenshot too small: {} bytes",
+        bytes.len()
+    );
 }
 
 #[test]
@@ -79,7 +118,10 @@ fn passing_report_renders_in_chromium() {
     let (dom, asked) = chromium::dom_and_page_requests(&browser, &dir.path().join("report.html"));
     assert!(asked.is_empty(), "the page asked the network for {asked:?}");
     assert!(dom.contains("<div class=\"word\">PASS</div>"));
-    assert!(dom.contains("<svg id=\"chart-compute-order\"") && dom.contains("<svg id=\"chart-per-token\""));
+    assert!(
+        dom.contains("<svg id=\"chart-compute-order\"")
+            && dom.contains("<svg id=\"chart-per-token\"")
+    );
     assert!(!dom.contains("chart-abs-histogram"), "no divergence, no histogram");
     assert!(!dom.contains("chart-local-inherited"), "no teacher forcing, no local chart");
 }
@@ -99,4 +141,29 @@ fn network_checks_catch_a_page_that_fetches() {
     let (_, asked) = chromium::dom_and_page_requests(&browser, &page);
     assert!(asked.iter().any(|u| u.contains("example.invalid/x.png")), "{asked:?}");
     assert!(asked.iter().any(|u| u.contains("example.invalid/bg.png")), "{asked:?}");
+}
+
+/// Renders the synthetic passing and failing reports the tests above use, with
+/// screenshots, for working on the page itself:
+/// `PARITY_EXAMPLES_DIR=/tmp/ex cargo test --release --test main write_report_examples -- --ignored`.
+#[test]
+#[ignore = "writes files for people to look at; run on demand"]
+fn write_report_examples() {
+    let out = std::path::PathBuf::from(
+        std::env::var_os("PARITY_EXAMPLES_DIR").unwrap_or_else(|| "target/report-examples".into()),
+    );
+    for (name, report) in [("pass", synthetic::pass_report()), ("fail", synthetic::fail_report())] {
+        let dir = out.join(name);
+        report.write(&dir).expect("the report files are written");
+        if let Some(browser) = chromium::find("write_report_examples") {
+            chromium::screenshot(
+                &browser,
+                &dir.join("report.html"),
+                &out.join(format!("{name}.png")),
+                1200,
+                1600,
+            );
+        }
+        println!("{}", dir.display());
+    }
 }

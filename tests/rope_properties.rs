@@ -1,13 +1,13 @@
 //! Properties of RoPE: frequencies, tables and the rotation (`harness/model/rope.rs`).
 
-mod common;
+use crate::helpers as common;
 
+use llama_parity::contract::site::Site;
 use llama_parity::dump::Precision;
+use llama_parity::model::llama::Session;
 use llama_parity::model::numerics::Exact;
 use llama_parity::model::plan::{AnglePrecision, Plan, RopeFrequencies, RopeLayout};
-use llama_parity::model::llama::Session;
 use llama_parity::model::rope::{apply, Rope, RopeConfig, RopeType};
-use llama_parity::site::Site;
 use ndarray::{Array2, Array4};
 use proptest::prelude::*;
 
@@ -25,7 +25,11 @@ fn rope_types() -> impl Strategy<Value = RopeType> {
 }
 
 fn rope(kind: RopeType, theta: f64, dim: usize) -> Rope {
-    Rope::new(RopeConfig { theta, dim, max_position_embeddings: 4096, kind }, RopeFrequencies::Configured, AnglePrecision::Numerics)
+    Rope::new(
+        RopeConfig { theta, dim, max_position_embeddings: 4096, kind },
+        RopeFrequencies::Configured,
+        AnglePrecision::Numerics,
+    )
 }
 
 fn vec4(v: &[f64], heads: usize, d: usize) -> Array4<f64> {

@@ -18,10 +18,15 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(!stdout.contains("unexpected"), "{stdout}");
-    let suite: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("suite.json")).expect("suite.json")).expect("json");
+    let suite: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("suite.json")).expect("suite.json"),
+    )
+    .expect("json");
     let runs = suite.as_array().expect("array");
-    let goldens = std::fs::read_dir(root.join("golden")).unwrap().filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file()).count();
+    let goldens = std::fs::read_dir(root.join("golden"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file())
+        .count();
     let candidates = std::fs::read_dir(root.join("fixtures/candidates")).unwrap().count();
     assert_eq!(runs.len(), goldens * 3 + candidates, "three runs per golden and one per candidate");
     assert!(runs.iter().all(|r| r["ok"] == true));
@@ -36,7 +41,11 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
 #[test]
 fn the_suite_refuses_a_directory_without_goldens() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let out = Command::new(env!("CARGO_BIN_EXE_parity")).arg("suite").arg(tmp.path()).output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+        .arg("suite")
+        .arg(tmp.path())
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no golden dump"));
 }

@@ -4,19 +4,21 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use llama_parity::ckpt::Checkpoint;
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
+use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision, SafetensorsFile};
-use llama_parity::fault::Fault;
-use llama_parity::keymap::KeyMap;
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::{render_summary, Report};
-use llama_parity::tolerance::Policy;
-use llama_parity::weight_check::check_weights;
+use llama_parity::weights::check::check_weights;
+use llama_parity::weights::ckpt::Checkpoint;
+use llama_parity::weights::keymap::KeyMap;
 use llama_parity::{Error, Result};
 
-use crate::args::{CheckWeightsArgs, Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs};
+use crate::args::{
+    CheckWeightsArgs, Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs,
+};
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
@@ -89,14 +91,20 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let policy = load_policy(&a.common)?;
-    check_outputs(&[a.golden.as_path()], &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())])?;
+    check_outputs(
+        &[a.golden.as_path()],
+        &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
+    )?;
     let golden = Dump::open(&a.golden)?;
     let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let mut out = model::run(&golden, &opts)?;
     let mut name = format!("{} run", implementation.name());
     if !opts.faults.is_empty() {
-        name.push_str(&format!(" with {}", opts.faults.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")));
+        name.push_str(&format!(
+            " with {}",
+            opts.faults.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")
+        ));
     }
     out.dump.set_name(name);
     if let Some(dir) = &a.dump {
@@ -115,15 +123,22 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
 
 /// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is
 /// said in the report and leaves the verdict alone.
-fn diagnose_into(report: &mut Report, golden: &Dump, candidate: &Dump, cmp: &llama_parity::compare::Comparison) {
+fn diagnose_into(
+    report: &mut Report,
+    golden: &Dump,
+    candidate: &Dump,
+    cmp: &llama_parity::compare::Comparison,
+) {
     if cmp.first_divergence().is_none() {
         return;
     }
     match golden.weights() {
         Ok(Some(_)) => {}
         _ => {
-            report.diagnosis_note =
-                Some("not made: the golden has no weights.safetensors to rerun its scenario with".to_string());
+            report.diagnosis_note = Some(
+                "not made: the golden has no weights.safetensors to rerun its scenario with"
+                    .to_string(),
+            );
             return;
         }
     }
@@ -143,7 +158,8 @@ pub(crate) fn load_policy(c: &CommonArgs) -> Result<Policy> {
 
 /// Prints the summary, writes the report, and maps the verdict to the exit status.
 fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
-    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let color = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let text = render_summary(&report, color);
     if c.quiet {
         for line in text.lines().take_while(|l| !l.is_empty()) {
@@ -177,7 +193,11 @@ pub(crate) fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)])
             if out_abs.starts_with(&in_abs) {
                 return Err(Error::Usage {
                     flag: (*flag).to_string(),
-                    what: format!("{} lies inside the input {}; choose a directory outside it", out.display(), input.display()),
+                    what: format!(
+                        "{} lies inside the input {}; choose a directory outside it",
+                        out.display(),
+                        input.display()
+                    ),
                 });
             }
         }

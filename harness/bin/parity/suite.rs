@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
+use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::fault::Fault;
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::Report;
-use llama_parity::tolerance::Policy;
 use llama_parity::{Error, Result};
 
 use crate::args::SuiteArgs;
@@ -45,7 +45,10 @@ impl Row {
 pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
     let goldens = list_dirs(&a.goldens)?;
     if goldens.is_empty() {
-        return Err(Error::Usage { flag: "GOLDENS".into(), what: format!("{} holds no golden dump", a.goldens.display()) });
+        return Err(Error::Usage {
+            flag: "GOLDENS".into(),
+            what: format!("{} holds no golden dump", a.goldens.display()),
+        });
     }
     let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
     crate::commands::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
@@ -57,19 +60,34 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         let golden = Dump::open(gdir)?;
         let mut runs: Vec<(String, RunOptions)> = vec![(
             "reference".into(),
-            RunOptions { implementation: Implementation::Reference, precision: None, faults: vec![], teacher_force: false },
+            RunOptions {
+                implementation: Implementation::Reference,
+                precision: None,
+                faults: vec![],
+                teacher_force: false,
+            },
         )];
         for p in [Precision::Bf16, Precision::F16] {
             runs.push((
                 format!("ascend {p}"),
-                RunOptions { implementation: Implementation::Ascend, precision: Some(p), faults: vec![], teacher_force: false },
+                RunOptions {
+                    implementation: Implementation::Ascend,
+                    precision: Some(p),
+                    faults: vec![],
+                    teacher_force: false,
+                },
             ));
         }
         if a.mindspore {
             for p in [Precision::F32, Precision::F16] {
                 runs.push((
                     format!("mindspore {p}"),
-                    RunOptions { implementation: Implementation::MindSpore, precision: Some(p), faults: vec![], teacher_force: false },
+                    RunOptions {
+                        implementation: Implementation::MindSpore,
+                        precision: Some(p),
+                        faults: vec![],
+                        teacher_force: false,
+                    },
                 ));
             }
         }
@@ -80,11 +98,19 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
                 .and_then(|out| compare(&golden, &out.dump, &policy))
                 .map(|cmp| Report::new(&cmp, Vec::new()))
                 .map_err(|e| e.to_string());
-            rows.push(Row { golden: gname.clone(), run: label, expect: Verdict::Pass, outcome, seconds: t.elapsed().as_secs_f64() });
+            rows.push(Row {
+                golden: gname.clone(),
+                run: label,
+                expect: Verdict::Pass,
+                outcome,
+                seconds: t.elapsed().as_secs_f64(),
+            });
         }
-        for cdir in candidates.iter().filter(|c| name(c).split("__").next() == Some(gname.as_str())) {
+        for cdir in candidates.iter().filter(|c| name(c).split("__").next() == Some(gname.as_str()))
+        {
             let dir_fault = name(cdir).split("__").nth(1).unwrap_or_default().to_string();
-            let fault = Fault::parse_underscored(&dir_fault).map_or(dir_fault, |f| f.id().to_string());
+            let fault =
+                Fault::parse_underscored(&dir_fault).map_or(dir_fault, |f| f.id().to_string());
             eprintln!("parity: suite: {gname}: candidate {fault}");
             let t = Instant::now();
             let outcome = (|| -> Result<Report> {
@@ -133,7 +159,10 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
 }
 
 fn print_matrix(rows: &[Row]) {
-    println!("{:<16} {:<34} {:<8} {:<8} {:<70} {:>6}", "golden", "run", "expect", "got", "first divergence / diagnosis", "secs");
+    println!(
+        "{:<16} {:<34} {:<8} {:<8} {:<70} {:>6}",
+        "golden", "run", "expect", "got", "first divergence / diagnosis", "secs"
+    );
     for r in rows {
         let (got, detail) = match &r.outcome {
             Ok(rep) => {
@@ -141,8 +170,16 @@ fn print_matrix(rows: &[Row]) {
                     Verdict::Pass => "pass",
                     Verdict::Fail => "fail",
                 };
-                let fd = rep.first_divergence.as_ref().map(|f| format!("{}/{}", f.step, f.site)).unwrap_or_default();
-                let dg = rep.diagnosis.first().map(|f| format!(" => {} ({:.2})", f.fault, f.score)).unwrap_or_default();
+                let fd = rep
+                    .first_divergence
+                    .as_ref()
+                    .map(|f| format!("{}/{}", f.step, f.site))
+                    .unwrap_or_default();
+                let dg = rep
+                    .diagnosis
+                    .first()
+                    .map(|f| format!(" => {} ({:.2})", f.fault, f.score))
+                    .unwrap_or_default();
                 (v.to_string(), format!("{fd}{dg}"))
             }
             Err(e) => ("error".to_string(), e.clone()),
@@ -152,12 +189,16 @@ fn print_matrix(rows: &[Row]) {
             Verdict::Fail => "fail",
         };
         let mark = if r.ok() { "" } else { "  <-- unexpected" };
-        println!("{:<16} {:<34} {:<8} {:<8} {:<70} {:>6.2}{mark}", r.golden, r.run, expect, got, detail, r.seconds);
+        println!(
+            "{:<16} {:<34} {:<8} {:<8} {:<70} {:>6.2}{mark}",
+            r.golden, r.run, expect, got, detail, r.seconds
+        );
     }
 }
 
 fn list_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("manifest.json").is_file())

@@ -1,0 +1,63 @@
+//! The library's one error type.
+//!
+//! An `Error` means the run could not be carried out: a file that cannot be read, a
+//! tensor that is malformed, a flag that makes no sense. A numerical divergence is
+//! never an `Error`; it is data (`Verdict::Fail` in the report).
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can stop a run. Every variant names the file, tensor or flag at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error while touching `path`.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose content is malformed (bad JSON, bad header, bad magic).
+    #[error("{path}: {what}")]
+    Format { path: PathBuf, what: String },
+    /// `manifest.json` is missing a field or has a field of the wrong kind.
+    #[error("{path}: {what}")]
+    Manifest { path: PathBuf, what: String },
+    /// A tensor that the run needs is absent.
+    #[error("{file}: no tensor `{key}`")]
+    MissingTensor { file: PathBuf, key: String },
+    /// A tensor that has the wrong shape for what it is used as.
+    #[error("{file}: tensor `{key}` has shape {got:?}, expected {expected:?}")]
+    Shape { file: PathBuf, key: String, expected: Vec<usize>, got: Vec<usize> },
+    /// A tensor whose dtype cannot be used where it is used.
+    #[error("{file}: tensor `{key}` has dtype {got}, expected {expected}")]
+    DType { file: PathBuf, key: String, expected: String, got: String },
+    /// A flag or option value that cannot be used.
+    #[error("{flag}: {what}")]
+    Usage { flag: String, what: String },
+    /// A model configuration the implementation cannot run.
+    #[error("{path}: model config: {what}")]
+    Config { path: PathBuf, what: String },
+    /// A chart of the HTML report could not be drawn.
+    #[error("chart `{chart}`: {what}")]
+    Chart { chart: String, what: String },
+    /// An external program (the MindSpore port, a browser) failed.
+    #[error("{program}: {what}")]
+    External { program: String, what: String },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Format { path: path.into(), what: what.into() }
+    }
+
+    pub(crate) fn usage(flag: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::Usage { flag: flag.into(), what: what.into() }
+    }
+}

@@ -1,0 +1,271 @@
+//! Steps and sites (CONTRACT §1) and the order in which the model computes them.
+//!
+//! "First divergence" follows compute order: steps in `steps` order, then sites in the
+//! order of the contract's table, layer by layer. Site names a producer adds beyond the
+//! contract sort after the known ones of the same step, by name.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+/// One forward call: the prefill, or decode step `j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Step {
+    Prefill,
+    Decode(usize),
+}
+
+impl Step {
+    /// Parses `"prefill"` or `"decode.N"`.
+    pub fn parse(s: &str) -> Option<Step> {
+        if s == "prefill" {
+            return Some(Step::Prefill);
+        }
+        let n = s.strip_prefix("decode.")?;
+        if n.is_empty()
+            || !n.bytes().all(|b| b.is_ascii_digit())
+            || (n.len() > 1 && n.starts_with('0'))
+        {
+            return None;
+        }
+        n.parse().ok().map(Step::Decode)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Prefill => f.write_str("prefill"),
+            Step::Decode(j) => write!(f, "decode.{j}"),
+        }
+    }
+}
+
+/// The parts of a decoder layer, in compute order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerPart {
+    InputLayernorm,
+    QProj,
+    KProj,
+    VProj,
+    QRope,
+    KRope,
+    KCache,
+    VCache,
+    Probs,
+    Context,
+    OProj,
+    PostAttentionLayernorm,
+    Mlp,
+    Output,
+}
+
+impl LayerPart {
+    pub const ALL: [LayerPart; 14] = [
+        LayerPart::InputLayernorm,
+        LayerPart::QProj,
+        LayerPart::KProj,
+        LayerPart::VProj,
+        LayerPart::QRope,
+        LayerPart::KRope,
+        LayerPart::KCache,
+        LayerPart::VCache,
+        LayerPart::Probs,
+        LayerPart::Context,
+        LayerPart::OProj,
+        LayerPart::PostAttentionLayernorm,
+        LayerPart::Mlp,
+        LayerPart::Output,
+    ];
+
+    /// The suffix after `model.layers.{i}` (empty for the layer output).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            LayerPart::InputLayernorm => ".input_layernorm",
+            LayerPart::QProj => ".self_attn.q_proj",
+            LayerPart::KProj => ".self_attn.k_proj",
+            LayerPart::VProj => ".self_attn.v_proj",
+            LayerPart::QRope => ".self_attn.q_rope",
+            LayerPart::KRope => ".self_attn.k_rope",
+            LayerPart::KCache => ".self_attn.k_cache",
+            LayerPart::VCache => ".self_attn.v_cache",
+            LayerPart::Probs => ".self_attn.probs",
+            LayerPart::Context => ".self_attn.context",
+            LayerPart::OProj => ".self_attn.o_proj",
+            LayerPart::PostAttentionLayernorm => ".post_attention_layernorm",
+            LayerPart::Mlp => ".mlp",
+            LayerPart::Output => "",
+        }
+    }
+}
+
+/// A named activation of the model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Site {
+    PositionIds,
+    EmbedTokens,
+    RotaryCos,
+    RotarySin,
+    Mask,
+    Layer(usize, LayerPart),
+    Norm,
+    LmHead,
+    /// A site outside the contract's table, kept by name.
+    Other(String),
+}
+
+impl Site {
+    /// Parses a contract site name; names outside the table become `Site::Other`.
+    pub fn parse(name: &str) -> Site {
+        match name {
+            "inputs.position_ids" => return Site::PositionIds,
+            "model.embed_tokens" => return Site::EmbedTokens,
+            "model.rotary_emb.cos" => return Site::RotaryCos,
+            "model.rotary_emb.sin" => return Site::RotarySin,
+            "model.mask" => return Site::Mask,
+            "model.norm" => return Site::Norm,
+            "lm_head" => return Site::LmHead,
+            _ => {}
+        }
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 && !(digits > 1 && rest.starts_with('0')) {
+                if let Ok(i) = rest[..digits].parse::<usize>() {
+                    let suffix = &rest[digits..];
+                    if let Some(part) = LayerPart::ALL.iter().find(|p| p.suffix() == suffix) {
+                        return Site::Layer(i, *part);
+                    }
+                }
+            }
+        }
+        Site::Other(name.to_string())
+    }
+
+    /// Every contract site of a model with `layers` decoder layers, in compute order.
+    pub fn all(layers: usize) -> Vec<Site> {
+        let mut v = vec![
+            Site::PositionIds,
+            Site::EmbedTokens,
+            Site::RotaryCos,
+            Site::RotarySin,
+            Site::Mask,
+        ];
+        for i in 0..layers {
+            v.extend(LayerPart::ALL.iter().map(|&p| Site::Layer(i, p)));
+        }
+        v.push(Site::Norm);
+        v.push(Site::LmHead);
+        v
+    }
+
+    /// Rank in compute order within a step.
+    fn rank(&self) -> (usize, usize, usize) {
+        match self {
+            Site::PositionIds => (0, 0, 0),
+            Site::EmbedTokens => (1, 0, 0),
+            Site::RotaryCos => (2, 0, 0),
+            Site::RotarySin => (3, 0, 0),
+            Site::Mask => (4, 0, 0),
+            Site::Layer(i, p) => (5, *i, *p as usize),
+            Site::Norm => (6, 0, 0),
+            Site::LmHead => (7, 0, 0),
+            Site::Other(_) => (8, 0, 0),
+        }
+    }
+
+    /// Compares two sites in compute order.
+    pub fn compute_order(&self, other: &Site) -> Ordering {
+        self.rank().cmp(&other.rank()).then_with(|| match (self, other) {
+            (Site::Other(a), Site::Other(b)) => a.cmp(b),
+            _ => Ordering::Equal,
+        })
+    }
+
+    /// The layer index, for layer sites.
+    pub fn layer(&self) -> Option<usize> {
+        match self {
+            Site::Layer(i, _) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The axis that indexes the tokens fed in this step (`T`), whose padding rows are
+    /// left out of every metric; `None` where no axis is a query axis (the KV cache).
+    pub fn token_axis(&self) -> Option<usize> {
+        match self {
+            Site::Mask => Some(2),
+            Site::Layer(_, LayerPart::QRope | LayerPart::KRope | LayerPart::Probs) => Some(2),
+            Site::Layer(_, LayerPart::KCache | LayerPart::VCache) => None,
+            Site::Other(_) => None,
+            _ => Some(1),
+        }
+    }
+
+    /// True for the attention mask, which is compared as a visibility pattern.
+    pub fn is_mask(&self) -> bool {
+        matches!(self, Site::Mask)
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Site::PositionIds => f.write_str("inputs.position_ids"),
+            Site::EmbedTokens => f.write_str("model.embed_tokens"),
+            Site::RotaryCos => f.write_str("model.rotary_emb.cos"),
+            Site::RotarySin => f.write_str("model.rotary_emb.sin"),
+            Site::Mask => f.write_str("model.mask"),
+            Site::Layer(i, p) => write!(f, "model.layers.{i}{}", p.suffix()),
+            Site::Norm => f.write_str("model.norm"),
+            Site::LmHead => f.write_str("lm_head"),
+            Site::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The activation key of a site in a step: `"<step>/<site>"`.
+pub fn key(step: Step, site: &Site) -> String {
+    format!("{step}/{site}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_parse_and_print() {
+        assert_eq!(Step::parse("prefill"), Some(Step::Prefill));
+        assert_eq!(Step::parse("decode.12"), Some(Step::Decode(12)));
+        assert_eq!(Step::parse("decode."), None);
+        assert_eq!(Step::parse("decode.01"), None);
+        assert_eq!(Step::parse("decode.x"), None);
+        assert_eq!(Step::Decode(3).to_string(), "decode.3");
+        assert!(Step::Prefill < Step::Decode(0) && Step::Decode(2) < Step::Decode(10));
+    }
+
+    #[test]
+    fn every_contract_site_round_trips() {
+        for s in Site::all(3) {
+            assert_eq!(Site::parse(&s.to_string()), s);
+        }
+        assert_eq!(Site::parse("model.layers.07.mlp"), Site::Other("model.layers.07.mlp".into()));
+        assert_eq!(Site::parse("model.layers.1.foo"), Site::Other("model.layers.1.foo".into()));
+    }
+
+    #[test]
+    fn compute_order_is_the_table_order_layer_by_layer() {
+        let all = Site::all(2);
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        shuffled.sort_by(|a, b| a.compute_order(b));
+        assert_eq!(shuffled, all);
+        assert_eq!(
+            Site::parse("model.layers.0")
+                .compute_order(&Site::parse("model.layers.1.input_layernorm")),
+            Ordering::Less
+        );
+        assert_eq!(
+            Site::parse("model.layers.10.mlp").compute_order(&Site::parse("model.layers.9.mlp")),
+            Ordering::Greater
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! Stage 2, a port's weights: MindSpore checkpoints ([`ckpt`]), the key maps that say
+//! how a port names and lays out each HF parameter ([`keymap`]), and `check-weights`
+//! ([`check`]), which checks a converted checkpoint against the HF weights.
+//!
+//! Uses the contract and the dump stage.
+
+pub mod check;
+pub mod ckpt;
+pub mod keymap;

@@ -1,0 +1,356 @@
+//! The Llama decoder composed from its building blocks, one forward call per step,
+//! recording every contract site (CONTRACT §1).
+//!
+//! Follows HF `LlamaForCausalLM.forward` → `LlamaModel.forward`:
+//! `h = embed(ids)`; `cos, sin = rotary_emb(h, position_ids)`; mask; per layer
+//! `r = h; h = input_layernorm(h); h = r + o_proj(attn(h))`,
+//! `r = h; h = post_attention_layernorm(h); h = r + mlp(h)`; `norm(h)`; `lm_head`.
+//!
+//! A [`Session`] holds what persists between steps: the KV caches, the rotary state,
+//! each row's key validity and `pos_offset` (real tokens seen so far, so decode
+//! positions continue from the context length and never restart).
+
+use std::path::Path;
+
+use ndarray::{Array2, Array3, Array4, ArrayD, Zip};
+
+use crate::contract::error::{Error, Result};
+use crate::contract::site::{LayerPart, Site};
+use crate::dump::ModelConfig;
+
+use super::attention;
+use super::embedding::Embedding;
+use super::kv_cache::KvCache;
+use super::mask;
+use super::mlp::Mlp;
+use super::numerics::{round_in_place, Numerics, RoundAt};
+use super::plan::{
+    CacheWrite, CachedKeys, DecodePositions, MaskFill, PaddingSource, Plan, RopeTables,
+    OVERFLOWING_FILL,
+};
+use super::rms_norm::RmsNorm;
+use super::rope::{self, Rope, RopeConfig};
+use super::weights::Weights;
+
+/// A model: config, weights, rotary config.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub rope: RopeConfig,
+}
+
+impl Llama {
+    /// Validates `config` (`path` names the manifest in errors) and builds the model.
+    pub fn new(config: ModelConfig, weights: Weights, path: &Path) -> Result<Llama> {
+        config.validate(path)?;
+        if config.hidden_act != "silu" {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                what: format!("hidden_act {:?}: only silu is built", config.hidden_act),
+            });
+        }
+        let rope = RopeConfig::from_model(&config, path)?;
+        Ok(Llama { config, weights, rope })
+    }
+}
+
+/// Where teacher forcing gets each layer's input: the golden's `model.embed_tokens`
+/// for layer 0 and `model.layers.{i-1}` for layer `i`, `[batch, T, hidden]`.
+pub trait LayerInputs {
+    /// The input to `layer` in the current step, or `None` to use the run's own.
+    fn layer_input(&self, layer: usize) -> Result<Option<Array3<f64>>>;
+}
+
+/// Every site a step produced, in compute order.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub sites: Vec<(Site, ArrayD<f64>)>,
+}
+
+impl StepOutput {
+    fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
+        self.sites.push((site, a.into_dyn()));
+    }
+
+    /// The tensor of `site`, if produced.
+    pub fn get(&self, site: &Site) -> Option<&ArrayD<f64>> {
+        self.sites.iter().find(|(s, _)| s == site).map(|(_, a)| a)
+    }
+
+    /// The logits `[batch, T, vocab]`.
+    pub fn logits(&self) -> Option<&ArrayD<f64>> {
+        self.get(&Site::LmHead)
+    }
+}
+
+/// A run of steps over one batch.
+pub struct Session<'m> {
+    model: &'m Llama,
+    numerics: &'m dyn Numerics,
+    plan: &'m Plan,
+    caches: Vec<KvCache>,
+    rope: Rope,
+    /// `[batch][S]`: whether each filled cache slot holds a real token.
+    key_valid: Vec<Vec<bool>>,
+    /// Per row: real tokens seen so far (HF `cache_position`-based `pos_offset`).
+    pos_offset: Vec<i64>,
+    decode_steps: usize,
+}
+
+impl<'m> Session<'m> {
+    /// A session for `batch` rows with room for `max_len` tokens per row.
+    pub fn new(
+        model: &'m Llama,
+        batch: usize,
+        max_len: usize,
+        numerics: &'m dyn Numerics,
+        plan: &'m Plan,
+    ) -> Session<'m> {
+        let c = &model.config;
+        let caches = (0..c.num_hidden_layers)
+            .map(|_| KvCache::new(batch, c.kv_heads(), max_len, c.head_dim()))
+            .collect();
+        let rope = Rope::new(model.rope.clone(), plan.rope_frequencies, plan.angle_precision);
+        Session {
+            model,
+            numerics,
+            plan,
+            caches,
+            rope,
+            key_valid: vec![Vec::new(); batch],
+            pos_offset: vec![0; batch],
+            decode_steps: 0,
+        }
+    }
+
+    /// Builds the rotary tables once for every position up to `max_position_embeddings`
+    /// (a port's precomputed tables, MindFormers `FreqsMgr`), gathered by position after.
+    pub fn precompute_rope_tables(&mut self) {
+        self.rope.precompute(self.numerics);
+    }
+
+    /// Whether each token of `ids` `[batch][T]` counts as real, by the plan's padding
+    /// source: the attention mask `[batch][T]`, or `id != pad_token_id`.
+    fn real_tokens(&self, ids: &[Vec<i64>], attention_mask: &[Vec<i64>]) -> Vec<Vec<bool>> {
+        match self.plan.padding_source {
+            PaddingSource::AttentionMask => {
+                attention_mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect()
+            }
+            PaddingSource::TokenIds => {
+                let pad = self
+                    .model
+                    .config
+                    .extra
+                    .get("pad_token_id")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0);
+                ids.iter().map(|r| r.iter().map(|&i| i != pad).collect()).collect()
+            }
+        }
+    }
+
+    /// The caches, one per layer.
+    pub fn caches(&self) -> &[KvCache] {
+        &self.caches
+    }
+
+    /// Feeds `ids` `[batch][T]` with `attention_mask` `[batch][T]` (1 token, 0 padding):
+    /// positions are `pos_offset + cumsum(mask) - 1`, padding slots at 1 (HF `generate`).
+    pub fn prefill(
+        &mut self,
+        ids: &[Vec<i64>],
+        attention_mask: &[Vec<i64>],
+        teacher: Option<&dyn LayerInputs>,
+    ) -> Result<StepOutput> {
+        self.check_batch(ids)?;
+        let t = ids.first().map_or(0, Vec::len);
+        if attention_mask.len() != ids.len() || attention_mask.iter().any(|r| r.len() != t) {
+            return Err(Error::usage("attention_mask", "must have the shape of input_ids"));
+        }
+        let mut positions = Array2::zeros((ids.len(), t));
+        for (b, row) in attention_mask.iter().enumerate() {
+            let mut c = self.pos_offset[b];
+            for (ti, &m) in row.iter().enumerate() {
+                positions[[b, ti]] = if m != 0 {
+                    c += 1;
+                    c - 1
+                } else {
+                    1
+                };
+            }
+            self.pos_offset[b] = c;
+        }
+        let valid = self.real_tokens(ids, attention_mask);
+        self.forward(ids, &valid, positions, CacheWrite::NextSlot, teacher)
+    }
+
+    /// Feeds one token per row, `ids` `[batch]`; its position continues the row's count.
+    pub fn decode(&mut self, ids: &[i64], teacher: Option<&dyn LayerInputs>) -> Result<StepOutput> {
+        let rows: Vec<Vec<i64>> = ids.iter().map(|&i| vec![i]).collect();
+        self.check_batch(&rows)?;
+        let j = self.decode_steps as i64;
+        let positions =
+            Array2::from_shape_fn((ids.len(), 1), |(b, _)| match self.plan.decode_positions {
+                DecodePositions::Continue => self.pos_offset[b],
+                DecodePositions::Reset => j,
+                DecodePositions::Fixed => 0,
+                DecodePositions::OffByOne => self.pos_offset[b] + 1,
+            });
+        for o in &mut self.pos_offset {
+            *o += 1;
+        }
+        self.decode_steps += 1;
+        let valid = self.real_tokens(&rows, &vec![vec![1]; ids.len()]);
+        self.forward(&rows, &valid, positions, self.plan.cache_write, teacher)
+    }
+
+    fn check_batch(&self, ids: &[Vec<i64>]) -> Result<()> {
+        let t = ids.first().map_or(0, Vec::len);
+        if ids.len() != self.pos_offset.len() || t == 0 || ids.iter().any(|r| r.len() != t) {
+            return Err(Error::usage(
+                "input_ids",
+                format!("expected {} rows of equal, non-zero length", self.pos_offset.len()),
+            ));
+        }
+        let room = self.caches.first().map_or(usize::MAX, KvCache::capacity);
+        if self.caches.first().map_or(0, KvCache::len) + t > room {
+            return Err(Error::usage(
+                "input_ids",
+                format!("the step overflows the cache of {room} slots"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One forward call: `ids` `[batch][T]`, `valid` `[batch][T]`, `positions` `[batch, T]`.
+    fn forward(
+        &mut self,
+        ids: &[Vec<i64>],
+        valid: &[Vec<bool>],
+        positions: Array2<i64>,
+        write: CacheWrite,
+        teacher: Option<&dyn LayerInputs>,
+    ) -> Result<StepOutput> {
+        let (model, n, plan) = (self.model, self.numerics, self.plan);
+        let c = &model.config;
+        let w = &model.weights;
+        let (nh, nkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let t = ids[0].len();
+        let mut out = StepOutput::default();
+        out.put(Site::PositionIds, positions.mapv(|p| p as f64));
+
+        let mut h = Embedding { weight: &w.embed_tokens }.forward(ids, n)?;
+        out.put(Site::EmbedTokens, h.clone());
+
+        let (mut cos, mut sin) = self.rope.tables(&positions, n);
+        if plan.rope_tables == RopeTables::Swapped {
+            std::mem::swap(&mut cos, &mut sin);
+        }
+        out.put(Site::RotaryCos, cos.clone());
+        out.put(Site::RotarySin, sin.clone());
+
+        let past = self.caches.first().map_or(0, KvCache::len);
+        for (row, v) in self.key_valid.iter_mut().zip(valid) {
+            row.extend_from_slice(v);
+        }
+        let fill = match plan.mask_fill {
+            MaskFill::Convention => n.mask_fill(),
+            MaskFill::Overflowing => n.mask_precision().round(OVERFLOWING_FILL),
+        };
+        let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
+        out.put(Site::Mask, m.clone());
+
+        let scale = attention::scale(d, plan.score_scale);
+        for (i, lw) in w.layers.iter().enumerate() {
+            if let Some(teacher) = teacher {
+                if let Some(x) = teacher.layer_input(i)? {
+                    if x.dim() != h.dim() {
+                        return Err(Error::usage(
+                            "--teacher-force",
+                            format!(
+                                "the golden's input to layer {i} has shape {:?}, expected {:?}",
+                                x.shape(),
+                                h.shape()
+                            ),
+                        ));
+                    }
+                    h = x;
+                }
+            }
+            let site = |p: LayerPart| Site::Layer(i, p);
+            let x = RmsNorm {
+                weight: &lw.input_layernorm,
+                eps: c.rms_norm_eps,
+                kind: plan.norm_kind,
+                beta: plan.norm_beta,
+            }
+            .forward(&h, n);
+            out.put(site(LayerPart::InputLayernorm), x.clone());
+            let q = lw.q_proj.forward(&x, n);
+            let k = lw.k_proj.forward(&x, n);
+            let v = lw.v_proj.forward(&x, n);
+            out.put(site(LayerPart::QProj), q.clone());
+            out.put(site(LayerPart::KProj), k.clone());
+            out.put(site(LayerPart::VProj), v.clone());
+            let (q, k, v) =
+                (rope::split_heads(&q, nh), rope::split_heads(&k, nkv), rope::split_heads(&v, nkv));
+            let q_rot = rope::apply(&q, cos.view(), sin.view(), plan.rope_layout, n);
+            let k_rot = rope::apply(&k, cos.view(), sin.view(), plan.rope_layout, n);
+            out.put(site(LayerPart::QRope), q_rot.clone());
+            out.put(site(LayerPart::KRope), k_rot.clone());
+            let cached_k: &Array4<f64> = match plan.cached_keys {
+                CachedKeys::Rotated => &k_rot,
+                CachedKeys::Unrotated => &k,
+            };
+            let cache = &mut self.caches[i];
+            cache.append(cached_k, &v, write);
+            out.put(site(LayerPart::KCache), cache.keys().to_owned());
+            out.put(site(LayerPart::VCache), cache.values().to_owned());
+            let (probs, ctx) = attention::eager(
+                &q_rot,
+                cache.keys(),
+                cache.values(),
+                &m,
+                scale,
+                plan.head_mapping,
+                n,
+            );
+            out.put(site(LayerPart::Probs), probs);
+            out.put(site(LayerPart::Context), ctx.clone());
+            let o = lw.o_proj.forward(&ctx, n);
+            out.put(site(LayerPart::OProj), o.clone());
+            residual_add(&mut h, &o, n);
+            let x = RmsNorm {
+                weight: &lw.post_attention_layernorm,
+                eps: c.rms_norm_eps,
+                kind: plan.norm_kind,
+                beta: plan.norm_beta,
+            }
+            .forward(&h, n);
+            out.put(site(LayerPart::PostAttentionLayernorm), x.clone());
+            let y =
+                Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }
+                    .forward(&x, n);
+            out.put(site(LayerPart::Mlp), y.clone());
+            residual_add(&mut h, &y, n);
+            out.put(site(LayerPart::Output), h.clone());
+        }
+        let x = RmsNorm {
+            weight: &w.norm,
+            eps: c.rms_norm_eps,
+            kind: plan.norm_kind,
+            beta: plan.norm_beta,
+        }
+        .forward(&h, n);
+        out.put(Site::Norm, x.clone());
+        out.put(Site::LmHead, w.lm_head.forward(&x, n));
+        Ok(out)
+    }
+}
+
+/// `h += y`, rounded at `RoundAt::Residual`. Both `[batch, T, hidden]`.
+fn residual_add(h: &mut Array3<f64>, y: &Array3<f64>, n: &dyn Numerics) {
+    Zip::from(&mut *h).and(y).for_each(|a, &b| *a += b);
+    round_in_place(n, RoundAt::Residual, h);
+}

@@ -1,0 +1,239 @@
+//! The tolerance policy: which metrics a site must meet to pass.
+//!
+//! A site passes when `rel_l2 <= max_rel_l2`, `cosine >= min_cosine`, `max_abs <=
+//! max_abs` (when set) and the candidate has no NaN or Inf the golden lacks. Defaults
+//! depend on the coarser of the golden's and the candidate's dtype; they are set so
+//! that a correct bfloat16 or float16 run of the same model passes against a float32
+//! golden while real porting faults fail (the measurements behind them are in
+//! README.md, "Tolerances").
+//!
+//! A policy file (`--policy FILE`, JSON) overrides them:
+//!
+//! ```json
+//! {
+//!   "defaults": { "bfloat16": { "max_rel_l2": 0.05 } },
+//!   "rules": [
+//!     { "site": "model.layers.*.self_attn.probs", "step": "decode.*", "max_rel_l2": 0.1 },
+//!     { "site": "lm_head", "skip": true }
+//!   ]
+//! }
+//! ```
+//!
+//! Rules apply in file order; a later matching rule overrides the fields it sets.
+//! Patterns match whole names; `*` matches any run of characters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::contract::error::{Error, Result};
+use crate::contract::site::{Site, Step};
+use crate::dump::Precision;
+
+/// Thresholds one site must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    pub max_rel_l2: f64,
+    pub min_cosine: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs: Option<f64>,
+}
+
+impl Tolerance {
+    /// The default for a comparison at `precision` (the coarser of the golden's and the
+    /// candidate's dtype).
+    pub fn default_for(precision: Precision) -> Tolerance {
+        match precision {
+            Precision::F32 => Tolerance { max_rel_l2: 1e-4, min_cosine: 0.99999, max_abs: None },
+            Precision::Bf16 => Tolerance { max_rel_l2: 0.05, min_cosine: 0.998, max_abs: None },
+            Precision::F16 => Tolerance { max_rel_l2: 0.01, min_cosine: 0.9999, max_abs: None },
+        }
+    }
+}
+
+/// Partial thresholds as written in a policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rel_l2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs: Option<f64>,
+}
+
+impl Override {
+    fn apply(&self, t: &mut Tolerance) {
+        if let Some(v) = self.max_rel_l2 {
+            t.max_rel_l2 = v;
+        }
+        if let Some(v) = self.min_cosine {
+            t.min_cosine = v;
+        }
+        if let Some(v) = self.max_abs {
+            t.max_abs = Some(v);
+        }
+    }
+}
+
+/// One rule of a policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Site pattern, e.g. `model.layers.*.self_attn.probs`.
+    #[serde(default = "star")]
+    pub site: String,
+    /// Step pattern, e.g. `decode.*`.
+    #[serde(default = "star")]
+    pub step: String,
+    /// Only for candidates of this dtype (`float32`, `bfloat16`, `float16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Leave matching sites out of the verdict (reported `skipped`).
+    #[serde(default)]
+    pub skip: bool,
+    #[serde(flatten)]
+    pub thresholds: Override,
+}
+
+fn star() -> String {
+    "*".to_string()
+}
+
+/// What the policy decides for one site.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Check(Tolerance),
+    Skip,
+}
+
+/// The tolerance policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub defaults: BTreeMap<String, Override>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Reads a policy file.
+    pub fn load(path: &Path) -> Result<Policy> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let p: Policy = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not a valid policy: {e}")))?;
+        for k in p.defaults.keys() {
+            if Precision::parse(k).is_none() {
+                return Err(Error::format(
+                    path,
+                    format!("defaults: {k:?} is not float32, bfloat16 or float16"),
+                ));
+            }
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            if let Some(d) = &r.dtype {
+                if Precision::parse(d).is_none() {
+                    return Err(Error::format(
+                        path,
+                        format!("rules[{i}].dtype: {d:?} is not float32, bfloat16 or float16"),
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// The decision for `site` at `step` for a candidate computed at `precision`.
+    pub fn decide(&self, step: Step, site: &Site, precision: Precision) -> Decision {
+        let mut t = Tolerance::default_for(precision);
+        if let Some(o) = self.defaults.get(precision.name()) {
+            o.apply(&mut t);
+        }
+        let (step_s, site_s) = (step.to_string(), site.to_string());
+        let mut skip = false;
+        for r in &self.rules {
+            let dtype_ok =
+                r.dtype.as_deref().and_then(Precision::parse).is_none_or(|d| d == precision);
+            if dtype_ok && glob(&r.site, &site_s) && glob(&r.step, &step_s) {
+                r.thresholds.apply(&mut t);
+                skip = r.skip;
+            }
+        }
+        if skip {
+            Decision::Skip
+        } else {
+            Decision::Check(t)
+        }
+    }
+}
+
+/// Whole-string match where `*` matches any run of characters.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
+        return false;
+    }
+    let mut rest = &s[first.len()..s.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_whole_names() {
+        assert!(glob("model.layers.*.mlp", "model.layers.12.mlp"));
+        assert!(!glob("model.layers.*.mlp", "model.layers.1.mlp.x"));
+        assert!(glob("*", "anything"));
+        assert!(glob("decode.*", "decode.0"));
+        assert!(!glob("decode.*", "prefill"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(!glob("a*b*c", "acb"));
+        assert!(glob("lm_head", "lm_head"));
+    }
+
+    #[test]
+    fn later_rules_override_earlier_ones() {
+        let p: Policy = serde_json::from_str(
+            r#"{"defaults":{"bfloat16":{"max_rel_l2":0.2}},
+                "rules":[{"site":"model.layers.*.mlp","max_rel_l2":0.3},
+                         {"site":"model.layers.1.mlp","step":"decode.*","min_cosine":0.5},
+                         {"site":"lm_head","dtype":"float16","skip":true}]}"#,
+        )
+        .unwrap();
+        let mlp1 = Site::parse("model.layers.1.mlp");
+        let Decision::Check(t) = p.decide(Step::Decode(0), &mlp1, Precision::Bf16) else {
+            panic!()
+        };
+        assert_eq!((t.max_rel_l2, t.min_cosine), (0.3, 0.5));
+        let Decision::Check(t) = p.decide(Step::Prefill, &mlp1, Precision::Bf16) else { panic!() };
+        assert_eq!(
+            (t.max_rel_l2, t.min_cosine),
+            (0.3, Tolerance::default_for(Precision::Bf16).min_cosine)
+        );
+        let Decision::Check(t) = p.decide(Step::Prefill, &Site::EmbedTokens, Precision::Bf16)
+        else {
+            panic!()
+        };
+        assert_eq!(t.max_rel_l2, 0.2);
+        assert_eq!(p.decide(Step::Prefill, &Site::LmHead, Precision::F16), Decision::Skip);
+        assert!(matches!(
+            p.decide(Step::Prefill, &Site::LmHead, Precision::F32),
+            Decision::Check(_)
+        ));
+    }
+}

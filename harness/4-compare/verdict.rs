@@ -1,0 +1,479 @@
+//! Aligns the sites of a golden dump and a candidate dump, measures each pair and
+//! reaches a verdict, following the contract's comparison rules:
+//!
+//! - query rows of padding tokens are left out of every metric, and so are the KV-cache
+//!   slots of padding tokens (see [`RowFilter`]);
+//! - masks are compared as visibility patterns (float: hidden below -1, visible at 0;
+//!   bool/int: visible when non-zero);
+//! - integer sites (positions) must match exactly;
+//! - a site the candidate lacks is `missing`, never `pass`;
+//! - a shape mismatch fails that site and records both shapes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compare::metrics::{unravel, Accumulator, ErrorHistogram, GroupL2, Metrics};
+use crate::compare::tolerance::{Decision, Policy, Tolerance};
+use crate::contract::error::{Error, Result};
+use crate::contract::site::{LayerPart, Site, Step};
+use crate::dump::{DType, Dump, Precision, Scenario, Tensor};
+
+/// The outcome of one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Missing,
+    Skipped,
+}
+
+/// The gate's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+/// What was measured at a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SiteMetrics {
+    /// Float activations: the full set of error measures.
+    Values(Metrics),
+    /// Integer activations: exact match required.
+    Exact { count: u64, mismatches: u64, first_mismatch: Option<Vec<usize>> },
+    /// The attention mask: visibility patterns compared.
+    Visibility {
+        count: u64,
+        mismatches: u64,
+        first_mismatch: Option<Vec<usize>>,
+        golden_visible: u64,
+        candidate_visible: u64,
+    },
+}
+
+impl SiteMetrics {
+    /// The float measures, if this site has them.
+    pub fn values(&self) -> Option<&Metrics> {
+        match self {
+            SiteMetrics::Values(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// One number for "how wrong": rel-L2 for values, the mismatch fraction otherwise.
+    pub fn error(&self) -> f64 {
+        match self {
+            SiteMetrics::Values(m) => m.rel_l2,
+            SiteMetrics::Exact { count, mismatches, .. }
+            | SiteMetrics::Visibility { count, mismatches, .. } => {
+                if *count == 0 {
+                    0.0
+                } else {
+                    *mismatches as f64 / *count as f64
+                }
+            }
+        }
+    }
+}
+
+/// The comparison of one site at one step.
+#[derive(Debug, Clone)]
+pub struct SiteResult {
+    pub step: Step,
+    pub site: Site,
+    pub status: Status,
+    pub metrics: Option<SiteMetrics>,
+    pub tolerance: Option<Tolerance>,
+    pub golden_shape: Vec<usize>,
+    pub candidate_shape: Option<Vec<usize>>,
+    pub golden_dtype: DType,
+    pub candidate_dtype: Option<DType>,
+    /// Why the site failed or was skipped, in words.
+    pub note: Option<String>,
+    /// Value sites with a token axis: rel-L2 of each token row `t` of this step (batch
+    /// rows combined, padding rows left out; NaN where every row was padding).
+    pub per_token: Option<Vec<f64>>,
+    /// `q_rope`, `k_rope`, `probs` (head axis 1) and `context` (last axis split in
+    /// `num_attention_heads` chunks): rel-L2 of each head.
+    pub per_head: Option<Vec<f64>>,
+    /// Failing value sites: |candidate - golden| counted by decade.
+    pub abs_histogram: Option<ErrorHistogram>,
+}
+
+/// The comparison of a candidate with a golden.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub golden: String,
+    pub candidate: String,
+    pub scenario: String,
+    pub golden_precision: Precision,
+    pub candidate_precision: Precision,
+    pub candidate_producer: serde_json::Value,
+    /// Every golden site at every golden step, in compute order.
+    pub sites: Vec<SiteResult>,
+}
+
+impl Comparison {
+    /// Pass when at least one site was checked and none failed.
+    pub fn verdict(&self) -> Verdict {
+        let any_fail = self.sites.iter().any(|s| s.status == Status::Fail);
+        let any_pass = self.sites.iter().any(|s| s.status == Status::Pass);
+        if any_fail || !any_pass {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        }
+    }
+
+    /// The first failing site in compute order.
+    pub fn first_divergence(&self) -> Option<&SiteResult> {
+        self.sites.iter().find(|s| s.status == Status::Fail)
+    }
+
+    /// Counts of sites by status: (pass, fail, missing, skipped).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let c = |st| self.sites.iter().filter(|s| s.status == st).count();
+        (c(Status::Pass), c(Status::Fail), c(Status::Missing), c(Status::Skipped))
+    }
+}
+
+/// Compares `candidate` with `golden` under `policy`.
+///
+/// Errors only for inputs that cannot be compared at all (different scenarios);
+/// divergences are data in the returned [`Comparison`].
+pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Comparison> {
+    let (gm, cm) = (&golden.manifest, &candidate.manifest);
+    check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
+    // The tolerance follows the coarser of the two dtypes: a float32 run measured
+    // against a bfloat16 golden inherits the golden's own rounding error.
+    let precision = gm.dtype.coarser(cm.dtype);
+    let ctx = SiteContext {
+        scenario: &gm.scenario,
+        policy,
+        precision,
+        heads: Some(gm.model.num_attention_heads),
+    };
+    let mut sites = Vec::new();
+    for &step in &gm.steps {
+        for site in golden.sites(step) {
+            let g = golden.get(step, site)?.ok_or_else(|| {
+                Error::format(golden.label(), format!("tensor `{step}/{site}` vanished"))
+            })?;
+            let c = if cm.steps.contains(&step) { candidate.get(step, site)? } else { None };
+            sites.push(compare_site_in(step, site, &g, c.as_ref(), &ctx));
+        }
+    }
+    Ok(Comparison {
+        golden: golden.label(),
+        candidate: candidate.label(),
+        scenario: gm.scenario.name.clone(),
+        golden_precision: gm.dtype,
+        candidate_precision: cm.dtype,
+        candidate_producer: cm.producer.clone(),
+        sites,
+    })
+}
+
+fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()> {
+    let what = if g.input_ids != c.input_ids {
+        "input_ids"
+    } else if g.attention_mask != c.attention_mask {
+        "attention_mask"
+    } else if !c.decode_ids.is_empty() && g.decode_ids != c.decode_ids {
+        "decode_ids"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Manifest {
+        path: candidate.dir().map(|d| d.join("manifest.json")).unwrap_or_default(),
+        what: format!(
+            "scenario.{what} differs from the golden's: the two runs had different inputs"
+        ),
+    })
+}
+
+/// What a site comparison needs beyond the two tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteContext<'a> {
+    pub scenario: &'a Scenario,
+    pub policy: &'a Policy,
+    /// The precision whose default tolerance applies: the coarser of the golden's and
+    /// the candidate's.
+    pub precision: Precision,
+    /// `num_attention_heads` of the model, to split `context` into heads; `None`
+    /// leaves `context` without a per-head breakdown.
+    pub heads: Option<usize>,
+}
+
+/// Compares one site. `c` is `None` when the candidate lacks it.
+pub fn compare_site(
+    step: Step,
+    site: &Site,
+    g: &Tensor,
+    c: Option<&Tensor>,
+    scenario: &Scenario,
+    policy: &Policy,
+    precision: Precision,
+) -> SiteResult {
+    compare_site_in(step, site, g, c, &SiteContext { scenario, policy, precision, heads: None })
+}
+
+/// Compares one site under `ctx`. `c` is `None` when the candidate lacks it.
+pub fn compare_site_in(
+    step: Step,
+    site: &Site,
+    g: &Tensor,
+    c: Option<&Tensor>,
+    ctx: &SiteContext,
+) -> SiteResult {
+    let SiteContext { scenario, policy, precision, heads } = *ctx;
+    let mut r = SiteResult {
+        step,
+        site: site.clone(),
+        status: Status::Missing,
+        metrics: None,
+        tolerance: None,
+        golden_shape: g.shape().to_vec(),
+        candidate_shape: c.map(|c| c.shape().to_vec()),
+        golden_dtype: g.dtype(),
+        candidate_dtype: c.map(Tensor::dtype),
+        note: None,
+        per_token: None,
+        per_head: None,
+        abs_histogram: None,
+    };
+    let tol = match policy.decide(step, site, precision) {
+        Decision::Skip => {
+            r.status = Status::Skipped;
+            r.note = Some("skipped by policy".into());
+            return r;
+        }
+        Decision::Check(t) => t,
+    };
+    let Some(c) = c else {
+        r.note = Some("the candidate did not dump this site".into());
+        return r;
+    };
+    if c.shape() != g.shape() {
+        r.status = Status::Fail;
+        r.note = Some(format!("shape {:?} but the golden's is {:?}", c.shape(), g.shape()));
+        return r;
+    }
+    let valid = RowFilter::new(step, site, g.shape(), scenario);
+    if site.is_mask() {
+        let m = compare_visibility(g, c, &valid);
+        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        if r.status == Status::Fail {
+            r.note = Some("the mask hides or shows different keys".into());
+        }
+        r.metrics = Some(m);
+    } else if !g.dtype().is_float() || matches!(site, Site::PositionIds) {
+        let m = compare_exact(g, c, &valid);
+        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        if r.status == Status::Fail {
+            r.note = Some("integer values differ".into());
+        }
+        r.metrics = Some(m);
+    } else {
+        let mut acc = Accumulator::new(c.dtype());
+        let tokens = Groups::tokens(site, g.shape());
+        let head_groups = Groups::heads(site, g.shape(), heads);
+        let mut per_token = tokens.map(|t| GroupL2::new(t.n));
+        let mut per_head = head_groups.map(|h| GroupL2::new(h.n));
+        let mut hist = ErrorHistogram::new();
+        for i in 0..g.numel() {
+            if valid.keep(i) {
+                let (gv, cv) = (g.get_f64(i), c.get_f64(i));
+                acc.push(i, gv, cv);
+                hist.push(gv, cv);
+                if let (Some(t), Some(acc_t)) = (tokens, per_token.as_mut()) {
+                    acc_t.push(t.of(i), gv, cv);
+                }
+                if let (Some(h), Some(acc_h)) = (head_groups, per_head.as_mut()) {
+                    acc_h.push(h.of(i), gv, cv);
+                }
+            }
+        }
+        let m = acc.finish(g.shape());
+        r.per_token = per_token.map(|a| a.finish());
+        r.per_head = per_head.map(|a| a.finish());
+        // `!(x <= limit)` rather than `x > limit` on purpose: a NaN metric must fail.
+        let within = |x: f64, limit: f64| x <= limit;
+        let mut why = Vec::new();
+        if m.new_nonfinite > 0 {
+            why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
+        }
+        if !within(m.rel_l2, tol.max_rel_l2) {
+            why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, tol.max_rel_l2));
+        }
+        if !within(-m.cosine, -tol.min_cosine) {
+            why.push(format!("cosine {:.6} < {}", m.cosine, tol.min_cosine));
+        }
+        if let Some(ma) = tol.max_abs {
+            if !within(m.max_abs, ma) {
+                why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
+            }
+        }
+        r.status = if why.is_empty() { Status::Pass } else { Status::Fail };
+        r.note = (!why.is_empty()).then(|| why.join("; "));
+        r.metrics = Some(SiteMetrics::Values(m));
+        if r.status == Status::Fail {
+            r.abs_histogram = Some(hist);
+        }
+    }
+    r.tolerance = Some(tol);
+    r
+}
+
+/// A partition of a tensor's flat indices: index `i` lies in group `(i / stride) % n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Groups {
+    stride: usize,
+    n: usize,
+}
+
+impl Groups {
+    #[inline]
+    fn of(self, i: usize) -> usize {
+        (i / self.stride) % self.n
+    }
+
+    /// Token rows: the site's token axis.
+    fn tokens(site: &Site, shape: &[usize]) -> Option<Groups> {
+        let ax = site.token_axis().filter(|&ax| ax < shape.len() && shape[ax] > 0)?;
+        Some(Groups { stride: shape[ax + 1..].iter().product(), n: shape[ax] })
+    }
+
+    /// Heads: axis 1 of `q_rope`, `k_rope` and `probs` (`[B, heads, T, ·]`), or the
+    /// last axis of `context` (`[B, T, nH·D]`) cut into `heads` equal chunks.
+    fn heads(site: &Site, shape: &[usize], heads: Option<usize>) -> Option<Groups> {
+        match site {
+            Site::Layer(_, LayerPart::QRope | LayerPart::KRope | LayerPart::Probs)
+                if shape.len() == 4 && shape[1] > 0 =>
+            {
+                Some(Groups { stride: shape[2..].iter().product(), n: shape[1] })
+            }
+            Site::Layer(_, LayerPart::Context) => {
+                let (nh, last) = (heads?, *shape.last()?);
+                (shape.len() == 3 && nh > 0 && last % nh == 0 && last > 0)
+                    .then(|| Groups { stride: last / nh, n: nh })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Decides which flat indices carry meaning: not a padding query row, and not a KV-cache
+/// slot of a padding token.
+///
+/// A padding token's query row means nothing (HF gives it a uniform softmax), so
+/// neither do the hidden states computed from it, nor the keys and values that the
+/// next layer derives from those states and writes into the cache. Padding slots of
+/// `k_cache`/`v_cache` are therefore left out at every step, as padding query rows are.
+pub struct RowFilter<'a> {
+    scenario: &'a Scenario,
+    step: Step,
+    /// (stride of the batch axis, stride of the filtered axis, its length, kind).
+    axes: Option<(usize, usize, usize, Axis)>,
+}
+
+#[derive(Clone, Copy)]
+enum Axis {
+    /// Query rows of this step's tokens (prefill only).
+    Query,
+    /// KV-cache slots: slot s < P is prefill token s.
+    Slot,
+}
+
+impl<'a> RowFilter<'a> {
+    pub fn new(step: Step, site: &Site, shape: &[usize], scenario: &'a Scenario) -> RowFilter<'a> {
+        let stride = |k: usize| shape[k + 1..].iter().product::<usize>();
+        let batch_ok =
+            |ax: usize| shape.len() > ax && shape[0] == scenario.batch() && scenario.has_padding();
+        let axes = match (step, site) {
+            (_, Site::Layer(_, LayerPart::KCache | LayerPart::VCache)) if batch_ok(2) => {
+                Some((stride(0), stride(2), shape[2], Axis::Slot))
+            }
+            (Step::Prefill, _) => match site.token_axis() {
+                Some(ax) if batch_ok(ax) && shape[ax] == scenario.prefill_len() => {
+                    Some((stride(0), stride(ax), shape[ax], Axis::Query))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        RowFilter { scenario, step, axes }
+    }
+
+    /// True when flat index `i` carries meaning.
+    #[inline]
+    pub fn keep(&self, i: usize) -> bool {
+        match self.axes {
+            None => true,
+            Some((sb, st, n, Axis::Query)) => {
+                self.scenario.is_valid_query(self.step, i / sb, (i / st) % n)
+            }
+            Some((sb, st, n, Axis::Slot)) => {
+                let slot = (i / st) % n;
+                slot >= self.scenario.prefill_len()
+                    || self.scenario.is_valid_query(Step::Prefill, i / sb, slot)
+            }
+        }
+    }
+}
+
+fn compare_exact(g: &Tensor, c: &Tensor, valid: &RowFilter) -> SiteMetrics {
+    let (mut count, mut mismatches, mut first) = (0u64, 0u64, None);
+    for i in 0..g.numel() {
+        if !valid.keep(i) {
+            continue;
+        }
+        count += 1;
+        if g.get_f64(i) != c.get_f64(i) {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    SiteMetrics::Exact { count, mismatches, first_mismatch: first.map(|i| unravel(i, g.shape())) }
+}
+
+/// Visibility of one mask entry: `Some(true)` visible, `Some(false)` hidden, `None`
+/// for a value that is neither (NaN), which never matches.
+pub fn visible(dtype: DType, v: f64) -> Option<bool> {
+    if dtype.is_float() {
+        if v.is_nan() {
+            None
+        } else {
+            Some(v >= -1.0)
+        }
+    } else {
+        Some(v != 0.0)
+    }
+}
+
+fn compare_visibility(g: &Tensor, c: &Tensor, valid: &RowFilter) -> SiteMetrics {
+    let (mut count, mut mismatches, mut first, mut gv, mut cv) = (0u64, 0u64, None, 0u64, 0u64);
+    for i in 0..g.numel() {
+        if !valid.keep(i) {
+            continue;
+        }
+        count += 1;
+        let a = visible(g.dtype(), g.get_f64(i));
+        let b = visible(c.dtype(), c.get_f64(i));
+        gv += (a == Some(true)) as u64;
+        cv += (b == Some(true)) as u64;
+        if a.is_none() || a != b {
+            mismatches += 1;
+            first.get_or_insert(i);
+        }
+    }
+    SiteMetrics::Visibility {
+        count,
+        mismatches,
+        first_mismatch: first.map(|i| unravel(i, g.shape())),
+        golden_visible: gv,
+        candidate_visible: cv,
+    }
+}

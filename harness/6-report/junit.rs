@@ -1,0 +1,154 @@
+//! `junit.xml`: one `<testcase>` per step and site, in the JUnit shape that GitLab,
+//! Jenkins and GitHub test reporters read.
+//!
+//! `classname` is the step, `name` the site. A failing site carries
+//! `<failure type="divergence">` with its measures; a missing or skipped site carries
+//! `<skipped/>`. The `<testsuite>` counts tests, failures and skipped; `time` is 0 so
+//! that the file does not change between identical runs.
+
+use std::fmt::Write;
+
+use crate::compare::Status;
+
+use super::{metrics_line, shape, Report, SiteEntry};
+
+/// Escapes text for XML content and attribute values (quotes included). Characters
+/// XML 1.0 forbids (controls other than tab, newline, return) become `?`.
+pub fn escape_xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => out.push(ch),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Renders `junit.xml`.
+pub fn render_junit(r: &Report) -> String {
+    let tests = r.sites.len();
+    let failures = r.sites.iter().filter(|s| s.status == Status::Fail).count();
+    let skipped =
+        r.sites.iter().filter(|s| matches!(s.status, Status::Missing | Status::Skipped)).count();
+    let suite = format!("parity {} vs {} ({})", r.candidate, r.golden, r.scenario);
+    let mut out = String::new();
+    let _ = writeln!(out, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
+    let _ = writeln!(
+        out,
+        r#"<testsuites name="llama-parity" tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}" time="0">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"  <testsuite name="{}" tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}" time="0">"#,
+        escape_xml(&suite)
+    );
+    let _ = writeln!(out, "    <properties>");
+    for (k, v) in [
+        ("verdict", format!("{:?}", r.verdict).to_lowercase()),
+        ("scenario", r.scenario.clone()),
+        ("golden", r.golden.clone()),
+        ("candidate", r.candidate.clone()),
+        ("golden_dtype", r.golden_dtype.clone()),
+        ("candidate_dtype", r.candidate_dtype.clone()),
+        (
+            "first_divergence",
+            r.first_divergence
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |fd| format!("{} {}", fd.step, fd.site)),
+        ),
+        (
+            "diagnosis",
+            r.diagnosis
+                .first()
+                .map_or_else(|| "none".to_string(), |f| format!("{} ({:.2})", f.fault, f.score)),
+        ),
+    ] {
+        let _ = writeln!(out, r#"      <property name="{k}" value="{}"/>"#, escape_xml(&v));
+    }
+    let _ = writeln!(out, "    </properties>");
+    for e in &r.sites {
+        testcase(&mut out, r, e);
+    }
+    let _ = writeln!(out, "  </testsuite>");
+    let _ = writeln!(out, "</testsuites>");
+    out
+}
+
+fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
+    let head = format!(
+        r#"    <testcase classname="{}" name="{}" time="0""#,
+        escape_xml(&e.step),
+        escape_xml(&e.site)
+    );
+    match e.status {
+        Status::Pass => {
+            let _ = writeln!(out, "{head}/>");
+        }
+        Status::Missing | Status::Skipped => {
+            let why = e.note.clone().unwrap_or_else(|| format!("{:?}", e.status).to_lowercase());
+            let _ = writeln!(out, "{head}>");
+            let _ = writeln!(out, r#"      <skipped message="{}"/>"#, escape_xml(&why));
+            let _ = writeln!(out, "    </testcase>");
+        }
+        Status::Fail => {
+            let message = e.note.clone().unwrap_or_else(|| "diverges from the golden".into());
+            let mut body = String::new();
+            if let Some(m) = &e.metrics {
+                let _ = writeln!(body, "{}", metrics_line(m));
+            }
+            if let Some(t) = &e.tolerance {
+                let _ = writeln!(
+                    body,
+                    "tolerance: max_rel_l2 {:e}, min_cosine {}",
+                    t.max_rel_l2, t.min_cosine
+                );
+            }
+            let _ = writeln!(
+                body,
+                "golden {} {}, candidate {} {}",
+                shape(&e.golden_shape),
+                e.golden_dtype,
+                e.candidate_shape.as_deref().map_or_else(|| "-".into(), shape),
+                e.candidate_dtype.as_deref().unwrap_or("-")
+            );
+            if r.first_divergence.as_ref().is_some_and(|fd| fd.step == e.step && fd.site == e.site)
+            {
+                let _ = writeln!(body, "this is the first divergence in compute order");
+                for f in &r.diagnosis {
+                    let _ = writeln!(
+                        body,
+                        "diagnosis: {} (score {:.2}): {}",
+                        f.fault, f.score, f.explains
+                    );
+                }
+            }
+            let _ = writeln!(out, "{head}>");
+            let _ = writeln!(
+                out,
+                r#"      <failure message="{}" type="divergence">{}</failure>"#,
+                escape_xml(&message),
+                escape_xml(body.trim_end())
+            );
+            let _ = writeln!(out, "    </testcase>");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_xml_covers_markup_quotes_and_controls() {
+        assert_eq!(escape_xml(r#"a<b>&"c" 'd'"#), "a&lt;b&gt;&amp;&quot;c&quot; &apos;d&apos;");
+        assert_eq!(escape_xml("x\u{1}y\tz\n"), "x?y\tz\n");
+        assert_eq!(escape_xml("model.layers.0.mlp"), "model.layers.0.mlp");
+    }
+}

@@ -1,0 +1,134 @@
+//! `summary.md`: a short Markdown summary for CI step summaries (`$GITHUB_STEP_SUMMARY`)
+//! and pull-request comments: the verdict, the first divergence, the diagnosis, the
+//! worst sites and the counts. Plain status words, no emoji.
+
+use std::fmt::Write;
+
+use crate::compare::{SiteMetrics, Status, Verdict};
+
+use super::{excess, metrics_line, sci, Report};
+
+/// Escapes text for a Markdown table cell or inline text: backslash-escapes the
+/// characters Markdown gives meaning to, and turns newlines into spaces.
+pub fn escape_md(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '#' => {
+                out.push('\\');
+                out.push(ch);
+            }
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Renders `summary.md`.
+pub fn render_markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let word = match r.verdict {
+        Verdict::Pass => "PASS",
+        Verdict::Fail => "FAIL",
+    };
+    let _ = writeln!(out, "## Parity: **{word}**\n");
+    let _ = writeln!(
+        out,
+        "`{}` against golden `{}`, scenario `{}`, dtypes golden {} / candidate {}{}.\n",
+        r.candidate.replace('`', "'"),
+        r.golden.replace('`', "'"),
+        r.scenario.replace('`', "'"),
+        escape_md(&r.golden_dtype),
+        escape_md(&r.candidate_dtype),
+        if r.teacher_forced { ", teacher forced" } else { "" }
+    );
+    let s = &r.summary;
+    let _ = writeln!(
+        out,
+        "Sites: {} pass, {} fail, {} missing, {} skipped.\n",
+        s.pass, s.fail, s.missing, s.skipped
+    );
+    if s.pass == 0 && s.fail == 0 {
+        let _ = writeln!(out, "No site was checked: the gate cannot pass on nothing.\n");
+    }
+    match &r.first_divergence {
+        Some(fd) => {
+            let _ = writeln!(
+                out,
+                "**First divergence:** `{}` `{}`",
+                fd.step,
+                fd.site.replace('`', "'")
+            );
+            if let Some(m) = &fd.metrics {
+                let _ = writeln!(out, "({}).", escape_md(&metrics_line(m)));
+            }
+            if let Some(n) = &fd.note {
+                let _ = writeln!(out, "{}.", escape_md(n));
+            }
+            let _ = writeln!(out);
+        }
+        None if r.verdict == Verdict::Pass => {
+            let _ = writeln!(out, "Every checked site is within tolerance.\n");
+        }
+        None => {}
+    }
+    if !r.diagnosis.is_empty() {
+        let _ = writeln!(out, "**Diagnosis** (best first):\n");
+        for f in &r.diagnosis {
+            let _ = writeln!(
+                out,
+                "- `{}` (score {:.2}): {}",
+                f.fault.replace('`', "'"),
+                f.score,
+                escape_md(&f.explains)
+            );
+        }
+        let _ = writeln!(out);
+    } else if r.verdict == Verdict::Fail && s.fail > 0 {
+        let _ = writeln!(out, "**Diagnosis:** {}.\n", escape_md(&r.empty_diagnosis_text()));
+    }
+    let worst = r.worst(10);
+    if !worst.is_empty() {
+        let _ = writeln!(out, "| status | step | site | rel_l2 | cosine | x tolerance |");
+        let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+        for e in worst {
+            let status = if e.status == Status::Fail { "**fail**" } else { "pass" };
+            let (rel, cos) = match &e.metrics {
+                Some(SiteMetrics::Values(m)) => (sci(m.rel_l2), format!("{:.6}", m.cosine)),
+                Some(m) => (sci(m.error()), "-".to_string()),
+                None => ("-".into(), "-".into()),
+            };
+            let _ = writeln!(
+                out,
+                "| {status} | {} | {} | {rel} | {cos} | {} |",
+                escape_md(&e.step),
+                escape_md(&e.site),
+                format_excess(excess(e))
+            );
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out, "Full report: `report.html`; every site: `report.json`, `junit.xml`.");
+    out
+}
+
+fn format_excess(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "inf".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_md_neutralises_table_and_emphasis_characters() {
+        assert_eq!(escape_md("a|b"), "a\\|b");
+        assert_eq!(escape_md("x_1 *y* <z>"), "x\\_1 \\*y\\* \\<z\\>");
+        assert_eq!(escape_md("two\nlines"), "two lines");
+    }
+}

@@ -1,0 +1,276 @@
+//! Reports of a comparison, each rendered from a [`Report`] alone so that `compare`
+//! and `run` give the same files:
+//!
+//! - `report.json`: the contract's fields and more;
+//! - `report.html` ([`html`]): one self-contained page with charts ([`charts`]);
+//! - `junit.xml` ([`junit`]): one test case per step and site, for CI test views;
+//! - `summary.md` ([`markdown`]): a short summary for CI step summaries and PR comments;
+//! - a compact terminal table ([`terminal`]).
+//!
+//! Every file is written atomically, and the same report gives byte-identical files.
+
+mod charts;
+mod html;
+mod junit;
+mod markdown;
+mod terminal;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compare::metrics::{num_vec, ErrorHistogram};
+use crate::compare::tolerance::Tolerance;
+use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
+use crate::contract::error::{Error, Result};
+use crate::dump::write_atomic;
+
+pub use html::render_html;
+pub use junit::render_junit;
+pub use markdown::render_markdown;
+pub use terminal::render_summary;
+
+/// Format string of `report.json`.
+pub const FORMAT: &str = "llama-parity/report@1";
+
+/// One hypothesis of the diagnosis: a known fault, how well it explains the divergence
+/// (0..1), and the evidence in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub fault: String,
+    pub score: f64,
+    pub explains: String,
+}
+
+/// One site of the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteEntry {
+    pub step: String,
+    pub site: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SiteMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<Tolerance>,
+    pub golden_shape: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_shape: Option<Vec<usize>>,
+    pub golden_dtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// With teacher forcing: the error this site adds on its own, from the golden's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_metrics: Option<SiteMetrics>,
+    /// rel-L2 of each token row of this step (value sites with a token axis).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "num_vec")]
+    pub per_token: Option<Vec<f64>>,
+    /// rel-L2 of each attention head (`q_rope`, `k_rope`, `probs`, `context`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "num_vec")]
+    pub per_head: Option<Vec<f64>>,
+    /// |candidate - golden| by decade (failing value sites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abs_histogram: Option<ErrorHistogram>,
+}
+
+impl SiteEntry {
+    fn from_result(r: &SiteResult) -> SiteEntry {
+        SiteEntry {
+            step: r.step.to_string(),
+            site: r.site.to_string(),
+            status: r.status,
+            metrics: r.metrics.clone(),
+            tolerance: r.tolerance,
+            golden_shape: r.golden_shape.clone(),
+            candidate_shape: r.candidate_shape.clone(),
+            golden_dtype: r.golden_dtype.to_string(),
+            candidate_dtype: r.candidate_dtype.map(|d| d.to_string()),
+            note: r.note.clone(),
+            local_metrics: None,
+            per_token: r.per_token.clone(),
+            per_head: r.per_head.clone(),
+            abs_histogram: r.abs_histogram.clone(),
+        }
+    }
+
+    /// rel-L2 for value sites, the mismatch fraction otherwise.
+    pub fn error(&self) -> Option<f64> {
+        self.metrics.as_ref().map(SiteMetrics::error)
+    }
+}
+
+/// Counts of sites by status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub pass: usize,
+    pub fail: usize,
+    pub missing: usize,
+    pub skipped: usize,
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub format: String,
+    pub verdict: Verdict,
+    pub golden: String,
+    pub candidate: String,
+    pub scenario: String,
+    pub golden_dtype: String,
+    pub candidate_dtype: String,
+    pub candidate_producer: serde_json::Value,
+    pub first_divergence: Option<SiteEntry>,
+    pub diagnosis: Vec<Finding>,
+    pub summary: Summary,
+    /// Why no diagnosis could be made (no weights beside the golden, say); absent when
+    /// the diagnosis ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis_note: Option<String>,
+    /// True when the sites carry `local_metrics` from a teacher-forced run.
+    #[serde(default)]
+    pub teacher_forced: bool,
+    pub sites: Vec<SiteEntry>,
+}
+
+impl Report {
+    /// Builds the report of `cmp`, with `diagnosis` best first.
+    pub fn new(cmp: &Comparison, diagnosis: Vec<Finding>) -> Report {
+        let (pass, fail, missing, skipped) = cmp.counts();
+        Report {
+            format: FORMAT.to_string(),
+            verdict: cmp.verdict(),
+            golden: cmp.golden.clone(),
+            candidate: cmp.candidate.clone(),
+            scenario: cmp.scenario.clone(),
+            golden_dtype: cmp.golden_precision.name().to_string(),
+            candidate_dtype: cmp.candidate_precision.name().to_string(),
+            candidate_producer: cmp.candidate_producer.clone(),
+            first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
+            diagnosis,
+            diagnosis_note: None,
+            summary: Summary { pass, fail, missing, skipped },
+            teacher_forced: false,
+            sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
+        }
+    }
+
+    /// What to say of a failed comparison whose diagnosis is empty.
+    pub fn empty_diagnosis_text(&self) -> String {
+        self.diagnosis_note
+            .clone()
+            .unwrap_or_else(|| "no known fault explains this divergence".to_string())
+    }
+
+    /// Attaches the local (teacher-forced) measures of `local`, site by site.
+    pub fn attach_local(&mut self, local: &Comparison) {
+        for (e, l) in self.sites.iter_mut().zip(&local.sites) {
+            if e.step == l.step.to_string() && e.site == l.site.to_string() {
+                e.local_metrics = l.metrics.clone();
+            }
+        }
+        self.teacher_forced = true;
+    }
+
+    /// The report as pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        s.push('\n');
+        s
+    }
+
+    /// Every report file by name, rendered in memory.
+    pub fn render_files(&self) -> Result<Vec<(&'static str, String)>> {
+        Ok(vec![
+            ("report.json", self.to_json()),
+            ("report.html", render_html(self)?),
+            ("junit.xml", render_junit(self)),
+            ("summary.md", render_markdown(self)),
+        ])
+    }
+
+    /// Writes every report file into `dir` (created if needed), each atomically. All
+    /// are rendered before the first is written, so a rendering error writes nothing.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let files = self.render_files()?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for (name, text) in files {
+            write_atomic(&dir.join(name), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Sites that did not pass or are closest to failing, worst first.
+    pub fn worst(&self, n: usize) -> Vec<&SiteEntry> {
+        let mut v: Vec<&SiteEntry> =
+            self.sites.iter().filter(|s| matches!(s.status, Status::Pass | Status::Fail)).collect();
+        v.sort_by(|a, b| excess(b).total_cmp(&excess(a)));
+        v.truncate(n);
+        v
+    }
+}
+
+/// How far past its tolerance a site is (> 1 fails).
+pub fn excess(s: &SiteEntry) -> f64 {
+    match (&s.metrics, &s.tolerance) {
+        (Some(SiteMetrics::Values(m)), Some(t)) => {
+            let a = if t.max_rel_l2 > 0.0 { m.rel_l2 / t.max_rel_l2 } else { f64::INFINITY };
+            let b = if t.min_cosine < 1.0 { (1.0 - m.cosine) / (1.0 - t.min_cosine) } else { 0.0 };
+            let c = if m.new_nonfinite > 0 { f64::INFINITY } else { 0.0 };
+            let v = a.max(b).max(c);
+            if v.is_nan() {
+                f64::INFINITY
+            } else {
+                v
+            }
+        }
+        (Some(m), _) if m.error() > 0.0 => f64::INFINITY,
+        _ => 0.0,
+    }
+}
+
+/// A number for people: `1.234e-5`, or `nan`/`inf`/`-inf`; the same bytes every time.
+pub(crate) fn sci(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+/// The main measures of a site in one line: `rel_l2 1.2e-3, cosine 0.999981, ...`.
+pub(crate) fn metrics_line(m: &SiteMetrics) -> String {
+    match m {
+        SiteMetrics::Values(v) => format!(
+            "rel_l2 {}, cosine {:.6}, max_abs {}, max_rel {}, new NaN/Inf {}",
+            sci(v.rel_l2),
+            v.cosine,
+            sci(v.max_abs),
+            sci(v.max_rel),
+            v.new_nonfinite
+        ),
+        SiteMetrics::Exact { count, mismatches, first_mismatch } => {
+            format!("{mismatches} of {count} values differ{}", at(first_mismatch))
+        }
+        SiteMetrics::Visibility { count, mismatches, first_mismatch, golden_visible, candidate_visible } => format!(
+            "{mismatches} of {count} entries differ in visibility{} (visible: golden {golden_visible}, candidate {candidate_visible})",
+            at(first_mismatch)
+        ),
+    }
+}
+
+fn at(idx: &Option<Vec<usize>>) -> String {
+    idx.as_ref().map_or_else(String::new, |i| format!(", first at {i:?}"))
+}
+
+/// A shape as `[2, 4, 6]`.
+pub(crate) fn shape(s: &[usize]) -> String {
+    format!("{s:?}")
+}

@@ -1,0 +1,102 @@
+//! The compact terminal summary: verdict, first divergence, diagnosis, then the worst
+//! sites. Colour only when asked (a terminal without NO_COLOR).
+
+use std::fmt::Write;
+
+use crate::compare::{SiteMetrics, Status, Verdict};
+
+use super::{excess, Report, SiteEntry};
+
+/// Renders the summary; `color` adds ANSI colours.
+pub fn render_summary(r: &Report, color: bool) -> String {
+    let paint =
+        |code: &str, s: &str| if color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() };
+    let mut out = String::new();
+    let verdict = match r.verdict {
+        Verdict::Pass => paint("1;32", "PASS"),
+        Verdict::Fail => paint("1;31", "FAIL"),
+    };
+    let _ = writeln!(
+        out,
+        "{verdict}  {} vs {}  (scenario {}, golden {}, candidate {})",
+        r.candidate, r.golden, r.scenario, r.golden_dtype, r.candidate_dtype
+    );
+    let s = &r.summary;
+    let _ = writeln!(
+        out,
+        "sites: {} pass, {} fail, {} missing, {} skipped",
+        s.pass, s.fail, s.missing, s.skipped
+    );
+    if s.pass == 0 && s.fail == 0 {
+        let _ = writeln!(out, "no site was checked: the gate cannot pass on nothing");
+    }
+    if let Some(fd) = &r.first_divergence {
+        let _ = writeln!(
+            out,
+            "first divergence: {} {}  {}",
+            fd.step,
+            paint("1", &fd.site),
+            describe(fd)
+        );
+    }
+    if !r.diagnosis.is_empty() {
+        let _ = writeln!(out, "diagnosis:");
+        for f in &r.diagnosis {
+            let _ = writeln!(
+                out,
+                "  {:<28} score {:.2}  {}",
+                paint("1;33", &f.fault),
+                f.score,
+                f.explains
+            );
+        }
+    } else if r.verdict == Verdict::Fail && s.fail > 0 {
+        let _ = writeln!(out, "diagnosis: {}", r.empty_diagnosis_text());
+    }
+    let worst = r.worst(8);
+    if !worst.is_empty() {
+        let local_col = if r.teacher_forced { format!(" {:>11}", "local") } else { String::new() };
+        let _ = writeln!(
+            out,
+            "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{local_col}",
+            "status", "step", "site", "rel_l2", "cosine", "x tol"
+        );
+        for e in worst {
+            let st = match e.status {
+                Status::Fail => paint("31", "fail    "),
+                _ => "pass    ".to_string(),
+            };
+            let (rel, cos) = match &e.metrics {
+                Some(SiteMetrics::Values(m)) => {
+                    (format!("{:.3e}", m.rel_l2), format!("{:.6}", m.cosine))
+                }
+                Some(m) => (format!("{:.3e}", m.error()), "-".to_string()),
+                None => ("-".into(), "-".into()),
+            };
+            // Under teacher forcing: the error this site adds from the golden's input.
+            let local = match (&e.local_metrics, r.teacher_forced) {
+                (Some(m), true) => format!(" {:>11.3e}", m.error()),
+                (None, true) => format!(" {:>11}", "-"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{local}",
+                e.step,
+                e.site,
+                rel,
+                cos,
+                excess(e)
+            );
+        }
+    }
+    out
+}
+
+fn describe(e: &SiteEntry) -> String {
+    match (&e.metrics, &e.note) {
+        (_, Some(n)) => n.clone(),
+        (Some(m), None) => format!("error {:.3e}", m.error()),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,156 @@
+//! Helpers shared by the integration tests: tiny configs, random models, sessions.
+
+#![allow(dead_code)]
+
+pub mod chromium;
+pub mod synthetic;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use llama_parity::dump::{DType, ModelConfig, Precision, Tensor};
+use llama_parity::model::llama::{Llama, Session, StepOutput};
+use llama_parity::model::numerics::Exact;
+use llama_parity::model::plan::Plan;
+use llama_parity::model::weights::Weights;
+use ndarray::ArrayD;
+use serde_json::{json, Value};
+
+/// The shape of a tiny model.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: Option<usize>,
+    pub vocab: usize,
+    pub intermediate: usize,
+    pub tied: bool,
+    pub bias: bool,
+    pub rope: Value,
+}
+
+impl Default for Spec {
+    fn default() -> Spec {
+        Spec {
+            layers: 2,
+            hidden: 16,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: None,
+            vocab: 32,
+            intermediate: 24,
+            tied: false,
+            bias: false,
+            rope: json!({"rope_type": "default", "rope_theta": 10000.0}),
+        }
+    }
+}
+
+impl Spec {
+    pub fn config(&self) -> ModelConfig {
+        let mut v = json!({
+            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "rope_parameters": self.rope, "tie_word_embeddings": self.tied, "hidden_act": "silu",
+            "attention_bias": self.bias, "mlp_bias": self.bias,
+        });
+        if let Some(d) = self.head_dim {
+            v["head_dim"] = d.into();
+        }
+        serde_json::from_value(v).expect("a valid config")
+    }
+
+    pub fn model(&self, seed: u64) -> Llama {
+        let cfg = self.config();
+        let w = Weights::random(&cfg, seed);
+        Llama::new(cfg, w, Path::new("<test>")).expect("a valid model")
+    }
+}
+
+pub fn exact() -> Exact {
+    Exact::new(Precision::F32)
+}
+
+/// Left-padded mask rows: `pads[b]` zeros then ones, length `len`.
+pub fn left_padded(pads: &[usize], len: usize) -> Vec<Vec<i64>> {
+    pads.iter().map(|&p| (0..len).map(|t| (t >= p) as i64).collect()).collect()
+}
+
+/// Deterministic token ids `[batch][len]` in `0..vocab`.
+pub fn tokens(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<i64>> {
+    let mut r = llama_parity::model::weights::SplitMix64::new(seed);
+    (0..batch).map(|_| (0..len).map(|_| r.below(vocab as u64) as i64).collect()).collect()
+}
+
+/// One prefill of `ids` under `mask`, then one decode step per column of `decode`.
+pub fn run_steps(
+    model: &Llama,
+    ids: &[Vec<i64>],
+    mask: &[Vec<i64>],
+    decode: &[Vec<i64>],
+) -> Vec<StepOutput> {
+    let n = exact();
+    let plan = Plan::default();
+    let steps = decode.first().map_or(0, Vec::len);
+    let mut s = Session::new(model, ids.len(), ids[0].len() + steps, &n, &plan);
+    let mut out = vec![s.prefill(ids, mask, None).expect("prefill")];
+    for j in 0..steps {
+        let col: Vec<i64> = decode.iter().map(|r| r[j]).collect();
+        out.push(s.decode(&col, None).expect("decode"));
+    }
+    out
+}
+
+/// Largest absolute difference; panics on a shape mismatch.
+pub fn max_abs_diff(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// The HF-named tensors of `w` (for writing a `weights.safetensors`).
+pub fn weight_tensors(w: &Weights, tied: bool, dtype: DType) -> BTreeMap<String, Tensor> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: String, a: ArrayD<f64>| {
+        m.insert(k, Tensor::from_array(&a, dtype));
+    };
+    put("model.embed_tokens.weight".into(), w.embed_tokens.clone().into_dyn());
+    put("model.norm.weight".into(), w.norm.clone().into_dyn());
+    if !tied {
+        put("lm_head.weight".into(), w.lm_head.weight.clone().into_dyn());
+    }
+    for (i, l) in w.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), l.input_layernorm.clone().into_dyn());
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            l.post_attention_layernorm.clone().into_dyn(),
+        );
+        for (name, lin) in [
+            ("self_attn.q_proj", &l.q_proj),
+            ("self_attn.k_proj", &l.k_proj),
+            ("self_attn.v_proj", &l.v_proj),
+            ("self_attn.o_proj", &l.o_proj),
+            ("mlp.gate_proj", &l.gate_proj),
+            ("mlp.up_proj", &l.up_proj),
+            ("mlp.down_proj", &l.down_proj),
+        ] {
+            put(format!("{p}.{name}.weight"), lin.weight.clone().into_dyn());
+            if let Some(b) = &lin.bias {
+                put(format!("{p}.{name}.bias"), b.clone().into_dyn());
+            }
+        }
+    }
+    m
+}
+
+/// Proptest settings for every property file: 256 cases (or `PROPTEST_CASES`) from a
+/// fixed seed, so a failure reproduces on every machine.
+pub fn proptest_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x11a3_a9a1),
+        ..proptest::test_runner::Config::default()
+    }
+}

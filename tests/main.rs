@@ -1,0 +1,21 @@
+//! The integration tests, one module a topic; shared helpers live in [`helpers`].
+//! Run one topic with `cargo test --release --test main TOPIC::`.
+
+mod helpers;
+
+mod ascend;
+mod bad_inputs;
+mod check_weights;
+mod compare_goldens;
+mod diagnosis;
+mod fault_matrix;
+mod golden_suite;
+mod mask_properties;
+mod mindspore_port;
+mod model_properties;
+mod random_models;
+mod reference;
+mod report_browser;
+mod report_files;
+mod rope_properties;
+mod suite;
