@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use llama_parity::compare::compare;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::contract::fault::Fault;
-use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::pipeline::{self, Options};
 
 /// Median wall time of `n` calls of `f`.
 fn median(n: usize, mut f: impl FnMut()) -> Duration {
@@ -49,7 +49,6 @@ fn main() {
             teacher_force: false,
         };
         let cand = model::run(&g, &opts(vec![fault])).expect("run").dump;
-        let cmp = compare(&g, &cand, &policy).expect("compare");
         let t_cmp = median(5, || {
             compare(&g, &cand, &policy).expect("compare");
         });
@@ -58,8 +57,8 @@ fn main() {
         });
         let mut top = String::new();
         let t_diag = median(3, || {
-            let d = diagnose(&g, &cand, &cmp).expect("diagnose");
-            top = d.first().map(|f| f.fault.clone()).unwrap_or_else(|| "-".into());
+            let r = pipeline::check(&g, &cand, None, &Options::new(&policy)).expect("check");
+            top = r.diagnosis.first().map(|f| f.fault.clone()).unwrap_or_else(|| "-".into());
         });
         worst = worst.max(t_diag);
         println!(

@@ -1,1 +1,101 @@
-//! placeholder
+//! Stage 7, the pipeline: compare a candidate with its golden, diagnose a divergence and
+//! build the report, in one call. Every user of the library goes through here: the
+//! `parity` commands, `parity suite`, the benches and the tests, so that a comparison
+//! is judged, diagnosed and reported the same way everywhere.
+//!
+//! Uses every earlier stage.
+
+use crate::compare::tolerance::Policy;
+use crate::compare::{compare, Comparison};
+use crate::contract::error::Result;
+use crate::diagnosis::diagnose;
+use crate::dump::Dump;
+use crate::model::{self, RunOptions, RunOutput};
+use crate::report::Report;
+
+/// How to judge and what to add to the report.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// The tolerance policy every site is judged by (the diagnosis follows it too).
+    pub policy: &'a Policy,
+    /// Diagnose a divergence (rerunning the golden's scenario under each hypothesis).
+    pub diagnose: bool,
+    /// Called with a line of progress before each long stage.
+    pub progress: &'a dyn Fn(&str),
+}
+
+impl<'a> Options<'a> {
+    /// Judge by `policy`, diagnose divergences, say nothing.
+    pub fn new(policy: &'a Policy) -> Options<'a> {
+        Options { policy, diagnose: true, progress: &|_| {} }
+    }
+}
+
+/// Compares `candidate` with `golden`, diagnoses a divergence and builds the report.
+/// `teacher_forced`, when given, is the candidate's run with each layer started from the
+/// golden's input: its errors become each site's local error in the report.
+///
+/// Errors only for inputs that cannot be compared; a divergence is data in the report,
+/// and a diagnosis that cannot be made is said in the report's `diagnosis_note`.
+pub fn check(
+    golden: &Dump,
+    candidate: &Dump,
+    teacher_forced: Option<&Dump>,
+    opts: &Options,
+) -> Result<Report> {
+    let cmp = compare(golden, candidate, opts.policy)?;
+    let mut report = Report::new(&cmp, Vec::new());
+    if opts.diagnose {
+        diagnose_into(&mut report, golden, candidate, &cmp, opts);
+    }
+    if let Some(tf) = teacher_forced {
+        let local = compare(golden, tf, opts.policy)?;
+        report.attach_local(&local);
+    }
+    Ok(report)
+}
+
+/// Runs `run`'s implementation on `golden`'s scenario and weights, then [`check`]s the
+/// result. The run's output is returned too (to be written as a dump, say).
+pub fn run(golden: &Dump, run: &RunOptions, opts: &Options) -> Result<(RunOutput, Report)> {
+    (opts.progress)(&format!("running {} ...", run.implementation.name()));
+    let out = model::run(golden, run)?;
+    let report = check(golden, &out.dump, out.teacher_forced.as_ref(), opts)?;
+    Ok((out, report))
+}
+
+/// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is said
+/// in the report and leaves the verdict alone.
+fn diagnose_into(
+    report: &mut Report,
+    golden: &Dump,
+    candidate: &Dump,
+    cmp: &Comparison,
+    opts: &Options,
+) {
+    if cmp.first_divergence().is_none() {
+        return;
+    }
+    match golden.weights() {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            report.diagnosis_note = Some(
+                "not made: the golden has no weights.safetensors to rerun its scenario with"
+                    .to_string(),
+            );
+            return;
+        }
+        Err(e) => {
+            report.diagnosis_note = Some(format!("not made: {e}"));
+            return;
+        }
+    }
+    (opts.progress)("diagnosing the divergence ...");
+    match diagnose(golden, candidate, cmp) {
+        Ok(d) => {
+            report.diagnosis = d.findings;
+            report.diagnosis_notes = d.notes;
+        }
+        Err(e) => report.diagnosis_note = Some(format!("not made: {e}")),
+    }
+}

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::compare::{compare, Verdict};
+use llama_parity::compare::Verdict;
 use llama_parity::contract::fault::Fault;
 use llama_parity::contract::site::{self, LayerPart, Site};
-use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::pipeline::{self, Options};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -46,11 +46,12 @@ struct Case {
 }
 
 fn diagnose_case(golden: &Dump, cand: &Dump, planted: &str) -> Option<Case> {
-    let cmp = compare(golden, cand, &Policy::default()).expect("compare");
-    if cmp.verdict() == Verdict::Pass {
+    let policy = Policy::default();
+    let report = pipeline::check(golden, cand, None, &Options::new(&policy)).expect("check");
+    if report.verdict == Verdict::Pass {
         return None;
     }
-    let d = diagnose(golden, cand, &cmp).expect("diagnose");
+    let d = &report.diagnosis;
     let best = d.first().map(|f| f.score);
     let first = d.iter().any(|f| f.fault == planted && Some(f.score) == best);
     let alone = first && d.iter().filter(|f| Some(f.score) == best).count() == 1;
@@ -147,12 +148,13 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
 
 #[test]
 fn correct_low_precision_candidates_pass_with_an_empty_diagnosis() {
+    let policy = Policy::default();
     let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
     for c in ["gqa_pad_bf16", "gqa_pad_f16"] {
         let cand = Dump::open(&root().join("golden").join(c)).expect("candidate");
-        let cmp = compare(&golden, &cand, &Policy::default()).expect("compare");
-        assert_eq!(cmp.verdict(), Verdict::Pass, "{c}");
-        assert!(diagnose(&golden, &cand, &cmp).expect("diagnose").is_empty(), "{c}");
+        let r = pipeline::check(&golden, &cand, None, &Options::new(&policy)).expect("check");
+        assert_eq!(r.verdict, Verdict::Pass, "{c}");
+        assert!(r.diagnosis.is_empty(), "{c}");
     }
     for precision in [Precision::Bf16, Precision::F16] {
         let opts = RunOptions {
@@ -162,9 +164,9 @@ fn correct_low_precision_candidates_pass_with_an_empty_diagnosis() {
             teacher_force: false,
         };
         let cand = model::run(&golden, &opts).expect("run").dump;
-        let cmp = compare(&golden, &cand, &Policy::default()).expect("compare");
-        assert_eq!(cmp.verdict(), Verdict::Pass, "ascend {precision}");
-        assert!(diagnose(&golden, &cand, &cmp).expect("diagnose").is_empty());
+        let r = pipeline::check(&golden, &cand, None, &Options::new(&policy)).expect("check");
+        assert_eq!(r.verdict, Verdict::Pass, "ascend {precision}");
+        assert!(r.diagnosis.is_empty());
     }
 }
 

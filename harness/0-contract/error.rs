@@ -37,6 +37,14 @@ pub enum Error {
     /// A flag or option value that cannot be used.
     #[error("{flag}: {what}")]
     Usage { flag: String, what: String },
+    /// Scenario data (tokens, masks, golden activations fed back) that the model cannot
+    /// run: `field` names the scenario field or activation.
+    #[error("scenario.{field}: {what}")]
+    Scenario { field: String, what: String },
+    /// Something the chosen implementation cannot do; the caller maps `feature` to the
+    /// option that asked for it.
+    #[error("{what}")]
+    Unsupported { feature: Feature, what: String },
     /// A model configuration the implementation cannot run.
     #[error("{path}: model config: {what}")]
     Config { path: PathBuf, what: String },
@@ -48,16 +56,29 @@ pub enum Error {
     External { program: String, what: String },
 }
 
+/// What an [`Error::Unsupported`] was asked of an implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// Starting each layer from the golden's input.
+    TeacherForcing,
+    /// The implementation itself (not built, or not runnable on this golden).
+    Implementation,
+}
+
 impl Error {
+    pub(crate) fn scenario(field: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::Scenario { field: field.into(), what: what.into() }
+    }
+
+    pub(crate) fn unsupported(feature: Feature, what: impl Into<String>) -> Self {
+        Error::Unsupported { feature, what: what.into() }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
         Error::Format { path: path.into(), what: what.into() }
-    }
-
-    pub(crate) fn usage(flag: impl Into<String>, what: impl Into<String>) -> Self {
-        Error::Usage { flag: flag.into(), what: what.into() }
     }
 }

@@ -22,7 +22,7 @@ impl Embedding<'_> {
         for (bi, row) in ids.iter().enumerate() {
             for (ti, &id) in row.iter().enumerate() {
                 let idx = usize::try_from(id).ok().filter(|&i| i < v).ok_or_else(|| {
-                    Error::usage(
+                    Error::scenario(
                         "input_ids",
                         format!(
                             "token id {id} at [{bi}][{ti}] is outside the vocabulary (size {v})"

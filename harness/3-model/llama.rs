@@ -166,7 +166,7 @@ impl<'m> Session<'m> {
         self.check_batch(ids)?;
         let t = ids.first().map_or(0, Vec::len);
         if attention_mask.len() != ids.len() || attention_mask.iter().any(|r| r.len() != t) {
-            return Err(Error::usage("attention_mask", "must have the shape of input_ids"));
+            return Err(Error::scenario("attention_mask", "must have the shape of input_ids"));
         }
         let mut positions = Array2::zeros((ids.len(), t));
         for (b, row) in attention_mask.iter().enumerate() {
@@ -208,14 +208,14 @@ impl<'m> Session<'m> {
     fn check_batch(&self, ids: &[Vec<i64>]) -> Result<()> {
         let t = ids.first().map_or(0, Vec::len);
         if ids.len() != self.pos_offset.len() || t == 0 || ids.iter().any(|r| r.len() != t) {
-            return Err(Error::usage(
+            return Err(Error::scenario(
                 "input_ids",
                 format!("expected {} rows of equal, non-zero length", self.pos_offset.len()),
             ));
         }
         let room = self.caches.first().map_or(usize::MAX, KvCache::capacity);
         if self.caches.first().map_or(0, KvCache::len) + t > room {
-            return Err(Error::usage(
+            return Err(Error::scenario(
                 "input_ids",
                 format!("the step overflows the cache of {room} slots"),
             ));
@@ -266,8 +266,8 @@ impl<'m> Session<'m> {
             if let Some(teacher) = teacher {
                 if let Some(x) = teacher.layer_input(i)? {
                     if x.dim() != h.dim() {
-                        return Err(Error::usage(
-                            "--teacher-force",
+                        return Err(Error::scenario(
+                            format!("model.layers.{i}"),
                             format!(
                                 "the golden's input to layer {i} has shape {:?}, expected {:?}",
                                 x.shape(),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{RunOptions, RunOutput};
-use crate::contract::error::{Error, Result};
+use crate::contract::error::{Error, Feature, Result};
 use crate::contract::site;
 use crate::dump::{Dump, Tensor};
 
@@ -72,11 +72,11 @@ fn install_hint(python: &Path, problem: &str) -> Error {
 /// `progress` receives each line the port writes.
 pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<RunOutput> {
     if opts.teacher_force {
-        return Err(Error::usage("--teacher-force", "the mindspore implementation runs the port as a whole; it cannot start a layer from the golden's input"));
+        return Err(Error::unsupported(Feature::TeacherForcing, "the mindspore implementation runs the port as a whole; it cannot start a layer from the golden's input"));
     }
     let Some(golden_dir) = golden.dir() else {
-        return Err(Error::usage(
-            "--impl",
+        return Err(Error::unsupported(
+            Feature::Implementation,
             "the mindspore port reads the golden from its directory; this golden is in memory",
         ));
     };

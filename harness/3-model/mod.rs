@@ -29,7 +29,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod weights;
 
-use crate::contract::error::{Error, Result};
+use crate::contract::error::{Error, Feature, Result};
 use crate::contract::fault::Fault;
 use crate::dump::{Dump, Precision};
 
@@ -97,8 +97,8 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
                 opts.teacher_force,
             )
         }
-        other => Err(Error::usage(
-            "--impl",
+        other => Err(Error::unsupported(
+            Feature::Implementation,
             format!("the {} implementation is not built yet", other.name()),
         )),
     }

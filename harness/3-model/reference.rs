@@ -149,8 +149,8 @@ impl Runner<'_> {
                         .map(|r| r.get(j).copied())
                         .collect::<Option<_>>()
                         .ok_or_else(|| {
-                            Error::usage(
-                                "scenario.decode_ids",
+                            Error::scenario(
+                                "decode_ids",
                                 format!("step {step} has no decode token"),
                             )
                         })?;

@@ -27,6 +27,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::metrics::Metrics;
 use crate::contract::error::{Error, Result};
 use crate::contract::site::{Site, Step};
 use crate::dump::Precision;
@@ -49,6 +50,68 @@ impl Tolerance {
             Precision::Bf16 => Tolerance { max_rel_l2: 0.05, min_cosine: 0.998, max_abs: None },
             Precision::F16 => Tolerance { max_rel_l2: 0.01, min_cosine: 0.9999, max_abs: None },
         }
+    }
+}
+
+/// What [`Tolerance::judge`] decides for one site's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// Every threshold met and no NaN/Inf the golden lacks.
+    pub pass: bool,
+    /// How far past its tolerance the site is: the largest of each metric's ratio to its
+    /// threshold (`rel_l2 / max_rel_l2`, `(1 - cosine) / (1 - min_cosine)`,
+    /// `max_abs / max_abs`); infinite for new NaN/Inf or a NaN metric. Above 1 exactly
+    /// when the site fails.
+    pub excess: f64,
+    /// Why the site fails, one phrase per broken threshold; empty when it passes.
+    pub why: Vec<String>,
+}
+
+impl Tolerance {
+    /// The one pass/fail rule: judges a value site's metrics against these thresholds.
+    /// The verdict, the report's "x tol" column and the diagnosis all use it.
+    pub fn judge(&self, m: &Metrics) -> Judgement {
+        // `x <= limit` rather than `!(x > limit)` on purpose: a NaN metric must fail.
+        let within = |x: f64, limit: f64| x <= limit;
+        let ratio = |x: f64, limit: f64| {
+            if x.is_nan() {
+                f64::INFINITY
+            } else if limit > 0.0 {
+                x / limit
+            } else if x > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            }
+        };
+        let mut why = Vec::new();
+        let mut excess: f64 = 0.0;
+        if m.new_nonfinite > 0 {
+            why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
+            excess = f64::INFINITY;
+        }
+        if !within(m.rel_l2, self.max_rel_l2) {
+            why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, self.max_rel_l2));
+        }
+        excess = excess.max(ratio(m.rel_l2, self.max_rel_l2));
+        if !within(-m.cosine, -self.min_cosine) {
+            why.push(format!("cosine {:.6} < {}", m.cosine, self.min_cosine));
+        }
+        excess = excess.max(ratio(1.0 - m.cosine, 1.0 - self.min_cosine));
+        if let Some(ma) = self.max_abs {
+            if !within(m.max_abs, ma) {
+                why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
+            }
+            excess = excess.max(ratio(m.max_abs, ma));
+        }
+        let pass = why.is_empty();
+        // Ratios round; the comparisons above decide, and the excess follows them.
+        if pass {
+            excess = excess.min(1.0);
+        } else if excess <= 1.0 {
+            excess = 1.0 + f64::EPSILON;
+        }
+        Judgement { pass, excess, why }
     }
 }
 

@@ -256,6 +256,7 @@ pub fn compare_site_in(
         r.note = Some("the candidate did not dump this site".into());
         return r;
     };
+    r.tolerance = Some(tol);
     if c.shape() != g.shape() {
         r.status = Status::Fail;
         r.note = Some(format!("shape {:?} but the golden's is {:?}", c.shape(), g.shape()));
@@ -299,31 +300,14 @@ pub fn compare_site_in(
         let m = acc.finish(g.shape());
         r.per_token = per_token.map(|a| a.finish());
         r.per_head = per_head.map(|a| a.finish());
-        // `!(x <= limit)` rather than `x > limit` on purpose: a NaN metric must fail.
-        let within = |x: f64, limit: f64| x <= limit;
-        let mut why = Vec::new();
-        if m.new_nonfinite > 0 {
-            why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
-        }
-        if !within(m.rel_l2, tol.max_rel_l2) {
-            why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, tol.max_rel_l2));
-        }
-        if !within(-m.cosine, -tol.min_cosine) {
-            why.push(format!("cosine {:.6} < {}", m.cosine, tol.min_cosine));
-        }
-        if let Some(ma) = tol.max_abs {
-            if !within(m.max_abs, ma) {
-                why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
-            }
-        }
-        r.status = if why.is_empty() { Status::Pass } else { Status::Fail };
-        r.note = (!why.is_empty()).then(|| why.join("; "));
+        let j = tol.judge(&m);
+        r.status = if j.pass { Status::Pass } else { Status::Fail };
+        r.note = (!j.pass).then(|| j.why.join("; "));
         r.metrics = Some(SiteMetrics::Values(m));
         if r.status == Status::Fail {
             r.abs_histogram = Some(hist);
         }
     }
-    r.tolerance = Some(tol);
     r
 }
 

@@ -22,7 +22,24 @@ use crate::contract::fault::Fault;
 use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::{Dump, Manifest, Precision};
 use crate::model::{self, Implementation, RunOptions};
-use crate::report::Finding;
+use serde::{Deserialize, Serialize};
+
+/// One hypothesis of the diagnosis: a known fault, how well it explains the divergence
+/// (0..1), and the evidence in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub fault: String,
+    pub score: f64,
+    pub explains: String,
+}
+
+/// What a diagnosis found, best first, and what it could not try.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Diagnosis {
+    pub findings: Vec<Finding>,
+    /// Hypotheses that could not be run on this golden, each with the reason.
+    pub notes: Vec<String>,
+}
 
 /// The earliest (step, site) at which a fault can change an activation.
 pub fn earliest_effect(fault: Fault) -> (Step, Site) {
@@ -184,10 +201,15 @@ impl Fit {
 
 /// Ranks the known faults that explain `cmp`'s divergence, best first. Empty when the
 /// comparison passed, when the golden has no weights, or when no fault fits well.
-pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec<Finding>> {
-    let Some(first) = cmp.first_divergence() else { return Ok(Vec::new()) };
+///
+/// A hypothesis is accepted only when its run lies within the tolerance that the
+/// comparison applied at the first divergent site (the user's policy, at the coarser of
+/// the two dtypes) or within three times the noise floor, whichever is wider. A
+/// hypothesis that cannot run on this golden is said in [`Diagnosis::notes`].
+pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Diagnosis> {
+    let Some(first) = cmp.first_divergence() else { return Ok(Diagnosis::default()) };
     if golden.weights()?.is_none() {
-        return Ok(Vec::new());
+        return Ok(Diagnosis::default());
     }
     let first_at = (first.step, first.site.clone());
     // Evidence: the first divergent site and every site the candidate dumped after it
@@ -213,9 +235,14 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
     let clean = fit(&baseline, candidate, golden, &evidence)?;
     // The noise floor: how far a correct simulation is from the correct golden here.
     let floor = fit(&baseline, golden, golden, &evidence)?.median();
-    let tol = Tolerance::default_for(precision);
+    // The threshold the comparison itself applied at the first divergent site (every
+    // checked site carries one).
+    let tol = first.tolerance.unwrap_or_else(|| {
+        Tolerance::default_for(cmp.golden_precision.coarser(cmp.candidate_precision))
+    });
     let accept = (3.0 * floor).max(tol.max_rel_l2);
     let mut found = Vec::new();
+    let mut notes = Vec::new();
     for fault in Fault::ALL {
         if order(&earliest_effect(fault), &first_at) == Ordering::Greater {
             continue;
@@ -225,7 +252,10 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
         }
         let dump = match run(vec![fault]) {
             Ok(d) => d,
-            Err(_) => continue,
+            Err(e) => {
+                notes.push(format!("{} not tried: {e}", fault.id()));
+                continue;
+            }
         };
         let f = fit(&dump, candidate, golden, &evidence)?;
         // It must reproduce the first divergent site and most sites after it, and be
@@ -260,7 +290,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Vec
         found.push(Finding { fault: fault.id().to_string(), score, explains });
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
-    Ok(found)
+    Ok(Diagnosis { findings: found, notes })
 }
 
 /// Measures `run` against `target` at the evidence sites (padding handled as in

@@ -23,6 +23,7 @@ use crate::compare::metrics::{num_vec, ErrorHistogram};
 use crate::compare::tolerance::Tolerance;
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use crate::contract::error::{Error, Result};
+use crate::diagnosis::Finding;
 use crate::dump::write_atomic;
 
 pub use html::render_html;
@@ -32,15 +33,6 @@ pub use terminal::render_summary;
 
 /// Format string of `report.json`.
 pub const FORMAT: &str = "llama-parity/report@1";
-
-/// One hypothesis of the diagnosis: a known fault, how well it explains the divergence
-/// (0..1), and the evidence in numbers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Finding {
-    pub fault: String,
-    pub score: f64,
-    pub explains: String,
-}
 
 /// One site of the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +119,9 @@ pub struct Report {
     /// the diagnosis ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnosis_note: Option<String>,
+    /// Hypotheses the diagnosis could not run on this golden, each with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnosis_notes: Vec<String>,
     /// True when the sites carry `local_metrics` from a teacher-forced run.
     #[serde(default)]
     pub teacher_forced: bool,
@@ -149,6 +144,7 @@ impl Report {
             first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
             diagnosis,
             diagnosis_note: None,
+            diagnosis_notes: Vec::new(),
             summary: Summary { pass, fail, missing, skipped },
             teacher_forced: false,
             sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
@@ -211,20 +207,11 @@ impl Report {
     }
 }
 
-/// How far past its tolerance a site is (> 1 fails).
+/// How far past its tolerance a site is (> 1 fails): [`Tolerance::judge`]'s excess for
+/// value sites, infinite for integer or mask sites with mismatches.
 pub fn excess(s: &SiteEntry) -> f64 {
     match (&s.metrics, &s.tolerance) {
-        (Some(SiteMetrics::Values(m)), Some(t)) => {
-            let a = if t.max_rel_l2 > 0.0 { m.rel_l2 / t.max_rel_l2 } else { f64::INFINITY };
-            let b = if t.min_cosine < 1.0 { (1.0 - m.cosine) / (1.0 - t.min_cosine) } else { 0.0 };
-            let c = if m.new_nonfinite > 0 { f64::INFINITY } else { 0.0 };
-            let v = a.max(b).max(c);
-            if v.is_nan() {
-                f64::INFINITY
-            } else {
-                v
-            }
-        }
+        (Some(SiteMetrics::Values(m)), Some(t)) => t.judge(m).excess,
         (Some(m), _) if m.error() > 0.0 => f64::INFINITY,
         _ => 0.0,
     }

@@ -1,23 +1,32 @@
-//! `parity`: the command line over the `llama_parity` library.
+//! `parity`: the command line over the `llama_parity` library, one file a command.
+//! `args` holds the clap types; each command turns them into library options, runs the
+//! library's pipeline and prints; `output` holds what they share.
 //!
 //! Exit status: 0 every checked site within tolerance, 1 divergence, 2 bad input or
 //! usage (the message names the file, tensor or flag).
 
 mod args;
-mod commands;
+mod check_weights;
+mod compare;
+mod output;
+mod run;
 mod suite;
 
 use std::error::Error as _;
 use std::process::ExitCode;
 
 use clap::Parser;
+use llama_parity::contract::error::Feature;
+use llama_parity::{Error, Result};
+
+use crate::args::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
-    match commands::dispatch(cli) {
+    let cli = Cli::parse();
+    match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            let mut msg = format!("parity: error: {e}");
+            let mut msg = format!("parity: error: {}", describe(&e));
             let mut src = e.source();
             while let Some(s) = src {
                 let text = s.to_string();
@@ -29,5 +38,29 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Compare(a) => compare::cmd_compare(a),
+        Command::Run(a) => run::cmd_run(a),
+        Command::Suite(a) => suite::cmd_suite(a),
+        Command::CheckWeights(a) => check_weights::cmd_check_weights(a),
+    }
+}
+
+/// The library's error in the command line's terms: what an implementation cannot do
+/// is said of the flag that asked for it.
+fn describe(e: &Error) -> String {
+    match e {
+        Error::Unsupported { feature, what } => {
+            let flag = match feature {
+                Feature::TeacherForcing => "--teacher-force",
+                Feature::Implementation => "--impl",
+            };
+            format!("{flag}: {what}")
+        }
+        other => other.to_string(),
     }
 }

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::compare::{compare, Verdict};
+use llama_parity::compare::Verdict;
 use llama_parity::contract::fault::Fault;
-use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::model::{Implementation, RunOptions};
+use llama_parity::pipeline::{self, Options};
 use llama_parity::report::Report;
 use llama_parity::{Error, Result};
 
@@ -51,8 +51,9 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         });
     }
     let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
-    crate::commands::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
+    crate::output::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
     let policy = Policy::default();
+    let check = Options::new(&policy);
     let candidates = if a.candidates.is_dir() { list_dirs(&a.candidates)? } else { Vec::new() };
     let mut rows = Vec::new();
     for gdir in &goldens {
@@ -94,9 +95,8 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         for (label, opts) in runs {
             eprintln!("parity: suite: {gname}: {label}");
             let t = Instant::now();
-            let outcome = model::run(&golden, &opts)
-                .and_then(|out| compare(&golden, &out.dump, &policy))
-                .map(|cmp| Report::new(&cmp, Vec::new()))
+            let outcome = pipeline::run(&golden, &opts, &check)
+                .map(|(_, report)| report)
                 .map_err(|e| e.to_string());
             rows.push(Row {
                 golden: gname.clone(),
@@ -115,9 +115,7 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             let t = Instant::now();
             let outcome = (|| -> Result<Report> {
                 let cand = Dump::open(cdir)?;
-                let cmp = compare(&golden, &cand, &policy)?;
-                let diag = diagnose(&golden, &cand, &cmp)?;
-                Ok(Report::new(&cmp, diag))
+                pipeline::check(&golden, &cand, None, &check)
             })()
             .map_err(|e| e.to_string());
             rows.push(Row {

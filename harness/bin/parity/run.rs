@@ -1,0 +1,63 @@
+//! `parity run GOLDEN --impl ...`: run an implementation on the golden's scenario and
+//! weights, and judge it.
+
+use std::process::ExitCode;
+
+use llama_parity::contract::fault::Fault;
+use llama_parity::dump::Dump;
+use llama_parity::model::{Implementation, RunOptions};
+use llama_parity::pipeline::{self, Options};
+use llama_parity::{Error, Result};
+
+use crate::args::{ImplArg, RunArgs};
+use crate::output::{check_outputs, finish, load_policy, precision, progress};
+
+pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
+    let implementation = match a.implementation {
+        ImplArg::Reference => Implementation::Reference,
+        ImplArg::Ascend => Implementation::Ascend,
+        ImplArg::Mindspore => Implementation::MindSpore,
+    };
+    let faults = a
+        .faults
+        .iter()
+        .map(|id| {
+            Fault::parse(id).ok_or_else(|| Error::Usage {
+                flag: "--fault".into(),
+                what: format!(
+                    "unknown fault {id:?}; known: {}",
+                    Fault::ALL.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let policy = load_policy(&a.common)?;
+    check_outputs(
+        &[a.golden.as_path()],
+        &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
+    )?;
+    let golden = Dump::open(&a.golden)?;
+    let run = RunOptions {
+        implementation,
+        precision: a.dtype.map(precision),
+        faults,
+        teacher_force: a.teacher_force,
+    };
+    progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
+    let opts = Options { progress: &progress, ..Options::new(&policy) };
+    // The dump is written before the comparison, so that a port's output is kept
+    // whatever the comparison and diagnosis make of it.
+    let mut out = llama_parity::model::run(&golden, &run)?;
+    let mut name = format!("{} run", implementation.name());
+    if !run.faults.is_empty() {
+        let ids: Vec<&str> = run.faults.iter().map(|f| f.id()).collect();
+        name.push_str(&format!(" with {}", ids.join(", ")));
+    }
+    out.dump.set_name(name);
+    if let Some(dir) = &a.dump {
+        out.dump.write(dir)?;
+        progress(&format!("dump written to {}", dir.display()));
+    }
+    let report = pipeline::check(&golden, &out.dump, out.teacher_forced.as_ref(), &opts)?;
+    finish(report, &a.common)
+}
