@@ -9,17 +9,7 @@ use llama_parity::compare::{compare, Comparison, Verdict};
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 
-const GOLDENS: [&str; 9] = [
-    "mha_f32",
-    "gqa_pad_f32",
-    "gqa_pad_bf16",
-    "gqa_pad_f16",
-    "llama3_f32",
-    "yarn_f32",
-    "linear_f32",
-    "longrope_f32",
-    "mqa_tied_f32",
-];
+use crate::helpers::GOLDENS;
 
 fn golden(name: &str) -> Dump {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);

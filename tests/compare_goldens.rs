@@ -9,15 +9,7 @@ use llama_parity::contract::site::{self, Site, Step};
 use llama_parity::dump::{DType, Dump, Precision, Tensor};
 
 fn goldens() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("golden/ exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    v.sort();
-    assert!(!v.is_empty(), "no golden dumps under {}", root.display());
-    v
+    crate::helpers::dump_dirs("golden")
 }
 
 fn parity(args: &[&str]) -> (Option<i32>, String, String) {

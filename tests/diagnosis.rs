@@ -21,14 +21,7 @@ fn root() -> PathBuf {
 }
 
 fn dirs(sub: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join(sub))
-        .unwrap_or_else(|e| panic!("{sub}: {e}"))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    v.sort();
-    assert!(!v.is_empty(), "nothing under {sub}");
-    v
+    crate::helpers::dump_dirs(sub)
 }
 
 fn name(p: &Path) -> String {

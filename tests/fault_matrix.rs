@@ -4,7 +4,7 @@
 //! where it cannot, the run passes, and the reason is printed. `mask.fp16_overflow` is
 //! also planted at float16, the only dtype where its fill overflows.
 //!
-//! The matrix is printed (`cargo test --test fault_matrix -- --nocapture`) and
+//! The matrix is printed (`cargo test --release --test main fault_matrix -- --nocapture`) and
 //! reproduced in docs/ascend.md.
 
 use std::path::PathBuf;
@@ -16,17 +16,7 @@ use llama_parity::diagnosis::{first_site, Visibility};
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 
-const GOLDENS: [&str; 9] = [
-    "mha_f32",
-    "gqa_pad_f32",
-    "gqa_pad_bf16",
-    "gqa_pad_f16",
-    "llama3_f32",
-    "yarn_f32",
-    "linear_f32",
-    "longrope_f32",
-    "mqa_tied_f32",
-];
+use crate::helpers::GOLDENS;
 
 /// Faults whose effect at bfloat16 is below bfloat16's tolerance (rel-L2 0.05) on every
 /// committed golden, measured by this test (the printed rel-L2 is at the site where the

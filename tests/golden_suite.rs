@@ -13,13 +13,7 @@ fn root() -> PathBuf {
 }
 
 fn goldens() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("golden"))
-        .expect("golden/")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    v.sort();
-    v
+    crate::helpers::dump_dirs("golden")
 }
 
 /// The contract's shape of `site` at `step` (CONTRACT §1).
@@ -56,17 +50,7 @@ fn contract_shape(d: &Dump, step: Step, site: &Site) -> Vec<usize> {
 fn the_suite_covers_the_required_scenarios() {
     let names: Vec<String> =
         goldens().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in [
-        "mha_f32",
-        "gqa_pad_f32",
-        "gqa_pad_bf16",
-        "gqa_pad_f16",
-        "llama3_f32",
-        "yarn_f32",
-        "linear_f32",
-        "longrope_f32",
-        "mqa_tied_f32",
-    ] {
+    for want in crate::helpers::GOLDENS {
         assert!(names.iter().any(|n| n == want), "golden/{want} is missing; have {names:?}");
     }
 }

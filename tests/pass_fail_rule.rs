@@ -64,7 +64,10 @@ fn a_site_failing_only_on_max_abs_fails_in_the_verdict_the_report_and_the_summar
     let report = pipeline::check(&g, &cand, None, &opts).expect("check");
     assert_eq!(report.verdict, Verdict::Fail);
     let first = report.first_divergence.as_ref().expect("a first divergence");
-    assert_eq!((first.step.as_str(), first.site.as_str()), ("decode.1", "model.layers.1.mlp"));
+    assert_eq!(
+        (first.step.to_string(), first.site.to_string()),
+        ("decode.1".to_string(), "model.layers.1.mlp".to_string())
+    );
     assert_eq!(first.status, Status::Fail);
     assert!(first.note.as_deref().unwrap_or("").contains("max_abs"), "{:?}", first.note);
     // The "x tol" column: past its tolerance (about 10x), not a rel-L2 ratio below 1.

@@ -62,26 +62,38 @@ fn report_json_carries_per_token_per_head_and_histogram_and_round_trips() {
     let q = r
         .sites
         .iter()
-        .find(|e| e.step == "prefill" && e.site == "model.layers.0.self_attn.q_rope")
+        .find(|e| {
+            e.step.to_string() == "prefill"
+                && e.site.to_string() == "model.layers.0.self_attn.q_rope"
+        })
         .expect("q_rope");
     assert_eq!(q.per_token.as_ref().map(Vec::len), Some(6), "one value per prefill token");
     assert_eq!(q.per_head.as_ref().map(Vec::len), Some(4), "one value per query head");
     let k = r
         .sites
         .iter()
-        .find(|e| e.step == "decode.0" && e.site == "model.layers.0.self_attn.k_rope")
+        .find(|e| {
+            e.step.to_string() == "decode.0"
+                && e.site.to_string() == "model.layers.0.self_attn.k_rope"
+        })
         .expect("k_rope");
     assert_eq!(k.per_head.as_ref().map(Vec::len), Some(2), "k_rope has the KV heads");
     let ctx = r
         .sites
         .iter()
-        .find(|e| e.step == "decode.1" && e.site == "model.layers.1.self_attn.context")
+        .find(|e| {
+            e.step.to_string() == "decode.1"
+                && e.site.to_string() == "model.layers.1.self_attn.context"
+        })
         .expect("context");
     let heads = ctx.per_head.as_ref().expect("context split into heads");
     assert_eq!(heads.len(), 4);
     assert!(heads[3] > heads[0] * 2.0, "the planted error grows with the head: {heads:?}");
     let fd = r.first_divergence.as_ref().expect("a divergence");
-    assert_eq!((fd.step.as_str(), fd.site.as_str()), ("decode.0", "model.rotary_emb.cos"));
+    assert_eq!(
+        (fd.step.to_string(), fd.site.to_string()),
+        ("decode.0".into(), "model.rotary_emb.cos".into())
+    );
     let h = fd.abs_histogram.as_ref().expect("histogram at the first divergence");
     assert_eq!(h.total(), 2 * 4, "every element of [2, 1, 4] counted");
     assert!(

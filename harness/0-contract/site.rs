@@ -204,6 +204,22 @@ impl Site {
     pub fn is_mask(&self) -> bool {
         matches!(self, Site::Mask)
     }
+
+    /// The short name for chart labels: `L3 q_rope`, `L12 output`, `embed_tokens`,
+    /// `lm_head`.
+    pub fn short_name(&self) -> String {
+        match self {
+            Site::Layer(i, LayerPart::Output) => format!("L{i} output"),
+            Site::Layer(i, p) => {
+                let part = p.suffix().trim_start_matches('.');
+                format!("L{i} {}", part.strip_prefix("self_attn.").unwrap_or(part))
+            }
+            other => {
+                let name = other.to_string();
+                name.strip_prefix("model.").unwrap_or(&name).to_string()
+            }
+        }
+    }
 }
 
 impl fmt::Display for Site {
@@ -230,6 +246,17 @@ pub fn key(step: Step, site: &Site) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names_label_charts() {
+        let short = |n: &str| Site::parse(n).short_name();
+        assert_eq!(short("model.layers.3.self_attn.q_rope"), "L3 q_rope");
+        assert_eq!(short("model.layers.12"), "L12 output");
+        assert_eq!(short("model.layers.0.mlp"), "L0 mlp");
+        assert_eq!(short("model.layers.0.post_attention_layernorm"), "L0 post_attention_layernorm");
+        assert_eq!(short("model.embed_tokens"), "embed_tokens");
+        assert_eq!(short("lm_head"), "lm_head");
+    }
 
     #[test]
     fn steps_parse_and_print() {
@@ -267,5 +294,41 @@ mod tests {
             Site::parse("model.layers.10.mlp").compute_order(&Site::parse("model.layers.9.mlp")),
             Ordering::Greater
         );
+    }
+}
+
+/// Steps and sites are written by name (`"decode.0"`, `"model.layers.0.mlp"`), as in
+/// the contract's files.
+mod serde_by_name {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{Site, Step};
+
+    impl Serialize for Step {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Step {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Step, D::Error> {
+            let name = String::deserialize(d)?;
+            Step::parse(&name).ok_or_else(|| {
+                D::Error::custom(format!("{name:?} is not a step (prefill or decode.N)"))
+            })
+        }
+    }
+
+    impl Serialize for Site {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Site {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Site, D::Error> {
+            Ok(Site::parse(&String::deserialize(d)?))
+        }
     }
 }

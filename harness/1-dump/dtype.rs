@@ -15,6 +15,7 @@ pub enum DType {
     I64,
     I32,
     U8,
+    #[serde(rename = "BOOL")]
     Bool,
 }
 

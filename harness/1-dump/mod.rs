@@ -1,3 +1,6 @@
+//! Stage 1, the dump: what a producer writes and every later stage reads. Uses only
+//! the contract.
+//!
 //! The model of a dump (CONTRACT §1): a directory with `manifest.json`, activations in
 //! one safetensors file or a tree of `.npy` files, and optional HF weights.
 //!

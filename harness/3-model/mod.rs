@@ -1,3 +1,6 @@
+//! Stage 3, the model: uses the contract, the dump and the weights stages; knows
+//! nothing of comparison, diagnosis or reports.
+//!
 //! Implementations that run a golden's scenario and produce a dump of every site:
 //! the float64 reference, the simulated Ascend port, and the real MindSpore port.
 //!

@@ -1,4 +1,6 @@
-//! Diagnosis: names the known porting fault behind a divergence.
+//! Stage 5, diagnosis: names the known porting fault behind a divergence. Uses the
+//! model (to rerun the golden's scenario under each hypothesis) and the comparison;
+//! knows nothing of reports.
 //!
 //! Each fault of CONTRACT §3 is a hypothesis. For a divergent candidate whose golden
 //! carries weights, the harness reruns the golden's scenario with the simulated port

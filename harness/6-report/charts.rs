@@ -19,6 +19,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::{SiteMetrics, Status};
 use crate::contract::error::{Error, Result};
+use crate::contract::site::{LayerPart, Site, Step};
 
 use super::{Report, SiteEntry};
 
@@ -97,7 +98,7 @@ fn svg(
     }
     let tag = format!(
         "<svg id=\"{id}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"xMinYMin meet\" ",
-        super::html::escape(title)
+        super::escape_xml(title)
     );
     match buf.find("<svg ") {
         Some(at) => buf.replace_range(at..at + 5, &tag),
@@ -145,23 +146,18 @@ fn sci_tick(v: &f64) -> String {
     format!("{v:.0e}")
 }
 
-/// The short name of a site for labels: `L3 q_rope`, `embed_tokens`, `lm_head`.
-pub fn short_site(site: &str) -> String {
-    if let Some(rest) = site.strip_prefix("model.layers.") {
-        let (layer, part) = rest.split_once('.').unwrap_or((rest, "output"));
-        let part = part.strip_prefix("self_attn.").unwrap_or(part);
-        return format!("L{layer} {part}");
-    }
-    site.strip_prefix("model.").unwrap_or(site).to_string()
+/// The first site of a decoder layer, where the compute-order chart marks `L{i}`.
+fn is_layer_start(site: &Site) -> bool {
+    matches!(site, Site::Layer(_, LayerPart::InputLayernorm))
 }
 
 /// Steps in report order, each with its sites in compute order.
-fn steps(r: &Report) -> Vec<(&str, Vec<&SiteEntry>)> {
-    let mut out: Vec<(&str, Vec<&SiteEntry>)> = Vec::new();
+fn steps(r: &Report) -> Vec<(Step, Vec<&SiteEntry>)> {
+    let mut out: Vec<(Step, Vec<&SiteEntry>)> = Vec::new();
     for e in &r.sites {
         match out.last_mut() {
             Some((s, v)) if *s == e.step => v.push(e),
-            _ => out.push((&e.step, vec![e])),
+            _ => out.push((e.step, vec![e])),
         }
     }
     out
@@ -334,7 +330,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         return Ok(None);
     }
     let reference = &steps[0].1;
-    let series: Vec<(&str, Vec<(f64, f64)>)> = steps
+    let series: Vec<(Step, Vec<(f64, f64)>)> = steps
         .iter()
         .map(|(s, v)| {
             (*s, v.iter().enumerate().map(|(i, e)| (i as f64, plotted_error(e))).collect())
@@ -351,7 +347,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         Some((
             i as f64,
             clamp_log(fd.error().unwrap_or(hi)),
-            format!("first divergence: {} {}", fd.step, short_site(&fd.site)),
+            format!("first divergence: {} {}", fd.step, fd.site.short_name()),
         ))
     });
     let title = "Error along the compute order";
@@ -373,15 +369,10 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             "site index in compute order (layer starts marked L0, L1, …)",
         )?;
         // Layer boundaries, labelled at the top.
-        let every =
-            (reference.iter().filter(|e| e.site.ends_with(".input_layernorm")).count() / 24).max(1);
+        let every = (reference.iter().filter(|e| is_layer_start(&e.site)).count() / 24).max(1);
         let mut k = 0;
         for (i, e) in reference.iter().enumerate() {
-            if let Some(layer) = e
-                .site
-                .strip_prefix("model.layers.")
-                .and_then(|s| s.strip_suffix(".input_layernorm"))
-            {
+            if let Some(layer) = e.site.layer().filter(|_| is_layer_start(&e.site)) {
                 if k % every == 0 {
                     let x = i as f64 - 0.5;
                     chart
@@ -435,18 +426,11 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
 
 /// The sites the per-token chart follows: `q_rope` and `k_rope` of layer 0, the last
 /// layer's output, and the first divergent site.
-fn per_token_sites(r: &Report) -> Vec<String> {
-    let last = r
-        .sites
-        .iter()
-        .filter_map(|e| e.site.strip_prefix("model.layers.")?.parse::<usize>().ok())
-        .max();
-    let mut v = vec![
-        "model.layers.0.self_attn.q_rope".to_string(),
-        "model.layers.0.self_attn.k_rope".to_string(),
-    ];
+fn per_token_sites(r: &Report) -> Vec<Site> {
+    let last = r.sites.iter().filter_map(|e| e.site.layer()).max();
+    let mut v = vec![Site::Layer(0, LayerPart::QRope), Site::Layer(0, LayerPart::KRope)];
     if let Some(l) = last {
-        v.push(format!("model.layers.{l}"));
+        v.push(Site::Layer(l, LayerPart::Output));
     }
     if let Some(fd) = &r.first_divergence {
         if !v.contains(&fd.site) {
@@ -474,7 +458,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
         x0 += t;
     }
     let total = x0.max(1);
-    let prefill_end = offsets.iter().find(|(s, _, _)| *s == "prefill").map(|&(_, o, t)| o + t);
+    let prefill_end = offsets.iter().find(|(s, _, _)| *s == Step::Prefill).map(|&(_, o, t)| o + t);
     let series: Vec<(String, Vec<(f64, f64)>)> = sites
         .iter()
         .map(|site| {
@@ -489,7 +473,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
                     pts.extend(pt.iter().enumerate().map(|(j, &y)| ((off + j) as f64, y)));
                 }
             }
-            (short_site(site), pts)
+            (site.short_name(), pts)
         })
         .collect();
     let tol: Vec<(f64, f64)> = sites
@@ -547,7 +531,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
         caption: format!(
             "rel-L2 of each token row (batch rows combined, padding left out) at {}. Prefill rows come first, then \
              one point per decode step; a position bug shows as a jump at the dashed line.",
-            sites.iter().map(|s| short_site(s)).collect::<Vec<_>>().join(", ")
+            sites.iter().map(Site::short_name).collect::<Vec<_>>().join(", ")
         ),
         svg: out,
     }))
@@ -584,8 +568,7 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
     }
     let mut scope = String::from("every step and layer");
     if rows.len() > MAX_ROWS {
-        let step =
-            r.first_divergence.as_ref().map_or_else(|| rows[0].step.clone(), |fd| fd.step.clone());
+        let step = r.first_divergence.as_ref().map_or_else(|| rows[0].step, |fd| fd.step);
         rows.retain(|e| e.step == step);
         rows.truncate(MAX_ROWS);
         scope = format!("step {step} only (the full grid is too tall)");
@@ -617,7 +600,7 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
             let x = label_w + h as i32 * cell_w + cell_w / 2;
             root.draw(&Text::new(h.to_string(), (x, top - 6), head_style.clone())).or_chart(ID)?;
         }
-        let mut prev_step: Option<&str> = None;
+        let mut prev_step: Option<Step> = None;
         for (k, e) in rows.iter().enumerate() {
             let y = top + k as i32 * cell_h;
             if prev_step.is_some_and(|p| p != e.step) {
@@ -627,8 +610,8 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
                 ))
                 .or_chart(ID)?;
             }
-            prev_step = Some(&e.step);
-            let label = format!("{} {}", e.step, short_site(&e.site));
+            prev_step = Some(e.step);
+            let label = format!("{} {}", e.step, e.site.short_name());
             root.draw(&Text::new(label, (label_w - 8, y + cell_h / 2), small.clone()))
                 .or_chart(ID)?;
             let tol = tolerance_of(e);
@@ -770,7 +753,7 @@ fn local_vs_inherited(r: &Report) -> Result<Option<Chart>> {
         return Ok(None);
     }
     let steps = steps(r);
-    let want = r.first_divergence.as_ref().map(|fd| fd.step.as_str());
+    let want = r.first_divergence.as_ref().map(|fd| fd.step);
     let Some((step, sites)) =
         steps.iter().find(|(s, _)| want.is_none_or(|w| w == *s)).or(steps.first())
     else {
@@ -841,15 +824,6 @@ mod tests {
     fn runs_break_at_nan() {
         let r = runs(&[(0.0, 1.0), (1.0, f64::NAN), (2.0, 0.0), (3.0, 1.0)]);
         assert_eq!(r, vec![vec![(0.0, 1.0)], vec![(2.0, FLOOR), (3.0, 1.0)]]);
-    }
-
-    #[test]
-    fn short_site_names() {
-        assert_eq!(short_site("model.layers.3.self_attn.q_rope"), "L3 q_rope");
-        assert_eq!(short_site("model.layers.12"), "L12 output");
-        assert_eq!(short_site("model.layers.0.mlp"), "L0 mlp");
-        assert_eq!(short_site("model.embed_tokens"), "embed_tokens");
-        assert_eq!(short_site("lm_head"), "lm_head");
     }
 
     #[test]

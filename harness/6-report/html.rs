@@ -11,12 +11,13 @@ use std::fmt::Write;
 use crate::compare::{SiteMetrics, Status, Verdict};
 use crate::contract::error::Result;
 
-use super::charts::{self, short_site};
+use super::charts;
 use super::{metrics_line, sci, shape, Report, SiteEntry};
+use crate::contract::site::{Site, Step};
 
 /// Escapes text for HTML content and attribute values.
-pub fn escape(s: &str) -> String {
-    super::junit::escape_xml(s)
+pub fn escape(s: &(impl std::fmt::Display + ?Sized)) -> String {
+    super::escape_xml(s)
 }
 
 const CSS: &str = r#"
@@ -172,8 +173,7 @@ fn glance(out: &mut String, r: &Report) {
                 escape(&shape(&fd.golden_shape)),
                 escape(&fd.golden_dtype),
                 fd.candidate_dtype
-                    .as_deref()
-                    .map_or_else(String::new, |d| format!(", candidate {}", escape(d)))
+                    .map_or_else(String::new, |d| format!(", candidate {}", escape(&d)))
             );
         }
         None => {
@@ -254,10 +254,10 @@ fn sites_table(out: &mut String, r: &Report) {
         "<table class=\"sites\"><thead><tr><th>site</th><th>status</th><th>rel_l2</th><th>cosine</th>\
          <th>max_abs</th><th>max_rel</th><th>new NaN/Inf</th><th>shape</th><th>note</th></tr></thead><tbody>"
     );
-    let mut step: Option<&str> = None;
+    let mut step: Option<Step> = None;
     for e in &r.sites {
-        if step != Some(e.step.as_str()) {
-            step = Some(&e.step);
+        if step != Some(e.step) {
+            step = Some(e.step);
             let _ =
                 writeln!(out, "<tr class=\"step\"><td colspan=\"9\">{}</td></tr>", escape(&e.step));
         }
@@ -309,10 +309,9 @@ fn sites_table(out: &mut String, r: &Report) {
 
 /// Layer sites are long; the table shows `L3 q_rope` and keeps the full name in the
 /// cell's title.
-fn short_or_full(site: &str) -> String {
-    if site.starts_with("model.layers.") {
-        short_site(site)
-    } else {
-        site.to_string()
+fn short_or_full(site: &Site) -> String {
+    match site {
+        Site::Layer(..) => site.short_name(),
+        other => other.to_string(),
     }
 }

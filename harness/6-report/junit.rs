@@ -10,26 +10,7 @@ use std::fmt::Write;
 
 use crate::compare::Status;
 
-use super::{metrics_line, shape, Report, SiteEntry};
-
-/// Escapes text for XML content and attribute values (quotes included). Characters
-/// XML 1.0 forbids (controls other than tab, newline, return) become `?`.
-pub fn escape_xml(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\t' | '\n' | '\r' => out.push(ch),
-            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('?'),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use super::{escape_xml, metrics_line, shape, Report, SiteEntry};
 
 /// Renders `junit.xml`.
 pub fn render_junit(r: &Report) -> String {
@@ -116,7 +97,7 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
                 shape(&e.golden_shape),
                 e.golden_dtype,
                 e.candidate_shape.as_deref().map_or_else(|| "-".into(), shape),
-                e.candidate_dtype.as_deref().unwrap_or("-")
+                e.candidate_dtype.map_or_else(|| "-".to_string(), |d| d.to_string())
             );
             if r.first_divergence.as_ref().is_some_and(|fd| fd.step == e.step && fd.site == e.site)
             {

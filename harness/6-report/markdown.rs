@@ -58,7 +58,7 @@ pub fn render_markdown(r: &Report) -> String {
                 out,
                 "**First divergence:** `{}` `{}`",
                 fd.step,
-                fd.site.replace('`', "'")
+                fd.site.to_string().replace('`', "'")
             );
             if let Some(m) = &fd.metrics {
                 let _ = writeln!(out, "({}).", escape_md(&metrics_line(m)));
@@ -102,8 +102,8 @@ pub fn render_markdown(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "| {status} | {} | {} | {rel} | {cos} | {} |",
-                escape_md(&e.step),
-                escape_md(&e.site),
+                escape_md(&e.step.to_string()),
+                escape_md(&e.site.to_string()),
                 format_excess(excess(e))
             );
         }

@@ -1,3 +1,5 @@
+//! Stage 6, the report: uses the comparison and the diagnosis' findings.
+//!
 //! Reports of a comparison, each rendered from a [`Report`] alone so that `compare`
 //! and `run` give the same files:
 //!
@@ -23,8 +25,10 @@ use crate::compare::metrics::{num_vec, ErrorHistogram};
 use crate::compare::tolerance::Tolerance;
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use crate::contract::error::{Error, Result};
+use crate::contract::site::{Site, Step};
 use crate::diagnosis::Finding;
 use crate::dump::write_atomic;
+use crate::dump::DType;
 
 pub use html::render_html;
 pub use junit::render_junit;
@@ -37,8 +41,8 @@ pub const FORMAT: &str = "llama-parity/report@1";
 /// One site of the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteEntry {
-    pub step: String,
-    pub site: String,
+    pub step: Step,
+    pub site: Site,
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SiteMetrics>,
@@ -47,9 +51,9 @@ pub struct SiteEntry {
     pub golden_shape: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_shape: Option<Vec<usize>>,
-    pub golden_dtype: String,
+    pub golden_dtype: DType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub candidate_dtype: Option<String>,
+    pub candidate_dtype: Option<DType>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// With teacher forcing: the error this site adds on its own, from the golden's input.
@@ -69,15 +73,15 @@ pub struct SiteEntry {
 impl SiteEntry {
     fn from_result(r: &SiteResult) -> SiteEntry {
         SiteEntry {
-            step: r.step.to_string(),
-            site: r.site.to_string(),
+            step: r.step,
+            site: r.site.clone(),
             status: r.status,
             metrics: r.metrics.clone(),
             tolerance: r.tolerance,
             golden_shape: r.golden_shape.clone(),
             candidate_shape: r.candidate_shape.clone(),
-            golden_dtype: r.golden_dtype.to_string(),
-            candidate_dtype: r.candidate_dtype.map(|d| d.to_string()),
+            golden_dtype: r.golden_dtype,
+            candidate_dtype: r.candidate_dtype,
             note: r.note.clone(),
             local_metrics: None,
             per_token: r.per_token.clone(),
@@ -161,7 +165,7 @@ impl Report {
     /// Attaches the local (teacher-forced) measures of `local`, site by site.
     pub fn attach_local(&mut self, local: &Comparison) {
         for (e, l) in self.sites.iter_mut().zip(&local.sites) {
-            if e.step == l.step.to_string() && e.site == l.site.to_string() {
+            if e.step == l.step && e.site == l.site {
                 e.local_metrics = l.metrics.clone();
             }
         }
@@ -215,6 +219,26 @@ pub fn excess(s: &SiteEntry) -> f64 {
         (Some(m), _) if m.error() > 0.0 => f64::INFINITY,
         _ => 0.0,
     }
+}
+
+/// Escapes text for XML content and attribute values (quotes included). Characters
+/// XML 1.0 forbids (controls other than tab, newline, return) become `?`.
+pub fn escape_xml(s: &(impl std::fmt::Display + ?Sized)) -> String {
+    let s = s.to_string();
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => out.push(ch),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A number for people: `1.234e-5`, or `nan`/`inf`/`-inf`; the same bytes every time.

@@ -35,7 +35,7 @@ pub fn render_summary(r: &Report, color: bool) -> String {
             out,
             "first divergence: {} {}  {}",
             fd.step,
-            paint("1", &fd.site),
+            paint("1", &fd.site.to_string()),
             describe(fd)
         );
     }

@@ -154,3 +154,35 @@ pub fn proptest_config() -> proptest::test_runner::Config {
         ..proptest::test_runner::Config::default()
     }
 }
+
+/// The repository root.
+pub fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// The committed golden suite, by directory name; `golden_suite` checks that the
+/// directories under `golden/` are exactly these.
+pub const GOLDENS: [&str; 9] = [
+    "mha_f32",
+    "gqa_pad_f32",
+    "gqa_pad_bf16",
+    "gqa_pad_f16",
+    "llama3_f32",
+    "yarn_f32",
+    "linear_f32",
+    "longrope_f32",
+    "mqa_tied_f32",
+];
+
+/// The dump directories (holding `manifest.json`) under `sub` of the repository, sorted.
+pub fn dump_dirs(sub: &str) -> Vec<std::path::PathBuf> {
+    let dir = root().join(sub);
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no dumps under {}", dir.display());
+    v
+}

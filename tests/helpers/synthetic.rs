@@ -12,8 +12,8 @@ use std::path::Path;
 use llama_parity::compare::compare;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::contract::site::{LayerPart, Site, Step};
-use llama_parity::dump::{DType, Dump, Manifest, Tensor};
 use llama_parity::diagnosis::Finding;
+use llama_parity::dump::{DType, Dump, Manifest, Tensor};
 use llama_parity::report::Report;
 
 const B: usize = 2;
