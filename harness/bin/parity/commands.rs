@@ -17,7 +17,7 @@ use llama_parity::weights::keymap::KeyMap;
 use llama_parity::{Error, Result};
 
 use crate::args::{
-    CheckWeightsArgs, Cli, Command, CommonArgs, CompareArgs, DTypeArg, ImplArg, RunArgs,
+    CheckWeightsArgs, Cli, Command, CommonArgs, CompareArgs, DTypeArg, DeviceArg, ImplArg, RunArgs,
 };
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -75,7 +75,17 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         ImplArg::Reference => Implementation::Reference,
         ImplArg::Ascend => Implementation::Ascend,
         ImplArg::Mindspore => Implementation::MindSpore,
+        ImplArg::Mindformers => Implementation::MindFormers(match a.device {
+            None | Some(DeviceArg::Cpu) => model::mindformers::Device::Cpu,
+            Some(DeviceArg::Ascend) => model::mindformers::Device::Ascend,
+        }),
     };
+    if a.device.is_some() && !matches!(a.implementation, ImplArg::Mindformers) {
+        return Err(Error::Usage {
+            flag: "--device".into(),
+            what: "only --impl mindformers runs on a chosen device".into(),
+        });
+    }
     let precision = a.dtype.map(precision);
     let faults = a
         .faults
