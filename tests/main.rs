@@ -11,6 +11,7 @@ mod diagnosis;
 mod fault_matrix;
 mod golden_suite;
 mod mask_properties;
+mod mindformers_port;
 mod mindspore_port;
 mod model_properties;
 mod pass_fail_rule;

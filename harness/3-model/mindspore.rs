@@ -1,4 +1,5 @@
-//! The real MindSpore port (`fixtures/ports/mindspore/run.py`), run in a subprocess:
+//! The real MindSpore port (`fixtures/ports/mindspore/run.py`), run in a subprocess
+//! (the subprocess code, [`Port`] and `run_port`, is shared with [`super::mindformers`]):
 //! `python run.py --golden GOLDEN --out TMP [--dtype D] [--fault ID]...` writes a
 //! contract dump, which is read back into memory and the temporary directory removed.
 //!
@@ -20,100 +21,179 @@ use crate::contract::site;
 use crate::dump::{Dump, Tensor};
 
 const PORT_REL: &str = "fixtures/ports/mindspore/run.py";
-const REQUIREMENTS_REL: &str = "fixtures/ports/mindspore/requirements.txt";
-const PROGRAM: &str = "mindspore port";
+
+/// The MindSpore port's subprocess settings.
+pub(crate) const PORT: Port = Port {
+    program: "mindspore port",
+    python_env: "PARITY_MINDSPORE_PYTHON",
+    venv_env: "PARITY_MINDSPORE_VENV",
+    port_env: "PARITY_MINDSPORE_PORT",
+    venv_name: "mindspore-venv",
+    port_rel: PORT_REL,
+    install: "python3 -m venv {venv} && {venv}/bin/pip install -r fixtures/ports/mindspore/requirements.txt",
+    needs: "mindspore 2.10",
+};
+
+/// A port run in a subprocess by a Python interpreter from a venv: where each piece is
+/// found and what to say when one is missing. Shared by the MindSpore port and
+/// MindFormers' Llama ([`super::mindformers`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Port {
+    /// How messages name the subprocess, e.g. "mindspore port".
+    pub program: &'static str,
+    /// Environment variable naming the interpreter.
+    pub python_env: &'static str,
+    /// Environment variable naming the venv.
+    pub venv_env: &'static str,
+    /// Environment variable naming the runner script.
+    pub port_env: &'static str,
+    /// The venv's directory under `$HOME/.cache/llama-parity/`.
+    pub venv_name: &'static str,
+    /// The runner script, relative to the source tree.
+    pub port_rel: &'static str,
+    /// How to create the venv by hand; `{venv}` stands for its path.
+    pub install: &'static str,
+    /// What the interpreter must have, for the message.
+    pub needs: &'static str,
+}
+
+impl Port {
+    /// The venv `.ci/setup` creates: `$<venv_env>`, else `$HOME/.cache/llama-parity/<venv_name>`.
+    pub fn default_venv(&self) -> PathBuf {
+        if let Some(v) = std::env::var_os(self.venv_env).filter(|v| !v.is_empty()) {
+            return PathBuf::from(v);
+        }
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        home.join(".cache/llama-parity").join(self.venv_name)
+    }
+
+    /// The interpreter that runs the port.
+    pub fn python(&self) -> PathBuf {
+        match std::env::var_os(self.python_env).filter(|v| !v.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => self.default_venv().join("bin/python"),
+        }
+    }
+
+    /// The port's runner script.
+    pub fn script(&self) -> PathBuf {
+        if let Some(p) = std::env::var_os(self.port_env).filter(|v| !v.is_empty()) {
+            return PathBuf::from(p);
+        }
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(self.port_rel);
+        if built.is_file() {
+            built
+        } else {
+            PathBuf::from(self.port_rel)
+        }
+    }
+
+    fn install_hint(&self, python: &Path, problem: &str) -> Error {
+        let venv = self.default_venv();
+        let install = self.install.replace("{venv}", &venv.display().to_string());
+        Error::External {
+            program: self.program.into(),
+            what: format!(
+                "{what} is not available: {problem} ({python}). Install it with `bash .ci/setup` (creates {venv}), \
+                 or by hand: `{install}`; or set {env} to an interpreter that has {needs}",
+                what = self.needs.split(' ').next().unwrap_or(self.needs),
+                python = python.display(),
+                venv = venv.display(),
+                env = self.python_env,
+                needs = self.needs,
+            ),
+        }
+    }
+}
 
 /// The venv `.ci/setup` creates: `$PARITY_MINDSPORE_VENV`, else
 /// `$HOME/.cache/llama-parity/mindspore-venv`.
 pub fn default_venv() -> PathBuf {
-    if let Some(v) = std::env::var_os("PARITY_MINDSPORE_VENV").filter(|v| !v.is_empty()) {
-        return PathBuf::from(v);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".cache/llama-parity/mindspore-venv")
+    PORT.default_venv()
 }
 
 /// The interpreter that runs the port.
 pub fn python() -> PathBuf {
-    match std::env::var_os("PARITY_MINDSPORE_PYTHON").filter(|v| !v.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => default_venv().join("bin/python"),
-    }
+    PORT.python()
 }
 
 /// The port's `run.py`.
 pub fn port_script() -> PathBuf {
-    if let Some(p) = std::env::var_os("PARITY_MINDSPORE_PORT").filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(PORT_REL);
-    if built.is_file() {
-        built
-    } else {
-        PathBuf::from(PORT_REL)
-    }
-}
-
-fn install_hint(python: &Path, problem: &str) -> Error {
-    let venv = default_venv();
-    Error::External {
-        program: PROGRAM.into(),
-        what: format!(
-            "MindSpore is not available: {problem} ({python}). Install it with `bash .ci/setup` (creates {venv}), \
-             or by hand: `python3 -m venv {venv} && {venv}/bin/pip install -r {REQUIREMENTS_REL}`; \
-             or set PARITY_MINDSPORE_PYTHON to an interpreter that has mindspore 2.10",
-            python = python.display(),
-            venv = venv.display(),
-        ),
-    }
+    PORT.script()
 }
 
 /// Runs the port on `golden`'s scenario and returns its dump (held in memory).
 /// `progress` receives each line the port writes.
 pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<RunOutput> {
+    run_port(&PORT, "mindspore", golden, opts, &[], progress)
+}
+
+/// Runs `port`'s script as `python SCRIPT --golden GOLDEN --out TMP [--dtype D]
+/// [--fault ID]... EXTRA...` in a temporary working directory (a port may write logs
+/// there; nothing lands beside the golden or in the caller's directory), then reads
+/// its dump back into memory and removes the directory. `impl_name` names the
+/// implementation in usage errors.
+pub(crate) fn run_port(
+    port: &Port,
+    impl_name: &str,
+    golden: &Dump,
+    opts: &RunOptions,
+    extra: &[String],
+    progress: &mut dyn FnMut(&str),
+) -> Result<RunOutput> {
     if opts.teacher_force {
-        return Err(Error::unsupported(Feature::TeacherForcing, "the mindspore implementation runs the port as a whole; it cannot start a layer from the golden's input"));
+        return Err(Error::unsupported(
+            Feature::TeacherForcing,
+            format!("the {impl_name} implementation runs the port as a whole; it cannot start a layer from the golden's input"),
+        ));
     }
     let Some(golden_dir) = golden.dir() else {
         return Err(Error::unsupported(
             Feature::Implementation,
-            "the mindspore port reads the golden from its directory; this golden is in memory",
+            format!("the {impl_name} port reads the golden from its directory; this golden is in memory"),
         ));
     };
-    let python = python();
+    let golden_dir = std::path::absolute(golden_dir).map_err(|e| Error::io(golden_dir, e))?;
+    let python = port.python();
     if !python.is_file() {
-        return Err(install_hint(&python, "the interpreter does not exist"));
+        return Err(port.install_hint(&python, "the interpreter does not exist"));
     }
-    let port = port_script();
-    if !port.is_file() {
+    let script = port.script();
+    if !script.is_file() {
         return Err(Error::External {
-            program: PROGRAM.into(),
+            program: port.program.into(),
             what: format!(
-                "{}: no such file (set PARITY_MINDSPORE_PORT to the port's run.py)",
-                port.display()
+                "{}: no such file (set {} to the port's runner script)",
+                script.display(),
+                port.port_env
             ),
         });
     }
+    let script = std::path::absolute(&script).map_err(|e| Error::io(&script, e))?;
     let tmp = tempfile::Builder::new()
-        .prefix("parity-mindspore-")
+        .prefix("parity-port-")
         .tempdir()
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let out = tmp.path().join("dump");
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
     let mut cmd = Command::new(&python);
-    cmd.arg(&port).arg("--golden").arg(golden_dir).arg("--out").arg(&out);
+    cmd.arg(&script).arg("--golden").arg(&golden_dir).arg("--out").arg(&out);
     if let Some(p) = opts.precision {
         cmd.args(["--dtype", p.name()]);
     }
     for f in &opts.faults {
         cmd.args(["--fault", f.id()]);
     }
-    cmd.env("PYTHONUNBUFFERED", "1")
+    cmd.args(extra)
+        .current_dir(&work)
+        .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| install_hint(&python, &format!("cannot start the interpreter: {e}")))?;
+        .map_err(|e| port.install_hint(&python, &format!("cannot start the interpreter: {e}")))?;
 
     // The port's stdout is progress too; drain it on a thread so neither pipe fills.
     let stdout = child.stdout.take();
@@ -142,16 +222,15 @@ pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> 
     }
     if !status.success() {
         if let Some(module) = lines.iter().rev().find_map(|l| missing_module(l)) {
-            return Err(install_hint(
-                &python,
-                &format!("the interpreter cannot import `{module}`"),
-            ));
+            return Err(
+                port.install_hint(&python, &format!("the interpreter cannot import `{module}`"))
+            );
         }
         let code = status.code().map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
         let what = if last.is_empty() { "no message".to_string() } else { last };
         return Err(Error::External {
-            program: PROGRAM.into(),
-            what: format!("{} exited with {code}: {what}", port.display()),
+            program: port.program.into(),
+            what: format!("{} exited with {code}: {what}", script.display()),
         });
     }
     let dump = Dump::open(&out)?;

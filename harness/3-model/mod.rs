@@ -2,7 +2,8 @@
 //! nothing of comparison, diagnosis or reports.
 //!
 //! Implementations that run a golden's scenario and produce a dump of every site:
-//! the float64 reference, the simulated Ascend port, and the real MindSpore port.
+//! the float64 reference, the simulated Ascend port, the real MindSpore port, and
+//! MindFormers' own Llama.
 //!
 //! One building block a file, composed by [`llama`]:
 //! [`weights`] (HF names) → [`embedding`] → [`rope`] (frequencies, tables, rotation) →
@@ -36,6 +37,7 @@ use crate::contract::error::{Error, Feature, Result};
 use crate::contract::fault::Fault;
 use crate::dump::{Dump, Precision};
 
+pub mod mindformers;
 pub mod mindspore;
 
 /// Which implementation runs the scenario.
@@ -47,6 +49,8 @@ pub enum Implementation {
     Ascend,
     /// The real MindSpore port under `fixtures/ports/mindspore`, run in a subprocess.
     MindSpore,
+    /// MindFormers' own Llama (`fixtures/ports/mindformers`), run in a subprocess on a device.
+    MindFormers(mindformers::Device),
 }
 
 impl Implementation {
@@ -55,6 +59,7 @@ impl Implementation {
             Implementation::Reference => "reference",
             Implementation::Ascend => "ascend",
             Implementation::MindSpore => "mindspore",
+            Implementation::MindFormers(_) => "mindformers",
         }
     }
 }
@@ -85,6 +90,11 @@ pub struct RunOutput {
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
     if opts.implementation == Implementation::MindSpore {
         return run_mindspore(golden, opts);
+    }
+    if let Implementation::MindFormers(device) = opts.implementation {
+        return mindformers::run(golden, opts, device, &mut |line| {
+            eprintln!("parity: mindformers: {line}")
+        });
     }
     let plan = plan::Plan::new(&opts.faults);
     match opts.implementation {

@@ -41,6 +41,9 @@ pub enum Command {
     /// $PARITY_MINDSPORE_PYTHON, else <venv>/bin/python, <venv> being $PARITY_MINDSPORE_VENV
     /// or ~/.cache/llama-parity/mindspore-venv (`bash .ci/setup` creates it);
     /// $PARITY_MINDSPORE_PORT overrides the port's run.py.
+    /// --impl mindformers runs MindFormers' own Llama (fixtures/ports/mindformers/run.py)
+    /// the same way, from $PARITY_MINDFORMERS_PYTHON / $PARITY_MINDFORMERS_VENV or
+    /// ~/.cache/llama-parity/mindformers-venv; --device CPU|Ascend picks where.
     Run(RunArgs),
     /// Run every implementation on every golden of a suite, and every faulty candidate
     /// beside it, and print the matrix.
@@ -143,6 +146,9 @@ pub struct RunArgs {
     /// adds from the error it inherits.
     #[arg(long)]
     pub teacher_force: bool,
+    /// Where --impl mindformers runs (MindSpore's device_target).
+    #[arg(long, value_enum, value_name = "DEVICE")]
+    pub device: Option<DeviceArg>,
     /// Write the run's own dump here (a contract dump that `parity compare` accepts).
     #[arg(long, value_name = "DIR")]
     pub dump: Option<PathBuf>,
@@ -171,6 +177,16 @@ pub enum ImplArg {
     Ascend,
     /// the real MindSpore port (fixtures/ports/mindspore) in a subprocess
     Mindspore,
+    /// MindFormers' own Llama (fixtures/ports/mindformers) in a subprocess
+    Mindformers,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    #[value(name = "CPU", alias = "cpu")]
+    Cpu,
+    #[value(name = "Ascend", alias = "ascend")]
+    Ascend,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

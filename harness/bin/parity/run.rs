@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use llama_parity::contract::fault::Fault;
 use llama_parity::dump::Dump;
+use llama_parity::model::mindformers::Device;
 use llama_parity::model::{Implementation, RunOptions};
 use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
-use crate::args::{ImplArg, RunArgs};
+use crate::args::{DeviceArg, ImplArg, RunArgs};
 use crate::output::{check_outputs, finish, load_policy, precision, progress};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
@@ -17,7 +18,17 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         ImplArg::Reference => Implementation::Reference,
         ImplArg::Ascend => Implementation::Ascend,
         ImplArg::Mindspore => Implementation::MindSpore,
+        ImplArg::Mindformers => Implementation::MindFormers(match a.device {
+            None | Some(DeviceArg::Cpu) => Device::Cpu,
+            Some(DeviceArg::Ascend) => Device::Ascend,
+        }),
     };
+    if a.device.is_some() && !matches!(a.implementation, ImplArg::Mindformers) {
+        return Err(Error::Usage {
+            flag: "--device".into(),
+            what: "only --impl mindformers runs on a chosen device".into(),
+        });
+    }
     let faults = a
         .faults
         .iter()
