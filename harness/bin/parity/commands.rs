@@ -8,10 +8,11 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
-use llama_parity::dump::{Dump, Precision, SafetensorsFile};
+use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::{render_summary, Report};
 use llama_parity::weights::check::check_weights;
+use llama_parity::weights::checkpoint::HfCheckpoint;
 use llama_parity::weights::ckpt::Checkpoint;
 use llama_parity::weights::keymap::KeyMap;
 use llama_parity::{Error, Result};
@@ -35,7 +36,7 @@ fn cmd_check_weights(a: CheckWeightsArgs) -> Result<ExitCode> {
         None => KeyMap::mindspore(),
     };
     let dtype = a.dtype.map(|d| precision(d).dtype());
-    let hf = SafetensorsFile::open(&a.hf)?;
+    let hf = HfCheckpoint::open(&a.hf)?;
     let port = Checkpoint::open(&a.port)?;
     let check = check_weights(&hf, &port, &map, dtype)?;
     print!("{}", check.render());
@@ -96,6 +97,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
     )?;
     let golden = Dump::open(&a.golden)?;
+    model::progress::enable(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet);
     let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let mut out = model::run(&golden, &opts)?;
@@ -132,15 +134,13 @@ fn diagnose_into(
     if cmp.first_divergence().is_none() {
         return;
     }
-    match golden.weights() {
-        Ok(Some(_)) => {}
-        _ => {
-            report.diagnosis_note = Some(
-                "not made: the golden has no weights.safetensors to rerun its scenario with"
-                    .to_string(),
-            );
-            return;
-        }
+    if !golden.has_weights() {
+        report.diagnosis_note = Some(
+            "not made: the golden has no weights (weights.safetensors or a checkpoint \
+             referenced by its manifest) to rerun its scenario with"
+                .to_string(),
+        );
+        return;
     }
     progress("diagnosing the divergence ...");
     match diagnose(golden, candidate, cmp) {
