@@ -5,8 +5,8 @@ mod helpers;
 
 mod ascend;
 mod bad_inputs;
-mod checkpoints;
 mod check_weights;
+mod checkpoints;
 mod compare_goldens;
 mod diagnosis;
 mod fault_matrix;

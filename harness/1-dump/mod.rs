@@ -200,9 +200,9 @@ impl Dump {
         if let Some(h) = w.get("sha256") {
             let h = h.as_object().ok_or_else(|| bad("field `weights.sha256` is not an object"))?;
             for (file, hex) in h {
-                let hex = hex
-                    .as_str()
-                    .ok_or_else(|| bad(&format!("field `weights.sha256.{file}` is not a string")))?;
+                let hex = hex.as_str().ok_or_else(|| {
+                    bad(&format!("field `weights.sha256.{file}` is not a string"))
+                })?;
                 sha256.insert(file.clone(), hex.to_string());
             }
         }

@@ -152,7 +152,9 @@ impl HfCheckpoint {
 
     /// Bytes of all the checkpoint's safetensors files together.
     pub fn total_bytes(&self) -> Result<u64> {
-        self.files().map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(p, e))).sum()
+        self.files()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(p, e)))
+            .sum()
     }
 
     /// The directory's `config.json` as a model config.

@@ -87,7 +87,8 @@ pub fn eager(
     let scale = n.round(RoundAt::Weight, scale);
     // One (row, head) a task, in parallel; each head's arithmetic is the same whichever
     // thread runs it.
-    let pairs: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..heads).map(move |h| (bi, h))).collect();
+    let pairs: Vec<(usize, usize)> =
+        (0..b).flat_map(|bi| (0..heads).map(move |h| (bi, h))).collect();
     let per_head: Vec<(Array2<f64>, Array2<f64>)> = pairs
         .par_iter()
         .map(|&(bi, h)| {

@@ -68,7 +68,11 @@ impl Matrix {
     pub fn to_array(&self) -> Array2<f64> {
         match self {
             Matrix::Owned(a) => a.clone(),
-            Matrix::Stored(t) => self.rows(0, t.shape()[0], &super::numerics::Exact::new(crate::dump::Precision::F32)),
+            Matrix::Stored(t) => self.rows(
+                0,
+                t.shape()[0],
+                &super::numerics::Exact::new(crate::dump::Precision::F32),
+            ),
         }
     }
 

@@ -55,7 +55,11 @@ pub fn end() {
     }
     if let Ok(mut s) = STATE.lock() {
         if let Some(st) = s.take() {
-            eprintln!("\rparity: {}: done in {:.1} s          ", st.what, st.start.elapsed().as_secs_f64());
+            eprintln!(
+                "\rparity: {}: done in {:.1} s          ",
+                st.what,
+                st.start.elapsed().as_secs_f64()
+            );
         }
     }
 }

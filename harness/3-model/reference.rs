@@ -24,8 +24,8 @@ use super::llama::{LayerInputs, Llama, Session, StepOutput};
 use super::numerics::{Exact, Numerics};
 use super::plan::Plan;
 use super::weights::Weights;
-use crate::weights::checkpoint::HfCheckpoint;
 use super::RunOutput;
+use crate::weights::checkpoint::HfCheckpoint;
 
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
 /// class), the golden's when `None`.

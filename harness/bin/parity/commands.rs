@@ -97,7 +97,9 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
     )?;
     let golden = Dump::open(&a.golden)?;
-    model::progress::enable(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet);
+    model::progress::enable(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
+    );
     let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let mut out = model::run(&golden, &opts)?;
