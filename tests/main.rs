@@ -10,6 +10,8 @@ mod compare_goldens;
 mod diagnosis;
 mod fault_matrix;
 mod golden_suite;
+mod hardening;
+mod loader_fuzz;
 mod mask_properties;
 mod mindspore_port;
 mod model_properties;

@@ -48,6 +48,21 @@ pub enum Error {
     External { program: String, what: String },
 }
 
+/// `text` with every control character (line breaks, ESC, ...) written as an escape
+/// (`\n`, `\u{1b}`), so that a name taken from a file can never start a second line
+/// or drive the terminal when it is printed.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }

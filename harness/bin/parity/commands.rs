@@ -1,13 +1,13 @@
 //! The commands: validate arguments into library options, run, print, report.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
+use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::{Dump, Precision, SafetensorsFile};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::{render_summary, Report};
@@ -30,6 +30,18 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 fn cmd_check_weights(a: CheckWeightsArgs) -> Result<ExitCode> {
+    let report = a.report.as_deref().map(|dir| Output {
+        label: "--report",
+        dir,
+        files: guard::WEIGHTS_REPORT_FILES,
+    });
+    guard::check_outputs(
+        &[Some(a.hf.as_path()), Some(&a.port), a.map.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &report.into_iter().collect::<Vec<_>>(),
+    )?;
     let map = match &a.map {
         Some(p) => KeyMap::load(p)?,
         None => KeyMap::mindspore(),
@@ -55,9 +67,17 @@ fn precision(d: DTypeArg) -> Precision {
 }
 
 fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
-    let inputs = [a.golden.as_path(), a.candidate.as_path()];
+    let inputs = [
+        Some(a.golden.as_path()),
+        Some(&a.candidate),
+        a.common.policy.as_deref(),
+        a.map.as_deref(),
+    ];
+    guard::check_outputs(
+        &inputs.into_iter().flatten().collect::<Vec<_>>(),
+        &report_output(&a.common),
+    )?;
     let policy = load_policy(&a.common)?;
-    check_outputs(&inputs, &[("--report", a.common.report.as_deref())])?;
     let golden = Dump::open(&a.golden)?;
     let mut candidate = Dump::open(&a.candidate)?;
     if let Some(p) = &a.map {
@@ -90,11 +110,16 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let policy = load_policy(&a.common)?;
-    check_outputs(
-        &[a.golden.as_path()],
-        &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
+    let dump =
+        a.dump.as_deref().map(|dir| Output { label: "--dump", dir, files: guard::DUMP_FILES });
+    guard::check_outputs(
+        &[Some(a.golden.as_path()), a.common.policy.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &[report_output(&a.common), dump.into_iter().collect()].concat(),
     )?;
+    let policy = load_policy(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     let opts = RunOptions { implementation, precision, faults, teacher_force: a.teacher_force };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
@@ -178,50 +203,15 @@ fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
     })
 }
 
+/// The report set of `--report DIR`, as an output to guard.
+pub(crate) fn report_output(c: &CommonArgs) -> Vec<Output<'_>> {
+    c.report
+        .as_deref()
+        .map(|dir| Output { label: "--report", dir, files: guard::REPORT_FILES })
+        .into_iter()
+        .collect()
+}
+
 fn progress(msg: &str) {
     eprintln!("parity: {msg}");
-}
-
-/// Refuses output directories that lie inside an input directory: a run never writes
-/// into its inputs.
-pub(crate) fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)]) -> Result<()> {
-    for (flag, out) in outputs {
-        let Some(out) = out else { continue };
-        let out_abs = absolute(out);
-        for input in inputs {
-            let in_abs = absolute(input);
-            if out_abs.starts_with(&in_abs) {
-                return Err(Error::Usage {
-                    flag: (*flag).to_string(),
-                    what: format!(
-                        "{} lies inside the input {}; choose a directory outside it",
-                        out.display(),
-                        input.display()
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The absolute, symlink-resolved form of `p`, resolving its longest existing prefix.
-fn absolute(p: &Path) -> PathBuf {
-    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut existing = p.clone();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        match (existing.file_name().map(|s| s.to_os_string()), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent.to_path_buf();
-            }
-            _ => return p,
-        }
-    }
-    let mut out = existing.canonicalize().unwrap_or(existing);
-    for name in rest.into_iter().rev() {
-        out.push(name);
-    }
-    out
 }

@@ -9,7 +9,7 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::diagnose;
-use llama_parity::dump::{Dump, Precision};
+use llama_parity::dump::{guard, Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::report::Report;
 use llama_parity::{Error, Result};
@@ -51,7 +51,12 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         });
     }
     let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
-    crate::commands::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
+    let out = a.report.as_deref().map(|dir| guard::Output {
+        label: "--report",
+        dir,
+        files: &["suite.json"],
+    });
+    guard::check_outputs(&inputs, &out.into_iter().collect::<Vec<_>>())?;
     let policy = Policy::default();
     let candidates = if a.candidates.is_dir() { list_dirs(&a.candidates)? } else { Vec::new() };
     let mut rows = Vec::new();
