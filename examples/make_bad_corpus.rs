@@ -142,7 +142,8 @@ fn main() {
     case(&root, "manifest_without_steps", &no_steps, Some(good.clone()));
 
     let extra_step = MANIFEST
-        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]");
+        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]")
+        .replace("\"decode_ids\": [[4]]", "\"decode_ids\": [[4, 5]]");
     case(&root, "step_without_tensors", &extra_step, Some(good.clone()));
 
     case(
