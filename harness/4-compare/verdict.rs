@@ -303,8 +303,7 @@ pub fn compare_site_in(
         for i in 0..g.numel() {
             if valid.keep(i) {
                 let (gv, cv) = (g.get_f64(i), c.get_f64(i));
-                unreproduced +=
-                    (!gv.is_finite() && !(gv == cv || gv.is_nan() && cv.is_nan())) as u64;
+                unreproduced += !(gv.is_finite() || gv == cv || gv.is_nan() && cv.is_nan()) as u64;
                 acc.push(i, gv, cv);
                 hist.push(gv, cv);
                 if let (Some(t), Some(acc_t)) = (tokens, per_token.as_mut()) {
