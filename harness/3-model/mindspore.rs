@@ -101,6 +101,8 @@ pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> 
     let out = tmp.path().join("dump");
     let mut cmd = Command::new(&python);
     cmd.arg(&port).arg("--golden").arg(golden_dir).arg("--out").arg(&out);
+    // No __pycache__ written beside the port: a run never writes into its inputs.
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
     if let Some(p) = opts.precision {
         cmd.args(["--dtype", p.name()]);
     }
