@@ -424,3 +424,29 @@ fn hostile_runs_against_the_repository_leave_its_inputs_byte_identical() {
     }
     assert_eq!(input_hashes(&dirs), before, "an input file changed");
 }
+
+/// Defect 10: an integer norm weight was taken as numbers.
+#[test]
+fn an_integer_weight_is_refused_naming_file_and_tensor() {
+    use llama_parity::dump::{safetensors, DType, SafetensorsFile};
+    let d = tempfile::tempdir().expect("tempdir");
+    let g = golden_with_config(d.path(), "g", |_| {});
+    let path = g.join("weights.safetensors");
+    let f = SafetensorsFile::open(&path).expect("weights");
+    let mut tensors = std::collections::BTreeMap::new();
+    for k in f.keys() {
+        tensors.insert(k.to_string(), f.require(k).expect("tensor"));
+    }
+    let key = "model.layers.0.input_layernorm.weight";
+    let t = &tensors[key];
+    let ints =
+        ndarray::ArrayD::from_shape_vec(t.shape().to_vec(), vec![1.0; t.numel()]).expect("shape");
+    tensors.insert(key.into(), llama_parity::dump::Tensor::from_array(&ints, DType::I32));
+    drop(f);
+    safetensors::write(&path, &tensors, None).expect("write");
+    let r = parity_in(d.path(), &["run", "g", "--impl", "reference"]);
+    assert_bad_input(
+        &r,
+        "g/weights.safetensors: tensor `model.layers.0.input_layernorm.weight` has dtype I32",
+    );
+}

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2};
 
 use crate::contract::error::{Error, Result};
-use crate::dump::{ModelConfig, SafetensorsFile};
+use crate::dump::{DType, ModelConfig, SafetensorsFile};
 
 use super::linear::Linear;
 use super::numerics::{round_in_place, Numerics, RoundAt};
@@ -57,6 +57,10 @@ trait Source {
     fn path(&self) -> PathBuf;
     /// The tensor `key` as `(shape, values)`, or `None` if absent.
     fn fetch(&mut self, key: &str) -> Option<(Vec<usize>, Vec<f64>)>;
+    /// The stored dtype of `key`, where the source has one.
+    fn dtype(&self, _key: &str) -> Option<DType> {
+        None
+    }
 }
 
 impl Source for &SafetensorsFile {
@@ -65,6 +69,9 @@ impl Source for &SafetensorsFile {
     }
     fn fetch(&mut self, key: &str) -> Option<(Vec<usize>, Vec<f64>)> {
         self.get(key).map(|t| (t.shape().to_vec(), t.to_f64_vec()))
+    }
+    fn dtype(&self, key: &str) -> Option<DType> {
+        self.get(key).map(|t| t.dtype())
     }
 }
 
@@ -77,6 +84,14 @@ struct Loader<'a, S: Source> {
 impl<S: Source> Loader<'_, S> {
     fn tensor(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f64>> {
         let file = self.src.path();
+        if let Some(dt) = self.src.dtype(key).filter(|d| !d.is_float()) {
+            return Err(Error::DType {
+                file,
+                key: key.into(),
+                expected: "a float dtype (F64, F32, F16, BF16)".into(),
+                got: dt.to_string(),
+            });
+        }
         let (shape, values) = self
             .src
             .fetch(key)
