@@ -142,7 +142,8 @@ fn main() {
     case(&root, "manifest_without_steps", &no_steps, Some(good.clone()));
 
     let extra_step = MANIFEST
-        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]");
+        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.1\"]")
+        .replace("\"decode_ids\": [[4]]", "\"decode_ids\": [[4, 5]]");
     case(&root, "step_without_tensors", &extra_step, Some(good.clone()));
 
     case(
@@ -151,6 +152,81 @@ fn main() {
         "{\"format\": \"llama-parity/dump@1\",\n  \"producer\": {,\n}\n",
         Some(good.clone()),
     );
+
+    // Issue 12, defect 10: a header listing one tensor twice (JSON keeps the last).
+    let a = f32s(&(0..12).map(|i| i as f32).collect::<Vec<_>>());
+    let twice = r#"{"decode.0/model.embed_tokens":{"dtype":"F32","shape":[1,1,4],"data_offsets":[0,16]},"prefill/model.embed_tokens":{"dtype":"F32","shape":[1,3,4],"data_offsets":[16,64]},"prefill/model.embed_tokens":{"dtype":"F32","shape":[1,1,4],"data_offsets":[0,16]}}"#;
+    let mut data = f32s(&[0.0; 4]);
+    data.extend(&a);
+    case(&root, "duplicate_key", MANIFEST, Some(safetensors(twice, &data)));
+
+    // Two tensors sharing bytes.
+    let overlap = r#"{"decode.0/model.embed_tokens":{"dtype":"F32","shape":[1,1,4],"data_offsets":[32,48]},"prefill/model.embed_tokens":{"dtype":"F32","shape":[1,3,4],"data_offsets":[0,48]}}"#;
+    case(&root, "overlapping_offsets", MANIFEST, Some(safetensors(overlap, &a)));
+
+    // An element count of 0 whose other dimensions overflow.
+    case(
+        &root,
+        "shape_zero_overflow",
+        MANIFEST,
+        Some(safetensors(
+            r#"{"prefill/model.embed_tokens":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}}"#,
+            &[],
+        )),
+    );
+
+    // A key whose step holds a line break and a terminal escape.
+    case(
+        &root,
+        "control_chars_in_key",
+        MANIFEST,
+        Some(safetensors(
+            "{\"pre\\u001b[2Jfill\\nPASS all sites/model.embed_tokens\":{\"dtype\":\"F32\",\"shape\":[1,1,4],\"data_offsets\":[0,16]}}",
+            &[0; 16],
+        )),
+    );
+
+    let dup_steps = MANIFEST
+        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.0\"]");
+    case(&root, "duplicate_steps", &dup_steps, Some(good.clone()));
+
+    let no_token = MANIFEST
+        .replace("[\"prefill\", \"decode.0\"]", "[\"prefill\", \"decode.0\", \"decode.5\"]");
+    case(&root, "decode_step_without_token", &no_token, Some(good.clone()));
+
+    let eps = MANIFEST.replace("\"rms_norm_eps\": 1e-6", "\"rms_norm_eps\": -1e-6");
+    case(&root, "negative_eps", &eps, Some(good.clone()));
+
+    let heads = MANIFEST.replace(
+        "\"num_attention_heads\": 2, \"num_key_value_heads\": 1",
+        "\"num_attention_heads\": 2305843009213693952, \"num_key_value_heads\": 1",
+    );
+    case(&root, "absurd_heads", &heads, Some(good.clone()));
+
+    // An .npy whose header announces far more data than the file holds: refused from
+    // the header, before any data is read.
+    let dir = root.join("npy_short_data");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("activations/prefill")).expect("mkdir");
+    fs::create_dir_all(dir.join("activations/decode.0")).expect("mkdir");
+    fs::write(dir.join("manifest.json"), MANIFEST).expect("write");
+    fs::write(
+        dir.join("activations/prefill/model.embed_tokens.npy"),
+        npy(b"\x93NUMPY", "(1000000, 1000, 4)", &[0.5; 12]),
+    )
+    .expect("write");
+    fs::write(
+        dir.join("activations/decode.0/model.embed_tokens.npy"),
+        npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4]),
+    )
+    .expect("write");
+
+    // manifest.json that is a directory.
+    let dir = root.join("manifest_is_a_directory");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("manifest.json")).expect("mkdir");
+    fs::write(dir.join("manifest.json/.keep"), "").expect("write");
+    fs::write(dir.join("activations.safetensors"), &good).expect("write");
 
     case(&root, "valid", MANIFEST, Some(good));
     println!("wrote {}", root.display());

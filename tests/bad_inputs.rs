@@ -47,6 +47,45 @@ const CASES: &[(&str, &str, &str)] = &[
         "step decode.1 is listed in manifest.json `steps` but has no tensors",
     ),
     ("manifest_not_json", "manifest_not_json/manifest.json", "not valid JSON"),
+    // Issue 12, defect 10 (lax validation) and 9 (raw names), 3 (not a regular file).
+    (
+        "duplicate_key",
+        "duplicate_key/activations.safetensors",
+        "tensor `prefill/model.embed_tokens` is listed twice in the header",
+    ),
+    (
+        "overlapping_offsets",
+        "overlapping_offsets/activations.safetensors",
+        "overlap in the data (data_offsets [0, 48] and [32, 48])",
+    ),
+    (
+        "shape_zero_overflow",
+        "shape_zero_overflow/activations.safetensors",
+        "element count that overflows",
+    ),
+    (
+        "control_chars_in_key",
+        "control_chars_in_key/activations.safetensors",
+        "tensor `pre\\u{1b}[2Jfill\\nPASS all sites/model.embed_tokens`",
+    ),
+    ("duplicate_steps", "duplicate_steps/manifest.json", "field `steps`: decode.0 is listed twice"),
+    (
+        "decode_step_without_token",
+        "decode_step_without_token/manifest.json",
+        "decode.5 has no decode token",
+    ),
+    ("negative_eps", "negative_eps/manifest.json", "rms_norm_eps is -0.000001"),
+    ("absurd_heads", "absurd_heads/manifest.json", "num_attention_heads is 2305843009213693952"),
+    (
+        "npy_short_data",
+        "npy_short_data/activations/prefill/model.embed_tokens.npy",
+        "needs 16000000000 bytes of data but the file holds 48",
+    ),
+    (
+        "manifest_is_a_directory",
+        "manifest_is_a_directory/manifest.json",
+        "a directory where a regular file is expected",
+    ),
 ];
 
 #[test]

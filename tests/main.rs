@@ -11,6 +11,8 @@ mod compare_goldens;
 mod diagnosis;
 mod fault_matrix;
 mod golden_suite;
+mod hardening;
+mod loader_fuzz;
 mod mask_properties;
 mod mindformers_port;
 mod mindspore_port;

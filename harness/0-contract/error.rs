@@ -65,6 +65,21 @@ pub enum Feature {
     Implementation,
 }
 
+/// `text` with every control character (line breaks, ESC, ...) written as an escape
+/// (`\n`, `\u{1b}`), so that a name taken from a file can never start a second line
+/// or drive the terminal when it is printed.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Error {
     pub(crate) fn scenario(field: impl Into<String>, what: impl Into<String>) -> Self {
         Error::Scenario { field: field.into(), what: what.into() }

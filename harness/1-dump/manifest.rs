@@ -14,6 +14,9 @@ use super::dtype::Precision;
 /// The format string every dump carries.
 pub const FORMAT: &str = "llama-parity/dump@1";
 
+/// The largest size (layers, heads, widths) a config may give: 2^24.
+pub const MAX_SIZE: usize = 1 << 24;
+
 /// The HF `config.json` keys the contract names. Unknown keys are kept in `extra`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelConfig {
@@ -79,6 +82,28 @@ impl ModelConfig {
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return bad("hidden_size, vocab_size and intermediate_size must be positive".into());
+        }
+        // Sizes no Llama comes near; past them products of sizes could overflow.
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v > MAX_SIZE {
+                return bad(format!(
+                    "{name} is {v}, more than the {MAX_SIZE} this harness accepts"
+                ));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "rms_norm_eps is {}, expected a finite number >= 0",
+                self.rms_norm_eps
+            ));
         }
         Ok(())
     }
@@ -199,7 +224,7 @@ pub struct Manifest {
 impl Manifest {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = super::read::read_json_text(path)?;
         Manifest::parse(&text, path)
     }
 
@@ -241,7 +266,23 @@ impl Manifest {
         if steps.is_empty() {
             return Err(bad("field `steps` is empty".into()));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &steps {
+            if !seen.insert(*s) {
+                return Err(bad(format!("field `steps`: {s} is listed twice")));
+            }
+        }
         scenario.validate(path)?;
+        for s in &steps {
+            if let Step::Decode(j) = s {
+                if *j >= scenario.decode_steps() {
+                    return Err(bad(format!(
+                        "field `steps`: {s} has no decode token (scenario.decode_ids holds {})",
+                        scenario.decode_steps()
+                    )));
+                }
+            }
+        }
         model.validate(path)?;
         Ok(Manifest { producer, model, dtype, scenario, steps, raw })
     }

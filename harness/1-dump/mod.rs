@@ -10,8 +10,10 @@
 //! file on disk go through the same comparison.
 
 mod dtype;
+pub mod guard;
 mod manifest;
 mod npy;
+pub mod read;
 pub mod safetensors;
 mod tensor;
 
@@ -24,7 +26,7 @@ pub use self::manifest::{Manifest, ModelConfig, Scenario, FORMAT};
 pub use self::safetensors::SafetensorsFile;
 pub use self::tensor::Tensor;
 
-use crate::contract::error::{Error, Result};
+use crate::contract::error::{escape_controls, Error, Result};
 use crate::contract::site::{self, Site, Step};
 
 enum Store {
@@ -314,19 +316,20 @@ fn index_keys(
     let listed: BTreeSet<Step> = manifest.steps.iter().copied().collect();
     let mut keys: BTreeMap<Step, Vec<Site>> = BTreeMap::new();
     for name in names {
+        let shown = escape_controls(name);
         let (step_s, site_s) = name.split_once('/').ok_or_else(|| {
-            Error::format(src, format!("tensor `{name}`: key is not \"<step>/<site>\""))
+            Error::format(src, format!("tensor `{shown}`: key is not \"<step>/<site>\""))
         })?;
         let step = Step::parse(step_s).ok_or_else(|| {
             Error::format(
                 src,
-                format!("tensor `{name}`: {step_s:?} is not \"prefill\" or \"decode.N\""),
+                format!("tensor `{shown}`: {step_s:?} is not \"prefill\" or \"decode.N\""),
             )
         })?;
         if !listed.contains(&step) {
             return Err(Error::format(
                 src,
-                format!("tensor `{name}`: step {step} is not listed in manifest.json `steps`"),
+                format!("tensor `{shown}`: step {step} is not listed in manifest.json `steps`"),
             ));
         }
         keys.entry(step).or_default().push(Site::parse(site_s));
@@ -345,20 +348,64 @@ fn index_keys(
     Ok(keys)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then a
-/// rename, so that a reader never sees a half-written file.
+/// Writes `bytes` to `path` atomically: a fresh temporary file in the same directory
+/// (created exclusively, so a planted file or symlink is never written through), then
+/// a rename onto `path`, so that a reader never sees a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Prefix of the temporary directory [`write_set`] writes a set into.
+const SET_TMP_PREFIX: &str = ".parity-set-";
+
+/// Writes a set of files into `dir` (created if needed) so that the set is always
+/// whole: writers take an exclusive lock on `dir`, write every file into a fresh
+/// temporary directory inside it, and only then rename them into place. Two writers
+/// never interleave their sets, and a writer killed while writing leaves the previous
+/// set untouched (its temporary directory is removed by the next writer).
+pub fn write_set(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let lock = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns; released on close.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+    }
+    // Holding the lock, no other writer is active: any temporary directory is stale.
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+        let stale = e.file_name().to_str().is_some_and(|n| n.starts_with(SET_TMP_PREFIX));
+        if stale && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(SET_TMP_PREFIX)
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    for (name, bytes) in files {
+        let p = tmp.path().join(name);
+        let mut f = std::fs::File::create_new(&p).map_err(|e| Error::io(&p, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&p, e))?;
+        f.sync_all().map_err(|e| Error::io(&p, e))?;
+    }
+    for (name, _) in files {
+        let to = dir.join(name);
+        std::fs::rename(tmp.path().join(name), &to).map_err(|e| Error::io(&to, e))?;
+    }
+    let _ = lock.sync_all();
+    drop(tmp);
+    drop(lock);
+    Ok(())
 }

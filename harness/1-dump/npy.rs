@@ -1,6 +1,7 @@
 //! Reading the `activations/<step>/<site>.npy` tree form of a dump. Headers are parsed
 //! by `npyz`; the data is taken as raw little-endian bytes after the header.
 
+use std::io::Read;
 use std::path::Path;
 
 use crate::contract::error::{Error, Result};
@@ -8,17 +9,42 @@ use crate::contract::error::{Error, Result};
 use super::dtype::DType;
 use super::tensor::{checked_numel, Tensor};
 
-/// Reads one `.npy` file into an owned tensor.
+/// The largest `.npy` header read: 1 MiB (numpy writes a few hundred bytes).
+const HEADER_CAP: usize = 1 << 20;
+
+/// Reads one `.npy` file into an owned tensor. The header is read and checked first:
+/// the data it announces must match the file's size exactly before any data is read,
+/// and the data is then read once, straight into the tensor's buffer.
 pub fn read(path: &Path) -> Result<Tensor> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut file = super::read::open_regular(path)?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let bad = |what: String| Error::format(path, what);
-    if bytes.len() < 6 || &bytes[..6] != b"\x93NUMPY" {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mut head = vec![0u8; 12.min(file_len as usize)];
+    file.read_exact(&mut head).map_err(io)?;
+    if head.len() < 6 || &head[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file: bad magic (expected \\x93NUMPY)".into()));
     }
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(format!("bad .npy header: {e}")))?;
-    if npy.order() == npyz::Order::Fortran {
-        return Err(bad("fortran_order arrays are not supported; save with C order".into()));
+    let header_end = match head.get(6) {
+        Some(1) if head.len() >= 10 => 10 + u16::from_le_bytes([head[8], head[9]]) as usize,
+        Some(2 | 3) if head.len() >= 12 => {
+            12 + u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize
+        }
+        _ => return Err(bad("bad .npy header: unknown format version".into())),
+    };
+    if header_end < head.len() {
+        return Err(bad(format!("bad .npy header: {header_end} bytes long, too short")));
     }
+    if header_end > HEADER_CAP || header_end as u64 > file_len {
+        return Err(bad(format!(
+            "bad .npy header: {header_end} bytes long, past the end of the file ({file_len} bytes) or the {HEADER_CAP}-byte limit"
+        )));
+    }
+    let got = head.len();
+    head.resize(header_end, 0);
+    file.read_exact(&mut head[got..]).map_err(io)?;
+    let npy = npyz::NpyFile::new(&head[..])
+        .map_err(|e| bad(format!("bad .npy header: {}", one_line(&e.to_string()))))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let (dtype, big_endian) = match npy.dtype() {
         npyz::DType::Plain(ts) => {
@@ -51,24 +77,23 @@ pub fn read(path: &Path) -> Result<Tensor> {
     let need = numel
         .checked_mul(dtype.size())
         .ok_or_else(|| bad(format!("shape {shape:?} has a byte size that overflows")))?;
-    let header_end = match bytes.get(6) {
-        Some(1) if bytes.len() >= 10 => 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize,
-        Some(2 | 3) if bytes.len() >= 12 => {
-            12 + u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize
-        }
-        _ => return Err(bad("bad .npy header: unknown format version".into())),
-    };
-    let have = bytes.len().saturating_sub(header_end);
-    if have != need {
+    let have = file_len - header_end as u64;
+    if have != need as u64 {
         return Err(bad(format!(
             "shape {shape:?} x {dtype} needs {need} bytes of data but the file holds {have}"
         )));
     }
-    let mut data = bytes[header_end..].to_vec();
+    let mut data = vec![0u8; need];
+    file.read_exact(&mut data).map_err(io)?;
     if big_endian && dtype.size() > 1 {
         for chunk in data.chunks_mut(dtype.size()) {
             chunk.reverse();
         }
     }
     Ok(Tensor::owned(dtype, shape, data))
+}
+
+/// `text` on one line: line breaks and runs of spaces folded into one space.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -3,16 +3,50 @@
 //! one at a time as views into the map. Writing goes through the `safetensors` crate.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::contract::error::{Error, Result};
+use crate::contract::error::{escape_controls, Error, Result};
 
 use super::dtype::DType;
 use super::tensor::{checked_numel, Tensor};
+
+/// The largest safetensors header read: 100 MB, as the `safetensors` crate allows.
+const HEADER_CAP: usize = 100_000_000;
+
+/// The header's top-level keys in order, noting the first one listed twice.
+struct Entries {
+    duplicate: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut duplicate = None;
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(k.clone()) && duplicate.is_none() {
+                        duplicate = Some(k);
+                    }
+                }
+                Ok(Entries { duplicate })
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
 
 /// Where one tensor lies in the file.
 #[derive(Debug, Clone)]
@@ -36,7 +70,7 @@ impl SafetensorsFile {
     /// Maps `path` and validates its header and every tensor's extent.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let bad = |what: String| Error::format(path, what);
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = super::read::open_regular(path)?;
         // SAFETY: the map is read-only; a dump is not expected to change while a run
         // reads it, and every access is bounds-checked against the validated header.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -53,11 +87,26 @@ impl SafetensorsFile {
             )));
         }
         let n = n as usize;
+        if n > HEADER_CAP {
+            return Err(bad(format!(
+                "header length {n} is larger than the {HEADER_CAP}-byte limit"
+            )));
+        }
         let header: Value = serde_json::from_slice(&map[8..8 + n])
             .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
         let obj = header
             .as_object()
             .ok_or_else(|| bad("safetensors header is not a JSON object".into()))?;
+        // serde_json keeps the last of two equal keys; the header is read again as
+        // a list of entries to refuse them.
+        let listed: Entries = serde_json::from_slice(&map[8..8 + n])
+            .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
+        if let Some(k) = listed.duplicate {
+            return Err(bad(format!(
+                "tensor `{}` is listed twice in the header",
+                escape_controls(&k)
+            )));
+        }
         let data_len = len - 8 - n;
         let mut entries = BTreeMap::new();
         let mut metadata = BTreeMap::new();
@@ -73,7 +122,7 @@ impl SafetensorsFile {
                 }
                 continue;
             }
-            let t = |what: &str| bad(format!("tensor `{key}`: {what}"));
+            let t = |what: &str| bad(format!("tensor `{}`: {what}", escape_controls(key)));
             let dtype_s =
                 v.get("dtype").and_then(Value::as_str).ok_or_else(|| t("no string `dtype`"))?;
             let dtype = DType::from_safetensors_name(dtype_s).ok_or_else(|| {
@@ -121,6 +170,23 @@ impl SafetensorsFile {
                 key.clone(),
                 Entry { dtype, shape, start: 8 + n + start, end: 8 + n + end },
             );
+        }
+        let mut extents: Vec<(&String, &Entry)> =
+            entries.iter().filter(|(_, e)| e.end > e.start).collect();
+        extents.sort_by_key(|(_, e)| (e.start, e.end));
+        for w in extents.windows(2) {
+            let ((a, ea), (b, eb)) = (w[0], w[1]);
+            if eb.start < ea.end {
+                return Err(bad(format!(
+                    "tensors `{}` and `{}` overlap in the data (data_offsets [{}, {}] and [{}, {}])",
+                    escape_controls(a),
+                    escape_controls(b),
+                    ea.start - 8 - n,
+                    ea.end - 8 - n,
+                    eb.start - 8 - n,
+                    eb.end - 8 - n
+                )));
+            }
         }
         Ok(SafetensorsFile { path: path.to_path_buf(), map: Arc::new(map), entries, metadata })
     }

@@ -188,8 +188,13 @@ fn decode(dtype: DType, b: &[u8], i: usize) -> f64 {
 }
 
 /// Number of elements of `shape`, or `None` if it overflows `usize`.
+///
+/// The product of the non-zero dimensions must fit too: `[0, 2^62, 2^62]` is refused,
+/// not taken as empty.
 pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    let nonzero =
+        shape.iter().filter(|&&d| d != 0).try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ impl KeyMap {
 
     /// Reads a key map file.
     pub fn load(path: &Path) -> Result<KeyMap> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::dump::read::read_json_text(path)?;
         Self::parse(&text, path)
     }
 

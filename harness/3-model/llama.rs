@@ -128,9 +128,10 @@ impl<'m> Session<'m> {
     }
 
     /// Builds the rotary tables once for every position up to `max_position_embeddings`
-    /// (a port's precomputed tables, MindFormers `FreqsMgr`), gathered by position after.
-    pub fn precompute_rope_tables(&mut self) {
-        self.rope.precompute(self.numerics);
+    /// (a port's precomputed tables, MindFormers `FreqsMgr`), gathered by position after;
+    /// only the first `positions` rows are built, the ones a scenario can read.
+    pub fn precompute_rope_tables(&mut self, positions: usize) {
+        self.rope.precompute(self.numerics, positions);
     }
 
     /// Whether each token of `ids` `[batch][T]` counts as real, by the plan's padding

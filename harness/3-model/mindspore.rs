@@ -179,6 +179,8 @@ pub(crate) fn run_port(
     std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
     let mut cmd = Command::new(&python);
     cmd.arg(&script).arg("--golden").arg(&golden_dir).arg("--out").arg(&out);
+    // No __pycache__ written beside the port: a run never writes into its inputs.
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
     if let Some(p) = opts.precision {
         cmd.args(["--dtype", p.name()]);
     }

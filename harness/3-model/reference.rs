@@ -93,6 +93,22 @@ pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
         .unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
     let weights_file = golden_checkpoint(golden)?;
     let cfg = golden.manifest.model.clone();
+    // The layer count is checked against the weights before anything is sized by it.
+    let held = weights_file
+        .keys()
+        .filter_map(|k| k.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |i| i + 1);
+    if cfg.num_hidden_layers != held {
+        return Err(Error::Config {
+            path: manifest_path,
+            what: format!(
+                "num_hidden_layers is {} but {} holds layers for {held}",
+                cfg.num_hidden_layers,
+                weights_file.path().display()
+            ),
+        });
+    }
     let weights = Weights::load(&weights_file, &cfg, plan)?;
     let model = Llama::new(cfg, weights, &manifest_path)?;
     let sc = &golden.manifest.scenario;
@@ -163,7 +179,9 @@ impl Runner<'_> {
         let max_len = sc.prefill_len() + sc.decode_steps();
         let mut session = Session::new(model, sc.batch(), max_len, n, plan);
         if self.rope_tables == RopeTableSource::Precomputed {
-            session.precompute_rope_tables();
+            // Positions reach max_len (a fault may add one); a row past the table is
+            // computed on use, the same value.
+            session.precompute_rope_tables(max_len + 2);
         }
         let mut tensors = BTreeMap::new();
         let what = if teacher.is_some() {

@@ -390,9 +390,13 @@ impl Rope {
     /// as MindFormers' `FreqsMgr` does at construction; later [`Rope::tables`] calls
     /// gather their rows instead of computing them (the dynamic types' frequencies then
     /// stay at their un-grown values; a position past the table is computed directly).
-    pub fn precompute(&mut self, n: &dyn Numerics) {
-        let rows =
-            (0..self.config.max_position_embeddings as i64).map(|p| self.row(p, n)).collect();
+    ///
+    /// Only the first `positions` rows are built (at most `max_position_embeddings`):
+    /// the rows a scenario reads. A row past them is computed on use, the same value,
+    /// so a config with a huge `max_position_embeddings` costs nothing.
+    pub fn precompute(&mut self, n: &dyn Numerics, positions: usize) {
+        let rows = self.config.max_position_embeddings.min(positions) as i64;
+        let rows = (0..rows).map(|p| self.row(p, n)).collect();
         self.table = Some(rows);
     }
 

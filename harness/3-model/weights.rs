@@ -136,7 +136,7 @@ impl<S: Source> Loader<'_, S> {
         let (h, v, inter) = (c.hidden_size, c.vocab_size, c.intermediate_size);
         let (nh, nkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let embed_tokens = self.matrix("model.embed_tokens.weight", v, h)?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ab = c.attention_bias;

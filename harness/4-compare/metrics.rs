@@ -65,6 +65,14 @@ pub struct Metrics {
     pub candidate_inf: u64,
     /// Elements where the candidate is NaN/Inf and the golden is not that same value.
     pub new_nonfinite: u64,
+    /// Elements where the golden is NaN/Inf and the candidate does not reproduce it (set
+    /// by the comparison, which sees both sides; CONTRACT §1 rules: such a site fails).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_nonfinite: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Streams element pairs into [`Metrics`].
@@ -95,6 +103,30 @@ pub struct Accumulator {
     candidate_nan: u64,
     candidate_inf: u64,
     new_nonfinite: u64,
+    /// The same sums and Welford state over values scaled by [`SCALE`]: used only when
+    /// the plain ones overflowed (values near the top of the F64 range), so ordinary
+    /// values give exactly the results they always did.
+    scaled: Sums,
+}
+
+/// 2^-600: values up to F64's largest scale to about 4e127, whose squares sum without
+/// overflow. A power of two, so scaling itself is exact.
+fn scale() -> f64 {
+    (-600.0f64).exp2()
+}
+
+/// Σg², Σc², Σgc, Σd² and Pearson's Welford state, over scaled values.
+#[derive(Debug, Clone, Default)]
+struct Sums {
+    sgg: f64,
+    scc: f64,
+    sgc: f64,
+    sdd: f64,
+    mean_g: f64,
+    mean_c: f64,
+    m2_g: f64,
+    m2_c: f64,
+    co: f64,
 }
 
 impl Accumulator {
@@ -127,6 +159,7 @@ impl Accumulator {
             candidate_nan: 0,
             candidate_inf: 0,
             new_nonfinite: 0,
+            scaled: Sums::default(),
         }
     }
 
@@ -169,29 +202,57 @@ impl Accumulator {
         self.m2_g += dg * (g - self.mean_g);
         self.m2_c += dc * (c - self.mean_c);
         self.co += dg * (c - self.mean_c);
+        let (gs, cs) = (g * scale(), c * scale());
+        let ds = cs - gs;
+        let s = &mut self.scaled;
+        s.sgg += gs * gs;
+        s.scc += cs * cs;
+        s.sgc += gs * cs;
+        s.sdd += ds * ds;
+        let dg = gs - s.mean_g;
+        let dc = cs - s.mean_c;
+        s.mean_g += dg / n;
+        s.mean_c += dc / n;
+        s.m2_g += dg * (gs - s.mean_g);
+        s.m2_c += dc * (cs - s.mean_c);
+        s.co += dg * (cs - s.mean_c);
     }
 
     /// The measures, with `max_abs_index` unravelled over `shape`.
     pub fn finish(&self, shape: &[usize]) -> Metrics {
         let n = self.n as f64;
-        let cosine = if self.sgg == 0.0 && self.scc == 0.0 {
+        // The plain sums, or the scaled ones where a plain one overflowed (`unit` is
+        // what one unit of the sums' values is worth: 1, or 1/SCALE).
+        let plain = [self.sgg, self.scc, self.sgc, self.sdd].iter().all(|x| x.is_finite());
+        let s = &self.scaled;
+        let (sgg, scc, sgc, sdd, unit) = if plain {
+            (self.sgg, self.scc, self.sgc, self.sdd, 1.0)
+        } else {
+            (s.sgg, s.scc, s.sgc, s.sdd, 1.0 / scale())
+        };
+        let (m2_g, m2_c, co) = if [self.m2_g, self.m2_c, self.co].iter().all(|x| x.is_finite()) {
+            (self.m2_g, self.m2_c, self.co)
+        } else {
+            (s.m2_g, s.m2_c, s.co)
+        };
+        let cosine = if sgg == 0.0 && scc == 0.0 {
             1.0
-        } else if self.sgg == 0.0 || self.scc == 0.0 {
+        } else if sgg == 0.0 || scc == 0.0 {
             0.0
         } else {
-            (self.sgc / (self.sgg.sqrt() * self.scc.sqrt())).clamp(-1.0, 1.0)
+            (sgc / (sgg.sqrt() * scc.sqrt())).clamp(-1.0, 1.0)
         };
-        let nmse = ratio(self.sdd, self.sgg);
-        let pearson = if self.m2_g == 0.0 && self.m2_c == 0.0 {
-            if self.sdd == 0.0 {
+        let nmse = ratio(sdd, sgg);
+        let pearson = if m2_g == 0.0 && m2_c == 0.0 {
+            if sdd == 0.0 {
                 1.0
             } else {
                 0.0
             }
-        } else if self.m2_g == 0.0 || self.m2_c == 0.0 {
+        } else if m2_g == 0.0 || m2_c == 0.0 {
             0.0
         } else {
-            (self.co / (self.m2_g.sqrt() * self.m2_c.sqrt())).clamp(-1.0, 1.0)
+            (co / (m2_g.sqrt() * m2_c.sqrt())).clamp(-1.0, 1.0)
         };
         let frac = |k: u64| if self.n == 0 { 1.0 } else { k as f64 / n };
         Metrics {
@@ -202,15 +263,11 @@ impl Accumulator {
             max_rel: self.max_rel,
             mean_abs: if self.n == 0 { 0.0 } else { self.sad / n },
             rel_l2: nmse.sqrt(),
-            rmse: if self.n == 0 { 0.0 } else { (self.sdd / n).sqrt() },
+            rmse: if self.n == 0 { 0.0 } else { (sdd / n).sqrt() * unit },
             nmse,
             nmse_db: 10.0 * nmse.log10(),
             pearson,
-            snr_db: if self.sdd == 0.0 {
-                f64::INFINITY
-            } else {
-                10.0 * (self.sgg / self.sdd).log10()
-            },
+            snr_db: if sdd == 0.0 { f64::INFINITY } else { 10.0 * (sgg / sdd).log10() },
             max_ulp: self.max_ulp,
             one_thousandth_ratio: frac(self.below_1e3),
             five_thousandths_ratio: frac(self.below_5e3),
@@ -219,6 +276,7 @@ impl Accumulator {
             candidate_nan: self.candidate_nan,
             candidate_inf: self.candidate_inf,
             new_nonfinite: self.new_nonfinite,
+            lost_nonfinite: 0,
         }
     }
 }
@@ -232,6 +290,8 @@ impl Accumulator {
 pub struct GroupL2 {
     sdd: Vec<f64>,
     sgg: Vec<f64>,
+    /// The same over values scaled by [`scale`], used where the plain sums overflowed.
+    scaled: Vec<(f64, f64)>,
     seen: Vec<bool>,
     broken: Vec<bool>,
 }
@@ -242,6 +302,7 @@ impl GroupL2 {
         GroupL2 {
             sdd: vec![0.0; groups],
             sgg: vec![0.0; groups],
+            scaled: vec![(0.0, 0.0); groups],
             seen: vec![false; groups],
             broken: vec![false; groups],
         }
@@ -258,6 +319,9 @@ impl GroupL2 {
             let d = c - g;
             self.sdd[k] += d * d;
             self.sgg[k] += g * g;
+            let (gs, ds) = (g * scale(), c * scale() - g * scale());
+            self.scaled[k].0 += ds * ds;
+            self.scaled[k].1 += gs * gs;
         } else if !c.is_finite() && (g.is_finite() || !(g == c || (g.is_nan() && c.is_nan()))) {
             self.broken[k] = true;
         }
@@ -271,8 +335,10 @@ impl GroupL2 {
                     f64::INFINITY
                 } else if !self.seen[k] {
                     f64::NAN
-                } else {
+                } else if self.sdd[k].is_finite() && self.sgg[k].is_finite() {
                     ratio(self.sdd[k], self.sgg[k]).sqrt()
+                } else {
+                    ratio(self.scaled[k].0, self.scaled[k].1).sqrt()
                 }
             })
             .collect()
@@ -487,6 +553,23 @@ mod tests {
             (m.golden_nan, m.golden_inf, m.candidate_nan, m.candidate_inf, m.new_nonfinite),
             (0, 0, 0, 0, 0)
         );
+    }
+
+    /// Regression (issue 12, defect 12): identical F64 tensors near 1e300 read
+    /// "cosine NaN" because Σg² overflowed.
+    #[test]
+    fn values_near_the_top_of_f64_measure_like_ordinary_ones() {
+        let g = [1e300, -3e300, 2e307, 5.0];
+        let m = measure(&g, &g, DType::F64);
+        assert_eq!((m.cosine, m.rel_l2, m.pearson, m.max_abs), (1.0, 0.0, 1.0, 0.0));
+        let c = [1e300, -3e300, 2.2e307, 5.0];
+        let m = measure(&g, &c, DType::F64);
+        assert!(m.cosine.is_finite() && m.cosine > 0.99 && m.cosine < 1.0, "{}", m.cosine);
+        assert_relative_eq!(m.rel_l2, 0.1, max_relative = 1e-9);
+        assert_relative_eq!(m.rmse, 1e306, max_relative = 1e-9);
+        // Ordinary values take the plain sums: the same bits as before.
+        let m = measure(&[1.0, 2.0, 3.0], &[1.0, 2.0, 4.0], DType::F64);
+        assert_eq!(m.rel_l2, (1.0f64 / 14.0).sqrt());
     }
 
     #[test]

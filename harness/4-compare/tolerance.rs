@@ -90,6 +90,13 @@ impl Tolerance {
             why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
             excess = f64::INFINITY;
         }
+        if m.lost_nonfinite > 0 {
+            why.push(format!(
+                "{} golden NaN/Inf the candidate does not reproduce",
+                m.lost_nonfinite
+            ));
+            excess = f64::INFINITY;
+        }
         if !within(m.rel_l2, self.max_rel_l2) {
             why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, self.max_rel_l2));
         }
@@ -185,9 +192,32 @@ pub struct Policy {
 impl Policy {
     /// Reads a policy file.
     pub fn load(path: &Path) -> Result<Policy> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let p: Policy = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not a valid policy: {e}")))?;
+        let text = crate::dump::read::read_json_text(path)?;
+        let bad = |what: String| Error::format(path, format!("not a valid policy: {what}"));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if !v.is_object() {
+            return Err(bad("expected a JSON object with `defaults` and/or `rules`".into()));
+        }
+        let p: Policy = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        let check = |o: &Override, at: &str| -> Result<()> {
+            let fine = |x: Option<f64>, lo: f64, hi: f64| x.is_none_or(|x| x >= lo && x <= hi);
+            let what = if !fine(o.max_rel_l2, 0.0, f64::MAX) {
+                "max_rel_l2 must be a finite number >= 0"
+            } else if !fine(o.min_cosine, -1.0, 1.0) {
+                "min_cosine must lie in [-1, 1]"
+            } else if !fine(o.max_abs, 0.0, f64::MAX) {
+                "max_abs must be a finite number >= 0"
+            } else {
+                return Ok(());
+            };
+            Err(Error::format(path, format!("{at}: {what}")))
+        };
+        for (k, o) in &p.defaults {
+            check(o, &format!("defaults.{k}"))?;
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            check(&r.thresholds, &format!("rules[{i}]"))?;
+        }
         for k in p.defaults.keys() {
             if Precision::parse(k).is_none() {
                 return Err(Error::format(

@@ -62,6 +62,14 @@ impl SiteMetrics {
         }
     }
 
+    /// How many element pairs were compared.
+    pub fn count(&self) -> u64 {
+        match self {
+            SiteMetrics::Values(m) => m.count,
+            SiteMetrics::Exact { count, .. } | SiteMetrics::Visibility { count, .. } => *count,
+        }
+    }
+
     /// One number for "how wrong": rel-L2 for values, the mismatch fraction otherwise.
     pub fn error(&self) -> f64 {
         match self {
@@ -268,6 +276,9 @@ pub fn compare_site_in(
         r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
         if r.status == Status::Fail {
             r.note = Some("the mask hides or shows different keys".into());
+        } else if m.count() == 0 {
+            r.status = Status::Skipped;
+            r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(m);
     } else if !g.dtype().is_float() || matches!(site, Site::PositionIds) {
@@ -275,6 +286,9 @@ pub fn compare_site_in(
         r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
         if r.status == Status::Fail {
             r.note = Some("integer values differ".into());
+        } else if m.count() == 0 {
+            r.status = Status::Skipped;
+            r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(m);
     } else {
@@ -284,9 +298,13 @@ pub fn compare_site_in(
         let mut per_token = tokens.map(|t| GroupL2::new(t.n));
         let mut per_head = head_groups.map(|h| GroupL2::new(h.n));
         let mut hist = ErrorHistogram::new();
+        // Golden NaN/Inf the candidate does not reproduce: left out of every metric,
+        // so counted here (CONTRACT §1 rules).
+        let mut unreproduced = 0u64;
         for i in 0..g.numel() {
             if valid.keep(i) {
                 let (gv, cv) = (g.get_f64(i), c.get_f64(i));
+                unreproduced += !(gv.is_finite() || gv == cv || gv.is_nan() && cv.is_nan()) as u64;
                 acc.push(i, gv, cv);
                 hist.push(gv, cv);
                 if let (Some(t), Some(acc_t)) = (tokens, per_token.as_mut()) {
@@ -297,12 +315,17 @@ pub fn compare_site_in(
                 }
             }
         }
-        let m = acc.finish(g.shape());
+        let mut m = acc.finish(g.shape());
+        m.lost_nonfinite = unreproduced;
         r.per_token = per_token.map(|a| a.finish());
         r.per_head = per_head.map(|a| a.finish());
         let j = tol.judge(&m);
         r.status = if j.pass { Status::Pass } else { Status::Fail };
         r.note = (!j.pass).then(|| j.why.join("; "));
+        if m.count == 0 && r.status == Status::Pass {
+            r.status = Status::Skipped;
+            r.note = Some(NOTHING_COMPARED.into());
+        }
         r.metrics = Some(SiteMetrics::Values(m));
         if r.status == Status::Fail {
             r.abs_histogram = Some(hist);
@@ -310,6 +333,11 @@ pub fn compare_site_in(
     }
     r
 }
+
+/// The note of a site where no element pair was compared (CONTRACT §1 rules: never
+/// `pass`).
+const NOTHING_COMPARED: &str =
+    "nothing compared: every element is padding, the site is empty, or non-finite on both sides";
 
 /// A partition of a tensor's flat indices: index `i` lies in group `(i / stride) % n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

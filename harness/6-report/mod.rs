@@ -24,11 +24,10 @@ use serde::{Deserialize, Serialize};
 use crate::compare::metrics::{num_vec, ErrorHistogram};
 use crate::compare::tolerance::Tolerance;
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
-use crate::contract::error::{Error, Result};
+use crate::contract::error::Result;
 use crate::contract::site::{Site, Step};
 use crate::diagnosis::Finding;
-use crate::dump::write_atomic;
-use crate::dump::DType;
+use crate::dump::{write_set, DType};
 
 pub use html::render_html;
 pub use junit::render_junit;
@@ -190,15 +189,13 @@ impl Report {
         ])
     }
 
-    /// Writes every report file into `dir` (created if needed), each atomically. All
-    /// are rendered before the first is written, so a rendering error writes nothing.
+    /// Writes every report file into `dir` (created if needed) as one whole set
+    /// ([`write_set`]: locked, written aside, renamed into place). All are rendered
+    /// before the first is written, so a rendering error writes nothing.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let files = self.render_files()?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        for (name, text) in files {
-            write_atomic(&dir.join(name), text.as_bytes())?;
-        }
-        Ok(())
+        let set: Vec<(&str, &[u8])> = files.iter().map(|(n, t)| (*n, t.as_bytes())).collect();
+        write_set(dir, &set)
     }
 
     /// Sites that did not pass or are closest to failing, worst first.

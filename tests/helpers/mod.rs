@@ -186,3 +186,28 @@ pub fn dump_dirs(sub: &str) -> Vec<std::path::PathBuf> {
     assert!(!v.is_empty(), "no dumps under {}", dir.display());
     v
 }
+
+/// SHA-256 of every file under `dirs` (recursively, symlinks not followed), by path:
+/// taken before and after runs to show that no input file's bytes changed, and that
+/// no file appeared or vanished.
+pub fn input_hashes(dirs: &[std::path::PathBuf]) -> BTreeMap<std::path::PathBuf, [u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut out = BTreeMap::new();
+    let mut stack: Vec<std::path::PathBuf> = dirs.to_vec();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file() {
+                let bytes = std::fs::read(&p).expect("read an input file");
+                out.insert(p, Sha256::digest(&bytes).into());
+            } else {
+                out.insert(p, [0; 32]);
+            }
+        }
+    }
+    out
+}

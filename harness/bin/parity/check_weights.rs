@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use llama_parity::dump::guard::{self, Output};
 use llama_parity::weights::check::check_weights;
 use llama_parity::weights::checkpoint::HfCheckpoint;
 use llama_parity::weights::ckpt::Checkpoint;
@@ -13,6 +14,18 @@ use crate::args::CheckWeightsArgs;
 use crate::output::precision;
 
 pub fn cmd_check_weights(a: CheckWeightsArgs) -> Result<ExitCode> {
+    let report = a.report.as_deref().map(|dir| Output {
+        label: "--report",
+        dir,
+        files: guard::WEIGHTS_REPORT_FILES,
+    });
+    guard::check_outputs(
+        &[Some(a.hf.as_path()), Some(&a.port), a.map.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &report.into_iter().collect::<Vec<_>>(),
+    )?;
     let map = match &a.map {
         Some(p) => KeyMap::load(p)?,
         None => KeyMap::mindspore(),

@@ -2,18 +2,26 @@
 
 use std::process::ExitCode;
 
-use llama_parity::dump::Dump;
+use llama_parity::dump::{guard, Dump};
 use llama_parity::pipeline::{self, Options};
 use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
-use crate::output::{check_outputs, finish, load_policy, progress};
+use crate::output::{finish, load_policy, progress, report_output};
 
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
-    let inputs = [a.golden.as_path(), a.candidate.as_path()];
+    let inputs = [
+        Some(a.golden.as_path()),
+        Some(&a.candidate),
+        a.common.policy.as_deref(),
+        a.map.as_deref(),
+    ];
+    guard::check_outputs(
+        &inputs.into_iter().flatten().collect::<Vec<_>>(),
+        &report_output(&a.common),
+    )?;
     let policy = load_policy(&a.common)?;
-    check_outputs(&inputs, &[("--report", a.common.report.as_deref())])?;
     let golden = Dump::open(&a.golden)?;
     let mut candidate = Dump::open(&a.candidate)?;
     if let Some(p) = &a.map {

@@ -35,7 +35,8 @@ fn main() -> ExitCode {
                 }
                 src = s.source();
             }
-            eprintln!("{msg}");
+            // One line, whatever the names in it hold (a tensor key with a line break).
+            eprintln!("{}", llama_parity::contract::error::escape_controls(&msg));
             ExitCode::from(2)
         }
     }

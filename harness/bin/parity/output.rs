@@ -3,14 +3,14 @@
 //! status.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
+use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Precision;
 use llama_parity::report::{render_summary, Report};
-use llama_parity::{Error, Result};
+use llama_parity::Result;
 
 use crate::args::{CommonArgs, DTypeArg};
 
@@ -55,46 +55,11 @@ pub fn progress(msg: &str) {
     eprintln!("parity: {msg}");
 }
 
-/// Refuses output directories that lie inside an input directory: a run never writes
-/// into its inputs.
-pub fn check_outputs(inputs: &[&Path], outputs: &[(&str, Option<&Path>)]) -> Result<()> {
-    for (flag, out) in outputs {
-        let Some(out) = out else { continue };
-        let out_abs = absolute(out);
-        for input in inputs {
-            let in_abs = absolute(input);
-            if out_abs.starts_with(&in_abs) {
-                return Err(Error::Usage {
-                    flag: (*flag).to_string(),
-                    what: format!(
-                        "{} lies inside the input {}; choose a directory outside it",
-                        out.display(),
-                        input.display()
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The absolute, symlink-resolved form of `p`, resolving its longest existing prefix.
-fn absolute(p: &Path) -> PathBuf {
-    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut existing = p.clone();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        match (existing.file_name().map(|s| s.to_os_string()), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent.to_path_buf();
-            }
-            _ => return p,
-        }
-    }
-    let mut out = existing.canonicalize().unwrap_or(existing);
-    for name in rest.into_iter().rev() {
-        out.push(name);
-    }
-    out
+/// The report set of `--report DIR`, as an output to guard.
+pub fn report_output(c: &CommonArgs) -> Vec<Output<'_>> {
+    c.report
+        .as_deref()
+        .map(|dir| Output { label: "--report", dir, files: guard::REPORT_FILES })
+        .into_iter()
+        .collect()
 }

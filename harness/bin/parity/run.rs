@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use llama_parity::contract::fault::Fault;
+use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Dump;
 use llama_parity::model::mindformers::Device;
 use llama_parity::model::{Implementation, RunOptions};
@@ -11,7 +12,7 @@ use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
-use crate::output::{check_outputs, finish, load_policy, precision, progress};
+use crate::output::{finish, load_policy, precision, progress, report_output};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let implementation = match a.implementation {
@@ -42,11 +43,16 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let policy = load_policy(&a.common)?;
-    check_outputs(
-        &[a.golden.as_path()],
-        &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
+    let dump =
+        a.dump.as_deref().map(|dir| Output { label: "--dump", dir, files: guard::DUMP_FILES });
+    guard::check_outputs(
+        &[Some(a.golden.as_path()), a.common.policy.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &[report_output(&a.common), dump.into_iter().collect()].concat(),
     )?;
+    let policy = load_policy(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     llama_parity::model::progress::enable(
         std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
 use llama_parity::contract::fault::Fault;
-use llama_parity::dump::{Dump, Precision};
+use llama_parity::dump::{guard, Dump, Precision};
 use llama_parity::model::{Implementation, RunOptions};
 use llama_parity::pipeline::{self, Options};
 use llama_parity::report::Report;
@@ -51,7 +51,12 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         });
     }
     let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
-    crate::output::check_outputs(&inputs, &[("--report", a.report.as_deref())])?;
+    let out = a.report.as_deref().map(|dir| guard::Output {
+        label: "--report",
+        dir,
+        files: &["suite.json"],
+    });
+    guard::check_outputs(&inputs, &out.into_iter().collect::<Vec<_>>())?;
     let policy = Policy::default();
     let check = Options::new(&policy);
     let candidates = if a.candidates.is_dir() { list_dirs(&a.candidates)? } else { Vec::new() };
