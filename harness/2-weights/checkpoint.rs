@@ -48,7 +48,9 @@ impl HfCheckpoint {
     /// that is not `{"weight_map": {...}}`, a shard that cannot be mapped, a parameter
     /// the index places in a shard that lacks it, or one name in two files.
     pub fn open(path: &Path) -> Result<HfCheckpoint> {
-        if path.is_file() {
+        // Anything that exists and is not a directory is read as one safetensors file,
+        // which refuses what is not a regular file (a FIFO, a device) by name.
+        if path.exists() && !path.is_dir() {
             return Ok(HfCheckpoint::from_file(SafetensorsFile::open(path)?));
         }
         if !path.is_dir() {
