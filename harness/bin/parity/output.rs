@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
 use llama_parity::dump::Precision;
+use llama_parity::pipeline::Floor;
 use llama_parity::report::{render_summary, Report};
 use llama_parity::{Error, Result};
 
@@ -19,6 +20,22 @@ pub fn precision(d: DTypeArg) -> Precision {
         DTypeArg::Float32 => Precision::F32,
         DTypeArg::Bfloat16 => Precision::Bf16,
         DTypeArg::Float16 => Precision::F16,
+    }
+}
+
+/// The noise floor the flags ask for; `--floor-cache` must name a directory (or a path
+/// that does not exist yet).
+pub fn floor(c: &CommonArgs) -> Result<Floor<'_>> {
+    if c.no_floor {
+        return Ok(Floor::Off);
+    }
+    match &c.floor_cache {
+        Some(dir) if dir.exists() && !dir.is_dir() => Err(Error::Usage {
+            flag: "--floor-cache".into(),
+            what: format!("{} is not a directory", dir.display()),
+        }),
+        Some(dir) => Ok(Floor::Cache(dir)),
+        None => Ok(Floor::DefaultCache),
     }
 }
 

@@ -11,7 +11,7 @@ use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
-use crate::output::{check_outputs, finish, load_policy, precision, progress};
+use crate::output::{check_outputs, finish, floor, load_policy, precision, progress};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let implementation = match a.implementation {
@@ -45,7 +45,11 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     check_outputs(
         &[a.golden.as_path()],
-        &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
+        &[
+            ("--report", a.common.report.as_deref()),
+            ("--dump", a.dump.as_deref()),
+            ("--floor-cache", a.common.floor_cache.as_deref()),
+        ],
     )?;
     let golden = Dump::open(&a.golden)?;
     let run = RunOptions {
@@ -55,7 +59,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         teacher_force: a.teacher_force,
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let opts = Options { progress: &progress, ..Options::new(&policy) };
+    let opts = Options { progress: &progress, floor: floor(&a.common)?, ..Options::new(&policy) };
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;
