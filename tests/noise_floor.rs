@@ -126,7 +126,7 @@ fn the_floor_is_cached_by_golden_content() {
     let progress = |s: &str| said.borrow_mut().push(s.to_string());
     let a = floor_for(&g, Precision::Bf16, Some(&cache), &progress).unwrap();
     let b = floor_for(&g, Precision::Bf16, Some(&cache), &progress).unwrap();
-    assert_eq!(a, b);
+    assert!(a == b, "the cached floor differs from the measured one");
     let said = said.into_inner();
     assert!(said[0].starts_with("measuring the noise floor"), "{said:?}");
     assert!(said[1].contains("from the cache"), "{said:?}");

@@ -332,6 +332,13 @@ pub fn floor_for(
     let Some(f) = NoiseFloor::measure(golden, precision, &hash)? else {
         return Ok(FloorSource::Unavailable("the golden has no weights".into()));
     };
+    // Through JSON and back, so that a measured floor and the same floor read from the
+    // cache are the same numbers (JSON's decimal form may move a last bit) and give
+    // byte-identical reports.
+    let f = serde_json::to_string(&f)
+        .ok()
+        .and_then(|t| serde_json::from_str::<NoiseFloor>(&t).ok())
+        .unwrap_or(f);
     if let Some(c) = cache {
         if let Err(e) = c.store(&f, precision) {
             progress(&format!("noise floor not cached: {e}"));

@@ -13,6 +13,7 @@ use crate::output::{check_outputs, finish, floor, load_policy, progress};
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let inputs = [a.golden.as_path(), a.candidate.as_path()];
     let policy = load_policy(&a.common)?;
+    let floor = floor(&a.common)?;
     check_outputs(
         &inputs,
         &[
@@ -26,7 +27,7 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         let map = KeyMap::load(p)?;
         candidate = candidate.rename_sites(|name| map.to_hf(name))?;
     }
-    let opts = Options { progress: &progress, floor: floor(&a.common)?, ..Options::new(&policy) };
+    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
     let report = pipeline::check(&golden, &candidate, None, &opts)?;
     finish(report, &a.common)
 }

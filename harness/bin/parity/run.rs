@@ -43,6 +43,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let policy = load_policy(&a.common)?;
+    let floor = floor(&a.common)?;
     check_outputs(
         &[a.golden.as_path()],
         &[
@@ -59,7 +60,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         teacher_force: a.teacher_force,
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let opts = Options { progress: &progress, floor: floor(&a.common)?, ..Options::new(&policy) };
+    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;
