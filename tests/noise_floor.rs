@@ -59,6 +59,7 @@ fn correct_hf_low_precision_runs_sit_below_the_margin() {
         let floor = measure(&g, p);
         let cmp = compare(&g, &golden(cand), &Policy::default()).expect("compare");
         let mut worst = (0.0f64, String::new());
+        let mut worst_cos = 0.0f64;
         let mut n = 0;
         for s in &cmp.sites {
             let (Some(SiteMetrics::Values(m)), Some(f)) = (&s.metrics, floor.get(s.step, &s.site))
@@ -66,6 +67,10 @@ fn correct_hf_low_precision_runs_sit_below_the_margin() {
                 continue;
             };
             n += 1;
+            // 1 - cosine in units of the floor's, against MARGIN² (it scales as rel-L2²).
+            if f.cosine < 1.0 {
+                worst_cos = worst_cos.max((1.0 - m.cosine) / (1.0 - f.cosine));
+            }
             let x = f.times(m.rel_l2);
             if x > worst.0 {
                 worst = (
@@ -77,7 +82,11 @@ fn correct_hf_low_precision_runs_sit_below_the_margin() {
                 );
             }
         }
-        println!("HF {cand}: worst {:.2} floors over {n} sites at {}", worst.0, worst.1);
+        println!(
+            "HF {cand}: worst {:.2} floors over {n} sites at {}; 1 - cosine at most {worst_cos:.2} x the floor's",
+            worst.0, worst.1
+        );
+        assert!(worst_cos <= MARGIN * MARGIN, "{cand}: 1 - cosine {worst_cos:.2} x the floor's");
         assert!(n > 100, "{cand}: only {n} sites measured");
         assert!(worst.0 <= MARGIN, "{cand}: {:.2} floors at {}", worst.0, worst.1);
     }
