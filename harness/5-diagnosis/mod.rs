@@ -334,7 +334,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         // The share of the divergence (mean error over the evidence) the fault explains.
         let score = (1.0 - ratio(f.mean(), clean.mean())).clamp(0.0, 1.0);
         let explains = format!(
-            "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run; {} of {} evidence sites within their thresholds ({:.0e} at the first; mean error {:.1e} against {:.1e})",
+            "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run; {} of {} evidence sites within {:.0e} at the first and their own thresholds after it (mean error {:.1e} against {:.1e})",
             first.step,
             first.site,
             fault.id(),
