@@ -6,6 +6,7 @@ mod helpers;
 mod ascend;
 mod bad_inputs;
 mod check_weights;
+mod checkpoints;
 mod compare_goldens;
 mod diagnosis;
 mod fault_matrix;

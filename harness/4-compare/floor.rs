@@ -113,7 +113,7 @@ impl NoiseFloor {
     /// Measures the floor of `golden` for a candidate at `precision`; `None` when the
     /// golden has no weights to run its scenario with.
     pub fn measure(golden: &Dump, precision: Precision, hash: &str) -> Result<Option<NoiseFloor>> {
-        if golden.weights()?.is_none() {
+        if !golden.has_weights() {
             return Ok(None);
         }
         let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
@@ -311,9 +311,10 @@ pub fn floor_for(
     cache: Option<&FloorCache>,
     progress: &dyn Fn(&str),
 ) -> Result<FloorSource> {
-    if golden.weights()?.is_none() {
+    if !golden.has_weights() {
         return Ok(FloorSource::Unavailable(
-            "the golden has no weights.safetensors to run its scenario with".into(),
+            "the golden has neither weights.safetensors nor a checkpoint to run its scenario with"
+                .into(),
         ));
     }
     let hash = match golden.dir() {
