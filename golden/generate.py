@@ -56,6 +56,12 @@ INIT = {
     "embed_padding_row": "not zeroed (token 0 also occurs as a real token)",
 }
 NORM_STD, PROJ_STD, BIAS_STD = 0.1, 0.08, 0.02
+# Scenario "weight_scale": "fan_in": each projection's std follows its fan-in,
+# PROJ_STD * sqrt(FAN_IN_REF / fan_in) (the same 0.08 at width 64, so activations keep
+# the committed goldens' statistics at any width instead of growing with sqrt(width)).
+# The default, "fixed", is what every committed golden was made with.
+FAN_IN_REF = 64
+INIT_FAN_IN = {"linear_weight": f"N(0, (0.08 * sqrt({FAN_IN_REF} / fan_in))^2), fan_in = in_features"}
 
 # The suite committed to the repository.
 SUITE = ["mha_f32", "gqa_pad_f32", "gqa_pad_bf16", "gqa_pad_f16", "llama3_f32", "yarn_f32", "linear_f32", "longrope_f32", "mqa_tied_f32"]
@@ -128,6 +134,8 @@ def load_scenario(path: Path) -> dict:
     sc.setdefault("weights_seed", sc["seed"])
     sc.setdefault("pad_token_id", 0)
     sc.setdefault("pad_token_in_text", True)
+    if sc.setdefault("weight_scale", "fixed") not in ("fixed", "fan_in"):
+        raise SystemExit(f"{path}: weight_scale must be 'fixed' or 'fan_in'")
     return sc
 
 
@@ -156,7 +164,7 @@ def build_config(sc: dict) -> LlamaConfig:
     return LlamaConfig(**m, pad_token_id=sc["pad_token_id"], attn_implementation="eager")
 
 
-def init_weights(model: torch.nn.Module, weights_seed: int) -> None:
+def init_weights(model: torch.nn.Module, weights_seed: int, weight_scale: str = "fixed") -> None:
     g = torch.Generator().manual_seed(int(weights_seed))
     params = dict(model.named_parameters())  # tied parameters appear once
     with torch.no_grad():
@@ -166,6 +174,9 @@ def init_weights(model: torch.nn.Module, weights_seed: int) -> None:
                 p.copy_(1.0 + NORM_STD * torch.randn(p.shape, generator=g, dtype=torch.float32))
             elif name.endswith(".bias"):
                 p.copy_(BIAS_STD * torch.randn(p.shape, generator=g, dtype=torch.float32))
+            elif weight_scale == "fan_in" and p.dim() == 2 and "embed_tokens" not in name:
+                std = PROJ_STD * (FAN_IN_REF / p.shape[1]) ** 0.5
+                p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float32))
             else:
                 p.copy_(PROJ_STD * torch.randn(p.shape, generator=g, dtype=torch.float32))
 
@@ -360,7 +371,7 @@ def run_scenario(sc: dict, fault: str | None = None):
 
     cfg = build_config(sc)
     model = LlamaForCausalLM(cfg)
-    init_weights(model, sc["weights_seed"])
+    init_weights(model, sc["weights_seed"], sc["weight_scale"])
     rot = model.model.rotary_emb
     inv_freq32 = (rot.inv_freq.detach().clone(), rot.original_inv_freq.detach().clone())
     model = model.to(dtype).eval()
@@ -477,7 +488,7 @@ def run_scenario(sc: dict, fault: str | None = None):
         "deterministic": True,
         "num_threads": 1,
         "weights_cast": "model.to(dtype) after float32 init; rotary inv_freq kept float32 as from_pretrained(dtype=...) does",
-        "init": INIT,
+        "init": INIT if sc["weight_scale"] == "fixed" else {**INIT, **INIT_FAN_IN},
         "seed": int(sc["seed"]),
         "weights_seed": int(sc["weights_seed"]),
         "generator": "golden/generate.py",

@@ -5,13 +5,30 @@
 //!
 //! Uses every earlier stage.
 
+use std::path::Path;
+
+use crate::compare::floor::{floor_for, FloorCache, FloorSource};
 use crate::compare::tolerance::Policy;
-use crate::compare::{compare, Comparison};
+use crate::compare::{compare_with_floor, Comparison};
 use crate::contract::error::Result;
 use crate::diagnosis::diagnose;
 use crate::dump::Dump;
 use crate::model::{self, RunOptions, RunOutput};
 use crate::report::Report;
+
+/// Where each site's threshold starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor<'a> {
+    /// The fixed per-dtype defaults only.
+    Off,
+    /// The golden's noise floor, measured on every call.
+    Measure,
+    /// The golden's noise floor, measured once per (golden, dtype) and cached in
+    /// [`FloorCache::default_dir`] (measured on every call when there is none).
+    DefaultCache,
+    /// The golden's noise floor, cached in this directory.
+    Cache(&'a Path),
+}
 
 /// How to judge and what to add to the report.
 #[derive(Clone, Copy)]
@@ -22,12 +39,14 @@ pub struct Options<'a> {
     pub diagnose: bool,
     /// Called with a line of progress before each long stage.
     pub progress: &'a dyn Fn(&str),
+    /// The noise floor that raises each site's default threshold.
+    pub floor: Floor<'a>,
 }
 
 impl<'a> Options<'a> {
-    /// Judge by `policy`, diagnose divergences, say nothing.
+    /// Judge by `policy` over the cached noise floor, diagnose divergences, say nothing.
     pub fn new(policy: &'a Policy) -> Options<'a> {
-        Options { policy, diagnose: true, progress: &|_| {} }
+        Options { policy, diagnose: true, progress: &|_| {}, floor: Floor::DefaultCache }
     }
 }
 
@@ -43,16 +62,32 @@ pub fn check(
     teacher_forced: Option<&Dump>,
     opts: &Options,
 ) -> Result<Report> {
-    let cmp = compare(golden, candidate, opts.policy)?;
+    let source = noise_floor(golden, candidate, opts)?;
+    let floor = source.as_ref().and_then(FloorSource::floor);
+    let cmp = compare_with_floor(golden, candidate, opts.policy, floor)?;
     let mut report = Report::new(&cmp, Vec::new());
+    report.noise_floor_note = source.as_ref().map(FloorSource::note);
     if opts.diagnose {
         diagnose_into(&mut report, golden, candidate, &cmp, opts);
     }
     if let Some(tf) = teacher_forced {
-        let local = compare(golden, tf, opts.policy)?;
+        let local = compare_with_floor(golden, tf, opts.policy, floor)?;
         report.attach_local(&local);
     }
     Ok(report)
+}
+
+/// The noise floor of `golden` at the candidate's dtype, as `opts.floor` asks; `None`
+/// when it asks for none.
+pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Option<FloorSource>> {
+    let precision = candidate.manifest.dtype;
+    let cache = match opts.floor {
+        Floor::Off => return Ok(None),
+        Floor::Measure => None,
+        Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
+        Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
+    };
+    floor_for(golden, precision, cache.as_ref(), opts.progress).map(Some)
 }
 
 /// Runs `run`'s implementation on `golden`'s scenario and weights, then [`check`]s the

@@ -4,13 +4,18 @@
 //! where it cannot, the run passes, and the reason is printed. `mask.fp16_overflow` is
 //! also planted at float16, the only dtype where its fill overflows.
 //!
+//! Each run is judged twice: by the fixed per-dtype defaults and with the golden's noise
+//! floor in the thresholds (`compare::floor`); both must agree on the verdict and the
+//! first divergence, and each cell also gives the error there in floors.
+//!
 //! The matrix is printed (`cargo test --release --test main fault_matrix -- --nocapture`) and
 //! reproduced in docs/ascend.md.
 
 use std::path::PathBuf;
 
+use llama_parity::compare::floor::NoiseFloor;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::compare::{compare, Verdict};
+use llama_parity::compare::{compare, compare_with_floor, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::{first_site, Visibility};
 use llama_parity::dump::{Dump, Precision};
@@ -35,13 +40,16 @@ fn golden(name: &str) -> Dump {
 }
 
 /// Runs `fault` at `precision` on `g` and returns (verdict, first divergence, rel-L2 there
-/// or at `at` when it passed).
+/// or at `at` when it passed, that error in floors); the verdict and first divergence
+/// with `floor` in the thresholds must be the same, else the difference is in `problems`.
 fn plant(
     g: &Dump,
     fault: Fault,
     precision: Precision,
     at: Option<&(llama_parity::contract::site::Step, llama_parity::contract::site::Site)>,
-) -> (Verdict, Option<String>, f64) {
+    floor: &NoiseFloor,
+    problems: &mut Vec<String>,
+) -> (Verdict, Option<String>, f64, f64) {
     let opts = RunOptions {
         implementation: Implementation::Ascend,
         precision: Some(precision),
@@ -56,7 +64,19 @@ fn plant(
         None => at.and_then(|(st, si)| cmp.sites.iter().find(|s| s.step == *st && &s.site == si)),
     };
     let e = site.and_then(|s| s.metrics.as_ref()).map_or(f64::NAN, |m| m.error());
-    (cmp.verdict(), first, e)
+    let x = site.and_then(|s| floor.get(s.step, &s.site)).map_or(f64::NAN, |f| f.times(e));
+    let floored = compare_with_floor(g, &out.dump, &Policy::default(), Some(floor))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first_f = floored.first_divergence().map(|s| format!("{} {}", s.step, s.site));
+    if (floored.verdict(), &first_f) != (cmp.verdict(), &first) {
+        problems.push(format!(
+            "{} at {precision}: with the floor {:?} at {first_f:?}, without {:?} at {first:?}",
+            fault.id(),
+            floored.verdict(),
+            cmp.verdict()
+        ));
+    }
+    (cmp.verdict(), first, e, x)
 }
 
 #[test]
@@ -65,12 +85,20 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
     println!("| fault | {} |", GOLDENS.join(" | "));
     println!("|---|{}", "---|".repeat(GOLDENS.len()));
     let goldens: Vec<Dump> = GOLDENS.iter().map(|n| golden(n)).collect();
+    let floors = |p: Precision| -> Vec<NoiseFloor> {
+        goldens
+            .iter()
+            .map(|g| NoiseFloor::measure(g, p, "").expect("floor").expect("weights"))
+            .collect()
+    };
+    let (bf16_floors, f16_floors) = (floors(Precision::Bf16), floors(Precision::F16));
     let mut cases: Vec<(Fault, Precision)> =
         Fault::ALL.iter().map(|&f| (f, Precision::Bf16)).collect();
     cases.push((Fault::MaskFp16Overflow, Precision::F16));
     for (fault, precision) in cases {
         let mut cells = Vec::new();
-        for (name, g) in GOLDENS.iter().zip(&goldens) {
+        for (k, (name, g)) in GOLDENS.iter().zip(&goldens).enumerate() {
+            let floor = if precision == Precision::F16 { &f16_floors[k] } else { &bf16_floors[k] };
             let expected = first_site(fault, &g.manifest, precision);
             let below = BELOW_BF16_RESOLUTION
                 .iter()
@@ -79,7 +107,8 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
                 Visibility::Shows(st, si) => Some((*st, si.clone())),
                 Visibility::CannotShow(_) => None,
             };
-            let (verdict, first, e) = plant(g, fault, precision, at.as_ref());
+            let (verdict, first, e, x) =
+                plant(g, fault, precision, at.as_ref(), floor, &mut problems);
             let cell = match (&expected, below) {
                 (Visibility::CannotShow(why), _) => {
                     if verdict != Verdict::Pass {
@@ -94,14 +123,14 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
                     if verdict != Verdict::Pass {
                         problems.push(format!("{} on {name}: listed below bf16 resolution but failed at {first:?} ({e:.2e})", fault.id()));
                     }
-                    format!("below resolution ({e:.1e}: {why})")
+                    format!("below resolution ({e:.1e}, {x:.1} x floor: {why})")
                 }
                 (Visibility::Shows(st, si), None) => {
                     let want = format!("{st} {si}");
                     if first.as_deref() != Some(want.as_str()) {
                         problems.push(format!("{} on {name}: expected first divergence {want}, got {first:?} ({e:.2e})", fault.id()));
                     }
-                    format!("`{want}` ({e:.1e})")
+                    format!("`{want}` ({e:.1e}, {x:.0} x floor)")
                 }
             };
             cells.push(cell);

@@ -2,8 +2,10 @@
 //! pair ([`metrics`]), judges it against the tolerance policy ([`tolerance`]) and
 //! reaches a verdict ([`verdict`]).
 //!
-//! Uses the contract and the dump stage; knows nothing of models or diagnosis.
+//! Uses the contract and the dump stage, and the model stage only in [`floor`] (to
+//! measure what correct runs of the golden's model reach); knows nothing of diagnosis.
 
+pub mod floor;
 pub mod metrics;
 pub mod tolerance;
 pub mod verdict;

@@ -19,6 +19,10 @@
 //! }
 //! ```
 //!
+//! Where the comparison has a measured noise floor (see [`crate::compare::floor`]), a
+//! site's default is first raised to `margin × floor`; the file's `defaults` apply
+//! before that and its `rules` after, so a rule still sets a site's threshold exactly.
+//!
 //! Rules apply in file order; a later matching rule overrides the fields it sets.
 //! Patterns match whole names; `*` matches any run of characters.
 
@@ -27,6 +31,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::floor::SiteFloor;
 use crate::compare::metrics::Metrics;
 use crate::contract::error::{Error, Result};
 use crate::contract::site::{Site, Step};
@@ -241,9 +246,25 @@ impl Policy {
 
     /// The decision for `site` at `step` for a candidate computed at `precision`.
     pub fn decide(&self, step: Step, site: &Site, precision: Precision) -> Decision {
+        self.decide_with_floor(step, site, precision, None)
+    }
+
+    /// The decision for `site` at `step` with the site's measured noise floor: the
+    /// default (with the file's `defaults`) raised to `margin × floor`
+    /// ([`SiteFloor::raise`]), then the file's matching rules, which override it.
+    pub fn decide_with_floor(
+        &self,
+        step: Step,
+        site: &Site,
+        precision: Precision,
+        floor: Option<(SiteFloor, f64)>,
+    ) -> Decision {
         let mut t = Tolerance::default_for(precision);
         if let Some(o) = self.defaults.get(precision.name()) {
             o.apply(&mut t);
+        }
+        if let Some((f, margin)) = floor {
+            t = f.raise(t, margin);
         }
         let (step_s, site_s) = (step.to_string(), site.to_string());
         let mut skip = false;

@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::floor::{NoiseFloor, SiteFloor};
 use crate::compare::metrics::{unravel, Accumulator, ErrorHistogram, GroupL2, Metrics};
 use crate::compare::tolerance::{Decision, Policy, Tolerance};
 use crate::contract::error::{Error, Result};
@@ -108,6 +109,8 @@ pub struct SiteResult {
     pub per_head: Option<Vec<f64>>,
     /// Failing value sites: |candidate - golden| counted by decade.
     pub abs_histogram: Option<ErrorHistogram>,
+    /// Value sites, where a floor was measured: the error correct runs reach here.
+    pub noise_floor: Option<SiteFloor>,
 }
 
 /// The comparison of a candidate with a golden.
@@ -152,6 +155,17 @@ impl Comparison {
 /// Errors only for inputs that cannot be compared at all (different scenarios);
 /// divergences are data in the returned [`Comparison`].
 pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Comparison> {
+    compare_with_floor(golden, candidate, policy, None)
+}
+
+/// [`compare`] with each site's threshold raised to the margin times its measured noise
+/// floor (see [`crate::compare::floor`]) before the policy's rules apply.
+pub fn compare_with_floor(
+    golden: &Dump,
+    candidate: &Dump,
+    policy: &Policy,
+    floor: Option<&NoiseFloor>,
+) -> Result<Comparison> {
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
     check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
     // The tolerance follows the coarser of the two dtypes: a float32 run measured
@@ -162,6 +176,7 @@ pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Compa
         policy,
         precision,
         heads: Some(gm.model.num_attention_heads),
+        floor,
     };
     let mut sites = Vec::new();
     for &step in &gm.steps {
@@ -213,6 +228,8 @@ pub struct SiteContext<'a> {
     /// `num_attention_heads` of the model, to split `context` into heads; `None`
     /// leaves `context` without a per-head breakdown.
     pub heads: Option<usize>,
+    /// The measured noise floor, which raises each value site's default threshold.
+    pub floor: Option<&'a NoiseFloor>,
 }
 
 /// Compares one site. `c` is `None` when the candidate lacks it.
@@ -225,7 +242,13 @@ pub fn compare_site(
     policy: &Policy,
     precision: Precision,
 ) -> SiteResult {
-    compare_site_in(step, site, g, c, &SiteContext { scenario, policy, precision, heads: None })
+    compare_site_in(
+        step,
+        site,
+        g,
+        c,
+        &SiteContext { scenario, policy, precision, heads: None, floor: None },
+    )
 }
 
 /// Compares one site under `ctx`. `c` is `None` when the candidate lacks it.
@@ -236,7 +259,8 @@ pub fn compare_site_in(
     c: Option<&Tensor>,
     ctx: &SiteContext,
 ) -> SiteResult {
-    let SiteContext { scenario, policy, precision, heads } = *ctx;
+    let SiteContext { scenario, policy, precision, heads, floor } = *ctx;
+    let site_floor = floor.and_then(|f| f.get(step, site)).filter(|_| g.dtype().is_float());
     let mut r = SiteResult {
         step,
         site: site.clone(),
@@ -251,8 +275,11 @@ pub fn compare_site_in(
         per_token: None,
         per_head: None,
         abs_histogram: None,
+        noise_floor: site_floor,
     };
-    let tol = match policy.decide(step, site, precision) {
+    let margin = floor.map_or(0.0, |f| f.margin);
+    let tol = match policy.decide_with_floor(step, site, precision, site_floor.map(|f| (f, margin)))
+    {
         Decision::Skip => {
             r.status = Status::Skipped;
             r.note = Some("skipped by policy".into());

@@ -13,7 +13,14 @@
 //! never presented as a finding.
 //!
 //! Only hypotheses whose earliest effect lies at or before the first divergent site
-//! are run: a fault cannot explain a divergence that begins before it acts.
+//! are run: a fault cannot explain a divergence that begins before it acts. A
+//! hypothesis whose run equals the correct run at every evidence site (a padding fault
+//! on a golden without padding, say) changes nothing here and is never accepted, and a
+//! candidate that the correct run already reproduces within the thresholds is within
+//! the noise floor: no fault is named for it.
+//!
+//! The thresholds are the comparison's own, site by site (the measured noise floor and
+//! the user's policy included), so the diagnosis and the verdict judge alike.
 
 use std::cmp::Ordering;
 
@@ -195,9 +202,33 @@ impl Fit {
         v[v.len() / 2]
     }
 
-    /// Evidence sites where the error is at most `bound`.
-    fn matched(&self, bound: f64) -> usize {
-        self.errors.iter().filter(|&&e| e <= bound).count()
+    /// Evidence sites where the error is at most that site's bound.
+    fn matched_each(&self, bounds: &[f64]) -> usize {
+        self.errors.iter().zip(bounds).filter(|(e, b)| e <= b).count()
+    }
+
+    /// The median evidence site is within its bound: the median of `error / bound` is
+    /// at most 1 (with one common bound, the median error against it).
+    fn within(&self, bounds: &[f64]) -> bool {
+        let mut v: Vec<f64> = self
+            .errors
+            .iter()
+            .zip(bounds)
+            .map(|(e, b)| {
+                if *b > 0.0 {
+                    e / b
+                } else if *e > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if v.is_empty() {
+            return false;
+        }
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] <= 1.0
     }
 }
 
@@ -237,14 +268,41 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     let clean = fit(&baseline, candidate, golden, &evidence)?;
     // The noise floor: how far a correct simulation is from the correct golden here.
     let floor = fit(&baseline, golden, golden, &evidence)?.median();
-    // The threshold the comparison itself applied at the first divergent site (every
-    // checked site carries one).
-    let tol = first.tolerance.unwrap_or_else(|| {
-        Tolerance::default_for(cmp.golden_precision.coarser(cmp.candidate_precision))
-    });
-    let accept = (3.0 * floor).max(tol.max_rel_l2);
-    let mut found = Vec::new();
+    // The threshold the comparison itself applied at each evidence site (every checked
+    // site carries one; integer and mask sites take the first site's).
+    let default_tol = Tolerance::default_for(cmp.golden_precision.coarser(cmp.candidate_precision));
+    let first_tol = first.tolerance.unwrap_or(default_tol).max_rel_l2;
+    let accepts: Vec<f64> = evidence
+        .iter()
+        .map(|(step, site)| {
+            let s = cmp.sites.iter().find(|s| s.step == *step && &s.site == site);
+            let t = match s {
+                Some(s) if s.metrics.as_ref().and_then(|m| m.values()).is_some() => {
+                    s.tolerance.map_or(first_tol, |t| t.max_rel_l2)
+                }
+                _ => first_tol,
+            };
+            (3.0 * floor).max(t)
+        })
+        .collect();
+    let accept = accepts.first().copied().unwrap_or((3.0 * floor).max(first_tol));
     let mut notes = Vec::new();
+    // A candidate the correct run reproduces is within the floor: nothing to explain.
+    // (Positions and masks are exact: a mismatch there is never rounding.)
+    let first_is_values = first.metrics.as_ref().and_then(|m| m.values()).is_some();
+    if first_is_values && clean.at_first() <= accept && clean.within(&accepts) {
+        notes.push(format!(
+            "no fault named: a correct run reproduces the candidate within the thresholds ({} {:.1e} at {} {}; {} of {} evidence sites within)",
+            clean.first_measure,
+            clean.at_first(),
+            first.step,
+            first.site,
+            clean.matched_each(&accepts),
+            clean.errors.len()
+        ));
+        return Ok(Diagnosis { findings: Vec::new(), notes });
+    }
+    let mut found = Vec::new();
     for fault in Fault::ALL {
         if order(&earliest_effect(fault), &first_at) == Ordering::Greater {
             continue;
@@ -259,27 +317,31 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
                 continue;
             }
         };
+        // A fault that changes nothing on this scenario explains nothing.
+        if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
+            continue;
+        }
         let f = fit(&dump, candidate, golden, &evidence)?;
         // It must reproduce the first divergent site and most sites after it, and be
         // far closer to the candidate than the correct run is. The median tolerates a
         // few sites where a port's variant of the fault differs from the simulated one
         // (tables swapped where dumped or only where applied, say).
         let explains_first = f.at_first() <= accept && f.at_first() <= 0.25 * clean.at_first();
-        let explains_rest = f.median() <= accept && f.mean() <= 0.5 * clean.mean();
+        let explains_rest = f.within(&accepts) && f.mean() <= 0.5 * clean.mean();
         if !(explains_first && explains_rest) {
             continue;
         }
         // The share of the divergence (mean error over the evidence) the fault explains.
         let score = (1.0 - ratio(f.mean(), clean.mean())).clamp(0.0, 1.0);
         let explains = format!(
-            "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run; {} of {} evidence sites within {:.0e} (mean error {:.1e} against {:.1e})",
+            "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run; {} of {} evidence sites within {:.0e} at the first and their own thresholds after it (mean error {:.1e} against {:.1e})",
             first.step,
             first.site,
             fault.id(),
             f.first_measure,
             f.at_first(),
             clean.at_first(),
-            f.matched(accept),
+            f.matched_each(&accepts),
             f.errors.len(),
             accept,
             f.mean(),

@@ -2,7 +2,7 @@
 //! (`SVGBackend::with_string`) that the page embeds inline:
 //!
 //! 1. `chart-compute-order`: rel-L2 of every site along the compute order, one series
-//!    per step, with the tolerance;
+//!    per step, with the tolerance and, where measured, the noise floor as a band;
 //! 2. `chart-per-token`: rel-L2 per token position across prefill and decode steps;
 //! 3. `chart-head-heatmap`: rel-L2 per head of `q_rope`, `k_rope`, `probs`, `context`;
 //! 4. `chart-abs-histogram`: |candidate - golden| by decade at the first divergence;
@@ -44,6 +44,7 @@ const PALETTE: [RGBColor; 10] = [
 ];
 const FAIL_RED: RGBColor = RGBColor(200, 30, 30);
 const TOL_GREY: RGBColor = RGBColor(90, 90, 90);
+const FLOOR_FILL: RGBColor = RGBColor(190, 215, 240);
 
 /// One drawn chart.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +232,15 @@ fn draw_tolerance(chart: &mut LogPlot, id: &str, points: &[(f64, f64)]) -> Resul
     Ok(())
 }
 
+/// The noise floor as a shaded band from the bottom of the plot up to each site's floor.
+fn draw_floor_band(chart: &mut LogPlot, id: &str, lo: f64, points: &[(f64, f64)]) -> Result<()> {
+    let bars = points.iter().filter(|(_, y)| y.is_finite() && *y > lo).map(|&(x, y)| {
+        Rectangle::new([(x - 0.5, lo), (x + 0.5, clamp_log(y))], FLOOR_FILL.filled())
+    });
+    chart.draw_series(bars).or_chart(id)?;
+    Ok(())
+}
+
 /// Width of the legend panel right of a plot.
 const LEGEND_W: u32 = 190;
 
@@ -239,6 +249,7 @@ const LEGEND_W: u32 = 190;
 enum Key {
     Line(RGBColor),
     Dashed(RGBColor),
+    Band(RGBColor),
 }
 
 /// Draws `entries` as a legend in `area` (a panel beside the plot, so that the
@@ -256,6 +267,9 @@ fn side_legend(
                 area.draw(&PathElement::new(vec![(8, y), (34, y)], c.stroke_width(3)))
                     .or_chart(id)?;
                 area.draw(&Circle::new((21, y), 3, c.filled())).or_chart(id)?;
+            }
+            Key::Band(c) => {
+                area.draw(&Rectangle::new([(8, y - 6), (34, y + 6)], c.filled())).or_chart(id)?;
             }
             Key::Dashed(c) => {
                 for x in [8, 19, 30] {
@@ -345,8 +359,23 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         .collect();
     let tol: Vec<(f64, f64)> =
         reference.iter().enumerate().map(|(i, e)| (i as f64, tolerance_of(e))).collect();
+    // The floor at each index: the largest of the steps' floors there.
+    let floor: Vec<(f64, f64)> = (0..n)
+        .map(|i| {
+            let f = steps
+                .iter()
+                .filter_map(|(_, v)| v.get(i).and_then(|e| e.noise_floor).map(|f| f.rel_l2))
+                .fold(f64::NAN, f64::max);
+            (i as f64, f)
+        })
+        .collect();
+    let has_floor = floor.iter().any(|p| p.1.is_finite());
     let (lo, hi) = log_range(
-        series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).chain(tol.iter().map(|q| q.1)),
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.1))
+            .chain(tol.iter().map(|q| q.1))
+            .chain(floor.iter().map(|q| q.1)),
     );
     let first = r.first_divergence.as_ref().and_then(|fd| {
         let (_, v) = steps.iter().find(|(s, _)| *s == fd.step)?;
@@ -358,7 +387,10 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         ))
     });
     let title = "Error along the compute order";
-    let keys = line_keys(series.iter().map(|(s, _)| s.to_string()));
+    let mut keys = line_keys(series.iter().map(|(s, _)| s.to_string()));
+    if has_floor {
+        keys.insert(1, ("noise floor".into(), Key::Band(FLOOR_FILL)));
+    }
     let out = svg(ID, title, (WIDTH, 440), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;
@@ -369,6 +401,9 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             (lo, hi),
             "site index in compute order (layer starts marked L0, L1, …)",
         )?;
+        if has_floor {
+            draw_floor_band(&mut chart, ID, lo, &floor)?;
+        }
         // Layer boundaries, labelled at the top.
         let every = (reference.iter().filter(|e| is_layer_start(&e.site)).count() / 24).max(1);
         let mut k = 0;
@@ -418,7 +453,8 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         id: ID,
         title: title.into(),
         caption: "rel-L2 of every site (the mismatch fraction for positions and the mask), in the order the model \
-                  computes them, one line per step. The dashed grey line is the tolerance; the red ring marks the \
+                  computes them, one line per step. The dashed grey line is the tolerance; the blue band, where measured, is the \
+                  noise floor (the worst error of correct runs of this model at each site); the red ring marks the \
                   first divergence."
             .into(),
         svg: out,

@@ -222,6 +222,10 @@ fn glance(out: &mut String, r: &Report) {
             "teacher forcing",
             if r.teacher_forced { "yes: local errors measured".into() } else { "no".into() },
         ),
+        (
+            "thresholds",
+            r.noise_floor_note.clone().unwrap_or_else(|| "the fixed per-dtype defaults".into()),
+        ),
     ] {
         let _ = writeln!(out, "<dt>{k}</dt><dd>{}</dd>", escape(&v));
     }
@@ -252,14 +256,17 @@ fn sites_table(out: &mut String, r: &Report) {
     let _ = writeln!(
         out,
         "<table class=\"sites\"><thead><tr><th>site</th><th>status</th><th>rel_l2</th><th>cosine</th>\
-         <th>max_abs</th><th>max_rel</th><th>new NaN/Inf</th><th>shape</th><th>note</th></tr></thead><tbody>"
+         <th>max_abs</th><th>max_rel</th><th>new NaN/Inf</th><th title=\"rel_l2 over the noise floor (the worst error of correct runs here)\">x floor</th><th>shape</th><th>note</th></tr></thead><tbody>"
     );
     let mut step: Option<Step> = None;
     for e in &r.sites {
         if step != Some(e.step) {
             step = Some(e.step);
-            let _ =
-                writeln!(out, "<tr class=\"step\"><td colspan=\"9\">{}</td></tr>", escape(&e.step));
+            let _ = writeln!(
+                out,
+                "<tr class=\"step\"><td colspan=\"10\">{}</td></tr>",
+                escape(&e.step)
+            );
         }
         let status = match e.status {
             Status::Pass => "pass",
@@ -279,6 +286,12 @@ fn sites_table(out: &mut String, r: &Report) {
             Some(m) => (sci(m.error()), "-".into(), "-".into(), "-".into(), "-".into()),
             None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
         };
+        let (xf, floor_title) = match (e.times_floor(), &e.noise_floor) {
+            (Some(x), Some(f)) => {
+                (format_times(x), format!("floor rel_l2 {}, cosine {:.6}", sci(f.rel_l2), f.cosine))
+            }
+            _ => ("-".into(), "no floor measured".into()),
+        };
         let shapes = match &e.candidate_shape {
             Some(c) if c != &e.golden_shape => {
                 format!("{} vs {}", shape(&e.golden_shape), shape(c))
@@ -295,16 +308,26 @@ fn sites_table(out: &mut String, r: &Report) {
             out,
             "<tr class=\"{status}{}\"{}><td class=\"mono\" title=\"{}\">{}</td><td class=\"st\">{status}</td>\
              <td class=\"num\">{rel}</td><td class=\"num\">{cos}</td><td class=\"num\">{ma}</td><td class=\"num\">{mr}</td>\
-             <td class=\"num\">{nn}</td><td class=\"mono nw\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{nn}</td><td class=\"num\" title=\"{}\">{xf}</td><td class=\"mono nw\">{}</td><td>{}</td></tr>",
             if first { " first" } else { "" },
             if first { " id=\"row-first\"" } else { "" },
             escape(&e.site),
             escape(&short_or_full(&e.site)),
+            escape(&floor_title),
             escape(&shapes),
             escape(&note)
         );
     }
     let _ = writeln!(out, "</tbody></table>");
+}
+
+/// A multiple for a table cell: `2.31`, or `inf`.
+pub(crate) fn format_times(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "inf".into()
+    }
 }
 
 /// Layer sites are long; the table shows `L3 q_rope` and keeps the full name in the

@@ -90,8 +90,8 @@ pub fn render_markdown(r: &Report) -> String {
     }
     let worst = r.worst(10);
     if !worst.is_empty() {
-        let _ = writeln!(out, "| status | step | site | rel_l2 | cosine | x tolerance |");
-        let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+        let _ = writeln!(out, "| status | step | site | rel_l2 | cosine | x tolerance | x floor |");
+        let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|");
         for e in worst {
             let status = if e.status == Status::Fail { "**fail**" } else { "pass" };
             let (rel, cos) = match &e.metrics {
@@ -101,13 +101,17 @@ pub fn render_markdown(r: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {status} | {} | {} | {rel} | {cos} | {} |",
+                "| {status} | {} | {} | {rel} | {cos} | {} | {} |",
                 escape_md(&e.step.to_string()),
                 escape_md(&e.site.to_string()),
-                format_excess(excess(e))
+                format_excess(excess(e)),
+                e.times_floor().map_or_else(|| "-".to_string(), format_excess)
             );
         }
         let _ = writeln!(out);
+    }
+    if let Some(n) = &r.noise_floor_note {
+        let _ = writeln!(out, "Thresholds: {}.\n", escape_md(n));
     }
     let _ = writeln!(out, "Full report: `report.html`; every site: `report.json`, `junit.xml`.");
     out

@@ -21,6 +21,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::floor::SiteFloor;
 use crate::compare::metrics::{num_vec, ErrorHistogram};
 use crate::compare::tolerance::Tolerance;
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
@@ -67,6 +68,10 @@ pub struct SiteEntry {
     /// |candidate - golden| by decade (failing value sites).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abs_histogram: Option<ErrorHistogram>,
+    /// The error correct runs of this model reach here in the candidate's dtype (value
+    /// sites, where a floor was measured): worst rel-L2 and worst cosine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_floor: Option<SiteFloor>,
 }
 
 impl SiteEntry {
@@ -86,12 +91,21 @@ impl SiteEntry {
             per_token: r.per_token.clone(),
             per_head: r.per_head.clone(),
             abs_histogram: r.abs_histogram.clone(),
+            noise_floor: r.noise_floor,
         }
     }
 
     /// rel-L2 for value sites, the mismatch fraction otherwise.
     pub fn error(&self) -> Option<f64> {
         self.metrics.as_ref().map(SiteMetrics::error)
+    }
+
+    /// rel-L2 in units of the site's noise floor, where both were measured.
+    pub fn times_floor(&self) -> Option<f64> {
+        match (&self.metrics, &self.noise_floor) {
+            (Some(SiteMetrics::Values(m)), Some(f)) => Some(f.times(m.rel_l2)),
+            _ => None,
+        }
     }
 }
 
@@ -125,6 +139,10 @@ pub struct Report {
     /// Hypotheses the diagnosis could not run on this golden, each with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub diagnosis_notes: Vec<String>,
+    /// How the thresholds were set: from a measured noise floor (and how it was
+    /// measured), or the fixed defaults and why; absent when no floor was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_floor_note: Option<String>,
     /// True when the sites carry `local_metrics` from a teacher-forced run.
     #[serde(default)]
     pub teacher_forced: bool,
@@ -148,6 +166,7 @@ impl Report {
             diagnosis,
             diagnosis_note: None,
             diagnosis_notes: Vec::new(),
+            noise_floor_note: None,
             summary: Summary { pass, fail, missing, skipped },
             teacher_forced: false,
             sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),

@@ -39,6 +39,9 @@ pub fn render_summary(r: &Report, color: bool) -> String {
             describe(fd)
         );
     }
+    if let Some(n) = r.noise_floor_note.as_deref().filter(|n| n.starts_with("no noise floor")) {
+        let _ = writeln!(out, "{n}");
+    }
     if !r.diagnosis.is_empty() {
         let _ = writeln!(out, "diagnosis:");
         for f in &r.diagnosis {
@@ -56,9 +59,11 @@ pub fn render_summary(r: &Report, color: bool) -> String {
     let worst = r.worst(8);
     if !worst.is_empty() {
         let local_col = if r.teacher_forced { format!(" {:>11}", "local") } else { String::new() };
+        let floored = r.sites.iter().any(|e| e.noise_floor.is_some());
+        let floor_col = if floored { format!(" {:>8}", "x floor") } else { String::new() };
         let _ = writeln!(
             out,
-            "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{local_col}",
+            "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{floor_col}{local_col}",
             "status", "step", "site", "rel_l2", "cosine", "x tol"
         );
         for e in worst {
@@ -79,9 +84,16 @@ pub fn render_summary(r: &Report, color: bool) -> String {
                 (None, true) => format!(" {:>11}", "-"),
                 _ => String::new(),
             };
+            // The error in floors: how far above what correct runs reach here.
+            let xf = match (floored, e.times_floor()) {
+                (true, Some(x)) if x.is_finite() => format!(" {x:>8.2}"),
+                (true, Some(_)) => format!(" {:>8}", "inf"),
+                (true, None) => format!(" {:>8}", "-"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{local}",
+                "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{xf}{local}",
                 e.step,
                 e.site,
                 rel,

@@ -169,6 +169,15 @@ pub struct CommonArgs {
     /// Print only the verdict line and the first divergence.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Where measured noise floors are cached, one file per (golden content, dtype)
+    /// [default: $PARITY_FLOOR_CACHE, else $XDG_CACHE_HOME/llama-parity/floors, else
+    /// ~/.cache/llama-parity/floors].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_floor")]
+    pub floor_cache: Option<PathBuf>,
+    /// Judge by the fixed per-dtype defaults only, without measuring the golden's noise
+    /// floor.
+    #[arg(long)]
+    pub no_floor: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -8,7 +8,7 @@ use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
-use crate::output::{finish, load_policy, progress, report_output};
+use crate::output::{common_outputs, finish, floor, load_policy, progress};
 
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let inputs = [
@@ -19,16 +19,17 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     ];
     guard::check_outputs(
         &inputs.into_iter().flatten().collect::<Vec<_>>(),
-        &report_output(&a.common),
+        &common_outputs(&a.common),
     )?;
     let policy = load_policy(&a.common)?;
+    let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     let mut candidate = Dump::open(&a.candidate)?;
     if let Some(p) = &a.map {
         let map = KeyMap::load(p)?;
         candidate = candidate.rename_sites(|name| map.to_hf(name))?;
     }
-    let opts = Options { progress: &progress, ..Options::new(&policy) };
+    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
     let report = pipeline::check(&golden, &candidate, None, &opts)?;
     finish(report, &a.common)
 }

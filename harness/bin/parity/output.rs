@@ -9,8 +9,9 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
 use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Precision;
+use llama_parity::pipeline::Floor;
 use llama_parity::report::{render_summary, Report};
-use llama_parity::Result;
+use llama_parity::{Error, Result};
 
 use crate::args::{CommonArgs, DTypeArg};
 
@@ -19,6 +20,22 @@ pub fn precision(d: DTypeArg) -> Precision {
         DTypeArg::Float32 => Precision::F32,
         DTypeArg::Bfloat16 => Precision::Bf16,
         DTypeArg::Float16 => Precision::F16,
+    }
+}
+
+/// The noise floor the flags ask for; `--floor-cache` must name a directory (or a path
+/// that does not exist yet).
+pub fn floor(c: &CommonArgs) -> Result<Floor<'_>> {
+    if c.no_floor {
+        return Ok(Floor::Off);
+    }
+    match &c.floor_cache {
+        Some(dir) if dir.exists() && !dir.is_dir() => Err(Error::Usage {
+            flag: "--floor-cache".into(),
+            what: format!("{} is not a directory", dir.display()),
+        }),
+        Some(dir) => Ok(Floor::Cache(dir)),
+        None => Ok(Floor::DefaultCache),
     }
 }
 
@@ -55,11 +72,15 @@ pub fn progress(msg: &str) {
     eprintln!("parity: {msg}");
 }
 
-/// The report set of `--report DIR`, as an output to guard.
-pub fn report_output(c: &CommonArgs) -> Vec<Output<'_>> {
-    c.report
-        .as_deref()
-        .map(|dir| Output { label: "--report", dir, files: guard::REPORT_FILES })
-        .into_iter()
-        .collect()
+/// What `compare` and `run` may write, as outputs to guard: the report set of
+/// `--report DIR` and the noise-floor cache of `--floor-cache DIR`.
+pub fn common_outputs(c: &CommonArgs) -> Vec<Output<'_>> {
+    let report = c.report.as_deref().map(|dir| Output {
+        label: "--report",
+        dir,
+        files: guard::REPORT_FILES,
+    });
+    let cache =
+        c.floor_cache.as_deref().map(|dir| Output { label: "--floor-cache", dir, files: &[] });
+    report.into_iter().chain(cache).collect()
 }

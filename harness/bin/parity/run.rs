@@ -12,7 +12,7 @@ use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
-use crate::output::{finish, load_policy, precision, progress, report_output};
+use crate::output::{common_outputs, finish, floor, load_policy, precision, progress};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let implementation = match a.implementation {
@@ -50,9 +50,10 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             .into_iter()
             .flatten()
             .collect::<Vec<_>>(),
-        &[report_output(&a.common), dump.into_iter().collect()].concat(),
+        &[common_outputs(&a.common), dump.into_iter().collect()].concat(),
     )?;
     let policy = load_policy(&a.common)?;
+    let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     llama_parity::model::progress::enable(
         std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
@@ -64,7 +65,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         teacher_force: a.teacher_force,
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let opts = Options { progress: &progress, ..Options::new(&policy) };
+    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;
