@@ -13,6 +13,7 @@ mod golden_suite;
 mod mask_properties;
 mod mindspore_port;
 mod model_properties;
+mod msprobe;
 mod random_models;
 mod reference;
 mod report_browser;

@@ -6,6 +6,7 @@
 
 mod dtype;
 mod manifest;
+pub mod msprobe;
 mod npy;
 pub mod safetensors;
 mod tensor;

@@ -5,6 +5,7 @@
 //! Uses the contract and the dump stage; knows nothing of models or diagnosis.
 
 pub mod metrics;
+pub mod statistics;
 pub mod tolerance;
 pub mod verdict;
 

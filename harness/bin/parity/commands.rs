@@ -26,6 +26,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => cmd_run(a),
         Command::Suite(a) => crate::suite::cmd_suite(a),
         Command::CheckWeights(a) => cmd_check_weights(a),
+        Command::Import(a) => crate::import::cmd_import(a),
     }
 }
 
@@ -59,6 +60,9 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     check_outputs(&inputs, &[("--report", a.common.report.as_deref())])?;
     let golden = Dump::open(&a.golden)?;
+    if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
+        return crate::import::compare_msprobe(&a, &golden, &policy);
+    }
     let mut candidate = Dump::open(&a.candidate)?;
     if let Some(p) = &a.map {
         let map = KeyMap::load(p)?;
@@ -123,7 +127,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
 
 /// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is
 /// said in the report and leaves the verdict alone.
-fn diagnose_into(
+pub(crate) fn diagnose_into(
     report: &mut Report,
     golden: &Dump,
     candidate: &Dump,
@@ -157,7 +161,7 @@ pub(crate) fn load_policy(c: &CommonArgs) -> Result<Policy> {
 }
 
 /// Prints the summary, writes the report, and maps the verdict to the exit status.
-fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
+pub(crate) fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
     let color = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let text = render_summary(&report, color);
@@ -178,7 +182,7 @@ fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
     })
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("parity: {msg}");
 }
 

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod import;
 mod suite;
 
 use std::error::Error as _;
