@@ -42,7 +42,11 @@ pub fn compare_statistics(
             let g = golden.get(step, site)?.ok_or_else(|| {
                 Error::format(golden.label(), format!("tensor `{step}/{site}` vanished"))
             })?;
-            let c = if candidate.steps.contains(&step) { stats.get(&(step, site.to_string())) } else { None };
+            let c = if candidate.steps.contains(&step) {
+                stats.get(&(step, site.to_string()))
+            } else {
+                None
+            };
             let mut r = SiteResult {
                 step,
                 site: site.clone(),
@@ -68,7 +72,8 @@ pub fn compare_statistics(
                 Decision::Check(t) => t,
             };
             let Some(c) = c else {
-                r.note = Some("the candidate did not record this site (statistics-only dump)".into());
+                r.note =
+                    Some("the candidate did not record this site (statistics-only dump)".into());
                 sites.push(r);
                 continue;
             };
@@ -88,7 +93,9 @@ pub fn compare_statistics(
             if site.is_mask() {
                 let gh = (0..g.numel()).filter(|&i| g.get_f64(i) < -1.0).count() as f64;
                 let ch = match (c.stats.mean, c.stats.min) {
-                    (Some(mean), Some(min)) if min < -1.0 && mean.is_finite() && min.is_finite() => {
+                    (Some(mean), Some(min))
+                        if min < -1.0 && mean.is_finite() && min.is_finite() =>
+                    {
                         Some((mean / min * n).round())
                     }
                     _ => None,
@@ -118,10 +125,11 @@ pub fn compare_statistics(
             if !g.dtype().is_float() {
                 let same = |a: f64, b: f64| a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
                 let cs = &c.stats;
-                let pairs: Vec<(f64, f64)> = [(gs.max, cs.max), (gs.min, cs.min), (gs.mean, cs.mean), (gs.norm, cs.norm)]
-                    .iter()
-                    .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
-                    .collect();
+                let pairs: Vec<(f64, f64)> =
+                    [(gs.max, cs.max), (gs.min, cs.min), (gs.mean, cs.mean), (gs.norm, cs.norm)]
+                        .iter()
+                        .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+                        .collect();
                 let mism = pairs.iter().filter(|(a, b)| !same(*a, *b)).count() as u64;
                 r.status = if pairs.is_empty() {
                     Status::Skipped
@@ -130,7 +138,11 @@ pub fn compare_statistics(
                 } else {
                     Status::Fail
                 };
-                r.metrics = Some(SiteMetrics::Exact { count: pairs.len() as u64, mismatches: mism, first_mismatch: None });
+                r.metrics = Some(SiteMetrics::Exact {
+                    count: pairs.len() as u64,
+                    mismatches: mism,
+                    first_mismatch: None,
+                });
                 r.note = Some(format!("{NOTE}; integer site: the {} recorded statistics must match exactly ({mism} differ)", pairs.len()));
                 sites.push(r);
                 continue;
@@ -146,7 +158,13 @@ pub fn compare_statistics(
             };
             let gnorm = gs.norm.unwrap_or(0.0);
             let l2_lb = diff(cs.norm, gs.norm).max(n.sqrt() * diff(cs.mean, gs.mean));
-            let rel_l2 = if gnorm > 0.0 { l2_lb / gnorm } else if l2_lb == 0.0 { 0.0 } else { f64::INFINITY };
+            let rel_l2 = if gnorm > 0.0 {
+                l2_lb / gnorm
+            } else if l2_lb == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            };
             let max_abs = diff(cs.max, gs.max).max(diff(cs.min, gs.min));
             let mut ok = rel_l2 <= tol.max_rel_l2 && !nonfinite_new;
             if let Some(m) = tol.max_abs {
@@ -154,7 +172,8 @@ pub fn compare_statistics(
             }
             r.status = if ok { Status::Pass } else { Status::Fail };
             r.tolerance = Some(tol);
-            r.metrics = Some(SiteMetrics::Values(bounds(g.numel() as u64, rel_l2, max_abs, nonfinite_new)));
+            r.metrics =
+                Some(SiteMetrics::Values(bounds(g.numel() as u64, rel_l2, max_abs, nonfinite_new)));
             sites.push(r);
         }
     }
@@ -231,7 +250,10 @@ mod tests {
         let ct = Tensor::from_f64(&[6], &c, DType::F64);
         let (gs, cs) = (stats_of(&gt), stats_of(&ct));
         let v = |s: Option<f64>| s.unwrap();
-        let (gs, cs) = ((v(gs.max), v(gs.min), v(gs.mean), v(gs.norm)), (v(cs.max), v(cs.min), v(cs.mean), v(cs.norm)));
+        let (gs, cs) = (
+            (v(gs.max), v(gs.min), v(gs.mean), v(gs.norm)),
+            (v(cs.max), v(cs.min), v(cs.mean), v(cs.norm)),
+        );
         let l2: f64 = g.iter().zip(&c).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
         let maxabs = g.iter().zip(&c).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!((cs.3 - gs.3).abs() <= l2 + 1e-12);

@@ -140,9 +140,8 @@ impl SiteMap {
             match (&r.module, &r.tail_of) {
                 (Some(_), None) => {
                     let t = r.take.as_deref().ok_or_else(|| bad("needs `take`"))?;
-                    Take::parse(t).ok_or_else(|| {
-                        bad("`take` must be input.K, kwargs.NAME or output.K")
-                    })?;
+                    Take::parse(t)
+                        .ok_or_else(|| bad("`take` must be input.K, kwargs.NAME or output.K"))?;
                 }
                 (None, Some(_)) => {}
                 _ => return Err(bad("needs exactly one of `module` and `tail_of`")),

@@ -105,7 +105,8 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
         for r in std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))? {
             let r = r.map_err(|e| Error::io(&p, e))?.path();
             let name = r.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            if (name.starts_with("rank") || name.starts_with("proc")) && r.join("dump.json").is_file()
+            if (name.starts_with("rank") || name.starts_with("proc"))
+                && r.join("dump.json").is_file()
             {
                 ranks.push(r);
             }
@@ -117,7 +118,9 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
             k => {
                 return Err(Error::format(
                     &p,
-                    format!("{k} ranks; multi-rank msprobe dumps are not read yet (one rank per step)"),
+                    format!(
+                        "{k} ranks; multi-rank msprobe dumps are not read yet (one rank per step)"
+                    ),
                 ))
             }
         }
@@ -175,7 +178,10 @@ impl MsprobeDump {
                 }
             };
             if mode.is_some_and(|x| x != m) {
-                return Err(Error::format(&djson, "steps of one dump mix tensor and statistics tasks"));
+                return Err(Error::format(
+                    &djson,
+                    "steps of one dump mix tensor and statistics tasks",
+                ));
             }
             mode = Some(m);
             framework = v.get("framework").and_then(Value::as_str).unwrap_or("").to_string();
@@ -322,7 +328,8 @@ impl MsprobeDump {
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
             let step = like.steps[k];
             let t_len = if step == Step::Prefill { like.scenario.prefill_len() } else { 1 };
-            let s_len = like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
+            let s_len =
+                like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
             let mut here: BTreeMap<String, Tensor> = BTreeMap::new();
             for rule in &map.sites {
                 let layers: Vec<usize> = if rule.site.contains("{i}") {
@@ -343,7 +350,12 @@ impl MsprobeDump {
                         }
                     } else {
                         let Some((s, entry, rec)) = self.record(map, rule, i, fw) else { continue };
-                        if rec.get("data_name").is_none() && rec.get("type").and_then(Value::as_str).is_some_and(|t| !t.contains("Tensor")) {
+                        if rec.get("data_name").is_none()
+                            && rec
+                                .get("type")
+                                .and_then(Value::as_str)
+                                .is_some_and(|t| !t.contains("Tensor"))
+                        {
                             continue;
                         }
                         let t = self.load_tensor(s, &entry, rec)?;
@@ -376,13 +388,18 @@ impl MsprobeDump {
     /// Each mapped site's statistics at each recorded step, keyed like a dump
     /// (`(step, site)`), for a statistics-only comparison. Sites a map derives by
     /// slicing (`tail_of`, a mask wider than the cache) have no statistics.
-    pub fn statistics(&self, map: &SiteMap, like: &Manifest) -> Result<BTreeMap<(Step, String), StatSite>> {
+    pub fn statistics(
+        &self,
+        map: &SiteMap,
+        like: &Manifest,
+    ) -> Result<BTreeMap<(Step, String), StatSite>> {
         let forwards = self.forwards(map);
         let cfg = &like.model;
         let mut out = BTreeMap::new();
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
             let step = like.steps[k];
-            let s_len = like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
+            let s_len =
+                like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
             for rule in &map.sites {
                 if rule.tail_of.is_some() {
                     continue;
@@ -403,7 +420,10 @@ impl MsprobeDump {
                         )),
                         Some(Value::Null) => Ok(None),
                         Some(v) => json::number(v).map(Some).ok_or_else(|| {
-                            Error::format(&djson, format!("entry `{entry}`: statistic `{key}` is {v}, not a number"))
+                            Error::format(
+                                &djson,
+                                format!("entry `{entry}`: statistic `{key}` is {v}, not a number"),
+                            )
                         }),
                     };
                     let mut shape = shape_of(rec).unwrap_or_default();
@@ -417,7 +437,11 @@ impl MsprobeDump {
                             };
                         }
                     }
-                    if rule.heads == Some(Heads::Kv) && shape.len() == 4 && shape[1] == cfg.num_attention_heads && cfg.kv_heads() < cfg.num_attention_heads {
+                    if rule.heads == Some(Heads::Kv)
+                        && shape.len() == 4
+                        && shape[1] == cfg.num_attention_heads
+                        && cfg.kv_heads() < cfg.num_attention_heads
+                    {
                         repeat = cfg.num_attention_heads / cfg.kv_heads();
                         shape[1] = cfg.kv_heads();
                     }
@@ -599,8 +623,14 @@ mod tests {
     #[test]
     fn repeated_kv_heads_are_undone_either_way() {
         let rule = map::Rule {
-            site: "k".into(), module: None, api: None, nth: 0, take: None,
-            layout: None, heads: Some(Heads::Kv), tail_of: None,
+            site: "k".into(),
+            module: None,
+            api: None,
+            nth: 0,
+            take: None,
+            layout: None,
+            heads: Some(Heads::Kv),
+            tail_of: None,
         };
         // kv heads a=[1,1], b=[2,2]; 4 query heads.
         let inter = Tensor::from_f64(&[1, 4, 1, 2], &[1., 1., 1., 1., 2., 2., 2., 2.], DType::F32);

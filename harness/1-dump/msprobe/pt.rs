@@ -32,12 +32,14 @@ pub fn read(path: &Path) -> Result<Tensor> {
         let entry = zip.by_name(&pkl).map_err(|e| bad(format!("{pkl}: {e}")))?;
         let mut reader = BufReader::new(entry);
         let mut stack = Stack::empty();
-        stack.read_loop(&mut reader).map_err(|e| bad(format!("{pkl}: bad pickle: {e}")))?;
-        stack.finalize().map_err(|e| bad(format!("{pkl}: bad pickle: {e}")))?
+        stack
+            .read_loop(&mut reader)
+            .map_err(|e| bad(format!("{pkl}: bad pickle: {}", message(e))))?;
+        stack.finalize().map_err(|e| bad(format!("{pkl}: bad pickle: {}", message(e))))?
     };
     let info = obj
         .into_tensor_info(Object::Unicode("tensor".into()), Path::new(&dir))
-        .map_err(|e| bad(format!("{pkl}: not a saved tensor: {e}")))?
+        .map_err(|e| bad(format!("{pkl}: not a saved tensor: {}", message(e))))?
         .ok_or_else(|| bad(format!("{pkl}: the pickled object is not a torch tensor")))?;
     let dtype = match info.dtype {
         candle_core::DType::F64 => DType::F64,
@@ -68,7 +70,8 @@ pub fn read(path: &Path) -> Result<Tensor> {
     let start = info.layout.start_offset() / size;
     let numel: usize = shape.iter().product();
     // The largest element index the view touches must lie inside the storage.
-    let last = start + shape.iter().zip(&stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
+    let last =
+        start + shape.iter().zip(&stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
     if numel > 0 && last >= info.storage_size {
         return Err(bad(format!(
             "view shape {shape:?} stride {stride:?} offset {start} reaches past the storage of {} elements",
@@ -89,4 +92,13 @@ pub fn read(path: &Path) -> Result<Tensor> {
         }
     }
     Ok(Tensor::owned(dtype, shape, bytes))
+}
+
+/// candle's error message on one line: without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set.
+fn message(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => message(*inner),
+        other => other.to_string().lines().next().unwrap_or_default().to_string(),
+    }
 }

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use llama_parity::compare::compare;
 use llama_parity::compare::statistics::compare_statistics;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::compare::compare;
 use llama_parity::dump::msprobe::{Mode, MsprobeDump, SiteMap};
 use llama_parity::dump::{Dump, Manifest};
 use llama_parity::report::Report;
@@ -36,7 +36,11 @@ fn site_map(arg: Option<&str>) -> Result<SiteMap> {
 
 /// The manifest giving model and scenario: `explicit`, else `manifest.json` in the dump
 /// root, else `fallback` (the golden's).
-fn model_manifest(root: &Path, explicit: Option<&PathBuf>, fallback: Option<&Manifest>) -> Result<Manifest> {
+fn model_manifest(
+    root: &Path,
+    explicit: Option<&PathBuf>,
+    fallback: Option<&Manifest>,
+) -> Result<Manifest> {
     if let Some(p) = explicit {
         return Manifest::load(p);
     }
@@ -95,7 +99,9 @@ pub fn compare_msprobe(a: &CompareArgs, golden: &Dump, policy: &Policy) -> Resul
         }
         Mode::Statistics => {
             let stats = ms.statistics(&map, &like)?;
-            progress("statistics-mode msprobe dump: each site is judged on Max/Min/Mean/Norm alone");
+            progress(
+                "statistics-mode msprobe dump: each site is judged on Max/Min/Mean/Norm alone",
+            );
             let manifest = ms.statistics_manifest(&map, &like);
             let label = format!("msprobe statistics dump {}", a.candidate.display());
             let cmp = compare_statistics(golden, &manifest, &label, &stats, policy)?;
