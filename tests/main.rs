@@ -17,6 +17,7 @@ mod mask_properties;
 mod mindformers_port;
 mod mindspore_port;
 mod model_properties;
+mod msprobe;
 mod noise_floor;
 mod pass_fail_rule;
 mod random_models;

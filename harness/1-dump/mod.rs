@@ -12,6 +12,7 @@
 mod dtype;
 pub mod guard;
 mod manifest;
+pub mod msprobe;
 mod npy;
 pub mod read;
 pub mod safetensors;

@@ -7,6 +7,7 @@
 
 pub mod floor;
 pub mod metrics;
+pub mod statistics;
 pub mod tolerance;
 pub mod verdict;
 

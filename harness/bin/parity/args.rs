@@ -75,6 +75,41 @@ pub enum Command {
     ///   parity check-weights hf.safetensors model.ckpt --dtype bfloat16 --report reports/weights
     ///   parity check-weights hf.safetensors model.ckpt --map my_keymap.json
     CheckWeights(CheckWeightsArgs),
+    /// Convert another tool's dump into a contract dump (llama-parity/dump@1).
+    #[command(verbatim_doc_comment)]
+    ///
+    /// msprobe (PyPI mindstudio-probe) tensor-mode dumps, PyTorch (.pt) or MindSpore
+    /// (.npy). The model and scenario come from --manifest, else from a manifest.json
+    /// beside the msprobe steps. `parity compare GOLDEN MSPROBE_DUMP` reads the same
+    /// dumps directly, statistics-mode ones too.
+    ///
+    /// Example:
+    ///   parity import msprobe fixtures/msprobe/gqa_pad_f32 --out /tmp/ms_dump
+    Import(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The producer of the dump.
+    #[arg(value_enum)]
+    pub tool: ImportTool,
+    /// The dump root (msprobe: the folder holding step*/rank*/dump.json).
+    pub dump: PathBuf,
+    /// Where to write the contract dump (created).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A contract manifest.json (a golden's) giving the model and scenario.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Site map: hf (default), mindformers, or a map file (llama-parity/msprobe-map@1).
+    #[arg(long = "msprobe-map", value_name = "MAP")]
+    pub msprobe_map: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImportTool {
+    /// msprobe (MindStudio Probe) dumps
+    Msprobe,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +163,10 @@ pub struct CompareArgs {
     /// {"hf": "model.layers.{i}.self_attn.q_proj", "port": "layers.{i}.attention.wq"}.
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
+    /// For an msprobe CANDIDATE: which entry holds which site; hf (default),
+    /// mindformers, or a map file (llama-parity/msprobe-map@1).
+    #[arg(long = "msprobe-map", value_name = "MAP")]
+    pub msprobe_map: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

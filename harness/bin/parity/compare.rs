@@ -1,4 +1,5 @@
-//! `parity compare GOLDEN CANDIDATE`: judge a port's dump against the golden.
+//! `parity compare GOLDEN CANDIDATE`: judge a port's dump (or an msprobe dump) against
+//! the golden.
 
 use std::process::ExitCode;
 
@@ -24,12 +25,15 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
+    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
+    if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
+        return crate::import::compare_msprobe(&a, &golden, &opts);
+    }
     let mut candidate = Dump::open(&a.candidate)?;
     if let Some(p) = &a.map {
         let map = KeyMap::load(p)?;
         candidate = candidate.rename_sites(|name| map.to_hf(name))?;
     }
-    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
     let report = pipeline::check(&golden, &candidate, None, &opts)?;
     finish(report, &a.common)
 }

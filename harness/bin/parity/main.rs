@@ -8,6 +8,7 @@
 mod args;
 mod check_weights;
 mod compare;
+mod import;
 mod output;
 mod run;
 mod suite;
@@ -48,6 +49,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => run::cmd_run(a),
         Command::Suite(a) => suite::cmd_suite(a),
         Command::CheckWeights(a) => check_weights::cmd_check_weights(a),
+        Command::Import(a) => import::cmd_import(a),
     }
 }
 
