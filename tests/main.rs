@@ -5,6 +5,7 @@ mod helpers;
 
 mod ascend;
 mod bad_inputs;
+mod baseline_gate;
 mod check_weights;
 mod compare_goldens;
 mod diagnosis;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
 use llama_parity::dump::Precision;
+use llama_parity::report::baseline::Baseline;
 use llama_parity::report::{render_summary, Report};
 use llama_parity::{Error, Result};
 
@@ -26,6 +27,38 @@ pub fn load_policy(c: &CommonArgs) -> Result<Policy> {
     match &c.policy {
         Some(p) => Policy::load(p),
         None => Ok(Policy::default()),
+    }
+}
+
+/// The accepted report of `--baseline`, if given, after checking `--max-regression`
+/// and that `--report` would not overwrite it.
+pub fn load_baseline(c: &CommonArgs) -> Result<Option<Baseline>> {
+    check_max_regression(c.max_regression)?;
+    let Some(path) = &c.baseline else { return Ok(None) };
+    if let Some(dir) = &c.report {
+        if absolute(&dir.join("report.json")) == absolute(path) {
+            return Err(Error::Usage {
+                flag: "--report".into(),
+                what: format!(
+                    "{} would overwrite the baseline {}; write the report elsewhere",
+                    dir.display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    Baseline::load(path).map(Some)
+}
+
+/// `--max-regression` must be a finite factor of at least 1.
+pub fn check_max_regression(f: f64) -> Result<()> {
+    if f.is_finite() && f >= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Usage {
+            flag: "--max-regression".into(),
+            what: format!("{f} is not a growth factor: give a finite number >= 1"),
+        })
     }
 }
 

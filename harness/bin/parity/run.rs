@@ -11,7 +11,7 @@ use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
-use crate::output::{check_outputs, finish, load_policy, precision, progress};
+use crate::output::{check_outputs, finish, load_baseline, load_policy, precision, progress};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let implementation = match a.implementation {
@@ -55,7 +55,13 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         teacher_force: a.teacher_force,
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let opts = Options { progress: &progress, ..Options::new(&policy) };
+    let baseline = load_baseline(&a.common)?;
+    let opts = Options {
+        progress: &progress,
+        baseline: baseline.as_ref(),
+        max_regression: a.common.max_regression,
+        ..Options::new(&policy)
+    };
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;
