@@ -8,6 +8,7 @@ mod bad_inputs;
 mod baseline_gate;
 mod check_weights;
 mod compare_goldens;
+mod compare_threads;
 mod diagnosis;
 mod fault_matrix;
 mod golden_suite;
