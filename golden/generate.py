@@ -8,6 +8,8 @@ site of CONTRACT §1 for the prefill step and every teacher-forced decode step.
 Usage:
     python golden/generate.py --all --out golden
     python golden/generate.py --scenario fixtures/scenarios/X.json --out DIR [--fault ID]
+    python golden/generate.py --model HF_CHECKPOINT_DIR --out DIR --input-ids ids.json
+        [--dtype bfloat16] [--layers 0,1,-1] [--prompt TEXT instead of --input-ids]
     python golden/generate.py --candidates [--out fixtures/candidates]
     python golden/generate.py --check
 
@@ -265,8 +267,9 @@ def site_shapes(cfg: LlamaConfig, B: int, T: int, S: int) -> dict:
 
 
 class Recorder:
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, layers: set[int] | None = None):
         self.model = model
+        self.keep = layers  # None: every layer
         self.cur: dict[str, torch.Tensor] | None = None
         self.layer: int | None = None
         self.handles = []
@@ -286,6 +289,9 @@ class Recorder:
     def put(self, key: str, t: torch.Tensor) -> None:
         if self.cur is None:
             return
+        if self.keep is not None and key.startswith("model.layers."):
+            if int(key.split(".")[2]) not in self.keep:
+                return
         if key in self.cur:
             raise RuntimeError(f"site {key} captured twice in one step")
         self.cur[key] = t.detach().clone().contiguous()
@@ -499,8 +505,11 @@ def run_scenario(sc: dict, fault: str | None = None):
     return manifest, acts, weights
 
 
-def check_step(cfg, cur, step, B, T, S, dtype):
+def check_step(cfg, cur, step, B, T, S, dtype, layers=None):
     want = site_shapes(cfg, B, T, S)
+    if layers is not None:
+        want = {k: v for k, v in want.items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) in layers}
     missing = sorted(set(want) - set(cur))
     extra = sorted(set(cur) - set(want))
     if missing or extra:
@@ -650,6 +659,175 @@ def check() -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- real checkpoints
+
+def parse_layers(spec: str, n_layers: int) -> set[int]:
+    """``0,1,-1`` -> {0, 1, n_layers-1}; negative indices count from the end."""
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            i = int(part)
+        except ValueError:
+            raise SystemExit(f"--layers: {part!r} is not a layer index")
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise SystemExit(f"--layers: {i} is outside the model's {n_layers} layers")
+        out.add(j)
+    return out
+
+
+def checkpoint_hashes(ckpt: Path) -> dict:
+    """sha256 of each safetensors file (and the index) of an HF checkpoint directory."""
+    names = sorted(p.name for p in ckpt.iterdir()
+                   if p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json")
+    if not names:
+        raise SystemExit(f"{ckpt}: no .safetensors files")
+    out = {}
+    for n in names:
+        h = hashlib.sha256()
+        with open(ckpt / n, "rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        out[n] = h.hexdigest()
+    return out
+
+
+def model_inputs(args, model) -> tuple[torch.Tensor, torch.Tensor, list | None, str]:
+    """(input_ids [B,P], attention_mask [B,P], decode_ids [B][N] or None, name)."""
+    if args.input_ids:
+        try:
+            d = json.loads(Path(args.input_ids).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{args.input_ids}: {e}")
+        if not isinstance(d, dict) or "input_ids" not in d:
+            raise SystemExit(f"{args.input_ids}: expected an object with 'input_ids' [[...]]")
+        ids = torch.tensor(d["input_ids"], dtype=torch.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise SystemExit(f"{args.input_ids}: 'input_ids' must be [batch][prefill] with prefill > 0")
+        mask = torch.tensor(d.get("attention_mask", [[1] * ids.shape[1]] * ids.shape[0]), dtype=torch.int64)
+        if mask.shape != ids.shape:
+            raise SystemExit(f"{args.input_ids}: 'attention_mask' must have the shape of 'input_ids'")
+        if (mask[:, -1] == 0).any():
+            raise SystemExit(f"{args.input_ids}: only left padding is supported (last column all 1)")
+        dec = d.get("decode_ids")
+        name = d.get("name", Path(args.input_ids).stem)
+    else:
+        try:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(args.model))
+        except Exception as e:  # noqa: BLE001 - any failure means no usable tokenizer
+            raise SystemExit(f"{args.model}: --prompt needs the checkpoint's tokenizer: {e}")
+        ids = torch.tensor([tok(args.prompt)["input_ids"]], dtype=torch.int64)
+        mask = torch.ones_like(ids)
+        dec, name = None, "prompt"
+    V = model.config.vocab_size
+    if ((ids < 0) | (ids >= V)).any():
+        raise SystemExit(f"input ids outside the vocabulary (size {V})")
+    if dec is not None:
+        dt = torch.tensor(dec, dtype=torch.int64)
+        if dt.ndim != 2 or dt.shape[0] != ids.shape[0] or ((dt < 0) | (dt >= V)).any():
+            raise SystemExit(f"{args.input_ids}: 'decode_ids' must be [batch][N] ids in the vocabulary")
+    return ids, mask, dec, name
+
+
+def run_model(args) -> int:
+    """Golden from a real checkpoint: per-step files, weights by reference (CONTRACT §1.1, §1.2)."""
+    ckpt = Path(args.model).resolve()
+    out = Path(args.out).resolve()
+    if out == ckpt or ckpt in out.parents:
+        raise SystemExit("refusing to write into the checkpoint directory")
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    dtype = DTYPES[args.dtype]
+    model = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation="eager").eval()
+    cfg = model.config
+    ids, mask, dec, name = model_inputs(args, model)
+    B, P = ids.shape
+    N = len(dec[0]) if dec is not None else args.decode_steps
+    layers = parse_layers(args.layers, cfg.num_hidden_layers) if args.layers else None
+    hashes = {} if args.no_sha256 else checkpoint_hashes(ckpt)
+
+    pos_prefill = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    last_pos = pos_prefill[:, -1:]
+    steps = ["prefill"] + [f"decode.{j}" for j in range(N)]
+    acts_dir = out / "activations"
+    if acts_dir.exists():
+        shutil.rmtree(acts_dir)
+    acts_dir.mkdir(parents=True)
+    for stale in ("activations.safetensors", "weights.safetensors"):
+        if (out / stale).exists():
+            (out / stale).unlink()
+    rec = Recorder(model, layers)
+    cache = DynamicCache(config=cfg)
+    decode_ids = [[] for _ in range(B)]
+    try:
+        with patched(ml, "apply_rotary_pos_emb", rec.rope(ml.apply_rotary_pos_emb)), \
+             patched(ml, "eager_attention_forward", rec.attention(ml.eager_attention_forward)), \
+             torch.no_grad():
+            am, x = mask.clone(), ids
+            for si, step in enumerate(steps):
+                if step == "prefill":
+                    pos = pos_prefill
+                else:
+                    j = si - 1
+                    if dec is not None:
+                        x = torch.tensor([[row[j]] for row in dec], dtype=torch.int64)
+                    else:  # greedy: the previous step's argmax
+                        x = logits[:, -1:].argmax(-1)
+                    for b in range(B):
+                        decode_ids[b].append(int(x[b, 0]))
+                    am = torch.cat([am, torch.ones(B, 1, dtype=am.dtype)], dim=1)
+                    pos = last_pos + 1 + j
+                rec.cur = {}
+                rec.put("inputs.position_ids", pos.to(torch.int64))
+                logits = model(input_ids=x, attention_mask=am, position_ids=pos,
+                               past_key_values=cache, use_cache=True).logits
+                cur, rec.cur = rec.cur, None
+                check_step(cfg, cur, step, B, x.shape[1], cache.get_seq_length(), dtype, layers)
+                save_tensors({f"{step}/{k}": v for k, v in cur.items()}, acts_dir / f"{step}.safetensors")
+                del cur
+                if not args.quiet:
+                    print(f"  {step} written", file=sys.stderr)
+    finally:
+        rec.close()
+
+    producer = {
+        "framework": "transformers",
+        "version": transformers.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+        "device": "cpu",
+        "attn_implementation": "eager",
+        "deterministic": True,
+        "num_threads": args.threads,
+        "weights_cast": f"from_pretrained(dtype={args.dtype})",
+        "generator": "golden/generate.py --model",
+    }
+    if layers is not None:
+        producer["layers"] = sorted(layers)
+    manifest = {
+        "format": FORMAT,
+        "producer": producer,
+        "model": manifest_model(cfg),
+        "dtype": args.dtype,
+        "scenario": {
+            "name": name,
+            "input_ids": ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "decode_ids": decode_ids,
+            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+        },
+        "steps": steps,
+        # relative to the dump (CONTRACT §1.2), so a dump and its checkpoint move together
+        "weights": {"checkpoint": os.path.relpath(ckpt, out), "sha256": hashes},
+    }
+    (out / "manifest.json").write_text(manifest_json(manifest))
+    print(f"wrote {out} ({len(steps)} steps, weights by reference to {ckpt})")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
@@ -659,9 +837,22 @@ def main(argv=None) -> int:
                    help="write the committed faulty candidates (default OUT: fixtures/candidates)")
     g.add_argument("--check", action="store_true", help="regenerate into a temp dir, compare byte for byte")
     g.add_argument("--list-faults", action="store_true", help="print the supported fault IDs")
+    g.add_argument("--model", type=Path,
+                   help="an HF LlamaForCausalLM checkpoint directory: golden with per-step files, weights by reference")
     ap.add_argument("--out", type=Path, help="output directory")
     ap.add_argument("--fault", help="plant a fault (CONTRACT §3 ID) in the HF run (with --scenario)")
     ap.add_argument("--no-weights", action="store_true", help="with --scenario: do not write weights.safetensors")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="with --model: compute dtype")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--input-ids", type=Path,
+                     help="with --model: JSON {input_ids [[..]], attention_mask (optional, left padding), "
+                          "decode_ids (optional; else greedy)}")
+    src.add_argument("--prompt", help="with --model: text, tokenized by the checkpoint's tokenizer")
+    ap.add_argument("--decode-steps", type=int, default=4, help="with --model: greedy decode steps when no decode_ids")
+    ap.add_argument("--layers", help="with --model: dump only these layers, e.g. 0,1,-1")
+    ap.add_argument("--threads", type=int, default=1, help="with --model: torch threads")
+    ap.add_argument("--no-sha256", action="store_true", help="with --model: do not hash the checkpoint files")
+    ap.add_argument("-q", "--quiet", action="store_true", help="with --model: no per-step lines")
     args = ap.parse_args(argv)
 
     if args.list_faults:
@@ -670,6 +861,16 @@ def main(argv=None) -> int:
         return 0
     if args.check:
         return check()
+    if args.model:
+        if not args.out:
+            ap.error("--model needs --out DIR")
+        if not (args.input_ids or args.prompt):
+            ap.error("--model needs --input-ids FILE or --prompt TEXT")
+        if args.decode_steps < 0:
+            ap.error("--decode-steps must be >= 0")
+        return run_model(args)
+    if args.input_ids or args.prompt or args.layers:
+        ap.error("--input-ids, --prompt and --layers go with --model")
     if args.fault and not args.scenario:
         ap.error("--fault goes with --scenario")
     if args.all:

@@ -95,19 +95,13 @@ fn diagnose_into(
     if cmp.first_divergence().is_none() {
         return;
     }
-    match golden.weights() {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            report.diagnosis_note = Some(
-                "not made: the golden has no weights.safetensors to rerun its scenario with"
-                    .to_string(),
-            );
-            return;
-        }
-        Err(e) => {
-            report.diagnosis_note = Some(format!("not made: {e}"));
-            return;
-        }
+    if !golden.has_weights() {
+        report.diagnosis_note = Some(
+            "not made: the golden has no weights (weights.safetensors or a checkpoint \
+             referenced by its manifest) to rerun its scenario with"
+                .to_string(),
+        );
+        return;
     }
     (opts.progress)("diagnosing the divergence ...");
     match diagnose(golden, candidate, cmp) {

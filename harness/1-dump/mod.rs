@@ -2,7 +2,9 @@
 //! the contract.
 //!
 //! The model of a dump (CONTRACT §1): a directory with `manifest.json`, activations in
-//! one safetensors file or a tree of `.npy` files, and optional HF weights.
+//! one safetensors file, one safetensors file a step (`activations/<step>.safetensors`,
+//! §1.1) or a tree of `.npy` files, and optional HF weights (beside it, or a checkpoint
+//! by reference, §1.2).
 //!
 //! A [`Dump`] is also what an implementation produces in memory, so that a run and a
 //! file on disk go through the same comparison.
@@ -28,7 +30,18 @@ use crate::contract::site::{self, Site, Step};
 enum Store {
     Safetensors(SafetensorsFile),
     NpyTree(PathBuf),
+    /// `activations/<step>.safetensors`, one file a step (CONTRACT §1.1).
+    PerStep(BTreeMap<String, SafetensorsFile>),
     Memory(BTreeMap<String, Tensor>),
+}
+
+/// Weights by reference (CONTRACT §1.2): an HF checkpoint directory and the sha256 of
+/// each of its files as the producer read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsRef {
+    pub checkpoint: PathBuf,
+    /// File name (relative to `checkpoint`) → lowercase hex sha256; may be empty.
+    pub sha256: BTreeMap<String, String>,
 }
 
 /// A dump: its manifest and its activations, keyed `"<step>/<site>"`.
@@ -59,6 +72,9 @@ impl Dump {
             let f = SafetensorsFile::open(&st)?;
             let names = f.keys().map(str::to_string).collect();
             (Store::Safetensors(f), names)
+        } else if tree.is_dir() && has_step_files(&tree)? {
+            let (files, names) = per_step_files(&tree)?;
+            (Store::PerStep(files), names)
         } else if tree.is_dir() {
             let names = npy_tree_keys(&tree)?;
             (Store::NpyTree(tree), names)
@@ -151,6 +167,7 @@ impl Dump {
         match &self.store {
             Store::Safetensors(f) => Ok(f.get(&key)),
             Store::Memory(m) => Ok(m.get(&key).cloned()),
+            Store::PerStep(files) => Ok(files.get(&step.to_string()).and_then(|f| f.get(&key))),
             Store::NpyTree(root) => {
                 if !self.has(step, site) {
                     return Ok(None);
@@ -171,6 +188,41 @@ impl Dump {
         }
     }
 
+    /// The checkpoint the manifest references instead of `weights.safetensors`
+    /// (CONTRACT §1.2: `"weights": {"checkpoint": DIR, "sha256": {FILE: HEX}}`), its
+    /// directory resolved against the dump's; `None` when the manifest has none.
+    pub fn weights_ref(&self) -> Result<Option<WeightsRef>> {
+        let Some(w) = self.manifest.raw.get("weights") else { return Ok(None) };
+        let manifest = self.dir.as_ref().map(|d| d.join("manifest.json")).unwrap_or_default();
+        let bad = |what: &str| Error::Manifest { path: manifest.clone(), what: what.into() };
+        let dir = w
+            .get("checkpoint")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad("field `weights.checkpoint` is not a string"))?;
+        let mut sha256 = BTreeMap::new();
+        if let Some(h) = w.get("sha256") {
+            let h = h.as_object().ok_or_else(|| bad("field `weights.sha256` is not an object"))?;
+            for (file, hex) in h {
+                let hex = hex.as_str().ok_or_else(|| {
+                    bad(&format!("field `weights.sha256.{file}` is not a string"))
+                })?;
+                sha256.insert(file.clone(), hex.to_string());
+            }
+        }
+        let p = PathBuf::from(dir);
+        let checkpoint = match &self.dir {
+            Some(d) if p.is_relative() => d.join(p),
+            _ => p,
+        };
+        Ok(Some(WeightsRef { checkpoint, sha256 }))
+    }
+
+    /// True when the dump carries weights, beside it or by reference.
+    pub fn has_weights(&self) -> bool {
+        self.dir.as_ref().is_some_and(|d| d.join("weights.safetensors").is_file())
+            || self.manifest.raw.get("weights").is_some()
+    }
+
     /// Writes this dump to `dir` (created if needed) as `manifest.json` and
     /// `activations.safetensors`, each atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -188,6 +240,48 @@ impl Dump {
             .map_err(|e| Error::format(dir, e.to_string()))?;
         write_atomic(&dir.join("manifest.json"), format!("{text}\n").as_bytes())
     }
+}
+
+/// Whether `tree` holds per-step files (`<step>.safetensors`) rather than `.npy` folders.
+fn has_step_files(tree: &Path) -> Result<bool> {
+    for e in std::fs::read_dir(tree).map_err(|e| Error::io(tree, e))? {
+        let p = e.map_err(|e| Error::io(tree, e))?.path();
+        if p.is_file() && p.extension().is_some_and(|x| x == "safetensors") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Opens each `activations/<step>.safetensors`; every key in a step's file must belong
+/// to that step.
+fn per_step_files(tree: &Path) -> Result<(BTreeMap<String, SafetensorsFile>, Vec<String>)> {
+    let mut files = BTreeMap::new();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(tree).map_err(|e| Error::io(tree, e))? {
+        let p = e.map_err(|e| Error::io(tree, e))?.path();
+        let Some(step) = p
+            .file_name()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let f = SafetensorsFile::open(&p)?;
+        for k in f.keys() {
+            if k.split_once('/').map(|(s, _)| s) != Some(step.as_str()) {
+                return Err(Error::format(
+                    &p,
+                    format!("tensor `{k}`: a per-step file holds only keys \"{step}/<site>\""),
+                ));
+            }
+            names.push(k.to_string());
+        }
+        files.insert(step, f);
+    }
+    names.sort();
+    Ok((files, names))
 }
 
 fn npy_tree_keys(tree: &Path) -> Result<Vec<String>> {

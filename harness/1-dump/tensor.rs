@@ -148,6 +148,36 @@ impl Tensor {
         (0..self.numel()).map(move |i| decode(dtype, bytes, i))
     }
 
+    /// Elements `start .. start + out.len()` (row-major flat indices) widened to `f64`
+    /// into `out`: how a large stored tensor is read a block of rows at a time. Panics
+    /// if the range runs past the end.
+    pub fn read_f64_into(&self, start: usize, out: &mut [f64]) {
+        let s = self.dtype.size();
+        let b = &self.bytes()[start * s..(start + out.len()) * s];
+        match self.dtype {
+            DType::F32 => {
+                for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([e[0], e[1], e[2], e[3]]) as f64;
+                }
+            }
+            DType::BF16 => {
+                for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([e[0], e[1]])) << 16) as f64;
+                }
+            }
+            DType::F16 => {
+                for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([e[0], e[1]]).to_f64();
+                }
+            }
+            dtype => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = decode(dtype, b, i);
+                }
+            }
+        }
+    }
+
     /// A copy of all elements as `f64` (for small tensors: ids, masks, weights).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         self.iter_f64().collect()
@@ -196,6 +226,18 @@ mod tests {
         }
         let t = Tensor::from_f64(&[4], &v, DType::Bool);
         assert_eq!(t.to_f64_vec(), vec![0.0, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_range_read_equals_the_element_reads() {
+        let v: Vec<f64> = (0..10).map(|i| f64::from(i) * 0.37 - 1.5).collect();
+        for d in [DType::F64, DType::F32, DType::F16, DType::BF16, DType::I32] {
+            let t = Tensor::from_f64(&[2, 5], &v, d);
+            let mut out = vec![0.0; 4];
+            t.read_f64_into(3, &mut out);
+            let want: Vec<f64> = (3..7).map(|i| t.get_f64(i)).collect();
+            assert_eq!(out, want, "{d}");
+        }
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::contract::error::{Error, Result};
-use crate::dump::{write_atomic, DType, SafetensorsFile, Tensor};
+use crate::dump::{write_atomic, DType, Tensor};
+
+use super::checkpoint::HfCheckpoint;
 use crate::weights::ckpt::Checkpoint;
 use crate::weights::keymap::KeyMap;
 
@@ -97,7 +99,7 @@ pub struct WeightCheck {
 /// Checks `port` against `hf` through `map`; `dtype`, when given, is the dtype every
 /// port tensor must have.
 pub fn check_weights(
-    hf: &SafetensorsFile,
+    hf: &HfCheckpoint,
     port: &Checkpoint,
     map: &KeyMap,
     dtype: Option<DType>,
@@ -221,7 +223,7 @@ pub fn check_weights(
 /// matrix, another HF tensor's values, or plain differences.
 #[allow(clippy::too_many_arguments)]
 fn explain_values(
-    hf: &SafetensorsFile,
+    hf: &HfCheckpoint,
     hf_key: &str,
     h: &Tensor,
     port_key: &str,
@@ -438,14 +440,14 @@ mod tests {
     }
 
     fn check(ckpt: &str) -> WeightCheck {
-        let hf = SafetensorsFile::open(&fixture("hf_small.safetensors")).unwrap();
+        let hf = HfCheckpoint::open(&fixture("hf_small.safetensors")).unwrap();
         let port = Checkpoint::open(&fixture(ckpt)).unwrap();
         check_weights(&hf, &port, &KeyMap::mindspore(), Some(DType::F32)).unwrap()
     }
 
     #[test]
     fn good_ckpt_equals_hf_small_tensor_by_tensor() {
-        let hf = SafetensorsFile::open(&fixture("hf_small.safetensors")).unwrap();
+        let hf = HfCheckpoint::open(&fixture("hf_small.safetensors")).unwrap();
         let port = Checkpoint::open(&fixture("good.ckpt")).unwrap();
         let map = KeyMap::mindspore();
         let mut n = 0;

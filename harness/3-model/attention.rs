@@ -12,8 +12,12 @@
 //! plus mask (`RoundAt::MaskedScores`), every softmax intermediate
 //! (`RoundAt::SoftmaxStep`, the softmax's own dtype), the probabilities
 //! (`RoundAt::Probs`) and the context (`RoundAt::Context`).
+//!
+//! Heads run in parallel (rayon), each computed whole by one task, so the result does
+//! not depend on the thread count.
 
-use ndarray::{s, Array3, Array4, ArrayView4};
+use ndarray::{s, Array2, Array3, Array4, ArrayView4};
+use rayon::prelude::*;
 
 use super::numerics::{Numerics, RoundAt};
 use super::plan::{HeadMapping, ScoreScale};
@@ -80,12 +84,17 @@ pub fn eager(
 ) -> (Array4<f64>, Array3<f64>) {
     let (b, heads, t, d) = q.dim();
     let (_, kv_heads, s_len, _) = k.dim();
-    let mut probs = Array4::zeros((b, heads, t, s_len));
-    let mut ctx = Array4::zeros((b, heads, t, d));
-    let mut row = vec![0.0; s_len];
     let scale = n.round(RoundAt::Weight, scale);
-    for bi in 0..b {
-        for h in 0..heads {
+    // One (row, head) a task, in parallel; each head's arithmetic is the same whichever
+    // thread runs it.
+    let pairs: Vec<(usize, usize)> =
+        (0..b).flat_map(|bi| (0..heads).map(move |h| (bi, h))).collect();
+    let per_head: Vec<(Array2<f64>, Array2<f64>)> = pairs
+        .par_iter()
+        .map(|&(bi, h)| {
+            let mut probs = Array2::zeros((t, s_len));
+            let mut ctx = Array2::zeros((t, d));
+            let mut row = vec![0.0; s_len];
             let kh = kv_head(h, heads, kv_heads, mapping);
             let keys = k.slice(s![bi, kh, .., ..]);
             let vals = v.slice(s![bi, kh, .., ..]);
@@ -99,15 +108,22 @@ pub fn eager(
                 softmax_in(&mut row, n);
                 for (si, r) in row.iter_mut().enumerate() {
                     *r = n.round(RoundAt::Probs, *r);
-                    probs[[bi, h, ti, si]] = *r;
+                    probs[[ti, si]] = *r;
                 }
                 let pr = ndarray::ArrayView1::from(&row[..]);
                 let c = pr.dot(&vals);
                 for (j, x) in c.iter().enumerate() {
-                    ctx[[bi, h, ti, j]] = n.round(RoundAt::Context, *x);
+                    ctx[[ti, j]] = n.round(RoundAt::Context, *x);
                 }
             }
-        }
+            (probs, ctx)
+        })
+        .collect();
+    let mut probs = Array4::zeros((b, heads, t, s_len));
+    let mut ctx = Array4::zeros((b, heads, t, d));
+    for (&(bi, h), (p, c)) in pairs.iter().zip(per_head) {
+        probs.slice_mut(s![bi, h, .., ..]).assign(&p);
+        ctx.slice_mut(s![bi, h, .., ..]).assign(&c);
     }
     (probs, merge_heads(&ctx))
 }

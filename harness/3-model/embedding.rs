@@ -1,15 +1,17 @@
 //! Token embedding: `e[b, t] = W[ids[b, t]]` (`nn.Embedding`, `LlamaModel.embed_tokens`).
+//! Only the rows of the ids fed are read from the table (stored at `RoundAt::Weight`).
 
-use ndarray::{Array2, Array3};
+use ndarray::Array3;
 
 use crate::contract::error::{Error, Result};
 
+use super::linear::Matrix;
 use super::numerics::{round_in_place, Numerics, RoundAt};
 
 /// The embedding table `[vocab, hidden]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Embedding<'w> {
-    pub weight: &'w Array2<f64>,
+    pub weight: &'w Matrix,
 }
 
 impl Embedding<'_> {
@@ -29,7 +31,7 @@ impl Embedding<'_> {
                         ),
                     )
                 })?;
-                out.slice_mut(ndarray::s![bi, ti, ..]).assign(&self.weight.row(idx));
+                out.slice_mut(ndarray::s![bi, ti, ..]).assign(&self.weight.row(idx, n));
             }
         }
         round_in_place(n, RoundAt::Embedding, &mut out);

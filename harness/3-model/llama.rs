@@ -96,6 +96,8 @@ pub struct Session<'m> {
     /// Per row: real tokens seen so far (HF `cache_position`-based `pos_offset`).
     pos_offset: Vec<i64>,
     decode_steps: usize,
+    /// The step being fed, for progress lines.
+    step_label: String,
 }
 
 impl<'m> Session<'m> {
@@ -121,6 +123,7 @@ impl<'m> Session<'m> {
             key_valid: vec![Vec::new(); batch],
             pos_offset: vec![0; batch],
             decode_steps: 0,
+            step_label: String::new(),
         }
     }
 
@@ -182,6 +185,7 @@ impl<'m> Session<'m> {
             self.pos_offset[b] = c;
         }
         let valid = self.real_tokens(ids, attention_mask);
+        self.step_label = "prefill".into();
         self.forward(ids, &valid, positions, CacheWrite::NextSlot, teacher)
     }
 
@@ -200,6 +204,7 @@ impl<'m> Session<'m> {
         for o in &mut self.pos_offset {
             *o += 1;
         }
+        self.step_label = format!("decode.{}", self.decode_steps);
         self.decode_steps += 1;
         let valid = self.real_tokens(&rows, &vec![vec![1]; ids.len()]);
         self.forward(&rows, &valid, positions, self.plan.cache_write, teacher)
@@ -263,6 +268,7 @@ impl<'m> Session<'m> {
 
         let scale = attention::scale(d, plan.score_scale);
         for (i, lw) in w.layers.iter().enumerate() {
+            super::progress::layer(&self.step_label, i, w.layers.len());
             if let Some(teacher) = teacher {
                 if let Some(x) = teacher.layer_input(i)? {
                     if x.dim() != h.dim() {

@@ -28,6 +28,7 @@ pub mod mask;
 pub mod mlp;
 pub mod numerics;
 pub mod plan;
+pub mod progress;
 mod reference;
 pub mod rms_norm;
 pub mod rope;

@@ -59,7 +59,7 @@ pub enum RoundAt {
 }
 
 /// Decides how values are rounded at each [`RoundAt`] point.
-pub trait Numerics {
+pub trait Numerics: Send + Sync {
     /// A short name for manifests and messages (`"float64"`, `"ascend-bf16"`).
     fn name(&self) -> &str;
 

@@ -25,6 +25,7 @@ use super::numerics::{Exact, Numerics};
 use super::plan::Plan;
 use super::weights::Weights;
 use super::RunOutput;
+use crate::weights::checkpoint::HfCheckpoint;
 
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
 /// class), the golden's when `None`.
@@ -51,6 +52,38 @@ pub fn run(
     Ok(RunOutput { dump, teacher_forced })
 }
 
+/// The HF weights of `golden`: its `weights.safetensors`, or the checkpoint its manifest
+/// references (CONTRACT §1.2), whose listed sha256 are checked first (a note on stderr
+/// says when the manifest lists none, or when `LLAMA_PARITY_SKIP_SHA256=1` skips them).
+pub fn golden_checkpoint(golden: &Dump) -> Result<HfCheckpoint> {
+    if let Some(f) = golden.weights()? {
+        return Ok(HfCheckpoint::from_file(f));
+    }
+    let Some(r) = golden.weights_ref()? else {
+        return Err(Error::Format {
+            path: golden.dir().map(Weights::path_in).unwrap_or_default(),
+            what: "missing: running a golden's scenario needs its HF weights beside the \
+                   activations or a checkpoint referenced by its manifest"
+                .into(),
+        });
+    };
+    let ckpt = HfCheckpoint::open(&r.checkpoint)?;
+    if r.sha256.is_empty() {
+        eprintln!(
+            "parity: {}: the manifest lists no sha256; checkpoint not verified",
+            r.checkpoint.display()
+        );
+    } else if std::env::var_os("LLAMA_PARITY_SKIP_SHA256").is_some_and(|v| v == "1") {
+        eprintln!(
+            "parity: {}: sha256 check skipped (LLAMA_PARITY_SKIP_SHA256=1)",
+            r.checkpoint.display()
+        );
+    } else {
+        ckpt.verify_sha256(&r.sha256)?;
+    }
+    Ok(ckpt)
+}
+
 /// Loads `golden`'s weights (through the plan's key mapping) and checks its scenario's
 /// token ids against the vocabulary.
 pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
@@ -58,11 +91,7 @@ pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
         .dir()
         .map(|d| d.join("manifest.json"))
         .unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
-    let weights_file = golden.weights()?.ok_or_else(|| Error::Format {
-        path: golden.dir().map(Weights::path_in).unwrap_or_default(),
-        what: "missing: running a golden's scenario needs its HF weights beside the activations"
-            .into(),
-    })?;
+    let weights_file = golden_checkpoint(golden)?;
     let cfg = golden.manifest.model.clone();
     let weights = Weights::load(&weights_file, &cfg, plan)?;
     let model = Llama::new(cfg, weights, &manifest_path)?;
@@ -137,6 +166,12 @@ impl Runner<'_> {
             session.precompute_rope_tables();
         }
         let mut tensors = BTreeMap::new();
+        let what = if teacher.is_some() {
+            format!("{} run, teacher-forced", self.implementation)
+        } else {
+            format!("{} run", self.implementation)
+        };
+        super::progress::begin(&what);
         for &step in &steps {
             let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
             let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);
@@ -159,6 +194,7 @@ impl Runner<'_> {
             };
             store(step, out, &mut tensors);
         }
+        super::progress::end();
         let mut manifest: Manifest = golden.manifest.clone();
         manifest.producer = json!({
             "framework": "llama-parity",

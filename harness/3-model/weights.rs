@@ -1,5 +1,11 @@
-//! The model's parameters, loaded from HF's `weights.safetensors` by HF parameter name
-//! (`LlamaForCausalLM.state_dict()`), or drawn at random for tests.
+//! The model's parameters, by HF parameter name (`LlamaForCausalLM.state_dict()`), from
+//! an HF checkpoint (a dump's `weights.safetensors` or a checkpoint directory, read by
+//! the weights stage's [`HfCheckpoint`]), or drawn at random for tests.
+//!
+//! Matrices (projections, the embedding, `lm_head`) stay in the checkpoint's stored
+//! dtype as views into the mapped files ([`Matrix::Stored`]): a block of rows is widened
+//! to `f64` when a layer runs and dropped after, an embedding row when its token is
+//! looked up. Only norm weights and biases (vectors) are widened at load.
 //!
 //! Names: `model.embed_tokens.weight` `[V, H]`; per layer `model.layers.{i}.`
 //! `input_layernorm.weight` `[H]`, `self_attn.{q,k,v,o}_proj.weight` (`[nH·D, H]`,
@@ -18,9 +24,10 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2};
 
 use crate::contract::error::{Error, Result};
-use crate::dump::{ModelConfig, SafetensorsFile};
+use crate::dump::{DType, ModelConfig, Tensor};
+use crate::weights::checkpoint::HfCheckpoint;
 
-use super::linear::Linear;
+use super::linear::{Linear, Matrix};
 use super::numerics::{round_in_place, Numerics, RoundAt};
 use super::plan::{Plan, WeightMapping};
 
@@ -44,7 +51,7 @@ pub struct LayerWeights {
 #[derive(Debug, Clone)]
 pub struct Weights {
     /// `[V, H]`
-    pub embed_tokens: Array2<f64>,
+    pub embed_tokens: Matrix,
     pub layers: Vec<LayerWeights>,
     /// `[H]`
     pub norm: Array1<f64>,
@@ -54,17 +61,17 @@ pub struct Weights {
 
 /// A source of named tensors: a safetensors file, or a generator for tests.
 trait Source {
-    fn path(&self) -> PathBuf;
-    /// The tensor `key` as `(shape, values)`, or `None` if absent.
-    fn fetch(&mut self, key: &str) -> Option<(Vec<usize>, Vec<f64>)>;
+    fn path(&self, key: &str) -> PathBuf;
+    /// The tensor `key` in its stored dtype, or `None` if absent.
+    fn fetch(&mut self, key: &str) -> Option<Tensor>;
 }
 
-impl Source for &SafetensorsFile {
-    fn path(&self) -> PathBuf {
-        SafetensorsFile::path(self).to_path_buf()
+impl Source for &HfCheckpoint {
+    fn path(&self, key: &str) -> PathBuf {
+        self.file_of(key).to_path_buf()
     }
-    fn fetch(&mut self, key: &str) -> Option<(Vec<usize>, Vec<f64>)> {
-        self.get(key).map(|t| (t.shape().to_vec(), t.to_f64_vec()))
+    fn fetch(&mut self, key: &str) -> Option<Tensor> {
+        self.get(key)
     }
 }
 
@@ -75,30 +82,37 @@ struct Loader<'a, S: Source> {
 }
 
 impl<S: Source> Loader<'_, S> {
-    fn tensor(&mut self, key: &str, expected: &[usize]) -> Result<Vec<f64>> {
-        let file = self.src.path();
-        let (shape, values) = self
+    fn tensor(&mut self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let file = self.src.path(key);
+        let t = self
             .src
             .fetch(key)
             .ok_or_else(|| Error::MissingTensor { file: file.clone(), key: key.into() })?;
-        if shape != expected {
+        if t.shape() != expected {
             return Err(Error::Shape {
                 file,
                 key: key.into(),
                 expected: expected.to_vec(),
-                got: shape,
+                got: t.shape().to_vec(),
             });
         }
-        Ok(values)
+        if !t.dtype().is_float() {
+            return Err(Error::DType {
+                file,
+                key: key.into(),
+                expected: "a float dtype".into(),
+                got: t.dtype().to_string(),
+            });
+        }
+        Ok(t)
     }
 
-    fn matrix(&mut self, key: &str, rows: usize, cols: usize) -> Result<Array2<f64>> {
-        let v = self.tensor(key, &[rows, cols])?;
-        Ok(Array2::from_shape_vec((rows, cols), v).expect("length checked against the shape"))
+    fn matrix(&mut self, key: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(Matrix::Stored(self.tensor(key, &[rows, cols])?))
     }
 
     fn vector(&mut self, key: &str, n: usize) -> Result<Array1<f64>> {
-        Ok(Array1::from(self.tensor(key, &[n])?))
+        Ok(Array1::from(self.tensor(key, &[n])?.to_f64_vec()))
     }
 
     fn norm(&mut self, key: &str, n: usize) -> Result<Array1<f64>> {
@@ -111,7 +125,7 @@ impl<S: Source> Loader<'_, S> {
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let mut weight = self.matrix(&format!("{prefix}.weight"), out, inp)?;
         if out == inp && self.plan.maps(WeightMapping::SquareTransposed) {
-            weight = weight.t().to_owned();
+            weight = Matrix::Owned(weight.to_array().t().to_owned());
         }
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
         Ok(Linear { weight, bias })
@@ -160,15 +174,20 @@ impl<S: Source> Loader<'_, S> {
 
 impl Weights {
     /// Stores every parameter at `RoundAt::Weight` (a port casts the checkpoint to its
-    /// compute dtype when it loads it).
+    /// compute dtype when it loads it). A stored matrix is rounded as its rows are read.
     pub fn round(&mut self, n: &dyn Numerics) {
+        let mat = |m: &mut Matrix| {
+            if let Matrix::Owned(a) = m {
+                round_in_place(n, RoundAt::Weight, a);
+            }
+        };
         let lin = |l: &mut Linear| {
-            round_in_place(n, RoundAt::Weight, &mut l.weight);
+            mat(&mut l.weight);
             if let Some(b) = &mut l.bias {
                 round_in_place(n, RoundAt::Weight, b);
             }
         };
-        round_in_place(n, RoundAt::Weight, &mut self.embed_tokens);
+        mat(&mut self.embed_tokens);
         for l in &mut self.layers {
             round_in_place(n, RoundAt::Weight, &mut l.input_layernorm);
             round_in_place(n, RoundAt::Weight, &mut l.post_attention_layernorm);
@@ -188,11 +207,12 @@ impl Weights {
         lin(&mut self.lm_head);
     }
 
-    /// Loads every parameter of `cfg` from `file`, mapped per `plan`.
+    /// Maps every parameter of `cfg` from `checkpoint`, through `plan`'s key mapping:
+    /// matrices stay views in the stored dtype, vectors are widened.
     ///
-    /// Errors: `MissingTensor` or `Shape` naming the file and the HF parameter.
-    pub fn load(file: &SafetensorsFile, cfg: &ModelConfig, plan: &Plan) -> Result<Weights> {
-        Loader { src: file, cfg, plan }.load()
+    /// Errors: `MissingTensor`, `Shape` or `DType` naming the file and the HF parameter.
+    pub fn load(checkpoint: &HfCheckpoint, cfg: &ModelConfig, plan: &Plan) -> Result<Weights> {
+        Loader { src: checkpoint, cfg, plan }.load()
     }
 
     /// Random weights of `cfg` from `seed`: linear weights uniform in `±1/sqrt(in)`,
@@ -217,10 +237,10 @@ struct Generated<'a> {
 }
 
 impl Source for &mut Generated<'_> {
-    fn path(&self) -> PathBuf {
+    fn path(&self, _key: &str) -> PathBuf {
         PathBuf::from("<random weights>")
     }
-    fn fetch(&mut self, key: &str) -> Option<(Vec<usize>, Vec<f64>)> {
+    fn fetch(&mut self, key: &str) -> Option<Tensor> {
         let c = self.cfg;
         let (h, v, inter) = (c.hidden_size, c.vocab_size, c.intermediate_size);
         let (nh, nkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -253,7 +273,13 @@ impl Source for &mut Generated<'_> {
         } else {
             (0.0, 1.0)
         };
-        Some((shape, (0..n).map(|_| centre + scale * self.rng.uniform_pm1()).collect()))
+        let values: Vec<f64> = (0..n).map(|_| centre + scale * self.rng.uniform_pm1()).collect();
+        if shape.len() == 2 {
+            // Held widened: a random model is small and tests read it back whole.
+            let a = Array2::from_shape_vec((shape[0], shape[1]), values).ok()?;
+            return Some(Tensor::from_array(&a, DType::F64));
+        }
+        Some(Tensor::from_f64(&shape, &values, DType::F64))
     }
 }
 

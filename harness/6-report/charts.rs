@@ -147,6 +147,13 @@ fn sci_tick(v: &f64) -> String {
     format!("{v:.0e}")
 }
 
+/// The legend of a line chart: the dashed tolerance, then one colour per series.
+fn line_keys(names: impl Iterator<Item = String>) -> Vec<(String, Key)> {
+    let mut keys = vec![("tolerance".to_string(), Key::Dashed(TOL_GREY))];
+    keys.extend(names.enumerate().map(|(k, s)| (s, Key::Line(PALETTE[k % PALETTE.len()]))));
+    keys
+}
+
 /// The first site of a decoder layer, where the compute-order chart marks `L{i}`.
 fn is_layer_start(site: &Site) -> bool {
     matches!(site, Site::Layer(_, LayerPart::InputLayernorm))
@@ -388,13 +395,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         ))
     });
     let title = "Error along the compute order";
-    let mut keys: Vec<(String, Key)> = vec![("tolerance".into(), Key::Dashed(TOL_GREY))];
-    keys.extend(
-        series
-            .iter()
-            .enumerate()
-            .map(|(k, (s, _))| (s.to_string(), Key::Line(PALETTE[k % PALETTE.len()]))),
-    );
+    let mut keys = line_keys(series.iter().map(|(s, _)| s.to_string()));
     keys.extend(
         series
             .iter()
@@ -537,13 +538,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
         series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).chain(tol.iter().map(|q| q.1)),
     );
     let title = "Error per token position";
-    let mut keys: Vec<(String, Key)> = vec![("tolerance".into(), Key::Dashed(TOL_GREY))];
-    keys.extend(
-        series
-            .iter()
-            .enumerate()
-            .map(|(k, (s, _))| (s.clone(), Key::Line(PALETTE[k % PALETTE.len()]))),
-    );
+    let keys = line_keys(series.iter().map(|(s, _)| s.clone()));
     let out = svg(ID, title, (WIDTH, 400), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;

@@ -116,10 +116,10 @@ pub fn weight_tensors(w: &Weights, tied: bool, dtype: DType) -> BTreeMap<String,
     let mut put = |k: String, a: ArrayD<f64>| {
         m.insert(k, Tensor::from_array(&a, dtype));
     };
-    put("model.embed_tokens.weight".into(), w.embed_tokens.clone().into_dyn());
+    put("model.embed_tokens.weight".into(), w.embed_tokens.to_array().into_dyn());
     put("model.norm.weight".into(), w.norm.clone().into_dyn());
     if !tied {
-        put("lm_head.weight".into(), w.lm_head.weight.clone().into_dyn());
+        put("lm_head.weight".into(), w.lm_head.weight.to_array().into_dyn());
     }
     for (i, l) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -137,7 +137,7 @@ pub fn weight_tensors(w: &Weights, tied: bool, dtype: DType) -> BTreeMap<String,
             ("mlp.up_proj", &l.up_proj),
             ("mlp.down_proj", &l.down_proj),
         ] {
-            put(format!("{p}.{name}.weight"), lin.weight.clone().into_dyn());
+            put(format!("{p}.{name}.weight"), lin.weight.to_array().into_dyn());
             if let Some(b) = &lin.bias {
                 put(format!("{p}.{name}.bias"), b.clone().into_dyn());
             }

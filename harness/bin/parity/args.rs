@@ -103,7 +103,9 @@ pub struct SuiteArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckWeightsArgs {
-    /// The HF weights (safetensors, HF names and layouts).
+    /// The HF weights (safetensors, HF names and layouts): a golden's
+    /// `weights.safetensors`, or an HF checkpoint directory (`model.safetensors`, or
+    /// shards listed by `model.safetensors.index.json`).
     pub hf: PathBuf,
     /// The port's MindSpore checkpoint (.ckpt).
     pub port: PathBuf,

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use llama_parity::dump::SafetensorsFile;
 use llama_parity::weights::check::check_weights;
+use llama_parity::weights::checkpoint::HfCheckpoint;
 use llama_parity::weights::ckpt::Checkpoint;
 use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
@@ -18,7 +18,7 @@ pub fn cmd_check_weights(a: CheckWeightsArgs) -> Result<ExitCode> {
         None => KeyMap::mindspore(),
     };
     let dtype = a.dtype.map(|d| precision(d).dtype());
-    let hf = SafetensorsFile::open(&a.hf)?;
+    let hf = HfCheckpoint::open(&a.hf)?;
     let port = Checkpoint::open(&a.port)?;
     let check = check_weights(&hf, &port, &map, dtype)?;
     print!("{}", check.render());

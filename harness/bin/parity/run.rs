@@ -48,6 +48,9 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         &[("--report", a.common.report.as_deref()), ("--dump", a.dump.as_deref())],
     )?;
     let golden = Dump::open(&a.golden)?;
+    llama_parity::model::progress::enable(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
+    );
     let run = RunOptions {
         implementation,
         precision: a.dtype.map(precision),

@@ -1,0 +1,174 @@
+//! Scale benchmark: `parity run` on real-shape random-weight checkpoints against
+//! PyTorch's own eager forward of the same scenario, measured in the same run with the
+//! same thread count.
+//!
+//! For each model it makes the checkpoint at run time with HF (`golden/make_checkpoint.py`:
+//! random weights, `save_pretrained` in 3 shards, under `target/scale-bench/`, never
+//! committed), a golden with `golden/generate.py --model` (per-step files, weights by
+//! reference), times `benches/torch_forward.py` (the baseline) and `parity run
+//! --impl reference` / `--impl ascend --dtype bfloat16`, each under `/usr/bin/time` for
+//! its peak RSS, and prints wall time, peak RSS and the ratios.
+//!
+//! `cargo bench --bench scale` runs the 8B-shaped 2-layer model; `SCALE_MODELS=8b,1b`
+//! adds the Llama-3.2-1B-shaped one. Needs the golden venv (`GOLDEN_PYTHON`, default
+//! `/work/venvs/golden/bin/python`) and GNU time. One model process runs at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+struct Model {
+    key: &'static str,
+    scenario: &'static str,
+    dtype: &'static str,
+    prefill: usize,
+    decode: usize,
+    vocab: u64,
+}
+
+const MODELS: [Model; 2] = [
+    Model {
+        key: "8b",
+        scenario: "benches/scenarios/llama3_8b_2layer_f32.json",
+        dtype: "float32",
+        prefill: 128,
+        decode: 4,
+        vocab: 32000,
+    },
+    Model {
+        key: "1b",
+        scenario: "benches/scenarios/llama32_1b_bf16.json",
+        dtype: "bfloat16",
+        prefill: 64,
+        decode: 2,
+        vocab: 128256,
+    },
+];
+
+/// Wall seconds and peak RSS (bytes) of a command run under GNU time.
+fn timed(label: &str, cmd: &mut Command, scratch: &Path) -> (f64, u64, String) {
+    let tfile = scratch.join(format!("{label}.time"));
+    let mut full = Command::new("/usr/bin/time");
+    full.arg("-f").arg("%e %M").arg("-o").arg(&tfile).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            full.env(k, v);
+        }
+    }
+    let start = Instant::now();
+    let out = full.output().unwrap_or_else(|e| panic!("{label}: {e}"));
+    let wall = start.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !(out.status.success() || out.status.code() == Some(1)) {
+        panic!("{label} failed: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    let t = std::fs::read_to_string(&tfile).unwrap_or_default();
+    let kb: u64 = t.split_whitespace().last().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (wall, kb * 1024, stdout)
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python =
+        std::env::var("GOLDEN_PYTHON").unwrap_or_else(|_| "/work/venvs/golden/bin/python".into());
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let parity = target.join("release/parity");
+    assert!(parity.is_file(), "build first: cargo build --release ({})", parity.display());
+    let threads = std::env::var("SCALE_THREADS").unwrap_or_else(|_| "2".into());
+    let wanted = std::env::var("SCALE_MODELS").unwrap_or_else(|_| "8b".into());
+    let scratch = target.join("scale-bench");
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let mut rows = Vec::new();
+    for m in MODELS.iter().filter(|m| wanted.split(',').any(|w| w == m.key)) {
+        let dir = scratch.join(m.key);
+        let ckpt = dir.join("checkpoint");
+        let golden = dir.join("golden");
+        let ids = dir.join("ids.json");
+        std::fs::create_dir_all(&dir).expect("dir");
+        if !ckpt.join("config.json").is_file() {
+            let st = Command::new(&python)
+                .args(["golden/make_checkpoint.py", "--scenario", m.scenario, "--shards", "3"])
+                .args(["--dtype", m.dtype, "--out"])
+                .arg(&ckpt)
+                .current_dir(&root)
+                .status()
+                .expect("make_checkpoint");
+            assert!(st.success(), "make_checkpoint failed");
+        }
+        // Fixed-seed token ids (SplitMix-style LCG), batch 1.
+        let mut s: u64 = 0x5eed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            1 + (s >> 33) % (m.vocab - 1)
+        };
+        let p: Vec<u64> = (0..m.prefill).map(|_| next()).collect();
+        let d: Vec<u64> = (0..m.decode).map(|_| next()).collect();
+        std::fs::write(
+            &ids,
+            serde_json::json!({"name": m.key, "input_ids": [p], "decode_ids": [d]}).to_string(),
+        )
+        .expect("ids");
+        if !golden.join("manifest.json").is_file() {
+            let st = Command::new(&python)
+                .args(["golden/generate.py", "-q", "--threads", &threads, "--model"])
+                .arg(&ckpt)
+                .arg("--input-ids")
+                .arg(&ids)
+                .args(["--dtype", m.dtype, "--out"])
+                .arg(&golden)
+                .current_dir(&root)
+                .status()
+                .expect("generate");
+            assert!(st.success(), "generate.py --model failed");
+        }
+        let ckpt_bytes: u64 = std::fs::read_dir(&ckpt)
+            .expect("ckpt")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let mut torch = Command::new(&python);
+        torch
+            .arg(root.join("benches/torch_forward.py"))
+            .arg("--model")
+            .arg(&ckpt)
+            .arg("--input-ids")
+            .arg(&ids)
+            .args(["--dtype", m.dtype, "--threads", &threads]);
+        let (t_wall, t_rss, t_out) = timed(&format!("{}-torch", m.key), &mut torch, &scratch);
+        let fwd: f64 = serde_json::from_str::<serde_json::Value>(t_out.trim())
+            .ok()
+            .and_then(|v| v["forward_s"].as_f64())
+            .unwrap_or(f64::NAN);
+        rows.push((m.key, "pytorch eager forward", fwd, t_wall, t_rss, ckpt_bytes, fwd));
+        for (name, args) in [
+            ("parity --impl reference", vec!["--impl", "reference"]),
+            ("parity --impl ascend bf16", vec!["--impl", "ascend", "--dtype", "bfloat16"]),
+        ] {
+            let mut c = Command::new(&parity);
+            c.arg("run").arg(&golden).args(&args).arg("-q").env("RAYON_NUM_THREADS", &threads);
+            let (wall, rss, _) = timed(&format!("{}-{name}", m.key), &mut c, &scratch);
+            rows.push((m.key, name, wall, wall, rss, ckpt_bytes, fwd));
+        }
+    }
+    println!("\nscale benchmark, {threads} threads (ratios against PyTorch's forward in this run)");
+    println!(
+        "{:<4} {:<28} {:>9} {:>8} {:>10} {:>12} {:>16}",
+        "model", "run", "time s", "x torch", "peak GiB", "ckpt GiB", "rss-ckpt GiB"
+    );
+    for (key, name, secs, _wall, rss, ckpt, fwd) in rows {
+        println!(
+            "{key:<4} {name:<28} {secs:>9.2} {:>8.2} {:>10.2} {:>12.2} {:>16.2}",
+            secs / fwd,
+            gib(rss),
+            gib(ckpt),
+            gib(rss) - gib(ckpt)
+        );
+    }
+}

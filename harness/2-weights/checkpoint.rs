@@ -1,0 +1,224 @@
+//! An HF checkpoint directory (CONTRACT §1.2): `config.json` with `model.safetensors`,
+//! or shards listed by `model.safetensors.index.json` (`{"weight_map": {name: file}}`),
+//! as `save_pretrained` writes them. Also a lone `.safetensors` file (a dump's
+//! `weights.safetensors`), read the same way.
+//!
+//! Every file is memory-mapped and its tensors are handed out as views in their stored
+//! dtype (bf16, f16, f32...): nothing is converted here. A consumer converts what it
+//! needs when it needs it (the model converts a block of a matrix's rows at a time), so
+//! host memory holds the checkpoint's pages and not a float64 copy of them.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::contract::error::{Error, Result};
+use crate::dump::{ModelConfig, SafetensorsFile, Tensor};
+
+/// The index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The single file of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The model config of a checkpoint.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// HF parameters by name, across one or more memory-mapped safetensors files.
+#[derive(Clone)]
+pub struct HfCheckpoint {
+    /// The directory, or the lone file.
+    path: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Parameter name → index into `files`.
+    index: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for HfCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HfCheckpoint({}, {} files)", self.path.display(), self.files.len())
+    }
+}
+
+impl HfCheckpoint {
+    /// Opens `path`: a checkpoint directory, or a single `.safetensors` file.
+    ///
+    /// Errors name the file at fault: a missing `model.safetensors` and index, an index
+    /// that is not `{"weight_map": {...}}`, a shard that cannot be mapped, a parameter
+    /// the index places in a shard that lacks it, or one name in two files.
+    pub fn open(path: &Path) -> Result<HfCheckpoint> {
+        if path.is_file() {
+            return Ok(HfCheckpoint::from_file(SafetensorsFile::open(path)?));
+        }
+        if !path.is_dir() {
+            return Err(Error::format(
+                path,
+                "not an HF checkpoint (neither a directory nor a .safetensors file)",
+            ));
+        }
+        let index_path = path.join(INDEX_FILE);
+        if index_path.is_file() {
+            return HfCheckpoint::open_sharded(path, &index_path);
+        }
+        let single = path.join(SINGLE_FILE);
+        if single.is_file() {
+            let mut c = HfCheckpoint::from_file(SafetensorsFile::open(&single)?);
+            c.path = path.to_path_buf();
+            return Ok(c);
+        }
+        Err(Error::format(
+            path,
+            format!("not an HF checkpoint: neither {SINGLE_FILE} nor {INDEX_FILE} is there"),
+        ))
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<HfCheckpoint> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(index_path, format!("not valid JSON: {e}")))?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
+            Error::format(index_path, "no object `weight_map` (parameter name → shard file)")
+        })?;
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut file_ids: BTreeMap<String, usize> = BTreeMap::new();
+        let mut files = Vec::new();
+        for (key, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::format(index_path, format!("weight_map[{key:?}] is not a file name"))
+            })?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::format(
+                    index_path,
+                    format!("weight_map[{key:?}] = {file:?} is not a file in the checkpoint"),
+                ));
+            }
+            let id = match file_ids.get(file) {
+                Some(&id) => id,
+                None => {
+                    files.push(SafetensorsFile::open(&dir.join(file))?);
+                    file_ids.insert(file.to_string(), files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            if !files[id].contains(key) {
+                return Err(Error::MissingTensor { file: dir.join(file), key: key.clone() });
+            }
+            names.insert(key.clone(), id);
+        }
+        Ok(HfCheckpoint { path: dir.to_path_buf(), files, index: names })
+    }
+
+    /// One safetensors file read as a checkpoint.
+    pub fn from_file(file: SafetensorsFile) -> HfCheckpoint {
+        let index = file.keys().map(|k| (k.to_string(), 0)).collect();
+        HfCheckpoint { path: file.path().to_path_buf(), files: vec![file], index }
+    }
+
+    /// The directory (or the lone file) this checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parameter names, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// The file holding `key` (for messages), or the checkpoint's path if none does.
+    pub fn file_of(&self, key: &str) -> &Path {
+        self.index.get(key).map_or(&self.path, |&i| self.files[i].path())
+    }
+
+    /// The parameter `key` as a view into its mapped file, in its stored dtype.
+    pub fn get(&self, key: &str) -> Option<Tensor> {
+        self.index.get(key).and_then(|&i| self.files[i].get(key))
+    }
+
+    /// Like [`get`](Self::get), a missing parameter an error naming the checkpoint.
+    pub fn require(&self, key: &str) -> Result<Tensor> {
+        self.get(key)
+            .ok_or_else(|| Error::MissingTensor { file: self.path.clone(), key: key.to_string() })
+    }
+
+    /// The safetensors files, in the order first listed.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(SafetensorsFile::path)
+    }
+
+    /// Bytes of all the checkpoint's safetensors files together.
+    pub fn total_bytes(&self) -> Result<u64> {
+        self.files()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(p, e)))
+            .sum()
+    }
+
+    /// The directory's `config.json` as a model config.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let p = self.path.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: p.clone(), what: e.to_string() })?;
+        cfg.validate(&p)?;
+        Ok(cfg)
+    }
+
+    /// Checks each listed file (`name` relative to the checkpoint directory) against its
+    /// lowercase hex sha256. A mismatch or an unreadable file is an error naming it.
+    pub fn verify_sha256(&self, expected: &BTreeMap<String, String>) -> Result<()> {
+        let dir = if self.path.is_dir() { self.path.clone() } else { PathBuf::new() };
+        for (name, want) in expected {
+            let p = dir.join(name);
+            let got = sha256_file(&p)?;
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(Error::format(
+                    &p,
+                    format!("sha256 is {got}, the manifest lists {want}: not the checkpoint the golden was made from"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lowercase hex sha256 of the file at `path`, read in 8 MiB chunks.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_a_known_string() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("abc");
+        std::fs::write(&p, b"abc").expect("write");
+        assert_eq!(
+            sha256_file(&p).expect("hash"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_directory_without_weights_is_named_in_the_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = HfCheckpoint::open(dir.path()).expect_err("no weights");
+        assert!(e.to_string().contains(INDEX_FILE), "{e}");
+    }
+}

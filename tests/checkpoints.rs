@@ -1,0 +1,175 @@
+//! Real HF checkpoints (CONTRACT §1.1, §1.2): a tiny bfloat16 checkpoint that HF's
+//! `save_pretrained` wrote in four shards with an index (`fixtures/checkpoints/`, made by
+//! `golden/make_checkpoint.py`), and goldens that `golden/generate.py --model` made on it
+//! with per-step activation files, one of them a `--layers 0,-1` subset. The reference
+//! reproduces them, a planted fault is diagnosed from the checkpoint, a checkpoint that
+//! is not the one hashed is refused, and results do not depend on the thread count.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llama_parity::contract::site::{LayerPart, Site, Step};
+use llama_parity::dump::Dump;
+use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::weights::checkpoint::HfCheckpoint;
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/checkpoints").join(name)
+}
+
+fn parity(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity");
+    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code(), s(out.stdout), s(out.stderr))
+}
+
+fn report(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json"))
+        .expect("report.json is JSON")
+}
+
+#[test]
+fn the_fixture_is_a_sharded_hf_checkpoint_and_every_parameter_is_found() {
+    let dir = fixture("tiny_llama3");
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).expect("index"),
+    )
+    .expect("index JSON");
+    let map = index["weight_map"].as_object().expect("weight_map");
+    let shards: std::collections::BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+    assert!(shards.len() >= 3, "{shards:?}");
+    let ckpt = HfCheckpoint::open(&dir).expect("open");
+    assert_eq!(ckpt.keys().count(), map.len());
+    for (k, file) in map {
+        let t = ckpt.require(k).expect("listed parameter");
+        assert_eq!(t.dtype().to_string(), "BF16", "{k}");
+        assert!(ckpt.file_of(k).ends_with(file.as_str().unwrap()), "{k}");
+    }
+    let cfg = ckpt.config().expect("config.json");
+    assert_eq!(cfg.num_hidden_layers, 4);
+}
+
+#[test]
+fn the_reference_reproduces_a_golden_made_from_the_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rep = tmp.path().join("r");
+    let golden = fixture("tiny_llama3_golden");
+    let (code, out, err) = parity(&[
+        "run",
+        golden.to_str().unwrap(),
+        "--impl",
+        "reference",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let r = report(&rep);
+    assert_eq!(r["verdict"], "pass");
+    // 4 steps: 7 shared sites + 14 a layer for 4 layers
+    assert_eq!(r["sites"].as_array().map(Vec::len), Some(4 * (7 + 4 * 14)), "{out}");
+}
+
+#[test]
+fn a_fault_planted_in_a_run_on_the_checkpoint_is_diagnosed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rep = tmp.path().join("r");
+    let golden = fixture("tiny_llama3_golden");
+    let (code, out, err) = parity(&[
+        "run",
+        golden.to_str().unwrap(),
+        "--impl",
+        "ascend",
+        "--dtype",
+        "bfloat16",
+        "--fault",
+        "rope.pos_reset",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let r = report(&rep);
+    assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
+}
+
+#[test]
+fn per_step_files_hold_one_step_each_and_a_layer_subset_leaves_the_rest_out() {
+    let golden = fixture("tiny_llama3_layers_golden");
+    let acts = golden.join("activations");
+    assert!(!golden.join("activations.safetensors").exists());
+    let d = Dump::open(&golden).expect("open");
+    assert_eq!(d.manifest.steps.len(), 4);
+    for &step in &d.manifest.steps {
+        assert!(acts.join(format!("{step}.safetensors")).is_file(), "{step}");
+        for layer in 0..4 {
+            let present = d.has(step, &Site::Layer(layer, LayerPart::Output));
+            assert_eq!(present, layer == 0 || layer == 3, "{step} layer {layer}");
+        }
+        assert!(d.has(step, &Site::LmHead), "{step}");
+    }
+    let sites = d.sites(Step::Prefill).len();
+    assert_eq!(sites, 7 + 2 * 14);
+    // The reference runs every layer; only the dumped ones are compared, all passing.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rep = tmp.path().join("r");
+    let (code, out, err) = parity(&[
+        "run",
+        golden.to_str().unwrap(),
+        "--impl",
+        "reference",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(report(&rep)["sites"].as_array().map(Vec::len), Some(4 * sites));
+}
+
+#[test]
+fn a_checkpoint_whose_sha256_differs_from_the_manifest_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = fixture("tiny_llama3_golden");
+    let dst = tmp.path().join("g");
+    std::fs::create_dir_all(dst.join("activations")).expect("mkdir");
+    for e in std::fs::read_dir(src.join("activations")).expect("read") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, dst.join("activations").join(p.file_name().unwrap())).expect("copy");
+    }
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).expect("read"))
+            .expect("json");
+    m["weights"]["checkpoint"] = Value::from(fixture("tiny_llama3").to_str().unwrap());
+    m["weights"]["sha256"]["model-00002-of-00004.safetensors"] = Value::from("00".repeat(32));
+    std::fs::write(dst.join("manifest.json"), m.to_string()).expect("write");
+    let (code, out, err) = parity(&["run", dst.to_str().unwrap(), "--impl", "reference"]);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(err.contains("model-00002-of-00004.safetensors") && err.contains("sha256"), "{err}");
+}
+
+#[test]
+fn a_run_is_bit_identical_on_one_and_two_threads() {
+    let golden = Dump::open(&fixture("tiny_llama3_golden")).expect("open");
+    let opts = RunOptions {
+        implementation: Implementation::Reference,
+        precision: None,
+        faults: Vec::new(),
+        teacher_force: false,
+    };
+    let run_on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool")
+            .install(|| model::run(&golden, &opts).expect("run").dump)
+    };
+    let (one, two) = (run_on(1), run_on(2));
+    let mut compared = 0;
+    for &step in &golden.manifest.steps {
+        for site in one.sites(step) {
+            let a = one.get(step, site).expect("get").expect("site");
+            let b = two.get(step, site).expect("get").expect("site");
+            assert_eq!(a.bytes(), b.bytes(), "{step}/{site}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 4 * (7 + 4 * 14));
+}
