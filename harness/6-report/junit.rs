@@ -117,7 +117,7 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
             let why = e.note.clone().unwrap_or_else(|| format!("{:?}", e.status).to_lowercase());
             let _ = writeln!(out, "{head}>");
             let _ = writeln!(out, r#"      <skipped message="{}"/>"#, escape_xml(&why));
-            let _ = write!(out, "{system_out}    </testcase>\n");
+            let _ = writeln!(out, "{system_out}    </testcase>");
         }
         Status::Fail => {
             let message = e.note.clone().unwrap_or_else(|| "diverges from the golden".into());
@@ -161,7 +161,7 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
                 escape_xml(&message),
                 escape_xml(body.trim_end())
             );
-            let _ = write!(out, "{system_out}    </testcase>\n");
+            let _ = writeln!(out, "{system_out}    </testcase>");
         }
     }
 }
