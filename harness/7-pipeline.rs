@@ -14,6 +14,7 @@ use crate::contract::error::Result;
 use crate::diagnosis::diagnose;
 use crate::dump::Dump;
 use crate::model::{self, RunOptions, RunOutput};
+use crate::report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
 use crate::report::Report;
 
 /// Where each site's threshold starts from.
@@ -41,12 +42,24 @@ pub struct Options<'a> {
     pub progress: &'a dyn Fn(&str),
     /// The noise floor that raises each site's default threshold.
     pub floor: Floor<'a>,
+    /// An accepted report to hold this run against (the regression gate).
+    pub baseline: Option<&'a Baseline>,
+    /// How much a site's error may grow beyond its noise before it regresses
+    /// ([`crate::report::baseline`]).
+    pub max_regression: f64,
 }
 
 impl<'a> Options<'a> {
     /// Judge by `policy` over the cached noise floor, diagnose divergences, say nothing.
     pub fn new(policy: &'a Policy) -> Options<'a> {
-        Options { policy, diagnose: true, progress: &|_| {}, floor: Floor::DefaultCache }
+        Options {
+            policy,
+            diagnose: true,
+            progress: &|_| {},
+            floor: Floor::DefaultCache,
+            baseline: None,
+            max_regression: DEFAULT_MAX_REGRESSION,
+        }
     }
 }
 
@@ -54,8 +67,12 @@ impl<'a> Options<'a> {
 /// `teacher_forced`, when given, is the candidate's run with each layer started from the
 /// golden's input: its errors become each site's local error in the report.
 ///
-/// Errors only for inputs that cannot be compared; a divergence is data in the report,
-/// and a diagnosis that cannot be made is said in the report's `diagnosis_note`.
+/// With `opts.baseline`, the report is then held against the accepted one: sites that
+/// regressed are marked and fail the verdict.
+///
+/// Errors only for inputs that cannot be compared (a baseline of another scenario
+/// among them); a divergence or a regression is data in the report, and a diagnosis
+/// that cannot be made is said in the report's `diagnosis_note`.
 pub fn check(
     golden: &Dump,
     candidate: &Dump,
@@ -73,6 +90,9 @@ pub fn check(
     if let Some(tf) = teacher_forced {
         let local = compare_with_floor(golden, tf, opts.policy, floor)?;
         report.attach_local(&local);
+    }
+    if let Some(b) = opts.baseline {
+        b.apply(&mut report, opts.max_regression)?;
     }
     Ok(report)
 }

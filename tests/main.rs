@@ -5,9 +5,11 @@ mod helpers;
 
 mod ascend;
 mod bad_inputs;
+mod baseline_gate;
 mod check_weights;
 mod checkpoints;
 mod compare_goldens;
+mod compare_threads;
 mod diagnosis;
 mod fault_matrix;
 mod golden_suite;

@@ -116,6 +116,25 @@ impl Tensor {
         }
     }
 
+    /// Hands the pages of a memory-mapped tensor back to the kernel once it has been read
+    /// (`madvise(MADV_DONTNEED)` on its range): they are read again from the file if the
+    /// tensor is touched later, so this only bounds memory. Nothing for owned bytes.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped { map, range } = &self.bytes {
+            // SAFETY: the map is a read-only mapping of a file; after MADV_DONTNEED its
+            // pages read back the file's contents, so no reference sees other bytes. A
+            // failure only leaves the pages resident.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.end - range.start,
+                )
+            };
+        }
+    }
+
     /// Element `i` (row-major flat index) widened to `f64`. Panics if `i` is out of range.
     #[inline]
     pub fn get_f64(&self, i: usize) -> f64 {

@@ -218,6 +218,44 @@ impl Accumulator {
         s.co += dg * (cs - s.mean_c);
     }
 
+    /// Merges the statistics of one block of pairs ([`Block`], made by the fast path in
+    /// [`crate::compare::lanes`]): sums add, maxima keep the earliest index, and
+    /// Pearson's co-moments merge by Chan's formula. Blocks must come in index order.
+    pub(crate) fn absorb(&mut self, b: &Block) {
+        self.golden_nan += b.golden_nan;
+        self.golden_inf += b.golden_inf;
+        self.candidate_nan += b.candidate_nan;
+        self.candidate_inf += b.candidate_inf;
+        self.new_nonfinite += b.new_nonfinite;
+        if b.n == 0 {
+            return;
+        }
+        self.sgg += b.sgg;
+        self.scc += b.scc;
+        self.sgc += b.sgc;
+        self.sdd += b.sdd;
+        self.sad += b.sad;
+        if b.max_abs > self.max_abs || self.max_abs_at.is_none() {
+            self.max_abs = b.max_abs;
+            self.max_abs_at = Some(b.max_abs_at);
+        }
+        self.max_rel = self.max_rel.max(b.max_rel);
+        self.max_ulp = self.max_ulp.max(b.max_ulp);
+        self.below_1e3 += b.below_1e3;
+        self.below_5e3 += b.below_5e3;
+        let (na, nb) = (self.n as f64, b.n as f64);
+        let n = na + nb;
+        let dg = b.mean_g - self.mean_g;
+        let dc = b.mean_c - self.mean_c;
+        let w = na * nb / n;
+        self.mean_g += dg * nb / n;
+        self.mean_c += dc * nb / n;
+        self.m2_g += b.m2_g + dg * dg * w;
+        self.m2_c += b.m2_c + dc * dc * w;
+        self.co += b.co + dg * dc * w;
+        self.n += b.n;
+    }
+
     /// The measures, with `max_abs_index` unravelled over `shape`.
     pub fn finish(&self, shape: &[usize]) -> Metrics {
         let n = self.n as f64;
@@ -281,6 +319,36 @@ impl Accumulator {
     }
 }
 
+/// The statistics of one block of element pairs, as [`Accumulator::absorb`] merges
+/// them: over the `n` pairs where both sides are finite, the sums, maxima and counts of
+/// [`Accumulator`], and Pearson's means and co-moments about the block's own means.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Block {
+    pub n: u64,
+    pub sgg: f64,
+    pub scc: f64,
+    pub sgc: f64,
+    pub sdd: f64,
+    pub sad: f64,
+    pub max_abs: f64,
+    /// Flat index of the first pair reaching `max_abs`.
+    pub max_abs_at: usize,
+    pub max_rel: f64,
+    pub max_ulp: f64,
+    pub below_1e3: u64,
+    pub below_5e3: u64,
+    pub mean_g: f64,
+    pub mean_c: f64,
+    pub m2_g: f64,
+    pub m2_c: f64,
+    pub co: f64,
+    pub golden_nan: u64,
+    pub golden_inf: u64,
+    pub candidate_nan: u64,
+    pub candidate_inf: u64,
+    pub new_nonfinite: u64,
+}
+
 /// rel-L2 per group of elements (a token row, a head), streamed in the same pass as
 /// [`Accumulator`]: Σd² and Σg² per group over the pairs where both sides are finite.
 ///
@@ -325,6 +393,19 @@ impl GroupL2 {
         } else if !c.is_finite() && (g.is_finite() || !(g == c || (g.is_nan() && c.is_nan()))) {
             self.broken[k] = true;
         }
+    }
+
+    /// Adds to group `k` the sums of a run of pairs that all fall in it (ignored when
+    /// `k` is out of range): Σd² and Σg² over its finite pairs, and whether any pair had
+    /// a new NaN/Inf on the candidate's side. The run must hold at least one pair.
+    pub(crate) fn absorb(&mut self, k: usize, sdd: f64, sgg: f64, broken: bool) {
+        if k >= self.sdd.len() {
+            return;
+        }
+        self.seen[k] = true;
+        self.sdd[k] += sdd;
+        self.sgg[k] += sgg;
+        self.broken[k] |= broken;
     }
 
     /// rel-L2 of each group.

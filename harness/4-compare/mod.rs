@@ -1,11 +1,13 @@
 //! Stage 4, the comparison: aligns the sites of a golden and a candidate, measures each
 //! pair ([`metrics`]), judges it against the tolerance policy ([`tolerance`]) and
-//! reaches a verdict ([`verdict`]).
+//! reaches a verdict ([`verdict`]). Value sites are measured from the stored bytes at
+//! memory speed ([`lanes`]), sites spread over every core.
 //!
 //! Uses the contract and the dump stage, and the model stage only in [`floor`] (to
 //! measure what correct runs of the golden's model reach); knows nothing of diagnosis.
 
 pub mod floor;
+pub mod lanes;
 pub mod metrics;
 pub mod statistics;
 pub mod tolerance;

@@ -11,8 +11,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use rayon::prelude::*;
+
 use crate::compare::floor::{NoiseFloor, SiteFloor};
-use crate::compare::metrics::{unravel, Accumulator, ErrorHistogram, GroupL2, Metrics};
+use crate::compare::lanes;
+use crate::compare::metrics::{unravel, ErrorHistogram, Metrics};
 use crate::compare::tolerance::{Decision, Policy, Tolerance};
 use crate::contract::error::{Error, Result};
 use crate::contract::site::{LayerPart, Site, Step};
@@ -152,6 +155,12 @@ impl Comparison {
 
 /// Compares `candidate` with `golden` under `policy`.
 ///
+/// Sites are measured in parallel on rayon's pool (every core unless
+/// `RAYON_NUM_THREADS` says otherwise); each site is measured by one thread with a fixed
+/// order of arithmetic, so the results do not depend on the number of threads. The
+/// pages of a memory-mapped site are released once it is measured, so that memory stays
+/// bounded whatever the dump's size.
+///
 /// Errors only for inputs that cannot be compared at all (different scenarios);
 /// divergences are data in the returned [`Comparison`].
 pub fn compare(golden: &Dump, candidate: &Dump, policy: &Policy) -> Result<Comparison> {
@@ -178,16 +187,26 @@ pub fn compare_with_floor(
         heads: Some(gm.model.num_attention_heads),
         floor,
     };
-    let mut sites = Vec::new();
-    for &step in &gm.steps {
-        for site in golden.sites(step) {
+    let jobs: Vec<(Step, &Site)> = gm
+        .steps
+        .iter()
+        .flat_map(|&step| golden.sites(step).iter().map(move |s| (step, s)))
+        .collect();
+    let sites = jobs
+        .into_par_iter()
+        .map(|(step, site)| {
             let g = golden.get(step, site)?.ok_or_else(|| {
                 Error::format(golden.label(), format!("tensor `{step}/{site}` vanished"))
             })?;
             let c = if cm.steps.contains(&step) { candidate.get(step, site)? } else { None };
-            sites.push(compare_site_in(step, site, &g, c.as_ref(), &ctx));
-        }
-    }
+            let r = compare_site_in(step, site, &g, c.as_ref(), &ctx);
+            g.release();
+            if let Some(c) = &c {
+                c.release();
+            }
+            Ok(r)
+        })
+        .collect::<Result<Vec<SiteResult>>>()?;
     Ok(Comparison {
         golden: golden.label(),
         candidate: candidate.label(),
@@ -319,33 +338,23 @@ pub fn compare_site_in(
         }
         r.metrics = Some(m);
     } else {
-        let mut acc = Accumulator::new(c.dtype());
         let tokens = Groups::tokens(site, g.shape());
         let head_groups = Groups::heads(site, g.shape(), heads);
-        let mut per_token = tokens.map(|t| GroupL2::new(t.n));
-        let mut per_head = head_groups.map(|h| GroupL2::new(h.n));
-        let mut hist = ErrorHistogram::new();
-        // Golden NaN/Inf the candidate does not reproduce: left out of every metric,
-        // so counted here (CONTRACT §1 rules).
-        let mut unreproduced = 0u64;
-        for i in 0..g.numel() {
-            if valid.keep(i) {
-                let (gv, cv) = (g.get_f64(i), c.get_f64(i));
-                unreproduced += !(gv.is_finite() || gv == cv || gv.is_nan() && cv.is_nan()) as u64;
-                acc.push(i, gv, cv);
-                hist.push(gv, cv);
-                if let (Some(t), Some(acc_t)) = (tokens, per_token.as_mut()) {
-                    acc_t.push(t.of(i), gv, cv);
-                }
-                if let (Some(h), Some(acc_h)) = (head_groups, per_head.as_mut()) {
-                    acc_h.push(h.of(i), gv, cv);
-                }
-            }
+        let measured = lanes::measure(g, c, &valid, tokens, head_groups);
+        let mut m = measured.acc.finish(g.shape());
+        if m.golden_nan + m.golden_inf > 0 {
+            // Golden NaN/Inf the candidate does not reproduce: left out of every metric,
+            // so counted here (CONTRACT §1 rules); only where the golden has any.
+            m.lost_nonfinite = (0..g.numel())
+                .filter(|&i| valid.keep(i))
+                .filter(|&i| {
+                    let (gv, cv) = (g.get_f64(i), c.get_f64(i));
+                    !(gv.is_finite() || gv == cv || gv.is_nan() && cv.is_nan())
+                })
+                .count() as u64;
         }
-        let mut m = acc.finish(g.shape());
-        m.lost_nonfinite = unreproduced;
-        r.per_token = per_token.map(|a| a.finish());
-        r.per_head = per_head.map(|a| a.finish());
+        r.per_token = measured.per_token.map(|a| a.finish());
+        r.per_head = measured.per_head.map(|a| a.finish());
         let j = tol.judge(&m);
         r.status = if j.pass { Status::Pass } else { Status::Fail };
         r.note = (!j.pass).then(|| j.why.join("; "));
@@ -355,7 +364,7 @@ pub fn compare_site_in(
         }
         r.metrics = Some(SiteMetrics::Values(m));
         if r.status == Status::Fail {
-            r.abs_histogram = Some(hist);
+            r.abs_histogram = Some(lanes::histogram(g, c, &valid));
         }
     }
     r
@@ -368,26 +377,26 @@ const NOTHING_COMPARED: &str =
 
 /// A partition of a tensor's flat indices: index `i` lies in group `(i / stride) % n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Groups {
-    stride: usize,
-    n: usize,
+pub(crate) struct Groups {
+    pub stride: usize,
+    pub n: usize,
 }
 
 impl Groups {
     #[inline]
-    fn of(self, i: usize) -> usize {
+    pub fn of(self, i: usize) -> usize {
         (i / self.stride) % self.n
     }
 
     /// Token rows: the site's token axis.
-    fn tokens(site: &Site, shape: &[usize]) -> Option<Groups> {
+    pub fn tokens(site: &Site, shape: &[usize]) -> Option<Groups> {
         let ax = site.token_axis().filter(|&ax| ax < shape.len() && shape[ax] > 0)?;
         Some(Groups { stride: shape[ax + 1..].iter().product(), n: shape[ax] })
     }
 
     /// Heads: axis 1 of `q_rope`, `k_rope` and `probs` (`[B, heads, T, ·]`), or the
     /// last axis of `context` (`[B, T, nH·D]`) cut into `heads` equal chunks.
-    fn heads(site: &Site, shape: &[usize], heads: Option<usize>) -> Option<Groups> {
+    pub fn heads(site: &Site, shape: &[usize], heads: Option<usize>) -> Option<Groups> {
         match site {
             Site::Layer(_, LayerPart::QRope | LayerPart::KRope | LayerPart::Probs)
                 if shape.len() == 4 && shape[1] > 0 =>
@@ -444,6 +453,12 @@ impl<'a> RowFilter<'a> {
             _ => None,
         };
         RowFilter { scenario, step, axes }
+    }
+
+    /// The stride of the filtered axis: [`keep`](Self::keep) is the same for every
+    /// index of an aligned run of this many elements. `None` when nothing is filtered.
+    pub fn run(&self) -> Option<usize> {
+        self.axes.map(|(_, st, _, _)| st)
     }
 
     /// True when flat index `i` carries meaning.

@@ -2,7 +2,8 @@
 //! (`SVGBackend::with_string`) that the page embeds inline:
 //!
 //! 1. `chart-compute-order`: rel-L2 of every site along the compute order, one series
-//!    per step, with the tolerance and, where measured, the noise floor as a band;
+//!    per step, with the tolerance, where measured the noise floor as a band, and
+//!    under `--baseline` the accepted report's rel-L2 as a dashed second line per step;
 //! 2. `chart-per-token`: rel-L2 per token position across prefill and decode steps;
 //! 3. `chart-head-heatmap`: rel-L2 per head of `q_rope`, `k_rope`, `probs`, `context`;
 //! 4. `chart-abs-histogram`: |candidate - golden| by decade at the first divergence;
@@ -241,6 +242,24 @@ fn draw_floor_band(chart: &mut LogPlot, id: &str, lo: f64, points: &[(f64, f64)]
     Ok(())
 }
 
+/// A dashed line in runs (the baseline of a series).
+fn draw_dashed(
+    chart: &mut LogPlot,
+    id: &str,
+    points: &[(f64, f64)],
+    colour: RGBColor,
+) -> Result<()> {
+    let style = ShapeStyle::from(&colour).stroke_width(2);
+    for run in runs(points) {
+        if run.len() == 1 {
+            chart.draw_series(run.iter().map(|&p| Circle::new(p, 3, style))).or_chart(id)?;
+        } else {
+            chart.draw_series(DashedLineSeries::new(run, 5, 4, style)).or_chart(id)?;
+        }
+    }
+    Ok(())
+}
+
 /// Width of the legend panel right of a plot.
 const LEGEND_W: u32 = 190;
 
@@ -370,12 +389,27 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
         })
         .collect();
     let has_floor = floor.iter().any(|p| p.1.is_finite());
+    // Under --baseline: the accepted report's error at each site, per step.
+    let baselines: Vec<Vec<(f64, f64)>> = if r.baseline.is_some() {
+        steps
+            .iter()
+            .map(|(_, v)| {
+                v.iter()
+                    .enumerate()
+                    .map(|(i, e)| (i as f64, e.baseline.as_ref().map_or(f64::NAN, plotted)))
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let (lo, hi) = log_range(
         series
             .iter()
             .flat_map(|(_, p)| p.iter().map(|q| q.1))
             .chain(tol.iter().map(|q| q.1))
-            .chain(floor.iter().map(|q| q.1)),
+            .chain(floor.iter().map(|q| q.1))
+            .chain(baselines.iter().flat_map(|p| p.iter().map(|q| q.1))),
     );
     let first = r.first_divergence.as_ref().and_then(|fd| {
         let (_, v) = steps.iter().find(|(s, _)| *s == fd.step)?;
@@ -391,6 +425,13 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
     if has_floor {
         keys.insert(1, ("noise floor".into(), Key::Band(FLOOR_FILL)));
     }
+    keys.extend(
+        series
+            .iter()
+            .enumerate()
+            .take(baselines.len())
+            .map(|(k, (s, _))| (format!("{s} baseline"), Key::Dashed(PALETTE[k % PALETTE.len()]))),
+    );
     let out = svg(ID, title, (WIDTH, 440), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
         side_legend(&side, ID, &keys)?;
@@ -429,6 +470,9 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             }
         }
         draw_tolerance(&mut chart, ID, &tol)?;
+        for (k, pts) in baselines.iter().enumerate() {
+            draw_dashed(&mut chart, ID, pts, PALETTE[k % PALETTE.len()])?;
+        }
         for (k, (_, pts)) in series.iter().enumerate() {
             draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], pts.len() <= 80)?;
         }
@@ -456,7 +500,12 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
                   computes them, one line per step. The dashed grey line is the tolerance; the blue band, where measured, is the \
                   noise floor (the worst error of correct runs of this model at each site); the red ring marks the \
                   first divergence."
-            .into(),
+            .to_string()
+            + if r.baseline.is_some() {
+                " Dashed coloured lines: the same steps in the accepted baseline report."
+            } else {
+                ""
+            },
         svg: out,
     }))
 }

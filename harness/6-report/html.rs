@@ -11,6 +11,7 @@ use std::fmt::Write;
 use crate::compare::{SiteMetrics, Status, Verdict};
 use crate::contract::error::Result;
 
+use super::baseline::growth_text;
 use super::charts;
 use super::{metrics_line, sci, shape, Report, SiteEntry};
 use crate::contract::site::{Site, Step};
@@ -210,6 +211,32 @@ fn glance(out: &mut String, r: &Report) {
         let _ = writeln!(out, "<p class=\"muted\">Nothing to explain.</p>");
     }
     let _ = writeln!(out, "</div>");
+    if let Some(b) = &r.baseline {
+        let class = if b.regressions.is_empty() { "card wide ok" } else { "card wide first" };
+        let _ = writeln!(
+            out,
+            "<div class=\"{class}\" id=\"baseline\"><h2>Baseline</h2><div>Held against <code>{}</code>: \
+             {} sites compared, <b>{} regressed</b> (allowed growth x{} beyond noise).</div>",
+            escape(&b.report),
+            b.compared,
+            b.regressions.len(),
+            b.max_regression
+        );
+        if !b.regressions.is_empty() {
+            let _ = writeln!(out, "<ol class=\"findings\">");
+            for g in &b.regressions {
+                let _ = writeln!(
+                    out,
+                    "<li><span class=\"mono\">{} {}</span><br><span class=\"muted\">{}</span></li>",
+                    escape(&g.step),
+                    escape(&g.site),
+                    escape(&g.why)
+                );
+            }
+            let _ = writeln!(out, "</ol>");
+        }
+        let _ = writeln!(out, "</div>");
+    }
     let s = &r.summary;
     let _ = writeln!(out, "<div class=\"card wide\" id=\"run\"><h2>Run</h2><dl class=\"facts\">");
     let producer = producer_line(&r.candidate_producer);
@@ -253,18 +280,21 @@ fn producer_line(p: &serde_json::Value) -> String {
 
 fn sites_table(out: &mut String, r: &Report) {
     let _ = writeln!(out, "<h2 class=\"section\" id=\"sites\">Every site</h2>");
+    let based = r.baseline.is_some();
     let _ = writeln!(
         out,
         "<table class=\"sites\"><thead><tr><th>site</th><th>status</th><th>rel_l2</th><th>cosine</th>\
-         <th>max_abs</th><th>max_rel</th><th>new NaN/Inf</th><th title=\"rel_l2 over the noise floor (the worst error of correct runs here)\">x floor</th><th>shape</th><th>note</th></tr></thead><tbody>"
+         <th>max_abs</th><th>max_rel</th><th>new NaN/Inf</th><th title=\"rel_l2 over the noise floor (the worst error of correct runs here)\">x floor</th>{}<th>shape</th><th>note</th></tr></thead><tbody>",
+        if based { "<th>baseline</th><th>x baseline</th>" } else { "" }
     );
+    let columns = if based { 12 } else { 10 };
     let mut step: Option<Step> = None;
     for e in &r.sites {
         if step != Some(e.step) {
             step = Some(e.step);
             let _ = writeln!(
                 out,
-                "<tr class=\"step\"><td colspan=\"10\">{}</td></tr>",
+                "<tr class=\"step\"><td colspan=\"{columns}\">{}</td></tr>",
                 escape(&e.step)
             );
         }
@@ -298,7 +328,22 @@ fn sites_table(out: &mut String, r: &Report) {
             }
             _ => shape(&e.golden_shape),
         };
+        let base = if based {
+            let then = e.baseline.as_ref().map_or_else(|| "-".to_string(), |m| sci(m.error()));
+            let g = e.baseline_growth.map_or_else(|| "-".to_string(), growth_text);
+            let g = if e.regression.is_some() { format!("<b>{g}</b>") } else { g };
+            format!("<td class=\"num\">{then}</td><td class=\"num\">{g}</td>")
+        } else {
+            String::new()
+        };
         let mut note = e.note.clone().unwrap_or_default();
+        if let Some(why) = &e.regression {
+            note = if note.is_empty() {
+                format!("regressed: {why}")
+            } else {
+                format!("{note}; regressed: {why}")
+            };
+        }
         if let Some(m @ (SiteMetrics::Exact { .. } | SiteMetrics::Visibility { .. })) = &e.metrics {
             if e.status == Status::Fail {
                 note = metrics_line(m);
@@ -308,8 +353,8 @@ fn sites_table(out: &mut String, r: &Report) {
             out,
             "<tr class=\"{status}{}\"{}><td class=\"mono\" title=\"{}\">{}</td><td class=\"st\">{status}</td>\
              <td class=\"num\">{rel}</td><td class=\"num\">{cos}</td><td class=\"num\">{ma}</td><td class=\"num\">{mr}</td>\
-             <td class=\"num\">{nn}</td><td class=\"num\" title=\"{}\">{xf}</td><td class=\"mono nw\">{}</td><td>{}</td></tr>",
-            if first { " first" } else { "" },
+             <td class=\"num\">{nn}</td><td class=\"num\" title=\"{}\">{xf}</td>{base}<td class=\"mono nw\">{}</td><td>{}</td></tr>",
+            if first { " first" } else if e.regression.is_some() { " fail" } else { "" },
             if first { " id=\"row-first\"" } else { "" },
             escape(&e.site),
             escape(&short_or_full(&e.site)),

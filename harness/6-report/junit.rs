@@ -10,14 +10,19 @@ use std::fmt::Write;
 
 use crate::compare::Status;
 
+use super::baseline::growth_text;
 use super::{escape_xml, metrics_line, shape, Report, SiteEntry};
 
 /// Renders `junit.xml`.
 pub fn render_junit(r: &Report) -> String {
     let tests = r.sites.len();
-    let failures = r.sites.iter().filter(|s| s.status == Status::Fail).count();
-    let skipped =
-        r.sites.iter().filter(|s| matches!(s.status, Status::Missing | Status::Skipped)).count();
+    let failures =
+        r.sites.iter().filter(|s| s.status == Status::Fail || s.regression.is_some()).count();
+    let skipped = r
+        .sites
+        .iter()
+        .filter(|s| matches!(s.status, Status::Missing | Status::Skipped) && s.regression.is_none())
+        .count();
     let suite = format!("parity {} vs {} ({})", r.candidate, r.golden, r.scenario);
     let mut out = String::new();
     let _ = writeln!(out, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
@@ -50,7 +55,15 @@ pub fn render_junit(r: &Report) -> String {
                 .first()
                 .map_or_else(|| "none".to_string(), |f| format!("{} ({:.2})", f.fault, f.score)),
         ),
-    ] {
+    ]
+    .into_iter()
+    .chain(r.baseline.iter().flat_map(|b| {
+        [
+            ("baseline", b.report.clone()),
+            ("regressions", b.regressions.len().to_string()),
+            ("max_regression", b.max_regression.to_string()),
+        ]
+    })) {
         let _ = writeln!(out, r#"      <property name="{k}" value="{}"/>"#, escape_xml(&v));
     }
     let _ = writeln!(out, "    </properties>");
@@ -68,15 +81,43 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
         escape_xml(&e.step),
         escape_xml(&e.site)
     );
+    // Under --baseline: the delta, on every site the baseline has.
+    let delta = e.baseline.as_ref().map(|then| {
+        format!(
+            "baseline ({}): {}; now: {}; growth x{}",
+            e.baseline_status.map_or_else(|| "-".to_string(), |s| format!("{s:?}").to_lowercase()),
+            metrics_line(then),
+            e.metrics.as_ref().map_or_else(|| "-".to_string(), metrics_line),
+            e.baseline_growth.map_or_else(|| "-".to_string(), growth_text)
+        )
+    });
+    if let (Some(why), false) = (&e.regression, e.status == Status::Fail) {
+        let _ = writeln!(out, "{head}>");
+        let _ = writeln!(
+            out,
+            r#"      <failure message="{}" type="regression">{}</failure>"#,
+            escape_xml(&format!("regressed against the baseline: {why}")),
+            escape_xml(delta.as_deref().unwrap_or_default())
+        );
+        let _ = writeln!(out, "    </testcase>");
+        return;
+    }
+    let system_out = delta
+        .as_ref()
+        .map(|d| format!("      <system-out>{}</system-out>\n", escape_xml(d)))
+        .unwrap_or_default();
     match e.status {
-        Status::Pass => {
+        Status::Pass if system_out.is_empty() => {
             let _ = writeln!(out, "{head}/>");
+        }
+        Status::Pass => {
+            let _ = write!(out, "{head}>\n{system_out}    </testcase>\n");
         }
         Status::Missing | Status::Skipped => {
             let why = e.note.clone().unwrap_or_else(|| format!("{:?}", e.status).to_lowercase());
             let _ = writeln!(out, "{head}>");
             let _ = writeln!(out, r#"      <skipped message="{}"/>"#, escape_xml(&why));
-            let _ = writeln!(out, "    </testcase>");
+            let _ = writeln!(out, "{system_out}    </testcase>");
         }
         Status::Fail => {
             let message = e.note.clone().unwrap_or_else(|| "diverges from the golden".into());
@@ -110,6 +151,9 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
                     );
                 }
             }
+            if let Some(why) = &e.regression {
+                let _ = writeln!(body, "regressed against the baseline: {why}");
+            }
             let _ = writeln!(out, "{head}>");
             let _ = writeln!(
                 out,
@@ -117,7 +161,7 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
                 escape_xml(&message),
                 escape_xml(body.trim_end())
             );
-            let _ = writeln!(out, "    </testcase>");
+            let _ = writeln!(out, "{system_out}    </testcase>");
         }
     }
 }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::compare::{SiteMetrics, Status, Verdict};
 
+use super::baseline::growth_text;
 use super::{excess, metrics_line, sci, Report};
 
 /// Escapes text for a Markdown table cell or inline text: backslash-escapes the
@@ -88,20 +89,72 @@ pub fn render_markdown(r: &Report) -> String {
     } else if r.verdict == Verdict::Fail && s.fail > 0 {
         let _ = writeln!(out, "**Diagnosis:** {}.\n", escape_md(&r.empty_diagnosis_text()));
     }
-    let worst = r.worst(10);
+    if let Some(b) = &r.baseline {
+        let _ = writeln!(
+            out,
+            "**Baseline:** `{}`: {} sites compared, {} regressed (allowed growth x{}).\n",
+            b.report.replace('`', "'"),
+            b.compared,
+            b.regressions.len(),
+            b.max_regression
+        );
+        for g in &b.regressions {
+            let _ = writeln!(
+                out,
+                "- **regression** `{}` `{}`: {}",
+                g.step,
+                g.site.to_string().replace('`', "'"),
+                escape_md(&g.why)
+            );
+        }
+        if !b.regressions.is_empty() {
+            let _ = writeln!(out);
+        }
+    }
+    let based = r.baseline.is_some();
+    let mut worst = r.worst(10);
+    // Regressed sites are listed even when they are far inside their tolerance.
+    for e in r.sites.iter().filter(|e| e.regression.is_some()) {
+        if !worst.iter().any(|w| w.step == e.step && w.site == e.site) {
+            worst.push(e);
+        }
+    }
     if !worst.is_empty() {
-        let _ = writeln!(out, "| status | step | site | rel_l2 | cosine | x tolerance | x floor |");
-        let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|");
+        if based {
+            let _ = writeln!(
+                out,
+                "| status | step | site | rel_l2 | cosine | x tolerance | x floor | baseline rel_l2 | x baseline |"
+            );
+            let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---:|");
+        } else {
+            let _ =
+                writeln!(out, "| status | step | site | rel_l2 | cosine | x tolerance | x floor |");
+            let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|");
+        }
         for e in worst {
-            let status = if e.status == Status::Fail { "**fail**" } else { "pass" };
+            let status = if e.status == Status::Fail {
+                "**fail**"
+            } else if e.regression.is_some() {
+                "**regressed**"
+            } else {
+                "pass"
+            };
             let (rel, cos) = match &e.metrics {
                 Some(SiteMetrics::Values(m)) => (sci(m.rel_l2), format!("{:.6}", m.cosine)),
                 Some(m) => (sci(m.error()), "-".to_string()),
                 None => ("-".into(), "-".into()),
             };
+            let base = if based {
+                let then = e.baseline.as_ref().map_or_else(|| "-".to_string(), |m| sci(m.error()));
+                let g = e.baseline_growth.map_or_else(|| "-".to_string(), growth_text);
+                let g = if e.regression.is_some() { format!("**{g}**") } else { g };
+                format!(" {then} | {g} |")
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "| {status} | {} | {} | {rel} | {cos} | {} | {} |",
+                "| {status} | {} | {} | {rel} | {cos} | {} | {} |{base}",
                 escape_md(&e.step.to_string()),
                 escape_md(&e.site.to_string()),
                 format_excess(excess(e)),

@@ -9,8 +9,12 @@
 //! - `summary.md` ([`markdown`]): a short summary for CI step summaries and PR comments;
 //! - a compact terminal table ([`terminal`]).
 //!
+//! Under `--baseline`, [`baseline`] holds the report against an accepted one and marks
+//! the sites that regressed; every format shows the deltas.
+//!
 //! Every file is written atomically, and the same report gives byte-identical files.
 
+pub mod baseline;
 mod charts;
 mod html;
 mod junit;
@@ -36,7 +40,7 @@ pub use markdown::render_markdown;
 pub use terminal::render_summary;
 
 /// Format string of `report.json`.
-pub const FORMAT: &str = "llama-parity/report@1";
+pub const FORMAT: &str = "llama-parity/report@2";
 
 /// One site of the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +76,19 @@ pub struct SiteEntry {
     /// sites, where a floor was measured): worst rel-L2 and worst cosine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_floor: Option<SiteFloor>,
+    /// Under `--baseline`: this site's metrics in the accepted report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<SiteMetrics>,
+    /// Under `--baseline`: this site's status in the accepted report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_status: Option<Status>,
+    /// Under `--baseline`: error now / max(error in the baseline, noise)
+    /// ([`baseline::growth`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "baseline::num_opt")]
+    pub baseline_growth: Option<f64>,
+    /// Under `--baseline`: why this site regressed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regression: Option<String>,
 }
 
 impl SiteEntry {
@@ -92,6 +109,10 @@ impl SiteEntry {
             per_head: r.per_head.clone(),
             abs_histogram: r.abs_histogram.clone(),
             noise_floor: r.noise_floor,
+            baseline: None,
+            baseline_status: None,
+            baseline_growth: None,
+            regression: None,
         }
     }
 
@@ -146,6 +167,9 @@ pub struct Report {
     /// True when the sites carry `local_metrics` from a teacher-forced run.
     #[serde(default)]
     pub teacher_forced: bool,
+    /// Under `--baseline`: the accepted report and what regressed against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<baseline::BaselineSummary>,
     pub sites: Vec<SiteEntry>,
 }
 
@@ -169,6 +193,7 @@ impl Report {
             noise_floor_note: None,
             summary: Summary { pass, fail, missing, skipped },
             teacher_forced: false,
+            baseline: None,
             sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
         }
     }

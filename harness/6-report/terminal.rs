@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::compare::{SiteMetrics, Status, Verdict};
 
+use super::baseline::growth_text;
 use super::{excess, Report, SiteEntry};
 
 /// Renders the summary; `color` adds ANSI colours.
@@ -56,19 +57,42 @@ pub fn render_summary(r: &Report, color: bool) -> String {
     } else if r.verdict == Verdict::Fail && s.fail > 0 {
         let _ = writeln!(out, "diagnosis: {}", r.empty_diagnosis_text());
     }
-    let worst = r.worst(8);
+    if let Some(b) = &r.baseline {
+        let _ = writeln!(
+            out,
+            "baseline: {}: {} sites compared, {} regressed (allowed growth x{})",
+            b.report,
+            b.compared,
+            b.regressions.len(),
+            b.max_regression
+        );
+        for g in &b.regressions {
+            let _ =
+                writeln!(out, "  {} {} {}  {}", paint("1;31", "regression"), g.step, g.site, g.why);
+        }
+    }
+    let mut worst = r.worst(8);
+    // Regressed sites are listed even when they are far inside their tolerance.
+    for e in r.sites.iter().filter(|e| e.regression.is_some()) {
+        if !worst.iter().any(|w| w.step == e.step && w.site == e.site) {
+            worst.push(e);
+        }
+    }
     if !worst.is_empty() {
         let local_col = if r.teacher_forced { format!(" {:>11}", "local") } else { String::new() };
         let floored = r.sites.iter().any(|e| e.noise_floor.is_some());
         let floor_col = if floored { format!(" {:>8}", "x floor") } else { String::new() };
+        let base_col =
+            if r.baseline.is_some() { format!(" {:>10}", "x base") } else { String::new() };
         let _ = writeln!(
             out,
-            "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{floor_col}{local_col}",
+            "\n{:<8} {:<10} {:<46} {:>11} {:>10} {:>8}{floor_col}{local_col}{base_col}",
             "status", "step", "site", "rel_l2", "cosine", "x tol"
         );
         for e in worst {
             let st = match e.status {
                 Status::Fail => paint("31", "fail    "),
+                _ if e.regression.is_some() => paint("31", "regress "),
                 _ => "pass    ".to_string(),
             };
             let (rel, cos) = match &e.metrics {
@@ -91,9 +115,15 @@ pub fn render_summary(r: &Report, color: bool) -> String {
                 (true, None) => format!(" {:>8}", "-"),
                 _ => String::new(),
             };
+            // Under --baseline: error now / max(error in the baseline, noise).
+            let base = match (r.baseline.is_some(), e.baseline_growth) {
+                (true, Some(g)) => format!(" {:>10}", growth_text(g)),
+                (true, None) => format!(" {:>10}", "-"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{xf}{local}",
+                "{st} {:<10} {:<46} {:>11} {:>10} {:>8.2}{xf}{local}{base}",
                 e.step,
                 e.site,
                 rel,

@@ -127,6 +127,13 @@ pub struct SuiteArgs {
     /// Write one report per run into DIR/<golden>/<run>/ and DIR/suite.json.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// Hold each run against its accepted report in DIR (a previous `suite --report
+    /// DIR`: DIR/<golden>/<run>/report.json); a run without one there is not gated.
+    #[arg(long, value_name = "DIR")]
+    pub baseline: Option<PathBuf>,
+    /// With --baseline: how much a site's error may grow beyond its noise.
+    #[arg(long, value_name = "F", default_value_t = 2.0)]
+    pub max_regression: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -217,6 +224,16 @@ pub struct CommonArgs {
     /// floor.
     #[arg(long)]
     pub no_floor: bool,
+    /// Hold this run against an accepted report.json: fail (exit 1) when a site that
+    /// passed there fails now, or a site's error grew by more than --max-regression
+    /// beyond its noise. Accept a new baseline by copying a report.json (e.g. into
+    /// reports/baselines/).
+    #[arg(long, value_name = "REPORT")]
+    pub baseline: Option<PathBuf>,
+    /// With --baseline: how much a site's error may grow beyond its noise (the larger of
+    /// one rounding of the dtype and 1% of the site's max_rel_l2) before it regresses.
+    #[arg(long, value_name = "F", default_value_t = 2.0)]
+    pub max_regression: f64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

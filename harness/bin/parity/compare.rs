@@ -9,7 +9,7 @@ use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
-use crate::output::{common_outputs, finish, floor, load_policy, progress};
+use crate::output::{common_outputs, finish, floor, load_baseline, load_policy, progress};
 
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let inputs = [
@@ -17,6 +17,7 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         Some(&a.candidate),
         a.common.policy.as_deref(),
         a.map.as_deref(),
+        a.common.baseline.as_deref(),
     ];
     guard::check_outputs(
         &inputs.into_iter().flatten().collect::<Vec<_>>(),
@@ -24,8 +25,15 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     )?;
     let policy = load_policy(&a.common)?;
     let floor = floor(&a.common)?;
+    let baseline = load_baseline(&a.common)?;
     let golden = Dump::open(&a.golden)?;
-    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
+    let opts = Options {
+        progress: &progress,
+        floor,
+        baseline: baseline.as_ref(),
+        max_regression: a.common.max_regression,
+        ..Options::new(&policy)
+    };
     if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
         return crate::import::compare_msprobe(&a, &golden, &opts);
     }

@@ -10,6 +10,7 @@ use llama_parity::compare::Verdict;
 use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Precision;
 use llama_parity::pipeline::Floor;
+use llama_parity::report::baseline::Baseline;
 use llama_parity::report::{render_summary, Report};
 use llama_parity::{Error, Result};
 
@@ -43,6 +44,26 @@ pub fn load_policy(c: &CommonArgs) -> Result<Policy> {
     match &c.policy {
         Some(p) => Policy::load(p),
         None => Ok(Policy::default()),
+    }
+}
+
+/// The accepted report of `--baseline`, if given, after checking `--max-regression`.
+/// (The baseline is an input: the output guard keeps `--report` from overwriting it.)
+pub fn load_baseline(c: &CommonArgs) -> Result<Option<Baseline>> {
+    check_max_regression(c.max_regression)?;
+    let Some(path) = &c.baseline else { return Ok(None) };
+    Baseline::load(path).map(Some)
+}
+
+/// `--max-regression` must be a finite factor of at least 1.
+pub fn check_max_regression(f: f64) -> Result<()> {
+    if f.is_finite() && f >= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Usage {
+            flag: "--max-regression".into(),
+            what: format!("{f} is not a growth factor: give a finite number >= 1"),
+        })
     }
 }
 

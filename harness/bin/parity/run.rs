@@ -12,7 +12,9 @@ use llama_parity::pipeline::{self, Options};
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
-use crate::output::{common_outputs, finish, floor, load_policy, precision, progress};
+use crate::output::{
+    common_outputs, finish, floor, load_baseline, load_policy, precision, progress,
+};
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let implementation = match a.implementation {
@@ -46,7 +48,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let dump =
         a.dump.as_deref().map(|dir| Output { label: "--dump", dir, files: guard::DUMP_FILES });
     guard::check_outputs(
-        &[Some(a.golden.as_path()), a.common.policy.as_deref()]
+        &[Some(a.golden.as_path()), a.common.policy.as_deref(), a.common.baseline.as_deref()]
             .into_iter()
             .flatten()
             .collect::<Vec<_>>(),
@@ -65,7 +67,14 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         teacher_force: a.teacher_force,
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
-    let opts = Options { progress: &progress, floor, ..Options::new(&policy) };
+    let baseline = load_baseline(&a.common)?;
+    let opts = Options {
+        progress: &progress,
+        floor,
+        baseline: baseline.as_ref(),
+        max_regression: a.common.max_regression,
+        ..Options::new(&policy)
+    };
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;

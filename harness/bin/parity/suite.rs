@@ -11,6 +11,7 @@ use llama_parity::contract::fault::Fault;
 use llama_parity::dump::{guard, Dump, Precision};
 use llama_parity::model::{Implementation, RunOptions};
 use llama_parity::pipeline::{self, Options};
+use llama_parity::report::baseline::Baseline;
 use llama_parity::report::Report;
 use llama_parity::{Error, Result};
 
@@ -50,15 +51,34 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             what: format!("{} holds no golden dump", a.goldens.display()),
         });
     }
-    let inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
+    let mut inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
+    inputs.extend(a.baseline.as_deref());
     let out = a.report.as_deref().map(|dir| guard::Output {
         label: "--report",
         dir,
         files: &["suite.json"],
     });
     guard::check_outputs(&inputs, &out.into_iter().collect::<Vec<_>>())?;
+    crate::output::check_max_regression(a.max_regression)?;
+    if let Some(b) = &a.baseline {
+        if !b.is_dir() {
+            return Err(Error::Usage {
+                flag: "--baseline".into(),
+                what: format!("{} is not a directory of a previous `suite --report`", b.display()),
+            });
+        }
+    }
     let policy = Policy::default();
-    let check = Options::new(&policy);
+    // The accepted report of one run, when --baseline names a directory holding one.
+    let baseline_of = |golden: &str, run: &str| -> Result<Option<Baseline>> {
+        let Some(dir) = &a.baseline else { return Ok(None) };
+        let p = dir.join(golden).join(run_dir(run)).join("report.json");
+        if p.is_file() {
+            Baseline::load(&p).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
     let candidates = if a.candidates.is_dir() { list_dirs(&a.candidates)? } else { Vec::new() };
     let mut rows = Vec::new();
     for gdir in &goldens {
@@ -100,7 +120,10 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         for (label, opts) in runs {
             eprintln!("parity: suite: {gname}: {label}");
             let t = Instant::now();
-            let outcome = pipeline::run(&golden, &opts, &check)
+            let outcome = baseline_of(&gname, &label)
+                .and_then(|b| {
+                    pipeline::run(&golden, &opts, &options(&policy, b.as_ref(), a.max_regression))
+                })
                 .map(|(_, report)| report)
                 .map_err(|e| e.to_string());
             rows.push(Row {
@@ -118,14 +141,21 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
                 Fault::parse_underscored(&dir_fault).map_or(dir_fault, |f| f.id().to_string());
             eprintln!("parity: suite: {gname}: candidate {fault}");
             let t = Instant::now();
+            let run = format!("candidate {fault}");
             let outcome = (|| -> Result<Report> {
                 let cand = Dump::open(cdir)?;
-                pipeline::check(&golden, &cand, None, &check)
+                let b = baseline_of(&gname, &run)?;
+                pipeline::check(
+                    &golden,
+                    &cand,
+                    None,
+                    &options(&policy, b.as_ref(), a.max_regression),
+                )
             })()
             .map_err(|e| e.to_string());
             rows.push(Row {
                 golden: gname.clone(),
-                run: format!("candidate {fault}"),
+                run,
                 expect: Verdict::Fail,
                 outcome,
                 seconds: t.elapsed().as_secs_f64(),
@@ -136,7 +166,7 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.report {
         for r in &rows {
             if let Ok(rep) = &r.outcome {
-                rep.write(&dir.join(&r.golden).join(r.run.replace(' ', "_")))?;
+                rep.write(&dir.join(&r.golden).join(run_dir(&r.run)))?;
             }
         }
         let summary: Vec<serde_json::Value> = rows
@@ -197,6 +227,20 @@ fn print_matrix(rows: &[Row]) {
             r.golden, r.run, expect, got, detail, r.seconds
         );
     }
+}
+
+/// Judge by `policy`, held against `baseline` when there is one.
+fn options<'a>(
+    policy: &'a Policy,
+    baseline: Option<&'a Baseline>,
+    max_regression: f64,
+) -> Options<'a> {
+    Options { baseline, max_regression, ..Options::new(policy) }
+}
+
+/// The directory of one run's report under `--report DIR/<golden>/`.
+fn run_dir(run: &str) -> String {
+    run.replace(' ', "_")
 }
 
 fn list_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
