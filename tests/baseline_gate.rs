@@ -230,7 +230,7 @@ fn bad_baselines_and_factors_exit_2_naming_the_file_or_flag() {
         &case.path("out/accepted"),
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("would overwrite the baseline"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("would overwrite the input"));
 }
 
 #[test]
