@@ -122,21 +122,7 @@ fn main() {
     );
 
     // An .npy tree whose prefill tensor has a bad magic; its decode tensor is valid.
-    let dir = root.join("npy_bad_magic");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("activations/prefill")).expect("mkdir");
-    fs::create_dir_all(dir.join("activations/decode.0")).expect("mkdir");
-    fs::write(dir.join("manifest.json"), MANIFEST).expect("write");
-    fs::write(
-        dir.join("activations/prefill/model.embed_tokens.npy"),
-        npy(b"\x93NUMPX", "(1, 3, 4)", &[0.5; 12]),
-    )
-    .expect("write");
-    fs::write(
-        dir.join("activations/decode.0/model.embed_tokens.npy"),
-        npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4]),
-    )
-    .expect("write");
+    npy_tree(&root.join("npy_bad_magic"), &npy(b"\x93NUMPX", "(1, 3, 4)", &[0.5; 12]));
 
     let no_steps = MANIFEST.replace(",\n  \"steps\": [\"prefill\", \"decode.0\"]", "");
     case(&root, "manifest_without_steps", &no_steps, Some(good.clone()));
@@ -205,21 +191,7 @@ fn main() {
 
     // An .npy whose header announces far more data than the file holds: refused from
     // the header, before any data is read.
-    let dir = root.join("npy_short_data");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("activations/prefill")).expect("mkdir");
-    fs::create_dir_all(dir.join("activations/decode.0")).expect("mkdir");
-    fs::write(dir.join("manifest.json"), MANIFEST).expect("write");
-    fs::write(
-        dir.join("activations/prefill/model.embed_tokens.npy"),
-        npy(b"\x93NUMPY", "(1000000, 1000, 4)", &[0.5; 12]),
-    )
-    .expect("write");
-    fs::write(
-        dir.join("activations/decode.0/model.embed_tokens.npy"),
-        npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4]),
-    )
-    .expect("write");
+    npy_tree(&root.join("npy_short_data"), &npy(b"\x93NUMPY", "(1000000, 1000, 4)", &[0.5; 12]));
 
     // manifest.json that is a directory.
     let dir = root.join("manifest_is_a_directory");
@@ -230,4 +202,19 @@ fn main() {
 
     case(&root, "valid", MANIFEST, Some(good));
     println!("wrote {}", root.display());
+}
+
+/// An `.npy` tree at `dir` whose prefill `model.embed_tokens` is `prefill` and whose
+/// decode one is valid.
+fn npy_tree(dir: &Path, prefill: &[u8]) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir.join("activations/prefill")).expect("mkdir");
+    fs::create_dir_all(dir.join("activations/decode.0")).expect("mkdir");
+    fs::write(dir.join("manifest.json"), MANIFEST).expect("write");
+    fs::write(dir.join("activations/prefill/model.embed_tokens.npy"), prefill).expect("write");
+    fs::write(
+        dir.join("activations/decode.0/model.embed_tokens.npy"),
+        npy(b"\x93NUMPY", "(1, 1, 4)", &[0.5; 4]),
+    )
+    .expect("write");
 }

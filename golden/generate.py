@@ -478,14 +478,7 @@ def run_scenario(sc: dict, fault: str | None = None):
         rec.close()
 
     producer = {
-        "framework": "transformers",
-        "version": transformers.__version__,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-        "device": "cpu",
-        "attn_implementation": "eager",
-        "deterministic": True,
+        **runtime_producer(),
         "num_threads": 1,
         "weights_cast": "model.to(dtype) after float32 init; rotary inv_freq kept float32 as from_pretrained(dtype=...) does",
         "init": INIT if sc["weight_scale"] == "fixed" else {**INIT, **INIT_FAN_IN},
@@ -514,6 +507,20 @@ def run_scenario(sc: dict, fault: str | None = None):
     if sc.get("weights_from"):
         manifest["scenario"]["weights_from"] = sc["weights_from"]
     return manifest, acts, weights
+
+
+def runtime_producer():
+    """The producer fields every golden shares: the libraries and how torch ran."""
+    return {
+        "framework": "transformers",
+        "version": transformers.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+        "device": "cpu",
+        "attn_implementation": "eager",
+        "deterministic": True,
+    }
 
 
 def check_step(cfg, cur, step, B, T, S, dtype, layers=None):
@@ -804,14 +811,7 @@ def run_model(args) -> int:
         rec.close()
 
     producer = {
-        "framework": "transformers",
-        "version": transformers.__version__,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-        "device": "cpu",
-        "attn_implementation": "eager",
-        "deterministic": True,
+        **runtime_producer(),
         "num_threads": args.threads,
         "weights_cast": f"from_pretrained(dtype={args.dtype})",
         "generator": "golden/generate.py --model",

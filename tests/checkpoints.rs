@@ -6,7 +6,6 @@
 //! is not the one hashed is refused, and results do not depend on the thread count.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use llama_parity::contract::site::{LayerPart, Site, Step};
 use llama_parity::dump::Dump;
@@ -14,19 +13,22 @@ use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::weights::checkpoint::HfCheckpoint;
 use serde_json::Value;
 
+use crate::helpers::{parity, report_json};
+
+/// `parity run GOLDEN ARGS... --report DIR` into a fresh directory: exit code, the
+/// output, and the report's JSON.
+fn run_with_report(golden: &Path, args: &[&str]) -> (Option<i32>, String, Value) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rep = tmp.path().join("r");
+    let mut all = vec!["run", golden.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--report", rep.to_str().unwrap()]);
+    let (code, out, err) = parity(&all);
+    (code, format!("{out}\n{err}"), report_json(&rep))
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/checkpoints").join(name)
-}
-
-fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity");
-    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code(), s(out.stdout), s(out.stderr))
-}
-
-fn report(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json"))
-        .expect("report.json is JSON")
 }
 
 #[test]
@@ -52,19 +54,8 @@ fn the_fixture_is_a_sharded_hf_checkpoint_and_every_parameter_is_found() {
 
 #[test]
 fn the_reference_reproduces_a_golden_made_from_the_checkpoint() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let rep = tmp.path().join("r");
-    let golden = fixture("tiny_llama3_golden");
-    let (code, out, err) = parity(&[
-        "run",
-        golden.to_str().unwrap(),
-        "--impl",
-        "reference",
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let r = report(&rep);
+    let (code, out, r) = run_with_report(&fixture("tiny_llama3_golden"), &["--impl", "reference"]);
+    assert_eq!(code, Some(0), "{out}");
     assert_eq!(r["verdict"], "pass");
     // 4 steps: 7 shared sites + 14 a layer for 4 layers
     assert_eq!(r["sites"].as_array().map(Vec::len), Some(4 * (7 + 4 * 14)), "{out}");
@@ -72,23 +63,11 @@ fn the_reference_reproduces_a_golden_made_from_the_checkpoint() {
 
 #[test]
 fn a_fault_planted_in_a_run_on_the_checkpoint_is_diagnosed() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let rep = tmp.path().join("r");
-    let golden = fixture("tiny_llama3_golden");
-    let (code, out, err) = parity(&[
-        "run",
-        golden.to_str().unwrap(),
-        "--impl",
-        "ascend",
-        "--dtype",
-        "bfloat16",
-        "--fault",
-        "rope.pos_reset",
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(1), "{out}\n{err}");
-    let r = report(&rep);
+    let (code, out, r) = run_with_report(
+        &fixture("tiny_llama3_golden"),
+        &["--impl", "ascend", "--dtype", "bfloat16", "--fault", "rope.pos_reset"],
+    );
+    assert_eq!(code, Some(1), "{out}");
     assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
 }
 
@@ -110,18 +89,9 @@ fn per_step_files_hold_one_step_each_and_a_layer_subset_leaves_the_rest_out() {
     let sites = d.sites(Step::Prefill).len();
     assert_eq!(sites, 7 + 2 * 14);
     // The reference runs every layer; only the dumped ones are compared, all passing.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let rep = tmp.path().join("r");
-    let (code, out, err) = parity(&[
-        "run",
-        golden.to_str().unwrap(),
-        "--impl",
-        "reference",
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert_eq!(report(&rep)["sites"].as_array().map(Vec::len), Some(4 * sites));
+    let (code, out, r) = run_with_report(&golden, &["--impl", "reference"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(r["sites"].as_array().map(Vec::len), Some(4 * sites));
 }
 
 #[test]

@@ -3,22 +3,29 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use llama_parity::contract::site::{self, Site, Step};
 use llama_parity::dump::{DType, Dump, Precision, Tensor};
+use serde_json::Value;
+
+use crate::helpers::{parity, report_json};
 
 fn goldens() -> Vec<PathBuf> {
     crate::helpers::dump_dirs("golden")
 }
 
-fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `parity compare GOLDEN CANDIDATE --report REPORT`: exit code, the output, and the
+/// report's JSON (null when none was written).
+fn compare(golden: &Path, candidate: &Path, report: &Path) -> (Option<i32>, String, Value) {
+    let (code, out, err) = parity(&[
+        "compare",
+        golden.to_str().unwrap(),
+        candidate.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let json = if report.join("report.json").is_file() { report_json(report) } else { Value::Null };
+    (code, format!("{}: {out}{err}", golden.display()), json)
 }
 
 /// A copy of `golden` (activations and manifest) with `edit` applied to one tensor.
@@ -47,25 +54,13 @@ fn planted_copy(
     out
 }
 
-fn report(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json"))
-        .expect("json")
-}
-
 #[test]
 fn every_golden_passes_against_itself() {
     let tmp = tempfile::tempdir().expect("tmp");
     for g in goldens() {
         let rep = tmp.path().join(g.file_name().unwrap());
-        let (code, out, err) = parity(&[
-            "compare",
-            g.to_str().unwrap(),
-            g.to_str().unwrap(),
-            "--report",
-            rep.to_str().unwrap(),
-        ]);
-        assert_eq!(code, Some(0), "{}: {out}{err}", g.display());
-        let r = report(&rep);
+        let (code, out, r) = compare(&g, &g, &rep);
+        assert_eq!(code, Some(0), "{out}");
         assert_eq!(r["verdict"], "pass");
         assert!(r["first_divergence"].is_null());
         assert_eq!(r["summary"]["fail"], 0);
@@ -91,15 +86,8 @@ fn a_site_scaled_by_one_percent_is_the_first_divergence() {
         let copy =
             planted_copy(&g, tmp.path(), step, &site, |v| v.iter_mut().for_each(|x| *x *= factor));
         let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
-        let (code, out, err) = parity(&[
-            "compare",
-            g.to_str().unwrap(),
-            copy.to_str().unwrap(),
-            "--report",
-            rep.to_str().unwrap(),
-        ]);
-        assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
-        let r = report(&rep);
+        let (code, out, r) = compare(&g, &copy, &rep);
+        assert_eq!(code, Some(1), "{out}");
         assert_eq!(r["first_divergence"]["step"], "decode.1", "{}", g.display());
         assert_eq!(r["first_divergence"]["site"], site.to_string(), "{}", g.display());
         assert_eq!(r["summary"]["fail"], 1, "{}: only the planted site differs", g.display());
@@ -117,15 +105,8 @@ fn a_single_nan_in_a_decode_site_is_the_first_divergence() {
             v[k] = f64::NAN;
         });
         let rep = tmp.path().join(format!("{}-report", g.file_name().unwrap().to_string_lossy()));
-        let (code, out, err) = parity(&[
-            "compare",
-            g.to_str().unwrap(),
-            copy.to_str().unwrap(),
-            "--report",
-            rep.to_str().unwrap(),
-        ]);
-        assert_eq!(code, Some(1), "{}: {out}{err}", g.display());
-        let r = report(&rep);
+        let (code, out, r) = compare(&g, &copy, &rep);
+        assert_eq!(code, Some(1), "{out}");
         assert_eq!(r["first_divergence"]["step"], "decode.2");
         assert_eq!(r["first_divergence"]["site"], "model.layers.1.mlp");
         assert_eq!(r["first_divergence"]["metrics"]["new_nonfinite"], 1);
@@ -149,15 +130,8 @@ fn a_missing_site_is_reported_missing_never_pass() {
     let out = tmp.path().join("no-logits");
     Dump::in_memory(d.manifest.clone(), tensors).unwrap().write(&out).unwrap();
     let rep = tmp.path().join("rep");
-    let (code, _, _) = parity(&[
-        "compare",
-        g.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
+    let (code, _, r) = compare(g, &out, &rep);
     assert_eq!(code, Some(0), "missing sites do not fail the gate by themselves");
-    let r = report(&rep);
     let lm: Vec<&serde_json::Value> =
         r["sites"].as_array().unwrap().iter().filter(|s| s["site"] == "lm_head").collect();
     assert!(!lm.is_empty());
@@ -259,16 +233,9 @@ fn a_site_map_lets_a_candidate_use_its_own_site_names() {
         rep.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(report(&rep)["summary"]["missing"], 0);
-    let (code, _, _) = parity(&[
-        "compare",
-        g.to_str().unwrap(),
-        cand.to_str().unwrap(),
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
+    assert_eq!(report_json(&rep)["summary"]["missing"], 0);
+    let (code, _, r) = compare(&g, &cand, &rep);
     assert_eq!(code, Some(0));
-    let r = report(&rep);
     let layers = d.manifest.model.num_hidden_layers;
     assert_eq!(
         r["summary"]["missing"],
@@ -288,16 +255,9 @@ fn without_weights_beside_the_golden_the_report_says_why_there_is_no_diagnosis()
     }
     let cand = root.join("fixtures/candidates/gqa_pad_f32__rope_pos_reset");
     let rep = tmp.path().join("rep");
-    let (code, out, _) = parity(&[
-        "compare",
-        g.to_str().unwrap(),
-        cand.to_str().unwrap(),
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
+    let (code, out, r) = compare(&g, &cand, &rep);
     assert_eq!(code, Some(1));
     assert!(out.contains("diagnosis: not made: the golden has no weights"), "{out}");
-    let r = report(&rep);
     assert_eq!(r["diagnosis"].as_array().map(Vec::len), Some(0));
     assert!(r["diagnosis_note"].as_str().unwrap().contains("weights.safetensors"));
     let (_, out, _) = parity(&["compare", "golden/gqa_pad_f32", cand.to_str().unwrap()]);

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::dtype::{DType, Precision};
+use super::dtype::DType;
 
 #[derive(Clone)]
 enum Bytes {
@@ -69,11 +69,6 @@ impl Tensor {
             }
         }
         Tensor::owned(dtype, shape.to_vec(), bytes)
-    }
-
-    /// Stores `values` at the storage dtype of `precision`.
-    pub fn from_f64_at(shape: &[usize], values: &[f64], precision: Precision) -> Tensor {
-        Tensor::from_f64(shape, values, precision.dtype())
     }
 
     /// Stores integer `values` as `I64`.

@@ -32,7 +32,7 @@ use crate::dump::{Dump, Precision};
 
 use super::numerics::{Numerics, RoundAt};
 use super::plan::{Plan, SoftmaxPrecision, VariancePrecision};
-use super::reference::{load_model, RopeTableSource, Runner};
+use super::runner::{load_model, RopeTableSource, Runner};
 use super::RunOutput;
 
 /// Where RMSNorm applies its weight.
@@ -183,10 +183,7 @@ pub fn run(
         declared: opts.precision,
         rope_tables,
     };
-    let dump = runner.run_scenario(&model, golden, None)?;
-    let teacher_forced =
-        if teacher_force { Some(runner.run_scenario(&model, golden, Some(golden))?) } else { None };
-    Ok(RunOutput { dump, teacher_forced })
+    runner.run(&model, golden, teacher_force)
 }
 
 #[cfg(test)]

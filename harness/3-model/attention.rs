@@ -19,9 +19,9 @@
 use ndarray::{s, Array2, Array3, Array4, ArrayView4};
 use rayon::prelude::*;
 
+use super::heads::merge_heads;
 use super::numerics::{Numerics, RoundAt};
 use super::plan::{HeadMapping, ScoreScale};
-use super::rope::merge_heads;
 
 /// The key/value head read by query head `h`.
 pub fn kv_head(h: usize, heads: usize, kv_heads: usize, mapping: HeadMapping) -> usize {

@@ -12,24 +12,23 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, Array3, Array4, ArrayD, Zip};
+use ndarray::{Array2, Array3, ArrayD};
 
 use crate::contract::error::{Error, Result};
-use crate::contract::site::{LayerPart, Site};
+use crate::contract::site::Site;
 use crate::dump::ModelConfig;
 
 use super::attention;
+use super::decoder_layer::{DecoderLayer, StepShared};
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::mask;
-use super::mlp::Mlp;
-use super::numerics::{round_in_place, Numerics, RoundAt};
+use super::numerics::Numerics;
 use super::plan::{
-    CacheWrite, CachedKeys, DecodePositions, MaskFill, PaddingSource, Plan, RopeTables,
-    OVERFLOWING_FILL,
+    CacheWrite, DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL,
 };
 use super::rms_norm::RmsNorm;
-use super::rope::{self, Rope, RopeConfig};
+use super::rope::{Rope, RopeConfig};
 use super::weights::Weights;
 
 /// A model: config, weights, rotary config.
@@ -69,7 +68,7 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
-    fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
+    pub(super) fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
         self.sites.push((site, a.into_dyn()));
     }
 
@@ -241,7 +240,6 @@ impl<'m> Session<'m> {
         let (model, n, plan) = (self.model, self.numerics, self.plan);
         let c = &model.config;
         let w = &model.weights;
-        let (nh, nkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let t = ids[0].len();
         let mut out = StepOutput::default();
         out.put(Site::PositionIds, positions.mapv(|p| p as f64));
@@ -267,7 +265,13 @@ impl<'m> Session<'m> {
         let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
         out.put(Site::Mask, m.clone());
 
-        let scale = attention::scale(d, plan.score_scale);
+        let shared = StepShared {
+            cos: cos.view(),
+            sin: sin.view(),
+            mask: &m,
+            scale: attention::scale(c.head_dim(), plan.score_scale),
+            write,
+        };
         for (i, lw) in w.layers.iter().enumerate() {
             super::progress::layer(&self.step_label, i, w.layers.len());
             if let Some(teacher) = teacher {
@@ -285,79 +289,12 @@ impl<'m> Session<'m> {
                     h = x;
                 }
             }
-            let site = |p: LayerPart| Site::Layer(i, p);
-            let x = RmsNorm {
-                weight: &lw.input_layernorm,
-                eps: c.rms_norm_eps,
-                kind: plan.norm_kind,
-                beta: plan.norm_beta,
-            }
-            .forward(&h, n);
-            out.put(site(LayerPart::InputLayernorm), x.clone());
-            let q = lw.q_proj.forward(&x, n);
-            let k = lw.k_proj.forward(&x, n);
-            let v = lw.v_proj.forward(&x, n);
-            out.put(site(LayerPart::QProj), q.clone());
-            out.put(site(LayerPart::KProj), k.clone());
-            out.put(site(LayerPart::VProj), v.clone());
-            let (q, k, v) =
-                (rope::split_heads(&q, nh), rope::split_heads(&k, nkv), rope::split_heads(&v, nkv));
-            let q_rot = rope::apply(&q, cos.view(), sin.view(), plan.rope_layout, n);
-            let k_rot = rope::apply(&k, cos.view(), sin.view(), plan.rope_layout, n);
-            out.put(site(LayerPart::QRope), q_rot.clone());
-            out.put(site(LayerPart::KRope), k_rot.clone());
-            let cached_k: &Array4<f64> = match plan.cached_keys {
-                CachedKeys::Rotated => &k_rot,
-                CachedKeys::Unrotated => &k,
-            };
-            let cache = &mut self.caches[i];
-            cache.append(cached_k, &v, write);
-            out.put(site(LayerPart::KCache), cache.keys().to_owned());
-            out.put(site(LayerPart::VCache), cache.values().to_owned());
-            let (probs, ctx) = attention::eager(
-                &q_rot,
-                cache.keys(),
-                cache.values(),
-                &m,
-                scale,
-                plan.head_mapping,
-                n,
-            );
-            out.put(site(LayerPart::Probs), probs);
-            out.put(site(LayerPart::Context), ctx.clone());
-            let o = lw.o_proj.forward(&ctx, n);
-            out.put(site(LayerPart::OProj), o.clone());
-            residual_add(&mut h, &o, n);
-            let x = RmsNorm {
-                weight: &lw.post_attention_layernorm,
-                eps: c.rms_norm_eps,
-                kind: plan.norm_kind,
-                beta: plan.norm_beta,
-            }
-            .forward(&h, n);
-            out.put(site(LayerPart::PostAttentionLayernorm), x.clone());
-            let y =
-                Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }
-                    .forward(&x, n);
-            out.put(site(LayerPart::Mlp), y.clone());
-            residual_add(&mut h, &y, n);
-            out.put(site(LayerPart::Output), h.clone());
+            let layer = DecoderLayer { index: i, weights: lw, config: c, plan };
+            layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
         }
-        let x = RmsNorm {
-            weight: &w.norm,
-            eps: c.rms_norm_eps,
-            kind: plan.norm_kind,
-            beta: plan.norm_beta,
-        }
-        .forward(&h, n);
+        let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, plan).forward(&h, n);
         out.put(Site::Norm, x.clone());
         out.put(Site::LmHead, w.lm_head.forward(&x, n));
         Ok(out)
     }
-}
-
-/// `h += y`, rounded at `RoundAt::Residual`. Both `[batch, T, hidden]`.
-fn residual_add(h: &mut Array3<f64>, y: &Array3<f64>, n: &dyn Numerics) {
-    Zip::from(&mut *h).and(y).for_each(|a, &b| *a += b);
-    round_in_place(n, RoundAt::Residual, h);
 }

@@ -117,11 +117,6 @@ pub fn python() -> PathBuf {
     PORT.python()
 }
 
-/// The port's `run.py`.
-pub fn port_script() -> PathBuf {
-    PORT.script()
-}
-
 /// Runs the port on `golden`'s scenario and returns its dump (held in memory).
 /// `progress` receives each line the port writes.
 pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<RunOutput> {

@@ -7,7 +7,9 @@
 //!
 //! One building block a file, composed by [`llama`]:
 //! [`weights`] (HF names) → [`embedding`] → [`rope`] (frequencies, tables, rotation) →
-//! [`mask`] → per layer [`rms_norm`], [`linear`], [`kv_cache`], [`attention`], [`mlp`].
+//! [`mask`] → per layer ([`decoder_layer`]) [`rms_norm`], [`linear`], [`heads`],
+//! [`kv_cache`], [`attention`], [`mlp`]. [`runner`] runs a golden's scenario step by step
+//! on a loaded model for every in-process implementation.
 //!
 //! Two seams are threaded through every block so that the reference and a simulated
 //! port share the model code:
@@ -20,7 +22,9 @@
 
 pub mod ascend;
 pub mod attention;
+pub mod decoder_layer;
 pub mod embedding;
+pub mod heads;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
@@ -32,6 +36,7 @@ pub mod progress;
 mod reference;
 pub mod rms_norm;
 pub mod rope;
+pub mod runner;
 pub mod weights;
 
 use crate::contract::error::{Error, Feature, Result};

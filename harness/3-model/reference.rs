@@ -1,31 +1,13 @@
 //! `parity run --impl reference`: the golden's scenario through the float64 model,
-//! as an in-memory dump.
-//!
-//! The free run feeds the prefill and then each teacher-forced decode token
-//! (`scenario.decode_ids`), carrying its own caches. The teacher-forced run
-//! (`--teacher-force`) replaces each layer's input by the golden's (`model.embed_tokens`
-//! for layer 0, `model.layers.{i-1}` for layer `i`) at every step; its KV cache is the
-//! teacher-forced run's own, which holds keys and values computed from the golden's
-//! layer inputs at every earlier step, so each layer's error stays local (the golden's
-//! own `k_cache` is not injected: a candidate dump may lack it, and the own cache
-//! already isolates one layer's error).
+//! as an in-memory dump (the steps and teacher forcing are [`super::runner`]'s).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use crate::contract::error::Result;
+use crate::dump::{Dump, Precision};
 
-use ndarray::{Array3, Ix3};
-use serde_json::json;
-
-use crate::contract::error::{Error, Result};
-use crate::contract::site::{self, LayerPart, Site, Step};
-use crate::dump::{DType, Dump, Manifest, Precision, Tensor};
-
-use super::llama::{LayerInputs, Llama, Session, StepOutput};
-use super::numerics::{Exact, Numerics};
+use super::numerics::Exact;
 use super::plan::Plan;
-use super::weights::Weights;
+use super::runner::{load_model, RopeTableSource, Runner};
 use super::RunOutput;
-use crate::weights::checkpoint::HfCheckpoint;
 
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
 /// class), the golden's when `None`.
@@ -38,204 +20,12 @@ pub fn run(
     let model = load_model(golden, plan)?;
     // Hidden mask entries hold the golden dtype's finfo.min, as HF's eager mask does.
     let numerics = Exact::new(golden.manifest.dtype);
-    let declared = precision.unwrap_or(golden.manifest.dtype);
     let runner = Runner {
         implementation: "reference",
         numerics: &numerics,
         plan,
-        declared,
+        declared: precision.unwrap_or(golden.manifest.dtype),
         rope_tables: RopeTableSource::PerStep,
     };
-    let dump = runner.run_scenario(&model, golden, None)?;
-    let teacher_forced =
-        if teacher_force { Some(runner.run_scenario(&model, golden, Some(golden))?) } else { None };
-    Ok(RunOutput { dump, teacher_forced })
-}
-
-/// The HF weights of `golden`: its `weights.safetensors`, or the checkpoint its manifest
-/// references (CONTRACT §1.2), whose listed sha256 are checked first (a note on stderr
-/// says when the manifest lists none, or when `LLAMA_PARITY_SKIP_SHA256=1` skips them).
-pub fn golden_checkpoint(golden: &Dump) -> Result<HfCheckpoint> {
-    if let Some(f) = golden.weights()? {
-        return Ok(HfCheckpoint::from_file(f));
-    }
-    let Some(r) = golden.weights_ref()? else {
-        return Err(Error::Format {
-            path: golden.dir().map(Weights::path_in).unwrap_or_default(),
-            what: "missing: running a golden's scenario needs its HF weights beside the \
-                   activations or a checkpoint referenced by its manifest"
-                .into(),
-        });
-    };
-    let ckpt = HfCheckpoint::open(&r.checkpoint)?;
-    if r.sha256.is_empty() {
-        eprintln!(
-            "parity: {}: the manifest lists no sha256; checkpoint not verified",
-            r.checkpoint.display()
-        );
-    } else if std::env::var_os("LLAMA_PARITY_SKIP_SHA256").is_some_and(|v| v == "1") {
-        eprintln!(
-            "parity: {}: sha256 check skipped (LLAMA_PARITY_SKIP_SHA256=1)",
-            r.checkpoint.display()
-        );
-    } else {
-        ckpt.verify_sha256(&r.sha256)?;
-    }
-    Ok(ckpt)
-}
-
-/// Loads `golden`'s weights (through the plan's key mapping) and checks its scenario's
-/// token ids against the vocabulary.
-pub(super) fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
-    let manifest_path = golden
-        .dir()
-        .map(|d| d.join("manifest.json"))
-        .unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
-    let weights_file = golden_checkpoint(golden)?;
-    let cfg = golden.manifest.model.clone();
-    // The layer count is checked against the weights before anything is sized by it.
-    let held = weights_file
-        .keys()
-        .filter_map(|k| k.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |i| i + 1);
-    if cfg.num_hidden_layers != held {
-        return Err(Error::Config {
-            path: manifest_path,
-            what: format!(
-                "num_hidden_layers is {} but {} holds layers for {held}",
-                cfg.num_hidden_layers,
-                weights_file.path().display()
-            ),
-        });
-    }
-    let weights = Weights::load(&weights_file, &cfg, plan)?;
-    let model = Llama::new(cfg, weights, &manifest_path)?;
-    let sc = &golden.manifest.scenario;
-    let vocab = model.config.vocab_size as i64;
-    if let Some(bad) =
-        sc.input_ids.iter().chain(&sc.decode_ids).flatten().find(|&&i| i < 0 || i >= vocab)
-    {
-        return Err(Error::Manifest {
-            path: manifest_path,
-            what: format!("scenario token id {bad} is outside the vocabulary (size {vocab})"),
-        });
-    }
-    Ok(model)
-}
-
-/// Where a session's rotary tables come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RopeTableSource {
-    /// Computed for each step's positions (HF `LlamaRotaryEmbedding.forward`).
-    PerStep,
-    /// Built once for `max_position_embeddings` and gathered (MindFormers `FreqsMgr`).
-    Precomputed,
-}
-
-/// How an implementation runs a scenario on a loaded model.
-pub(super) struct Runner<'a> {
-    /// The producer's `implementation` in the dump's manifest.
-    pub implementation: &'static str,
-    pub numerics: &'a dyn Numerics,
-    pub plan: &'a Plan,
-    /// The dtype the dump declares.
-    pub declared: Precision,
-    pub rope_tables: RopeTableSource,
-}
-
-/// The golden's layer inputs at one step.
-struct GoldenInputs<'g> {
-    golden: &'g Dump,
-    step: Step,
-}
-
-impl LayerInputs for GoldenInputs<'_> {
-    fn layer_input(&self, layer: usize) -> Result<Option<Array3<f64>>> {
-        let site =
-            if layer == 0 { Site::EmbedTokens } else { Site::Layer(layer - 1, LayerPart::Output) };
-        let Some(t) = self.golden.get(self.step, &site)? else { return Ok(None) };
-        let a = t.to_array().into_dimensionality::<Ix3>().map_err(|_| Error::Shape {
-            file: self.golden.dir().map(|d| d.join("activations")).unwrap_or_default(),
-            key: site::key(self.step, &site),
-            expected: vec![0, 0, 0],
-            got: t.shape().to_vec(),
-        })?;
-        Ok(Some(a))
-    }
-}
-
-impl Runner<'_> {
-    /// The free run (`teacher` `None`) or the teacher-forced run of `golden`'s scenario.
-    pub(super) fn run_scenario(
-        &self,
-        model: &Llama,
-        golden: &Dump,
-        teacher: Option<&Dump>,
-    ) -> Result<Dump> {
-        let (n, plan, declared) = (self.numerics, self.plan, self.declared);
-        let sc = &golden.manifest.scenario;
-        let steps = golden.manifest.steps.clone();
-        let max_len = sc.prefill_len() + sc.decode_steps();
-        let mut session = Session::new(model, sc.batch(), max_len, n, plan);
-        if self.rope_tables == RopeTableSource::Precomputed {
-            // Positions reach max_len (a fault may add one); a row past the table is
-            // computed on use, the same value.
-            session.precompute_rope_tables(max_len + 2);
-        }
-        let mut tensors = BTreeMap::new();
-        let what = if teacher.is_some() {
-            format!("{} run, teacher-forced", self.implementation)
-        } else {
-            format!("{} run", self.implementation)
-        };
-        super::progress::begin(&what);
-        for &step in &steps {
-            let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
-            let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);
-            let out = match step {
-                Step::Prefill => session.prefill(&sc.input_ids, &sc.attention_mask, inputs)?,
-                Step::Decode(j) => {
-                    let ids: Vec<i64> = sc
-                        .decode_ids
-                        .iter()
-                        .map(|r| r.get(j).copied())
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| {
-                            Error::scenario(
-                                "decode_ids",
-                                format!("step {step} has no decode token"),
-                            )
-                        })?;
-                    session.decode(&ids, inputs)?
-                }
-            };
-            store(step, out, &mut tensors);
-        }
-        super::progress::end();
-        let mut manifest: Manifest = golden.manifest.clone();
-        manifest.producer = json!({
-            "framework": "llama-parity",
-            "implementation": self.implementation,
-            "version": env!("CARGO_PKG_VERSION"),
-            "numerics": n.name(),
-            "faults": plan.faults.iter().map(|f| f.id()).collect::<Vec<_>>(),
-        });
-        manifest.dtype = declared;
-        manifest.steps = steps;
-        Dump::in_memory(manifest, tensors)
-    }
-}
-
-/// Positions as I64; everything else as F64 so metrics see the full precision.
-fn store(step: Step, out: StepOutput, tensors: &mut BTreeMap<String, Tensor>) {
-    for (site, a) in out.sites {
-        let t = if site == Site::PositionIds {
-            let v: Vec<i64> = a.iter().map(|&x| x as i64).collect();
-            Tensor::from_i64(a.shape(), &v)
-        } else {
-            Tensor::from_array(&a, DType::F64)
-        };
-        tensors.insert(site::key(step, &site), t);
-    }
+    runner.run(&model, golden, teacher_force)
 }

@@ -13,7 +13,7 @@
 use ndarray::{Array1, Array3, Axis, Zip};
 
 use super::numerics::{round_in_place, Numerics, RoundAt};
-use super::plan::{norm_beta, NormBeta, NormKind};
+use super::plan::{norm_beta, NormBeta, NormKind, Plan};
 
 /// Weight `[hidden]` and epsilon.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,13 @@ pub struct RmsNorm<'w> {
     pub beta: NormBeta,
 }
 
-impl RmsNorm<'_> {
+impl<'w> RmsNorm<'w> {
+    /// The norm with `weight` and `eps`, in the plan's variant (`norm.layernorm`,
+    /// `norm.eps_outside`, a beta left in).
+    pub fn planned(weight: &'w Array1<f64>, eps: f64, plan: &Plan) -> RmsNorm<'w> {
+        RmsNorm { weight, eps, kind: plan.norm_kind, beta: plan.norm_beta }
+    }
+
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
         let mut y = x.clone();

@@ -116,6 +116,11 @@ fn svg(
 
 /// `v` made safe for a log axis: NaN stays NaN (a gap), the rest is clamped to
 /// [`FLOOR`, 1e30].
+/// Text of `size` px in the charts' font, anchored at `h`, `v`.
+fn label_style(size: u32, h: HPos, v: VPos) -> TextStyle<'static> {
+    TextStyle::from((FONT, size).into_font()).pos(Pos::new(h, v))
+}
+
 fn clamp_log(v: f64) -> f64 {
     if v.is_nan() {
         v
@@ -278,7 +283,7 @@ fn side_legend(
     id: &str,
     entries: &[(String, Key)],
 ) -> Result<()> {
-    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let style = label_style(14, HPos::Left, VPos::Center);
     for (k, (label, key)) in entries.iter().enumerate() {
         let y = 24 + k as i32 * 22;
         match key {
@@ -485,8 +490,7 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             let (ty, vpos) =
                 if near_top { (*y / 3.0, VPos::Top) } else { (*y * 2.5, VPos::Bottom) };
             let hpos = if *x > n as f64 * 0.6 { HPos::Right } else { HPos::Left };
-            let style =
-                TextStyle::from((FONT, 14).into_font()).color(&FAIL_RED).pos(Pos::new(hpos, vpos));
+            let style = label_style(14, hpos, vpos).color(&FAIL_RED);
             chart
                 .draw_series(std::iter::once(Text::new(label.clone(), (*x + 0.3, ty), style)))
                 .or_chart(ID)?;
@@ -592,9 +596,7 @@ fn per_token(r: &Report) -> Result<Option<Chart>> {
                     ShapeStyle::from(&BLACK.mix(0.6)).stroke_width(1),
                 ))
                 .or_chart(ID)?;
-            let style = TextStyle::from((FONT, 13).into_font())
-                .color(&RGBColor(80, 80, 80))
-                .pos(Pos::new(HPos::Left, VPos::Top));
+            let style = label_style(13, HPos::Left, VPos::Top).color(&RGBColor(80, 80, 80));
             chart
                 .draw_series(std::iter::once(Text::new("decode →", (x + 0.1, hi), style)))
                 .or_chart(ID)?;
@@ -665,14 +667,12 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
     let height = (top + cell_h * rows.len() as i32 + bar_h).max(160) as u32;
     let title = "Error per attention head";
     let out = svg(ID, title, (WIDTH, height), |root| {
-        let small = TextStyle::from((FONT, 12.min(cell_h + 2)).into_font())
-            .pos(Pos::new(HPos::Right, VPos::Center));
-        let head_style =
-            TextStyle::from((FONT, 12).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+        let small = label_style(12.min(cell_h + 2) as u32, HPos::Right, VPos::Center);
+        let head_style = label_style(12, HPos::Center, VPos::Bottom);
         root.draw(&Text::new(
             "head →",
             (label_w - 8, top - 8),
-            TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Right, VPos::Bottom)),
+            label_style(13, HPos::Right, VPos::Bottom),
         ))
         .or_chart(ID)?;
         let every = (cols / 16).max(1);
@@ -728,7 +728,7 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
             ))
             .or_chart(ID)?;
         }
-        let tick = TextStyle::from((FONT, 12).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        let tick = label_style(12, HPos::Center, VPos::Top);
         let decades = (lhi - llo).round().max(1.0) as i32;
         let stride = (decades / 8).max(1);
         for d in (0..=decades).step_by(stride as usize) {
@@ -736,7 +736,7 @@ fn head_heatmap(r: &Report) -> Result<Option<Chart>> {
             root.draw(&Text::new(format!("1e{}", llo as i32 + d), (x, by + 18), tick.clone()))
                 .or_chart(ID)?;
         }
-        let key = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Right, VPos::Top));
+        let key = label_style(13, HPos::Right, VPos::Top);
         root.draw(&Text::new("rel-L2 (log):", (label_w - 8, by), key.clone())).or_chart(ID)?;
         root.draw(&Text::new("white bar = over tolerance", (label_w + bw + 200, by), key))
             .or_chart(ID)?;

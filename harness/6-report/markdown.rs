@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::compare::{SiteMetrics, Status, Verdict};
 
 use super::baseline::growth_text;
-use super::{excess, metrics_line, sci, Report};
+use super::{excess, metrics_line, sci, Report, Summary};
 
 /// Escapes text for a Markdown table cell or inline text: backslash-escapes the
 /// characters Markdown gives meaning to, and turns newlines into spaces.
@@ -45,13 +45,9 @@ pub fn render_markdown(r: &Report) -> String {
         if r.teacher_forced { ", teacher forced" } else { "" }
     );
     let s = &r.summary;
-    let _ = writeln!(
-        out,
-        "Sites: {} pass, {} fail, {} missing, {} skipped.\n",
-        s.pass, s.fail, s.missing, s.skipped
-    );
-    if s.pass == 0 && s.fail == 0 {
-        let _ = writeln!(out, "No site was checked: the gate cannot pass on nothing.\n");
+    let _ = writeln!(out, "Sites: {}.\n", s.counts());
+    if s.nothing_checked() {
+        let _ = writeln!(out, "**{}.**\n", Summary::NOTHING_CHECKED);
     }
     match &r.first_divergence {
         Some(fd) => {

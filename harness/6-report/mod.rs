@@ -139,6 +139,25 @@ pub struct Summary {
     pub skipped: usize,
 }
 
+impl Summary {
+    /// Said when no site passed or failed: the gate cannot pass on nothing.
+    pub const NOTHING_CHECKED: &'static str =
+        "no site was checked: the gate cannot pass on nothing";
+
+    /// `N pass, N fail, N missing, N skipped`.
+    pub fn counts(&self) -> String {
+        format!(
+            "{} pass, {} fail, {} missing, {} skipped",
+            self.pass, self.fail, self.missing, self.skipped
+        )
+    }
+
+    /// Whether nothing was judged (every site missing or skipped).
+    pub fn nothing_checked(&self) -> bool {
+        self.pass == 0 && self.fail == 0
+    }
+}
+
 /// `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use crate::compare::{SiteMetrics, Status, Verdict};
 
 use super::baseline::growth_text;
-use super::{excess, Report, SiteEntry};
+use super::{excess, Report, SiteEntry, Summary};
 
 /// Renders the summary; `color` adds ANSI colours.
 pub fn render_summary(r: &Report, color: bool) -> String {
@@ -23,13 +23,9 @@ pub fn render_summary(r: &Report, color: bool) -> String {
         r.candidate, r.golden, r.scenario, r.golden_dtype, r.candidate_dtype
     );
     let s = &r.summary;
-    let _ = writeln!(
-        out,
-        "sites: {} pass, {} fail, {} missing, {} skipped",
-        s.pass, s.fail, s.missing, s.skipped
-    );
-    if s.pass == 0 && s.fail == 0 {
-        let _ = writeln!(out, "no site was checked: the gate cannot pass on nothing");
+    let _ = writeln!(out, "sites: {}", s.counts());
+    if s.nothing_checked() {
+        let _ = writeln!(out, "{}", Summary::NOTHING_CHECKED);
     }
     if let Some(fd) = &r.first_divergence {
         let _ = writeln!(

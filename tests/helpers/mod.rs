@@ -155,6 +155,25 @@ pub fn proptest_config() -> proptest::test_runner::Config {
     }
 }
 
+/// Runs the `parity` binary with `args` from the repository root: exit code, stdout,
+/// stderr.
+pub fn parity(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run parity");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// The `report.json` of the report set written into `dir`.
+pub fn report_json(dir: &Path) -> serde_json::Value {
+    let p = dir.join("report.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 /// The repository root.
 pub fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
