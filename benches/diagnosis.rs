@@ -45,7 +45,7 @@ fn main() {
         let opts = |faults: Vec<Fault>| RunOptions {
             implementation: Implementation::Ascend,
             precision: Some(precision),
-            faults,
+            faults: faults.into_iter().map(Into::into).collect(),
             teacher_force: false,
         };
         let cand = model::run(&g, &opts(vec![fault])).expect("run").dump;

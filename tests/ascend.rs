@@ -92,7 +92,7 @@ fn reference_plants_every_fault_and_precision_faults_are_exact_there() {
         let opts = RunOptions {
             implementation: Implementation::Reference,
             precision: None,
-            faults: vec![f],
+            faults: vec![f.into()],
             teacher_force: false,
         };
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{}: {e}", f.id()));
@@ -117,7 +117,7 @@ fn reference_plants_every_fault_and_precision_faults_are_exact_there() {
         let opts = RunOptions {
             implementation: Implementation::Reference,
             precision: None,
-            faults: vec![f],
+            faults: vec![f.into()],
             teacher_force: false,
         };
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{e}"));

@@ -116,7 +116,7 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
                 let opts = RunOptions {
                     implementation: Implementation::Ascend,
                     precision: Some(precision),
-                    faults: vec![fault],
+                    faults: vec![fault.into()],
                     teacher_force: false,
                 };
                 let cand = model::run(&golden, &opts).expect("run").dump;
@@ -180,7 +180,7 @@ fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
         let opts = RunOptions {
             implementation: Implementation::Ascend,
             precision: Some(Precision::Bf16),
-            faults: vec![fault],
+            faults: vec![fault.into()],
             teacher_force: false,
         };
         let full = model::run(&golden, &opts).expect("run").dump;

@@ -53,7 +53,7 @@ fn plant(
     let opts = RunOptions {
         implementation: Implementation::Ascend,
         precision: Some(precision),
-        faults: vec![fault],
+        faults: vec![fault.into()],
         teacher_force: false,
     };
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{}: {e}", fault.id()));

@@ -27,4 +27,5 @@ mod reference;
 mod report_browser;
 mod report_files;
 mod rope_properties;
+mod scoped_faults;
 mod suite;

@@ -44,7 +44,7 @@ fn ascend(g: &Dump, p: Precision, faults: Vec<llama_parity::contract::fault::Fau
     let opts = RunOptions {
         implementation: Implementation::Ascend,
         precision: Some(p),
-        faults,
+        faults: faults.into_iter().map(Into::into).collect(),
         teacher_force: false,
     };
     model::run(g, &opts).expect("run").dump

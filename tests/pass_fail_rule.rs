@@ -91,7 +91,7 @@ fn the_diagnosis_accepts_hypotheses_by_the_users_policy() {
     let run = RunOptions {
         implementation: Implementation::Ascend,
         precision: Some(Precision::Bf16),
-        faults: vec![Fault::RopeInterleaved],
+        faults: vec![Fault::RopeInterleaved.into()],
         teacher_force: false,
     };
     let cand = model::run(&g, &run).expect("run").dump;

@@ -63,6 +63,8 @@ pub enum Feature {
     TeacherForcing,
     /// The implementation itself (not built, or not runnable on this golden).
     Implementation,
+    /// A planted fault narrowed to a scope the implementation cannot plant it in.
+    FaultScope,
 }
 
 /// `text` with every control character (line breaks, ESC, ...) written as an escape

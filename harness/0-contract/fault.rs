@@ -1,6 +1,10 @@
-//! The known porting faults of CONTRACT §3, with their stable IDs.
+//! The known porting faults of CONTRACT §3, with their stable IDs, and where a planted
+//! fault acts (CONTRACT §4: `--fault ID@layers=2`, `@steps=decode.*`,
+//! `@component=o_proj`).
 
 use std::fmt;
+
+use super::site::Step;
 
 /// A known porting fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,6 +153,262 @@ impl fmt::Display for Fault {
     }
 }
 
+/// A part of the model that a fault family has several of (CONTRACT §4 `component`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    InputLayernorm,
+    PostAttentionLayernorm,
+    ModelNorm,
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Component {
+    pub const ALL: [Component; 10] = [
+        Component::InputLayernorm,
+        Component::PostAttentionLayernorm,
+        Component::ModelNorm,
+        Component::QProj,
+        Component::KProj,
+        Component::VProj,
+        Component::OProj,
+        Component::GateProj,
+        Component::UpProj,
+        Component::DownProj,
+    ];
+
+    /// The contract's name: `input_layernorm`, `model.norm`, `o_proj`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::InputLayernorm => "input_layernorm",
+            Component::PostAttentionLayernorm => "post_attention_layernorm",
+            Component::ModelNorm => "model.norm",
+            Component::QProj => "q_proj",
+            Component::KProj => "k_proj",
+            Component::VProj => "v_proj",
+            Component::OProj => "o_proj",
+            Component::GateProj => "gate_proj",
+            Component::UpProj => "up_proj",
+            Component::DownProj => "down_proj",
+        }
+    }
+
+    fn is_norm(self) -> bool {
+        matches!(
+            self,
+            Component::InputLayernorm | Component::PostAttentionLayernorm | Component::ModelNorm
+        )
+    }
+}
+
+/// The scope dimensions a fault family takes.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    layers: bool,
+    steps: bool,
+    /// Which components, if the family has several.
+    component: Option<fn(Component) -> bool>,
+}
+
+impl Fault {
+    /// Where this fault can be narrowed to. Faults that act before the first layer (the
+    /// positions, the rotary tables, the mask) take steps only; key-mapping faults act
+    /// when the checkpoint is loaded and take layers and components; precision choices
+    /// of the whole run take no scope.
+    fn dims(self) -> Dims {
+        use Fault::*;
+        let (layers, steps, component): (bool, bool, Option<fn(Component) -> bool>) = match self {
+            RopePosReset | RopePosFixed | RopePosOffByOne | RopeCosSinSwapped => {
+                (false, true, None)
+            }
+            MaskNone | MaskInverted | MaskPaddingIgnored | MaskPadTokenMasked
+            | MaskFp16Overflow => (false, true, None),
+            RopeInterleaved | KvStale | KvWrongSlot | KvUnrotatedKeys | KvGqaTiled
+            | AttnNoScale => (true, true, None),
+            NormLayernorm | NormBias | NormEpsOutside => (true, true, Some(Component::is_norm)),
+            NormWeightUnmapped => (true, false, Some(Component::is_norm)),
+            WeightsTransposed => (true, false, Some(|c: Component| !c.is_norm())),
+            WeightsGateUpSwapped => (true, false, None),
+            RopeWrongTheta | RopeLowPrecisionAngles | NormNoUpcast | AttnSoftmaxLowPrecision => {
+                (false, false, None)
+            }
+        };
+        Dims { layers, steps, component }
+    }
+}
+
+/// Where a planted fault acts; every dimension left `None` means everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scope {
+    /// Decoder layers, by index.
+    pub layers: Option<Vec<usize>>,
+    /// Step names or patterns (`prefill`, `decode.1`, `decode.*`).
+    pub steps: Option<Vec<String>>,
+    pub component: Option<Component>,
+}
+
+impl Scope {
+    pub fn is_everywhere(&self) -> bool {
+        *self == Scope::default()
+    }
+}
+
+/// A planted fault and where it acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedFault {
+    pub fault: Fault,
+    pub scope: Scope,
+}
+
+impl From<Fault> for ScopedFault {
+    fn from(fault: Fault) -> ScopedFault {
+        ScopedFault { fault, scope: Scope::default() }
+    }
+}
+
+impl ScopedFault {
+    /// Parses `ID` or `ID@DIM=VALUE[@DIM=VALUE...]` (CONTRACT §4), with `layers=2,3`,
+    /// `layers=1-3`, `steps=prefill,decode.*` and `component=o_proj`. The error says what
+    /// is wrong, for the caller to attach to its flag.
+    pub fn parse(spec: &str) -> Result<ScopedFault, String> {
+        let mut parts = spec.split('@');
+        let id = parts.next().unwrap_or_default();
+        let fault = Fault::parse(id).ok_or_else(|| {
+            format!(
+                "unknown fault {id:?}; known: {}",
+                Fault::ALL.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let dims = fault.dims();
+        let mut scope = Scope::default();
+        for part in parts {
+            let (dim, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{spec:?}: a scope is DIM=VALUE, got {part:?}"))?;
+            let refuse = |what: &str| format!("{id} cannot be narrowed to {what}");
+            match dim {
+                "layers" if !dims.layers => return Err(refuse("layers")),
+                "layers" => scope.layers = Some(parse_layers(value)?),
+                "steps" if !dims.steps => return Err(refuse("steps")),
+                "steps" => {
+                    let steps: Vec<String> = value.split(',').map(str::to_string).collect();
+                    if let Some(bad) = steps.iter().find(|p| !step_pattern_ok(p)) {
+                        return Err(format!("steps: {bad:?} is not prefill, decode.N or decode.*"));
+                    }
+                    scope.steps = Some(steps);
+                }
+                "component" => {
+                    let Some(allowed) = dims.component else {
+                        return Err(refuse("a component"));
+                    };
+                    let names: Vec<&str> =
+                        Component::ALL.iter().filter(|c| allowed(**c)).map(|c| c.name()).collect();
+                    let c = Component::ALL
+                        .iter()
+                        .copied()
+                        .find(|c| allowed(*c) && c.name() == value)
+                        .ok_or_else(|| {
+                            format!("{id}: component {value:?}; it takes {}", names.join(", "))
+                        })?;
+                    scope.component = Some(c);
+                }
+                other => {
+                    return Err(format!(
+                        "{spec:?}: unknown scope {other:?}; scopes are layers, steps, component"
+                    ))
+                }
+            }
+        }
+        Ok(ScopedFault { fault, scope })
+    }
+
+    /// Whether the fault acts at `layer` (`None`: outside the decoder layers), `step`
+    /// (`None`: when weights are loaded) and `component` (`None`: no particular one).
+    ///
+    /// A fault narrowed to layers never acts outside them, one narrowed to steps never
+    /// at load time, and one narrowed to a component only on that component.
+    pub fn acts_at(
+        &self,
+        layer: Option<usize>,
+        step: Option<Step>,
+        component: Option<Component>,
+    ) -> bool {
+        let s = &self.scope;
+        let layer_ok = match (&s.layers, layer) {
+            (None, _) => true,
+            (Some(ls), Some(l)) => ls.contains(&l),
+            (Some(_), None) => false,
+        };
+        let step_ok = match (&s.steps, step) {
+            (None, _) => true,
+            (Some(ps), Some(st)) => ps.iter().any(|p| step_matches(p, st)),
+            (Some(_), None) => false,
+        };
+        let component_ok = match (s.component, component) {
+            (None, _) => true,
+            (Some(c), Some(at)) => c == at,
+            (Some(_), None) => false,
+        };
+        layer_ok && step_ok && component_ok
+    }
+}
+
+impl fmt::Display for ScopedFault {
+    /// The `--fault` spelling: `weights.gate_up_swapped@layers=2`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.fault.id())?;
+        if let Some(ls) = &self.scope.layers {
+            let ls: Vec<String> = ls.iter().map(usize::to_string).collect();
+            write!(f, "@layers={}", ls.join(","))?;
+        }
+        if let Some(ps) = &self.scope.steps {
+            write!(f, "@steps={}", ps.join(","))?;
+        }
+        if let Some(c) = self.scope.component {
+            write!(f, "@component={}", c.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// `2`, `2,3`, `1-3`, `0,2-4`: sorted, without repeats.
+fn parse_layers(value: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("layers: {value:?} is not a list of layer indices (2,3 or 1-3)");
+    let mut out = Vec::new();
+    for item in value.split(',') {
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b - a > 1 << 16 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(item.parse().map_err(|_| bad())?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn step_pattern_ok(p: &str) -> bool {
+    p == "prefill" || p == "decode.*" || Step::parse(p).is_some()
+}
+
+fn step_matches(pattern: &str, step: Step) -> bool {
+    match pattern {
+        "decode.*" => matches!(step, Step::Decode(_)),
+        p => Step::parse(p) == Some(step),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +428,42 @@ mod tests {
             Some(Fault::WeightsGateUpSwapped)
         );
         assert_eq!(Fault::parse_underscored("rope"), None);
+    }
+
+    #[test]
+    fn scoped_faults_parse_print_back_and_act_only_in_their_scope() {
+        let f = ScopedFault::parse("weights.gate_up_swapped@layers=2,0-1").unwrap();
+        assert_eq!(f.scope.layers, Some(vec![0, 1, 2]));
+        assert_eq!(f.to_string(), "weights.gate_up_swapped@layers=0,1,2");
+        assert!(f.acts_at(Some(1), None, None));
+        assert!(!f.acts_at(Some(3), None, None));
+        assert!(!f.acts_at(None, None, None));
+
+        let m = ScopedFault::parse("mask.padding_ignored@steps=decode.*").unwrap();
+        assert!(m.acts_at(None, Some(Step::Decode(3)), None));
+        assert!(!m.acts_at(None, Some(Step::Prefill), None));
+
+        let n = ScopedFault::parse("norm.layernorm@component=model.norm").unwrap();
+        assert!(n.acts_at(None, Some(Step::Prefill), Some(Component::ModelNorm)));
+        assert!(!n.acts_at(Some(0), Some(Step::Prefill), Some(Component::InputLayernorm)));
+
+        let plain = ScopedFault::from(Fault::KvStale);
+        assert!(plain.acts_at(Some(7), Some(Step::Decode(0)), None));
+        assert_eq!(plain.to_string(), "kv.stale");
+    }
+
+    #[test]
+    fn a_scope_a_fault_cannot_take_is_refused_with_what_it_takes() {
+        let e = ScopedFault::parse("rope.pos_reset@layers=1").unwrap_err();
+        assert!(e.contains("cannot be narrowed to layers"), "{e}");
+        let e = ScopedFault::parse("weights.transposed@component=input_layernorm").unwrap_err();
+        assert!(e.contains("q_proj") && e.contains("o_proj"), "{e}");
+        let e = ScopedFault::parse("kv.stale@steps=decode.x").unwrap_err();
+        assert!(e.contains("decode.x"), "{e}");
+        let e = ScopedFault::parse("kv.stale@layers=3-1").unwrap_err();
+        assert!(e.contains("3-1"), "{e}");
+        let e = ScopedFault::parse("kv.stale@where=1").unwrap_err();
+        assert!(e.contains("unknown scope"), "{e}");
+        assert!(ScopedFault::parse("no.such").unwrap_err().contains("unknown fault"));
     }
 }

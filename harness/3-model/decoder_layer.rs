@@ -5,7 +5,8 @@
 
 use ndarray::{Array3, Array4, ArrayView3, Zip};
 
-use crate::contract::site::{LayerPart, Site};
+use crate::contract::fault::Component;
+use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::ModelConfig;
 
 use super::attention;
@@ -19,17 +20,17 @@ use super::rms_norm::RmsNorm;
 use super::rope;
 use super::weights::LayerWeights;
 
-/// What every layer of one step shares: the rotary tables `[batch, T, D]`, the additive
-/// mask `[batch, 1, T, S]`, the score scale and how the step writes the caches.
+/// What every layer of one step shares: the step, the rotary tables `[batch, T, D]` and
+/// the additive mask `[batch, 1, T, S]`.
 pub struct StepShared<'s> {
+    pub step: Step,
     pub cos: ArrayView3<'s, f64>,
     pub sin: ArrayView3<'s, f64>,
     pub mask: &'s Array4<f64>,
-    pub scale: f64,
-    pub write: CacheWrite,
 }
 
-/// Layer `index` of a model, with the plan's fault variants.
+/// Layer `index` of a model, with the plan's fault variants (narrowed to this layer, the
+/// step and each norm's component).
 pub struct DecoderLayer<'a> {
     pub index: usize,
     pub weights: &'a LayerWeights,
@@ -48,10 +49,19 @@ impl DecoderLayer<'_> {
         n: &dyn Numerics,
         out: &mut StepOutput,
     ) {
-        let (c, lw, plan) = (self.config, self.weights, self.plan);
+        let (c, lw) = (self.config, self.weights);
+        let (layer, step) = (Some(self.index), Some(shared.step));
+        let plan = &self.plan.at(layer, step, None);
+        let norm_plan = |part| self.plan.at(layer, step, Some(part));
         let site = |p: LayerPart| Site::Layer(self.index, p);
+        // The prefill fills the cache from its first slot; decode steps write as planned.
+        let write = match shared.step {
+            Step::Prefill => CacheWrite::NextSlot,
+            Step::Decode(_) => plan.cache_write,
+        };
 
-        let x = RmsNorm::planned(&lw.input_layernorm, c.rms_norm_eps, plan).forward(h, n);
+        let input_norm = norm_plan(Component::InputLayernorm);
+        let x = RmsNorm::planned(&lw.input_layernorm, c.rms_norm_eps, &input_norm).forward(h, n);
         out.put(site(LayerPart::InputLayernorm), x.clone());
         let q = lw.q_proj.forward(&x, n);
         let k = lw.k_proj.forward(&x, n);
@@ -70,7 +80,7 @@ impl DecoderLayer<'_> {
             CachedKeys::Rotated => &k_rot,
             CachedKeys::Unrotated => &k,
         };
-        cache.append(cached_k, &v, shared.write);
+        cache.append(cached_k, &v, write);
         out.put(site(LayerPart::KCache), cache.keys().to_owned());
         out.put(site(LayerPart::VCache), cache.values().to_owned());
         let (probs, ctx) = attention::eager(
@@ -78,7 +88,7 @@ impl DecoderLayer<'_> {
             cache.keys(),
             cache.values(),
             shared.mask,
-            shared.scale,
+            attention::scale(c.head_dim(), plan.score_scale),
             plan.head_mapping,
             n,
         );
@@ -88,7 +98,9 @@ impl DecoderLayer<'_> {
         out.put(site(LayerPart::OProj), o.clone());
         residual_add(h, &o, n);
 
-        let x = RmsNorm::planned(&lw.post_attention_layernorm, c.rms_norm_eps, plan).forward(h, n);
+        let post_norm = norm_plan(Component::PostAttentionLayernorm);
+        let x = RmsNorm::planned(&lw.post_attention_layernorm, c.rms_norm_eps, &post_norm)
+            .forward(h, n);
         out.put(site(LayerPart::PostAttentionLayernorm), x.clone());
         let y = Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }
             .forward(&x, n);

@@ -15,18 +15,16 @@ use std::path::Path;
 use ndarray::{Array2, Array3, ArrayD};
 
 use crate::contract::error::{Error, Result};
-use crate::contract::site::Site;
+use crate::contract::fault::Component;
+use crate::contract::site::{Site, Step};
 use crate::dump::ModelConfig;
 
-use super::attention;
 use super::decoder_layer::{DecoderLayer, StepShared};
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::mask;
 use super::numerics::Numerics;
-use super::plan::{
-    CacheWrite, DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL,
-};
+use super::plan::{DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
 use super::rms_norm::RmsNorm;
 use super::rope::{Rope, RopeConfig};
 use super::weights::Weights;
@@ -95,8 +93,6 @@ pub struct Session<'m> {
     /// Per row: real tokens seen so far (HF `cache_position`-based `pos_offset`).
     pos_offset: Vec<i64>,
     decode_steps: usize,
-    /// The step being fed, for progress lines.
-    step_label: String,
 }
 
 impl<'m> Session<'m> {
@@ -122,7 +118,6 @@ impl<'m> Session<'m> {
             key_valid: vec![Vec::new(); batch],
             pos_offset: vec![0; batch],
             decode_steps: 0,
-            step_label: String::new(),
         }
     }
 
@@ -133,10 +128,15 @@ impl<'m> Session<'m> {
         self.rope.precompute(self.numerics, positions);
     }
 
-    /// Whether each token of `ids` `[batch][T]` counts as real, by the plan's padding
-    /// source: the attention mask `[batch][T]`, or `id != pad_token_id`.
-    fn real_tokens(&self, ids: &[Vec<i64>], attention_mask: &[Vec<i64>]) -> Vec<Vec<bool>> {
-        match self.plan.padding_source {
+    /// Whether each token of `ids` `[batch][T]` counts as real at `step`, by the plan's
+    /// padding source: the attention mask `[batch][T]`, or `id != pad_token_id`.
+    fn real_tokens(
+        &self,
+        step: Step,
+        ids: &[Vec<i64>],
+        attention_mask: &[Vec<i64>],
+    ) -> Vec<Vec<bool>> {
+        match self.plan.at(None, Some(step), None).padding_source {
             PaddingSource::AttentionMask => {
                 attention_mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect()
             }
@@ -184,9 +184,8 @@ impl<'m> Session<'m> {
             }
             self.pos_offset[b] = c;
         }
-        let valid = self.real_tokens(ids, attention_mask);
-        self.step_label = "prefill".into();
-        self.forward(ids, &valid, positions, CacheWrite::NextSlot, teacher)
+        let valid = self.real_tokens(Step::Prefill, ids, attention_mask);
+        self.forward(Step::Prefill, ids, &valid, positions, teacher)
     }
 
     /// Feeds one token per row, `ids` `[batch]`; its position continues the row's count.
@@ -194,20 +193,20 @@ impl<'m> Session<'m> {
         let rows: Vec<Vec<i64>> = ids.iter().map(|&i| vec![i]).collect();
         self.check_batch(&rows)?;
         let j = self.decode_steps as i64;
-        let positions =
-            Array2::from_shape_fn((ids.len(), 1), |(b, _)| match self.plan.decode_positions {
-                DecodePositions::Continue => self.pos_offset[b],
-                DecodePositions::Reset => j,
-                DecodePositions::Fixed => 0,
-                DecodePositions::OffByOne => self.pos_offset[b] + 1,
-            });
+        let step = Step::Decode(self.decode_steps);
+        let rule = self.plan.at(None, Some(step), None).decode_positions;
+        let positions = Array2::from_shape_fn((ids.len(), 1), |(b, _)| match rule {
+            DecodePositions::Continue => self.pos_offset[b],
+            DecodePositions::Reset => j,
+            DecodePositions::Fixed => 0,
+            DecodePositions::OffByOne => self.pos_offset[b] + 1,
+        });
         for o in &mut self.pos_offset {
             *o += 1;
         }
-        self.step_label = format!("decode.{}", self.decode_steps);
         self.decode_steps += 1;
-        let valid = self.real_tokens(&rows, &vec![vec![1]; ids.len()]);
-        self.forward(&rows, &valid, positions, self.plan.cache_write, teacher)
+        let valid = self.real_tokens(step, &rows, &vec![vec![1]; ids.len()]);
+        self.forward(step, &rows, &valid, positions, teacher)
     }
 
     fn check_batch(&self, ids: &[Vec<i64>]) -> Result<()> {
@@ -231,13 +230,16 @@ impl<'m> Session<'m> {
     /// One forward call: `ids` `[batch][T]`, `valid` `[batch][T]`, `positions` `[batch, T]`.
     fn forward(
         &mut self,
+        step: Step,
         ids: &[Vec<i64>],
         valid: &[Vec<bool>],
         positions: Array2<i64>,
-        write: CacheWrite,
         teacher: Option<&dyn LayerInputs>,
     ) -> Result<StepOutput> {
-        let (model, n, plan) = (self.model, self.numerics, self.plan);
+        let (model, n) = (self.model, self.numerics);
+        // The seams before the layers, at this step; each layer narrows its own.
+        let plan = &self.plan.at(None, Some(step), None);
+        let step_label = step.to_string();
         let c = &model.config;
         let w = &model.weights;
         let t = ids[0].len();
@@ -265,15 +267,9 @@ impl<'m> Session<'m> {
         let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
         out.put(Site::Mask, m.clone());
 
-        let shared = StepShared {
-            cos: cos.view(),
-            sin: sin.view(),
-            mask: &m,
-            scale: attention::scale(c.head_dim(), plan.score_scale),
-            write,
-        };
+        let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
         for (i, lw) in w.layers.iter().enumerate() {
-            super::progress::layer(&self.step_label, i, w.layers.len());
+            super::progress::layer(&step_label, i, w.layers.len());
             if let Some(teacher) = teacher {
                 if let Some(x) = teacher.layer_input(i)? {
                     if x.dim() != h.dim() {
@@ -289,10 +285,11 @@ impl<'m> Session<'m> {
                     h = x;
                 }
             }
-            let layer = DecoderLayer { index: i, weights: lw, config: c, plan };
+            let layer = DecoderLayer { index: i, weights: lw, config: c, plan: self.plan };
             layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
         }
-        let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, plan).forward(&h, n);
+        let final_norm = self.plan.at(None, Some(step), Some(Component::ModelNorm));
+        let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, &final_norm).forward(&h, n);
         out.put(Site::Norm, x.clone());
         out.put(Site::LmHead, w.lm_head.forward(&x, n));
         Ok(out)

@@ -136,6 +136,12 @@ pub(crate) fn run_port(
     extra: &[String],
     progress: &mut dyn FnMut(&str),
 ) -> Result<RunOutput> {
+    if let Some(f) = opts.faults.iter().find(|f| !f.scope.is_everywhere()) {
+        return Err(Error::unsupported(
+            Feature::FaultScope,
+            format!("the {impl_name} port plants {} everywhere; it has no switch for {f}", f.fault),
+        ));
+    }
     if opts.teacher_force {
         return Err(Error::unsupported(
             Feature::TeacherForcing,
@@ -180,7 +186,7 @@ pub(crate) fn run_port(
         cmd.args(["--dtype", p.name()]);
     }
     for f in &opts.faults {
-        cmd.args(["--fault", f.id()]);
+        cmd.args(["--fault", f.fault.id()]);
     }
     cmd.args(extra)
         .current_dir(&work)

@@ -17,7 +17,7 @@
 //!   ([`numerics::RoundAt`]); the reference uses [`numerics::Exact`] (float64, nothing
 //!   rounded), the ascend implementation ([`ascend`]) supplies its own (bf16/fp16
 //!   storage, fp32 accumulation, MindFormers' conventions as named options);
-//! - [`plan::Plan`] maps the planted faults (`--fault ID`) to the variant each block
+//! - [`plan::Plan`] maps the planted faults (`--fault ID[@scope]`) to the variant each block
 //!   runs (positions bookkeeping, layout, cache write, key mapping...).
 
 pub mod ascend;
@@ -40,7 +40,7 @@ pub mod runner;
 pub mod weights;
 
 use crate::contract::error::{Error, Feature, Result};
-use crate::contract::fault::Fault;
+use crate::contract::fault::ScopedFault;
 use crate::dump::{Dump, Precision};
 
 pub mod mindformers;
@@ -78,8 +78,8 @@ pub struct RunOptions {
     /// in float64 and uses this only as the dtype its dump declares (which picks the
     /// tolerance the comparison applies).
     pub precision: Option<Precision>,
-    /// Faults planted where each lives in a real port.
-    pub faults: Vec<Fault>,
+    /// Faults planted where each lives in a real port, each within its scope.
+    pub faults: Vec<ScopedFault>,
     /// Also run each layer from the golden's input to that layer.
     pub teacher_force: bool,
 }
@@ -102,7 +102,7 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
             eprintln!("parity: mindformers: {line}")
         });
     }
-    let plan = plan::Plan::new(&opts.faults);
+    let plan = plan::Plan::scoped(&opts.faults);
     match opts.implementation {
         Implementation::Reference => {
             reference::run(golden, opts.precision, &plan, opts.teacher_force)

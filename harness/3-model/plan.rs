@@ -10,7 +10,8 @@
 //! model code reads them through the [`Numerics`](super::numerics::Numerics) of the run,
 //! so they change nothing in the float64 reference, whose compute dtype is float64.
 
-use crate::contract::fault::Fault;
+use crate::contract::fault::{Component, Fault, ScopedFault};
+use crate::contract::site::Step;
 
 /// Where decode positions come from (positions bookkeeping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -203,15 +204,17 @@ pub enum WeightMapping {
     GateUpSwapped,
     /// `weights.transposed`: square projections (o_proj, and q_proj where square) not transposed.
     SquareTransposed,
-    /// `norm.weight_unmapped`: the key map lacks the `input_layernorm` rule, so those
-    /// weights stay at ones in every layer.
+    /// `norm.weight_unmapped`: the key map lacks the `input_layernorm` rule (or the rule
+    /// of the component it is narrowed to), so those weights stay at ones.
     NormWeightsUnmapped,
 }
 
 /// The choices of every seam, derived from the planted faults.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
-    pub faults: Vec<Fault>,
+    /// The planted faults and where each acts; the seams below are those of every
+    /// fault, and [`Plan::at`] narrows them to one place.
+    pub faults: Vec<ScopedFault>,
     pub decode_positions: DecodePositions,
     pub rope_layout: RopeLayout,
     pub rope_tables: RopeTables,
@@ -232,9 +235,46 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The seams for `faults` (HF's behaviour where none applies).
+    /// The seams for `faults` planted everywhere (HF's behaviour where none applies).
     pub fn new(faults: &[Fault]) -> Plan {
-        let mut p = Plan { faults: faults.to_vec(), ..Plan::default() };
+        let scoped: Vec<ScopedFault> = faults.iter().map(|&f| f.into()).collect();
+        Plan::scoped(&scoped)
+    }
+
+    /// The seams for `faults`, each acting within its scope. `norm.weight_unmapped`
+    /// without a component acts on `input_layernorm`, the rule a key map most often lacks.
+    pub fn scoped(faults: &[ScopedFault]) -> Plan {
+        let faults: Vec<ScopedFault> = faults
+            .iter()
+            .cloned()
+            .map(|mut f| {
+                if f.fault == Fault::NormWeightUnmapped && f.scope.component.is_none() {
+                    f.scope.component = Some(Component::InputLayernorm);
+                }
+                f
+            })
+            .collect();
+        let ids: Vec<Fault> = faults.iter().map(|f| f.fault).collect();
+        Plan { faults, ..Plan::seams(&ids) }
+    }
+
+    /// The seams at one place: decoder layer `layer` (`None`: outside the layers), step
+    /// `step` (`None`: when weights are loaded), on `component` (`None`: none in
+    /// particular). Faults scoped elsewhere are left out.
+    pub fn at(
+        &self,
+        layer: Option<usize>,
+        step: Option<Step>,
+        component: Option<Component>,
+    ) -> Plan {
+        let here: Vec<ScopedFault> =
+            self.faults.iter().filter(|f| f.acts_at(layer, step, component)).cloned().collect();
+        let ids: Vec<Fault> = here.iter().map(|f| f.fault).collect();
+        Plan { faults: here, ..Plan::seams(&ids) }
+    }
+
+    fn seams(faults: &[Fault]) -> Plan {
+        let mut p = Plan::default();
         for &f in faults {
             match f {
                 Fault::RopePosReset => p.decode_positions = DecodePositions::Reset,

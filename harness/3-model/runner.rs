@@ -206,7 +206,7 @@ impl Runner<'_> {
             "implementation": self.implementation,
             "version": env!("CARGO_PKG_VERSION"),
             "numerics": n.name(),
-            "faults": plan.faults.iter().map(|f| f.id()).collect::<Vec<_>>(),
+            "faults": plan.faults.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         manifest.dtype = declared;
         manifest.steps = steps;

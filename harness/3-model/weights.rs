@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2};
 
 use crate::contract::error::{Error, Result};
+use crate::contract::fault::Component;
 use crate::dump::{DType, ModelConfig, Tensor};
 use crate::weights::checkpoint::HfCheckpoint;
 
@@ -115,16 +116,26 @@ impl<S: Source> Loader<'_, S> {
         Ok(Array1::from(self.tensor(key, &[n])?.to_f64_vec()))
     }
 
-    fn norm(&mut self, key: &str, n: usize) -> Result<Array1<f64>> {
+    /// Whether the plan maps `m` for `component` of `layer` (`None`: outside the layers).
+    fn maps(&self, m: WeightMapping, layer: Option<usize>, component: Option<Component>) -> bool {
+        self.plan.at(layer, None, component).maps(m)
+    }
+
+    fn norm(&mut self, key: &str, n: usize, at: (Option<usize>, Component)) -> Result<Array1<f64>> {
         let w = self.vector(key, n)?;
-        let unmapped = self.plan.maps(WeightMapping::NormWeightsUnmapped)
-            && key.ends_with(".input_layernorm.weight");
+        let unmapped = self.maps(WeightMapping::NormWeightsUnmapped, at.0, Some(at.1));
         Ok(if unmapped { Array1::ones(n) } else { w })
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        (out, inp): (usize, usize),
+        bias: bool,
+        at: (usize, Component),
+    ) -> Result<Linear> {
         let mut weight = self.matrix(&format!("{prefix}.weight"), out, inp)?;
-        if out == inp && self.plan.maps(WeightMapping::SquareTransposed) {
+        if out == inp && self.maps(WeightMapping::SquareTransposed, Some(at.0), Some(at.1)) {
             weight = Matrix::Owned(weight.to_array().t().to_owned());
         }
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
@@ -141,25 +152,68 @@ impl<S: Source> Loader<'_, S> {
             let p = format!("model.layers.{i}");
             let ab = c.attention_bias;
             let mb = c.mlp_bias;
-            let (gate_name, up_name) = if self.plan.maps(WeightMapping::GateUpSwapped) {
+            let (gate_name, up_name) = if self.maps(WeightMapping::GateUpSwapped, Some(i), None) {
                 ("up_proj", "gate_proj")
             } else {
                 ("gate_proj", "up_proj")
             };
+            use Component as C;
             layers.push(LayerWeights {
-                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                q_proj: self.linear(&format!("{p}.self_attn.q_proj"), nh * d, h, ab)?,
-                k_proj: self.linear(&format!("{p}.self_attn.k_proj"), nkv * d, h, ab)?,
-                v_proj: self.linear(&format!("{p}.self_attn.v_proj"), nkv * d, h, ab)?,
-                o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, nh * d, ab)?,
-                post_attention_layernorm: self
-                    .norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_proj: self.linear(&format!("{p}.mlp.{gate_name}"), inter, h, mb)?,
-                up_proj: self.linear(&format!("{p}.mlp.{up_name}"), inter, h, mb)?,
-                down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
+                input_layernorm: self.norm(
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    (Some(i), C::InputLayernorm),
+                )?,
+                q_proj: self.linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    (nh * d, h),
+                    ab,
+                    (i, C::QProj),
+                )?,
+                k_proj: self.linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    (nkv * d, h),
+                    ab,
+                    (i, C::KProj),
+                )?,
+                v_proj: self.linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    (nkv * d, h),
+                    ab,
+                    (i, C::VProj),
+                )?,
+                o_proj: self.linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    (h, nh * d),
+                    ab,
+                    (i, C::OProj),
+                )?,
+                post_attention_layernorm: self.norm(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    (Some(i), C::PostAttentionLayernorm),
+                )?,
+                gate_proj: self.linear(
+                    &format!("{p}.mlp.{gate_name}"),
+                    (inter, h),
+                    mb,
+                    (i, C::GateProj),
+                )?,
+                up_proj: self.linear(
+                    &format!("{p}.mlp.{up_name}"),
+                    (inter, h),
+                    mb,
+                    (i, C::UpProj),
+                )?,
+                down_proj: self.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    (h, inter),
+                    mb,
+                    (i, C::DownProj),
+                )?,
             });
         }
-        let norm = self.norm("model.norm.weight", h)?;
+        let norm = self.norm("model.norm.weight", h, (None, Component::ModelNorm))?;
         let lm_head = Linear {
             weight: if c.tie_word_embeddings {
                 embed_tokens.clone()

@@ -259,7 +259,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         let opts = RunOptions {
             implementation: Implementation::Ascend,
             precision: Some(precision),
-            faults,
+            faults: faults.into_iter().map(Into::into).collect(),
             teacher_force: false,
         };
         Ok(model::run(golden, &opts)?.dump)

@@ -188,7 +188,13 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Plant a known porting fault (repeatable), e.g. rope.pos_reset. See CONTRACT.md §3.
-    #[arg(long = "fault", value_name = "ID")]
+    ///
+    /// Narrow where it acts with @DIM=VALUE (CONTRACT.md §4), repeatable:
+    /// weights.gate_up_swapped@layers=2, kv.stale@layers=1-3@steps=decode.*,
+    /// norm.layernorm@component=model.norm, weights.transposed@component=o_proj.
+    /// The reference and ascend implementations plant every scope a fault takes; the
+    /// MindSpore and MindFormers ports plant faults everywhere only.
+    #[arg(long = "fault", value_name = "ID[@SCOPE]")]
     pub faults: Vec<String>,
     /// Also run each layer from the golden's input to it, to separate the error a site
     /// adds from the error it inherits.

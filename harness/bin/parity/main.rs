@@ -61,6 +61,7 @@ fn describe(e: &Error) -> String {
             let flag = match feature {
                 Feature::TeacherForcing => "--teacher-force",
                 Feature::Implementation => "--impl",
+                Feature::FaultScope => "--fault",
             };
             format!("{flag}: {what}")
         }

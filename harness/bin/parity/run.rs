@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use llama_parity::contract::fault::Fault;
+use llama_parity::contract::fault::ScopedFault;
 use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Dump;
 use llama_parity::model::mindformers::Device;
@@ -35,14 +35,8 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let faults = a
         .faults
         .iter()
-        .map(|id| {
-            Fault::parse(id).ok_or_else(|| Error::Usage {
-                flag: "--fault".into(),
-                what: format!(
-                    "unknown fault {id:?}; known: {}",
-                    Fault::ALL.iter().map(|f| f.id()).collect::<Vec<_>>().join(", ")
-                ),
-            })
+        .map(|spec| {
+            ScopedFault::parse(spec).map_err(|what| Error::Usage { flag: "--fault".into(), what })
         })
         .collect::<Result<Vec<_>>>()?;
     let dump =
@@ -80,7 +74,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let mut out = llama_parity::model::run(&golden, &run)?;
     let mut name = format!("{} run", implementation.name());
     if !run.faults.is_empty() {
-        let ids: Vec<&str> = run.faults.iter().map(|f| f.id()).collect();
+        let ids: Vec<String> = run.faults.iter().map(ToString::to_string).collect();
         name.push_str(&format!(" with {}", ids.join(", ")));
     }
     out.dump.set_name(name);
