@@ -16,6 +16,7 @@ mod golden_suite;
 mod hardening;
 mod loader_fuzz;
 mod mask_properties;
+mod mindformers_convert;
 mod mindformers_port;
 mod mindspore_port;
 mod model_properties;

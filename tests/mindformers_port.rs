@@ -8,57 +8,15 @@
 //! and each dump is judged by `parity compare`; one test goes through
 //! `parity run --impl mindformers` end to end.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
 use std::process::Command;
 
 use serde_json::{json, Value};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PARITY_MINDFORMERS_PYTHON").filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let venv = std::env::var_os("PARITY_MINDFORMERS_VENV")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".cache/llama-parity/mindformers-venv")
-        });
-    venv.join("bin/python")
-}
-
-/// Whether the venv is there; skips (printing why) only outside CI.
-fn venv_ready() -> bool {
-    let py = python();
-    if py.is_file() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set and the MindFormers venv is missing ({}); run bash .ci/setup",
-        py.display()
-    );
-    eprintln!("skipped: no MindFormers venv at {} (bash .ci/setup creates it)", py.display());
-    false
-}
-
-/// Every golden dump under `golden/`, sorted.
-fn goldens() -> Vec<String> {
-    let dir = root().join("golden");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no goldens under {}", dir.display());
-    names
-}
+use crate::helpers::ports::{
+    golden_names, mindformers_ready, parity_reported, run_mindformers_jobs, worst_site,
+};
+use crate::helpers::root;
 
 /// What one job of a batch came to.
 enum Outcome {
@@ -80,16 +38,7 @@ fn batch(jobs: &[(&str, &str, &[&str])]) -> Vec<Outcome> {
                    "out": tmp.path().join(format!("job{i}"))})
         })
         .collect();
-    let jobs_file = tmp.path().join("jobs.json");
-    std::fs::write(&jobs_file, serde_json::to_string(&specs).expect("json")).expect("write jobs");
-    let out = Command::new(python())
-        .arg(root().join("fixtures/ports/mindformers/run.py"))
-        .arg("--jobs")
-        .arg(&jobs_file)
-        .current_dir(tmp.path())
-        .output()
-        .expect("run the MindFormers runner");
-    assert!(out.status.success(), "run.py --jobs: {}", String::from_utf8_lossy(&out.stderr));
+    run_mindformers_jobs("run.py", tmp.path(), &specs);
     jobs.iter()
         .enumerate()
         .map(|(i, (g, _, _))| {
@@ -98,45 +47,17 @@ fn batch(jobs: &[(&str, &str, &[&str])]) -> Vec<Outcome> {
                 return Outcome::Refused(reason.trim().to_string());
             }
             let report = tmp.path().join(format!("report{i}"));
-            let o = Command::new(env!("CARGO_BIN_EXE_parity"))
-                .current_dir(root())
-                .args(["compare", &format!("golden/{g}")])
-                .arg(&dump)
-                .args(["--quiet", "--report"])
-                .arg(&report)
-                .output()
-                .expect("run parity compare");
-            let text = std::fs::read_to_string(report.join("report.json")).unwrap_or_default();
-            let output = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Outcome::Compared(
-                o.status.code(),
-                serde_json::from_str(&text).unwrap_or(Value::Null),
-                output,
-            )
+            let golden = format!("golden/{g}");
+            let args = [
+                OsStr::new("compare"),
+                OsStr::new(&golden),
+                dump.as_os_str(),
+                OsStr::new("--quiet"),
+            ];
+            let o = parity_reported(&root(), args, &report, "report.json");
+            Outcome::Compared(o.code, o.report, o.output)
         })
         .collect()
-}
-
-/// The site with the largest rel-L2, as "step/site rel_l2".
-fn worst(report: &Value) -> String {
-    let mut best: Option<(f64, String)> = None;
-    for s in report["sites"].as_array().into_iter().flatten() {
-        if let Some(r) = s["metrics"]["rel_l2"].as_f64() {
-            if best.as_ref().is_none_or(|(b, _)| r > *b) {
-                let k = format!(
-                    "{}/{}",
-                    s["step"].as_str().unwrap_or("?"),
-                    s["site"].as_str().unwrap_or("?")
-                );
-                best = Some((r, k));
-            }
-        }
-    }
-    best.map_or("-".into(), |(r, k)| format!("{k} rel_l2 {r:.3e}"))
 }
 
 /// The configs MindFormers' Llama cannot express, and the words its refusal must hold.
@@ -162,7 +83,7 @@ fn judge(name: &str, outcome: &Outcome, failures: &mut Vec<String>) {
             eprintln!(
                 "{name}: exit {code:?}, {} sites, worst {}",
                 report["sites"].as_array().map_or(0, |s| s.len()),
-                worst(report)
+                worst_site(report)
             );
             if expect.is_some() {
                 failures.push(format!("{name}: ran, but MindFormers cannot express it"));
@@ -179,10 +100,10 @@ fn judge(name: &str, outcome: &Outcome, failures: &mut Vec<String>) {
 /// naming what MindFormers lacks (longrope; a head_dim that is not hidden / heads).
 #[test]
 fn every_golden_passes_at_float32_or_is_refused_with_the_reason() {
-    if !venv_ready() {
+    if !mindformers_ready() {
         return;
     }
-    let names = goldens();
+    let names = golden_names();
     let jobs: Vec<(&str, &str, &[&str])> =
         names.iter().map(|g| (g.as_str(), "float32", &[][..])).collect();
     let outcomes = batch(&jobs);
@@ -198,7 +119,7 @@ fn every_golden_passes_at_float32_or_is_refused_with_the_reason() {
 /// And `parity run --impl mindformers` end to end on the unpadded golden.
 #[test]
 fn float16_passes_bfloat16_is_refused_on_the_cpu_and_parity_run_drives_it() {
-    if !venv_ready() {
+    if !mindformers_ready() {
         return;
     }
     let jobs: [(&str, &str, &[&str]); 2] =
@@ -241,7 +162,7 @@ fn float16_passes_bfloat16_is_refused_on_the_cpu_and_parity_run_drives_it() {
 /// the site where it acts, and the diagnosis names it.
 #[test]
 fn each_planted_fault_fails_where_it_acts_and_is_diagnosed() {
-    if !venv_ready() {
+    if !mindformers_ready() {
         return;
     }
     let cases = [

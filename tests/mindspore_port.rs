@@ -6,74 +6,19 @@
 //! they never pass silently. One port run takes about 7 s on a CPU core, so the port
 //! runs once per (golden, dtype) and once per fault, on one padded golden.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-/// Every golden dump under `golden/` (a directory with a manifest.json), sorted.
-fn goldens() -> Vec<String> {
-    let dir = root().join("golden");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; the HF goldens must be under golden/", dir.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no goldens under {}", dir.display());
-    names
-}
-
-struct Outcome {
-    code: Option<i32>,
-    report: Value,
-    output: String,
-}
+use crate::helpers::ports::{golden_names, parity_reported, worst_site, Reported};
+use crate::helpers::root;
 
 /// Runs `parity run golden/NAME --impl mindspore ARGS... --report TMP` from the repo root.
-fn run_port(golden: &str, args: &[&str]) -> Outcome {
+fn run_port(golden: &str, args: &[&str]) -> Reported {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let report_dir = tmp.path().join("report");
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(["run", &format!("golden/{golden}"), "--impl", "mindspore", "--quiet"])
-        .args(args)
-        .arg("--report")
-        .arg(&report_dir)
-        .output()
-        .expect("run parity");
-    let output =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let report = std::fs::read_to_string(report_dir.join("report.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    Outcome { code: out.status.code(), report, output }
-}
-
-/// The site with the largest rel-L2, as "step/site rel_l2".
-fn worst(report: &Value) -> String {
-    let mut best: Option<(f64, String)> = None;
-    for s in report["sites"].as_array().into_iter().flatten() {
-        if let Some(r) = s["metrics"]["rel_l2"].as_f64() {
-            if best.as_ref().is_none_or(|(b, _)| r > *b) {
-                best = Some((
-                    r,
-                    format!(
-                        "{}/{}",
-                        s["step"].as_str().unwrap_or("?"),
-                        s["site"].as_str().unwrap_or("?")
-                    ),
-                ));
-            }
-        }
-    }
-    best.map_or("-".into(), |(r, k)| format!("{k} rel_l2 {r:.3e}"))
+    let golden = format!("golden/{golden}");
+    let run = ["run", golden.as_str(), "--impl", "mindspore", "--quiet"];
+    parity_reported(&root(), run.iter().chain(args), &tmp.path().join("report"), "report.json")
 }
 
 /// The golden's compute dtype, from its manifest.
@@ -91,13 +36,13 @@ fn golden_dtype(golden: &str) -> String {
 /// model.rotary_emb.cos).
 fn every_golden_passes_at(dtype: &str) {
     let mut failures = Vec::new();
-    for g in goldens() {
+    for g in golden_names() {
         let o = run_port(&g, &["--dtype", dtype]);
         eprintln!(
             "{g} ({}) at {dtype}: exit {:?}, worst {}",
             golden_dtype(&g),
             o.code,
-            worst(&o.report)
+            worst_site(&o.report)
         );
         if o.code != Some(0) || o.report["verdict"] != "pass" {
             failures.push(format!("{g} at {dtype}: exit {:?}\n{}", o.code, o.output));
@@ -169,7 +114,7 @@ fn fault_weights_gate_up_swapped_diverges_at_layer_0_mlp() {
 
 #[test]
 fn without_mindspore_the_run_exits_2_saying_how_to_install_it() {
-    let g = goldens().remove(0);
+    let g = golden_names().remove(0);
     let out = Command::new(env!("CARGO_BIN_EXE_parity"))
         .current_dir(root())
         .env("PARITY_MINDSPORE_PYTHON", "/nonexistent/bin/python")

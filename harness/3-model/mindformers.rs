@@ -54,6 +54,12 @@ pub fn default_venv() -> std::path::PathBuf {
     PORT.default_venv()
 }
 
+/// The interpreter that runs MindFormers: `$PARITY_MINDFORMERS_PYTHON`, else
+/// `<venv>/bin/python` with `<venv>` from [`default_venv`].
+pub fn python() -> std::path::PathBuf {
+    PORT.python()
+}
+
 /// Runs MindFormers' Llama on `golden`'s scenario on `device` and returns its dump
 /// (held in memory). `progress` receives each line the runner writes.
 pub fn run(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod chromium;
+pub mod ports;
 pub mod synthetic;
 
 use std::collections::BTreeMap;

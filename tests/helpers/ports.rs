@@ -1,0 +1,111 @@
+//! What the tests of the real ports (the MindSpore port, MindFormers) share: the
+//! goldens by name, a report's worst site, and MindFormers' interpreter with the rule
+//! for a missing venv.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The names of the golden dumps under `golden/`, sorted.
+pub fn golden_names() -> Vec<String> {
+    super::dump_dirs("golden")
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// The site of `report` (a `report.json`) with the largest rel-L2, as
+/// "step/site rel_l2 1.234e-5", or "-" when no site has one.
+pub fn worst_site(report: &Value) -> String {
+    let mut best: Option<(f64, String)> = None;
+    for s in report["sites"].as_array().into_iter().flatten() {
+        if let Some(r) = s["metrics"]["rel_l2"].as_f64() {
+            if best.as_ref().is_none_or(|(b, _)| r > *b) {
+                let k = format!(
+                    "{}/{}",
+                    s["step"].as_str().unwrap_or("?"),
+                    s["site"].as_str().unwrap_or("?")
+                );
+                best = Some((r, k));
+            }
+        }
+    }
+    best.map_or("-".into(), |(r, k)| format!("{k} rel_l2 {r:.3e}"))
+}
+
+/// MindFormers' interpreter, found as `parity run --impl mindformers` finds it
+/// (`PARITY_MINDFORMERS_PYTHON`, else the venv of `PARITY_MINDFORMERS_VENV` or
+/// `~/.cache/llama-parity/mindformers-venv`).
+pub fn mindformers_python() -> PathBuf {
+    llama_parity::model::mindformers::python()
+}
+
+/// Whether MindFormers' venv is there. Without it a test prints why and is skipped,
+/// but only when `CI` is unset: in CI a missing venv fails the test.
+pub fn mindformers_ready() -> bool {
+    let py = mindformers_python();
+    if py.is_file() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set and the MindFormers venv is missing ({}); run bash .ci/setup",
+        py.display()
+    );
+    eprintln!("skipped: no MindFormers venv at {} (bash .ci/setup creates it)", py.display());
+    false
+}
+
+/// Runs MindFormers' interpreter on `script` (under `fixtures/ports/mindformers/`) with
+/// `--jobs DIR/jobs.json` holding `jobs`, in `dir` (MindFormers writes its logs into the
+/// current directory); panics with the script's stderr unless it exits 0.
+pub fn run_mindformers_jobs(script: &str, dir: &Path, jobs: &[Value]) {
+    let jobs_file = dir.join("jobs.json");
+    std::fs::write(&jobs_file, serde_json::to_string(jobs).expect("json")).expect("write jobs");
+    let out = Command::new(mindformers_python())
+        .arg(super::root().join("fixtures/ports/mindformers").join(script))
+        .arg("--jobs")
+        .arg(&jobs_file)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} --jobs: exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `parity ... --report DIR` came to: its exit code, stdout and stderr together,
+/// and one JSON file of the report (`Null` when it is missing or not JSON).
+pub struct Reported {
+    pub code: Option<i32>,
+    pub output: String,
+    pub report: Value,
+}
+
+/// Runs `parity ARGS... --report REPORT` from `cwd` and reads `REPORT/file`.
+pub fn parity_reported<A: AsRef<OsStr>>(
+    cwd: &Path,
+    args: impl IntoIterator<Item = A>,
+    report: &Path,
+    file: &str,
+) -> Reported {
+    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(cwd)
+        .args(args)
+        .arg("--report")
+        .arg(report)
+        .output()
+        .expect("run parity");
+    let output =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = std::fs::read_to_string(report.join(file))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Reported { code: out.status.code(), output, report }
+}
