@@ -212,8 +212,11 @@ struct Dims {
     layers: bool,
     steps: bool,
     /// Which components, if the family has several.
-    component: Option<fn(Component) -> bool>,
+    component: Option<ComponentFilter>,
 }
+
+/// Which components a fault family has.
+type ComponentFilter = fn(Component) -> bool;
 
 impl Fault {
     /// Where this fault can be narrowed to. Faults that act before the first layer (the
@@ -222,7 +225,7 @@ impl Fault {
     /// of the whole run take no scope.
     fn dims(self) -> Dims {
         use Fault::*;
-        let (layers, steps, component): (bool, bool, Option<fn(Component) -> bool>) = match self {
+        let (layers, steps, component): (bool, bool, Option<ComponentFilter>) = match self {
             RopePosReset | RopePosFixed | RopePosOffByOne | RopeCosSinSwapped => {
                 (false, true, None)
             }
