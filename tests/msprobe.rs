@@ -3,29 +3,11 @@
 //! candidates: `parity compare GOLDEN MSPROBE_DUMP` and `parity import msprobe`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::helpers::{copy_tree, parity, root};
 use llama_parity::contract::site::{Site, Step};
 use llama_parity::dump::Dump;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-/// Runs `parity ARGS` in the repository; (exit code, stdout, stderr).
-fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run parity");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `parity compare GOLDEN CANDIDATE --report TMP`: (exit code, report.json).
 fn compare(golden: &str, candidate: &str) -> (Option<i32>, Value) {
@@ -127,19 +109,6 @@ fn copy_dump() -> (tempfile::TempDir, PathBuf) {
     (tmp, dst)
 }
 
-fn copy_tree(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &to);
-        } else {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
-}
-
 /// The data file of an entry's tensor in step0 of the copy.
 fn data_file(dump: &Path, name: &str) -> PathBuf {
     let step0 = std::fs::read_dir(dump.join("step0")).unwrap().next().unwrap().unwrap().path();
@@ -197,26 +166,28 @@ fn bad_msprobe_dumps_exit_2_with_one_line_naming_the_file() {
             "bad pickle",
         ),
     ];
-    for (what, breaker, says) in cases {
-        let (_tmp, dump) = copy_dump();
+    for (_what, breaker, says) in cases {
+        let (tmp, dump) = copy_dump();
         let file = breaker(&dump);
-        for args in [
-            vec!["compare", "golden/gqa_pad_f32", dump.to_str().unwrap()],
-            vec![
-                "import",
-                "msprobe",
-                dump.to_str().unwrap(),
-                "--out",
-                _tmp.path().join("o").to_str().unwrap(),
-            ],
-        ] {
-            let (code, _, err) = parity(&args);
-            let lines: Vec<&str> = err.lines().collect();
-            assert_eq!(code, Some(2), "{what}: {err}");
-            assert_eq!(lines.len(), 1, "{what}: {err}");
-            assert!(lines[0].contains(file.to_str().unwrap()), "{what}: {err}");
-            assert!(lines[0].contains(says), "{what}: {err}");
-        }
+        assert_refused(&dump, &[], &tmp.path().join("o"), &file, says);
+    }
+}
+
+/// `parity compare golden/gqa_pad_f32 DUMP` and `parity import msprobe DUMP --out OUT`,
+/// each with `extra` arguments: exit 2 with one line naming `file` and saying `says`.
+pub fn assert_refused(dump: &Path, extra: &[&str], out: &Path, file: &Path, says: &str) {
+    let d = dump.to_str().unwrap();
+    for cmd in [
+        vec!["compare", "golden/gqa_pad_f32", d],
+        vec!["import", "msprobe", d, "--out", out.to_str().unwrap()],
+    ] {
+        let args: Vec<&str> = cmd.into_iter().chain(extra.iter().copied()).collect();
+        let (code, _, err) = parity(&args);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(code, Some(2), "{says}: {err}");
+        assert_eq!(lines.len(), 1, "{says}: {err}");
+        assert!(lines[0].contains(file.to_str().unwrap()), "{says}: {err}");
+        assert!(lines[0].contains(says), "{says}: {err}");
     }
 }
 
