@@ -234,3 +234,58 @@ fn statistics_mode_verdicts_are_marked_and_catch_what_statistics_can_show() {
         assert!(rep["diagnosis"].as_array().unwrap().is_empty(), "{name}");
     }
 }
+
+/// Real msprobe dumps of a MindSpore Llama (`fixtures/msprobe/mindspore/`, made by
+/// `fixtures/msprobe/make_mindspore_dumps.py`: the repository's MindSpore port, which
+/// names its Cells as MindFormers does, run in PYNATIVE mode under msprobe's MindSpore
+/// debugger; `.npy` tensors), read with the shipped `mindformers` map.
+#[test]
+fn mindspore_npy_dumps_read_with_the_mindformers_map() {
+    let ms = "fixtures/msprobe/mindspore";
+    let tmp = tempfile::tempdir().unwrap();
+    let rep = tmp.path().join("r");
+    let map = ["--msprobe-map", "mindformers"];
+    let run = |dump: &str| {
+        let _ = std::fs::remove_dir_all(&rep);
+        let args = ["compare", "golden/gqa_pad_f32", dump, "--report", rep.to_str().unwrap()];
+        let (code, _, err) = parity(&[&args[..], &map[..]].concat());
+        let text = std::fs::read_to_string(rep.join("report.json"))
+            .unwrap_or_else(|e| panic!("{dump}: no report ({e}); {err}"));
+        (code, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    // The correct run passes, with every site the map names found at both steps:
+    // embedding, 9 a layer, final norm and logits.
+    let (code, rep_ok) = run(&format!("{ms}/gqa_pad_f32"));
+    assert_eq!(code, Some(0), "{}", rep_ok["summary"]);
+    assert_eq!(rep_ok["summary"]["pass"], 2 * (1 + 2 * 9 + 2), "{}", rep_ok["summary"]);
+    // Its import equals the port's own contract dump of the same run, byte for byte.
+    let out = tmp.path().join("imported");
+    let (code, _, err) = parity(&[
+        "import",
+        "msprobe",
+        &format!("{ms}/gqa_pad_f32"),
+        "--out",
+        out.to_str().unwrap(),
+        "--msprobe-map",
+        "mindformers",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let imp = Dump::open(&out).unwrap();
+    let port = Dump::open(&root().join(format!("{ms}/gqa_pad_f32.contract"))).unwrap();
+    let mut n = 0;
+    for &step in &imp.manifest.steps {
+        for site in imp.sites(step) {
+            let (a, b) =
+                (imp.get(step, site).unwrap().unwrap(), port.get(step, site).unwrap().unwrap());
+            assert_eq!((a.shape(), a.dtype()), (b.shape(), b.dtype()), "{step}/{site}");
+            assert!(a.bytes() == b.bytes(), "{step}/{site} differs from the port's own dump");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 42);
+    // The port with LayerNorm planted fails at the first norm and is diagnosed.
+    let (code, rep_bad) = run(&format!("{ms}/gqa_pad_f32__norm_layernorm"));
+    assert_eq!(code, Some(1));
+    assert_eq!(first(&rep_bad), ("prefill".into(), "model.layers.0.input_layernorm".into()));
+    assert_eq!(top_fault(&rep_bad), "norm.layernorm");
+}
