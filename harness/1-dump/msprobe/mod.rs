@@ -705,4 +705,40 @@ mod tests {
         assert_eq!(parse_api_entry("Torch.matmul.12.forward"), Some(("Torch.matmul".into(), 12)));
         assert_eq!(parse_api_entry("Tensor.__add__.4.forward"), Some(("Tensor.__add__".into(), 4)));
     }
+
+    /// Statistics of ranks concatenated are those of the whole: [1, 2] and [3, -4, 0]
+    /// make [1, 2, 3, -4, 0] (max 3, min -4, mean 0.4, norm sqrt(30)).
+    #[test]
+    fn concatenated_ranks_have_the_statistics_of_the_whole() {
+        let rank = |r: usize| RankDir {
+            dir: PathBuf::from(format!("rank{r}")),
+            data: serde_json::Map::new(),
+            modules: HashMap::new(),
+            apis: HashMap::new(),
+        };
+        let (r0, r1) = (rank(0), rank(1));
+        let recs = [
+            Record { rank: &r0, entry: "e".into(), rec: &Value::Null },
+            Record { rank: &r1, entry: "e".into(), rec: &Value::Null },
+        ];
+        let st = |max: f64, min: f64, mean: f64, norm: f64| Stats {
+            max: Some(max),
+            min: Some(min),
+            mean: Some(mean),
+            norm: Some(norm),
+        };
+        let per_rank = [
+            (st(2., 1., 1.5, 5f64.sqrt()), vec![1, 2]),
+            (st(3., -4., -1. / 3., 25f64.sqrt()), vec![1, 3]),
+        ];
+        let (s, shape) = concat_stats(&recs, &per_rank, 1).unwrap();
+        assert_eq!(shape, vec![1, 5]);
+        assert_eq!((s.max, s.min), (Some(3.), Some(-4.)));
+        assert!((s.mean.unwrap() - 0.4).abs() < 1e-15);
+        assert!((s.norm.unwrap() - 30f64.sqrt()).abs() < 1e-15);
+        // Off the axis they must agree; rank 1's dump.json is named.
+        let bad = [per_rank[0].clone(), (per_rank[1].0, vec![2, 3])];
+        let e = concat_stats(&recs, &bad, 1).unwrap_err().to_string();
+        assert!(e.starts_with("rank1/dump.json: ranks disagree"), "{e}");
+    }
 }
