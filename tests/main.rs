@@ -21,6 +21,7 @@ mod mindformers_port;
 mod mindspore_port;
 mod model_properties;
 mod msprobe;
+mod msprobe_layouts;
 mod noise_floor;
 mod pass_fail_rule;
 mod random_models;

@@ -3,29 +3,11 @@
 //! candidates: `parity compare GOLDEN MSPROBE_DUMP` and `parity import msprobe`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::helpers::{copy_tree, parity, root};
 use llama_parity::contract::site::{Site, Step};
 use llama_parity::dump::Dump;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-/// Runs `parity ARGS` in the repository; (exit code, stdout, stderr).
-fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run parity");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `parity compare GOLDEN CANDIDATE --report TMP`: (exit code, report.json).
 fn compare(golden: &str, candidate: &str) -> (Option<i32>, Value) {
@@ -127,19 +109,6 @@ fn copy_dump() -> (tempfile::TempDir, PathBuf) {
     (tmp, dst)
 }
 
-fn copy_tree(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &to);
-        } else {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
-}
-
 /// The data file of an entry's tensor in step0 of the copy.
 fn data_file(dump: &Path, name: &str) -> PathBuf {
     let step0 = std::fs::read_dir(dump.join("step0")).unwrap().next().unwrap().unwrap().path();
@@ -197,26 +166,28 @@ fn bad_msprobe_dumps_exit_2_with_one_line_naming_the_file() {
             "bad pickle",
         ),
     ];
-    for (what, breaker, says) in cases {
-        let (_tmp, dump) = copy_dump();
+    for (_what, breaker, says) in cases {
+        let (tmp, dump) = copy_dump();
         let file = breaker(&dump);
-        for args in [
-            vec!["compare", "golden/gqa_pad_f32", dump.to_str().unwrap()],
-            vec![
-                "import",
-                "msprobe",
-                dump.to_str().unwrap(),
-                "--out",
-                _tmp.path().join("o").to_str().unwrap(),
-            ],
-        ] {
-            let (code, _, err) = parity(&args);
-            let lines: Vec<&str> = err.lines().collect();
-            assert_eq!(code, Some(2), "{what}: {err}");
-            assert_eq!(lines.len(), 1, "{what}: {err}");
-            assert!(lines[0].contains(file.to_str().unwrap()), "{what}: {err}");
-            assert!(lines[0].contains(says), "{what}: {err}");
-        }
+        assert_refused(&dump, &[], &tmp.path().join("o"), &file, says);
+    }
+}
+
+/// `parity compare golden/gqa_pad_f32 DUMP` and `parity import msprobe DUMP --out OUT`,
+/// each with `extra` arguments: exit 2 with one line naming `file` and saying `says`.
+pub fn assert_refused(dump: &Path, extra: &[&str], out: &Path, file: &Path, says: &str) {
+    let d = dump.to_str().unwrap();
+    for cmd in [
+        vec!["compare", "golden/gqa_pad_f32", d],
+        vec!["import", "msprobe", d, "--out", out.to_str().unwrap()],
+    ] {
+        let args: Vec<&str> = cmd.into_iter().chain(extra.iter().copied()).collect();
+        let (code, _, err) = parity(&args);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(code, Some(2), "{says}: {err}");
+        assert_eq!(lines.len(), 1, "{says}: {err}");
+        assert!(lines[0].contains(file.to_str().unwrap()), "{says}: {err}");
+        assert!(lines[0].contains(says), "{says}: {err}");
     }
 }
 
@@ -262,4 +233,59 @@ fn statistics_mode_verdicts_are_marked_and_catch_what_statistics_can_show() {
         );
         assert!(rep["diagnosis"].as_array().unwrap().is_empty(), "{name}");
     }
+}
+
+/// Real msprobe dumps of a MindSpore Llama (`fixtures/msprobe/mindspore/`, made by
+/// `fixtures/msprobe/make_mindspore_dumps.py`: the repository's MindSpore port, which
+/// names its Cells as MindFormers does, run in PYNATIVE mode under msprobe's MindSpore
+/// debugger; `.npy` tensors), read with the shipped `mindformers` map.
+#[test]
+fn mindspore_npy_dumps_read_with_the_mindformers_map() {
+    let ms = "fixtures/msprobe/mindspore";
+    let tmp = tempfile::tempdir().unwrap();
+    let rep = tmp.path().join("r");
+    let map = ["--msprobe-map", "mindformers"];
+    let run = |dump: &str| {
+        let _ = std::fs::remove_dir_all(&rep);
+        let args = ["compare", "golden/gqa_pad_f32", dump, "--report", rep.to_str().unwrap()];
+        let (code, _, err) = parity(&[&args[..], &map[..]].concat());
+        let text = std::fs::read_to_string(rep.join("report.json"))
+            .unwrap_or_else(|e| panic!("{dump}: no report ({e}); {err}"));
+        (code, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    // The correct run passes, with every site the map names found at both steps:
+    // embedding, 9 a layer, final norm and logits.
+    let (code, rep_ok) = run(&format!("{ms}/gqa_pad_f32"));
+    assert_eq!(code, Some(0), "{}", rep_ok["summary"]);
+    assert_eq!(rep_ok["summary"]["pass"], 2 * (1 + 2 * 9 + 2), "{}", rep_ok["summary"]);
+    // Its import equals the port's own contract dump of the same run, byte for byte.
+    let out = tmp.path().join("imported");
+    let (code, _, err) = parity(&[
+        "import",
+        "msprobe",
+        &format!("{ms}/gqa_pad_f32"),
+        "--out",
+        out.to_str().unwrap(),
+        "--msprobe-map",
+        "mindformers",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let imp = Dump::open(&out).unwrap();
+    let port = Dump::open(&root().join(format!("{ms}/gqa_pad_f32.contract"))).unwrap();
+    let mut n = 0;
+    for &step in &imp.manifest.steps {
+        for site in imp.sites(step) {
+            let (a, b) =
+                (imp.get(step, site).unwrap().unwrap(), port.get(step, site).unwrap().unwrap());
+            assert_eq!((a.shape(), a.dtype()), (b.shape(), b.dtype()), "{step}/{site}");
+            assert!(a.bytes() == b.bytes(), "{step}/{site} differs from the port's own dump");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 42);
+    // The port with LayerNorm planted fails at the first norm and is diagnosed.
+    let (code, rep_bad) = run(&format!("{ms}/gqa_pad_f32__norm_layernorm"));
+    assert_eq!(code, Some(1));
+    assert_eq!(first(&rep_bad), ("prefill".into(), "model.layers.0.input_layernorm".into()));
+    assert_eq!(top_fault(&rep_bad), "norm.layernorm");
 }

@@ -180,6 +180,35 @@ pub fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
+/// Runs the `parity` binary with `args` in the repository root: (exit code, stdout,
+/// stderr).
+pub fn parity(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run parity");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Copies the directory tree `src` to `dst` (created).
+pub fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
 /// The committed golden suite, by directory name; `golden_suite` checks that the
 /// directories under `golden/` are exactly these.
 pub const GOLDENS: [&str; 9] = [

@@ -17,6 +17,19 @@
 //! (`BNSD` as the contract, `BSND`, or `BNDS` for transposed keys); `"heads": "kv"`
 //! undoes a GQA repeat of the key/value heads. `tail_of` takes the last T token slots
 //! of another site of the same step (the keys written by this step). `{i}` is the layer.
+//!
+//! Multi-rank dumps (`step<N>/rank0..rank<K>/`, tensor parallelism): `"ranks":
+//! "concat(A)"` reassembles a tensor split over the ranks by concatenating the ranks'
+//! tensors along axis `A` of the recorded tensor (column-parallel outputs, attention
+//! heads split over ranks); `"ranks": "sum"` adds them (row-parallel partial sums
+//! before their all-reduce). A rule without `ranks` reads rank 0 (a replicated tensor).
+//!
+//! A fused q/k/v projection (MindFormers' `attention.w_qkv`, an HF-style `qkv_proj`):
+//! `"fused_qkv": "q"` (or `"k"`, `"v"`) takes that part of the recorded tensor's last
+//! axis, sized by the golden's head counts and head_dim. `"fused_layout": "blocks"`
+//! (default) is `[q heads | k heads | v heads]`; `"groups"` is one group per key/value
+//! head, `[its nH/nKV q heads, k, v]` (Megatron's). With `ranks` concatenating along
+//! the last axis, each rank's tensor is split with its share of the heads first.
 
 use std::path::Path;
 
@@ -51,6 +64,51 @@ pub enum Heads {
     Kv,
 }
 
+/// How a site split over tensor-parallel ranks is put back together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Ranks {
+    /// `concat(A)`: the ranks' tensors concatenated along axis `A`, rank 0 first.
+    Concat(usize),
+    /// `sum`: the ranks' tensors added element by element.
+    Sum,
+}
+
+impl TryFrom<String> for Ranks {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Ranks, String> {
+        if s == "sum" {
+            return Ok(Ranks::Sum);
+        }
+        s.strip_prefix("concat(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|a| a.trim().parse().ok())
+            .map(Ranks::Concat)
+            .ok_or_else(|| format!("`ranks` is {s:?}, expected \"concat(AXIS)\" or \"sum\""))
+    }
+}
+
+/// Which part of a fused q/k/v projection a rule takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QkvPart {
+    Q,
+    K,
+    V,
+}
+
+/// How a fused q/k/v projection orders its heads along its last axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusedLayout {
+    /// `[q heads | k heads | v heads]`.
+    #[default]
+    Blocks,
+    /// One group per key/value head: `[its nH/nKV q heads, its k head, its v head]`.
+    Groups,
+}
+
 /// One rule of the map.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +129,12 @@ pub struct Rule {
     pub heads: Option<Heads>,
     #[serde(default)]
     pub tail_of: Option<String>,
+    #[serde(default)]
+    pub ranks: Option<Ranks>,
+    #[serde(default)]
+    pub fused_qkv: Option<QkvPart>,
+    #[serde(default)]
+    pub fused_layout: FusedLayout,
 }
 
 /// A site map.
@@ -143,7 +207,11 @@ impl SiteMap {
                     Take::parse(t)
                         .ok_or_else(|| bad("`take` must be input.K, kwargs.NAME or output.K"))?;
                 }
-                (None, Some(_)) => {}
+                (None, Some(_)) => {
+                    if r.ranks.is_some() || r.fused_qkv.is_some() {
+                        return Err(bad("a `tail_of` rule takes neither `ranks` nor `fused_qkv`"));
+                    }
+                }
                 _ => return Err(bad("needs exactly one of `module` and `tail_of`")),
             }
         }
@@ -159,6 +227,23 @@ mod tests {
     fn shipped_maps_parse() {
         assert!(SiteMap::hf().sites.len() >= 20);
         assert!(SiteMap::mindformers().sites.iter().any(|r| r.site == "model.layers.{i}.mlp"));
+    }
+
+    #[test]
+    fn ranks_and_fused_parts_parse() {
+        let t = r#"{"format": "llama-parity/msprobe-map@1", "module_prefixes": [], "anchor": "m",
+                   "sites": [{"site": "q", "module": "qkv", "take": "output.0", "ranks": "concat(2)",
+                              "fused_qkv": "q", "fused_layout": "groups"},
+                             {"site": "o", "module": "o", "take": "output.0", "ranks": "sum"}]}"#;
+        let m = SiteMap::parse(t, Path::new("m.json")).unwrap();
+        assert_eq!(m.sites[0].ranks, Some(Ranks::Concat(2)));
+        assert_eq!(m.sites[0].fused_qkv, Some(QkvPart::Q));
+        assert_eq!(m.sites[0].fused_layout, FusedLayout::Groups);
+        assert_eq!(m.sites[1].ranks, Some(Ranks::Sum));
+        assert_eq!(m.sites[1].fused_layout, FusedLayout::Blocks);
+        let bad = t.replace("concat(2)", "concat(x)");
+        let e = SiteMap::parse(&bad, Path::new("m.json")).unwrap_err().to_string();
+        assert!(e.contains("m.json") && e.contains("concat(AXIS)"), "{e}");
     }
 
     #[test]

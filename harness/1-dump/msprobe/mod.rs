@@ -2,7 +2,8 @@
 //! contract dumps.
 //!
 //! A dump root holds `step<N>/<rank R | proc<pid>>/{dump.json, construct.json,
-//! dump_tensor_data/}`. `dump.json` lists every recorded module or API call with its
+//! dump_tensor_data/}`; a multi-rank dump one `rank0..rank<K>` folder a rank in every
+//! step, whose split sites the map reassembles (`ranks`, [`map`]). `dump.json` lists every recorded module or API call with its
 //! inputs, keyword inputs and outputs, each tensor with `dtype`, `shape`, `Max`, `Min`,
 //! `Mean`, `Norm` and, in tensor mode, `data_name` (a `.pt` file for PyTorch, `.npy` for
 //! MindSpore, under `dump_tensor_data/`). `construct.json` names each call's parent
@@ -16,8 +17,9 @@
 //! tensors; [`MsprobeDump::statistics`] gives each site's Max/Min/Mean/Norm instead.
 
 mod json;
+mod layout;
 pub mod map;
-mod pt;
+pub mod pt;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ use crate::contract::error::{Error, Result};
 use crate::contract::site::{Site, Step};
 use crate::dump::{DType, Dump, Manifest, Precision, Tensor};
 
-pub use self::map::{Heads, Layout, SiteMap, Take};
+pub use self::map::{FusedLayout, Heads, Layout, QkvPart, Ranks, SiteMap, Take};
 
 /// What msprobe saved: the tensors, or only their statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +64,18 @@ pub struct StatSite {
 }
 
 /// One `step*/<rank>` folder.
-struct StepDir {
+struct RankDir {
     dir: PathBuf,
     data: serde_json::Map<String, Value>,
     /// `(module path, call n)` to its entry name.
     modules: HashMap<(String, usize), String>,
     /// `(parent entry, API name)` to `(call counter, entry)` in call order.
     apis: HashMap<(String, String), Vec<(usize, String)>>,
+}
+
+/// One `step*` folder: its ranks, rank 0 first (one for a single-rank dump).
+struct StepDir {
+    ranks: Vec<RankDir>,
 }
 
 /// An msprobe dump root, read and indexed.
@@ -80,12 +87,32 @@ pub struct MsprobeDump {
     steps: Vec<StepDir>,
 }
 
-/// True when `dir` looks like an msprobe dump root: a `step*/<rank>/dump.json` inside.
-pub fn is_msprobe_dump(dir: &Path) -> bool {
-    step_dirs(dir).is_ok_and(|v| !v.is_empty())
+/// One tensor record of one rank: the rank's folder, the entry and its record.
+struct Record<'a> {
+    rank: &'a RankDir,
+    entry: String,
+    rec: &'a Value,
 }
 
-fn step_dirs(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
+/// True when `dir` looks like an msprobe dump root: a `step<N>/<rank*|proc*>/dump.json`
+/// inside (whether its layout is whole is for [`MsprobeDump::open`] to say).
+pub fn is_msprobe_dump(dir: &Path) -> bool {
+    let sub = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d).map_or(Vec::new(), |rd| rd.flatten().map(|e| e.path()).collect())
+    };
+    let named = |p: &Path, prefixes: &[&str]| {
+        p.file_name()
+            .and_then(|s| s.to_str())
+            .is_some_and(|s| prefixes.iter().any(|x| s.starts_with(x)))
+    };
+    sub(dir).iter().filter(|s| named(s, &["step"]) && s.is_dir()).any(|s| {
+        sub(s).iter().any(|r| named(r, &["rank", "proc"]) && r.join("dump.json").is_file())
+    })
+}
+
+/// The `step<N>` folders under `root` with their rank folders, rank 0 first: one
+/// `rank<R>` a rank, numbered 0..K, or a single `rank` or `proc<pid>` folder.
+fn step_dirs(root: &Path) -> Result<Vec<(usize, Vec<PathBuf>)>> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
     for e in rd {
@@ -101,31 +128,55 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
         if !p.is_dir() {
             continue;
         }
-        let mut ranks = Vec::new();
+        let mut ranks: Vec<(Option<usize>, PathBuf)> = Vec::new();
+        let mut procs = Vec::new();
         for r in std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))? {
             let r = r.map_err(|e| Error::io(&p, e))?.path();
+            if !r.join("dump.json").is_file() {
+                continue;
+            }
             let name = r.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            if (name.starts_with("rank") || name.starts_with("proc"))
-                && r.join("dump.json").is_file()
-            {
-                ranks.push(r);
+            if let Some(id) = name.strip_prefix("rank") {
+                ranks.push((id.parse().ok(), r.clone()));
+            } else if name.starts_with("proc") {
+                procs.push(r);
             }
         }
         ranks.sort();
-        match ranks.len() {
-            0 => {}
-            1 => out.push((n, ranks.remove(0))),
-            k => {
+        let dirs = match (ranks.len(), procs.len()) {
+            (0, 0) => continue,
+            (0, 1) => procs,
+            (0, k) => {
                 return Err(Error::format(
                     &p,
-                    format!(
-                        "{k} ranks; multi-rank msprobe dumps are not read yet (one rank per step)"
-                    ),
+                    format!("{k} proc<pid> folders: ranks cannot be ordered (dump with start(rank_id=...) or under torch.distributed for rank<R> folders)"),
                 ))
             }
-        }
+            (1, 0) => vec![ranks.remove(0).1],
+            (k, 0) => {
+                let ids: Vec<Option<usize>> = ranks.iter().map(|(id, _)| *id).collect();
+                if ids != (0..k).map(Some).collect::<Vec<_>>() {
+                    return Err(Error::format(
+                        &p,
+                        format!("{k} rank folders, not numbered rank0..rank{}", k - 1),
+                    ));
+                }
+                ranks.into_iter().map(|(_, d)| d).collect()
+            }
+            _ => return Err(Error::format(&p, "both rank<R> and proc<pid> folders")),
+        };
+        out.push((n, dirs));
     }
     out.sort();
+    if let Some((_, first)) = out.first() {
+        let k = first.len();
+        if let Some((n, _)) = out.iter().find(|(_, d)| d.len() != k) {
+            return Err(Error::format(
+                root.join(format!("step{n}")),
+                format!("a different number of ranks than step{} ({k})", out[0].0),
+            ));
+        }
+    }
     Ok(out)
 }
 
@@ -152,6 +203,46 @@ fn parse_api_entry(name: &str) -> Option<(String, usize)> {
     Some((api.to_string(), n.parse().ok()?))
 }
 
+/// What one rank folder's `dump.json` says: (mode, framework, level, its indexed entries).
+fn read_rank(dir: PathBuf, map: &SiteMap) -> Result<(Mode, String, String, RankDir)> {
+    let djson = dir.join("dump.json");
+    let v = read_json(&djson)?;
+    let task = v.get("task").and_then(Value::as_str).unwrap_or("tensor");
+    let mode = match task {
+        "tensor" => Mode::Tensor,
+        "statistics" => Mode::Statistics,
+        other => {
+            return Err(Error::format(
+                &djson,
+                format!("task {other:?}: only tensor and statistics dumps are read"),
+            ))
+        }
+    };
+    let framework = v.get("framework").and_then(Value::as_str).unwrap_or("").to_string();
+    let level = v.get("level").and_then(Value::as_str).unwrap_or("").to_string();
+    let data = v
+        .get("data")
+        .and_then(Value::as_object)
+        .cloned()
+        .ok_or_else(|| Error::format(&djson, "no `data` object"))?;
+    let cpath = dir.join("construct.json");
+    let construct = if cpath.is_file() { read_json(&cpath)? } else { Value::Null };
+    let mut modules = HashMap::new();
+    let mut apis: HashMap<(String, String), Vec<(usize, String)>> = HashMap::new();
+    for name in data.keys() {
+        if let Some(key) = parse_module_entry(name, &map.module_prefixes) {
+            modules.insert(key, name.clone());
+        } else if let Some((api, n)) = parse_api_entry(name) {
+            let parent = construct.get(name).and_then(Value::as_str).unwrap_or("").to_string();
+            apis.entry((parent, api)).or_default().push((n, name.clone()));
+        }
+    }
+    for v in apis.values_mut() {
+        v.sort();
+    }
+    Ok((mode, framework, level, RankDir { dir, data, modules, apis }))
+}
+
 impl MsprobeDump {
     /// Reads and indexes the dump under `root`, with `map`'s module prefixes.
     pub fn open(root: &Path, map: &SiteMap) -> Result<MsprobeDump> {
@@ -163,51 +254,22 @@ impl MsprobeDump {
         let mut mode = None;
         let mut framework = String::new();
         let mut level = String::new();
-        for (_, dir) in dirs {
-            let djson = dir.join("dump.json");
-            let v = read_json(&djson)?;
-            let task = v.get("task").and_then(Value::as_str).unwrap_or("tensor");
-            let m = match task {
-                "tensor" => Mode::Tensor,
-                "statistics" => Mode::Statistics,
-                other => {
+        for (_, rank_dirs) in dirs {
+            let mut ranks = Vec::new();
+            for dir in rank_dirs {
+                let djson = dir.join("dump.json");
+                let (m, f, l, rank) = read_rank(dir, map)?;
+                if mode.is_some_and(|x| x != m) {
                     return Err(Error::format(
                         &djson,
-                        format!("task {other:?}: only tensor and statistics dumps are read"),
-                    ))
+                        "steps or ranks of one dump mix tensor and statistics tasks",
+                    ));
                 }
-            };
-            if mode.is_some_and(|x| x != m) {
-                return Err(Error::format(
-                    &djson,
-                    "steps of one dump mix tensor and statistics tasks",
-                ));
+                mode = Some(m);
+                (framework, level) = (f, l);
+                ranks.push(rank);
             }
-            mode = Some(m);
-            framework = v.get("framework").and_then(Value::as_str).unwrap_or("").to_string();
-            level = v.get("level").and_then(Value::as_str).unwrap_or("").to_string();
-            let data = v
-                .get("data")
-                .and_then(Value::as_object)
-                .cloned()
-                .ok_or_else(|| Error::format(&djson, "no `data` object"))?;
-            let cpath = dir.join("construct.json");
-            let construct = if cpath.is_file() { read_json(&cpath)? } else { Value::Null };
-            let mut modules = HashMap::new();
-            let mut apis: HashMap<(String, String), Vec<(usize, String)>> = HashMap::new();
-            for name in data.keys() {
-                if let Some(key) = parse_module_entry(name, &map.module_prefixes) {
-                    modules.insert(key, name.clone());
-                } else if let Some((api, n)) = parse_api_entry(name) {
-                    let parent =
-                        construct.get(name).and_then(Value::as_str).unwrap_or("").to_string();
-                    apis.entry((parent, api)).or_default().push((n, name.clone()));
-                }
-            }
-            for v in apis.values_mut() {
-                v.sort();
-            }
-            steps.push(StepDir { dir, data, modules, apis });
+            steps.push(StepDir { ranks });
         }
         Ok(MsprobeDump {
             root: root.to_path_buf(),
@@ -223,33 +285,36 @@ impl MsprobeDump {
     }
 
     /// The model forwards recorded, in order: `(step folder index, call counter)` of
-    /// the map's anchor module.
+    /// the map's anchor module on rank 0.
     fn forwards(&self, map: &SiteMap) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         for (si, s) in self.steps.iter().enumerate() {
-            let mut ns: Vec<usize> =
-                s.modules.keys().filter(|(p, _)| *p == map.anchor).map(|(_, n)| *n).collect();
+            let mut ns: Vec<usize> = s.ranks[0]
+                .modules
+                .keys()
+                .filter(|(p, _)| *p == map.anchor)
+                .map(|(_, n)| *n)
+                .collect();
             ns.sort();
             out.extend(ns.into_iter().map(|n| (si, n)));
         }
         out
     }
 
-    /// The tensor record a rule names at one forward, or `None` when the dump lacks it.
+    /// The tensor record a rule names at one forward on one rank, or `None` when that
+    /// rank lacks it.
     fn record<'a>(
-        &'a self,
-        map: &SiteMap,
+        rank: &'a RankDir,
         rule: &map::Rule,
         layer: usize,
-        (si, n): (usize, usize),
-    ) -> Option<(&'a StepDir, String, &'a Value)> {
-        let s = &self.steps[si];
+        n: usize,
+    ) -> Option<Record<'a>> {
         let module = rule.module.as_ref()?.replace("{i}", &layer.to_string());
-        let mut entry = s.modules.get(&(module, n))?.clone();
+        let mut entry = rank.modules.get(&(module, n))?.clone();
         if let Some(api) = &rule.api {
-            entry = s.apis.get(&(entry, api.clone()))?.get(rule.nth)?.1.clone();
+            entry = rank.apis.get(&(entry, api.clone()))?.get(rule.nth)?.1.clone();
         }
-        let e = s.data.get(&entry)?;
+        let e = rank.data.get(&entry)?;
         let take = Take::parse(rule.take.as_deref()?)?;
         let rec = match take {
             Take::Input(k) => e.get("input_args")?.get(k)?,
@@ -260,18 +325,46 @@ impl MsprobeDump {
                 _ => return None,
             },
         };
-        let _ = map;
         rec.get("shape")?;
-        Some((s, entry, rec))
+        Some(Record { rank, entry, rec })
     }
 
-    /// A recorded tensor, read from its data file and checked against `dump.json`.
-    fn load_tensor(&self, s: &StepDir, entry: &str, rec: &Value) -> Result<Tensor> {
-        let djson = s.dir.join("dump.json");
+    /// The records a rule reads at one forward: rank 0's alone, or with `ranks` one a
+    /// rank. `None` when rank 0 lacks it (the site is missing); a rank that lacks what
+    /// rank 0 has is an error naming its `dump.json`.
+    fn records<'a>(
+        &'a self,
+        rule: &map::Rule,
+        site: &str,
+        layer: usize,
+        (si, n): (usize, usize),
+    ) -> Result<Option<Vec<Record<'a>>>> {
+        let ranks = &self.steps[si].ranks;
+        let Some(first) = Self::record(&ranks[0], rule, layer, n) else { return Ok(None) };
+        let mut out = vec![first];
+        if rule.ranks.is_some() {
+            for rank in &ranks[1..] {
+                let r = Self::record(rank, rule, layer, n).ok_or_else(|| {
+                    Error::format(
+                        rank.dir.join("dump.json"),
+                        format!("no record for site `{site}` (entry `{}` on rank 0)", out[0].entry),
+                    )
+                })?;
+                out.push(r);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// A recorded tensor, read from its data file and checked against `dump.json`;
+    /// with the file it came from.
+    fn load_tensor(&self, r: &Record) -> Result<(PathBuf, Tensor)> {
+        let (entry, rec) = (&r.entry, r.rec);
+        let djson = r.rank.dir.join("dump.json");
         let name = rec.get("data_name").and_then(Value::as_str).ok_or_else(|| {
             Error::format(&djson, format!("entry `{entry}`: a tensor record without data_name"))
         })?;
-        let file = s.dir.join("dump_tensor_data").join(name);
+        let file = r.rank.dir.join("dump_tensor_data").join(name);
         if !file.is_file() {
             return Err(Error::format(
                 &file,
@@ -290,7 +383,59 @@ impl MsprobeDump {
                 ),
             ));
         }
-        Ok(t)
+        Ok((file, t))
+    }
+
+    /// A site's tensor at one forward: each rank's tensor read (the part of a fused
+    /// q/k/v projection taken), the ranks put back together as the rule declares, and
+    /// the layout normalised. `None` when the dump does not hold it as a tensor.
+    fn site_tensor(
+        &self,
+        rule: &map::Rule,
+        site: &str,
+        layer: usize,
+        fw: (usize, usize),
+        cfg: &crate::dump::ModelConfig,
+    ) -> Result<Option<Tensor>> {
+        let Some(recs) = self.records(rule, site, layer, fw)? else { return Ok(None) };
+        let r0 = recs[0].rec;
+        if r0.get("data_name").is_none()
+            && r0.get("type").and_then(Value::as_str).is_some_and(|t| !t.contains("Tensor"))
+        {
+            return Ok(None);
+        }
+        let n_ranks = recs.len();
+        let mut parts = Vec::with_capacity(n_ranks);
+        for r in &recs {
+            let (file, t) = self.load_tensor(r)?;
+            let t = match rule.fused_qkv {
+                None => t,
+                Some(part) => {
+                    // Split along the last axis over the ranks: each holds its share of
+                    // the heads.
+                    let share = match rule.ranks {
+                        Some(Ranks::Concat(a)) if a + 1 == t.shape().len() => n_ranks,
+                        _ => 1,
+                    };
+                    let heads = (cfg.num_attention_heads, cfg.kv_heads());
+                    if heads.0 % share != 0 || heads.1 % share != 0 {
+                        return Err(Error::format(
+                            &file,
+                            format!("fused q/k/v over {share} ranks: {} query and {} key/value heads do not divide among them", heads.0, heads.1),
+                        ));
+                    }
+                    let counts = (heads.0 / share, heads.1 / share, cfg.head_dim());
+                    layout::split_qkv(&file, &t, part, rule.fused_layout, counts)?
+                }
+            };
+            parts.push((file, t));
+        }
+        let t = match rule.ranks {
+            None => parts.swap_remove(0).1,
+            Some(Ranks::Concat(axis)) => layout::concat(&parts, axis)?,
+            Some(Ranks::Sum) => layout::sum(&parts)?,
+        };
+        Ok(Some(layout::normalise(t, rule, cfg.num_attention_heads, cfg.kv_heads())))
     }
 
     /// The contract manifest of this dump: `like`'s model and scenario, the steps that
@@ -306,6 +451,7 @@ impl MsprobeDump {
             "dumped_framework": self.framework,
             "level": self.level,
             "task": match self.mode { Mode::Tensor => "tensor", Mode::Statistics => "statistics" },
+            "ranks": self.steps.first().map_or(1, |s| s.ranks.len()),
             "dump": self.root.display().to_string(),
         });
         m
@@ -344,28 +490,21 @@ impl MsprobeDump {
                         match here.get(&src) {
                             Some(c) if c.shape().len() == 4 && c.shape()[2] >= t_len => {
                                 let s = c.shape()[2];
-                                select(c, 2, &(s - t_len..s).collect::<Vec<_>>())
+                                layout::select(c, 2, &(s - t_len..s).collect::<Vec<_>>())
                             }
                             _ => continue,
                         }
                     } else {
-                        let Some((s, entry, rec)) = self.record(map, rule, i, fw) else { continue };
-                        if rec.get("data_name").is_none()
-                            && rec
-                                .get("type")
-                                .and_then(Value::as_str)
-                                .is_some_and(|t| !t.contains("Tensor"))
-                        {
-                            continue;
+                        match self.site_tensor(rule, &site, i, fw, cfg)? {
+                            Some(t) => t,
+                            None => continue,
                         }
-                        let t = self.load_tensor(s, &entry, rec)?;
-                        normalise(t, rule, cfg.num_attention_heads, cfg.kv_heads())
                     };
                     let t = if Site::parse(&site) == Site::Mask
                         && t.shape().len() == 4
                         && t.shape()[3] > s_len
                     {
-                        select(&t, 3, &(0..s_len).collect::<Vec<_>>())
+                        layout::select(&t, 3, &(0..s_len).collect::<Vec<_>>())
                     } else {
                         t
                     };
@@ -387,7 +526,11 @@ impl MsprobeDump {
 
     /// Each mapped site's statistics at each recorded step, keyed like a dump
     /// (`(step, site)`), for a statistics-only comparison. Sites a map derives by
-    /// slicing (`tail_of`, a mask wider than the cache) have no statistics.
+    /// slicing (`tail_of`, a mask wider than the cache), taking part of a fused q/k/v
+    /// projection or adding partial sums over ranks have no statistics; a site
+    /// concatenated over ranks has the statistics of the whole (max of the maxima,
+    /// min of the minima, the mean weighted by elements, the root of the summed
+    /// squared norms).
     pub fn statistics(
         &self,
         map: &SiteMap,
@@ -401,7 +544,10 @@ impl MsprobeDump {
             let s_len =
                 like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
             for rule in &map.sites {
-                if rule.tail_of.is_some() {
+                if rule.tail_of.is_some()
+                    || rule.fused_qkv.is_some()
+                    || rule.ranks == Some(Ranks::Sum)
+                {
                     continue;
                 }
                 let layers: Vec<usize> = if rule.site.contains("{i}") {
@@ -410,23 +556,17 @@ impl MsprobeDump {
                     vec![0]
                 };
                 for i in layers {
-                    let site = Site::parse(&rule.site.replace("{i}", &i.to_string()));
-                    let Some((s, entry, rec)) = self.record(map, rule, i, fw) else { continue };
-                    let djson = s.dir.join("dump.json");
-                    let stat = |key: &str| match rec.get(key) {
-                        None => Err(Error::format(
-                            &djson,
-                            format!("entry `{entry}`: no statistic `{key}`"),
-                        )),
-                        Some(Value::Null) => Ok(None),
-                        Some(v) => json::number(v).map(Some).ok_or_else(|| {
-                            Error::format(
-                                &djson,
-                                format!("entry `{entry}`: statistic `{key}` is {v}, not a number"),
-                            )
-                        }),
-                    };
-                    let mut shape = shape_of(rec).unwrap_or_default();
+                    let name = rule.site.replace("{i}", &i.to_string());
+                    let site = Site::parse(&name);
+                    let Some(recs) = self.records(rule, &name, i, fw)? else { continue };
+                    let mut per_rank = Vec::with_capacity(recs.len());
+                    for r in &recs {
+                        per_rank.push(rank_stats(r)?);
+                    }
+                    let (mut stats, mut shape) = per_rank[0].clone();
+                    if let Some(Ranks::Concat(axis)) = rule.ranks {
+                        (stats, shape) = concat_stats(&recs, &per_rank, axis)?;
+                    }
                     let mut repeat = 1;
                     if let Some(l) = rule.layout {
                         if shape.len() == 4 {
@@ -448,13 +588,9 @@ impl MsprobeDump {
                     if site == Site::Mask && shape.len() == 4 && shape[3] != s_len {
                         continue;
                     }
-                    let stats = Stats {
-                        max: stat("Max")?,
-                        min: stat("Min")?,
-                        mean: stat("Mean")?,
-                        norm: stat("Norm")?.map(|n| n / (repeat as f64).sqrt()),
-                    };
-                    let dtype = rec.get("dtype").and_then(Value::as_str).and_then(parse_dtype);
+                    stats.norm = stats.norm.map(|n| n / (repeat as f64).sqrt());
+                    let dtype =
+                        recs[0].rec.get("dtype").and_then(Value::as_str).and_then(parse_dtype);
                     out.insert((step, site.to_string()), StatSite { stats, shape, repeat, dtype });
                 }
             }
@@ -467,6 +603,63 @@ impl MsprobeDump {
         let n = self.forwards(map).len().min(like.steps.len());
         self.manifest(like, n, None)
     }
+}
+
+/// One rank's statistics of a record and its recorded shape.
+fn rank_stats(r: &Record) -> Result<(Stats, Vec<usize>)> {
+    let djson = r.rank.dir.join("dump.json");
+    let entry = &r.entry;
+    let stat = |key: &str| match r.rec.get(key) {
+        None => Err(Error::format(&djson, format!("entry `{entry}`: no statistic `{key}`"))),
+        Some(Value::Null) => Ok(None),
+        Some(v) => json::number(v).map(Some).ok_or_else(|| {
+            Error::format(
+                &djson,
+                format!("entry `{entry}`: statistic `{key}` is {v}, not a number"),
+            )
+        }),
+    };
+    let stats =
+        Stats { max: stat("Max")?, min: stat("Min")?, mean: stat("Mean")?, norm: stat("Norm")? };
+    Ok((stats, shape_of(r.rec).unwrap_or_default()))
+}
+
+/// The statistics of the ranks' tensors concatenated along `axis`.
+fn concat_stats(
+    recs: &[Record],
+    per_rank: &[(Stats, Vec<usize>)],
+    axis: usize,
+) -> Result<(Stats, Vec<usize>)> {
+    let (_, shape0) = &per_rank[0];
+    let off = |s: &[usize]| {
+        s.iter().enumerate().filter(|&(a, _)| a != axis).map(|(_, &d)| d).collect::<Vec<_>>()
+    };
+    for (r, (_, s)) in recs.iter().zip(per_rank).skip(1) {
+        if axis >= shape0.len() || s.len() != shape0.len() || off(s) != off(shape0) {
+            return Err(Error::format(
+                r.rank.dir.join("dump.json"),
+                format!(
+                    "ranks disagree: entry `{}` has shape {s:?} here, rank 0 has {shape0:?} (concatenated along axis {axis})",
+                    r.entry
+                ),
+            ));
+        }
+    }
+    let all = |f: fn(&Stats) -> Option<f64>| {
+        per_rank.iter().map(|(st, _)| f(st)).collect::<Option<Vec<f64>>>()
+    };
+    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
+    let total: f64 = per_rank.iter().map(|(_, s)| numel(s)).sum();
+    let stats = Stats {
+        max: all(|s| s.max).map(|v| v.into_iter().fold(f64::NEG_INFINITY, f64::max)),
+        min: all(|s| s.min).map(|v| v.into_iter().fold(f64::INFINITY, f64::min)),
+        mean: all(|s| s.mean)
+            .map(|v| v.iter().zip(per_rank).map(|(m, (_, s))| m * numel(s)).sum::<f64>() / total),
+        norm: all(|s| s.norm).map(|v| v.iter().map(|n| n * n).sum::<f64>().sqrt()),
+    };
+    let mut shape = shape0.clone();
+    shape[axis] = per_rank.iter().map(|(_, s)| s[axis]).sum();
+    Ok((stats, shape))
 }
 
 fn shape_of(rec: &Value) -> Option<Vec<usize>> {
@@ -497,101 +690,6 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// A head-split tensor in the contract's `[batch, heads, seq, head_dim]`, GQA repeats
-/// undone for key/value sites.
-fn normalise(t: Tensor, rule: &map::Rule, q_heads: usize, kv_heads: usize) -> Tensor {
-    if t.shape().len() != 4 {
-        return t;
-    }
-    let t = match rule.layout {
-        Some(Layout::Bsnd) => permute(&t, &[0, 2, 1, 3]),
-        Some(Layout::Bnds) => permute(&t, &[0, 1, 3, 2]),
-        _ => t,
-    };
-    if rule.heads != Some(Heads::Kv) || t.shape()[1] != q_heads || kv_heads >= q_heads {
-        return t;
-    }
-    let rep = q_heads / kv_heads;
-    let same = |a: usize, b: usize| head_bytes(&t, a) == head_bytes(&t, b);
-    // HF's repeat_kv repeats each key/value head `rep` times in a row (h // rep); a port
-    // that tiles them (h % kv_heads) stores the same cache and pairs heads differently,
-    // which shows at the scores. Either way the stored heads are recovered.
-    let interleaved = (0..q_heads).all(|h| same(h, (h / rep) * rep));
-    let tiled = (0..q_heads).all(|h| same(h, h % kv_heads));
-    let heads: Vec<usize> = if !interleaved && tiled {
-        (0..kv_heads).collect()
-    } else {
-        (0..kv_heads).map(|g| g * rep).collect()
-    };
-    select(&t, 1, &heads)
-}
-
-fn head_bytes(t: &Tensor, h: usize) -> Vec<u8> {
-    select(t, 1, &[h]).bytes().to_vec()
-}
-
-/// `t` with its axes reordered: output axis `k` is input axis `perm[k]`.
-fn permute(t: &Tensor, perm: &[usize]) -> Tensor {
-    let shape = t.shape();
-    let mut in_stride = vec![1usize; shape.len()];
-    for a in (0..shape.len().saturating_sub(1)).rev() {
-        in_stride[a] = in_stride[a + 1] * shape[a + 1];
-    }
-    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-    let strides: Vec<usize> = perm.iter().map(|&p| in_stride[p]).collect();
-    gather(t, out_shape, &strides, 0)
-}
-
-/// `t` restricted to `indices` along `axis`.
-fn select(t: &Tensor, axis: usize, indices: &[usize]) -> Tensor {
-    let shape = t.shape();
-    let size = t.dtype().size();
-    let mut stride = vec![1usize; shape.len()];
-    for a in (0..shape.len().saturating_sub(1)).rev() {
-        stride[a] = stride[a + 1] * shape[a + 1];
-    }
-    let mut out_shape = shape.to_vec();
-    out_shape[axis] = indices.len();
-    let numel: usize = out_shape.iter().product();
-    let src = t.bytes();
-    let mut bytes = Vec::with_capacity(numel * size);
-    let mut idx = vec![0usize; shape.len()];
-    for _ in 0..numel {
-        let e: usize = idx
-            .iter()
-            .enumerate()
-            .map(|(a, &i)| if a == axis { indices[i] } else { i } * stride[a])
-            .sum();
-        bytes.extend_from_slice(&src[e * size..(e + 1) * size]);
-        advance(&mut idx, &out_shape);
-    }
-    Tensor::owned(t.dtype(), out_shape, bytes)
-}
-
-fn gather(t: &Tensor, out_shape: Vec<usize>, strides: &[usize], start: usize) -> Tensor {
-    let size = t.dtype().size();
-    let numel: usize = out_shape.iter().product();
-    let src = t.bytes();
-    let mut bytes = Vec::with_capacity(numel * size);
-    let mut idx = vec![0usize; out_shape.len()];
-    for _ in 0..numel {
-        let e = start + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
-        bytes.extend_from_slice(&src[e * size..(e + 1) * size]);
-        advance(&mut idx, &out_shape);
-    }
-    Tensor::owned(t.dtype(), out_shape, bytes)
-}
-
-fn advance(idx: &mut [usize], shape: &[usize]) {
-    for a in (0..shape.len()).rev() {
-        idx[a] += 1;
-        if idx[a] < shape[a] {
-            return;
-        }
-        idx[a] = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,35 +706,39 @@ mod tests {
         assert_eq!(parse_api_entry("Tensor.__add__.4.forward"), Some(("Tensor.__add__".into(), 4)));
     }
 
+    /// Statistics of ranks concatenated are those of the whole: [1, 2] and [3, -4, 0]
+    /// make [1, 2, 3, -4, 0] (max 3, min -4, mean 0.4, norm sqrt(30)).
     #[test]
-    fn permute_then_back_is_identity() {
-        let v: Vec<f64> = (0..24).map(f64::from).collect();
-        let t = Tensor::from_f64(&[1, 2, 3, 4], &v, DType::F32);
-        let p = permute(&t, &[0, 1, 3, 2]);
-        assert_eq!(p.shape(), &[1, 2, 4, 3]);
-        // element [0,1,2,0] of p is element [0,1,0,2] of t: 12 + 0*4 + 2
-        assert_eq!(p.get_f64(12 + 2 * 3), 14.0);
-        let back = permute(&p, &[0, 1, 3, 2]);
-        assert_eq!(back.bytes(), t.bytes());
-    }
-
-    #[test]
-    fn repeated_kv_heads_are_undone_either_way() {
-        let rule = map::Rule {
-            site: "k".into(),
-            module: None,
-            api: None,
-            nth: 0,
-            take: None,
-            layout: None,
-            heads: Some(Heads::Kv),
-            tail_of: None,
+    fn concatenated_ranks_have_the_statistics_of_the_whole() {
+        let rank = |r: usize| RankDir {
+            dir: PathBuf::from(format!("rank{r}")),
+            data: serde_json::Map::new(),
+            modules: HashMap::new(),
+            apis: HashMap::new(),
         };
-        // kv heads a=[1,1], b=[2,2]; 4 query heads.
-        let inter = Tensor::from_f64(&[1, 4, 1, 2], &[1., 1., 1., 1., 2., 2., 2., 2.], DType::F32);
-        let tiled = Tensor::from_f64(&[1, 4, 1, 2], &[1., 1., 2., 2., 1., 1., 2., 2.], DType::F32);
-        let want = Tensor::from_f64(&[1, 2, 1, 2], &[1., 1., 2., 2.], DType::F32);
-        assert_eq!(normalise(inter, &rule, 4, 2).bytes(), want.bytes());
-        assert_eq!(normalise(tiled, &rule, 4, 2).bytes(), want.bytes());
+        let (r0, r1) = (rank(0), rank(1));
+        let recs = [
+            Record { rank: &r0, entry: "e".into(), rec: &Value::Null },
+            Record { rank: &r1, entry: "e".into(), rec: &Value::Null },
+        ];
+        let st = |max: f64, min: f64, mean: f64, norm: f64| Stats {
+            max: Some(max),
+            min: Some(min),
+            mean: Some(mean),
+            norm: Some(norm),
+        };
+        let per_rank = [
+            (st(2., 1., 1.5, 5f64.sqrt()), vec![1, 2]),
+            (st(3., -4., -1. / 3., 25f64.sqrt()), vec![1, 3]),
+        ];
+        let (s, shape) = concat_stats(&recs, &per_rank, 1).unwrap();
+        assert_eq!(shape, vec![1, 5]);
+        assert_eq!((s.max, s.min), (Some(3.), Some(-4.)));
+        assert!((s.mean.unwrap() - 0.4).abs() < 1e-15);
+        assert!((s.norm.unwrap() - 30f64.sqrt()).abs() < 1e-15);
+        // Off the axis they must agree; rank 1's dump.json is named.
+        let bad = [per_rank[0].clone(), (per_rank[1].0, vec![2, 3])];
+        let e = concat_stats(&recs, &bad, 1).unwrap_err().to_string();
+        assert!(e.starts_with("rank1/dump.json: ranks disagree"), "{e}");
     }
 }

@@ -5,7 +5,9 @@
 //! being a persistent ID `('storage', <dtype>Storage, key, location, numel)`) and the raw
 //! little-endian storages `<archive>/data/<key>`. The zip is read with `zip`, the pickle
 //! with candle's pickle reader (it resolves persistent IDs and torch's rebuild calls);
-//! the strided view is gathered here into a row-major tensor.
+//! the strided view is gathered here into a row-major tensor (a whole contiguous
+//! storage is taken as it is; otherwise the innermost contiguous axes are copied a run
+//! at a time).
 
 use std::io::{BufReader, Read};
 use std::path::Path;
@@ -78,20 +80,61 @@ pub fn read(path: &Path) -> Result<Tensor> {
             info.storage_size
         )));
     }
+    let bytes = if numel == 0 {
+        Vec::new()
+    } else if start == 0 && numel == info.storage_size && is_row_major(&shape, &stride) {
+        storage
+    } else {
+        gather_runs(&storage, size, &shape, &stride, start)
+    };
+    Ok(Tensor::owned(dtype, shape, bytes))
+}
+
+/// True when `stride` is the row-major stride of `shape` (axes of extent 1 excepted).
+fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
+    let mut want = 1;
+    for (&d, &s) in shape.iter().zip(stride).rev() {
+        if d != 1 && s != want {
+            return false;
+        }
+        want *= d;
+    }
+    true
+}
+
+/// The strided view `shape`/`stride` from element `start` of `storage` (elements of
+/// `size` bytes), row-major: the innermost axes that are contiguous are copied as one
+/// run each.
+fn gather_runs(
+    storage: &[u8],
+    size: usize,
+    shape: &[usize],
+    stride: &[usize],
+    start: usize,
+) -> Vec<u8> {
+    let numel: usize = shape.iter().product();
+    // Axes `k..` are contiguous: one run of `run` elements per index of axes `..k`.
+    let mut k = shape.len();
+    let mut run = 1;
+    while k > 0 && (shape[k - 1] == 1 || stride[k - 1] == run) {
+        run *= shape[k - 1];
+        k -= 1;
+    }
+    let outer = &shape[..k];
     let mut bytes = Vec::with_capacity(numel * size);
-    let mut idx = vec![0usize; shape.len()];
-    for _ in 0..numel {
-        let e = start + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
-        bytes.extend_from_slice(&storage[e * size..(e + 1) * size]);
-        for ax in (0..shape.len()).rev() {
+    let mut idx = vec![0usize; k];
+    for _ in 0..numel / run.max(1) {
+        let e = start + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        bytes.extend_from_slice(&storage[e * size..(e + run) * size]);
+        for ax in (0..k).rev() {
             idx[ax] += 1;
-            if idx[ax] < shape[ax] {
+            if idx[ax] < outer[ax] {
                 break;
             }
             idx[ax] = 0;
         }
     }
-    Ok(Tensor::owned(dtype, shape, bytes))
+    bytes
 }
 
 /// candle's error message on one line: without the backtrace candle attaches when
@@ -100,5 +143,45 @@ fn message(e: candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => message(*inner),
         other => other.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run copy equals the element-by-element gather of the same view.
+    #[test]
+    fn strided_views_gather_like_elementwise() {
+        let storage: Vec<u8> = (0..48u8).collect(); // 48 one-byte elements
+        for (shape, stride, start) in [
+            (vec![2, 3, 4], vec![12, 4, 1], 0),  // contiguous
+            (vec![2, 3, 2], vec![12, 4, 1], 1),  // rows cut: runs of 2
+            (vec![3, 2, 4], vec![4, 12, 1], 0),  // axes 0 and 1 swapped
+            (vec![4, 3], vec![1, 4], 0),         // transposed: runs of 1
+            (vec![2, 1, 4], vec![12, 99, 1], 4), // an axis of extent 1, any stride
+        ] {
+            let numel: usize = shape.iter().product();
+            let mut want = Vec::new();
+            let mut idx = vec![0usize; shape.len()];
+            for _ in 0..numel {
+                let e = start + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
+                want.push(storage[e]);
+                for ax in (0..shape.len()).rev() {
+                    idx[ax] += 1;
+                    if idx[ax] < shape[ax] {
+                        break;
+                    }
+                    idx[ax] = 0;
+                }
+            }
+            assert_eq!(
+                gather_runs(&storage, 1, &shape, &stride, start),
+                want,
+                "{shape:?} {stride:?}"
+            );
+        }
+        assert!(is_row_major(&[2, 1, 4], &[4, 7, 1]));
+        assert!(!is_row_major(&[4, 3], &[1, 4]));
     }
 }

@@ -158,9 +158,10 @@ pub struct CheckWeightsArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
-    /// The golden dump directory (made by HF transformers).
+    /// The golden dump directory (made by HF transformers), or an msprobe tensor dump
+    /// of HF's run with the run's manifest.json beside its step folders.
     pub golden: PathBuf,
-    /// The candidate dump directory (made by the port under test).
+    /// The candidate dump directory (made by the port under test), or an msprobe dump.
     pub candidate: PathBuf,
     #[command(flatten)]
     pub common: CommonArgs,

@@ -26,7 +26,11 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     let floor = floor(&a.common)?;
     let baseline = load_baseline(&a.common)?;
-    let golden = Dump::open(&a.golden)?;
+    let golden = if llama_parity::dump::msprobe::is_msprobe_dump(&a.golden) {
+        crate::import::open_msprobe_golden(&a.golden)?
+    } else {
+        Dump::open(&a.golden)?
+    };
     let opts = Options {
         progress: &progress,
         floor,

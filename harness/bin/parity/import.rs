@@ -57,6 +57,28 @@ fn model_manifest(
     })
 }
 
+/// A golden given as an msprobe tensor dump of HF transformers' run: read with the
+/// `hf` map, its model and scenario from the `manifest.json` beside its step folders.
+pub fn open_msprobe_golden(root: &Path) -> Result<Dump> {
+    let beside = root.join("manifest.json");
+    if !beside.is_file() {
+        return Err(Error::Format {
+            path: root.to_path_buf(),
+            what: "an msprobe dump given as the golden needs the run's manifest.json beside its step folders".into(),
+        });
+    }
+    let like = Manifest::load(&beside)?;
+    let map = SiteMap::hf();
+    let ms = MsprobeDump::open(root, &map)?;
+    if ms.mode() == Mode::Statistics {
+        return Err(Error::Format {
+            path: root.to_path_buf(),
+            what: "a statistics-mode msprobe dump cannot be the golden: it holds no tensors".into(),
+        });
+    }
+    ms.to_dump(&map, &like)
+}
+
 pub fn cmd_import(a: ImportArgs) -> Result<ExitCode> {
     match a.tool {
         ImportTool::Msprobe => {}
@@ -81,7 +103,6 @@ pub fn cmd_import(a: ImportArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `compare` with an msprobe dump as the candidate.
 /// `compare` with an msprobe dump as the candidate: a tensor-mode dump goes through
 /// the pipeline like any dump; a statistics-mode dump is judged on its statistics.
 pub fn compare_msprobe(a: &CompareArgs, golden: &Dump, opts: &Options) -> Result<ExitCode> {
