@@ -180,21 +180,6 @@ pub fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
-/// Runs the `parity` binary with `args` in the repository root: (exit code, stdout,
-/// stderr).
-pub fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run parity");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Copies the directory tree `src` to `dst` (created).
 pub fn copy_tree(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
