@@ -11,7 +11,7 @@ use crate::compare::floor::{floor_for, FloorCache, FloorSource};
 use crate::compare::tolerance::Policy;
 use crate::compare::{compare_with_floor, Comparison};
 use crate::contract::error::Result;
-use crate::diagnosis::diagnose;
+use crate::diagnosis::{diagnose, localise};
 use crate::dump::Dump;
 use crate::model::{self, RunOptions, RunOutput};
 use crate::report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
@@ -137,6 +137,7 @@ fn diagnose_into(
              referenced by its manifest) to rerun its scenario with"
                 .to_string(),
         );
+        report.localisation = localise(cmp);
         return;
     }
     (opts.progress)("diagnosing the divergence ...");
@@ -146,5 +147,8 @@ fn diagnose_into(
             report.diagnosis_notes = d.notes;
         }
         Err(e) => report.diagnosis_note = Some(format!("not made: {e}")),
+    }
+    if report.diagnosis.is_empty() {
+        report.localisation = localise(cmp);
     }
 }

@@ -15,6 +15,7 @@ mod fault_matrix;
 mod golden_suite;
 mod hardening;
 mod loader_fuzz;
+mod localisation;
 mod mask_properties;
 mod mindformers_convert;
 mod mindformers_port;

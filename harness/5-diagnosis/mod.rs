@@ -22,6 +22,10 @@
 //! The thresholds are the comparison's own, site by site (the measured noise floor and
 //! the user's policy included), so the diagnosis and the verdict judge alike.
 
+mod localise;
+
+pub use localise::localise;
+
 use std::cmp::Ordering;
 
 use crate::compare::tolerance::{Policy, Tolerance};

@@ -176,6 +176,10 @@ pub struct Report {
     /// the diagnosis ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnosis_note: Option<String>,
+    /// Where the first divergence starts inside the computation (which inputs of the
+    /// first divergent site still match), when no known fault explains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localisation: Option<String>,
     /// Hypotheses the diagnosis could not run on this golden, each with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub diagnosis_notes: Vec<String>,
@@ -208,6 +212,7 @@ impl Report {
             first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
             diagnosis,
             diagnosis_note: None,
+            localisation: None,
             diagnosis_notes: Vec::new(),
             noise_floor_note: None,
             summary: Summary { pass, fail, missing, skipped },
@@ -219,9 +224,14 @@ impl Report {
 
     /// What to say of a failed comparison whose diagnosis is empty.
     pub fn empty_diagnosis_text(&self) -> String {
-        self.diagnosis_note
+        let text = self
+            .diagnosis_note
             .clone()
-            .unwrap_or_else(|| "no known fault explains this divergence".to_string())
+            .unwrap_or_else(|| "no known fault explains this divergence".to_string());
+        match &self.localisation {
+            Some(l) => format!("{text}; {l}"),
+            None => text,
+        }
     }
 
     /// Attaches the local (teacher-forced) measures of `local`, site by site.
