@@ -130,6 +130,28 @@ impl Tensor {
         }
     }
 
+    /// [`release`](Self::release) for the pages of elements `range` only (row-major flat
+    /// indices), once they have been read: how a very large tensor is read without
+    /// holding all of it. The pages at either end may hold neighbouring elements; those
+    /// are read again from the file when touched.
+    pub fn release_elements(&self, range: Range<usize>) {
+        #[cfg(unix)]
+        if let Bytes::Mapped { map, range: bytes } = &self.bytes {
+            let s = self.dtype.size();
+            let (start, end) = (bytes.start + range.start * s, bytes.start + range.end * s);
+            if start < end && end <= bytes.end {
+                // SAFETY: as in `release`: a read-only file mapping reads back the file.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+
     /// Element `i` (row-major flat index) widened to `f64`. Panics if `i` is out of range.
     #[inline]
     pub fn get_f64(&self, i: usize) -> f64 {

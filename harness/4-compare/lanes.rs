@@ -1,30 +1,61 @@
 //! The measures of a value site at memory speed: float32, bfloat16 and float16 lanes
-//! decoded straight from the stored (memory-mapped) bytes, a block at a time, into
-//! f64, with every metric of [`Accumulator`] and the per-token and per-head rel-L2
-//! taken in one pass over the data.
+//! decoded straight from the stored (memory-mapped) bytes, a block at a time, with
+//! every metric of [`Accumulator`] and the per-token and per-head rel-L2 taken in one
+//! read of the data.
 //!
 //! The tensor is walked in runs of consecutive elements that share their padding
 //! filter, token row and head (the largest such run is the gcd of those axes'
-//! strides), each run in blocks of at most [`BLOCK`] pairs. A block's sums are
-//! accumulated in f64 (a product of two float32 values is exact in f64), its Pearson
-//! co-moments about its own means, and blocks merge into the site's accumulator in
-//! index order ([`Accumulator::absorb`]): the arithmetic is the same whatever thread
-//! measures the site, so results are bit-identical from run to run.
+//! strides), each run in blocks of at most [`BLOCK`] pairs. A block is decoded into two
+//! small float32 arrays (they stay in the L1 cache) and measured by a few short,
+//! branch-free passes over them that the compiler vectorizes: the sums (f64: a product
+//! of two float32 values is exact in f64), the errors (|d|, relative error, the 1‰ and
+//! 5‰ counts), the units in the last place (integer arithmetic on the bits), and
+//! Pearson's co-moments about the block's own means. Each f64 sum has [`LANES`]
+//! independent partial sums, pair `k` going to lane `k % LANES`, added in a fixed
+//! order; the index of the largest error is found afterwards by a scan for its value.
+//!
+//! Blocks are measured in parallel (rayon), in tasks of whole blocks, then merged into
+//! the site's accumulator one by one in index order ([`Accumulator::absorb`]). A block
+//! is the same whatever task or thread measures it, and the merge is sequential, so the
+//! numbers are bit-identical on any number of threads.
 //!
 //! Any other dtype pair (float64 on either side) takes [`measure_simple`], the
 //! element-by-element path, which is also the reference the fast one is tested against.
-//! The error histogram is only reported for failing sites, so it is made by a second,
-//! element-by-element pass over those ([`histogram`]).
+//! The error histogram is only reported for failing sites, so it is made by a second
+//! pass over those ([`histogram`]), blocked and parallel the same way.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
 
 use crate::compare::metrics::{Accumulator, Block, ErrorHistogram, GroupL2};
+use crate::compare::simd::{F64x4, Portable};
 use crate::compare::verdict::{Groups, RowFilter};
 use crate::dump::{DType, Tensor};
 
-/// Pairs per block: two f64 buffers of this many values stay in the L1 cache.
+/// Pairs per block: two float32 arrays of this many values stay in the L1 cache. Block
+/// boundaries decide the order of the sums, so changing this changes the last bits of
+/// the results.
 pub const BLOCK: usize = 1024;
 
-/// Independent accumulators per block (see `block_with`).
+/// Independent partial sums per block; pair `k` of a block goes to lane `k % LANES`.
 const LANES: usize = 4;
+
+/// Pairs between two snapshots of the lanes' largest |d|, which narrow the search for
+/// where it first occurs (a multiple of [`LANES`] dividing [`BLOCK`]).
+const STRETCH: usize = 64;
+
+/// Pairs per parallel task (a multiple of [`BLOCK`]).
+const TASK: usize = 256 * BLOCK;
+
+/// Most blocks in one task (for tensors cut into short runs).
+const TASK_BLOCKS: usize = 4096;
+
+/// Tasks measured at once before their blocks are merged: bounds the memory the
+/// blocks' statistics take, and lets the pages of a large tensor be handed back as it
+/// is read.
+const WAVE: usize = 32;
 
 /// A site's accumulated measures, before [`Accumulator::finish`].
 pub(crate) struct Measured {
@@ -50,45 +81,33 @@ pub(crate) fn measure(
     if !(is_lane(g.dtype()) && is_lane(c.dtype())) {
         return measure_simple(g, c, valid, tokens, heads);
     }
-    let mut acc = Accumulator::new(c.dtype());
-    let mut per_token = tokens.map(|t| GroupL2::new(t.n));
-    let mut per_head = heads.map(|h| GroupL2::new(h.n));
     let numel = g.numel();
     let run = [valid.run(), tokens.map(|t| t.stride), heads.map(|h| h.stride)]
         .into_iter()
         .flatten()
         .fold(numel, gcd)
         .max(1);
-    let eps = c.dtype().eps();
-    let (gbytes, cbytes) = (g.bytes(), c.bytes());
-    let (mut gb, mut cb, mut idx) = (vec![0.0; BLOCK], vec![0.0; BLOCK], vec![0usize; BLOCK]);
-    let mut i0 = 0;
-    while i0 < numel {
-        let end = (i0 + run).min(numel);
-        if valid.keep(i0) {
-            let (mut sdd, mut sgg, mut broken) = (0.0, 0.0, false);
-            let mut s = i0;
-            while s < end {
-                let len = (end - s).min(BLOCK);
-                decode(g.dtype(), gbytes, s, &mut gb[..len]);
-                decode(c.dtype(), cbytes, s, &mut cb[..len]);
-                let b = block(c.dtype(), &mut gb[..len], &mut cb[..len], &mut idx, s, eps);
-                sdd += b.sdd;
-                sgg += b.sgg;
-                broken |= b.new_nonfinite > 0;
-                acc.absorb(&b);
-                s += len;
-            }
-            if let (Some(t), Some(a)) = (tokens, per_token.as_mut()) {
-                a.absorb(t.of(i0), sdd, sgg, broken);
-            }
-            if let (Some(h), Some(a)) = (heads, per_head.as_mut()) {
-                a.absorb(h.of(i0), sdd, sgg, broken);
-            }
+    let pair = Pair::new(g, c, valid, run);
+    let mut merge = Merge {
+        acc: Accumulator::new(c.dtype()),
+        per_token: tokens.map(|t| GroupL2::new(t.n)),
+        per_head: heads.map(|h| GroupL2::new(h.n)),
+        tokens,
+        heads,
+        open: None,
+    };
+    for_waves(numel, run, g, c, |tasks| {
+        let parts: Vec<Vec<(usize, Block)>> = if tasks.len() == 1 {
+            tasks.iter().map(|r| pair.blocks(r.clone())).collect()
+        } else {
+            tasks.par_iter().map(|r| pair.blocks(r.clone())).collect()
+        };
+        for (run_start, b) in parts.iter().flatten() {
+            merge.push(*run_start, b);
         }
-        i0 = end;
-    }
-    Measured { acc, per_token, per_head }
+    });
+    merge.flush();
+    Measured { acc: merge.acc, per_token: merge.per_token, per_head: merge.per_head }
 }
 
 /// The element-by-element path: every pair widened with [`Tensor::get_f64`] and pushed
@@ -121,12 +140,267 @@ pub(crate) fn measure_simple(
 /// |c - g| by decade over the pairs `valid` keeps (a second pass, for failing sites).
 pub(crate) fn histogram(g: &Tensor, c: &Tensor, valid: &RowFilter) -> ErrorHistogram {
     let mut h = ErrorHistogram::new();
-    for i in 0..g.numel() {
-        if valid.keep(i) {
-            h.push(g.get_f64(i), c.get_f64(i));
+    if !(is_lane(g.dtype()) && is_lane(c.dtype())) {
+        for i in 0..g.numel() {
+            if valid.keep(i) {
+                h.push(g.get_f64(i), c.get_f64(i));
+            }
+        }
+        return h;
+    }
+    let numel = g.numel();
+    let run = valid.run().map_or(numel, |r| gcd(numel, r)).max(1);
+    let pair = Pair::new(g, c, valid, run);
+    let mut total = Decades::default();
+    for_waves(numel, run, g, c, |tasks| {
+        let parts: Vec<Decades> = tasks.par_iter().map(|r| pair.decades(r.clone())).collect();
+        for p in &parts {
+            total.add(p);
+        }
+    });
+    total.into_histogram(h.counts.len())
+}
+
+/// Calls `wave` with the element ranges of the parallel tasks that cover a tensor of
+/// `numel` elements cut in runs of `run`, [`WAVE`] tasks at a time, in index order;
+/// the pages of `g` and `c` that a wave read are handed back after it when the tensor
+/// takes several waves.
+fn for_waves(
+    numel: usize,
+    run: usize,
+    g: &Tensor,
+    c: &Tensor,
+    mut wave: impl FnMut(&[Range<usize>]),
+) {
+    let plan = Plan::new(numel, run);
+    let mut t0 = 0;
+    while t0 < plan.tasks {
+        let t1 = (t0 + WAVE).min(plan.tasks);
+        let tasks: Vec<Range<usize>> = (t0..t1).map(|t| plan.range(t)).collect();
+        wave(&tasks);
+        if plan.tasks > WAVE {
+            let read = plan.range(t0).start..plan.range(t1 - 1).end;
+            g.release_elements(read.clone());
+            c.release_elements(read);
+        }
+        t0 = t1;
+    }
+}
+
+/// How a tensor of `numel` elements in runs of `run` is cut into parallel tasks: whole
+/// runs a task, or pieces of [`TASK`] pairs of one long run. Either way a task holds
+/// whole blocks, the blocks a sequential walk makes.
+struct Plan {
+    run: usize,
+    /// Runs per task (when runs are short).
+    runs_per_task: usize,
+    /// Tasks per run (when runs are long).
+    pieces: usize,
+    runs: usize,
+    tasks: usize,
+}
+
+impl Plan {
+    fn new(numel: usize, run: usize) -> Plan {
+        let runs = numel / run;
+        if run > TASK {
+            let pieces = run.div_ceil(TASK);
+            Plan { run, runs_per_task: 1, pieces, runs, tasks: runs * pieces }
+        } else {
+            let k = (TASK / run).clamp(1, TASK_BLOCKS);
+            Plan { run, runs_per_task: k, pieces: 1, runs, tasks: runs.div_ceil(k) }
         }
     }
-    h
+
+    /// The elements of task `t`.
+    fn range(&self, t: usize) -> Range<usize> {
+        if self.pieces > 1 {
+            let (r, p) = (t / self.pieces, t % self.pieces);
+            let start = r * self.run + p * TASK;
+            start..(start + TASK).min((r + 1) * self.run)
+        } else {
+            let k = self.runs_per_task;
+            t * k * self.run..((t + 1) * k).min(self.runs) * self.run
+        }
+    }
+}
+
+/// The two tensors of a site, ready to be read a block at a time.
+struct Pair<'a> {
+    gd: DType,
+    cd: DType,
+    gb: &'a [u8],
+    cb: &'a [u8],
+    eps: f64,
+    valid: &'a RowFilter<'a>,
+    run: usize,
+}
+
+impl<'a> Pair<'a> {
+    fn new(g: &'a Tensor, c: &'a Tensor, valid: &'a RowFilter<'a>, run: usize) -> Pair<'a> {
+        Pair {
+            gd: g.dtype(),
+            cd: c.dtype(),
+            gb: g.bytes(),
+            cb: c.bytes(),
+            eps: c.dtype().eps(),
+            valid,
+            run,
+        }
+    }
+
+    /// The blocks of `range` (whole runs, or a piece of one run starting at a multiple
+    /// of [`BLOCK`] from its start) in the runs `valid` keeps, in index order: (start of
+    /// the run, start of the block, pairs).
+    fn block_list(&self, range: Range<usize>) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut s = range.start;
+        while s < range.end {
+            let run_start = s / self.run * self.run;
+            let end = (run_start + self.run).min(range.end);
+            if self.valid.keep(run_start) {
+                let mut b = s;
+                while b < end {
+                    let len = (end - b).min(BLOCK);
+                    out.push((run_start, b, len));
+                    b += len;
+                }
+            }
+            s = end;
+        }
+        out
+    }
+
+    /// Decodes the block of `len` pairs at `start` into the scratch arrays.
+    #[inline(always)]
+    fn decode(&self, start: usize, len: usize, s: &mut Scratch) -> Decoded {
+        let (g, c) = (&mut s.g[..len], &mut s.c[..len]);
+        macro_rules! pairs {
+            ($(($gd:ident, $gl:ty, $cd:ident, $cl:ty)),*) => {
+                match (self.gd, self.cd) {
+                    $((DType::$gd, DType::$cd) => {
+                        decode_pair::<$gl, $cl>(self.gb, self.cb, start, g, c)
+                    })*
+                    (gd, cd) => unreachable!("decode: {gd}/{cd} is not a lane pair (is_lane)"),
+                }
+            };
+        }
+        pairs!(
+            (F32, F32Lane, F32, F32Lane),
+            (F32, F32Lane, BF16, Bf16Lane),
+            (F32, F32Lane, F16, F16Lane),
+            (BF16, Bf16Lane, F32, F32Lane),
+            (BF16, Bf16Lane, BF16, Bf16Lane),
+            (BF16, Bf16Lane, F16, F16Lane),
+            (F16, F16Lane, F32, F32Lane),
+            (F16, F16Lane, BF16, Bf16Lane),
+            (F16, F16Lane, F16, F16Lane)
+        )
+    }
+
+    /// The statistics of every block of `range`, each with the start of its run.
+    fn blocks(&self, range: Range<usize>) -> Vec<(usize, Block)> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::compare::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.blocks_avx2(range) };
+        }
+        // SAFETY: portable lanes need no CPU feature.
+        unsafe { self.blocks_with::<Portable>(range) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn blocks_avx2(&self, range: Range<usize>) -> Vec<(usize, Block)> {
+        self.blocks_with::<crate::compare::simd::Avx2>(range)
+    }
+
+    /// [`blocks`](Self::blocks) on lanes `V`.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    unsafe fn blocks_with<V: F64x4>(&self, range: Range<usize>) -> Vec<(usize, Block)> {
+        let list = self.block_list(range);
+        let mut out = Vec::with_capacity(list.len());
+        let mut s = Scratch::new();
+        for (run_start, start, len) in list {
+            let decoded = self.decode(start, len, &mut s);
+            // SAFETY: passed on from the caller.
+            let b = unsafe { block::<V>(self.cd, decoded, &mut s, len, start, self.eps) };
+            out.push((run_start, b));
+        }
+        out
+    }
+
+    /// |c - g| by decade over the blocks of `range`.
+    fn decades(&self, range: Range<usize>) -> Decades {
+        let mut out = Decades::default();
+        let mut s = Scratch::new();
+        for (_, start, len) in self.block_list(range) {
+            self.decode(start, len, &mut s);
+            let Scratch { g, c, ad, .. } = &mut s;
+            out.add_block(&g[..len], &c[..len], ad);
+        }
+        out
+    }
+}
+
+/// The per-task scratch arrays of one block.
+struct Scratch {
+    g: Vec<f32>,
+    c: Vec<f32>,
+    /// Flat indices of the finite pairs, when a block holds NaN or Inf.
+    idx: Vec<usize>,
+    /// |d| of each pair.
+    ad: Vec<f64>,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            g: vec![0.0; BLOCK],
+            c: vec![0.0; BLOCK],
+            idx: vec![0; BLOCK],
+            ad: vec![0.0; BLOCK],
+        }
+    }
+}
+
+/// Blocks merged in index order: the site's accumulator, and per run the Σd² and Σg²
+/// that go to its token row and head.
+struct Merge {
+    acc: Accumulator,
+    per_token: Option<GroupL2>,
+    per_head: Option<GroupL2>,
+    tokens: Option<Groups>,
+    heads: Option<Groups>,
+    /// The run being summed: (its start, Σd², Σg², any new NaN/Inf).
+    open: Option<(usize, f64, f64, bool)>,
+}
+
+impl Merge {
+    fn push(&mut self, run_start: usize, b: &Block) {
+        if self.open.is_some_and(|(s, ..)| s != run_start) {
+            self.flush();
+        }
+        let (_, sdd, sgg, broken) = self.open.get_or_insert((run_start, 0.0, 0.0, false));
+        *sdd += b.sdd;
+        *sgg += b.sgg;
+        *broken |= b.new_nonfinite > 0;
+        self.acc.absorb(b);
+    }
+
+    fn flush(&mut self) {
+        if let Some((s, sdd, sgg, broken)) = self.open.take() {
+            if let (Some(t), Some(a)) = (self.tokens, self.per_token.as_mut()) {
+                a.absorb(t.of(s), sdd, sgg, broken);
+            }
+            if let (Some(h), Some(a)) = (self.heads, self.per_head.as_mut()) {
+                a.absorb(h.of(s), sdd, sgg, broken);
+            }
+        }
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -137,80 +411,222 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// Decodes elements `start..start + out.len()` of little-endian `bytes` of `dtype`.
-fn decode(dtype: DType, bytes: &[u8], start: usize, out: &mut [f64]) {
-    let n = out.len();
-    match dtype {
-        DType::F32 => {
-            let b = &bytes[start * 4..(start + n) * 4];
-            for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes([e[0], e[1], e[2], e[3]]) as f64;
-            }
+/// A dtype the fast path reads: how an element is decoded, and where values lie on the
+/// line on which neighbouring values of the dtype differ by one (units in the last
+/// place).
+trait Lane {
+    const DTYPE: DType;
+    /// Bytes per element: 4 or 2.
+    const SIZE: usize;
+    /// A value from its bits, widened (exactly).
+    fn widen(bits: u32) -> f32;
+    /// The position of a finite `x` rounded to this dtype (to nearest, ties to even).
+    fn key_of(x: f32) -> i64;
+
+    /// The element stored little-endian in `e` (`SIZE` bytes), as its bits.
+    #[inline(always)]
+    fn bits(e: &[u8]) -> u32 {
+        // `try_into` on an exact chunk cannot fail; written so, a read is one load.
+        if Self::SIZE == 4 {
+            u32::from_le_bytes(e.try_into().unwrap_or_default())
+        } else {
+            u32::from(u16::from_le_bytes(e.try_into().unwrap_or_default()))
         }
-        DType::BF16 => {
-            let b = &bytes[start * 2..(start + n) * 2];
-            for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([e[0], e[1]]) as u32) << 16) as f64;
-            }
-        }
-        DType::F16 => {
-            let b = &bytes[start * 2..(start + n) * 2];
-            for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([e[0], e[1]])).to_f32() as f64;
-            }
-        }
-        other => unreachable!("decode: {other} is not a lane dtype (checked by is_lane)"),
+    }
+
+    /// The position of the value with these bits.
+    #[inline(always)]
+    fn key(bits: u32) -> i64 {
+        i64::from(if Self::SIZE == 4 { line32(bits) } else { line16(bits) })
     }
 }
 
-/// Sign-magnitude bits to a line on which neighbouring values differ by one.
-#[inline]
-fn line(bits: u32, sign: u32) -> i64 {
-    if bits & sign != 0 {
-        -((bits & (sign - 1)) as i64)
-    } else {
-        bits as i64
+struct F32Lane;
+struct Bf16Lane;
+struct F16Lane;
+
+impl Lane for F32Lane {
+    const DTYPE: DType = DType::F32;
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn widen(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
+    #[inline(always)]
+    fn key_of(x: f32) -> i64 {
+        Self::key(x.to_bits())
     }
 }
 
-/// The statistics of one block, `g` and `c` decoded, the block starting at flat index
-/// `start`; `idx` is scratch for the flat indices when non-finite pairs are dropped.
-fn block(
-    cand: DType,
-    g: &mut [f64],
-    c: &mut [f64],
-    idx: &mut [usize],
-    start: usize,
-    eps: f64,
-) -> Block {
-    // The golden is rounded to the candidate's dtype for ULPs. Every lane value is exact
-    // in float32, so rounding through f32 equals rounding the f64 directly.
-    match cand {
-        DType::F32 => block_with(g, c, idx, start, eps, |x| line((x as f32).to_bits(), 1 << 31)),
-        DType::BF16 => block_with(g, c, idx, start, eps, |x| {
-            line(half::bf16::from_f32(x as f32).to_bits() as u32, 1 << 15)
-        }),
-        _ => block_with(g, c, idx, start, eps, |x| {
-            line(half::f16::from_f32(x as f32).to_bits() as u32, 1 << 15)
-        }),
+impl Lane for Bf16Lane {
+    const DTYPE: DType = DType::BF16;
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn widen(bits: u32) -> f32 {
+        f32::from_bits(bits << 16)
+    }
+    #[inline(always)]
+    fn key_of(x: f32) -> i64 {
+        Self::key(bf16_bits(x))
     }
 }
 
+impl Lane for F16Lane {
+    const DTYPE: DType = DType::F16;
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn widen(bits: u32) -> f32 {
+        f16_to_f32(bits as u16)
+    }
+    #[inline(always)]
+    fn key_of(x: f32) -> i64 {
+        Self::key(f16_bits(x))
+    }
+}
+
+/// The distance between two line positions of a candidate dtype `C`, as u32: at most
+/// 2^32 - 2 (float32), exact in wrapping arithmetic, and 16-bit positions stay in i32.
 #[inline(always)]
-fn block_with(
-    g: &mut [f64],
-    c: &mut [f64],
-    idx: &mut [usize],
+fn ulps<C: Lane>(a: i64, b: i64) -> u32 {
+    if C::SIZE == 2 {
+        (a as i32 - b as i32).unsigned_abs()
+    } else {
+        let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+        (hi as u32).wrapping_sub(lo as u32)
+    }
+}
+
+/// What [`decode_pair`] learns of a block on the way.
+#[derive(Clone, Copy)]
+struct Decoded {
+    /// Every value of both sides is finite.
+    finite: bool,
+    /// The largest distance in the candidate's units in the last place (when finite).
+    max_ulp: f64,
+}
+
+/// Decodes pairs `start..start + g.len()` of the little-endian `gb` (golden, dtype `G`)
+/// and `cb` (candidate, `C`) into `g` and `c`, measuring the units in the last place
+/// on the way.
+#[inline(always)]
+fn decode_pair<G: Lane, C: Lane>(
+    gb: &[u8],
+    cb: &[u8],
+    start: usize,
+    g: &mut [f32],
+    c: &mut [f32],
+) -> Decoded {
+    let n = g.len();
+    let gb = &gb[start * G::SIZE..(start + n) * G::SIZE];
+    let cb = &cb[start * C::SIZE..(start + n) * C::SIZE];
+    let (mut top, mut ulp) = (0u32, 0u32);
+    // Where both sides have the same dtype the golden needs no rounding.
+    let same = G::DTYPE == C::DTYPE;
+    for ((go, co), (ge, ce)) in
+        g.iter_mut().zip(c.iter_mut()).zip(gb.chunks_exact(G::SIZE).zip(cb.chunks_exact(C::SIZE)))
+    {
+        let (xb, yb) = (G::bits(ge), C::bits(ce));
+        let (x, y) = (G::widen(xb), C::widen(yb));
+        *go = x;
+        *co = y;
+        top = top.max(x.to_bits() & 0x7FFF_FFFF).max(y.to_bits() & 0x7FFF_FFFF);
+        let kx = if same { C::key(xb) } else { C::key_of(x) };
+        ulp = ulp.max(ulps::<C>(C::key(yb), kx));
+    }
+    Decoded { finite: top < 0x7F80_0000, max_ulp: f64::from(ulp) }
+}
+
+/// float16 bits to float32, exactly (NaN stays NaN), without branches: the exponent is
+/// rebiased, infinities and NaN get the rest of float32's exponent, and subnormals are
+/// renormalized by one float32 subtraction.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let o = (h & 0x7FFF) << 13;
+    let exp = o & 0x0F80_0000;
+    let biased = o + 0x3800_0000; // exponent + (127 - 15)
+    let special = biased + 0x3800_0000; // Inf/NaN: all exponent bits set
+    let small = (f32::from_bits(biased + 0x0080_0000) - f32::from_bits(0x3880_0000)).to_bits();
+    let r = if exp == 0x0F80_0000 {
+        special
+    } else if exp == 0 {
+        small
+    } else {
+        biased
+    };
+    f32::from_bits(r | ((h & 0x8000) << 16))
+}
+
+/// A finite float32 rounded to nearest-even bfloat16, as bits (as `half::bf16::from_f32`).
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16
+}
+
+/// A finite float32 rounded to nearest-even float16, as bits (as `half::f16::from_f32`):
+/// subnormal results by one float32 addition that aligns the mantissa, normal ones by
+/// integer rounding of the rebiased bits, infinity from 65536 up.
+#[inline(always)]
+fn f16_bits(x: f32) -> u32 {
+    const HALF: u32 = 0x3F00_0000; // 0.5: aligns float16's subnormal mantissa at the bottom
+    let b = x.to_bits();
+    let sign = (b >> 16) & 0x8000;
+    let a = b & 0x7FFF_FFFF;
+    let sub = (f32::from_bits(a) + f32::from_bits(HALF)).to_bits().wrapping_sub(HALF);
+    let norm = a.wrapping_add(0xC800_0FFF).wrapping_add((a >> 13) & 1) >> 13;
+    let r = if a >= 0x4780_0000 {
+        0x7C00
+    } else if a < 0x3880_0000 {
+        sub
+    } else {
+        norm
+    };
+    r | sign
+}
+
+/// Sign-magnitude 16-bit float bits to a line on which neighbouring values differ by
+/// one (-0 and +0 both at 0).
+#[inline(always)]
+fn line16(r: u32) -> i32 {
+    let m = (r & 0x7FFF) as i32;
+    if r & 0x8000 != 0 {
+        -m
+    } else {
+        m
+    }
+}
+
+/// The same for float32 bits.
+#[inline(always)]
+fn line32(b: u32) -> i32 {
+    let m = (b & 0x7FFF_FFFF) as i32;
+    if b >> 31 != 0 {
+        -m
+    } else {
+        m
+    }
+}
+
+/// The statistics of one decoded block of `len` pairs (in `s.g`, `s.c`) starting at
+/// flat index `start`.
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[inline(always)]
+unsafe fn block<V: F64x4>(
+    cand: DType,
+    decoded: Decoded,
+    s: &mut Scratch,
+    len: usize,
     start: usize,
     eps: f64,
-    key: impl Fn(f64) -> i64,
 ) -> Block {
     let mut b = Block::default();
-    let mut n = g.len();
-    let all_finite =
-        g.iter().zip(c.iter()).fold(true, |ok, (x, y)| ok & x.is_finite() & y.is_finite());
-    let compacted = !all_finite;
-    if compacted {
+    let (g, c, idx) = (&mut s.g[..len], &mut s.c[..len], &mut s.idx[..len]);
+    let mut n = len;
+    let finite = decoded.finite;
+    if !finite {
         // Count NaN/Inf as Accumulator::push does, and keep the finite pairs in front.
         let mut m = 0;
         for k in 0..n {
@@ -235,95 +651,302 @@ fn block_with(
         return b;
     }
     let (g, c) = (&g[..n], &c[..n]);
-    // LANES independent accumulators (pair k goes to lane k % LANES), combined in lane
-    // order at the end: a fixed order of arithmetic the compiler can vectorize.
-    let mut sum = [[0.0f64; LANES]; 7]; // Σg, Σc, Σg², Σc², Σgc, Σd², Σ|d|
-    let (mut max_abs, mut at) = ([-1.0f64; LANES], [0usize; LANES]);
-    let (mut max_rel, mut max_ulp) = ([0.0f64; LANES], [0u64; LANES]);
-    let (mut below_1e3, mut below_5e3) = ([0u64; LANES], [0u64; LANES]);
-    // A macro rather than a closure: the body must inline into the loops.
-    macro_rules! pair {
-        ($k:expr, $l:expr) => {{
-            let (k, l): (usize, usize) = ($k, $l);
-            let (x, y) = (g[k], c[k]);
-            let d = y - x;
-            let ad = d.abs();
-            sum[0][l] += x;
-            sum[1][l] += y;
-            sum[2][l] += x * x;
-            sum[3][l] += y * y;
-            sum[4][l] += x * y;
-            sum[5][l] += d * d;
-            sum[6][l] += ad;
-            if ad > max_abs[l] {
-                max_abs[l] = ad;
-                at[l] = k;
-            }
-            let rel = if x == 0.0 { ad / eps } else { ad / x.abs() };
-            max_rel[l] = max_rel[l].max(rel);
-            below_1e3[l] += (rel < 1e-3) as u64;
-            below_5e3[l] += (rel < 5e-3) as u64;
-            max_ulp[l] = max_ulp[l].max((key(y) - key(x)).unsigned_abs());
-        }};
-    }
-    let whole = n / LANES * LANES;
-    for k0 in (0..whole).step_by(LANES) {
-        for l in 0..LANES {
-            pair!(k0 + l, l);
-        }
-    }
-    for k in whole..n {
-        pair!(k, k - whole);
-    }
-    let fold = |v: &[f64; LANES]| v.iter().fold(0.0, |a, x| a + x);
-    let nf = n as f64;
-    let (mg, mc) = (fold(&sum[0]) / nf, fold(&sum[1]) / nf);
-    b.sgg = fold(&sum[2]);
-    b.scc = fold(&sum[3]);
-    b.sgc = fold(&sum[4]);
-    b.sdd = fold(&sum[5]);
-    b.sad = fold(&sum[6]);
-    // The largest |d|, at its first index (the smallest index among lanes that reach it).
-    let (mut best, mut best_at) = (-1.0f64, usize::MAX);
-    for l in 0..LANES.min(n) {
-        if max_abs[l] > best || (max_abs[l] == best && at[l] < best_at) {
-            best = max_abs[l];
-            best_at = at[l];
-        }
-    }
-    let mut m2 = [[0.0f64; LANES]; 3];
-    for k0 in (0..whole).step_by(LANES) {
-        for l in 0..LANES {
-            let (dx, dy) = (g[k0 + l] - mg, c[k0 + l] - mc);
-            m2[0][l] += dx * dx;
-            m2[1][l] += dy * dy;
-            m2[2][l] += dx * dy;
-        }
-    }
-    for k in whole..n {
-        let (dx, dy, l) = (g[k] - mg, c[k] - mc, k - whole);
-        m2[0][l] += dx * dx;
-        m2[1][l] += dy * dy;
-        m2[2][l] += dx * dy;
-    }
-    b.m2_g = fold(&m2[0]);
-    b.m2_c = fold(&m2[1]);
-    b.co = fold(&m2[2]);
-    let (max_abs, at) = (best, best_at);
-    let max_rel = max_rel.iter().fold(0.0f64, |a, &x| a.max(x));
-    let max_ulp = max_ulp.iter().copied().max().unwrap_or(0);
-    let below_1e3: u64 = below_1e3.iter().sum();
-    let below_5e3: u64 = below_5e3.iter().sum();
+    // SAFETY: passed on from the caller.
+    let (e, [m2_g, m2_c, co]) = unsafe {
+        let e = errors::<V>(g, c, eps);
+        let m = comoments::<V>(g, c, e.sg / n as f64, e.sc / n as f64);
+        (e, m)
+    };
+    // The first pair reaching the largest |d| (there is one: n > 0).
+    let at = first_largest(g, c, &e);
     b.n = n as u64;
-    b.mean_g = mg;
-    b.mean_c = mc;
-    b.max_abs = max_abs;
-    b.max_abs_at = if compacted { idx[at] } else { start + at };
-    b.max_rel = max_rel;
-    b.max_ulp = max_ulp as f64;
-    b.below_1e3 = below_1e3;
-    b.below_5e3 = below_5e3;
+    b.sgg = e.sgg;
+    b.scc = e.scc;
+    b.sgc = e.sgc;
+    b.sdd = e.sdd;
+    b.sad = e.sad;
+    b.mean_g = e.sg / n as f64;
+    b.mean_c = e.sc / n as f64;
+    b.m2_g = m2_g;
+    b.m2_c = m2_c;
+    b.co = co;
+    b.max_abs = e.max_abs;
+    b.max_abs_at = if finite { start + at } else { idx[at] };
+    b.max_rel = e.max_rel;
+    b.max_ulp = match cand {
+        _ if finite => decoded.max_ulp,
+        DType::F32 => max_ulp::<F32Lane>(g, c),
+        DType::BF16 => max_ulp::<Bf16Lane>(g, c),
+        _ => max_ulp::<F16Lane>(g, c),
+    };
+    b.below_1e3 = e.below_1e3;
+    b.below_5e3 = e.below_5e3;
     b
+}
+
+/// Lane partial sums combined in lane order.
+#[inline(always)]
+fn fold(v: [f64; LANES]) -> f64 {
+    v.iter().fold(0.0, |a, x| a + x)
+}
+
+/// The largest lane.
+#[inline(always)]
+fn fold_max(v: [f64; LANES]) -> f64 {
+    v.iter().fold(0.0f64, |a, &x| a.max(x))
+}
+
+/// What [`errors`] measures over a block.
+struct Errors {
+    sg: f64,
+    sc: f64,
+    sgg: f64,
+    scc: f64,
+    sgc: f64,
+    sdd: f64,
+    sad: f64,
+    max_abs: f64,
+    /// max |d| of each lane.
+    lane_max_abs: [f64; LANES],
+    /// max |d| of each lane so far at the end of each stretch of [`STRETCH`] pairs
+    /// (of the pairs that fill whole vector steps).
+    seen: [[f64; LANES]; BLOCK / STRETCH],
+    max_rel: f64,
+    below_1e3: u64,
+    below_5e3: u64,
+}
+
+/// The lanes of [`errors`], as arrays (the two counts as integers in their bits).
+struct ErrorLanes([[f64; LANES]; 11]);
+
+impl ErrorLanes {
+    /// Adds the pair `(x, y)` to lane `l` (the scalar form of one step of [`errors`]'
+    /// vector loop).
+    #[inline(always)]
+    fn pair(&mut self, l: usize, x: f64, y: f64, eps: f64) {
+        let s = &mut self.0;
+        let d = y - x;
+        let ad = d.abs();
+        s[0][l] += x;
+        s[1][l] += y;
+        s[2][l] += x * x;
+        s[3][l] += y * y;
+        s[4][l] += x * y;
+        s[5][l] += d * d;
+        s[6][l] += ad;
+        s[7][l] = if ad > s[7][l] { ad } else { s[7][l] };
+        let rel = ad / if x == 0.0 { eps } else { x.abs() };
+        s[8][l] = if rel > s[8][l] { rel } else { s[8][l] };
+        s[9][l] = f64::from_bits(s[9][l].to_bits() + u64::from(rel < 1e-3));
+        s[10][l] = f64::from_bits(s[10][l].to_bits() + u64::from(rel < 5e-3));
+    }
+}
+
+/// Σg, Σc, Σg², Σc², Σgc, Σd², Σ|d|, max |d|, the largest relative error (|d| / |g|,
+/// or |d| / eps where g = 0) and how many relative errors are below 1e-3 and 5e-3, in
+/// one pass: pair `k` on lane `k % LANES`, in index order within a lane (four pairs a
+/// vector step, then the last `n % 4` on lanes `0..`).
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[inline(always)]
+unsafe fn errors<V: F64x4>(g: &[f32], c: &[f32], eps: f64) -> Errors {
+    // SAFETY (the whole body): passed on from the caller.
+    unsafe {
+        let z = V::zero();
+        let (mut sg, mut sc, mut sgg, mut scc, mut sgc) = (z, z, z, z, z);
+        let (mut sdd, mut sad, mut max_abs, mut max_rel, mut n1, mut n5) = (z, z, z, z, z, z);
+        let (veps, t1, t5) = (V::splat(eps), V::splat(1e-3), V::splat(5e-3));
+        let whole = g.len() / LANES * LANES;
+        let mut seen = [[0.0; LANES]; BLOCK / STRETCH];
+        let stretches = g[..whole].chunks(STRETCH).zip(c[..whole].chunks(STRETCH));
+        for ((gs, cs), seen) in stretches.zip(seen.iter_mut()) {
+            for (gq, cq) in gs.chunks_exact(LANES).zip(cs.chunks_exact(LANES)) {
+                let (x, y) = (V::load(gq), V::load(cq));
+                sg = sg.add(x);
+                sc = sc.add(y);
+                sgg = sgg.add(x.mul(x));
+                scc = scc.add(y.mul(y));
+                sgc = sgc.add(x.mul(y));
+                let d = y.sub(x);
+                let a = d.abs();
+                sdd = sdd.add(d.mul(d));
+                sad = sad.add(a);
+                max_abs = max_abs.max(a);
+                let rel = a.div(x.if_zero(veps, x.abs()));
+                max_rel = max_rel.max(rel);
+                n1 = rel.count_below(t1, n1);
+                n5 = rel.count_below(t5, n5);
+            }
+            *seen = max_abs.to_array();
+        }
+        let mut s = ErrorLanes([
+            sg.to_array(),
+            sc.to_array(),
+            sgg.to_array(),
+            scc.to_array(),
+            sgc.to_array(),
+            sdd.to_array(),
+            sad.to_array(),
+            max_abs.to_array(),
+            max_rel.to_array(),
+            n1.to_array(),
+            n5.to_array(),
+        ]);
+        for (l, (&x, &y)) in g[whole..].iter().zip(&c[whole..]).enumerate() {
+            s.pair(l, f64::from(x), f64::from(y), eps);
+        }
+        let s = s.0;
+        Errors {
+            sg: fold(s[0]),
+            sc: fold(s[1]),
+            sgg: fold(s[2]),
+            scc: fold(s[3]),
+            sgc: fold(s[4]),
+            sdd: fold(s[5]),
+            sad: fold(s[6]),
+            max_abs: fold_max(s[7]),
+            lane_max_abs: s[7],
+            seen,
+            max_rel: fold_max(s[8]),
+            below_1e3: s[9].iter().map(|n| n.to_bits()).sum(),
+            below_5e3: s[10].iter().map(|n| n.to_bits()).sum(),
+        }
+    }
+}
+
+/// Pearson's co-moments about the block's means: Σ(g-ḡ)², Σ(c-c̄)², Σ(g-ḡ)(c-c̄), on
+/// the lanes of [`errors`].
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[inline(always)]
+unsafe fn comoments<V: F64x4>(g: &[f32], c: &[f32], mg: f64, mc: f64) -> [f64; 3] {
+    // SAFETY (the whole body): passed on from the caller.
+    unsafe {
+        let z = V::zero();
+        let (mut sxx, mut syy, mut sxy) = (z, z, z);
+        let (vmg, vmc) = (V::splat(mg), V::splat(mc));
+        let (gw, cw) = (g.chunks_exact(LANES), c.chunks_exact(LANES));
+        let (gt, ct) = (gw.remainder(), cw.remainder());
+        for (gq, cq) in gw.zip(cw) {
+            let (dx, dy) = (V::load(gq).sub(vmg), V::load(cq).sub(vmc));
+            sxx = sxx.add(dx.mul(dx));
+            syy = syy.add(dy.mul(dy));
+            sxy = sxy.add(dx.mul(dy));
+        }
+        let mut s = [sxx.to_array(), syy.to_array(), sxy.to_array()];
+        for (l, (&x, &y)) in gt.iter().zip(ct).enumerate() {
+            let (dx, dy) = (f64::from(x) - mg, f64::from(y) - mc);
+            s[0][l] += dx * dx;
+            s[1][l] += dy * dy;
+            s[2][l] += dx * dy;
+        }
+        s.map(fold)
+    }
+}
+
+/// The index of the first pair whose |d| is the largest: in each lane that reaches the
+/// largest, its first pair there (lane `l` holds pairs `l, l + 4, ...`, then the
+/// tail's pair `l`), found in the first stretch where that lane had reached it; the
+/// smallest of those.
+#[inline(always)]
+fn first_largest(g: &[f32], c: &[f32], e: &Errors) -> usize {
+    let whole = g.len() / LANES * LANES;
+    let hit = |k: &usize| *k < g.len() && (f64::from(c[*k]) - f64::from(g[*k])).abs() == e.max_abs;
+    let mut first = usize::MAX;
+    for l in (0..LANES).filter(|&l| e.lane_max_abs[l] == e.max_abs) {
+        let stretch = e.seen[..whole.div_ceil(STRETCH)].iter().position(|s| s[l] == e.max_abs);
+        let k = match stretch {
+            Some(j) => (j * STRETCH + l..((j + 1) * STRETCH).min(whole)).step_by(LANES).find(hit),
+            None => Some(whole + l).filter(hit),
+        };
+        first = first.min(k.unwrap_or(usize::MAX));
+    }
+    if first == usize::MAX {
+        0
+    } else {
+        first
+    }
+}
+
+/// The largest distance in the units in the last place of candidate dtype `C` (its
+/// values exact in `C`).
+fn max_ulp<C: Lane>(g: &[f32], c: &[f32]) -> f64 {
+    let u = g.iter().zip(c).map(|(&x, &y)| ulps::<C>(C::key_of(y), C::key_of(x)));
+    f64::from(u.fold(0, u32::max))
+}
+
+/// |c - g| by decade over some blocks: pairs with d = 0, pairs where both are finite,
+/// and for each decade bound of [`ErrorHistogram`] the pairs at or above it.
+#[derive(Default)]
+struct Decades {
+    exact: u64,
+    finite: u64,
+    at_least: [u64; 32],
+}
+
+impl Decades {
+    fn add(&mut self, o: &Decades) {
+        self.exact += o.exact;
+        self.finite += o.finite;
+        for (a, b) in self.at_least.iter_mut().zip(o.at_least) {
+            *a += b;
+        }
+    }
+
+    /// Adds a decoded block; `ad` is scratch.
+    fn add_block(&mut self, g: &[f32], c: &[f32], ad: &mut Vec<f64>) {
+        ad.clear();
+        ad.extend(
+            g.iter()
+                .zip(c)
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|(&x, &y)| (f64::from(y) - f64::from(x)).abs()),
+        );
+        self.finite += ad.len() as u64;
+        self.exact += ad.iter().map(|&a| u64::from(a == 0.0)).sum::<u64>();
+        for (n, &t) in self.at_least.iter_mut().zip(decade_bounds()) {
+            *n += ad.iter().map(|&a| u64::from(a >= t)).sum::<u64>();
+        }
+    }
+
+    /// The histogram of `buckets` decades ([`ErrorHistogram::push`]'s buckets).
+    fn into_histogram(self, buckets: usize) -> ErrorHistogram {
+        let mut h = ErrorHistogram::new();
+        let above = |k: usize| if k == 0 { self.finite - self.exact } else { self.at_least[k - 1] };
+        for k in 0..buckets {
+            let next = if k + 1 < buckets { self.at_least[k] } else { 0 };
+            h.counts[k] = above(k) - next;
+        }
+        h.exact = self.exact;
+        h
+    }
+}
+
+/// The decade bounds of [`ErrorHistogram`]: bound `k` is the smallest positive f64
+/// that [`ErrorHistogram::push`] puts in bucket `k + 1` or above (found by bisection
+/// over the f64 bit patterns with that very rule, so the buckets are the same).
+fn decade_bounds() -> &'static [f64] {
+    static BOUNDS: OnceLock<Vec<f64>> = OnceLock::new();
+    BOUNDS.get_or_init(|| {
+        let decade = |x: f64| x.log10().floor() as i64;
+        (ErrorHistogram::MIN_EXP + 1..=ErrorHistogram::MAX_EXP)
+            .map(|e| {
+                // The smallest positive finite x with decade(x) >= e.
+                let (mut lo, mut hi) = (1u64, f64::MAX.to_bits());
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if decade(f64::from_bits(mid)) >= i64::from(e) {
+                        hi = mid;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                f64::from_bits(lo)
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -412,6 +1035,17 @@ mod tests {
                 );
             }
         }
+        assert_eq!(histogram(&g, &c, &valid), slow_histogram(&g, &c, &valid), "{what}");
+    }
+
+    fn slow_histogram(g: &Tensor, c: &Tensor, valid: &RowFilter) -> ErrorHistogram {
+        let mut h = ErrorHistogram::new();
+        for i in 0..g.numel() {
+            if valid.keep(i) {
+                h.push(g.get_f64(i), c.get_f64(i));
+            }
+        }
+        h
     }
 
     #[test]
@@ -433,6 +1067,52 @@ mod tests {
     }
 
     #[test]
+    fn a_tensor_of_many_tasks_measures_like_one_element_by_element() {
+        // Long runs cut into pieces of TASK pairs, and short runs many to a task, over
+        // more than one wave of tasks.
+        check(DType::F32, DType::BF16, &[1, 2, TASK + 3 * BLOCK + 5], Site::LmHead, true);
+        check(DType::F32, DType::F16, &[1, 2, 8, 3000], Site::Layer(0, LayerPart::QRope), false);
+        check(DType::F32, DType::F32, &[1, 8, 100, 640], Site::Layer(0, LayerPart::QRope), true);
+        // More than one wave: 2 runs of 17 pieces.
+        assert!(2 * (16 * TASK + 7).div_ceil(TASK) > WAVE);
+        check(DType::BF16, DType::F32, &[1, 2, 16 * TASK + 7], Site::LmHead, false);
+    }
+
+    /// Blocks of one site measured on 1 and on 4 threads: every number bit-identical
+    /// (a long row in pieces over two waves of tasks, and short runs with heads).
+    #[test]
+    fn a_site_of_many_tasks_gives_the_same_bits_on_any_thread_count() {
+        let sc = scenario();
+        for (shape, site) in [
+            (vec![1, 2, 16 * TASK + 7], Site::LmHead),
+            (vec![1, 8, 100, 640], Site::Layer(0, LayerPart::QRope)),
+        ] {
+            let n: usize = shape.iter().product();
+            let gv: Vec<f64> = (0..n as u64).map(|i| unit(i) * 3.0).collect();
+            let cv: Vec<f64> =
+                gv.iter().enumerate().map(|(i, &x)| x + 1e-2 * unit(i as u64 + 7)).collect();
+            let g = Tensor::from_f64(&shape, &gv, DType::F32);
+            let c = Tensor::from_f64(&shape, &cv, DType::BF16);
+            let valid = RowFilter::new(Step::Prefill, &site, &shape, &sc);
+            let (tokens, heads) =
+                (Groups::tokens(&site, &shape), Groups::heads(&site, &shape, None));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+                let pool = pool.expect("a thread pool");
+                pool.install(|| {
+                    let m = measure(&g, &c, &valid, tokens, heads);
+                    let groups = [m.per_token.as_ref(), m.per_head.as_ref()].map(|a| {
+                        a.map(|a| a.finish().iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                    });
+                    let h = histogram(&g, &c, &valid);
+                    format!("{:?} {groups:?} {h:?}", m.acc.finish(&shape))
+                })
+            };
+            assert_eq!(run(1), run(4), "{site} {shape:?}");
+        }
+    }
+
+    #[test]
     fn the_first_largest_error_wins_across_blocks() {
         // Equal maxima in two blocks and two lanes: the earliest index is reported, as
         // element by element.
@@ -449,5 +1129,217 @@ mod tests {
         let valid = RowFilter::new(Step::Prefill, &Site::LmHead, &[n], &sc);
         let m = measure(&g, &c, &valid, None, None).acc.finish(&[n]);
         assert_eq!(m.max_abs_index, vec![BLOCK + 5]);
+    }
+
+    /// The block kernel as it was first written (scalar, element by element within
+    /// each lane): the kernel must give exactly its bits.
+    fn reference_block(cand: DType, g: &[f64], c: &[f64], start: usize, eps: f64) -> Block {
+        fn line(bits: u32, sign: u32) -> i64 {
+            if bits & sign != 0 {
+                -((bits & (sign - 1)) as i64)
+            } else {
+                bits as i64
+            }
+        }
+        let key = |x: f64| match cand {
+            DType::F32 => line((x as f32).to_bits(), 1 << 31),
+            DType::BF16 => line(u32::from(half::bf16::from_f32(x as f32).to_bits()), 1 << 15),
+            _ => line(u32::from(half::f16::from_f32(x as f32).to_bits()), 1 << 15),
+        };
+        let mut b = Block::default();
+        let (mut gv, mut cv, mut idx) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, (&x, &y)) in g.iter().zip(c).enumerate() {
+            b.golden_nan += x.is_nan() as u64;
+            b.golden_inf += x.is_infinite() as u64;
+            b.candidate_nan += y.is_nan() as u64;
+            b.candidate_inf += y.is_infinite() as u64;
+            if !y.is_finite() && (x.is_finite() || !(x == y || (x.is_nan() && y.is_nan()))) {
+                b.new_nonfinite += 1;
+            }
+            if x.is_finite() && y.is_finite() {
+                gv.push(x);
+                cv.push(y);
+                idx.push(start + k);
+            }
+        }
+        let n = gv.len();
+        if n == 0 {
+            return b;
+        }
+        let whole = n / LANES * LANES;
+        let lane = |k: usize| if k < whole { k % LANES } else { k - whole };
+        let mut sum = [[0.0f64; LANES]; 7];
+        let (mut max_abs, mut at) = ([-1.0f64; LANES], [0usize; LANES]);
+        let (mut max_rel, mut max_ulp) = ([0.0f64; LANES], [0u64; LANES]);
+        let (mut n1, mut n5) = (0u64, 0u64);
+        for k in 0..n {
+            let (l, x, y) = (lane(k), gv[k], cv[k]);
+            let d = y - x;
+            let ad = d.abs();
+            for (j, v) in [x, y, x * x, y * y, x * y, d * d, ad].into_iter().enumerate() {
+                sum[j][l] += v;
+            }
+            if ad > max_abs[l] {
+                max_abs[l] = ad;
+                at[l] = k;
+            }
+            let rel = if x == 0.0 { ad / eps } else { ad / x.abs() };
+            max_rel[l] = max_rel[l].max(rel);
+            n1 += (rel < 1e-3) as u64;
+            n5 += (rel < 5e-3) as u64;
+            max_ulp[l] = max_ulp[l].max((key(y) - key(x)).unsigned_abs());
+        }
+        let fold = |v: &[f64; LANES]| v.iter().fold(0.0, |a, x| a + x);
+        let (mg, mc) = (fold(&sum[0]) / n as f64, fold(&sum[1]) / n as f64);
+        let mut m2 = [[0.0f64; LANES]; 3];
+        for k in 0..n {
+            let (l, dx, dy) = (lane(k), gv[k] - mg, cv[k] - mc);
+            m2[0][l] += dx * dx;
+            m2[1][l] += dy * dy;
+            m2[2][l] += dx * dy;
+        }
+        let (mut best, mut best_at) = (-1.0f64, usize::MAX);
+        for l in 0..LANES.min(n) {
+            if max_abs[l] > best || (max_abs[l] == best && at[l] < best_at) {
+                (best, best_at) = (max_abs[l], at[l]);
+            }
+        }
+        Block {
+            n: n as u64,
+            sgg: fold(&sum[2]),
+            scc: fold(&sum[3]),
+            sgc: fold(&sum[4]),
+            sdd: fold(&sum[5]),
+            sad: fold(&sum[6]),
+            max_abs: best,
+            max_abs_at: idx[best_at],
+            max_rel: max_rel.iter().fold(0.0f64, |a, &x| a.max(x)),
+            max_ulp: max_ulp.iter().copied().max().unwrap_or(0) as f64,
+            below_1e3: n1,
+            below_5e3: n5,
+            mean_g: mg,
+            mean_c: mc,
+            m2_g: fold(&m2[0]),
+            m2_c: fold(&m2[1]),
+            co: fold(&m2[2]),
+            ..b
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_avx2(cand: DType, d: Decoded, s: &mut Scratch, len: usize, eps: f64) -> Block {
+        block::<crate::compare::simd::Avx2>(cand, d, s, len, 7, eps)
+    }
+
+    /// Blocks of every length up to a few vectors, and whole ones, with zeros and
+    /// NaN/Inf in the golden and candidate: the vector kernel (portable and AVX2, where
+    /// the CPU has it) gives the reference kernel's bits, field for field.
+    #[test]
+    fn the_vector_kernel_gives_the_reference_bits() {
+        let lens = (1..=13).chain([63, 64, 65, BLOCK - 1, BLOCK]);
+        let mut case = 0u64;
+        for cand in [DType::F32, DType::BF16, DType::F16] {
+            let round = |v: f64| Tensor::from_f64(&[1], &[v], cand).get_f64(0);
+            for len in lens.clone() {
+                for kind in 0..4 {
+                    case += 1;
+                    let mut s = Scratch::new();
+                    for k in 0..len {
+                        let u = unit(case * 10_000 + k as u64);
+                        let x = match kind {
+                            0 => u * 3.0,
+                            1 => (u * 40.0).exp2() * u.signum(), // wide range
+                            _ => (u * 8.0).round() / 4.0,        // exact zeros and ties
+                        };
+                        let y = x * (1.0 + 2e-3 * unit(case * 7_777 + k as u64));
+                        s.g[k] = x as f32;
+                        s.c[k] = round(y) as f32;
+                    }
+                    if kind == 3 && len > 2 {
+                        s.g[len / 2] = f32::NAN;
+                        s.c[len - 1] = f32::INFINITY;
+                        s.g[0] = 0.0;
+                    }
+                    let (g, c): (Vec<f64>, Vec<f64>) = s.g[..len]
+                        .iter()
+                        .zip(&s.c[..len])
+                        .map(|(&x, &y)| (f64::from(x), f64::from(y)))
+                        .unzip();
+                    let want = format!("{:?}", reference_block(cand, &g, &c, 7, cand.eps()));
+                    // Through the bytes, as a dump holds them: a float32 golden.
+                    let gt = Tensor::from_f64(&[len], &g, DType::F32);
+                    let ct = Tensor::from_f64(&[len], &c, cand);
+                    let decode = |s: &mut Scratch| {
+                        let (gs, cs) = (&mut s.g[..len], &mut s.c[..len]);
+                        let (gb, cb) = (gt.bytes(), ct.bytes());
+                        match cand {
+                            DType::F32 => decode_pair::<F32Lane, F32Lane>(gb, cb, 0, gs, cs),
+                            DType::BF16 => decode_pair::<F32Lane, Bf16Lane>(gb, cb, 0, gs, cs),
+                            _ => decode_pair::<F32Lane, F16Lane>(gb, cb, 0, gs, cs),
+                        }
+                    };
+                    let d = decode(&mut s);
+                    // SAFETY: portable lanes need no CPU feature.
+                    let got = unsafe { block::<Portable>(cand, d, &mut s, len, 7, cand.eps()) };
+                    assert_eq!(format!("{got:?}"), want, "portable {cand} len {len} kind {kind}");
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::compare::simd::has_avx2() {
+                        let mut s = Scratch::new();
+                        let d = decode(&mut s);
+                        // SAFETY: the CPU has AVX2.
+                        let got = unsafe { block_avx2(cand, d, &mut s, len, cand.eps()) };
+                        assert_eq!(format!("{got:?}"), want, "avx2 {cand} len {len} kind {kind}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Float32 bit patterns spread over the whole line: every exponent, both signs,
+    /// mantissas at and around the rounding points.
+    fn sample_bits() -> impl Iterator<Item = u32> {
+        (0..=0xFFFFu32)
+            .flat_map(|hi| {
+                [0u32, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x7FFF, 0x8000, 0x8001, 0xFFFF]
+                    .map(|lo| (hi << 16) | lo)
+            })
+            .chain((0..2_000_000u64).map(|i| (unit(i).to_bits() >> 20) as u32))
+    }
+
+    #[test]
+    fn branch_free_conversions_equal_the_half_crate() {
+        for bits in sample_bits() {
+            let x = f32::from_bits(bits);
+            if !x.is_finite() {
+                continue;
+            }
+            assert_eq!(bf16_bits(x), u32::from(half::bf16::from_f32(x).to_bits()), "{bits:#x}");
+            assert_eq!(f16_bits(x), u32::from(half::f16::from_f32(x).to_bits()), "{bits:#x}");
+        }
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#x}");
+        }
+    }
+
+    #[test]
+    fn decade_bounds_bucket_like_the_histogram() {
+        let bucket = |ad: f64| {
+            let mut h = ErrorHistogram::new();
+            h.push(0.0, ad);
+            h.counts.iter().position(|&n| n == 1)
+        };
+        let by_bounds = |ad: f64| Some(decade_bounds().iter().filter(|&&t| ad >= t).count());
+        for &t in decade_bounds() {
+            for k in -64i64..=64 {
+                let x = f64::from_bits((t.to_bits() as i64 + k) as u64);
+                assert_eq!(by_bounds(x), bucket(x), "{x:e}");
+            }
+        }
+        for i in 0..100_000u64 {
+            let x = 10f64.powf(unit(i) * 20.0);
+            assert_eq!(by_bounds(x), bucket(x), "{x:e}");
+        }
     }
 }
