@@ -28,3 +28,4 @@ mod report_browser;
 mod report_files;
 mod rope_properties;
 mod suite;
+mod summary_only;

@@ -53,6 +53,11 @@ pub fn render_markdown(r: &Report) -> String {
     if s.pass == 0 && s.fail == 0 {
         let _ = writeln!(out, "No site was checked: the gate cannot pass on nothing.\n");
     }
+    if let Some((_, line)) = r.statistics_only() {
+        let mut line = escape_md(&line);
+        line[..1].make_ascii_uppercase();
+        let _ = writeln!(out, "{line}.\n");
+    }
     match &r.first_divergence {
         Some(fd) => {
             let _ = writeln!(

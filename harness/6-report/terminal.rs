@@ -31,6 +31,9 @@ pub fn render_summary(r: &Report, color: bool) -> String {
     if s.pass == 0 && s.fail == 0 {
         let _ = writeln!(out, "no site was checked: the gate cannot pass on nothing");
     }
+    if let Some((_, line)) = r.statistics_only() {
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(fd) = &r.first_divergence {
         let _ = writeln!(
             out,
