@@ -11,6 +11,7 @@
 //! - `compare N`: `pipeline::check` of the pair on N threads (rayon; the best of two
 //!   runs on every core, as for the floor), verdict and metrics written out, then
 //!   compared bit for bit between 1 and N threads;
+//! - `compare-summary`: the same, statistics first (`--summary-only`), every core;
 //! - a numpy script computing msprobe's metrics per tensor, when `python3 -c 'import
 //!   numpy'` works.
 //!
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use llama_parity::compare::statistics::SummaryOnly;
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::contract::site::{LayerPart, Site, Step};
 use llama_parity::dump::Dump;
@@ -246,7 +248,12 @@ fn child(what: &str, dir: &Path) {
             let g = Dump::open(&dir.join("golden")).expect("golden");
             let c = Dump::open(&dir.join("candidate")).expect("candidate");
             let policy = Policy::default();
-            let r = pipeline::check(&g, &c, None, &Options::new(&policy)).expect("check");
+            let summary = SummaryOnly::default();
+            let opts = Options {
+                summary_only: (what == "compare-summary").then_some(&summary),
+                ..Options::new(&policy)
+            };
+            let r = pipeline::check(&g, &c, None, &opts).expect("check");
             let bits: Vec<String> = r
                 .sites
                 .iter()
@@ -367,6 +374,8 @@ fn main() {
     row(&format!("parity compare, {cores} threads"), &all);
     let one = measure("compare-1", &dir, Some(1));
     row("parity compare, 1 thread", &one);
+    let summary = measure("compare-summary", &dir, None);
+    row(&format!("parity compare --summary-only, {cores}"), &summary);
     let same = std::fs::read(dir.join("metrics-compare-n.txt")).ok()
         == std::fs::read(dir.join("metrics-compare-1.txt")).ok();
     println!(

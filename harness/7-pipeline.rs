@@ -8,8 +8,9 @@
 use std::path::Path;
 
 use crate::compare::floor::{floor_for, FloorCache, FloorSource};
+use crate::compare::statistics::SummaryOnly;
 use crate::compare::tolerance::Policy;
-use crate::compare::{compare_with_floor, Comparison};
+use crate::compare::{compare_with, compare_with_floor, Comparison};
 use crate::contract::error::Result;
 use crate::diagnosis::{diagnose, localise};
 use crate::dump::Dump;
@@ -47,6 +48,9 @@ pub struct Options<'a> {
     /// How much a site's error may grow beyond its noise before it regresses
     /// ([`crate::report::baseline`]).
     pub max_regression: f64,
+    /// Statistics first: value sites whose statistics lie far inside their tolerance
+    /// are passed on those alone ([`crate::compare::statistics`]).
+    pub summary_only: Option<&'a SummaryOnly>,
 }
 
 impl<'a> Options<'a> {
@@ -59,6 +63,7 @@ impl<'a> Options<'a> {
             floor: Floor::DefaultCache,
             baseline: None,
             max_regression: DEFAULT_MAX_REGRESSION,
+            summary_only: None,
         }
     }
 }
@@ -68,7 +73,8 @@ impl<'a> Options<'a> {
 /// golden's input: its errors become each site's local error in the report.
 ///
 /// With `opts.baseline`, the report is then held against the accepted one: sites that
-/// regressed are marked and fail the verdict.
+/// regressed are marked and fail the verdict. With `opts.summary_only`, value sites are
+/// judged on statistics first (the teacher-forced run, when given, is compared in full).
 ///
 /// Errors only for inputs that cannot be compared (a baseline of another scenario
 /// among them); a divergence or a regression is data in the report, and a diagnosis
@@ -81,7 +87,7 @@ pub fn check(
 ) -> Result<Report> {
     let source = noise_floor(golden, candidate, opts)?;
     let floor = source.as_ref().and_then(FloorSource::floor);
-    let cmp = compare_with_floor(golden, candidate, opts.policy, floor)?;
+    let cmp = compare_with(golden, candidate, opts.policy, floor, opts.summary_only)?;
     let mut report = Report::new(&cmp, Vec::new());
     report.noise_floor_note = source.as_ref().map(FloorSource::note);
     if opts.diagnose {

@@ -32,3 +32,4 @@ mod report_files;
 mod rope_properties;
 mod scoped_faults;
 mod suite;
+mod summary_only;

@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use crate::compare::metrics::{Accumulator, Block, ErrorHistogram, GroupL2};
 use crate::compare::simd::{F64x4, Portable};
 use crate::compare::verdict::{Groups, RowFilter};
+use crate::dump::msprobe::Stats;
 use crate::dump::{DType, Tensor};
 
 /// Pairs per block: two float32 arrays of this many values stay in the L1 cache. Block
@@ -98,9 +99,9 @@ pub(crate) fn measure(
     };
     for_waves(numel, run, g, c, |tasks| {
         let parts: Vec<Vec<(usize, Block)>> = if tasks.len() == 1 {
-            tasks.iter().map(|r| pair.blocks(r.clone())).collect()
+            tasks.iter().map(|r| pair.on_lanes::<MeasurePass>(r.clone())).collect()
         } else {
-            tasks.par_iter().map(|r| pair.blocks(r.clone())).collect()
+            tasks.par_iter().map(|r| pair.on_lanes::<MeasurePass>(r.clone())).collect()
         };
         for (run_start, b) in parts.iter().flatten() {
             merge.push(*run_start, b);
@@ -159,6 +160,31 @@ pub(crate) fn histogram(g: &Tensor, c: &Tensor, valid: &RowFilter) -> ErrorHisto
         }
     });
     total.into_histogram(h.counts.len())
+}
+
+/// Max, Min, Mean and L2 norm of `g` and of `c` over the pairs `valid` keeps, and how
+/// many pairs those are; `None` when a kept value is NaN or Inf (statistics would say
+/// nothing then). One light read of both tensors, in parallel tasks merged in index
+/// order (the same numbers on any thread count).
+pub(crate) fn statistics(g: &Tensor, c: &Tensor, valid: &RowFilter) -> Option<(Stats, Stats, u64)> {
+    let mut total = Moments::default();
+    if is_lane(g.dtype()) && is_lane(c.dtype()) {
+        let numel = g.numel();
+        let run = valid.run().map_or(numel, |r| gcd(numel, r)).max(1);
+        let pair = Pair::new(g, c, valid, run);
+        for_waves(numel, run, g, c, |tasks| {
+            let parts: Vec<Moments> =
+                tasks.par_iter().map(|r| pair.on_lanes::<StatisticsPass>(r.clone())).collect();
+            for p in &parts {
+                total.add(p);
+            }
+        });
+    } else {
+        for i in (0..g.numel()).filter(|&i| valid.keep(i)) {
+            total.push(g.get_f64(i), c.get_f64(i));
+        }
+    }
+    total.into_stats()
 }
 
 /// Calls `wave` with the element ranges of the parallel tasks that cover a tensor of
@@ -271,15 +297,16 @@ impl<'a> Pair<'a> {
         out
     }
 
-    /// Decodes the block of `len` pairs at `start` into the scratch arrays.
+    /// Decodes the block of `len` pairs at `start` into the scratch arrays (measuring
+    /// the units in the last place when `ULPS`).
     #[inline(always)]
-    fn decode(&self, start: usize, len: usize, s: &mut Scratch) -> Decoded {
+    fn decode<const ULPS: bool>(&self, start: usize, len: usize, s: &mut Scratch) -> Decoded {
         let (g, c) = (&mut s.g[..len], &mut s.c[..len]);
         macro_rules! pairs {
             ($(($gd:ident, $gl:ty, $cd:ident, $cl:ty)),*) => {
                 match (self.gd, self.cd) {
                     $((DType::$gd, DType::$cd) => {
-                        decode_pair::<$gl, $cl>(self.gb, self.cb, start, g, c)
+                        decode_pair::<$gl, $cl, ULPS>(self.gb, self.cb, start, g, c)
                     })*
                     (gd, cd) => unreachable!("decode: {gd}/{cd} is not a lane pair (is_lane)"),
                 }
@@ -298,39 +325,22 @@ impl<'a> Pair<'a> {
         )
     }
 
-    /// The statistics of every block of `range`, each with the start of its run.
-    fn blocks(&self, range: Range<usize>) -> Vec<(usize, Block)> {
+    /// Runs pass `P` over the blocks of `range`, on AVX2 lanes where the CPU has them.
+    fn on_lanes<P: BlockPass>(&self, range: Range<usize>) -> P::Out {
         #[cfg(target_arch = "x86_64")]
         if crate::compare::simd::has_avx2() {
             // SAFETY: the CPU has AVX2.
-            return unsafe { self.blocks_avx2(range) };
+            return unsafe { self.on_avx2::<P>(range) };
         }
         // SAFETY: portable lanes need no CPU feature.
-        unsafe { self.blocks_with::<Portable>(range) }
+        unsafe { P::run::<Portable>(self, range) }
     }
 
+    /// [`on_lanes`](Self::on_lanes), the pass compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn blocks_avx2(&self, range: Range<usize>) -> Vec<(usize, Block)> {
-        self.blocks_with::<crate::compare::simd::Avx2>(range)
-    }
-
-    /// [`blocks`](Self::blocks) on lanes `V`.
-    ///
-    /// # Safety
-    /// The CPU has `V`'s features.
-    #[inline(always)]
-    unsafe fn blocks_with<V: F64x4>(&self, range: Range<usize>) -> Vec<(usize, Block)> {
-        let list = self.block_list(range);
-        let mut out = Vec::with_capacity(list.len());
-        let mut s = Scratch::new();
-        for (run_start, start, len) in list {
-            let decoded = self.decode(start, len, &mut s);
-            // SAFETY: passed on from the caller.
-            let b = unsafe { block::<V>(self.cd, decoded, &mut s, len, start, self.eps) };
-            out.push((run_start, b));
-        }
-        out
+    unsafe fn on_avx2<P: BlockPass>(&self, range: Range<usize>) -> P::Out {
+        P::run::<crate::compare::simd::Avx2>(self, range)
     }
 
     /// |c - g| by decade over the blocks of `range`.
@@ -338,9 +348,62 @@ impl<'a> Pair<'a> {
         let mut out = Decades::default();
         let mut s = Scratch::new();
         for (_, start, len) in self.block_list(range) {
-            self.decode(start, len, &mut s);
+            self.decode::<false>(start, len, &mut s);
             let Scratch { g, c, ad, .. } = &mut s;
             out.add_block(&g[..len], &c[..len], ad);
+        }
+        out
+    }
+}
+
+/// A pass over the blocks of a task's range, generic over the lanes it runs on.
+trait BlockPass {
+    type Out;
+    /// The pass over the blocks of `range` on lanes `V`.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features.
+    unsafe fn run<V: F64x4>(pair: &Pair, range: Range<usize>) -> Self::Out;
+}
+
+/// Every measure of every block, each with the start of its run.
+struct MeasurePass;
+
+impl BlockPass for MeasurePass {
+    type Out = Vec<(usize, Block)>;
+
+    #[inline(always)]
+    unsafe fn run<V: F64x4>(pair: &Pair, range: Range<usize>) -> Self::Out {
+        let list = pair.block_list(range);
+        let mut out = Vec::with_capacity(list.len());
+        let mut s = Scratch::new();
+        for (run_start, start, len) in list {
+            let decoded = pair.decode::<true>(start, len, &mut s);
+            // SAFETY: passed on from the caller.
+            let b = unsafe { block::<V>(pair.cd, decoded, &mut s, len, start, pair.eps) };
+            out.push((run_start, b));
+        }
+        out
+    }
+}
+
+/// The moments of both sides, for their statistics.
+struct StatisticsPass;
+
+impl BlockPass for StatisticsPass {
+    type Out = Moments;
+
+    #[inline(always)]
+    unsafe fn run<V: F64x4>(pair: &Pair, range: Range<usize>) -> Moments {
+        let mut out = Moments::default();
+        let mut s = Scratch::new();
+        for (_, start, len) in pair.block_list(range) {
+            if !pair.decode::<false>(start, len, &mut s).finite {
+                out.finite = false;
+                break;
+            }
+            // SAFETY: passed on from the caller.
+            out.add(&unsafe { block_moments::<V>(&s.g[..len], &s.c[..len]) });
         }
         out
     }
@@ -507,9 +570,9 @@ struct Decoded {
 
 /// Decodes pairs `start..start + g.len()` of the little-endian `gb` (golden, dtype `G`)
 /// and `cb` (candidate, `C`) into `g` and `c`, measuring the units in the last place
-/// on the way.
+/// on the way when `ULPS`.
 #[inline(always)]
-fn decode_pair<G: Lane, C: Lane>(
+fn decode_pair<G: Lane, C: Lane, const ULPS: bool>(
     gb: &[u8],
     cb: &[u8],
     start: usize,
@@ -530,8 +593,10 @@ fn decode_pair<G: Lane, C: Lane>(
         *go = x;
         *co = y;
         top = top.max(x.to_bits() & 0x7FFF_FFFF).max(y.to_bits() & 0x7FFF_FFFF);
-        let kx = if same { C::key(xb) } else { C::key_of(x) };
-        ulp = ulp.max(ulps::<C>(C::key(yb), kx));
+        if ULPS {
+            let kx = if same { C::key(xb) } else { C::key_of(x) };
+            ulp = ulp.max(ulps::<C>(C::key(yb), kx));
+        }
     }
     Decoded { finite: top < 0x7F80_0000, max_ulp: f64::from(ulp) }
 }
@@ -877,6 +942,135 @@ fn max_ulp<C: Lane>(g: &[f32], c: &[f32]) -> f64 {
     f64::from(u.fold(0, u32::max))
 }
 
+/// Sums, extremes and the count of the pairs of some blocks, for their statistics.
+#[derive(Clone, Copy)]
+struct Moments {
+    n: u64,
+    /// Σg, Σg², Σc, Σc².
+    sums: [f64; 4],
+    /// min g, max g, min c, max c.
+    min_g: f64,
+    max_g: f64,
+    min_c: f64,
+    max_c: f64,
+    /// Every value was finite.
+    finite: bool,
+}
+
+impl Default for Moments {
+    fn default() -> Moments {
+        let inf = f64::INFINITY;
+        Moments {
+            n: 0,
+            sums: [0.0; 4],
+            min_g: inf,
+            max_g: -inf,
+            min_c: inf,
+            max_c: -inf,
+            finite: true,
+        }
+    }
+}
+
+impl Moments {
+    /// Adds `o`, which follows these pairs in index order.
+    fn add(&mut self, o: &Moments) {
+        self.n += o.n;
+        for (a, b) in self.sums.iter_mut().zip(o.sums) {
+            *a += b;
+        }
+        self.min_g = self.min_g.min(o.min_g);
+        self.max_g = self.max_g.max(o.max_g);
+        self.min_c = self.min_c.min(o.min_c);
+        self.max_c = self.max_c.max(o.max_c);
+        self.finite &= o.finite;
+    }
+
+    /// Adds one pair (the element-by-element path).
+    fn push(&mut self, x: f64, y: f64) {
+        let one = Moments {
+            n: 1,
+            sums: [x, x * x, y, y * y],
+            min_g: x,
+            max_g: x,
+            min_c: y,
+            max_c: y,
+            finite: x.is_finite() && y.is_finite(),
+        };
+        self.add(&one);
+    }
+
+    /// The statistics of both sides and the count; `None` unless every value was finite.
+    fn into_stats(self) -> Option<(Stats, Stats, u64)> {
+        if !self.finite {
+            return None;
+        }
+        let n = self.n.max(1) as f64;
+        let [sg, sgg, sc, scc] = self.sums;
+        let stats = |min: f64, max: f64, sum: f64, sq: f64| Stats {
+            max: Some(max),
+            min: Some(min),
+            mean: Some(sum / n),
+            norm: Some(sq.sqrt()),
+        };
+        Some((
+            stats(self.min_g, self.max_g, sg, sgg),
+            stats(self.min_c, self.max_c, sc, scc),
+            self.n,
+        ))
+    }
+}
+
+/// The moments of one decoded block of finite pairs, on the lanes of [`errors`].
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[inline(always)]
+unsafe fn block_moments<V: F64x4>(g: &[f32], c: &[f32]) -> Moments {
+    // SAFETY (the whole body): passed on from the caller.
+    unsafe {
+        let z = V::zero();
+        let (mut sg, mut sgg, mut sc, mut scc) = (z, z, z, z);
+        let (inf, ninf) = (V::splat(f64::INFINITY), V::splat(f64::NEG_INFINITY));
+        let (mut min_g, mut max_g, mut min_c, mut max_c) = (inf, ninf, inf, ninf);
+        for (gq, cq) in g.chunks_exact(LANES).zip(c.chunks_exact(LANES)) {
+            let (x, y) = (V::load(gq), V::load(cq));
+            sg = sg.add(x);
+            sgg = sgg.add(x.mul(x));
+            sc = sc.add(y);
+            scc = scc.add(y.mul(y));
+            min_g = min_g.min(x);
+            max_g = max_g.max(x);
+            min_c = min_c.min(y);
+            max_c = max_c.max(y);
+        }
+        let mut s = [sg.to_array(), sgg.to_array(), sc.to_array(), scc.to_array()];
+        let whole = g.len() / LANES * LANES;
+        let (mut lo_g, mut hi_g, mut lo_c, mut hi_c) =
+            (min_g.to_array(), max_g.to_array(), min_c.to_array(), max_c.to_array());
+        for (l, (&x, &y)) in g[whole..].iter().zip(&c[whole..]).enumerate() {
+            let (x, y) = (f64::from(x), f64::from(y));
+            s[0][l] += x;
+            s[1][l] += x * x;
+            s[2][l] += y;
+            s[3][l] += y * y;
+            (lo_g[l], hi_g[l]) = (lo_g[l].min(x), hi_g[l].max(x));
+            (lo_c[l], hi_c[l]) = (lo_c[l].min(y), hi_c[l].max(y));
+        }
+        let lo = |v: [f64; LANES]| v.iter().fold(f64::INFINITY, |a, &x| a.min(x));
+        let hi = |v: [f64; LANES]| v.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+        Moments {
+            n: g.len() as u64,
+            sums: s.map(fold),
+            min_g: lo(lo_g),
+            max_g: hi(hi_g),
+            min_c: lo(lo_c),
+            max_c: hi(hi_c),
+            finite: true,
+        }
+    }
+}
+
 /// |c - g| by decade over some blocks: pairs with d = 0, pairs where both are finite,
 /// and for each decade bound of [`ErrorHistogram`] the pairs at or above it.
 #[derive(Default)]
@@ -1036,6 +1230,26 @@ mod tests {
             }
         }
         assert_eq!(histogram(&g, &c, &valid), slow_histogram(&g, &c, &valid), "{what}");
+        // The statistics: none where a kept value is NaN/Inf, else the extremes and the
+        // count exactly and the sums to rounding, as element by element.
+        let mut slow = Moments::default();
+        for i in (0..n).filter(|&i| valid.keep(i)) {
+            slow.push(g.get_f64(i), c.get_f64(i));
+        }
+        match (statistics(&g, &c, &valid), slow.into_stats()) {
+            (None, None) => {}
+            (Some((fg, fc, fnum)), Some((sg, sc, snum))) => {
+                assert_eq!(fnum, snum, "{what}");
+                for (f, s) in [(fg, sg), (fc, sc)] {
+                    assert_eq!((f.max, f.min), (s.max, s.min), "{what}");
+                    for (x, y) in [(f.mean, s.mean), (f.norm, s.norm)] {
+                        let (x, y) = (x.unwrap_or(f64::NAN), y.unwrap_or(f64::NAN));
+                        assert!((x - y).abs() <= 1e-13 + 1e-11 * y.abs(), "{what}: {x} vs {y}");
+                    }
+                }
+            }
+            (a, b) => panic!("{what}: statistics {a:?} vs {b:?}"),
+        }
     }
 
     fn slow_histogram(g: &Tensor, c: &Tensor, valid: &RowFilter) -> ErrorHistogram {
@@ -1274,9 +1488,11 @@ mod tests {
                         let (gs, cs) = (&mut s.g[..len], &mut s.c[..len]);
                         let (gb, cb) = (gt.bytes(), ct.bytes());
                         match cand {
-                            DType::F32 => decode_pair::<F32Lane, F32Lane>(gb, cb, 0, gs, cs),
-                            DType::BF16 => decode_pair::<F32Lane, Bf16Lane>(gb, cb, 0, gs, cs),
-                            _ => decode_pair::<F32Lane, F16Lane>(gb, cb, 0, gs, cs),
+                            DType::F32 => decode_pair::<F32Lane, F32Lane, true>(gb, cb, 0, gs, cs),
+                            DType::BF16 => {
+                                decode_pair::<F32Lane, Bf16Lane, true>(gb, cb, 0, gs, cs)
+                            }
+                            _ => decode_pair::<F32Lane, F16Lane, true>(gb, cb, 0, gs, cs),
                         }
                     };
                     let d = decode(&mut s);

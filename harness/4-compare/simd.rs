@@ -26,6 +26,8 @@ pub(crate) trait F64x4: Copy {
     unsafe fn abs(self) -> Self;
     /// `if o > self { o } else { self }`, lane by lane.
     unsafe fn max(self, o: Self) -> Self;
+    /// `if o < self { o } else { self }`, lane by lane.
+    unsafe fn min(self, o: Self) -> Self;
     /// `if self == 0 { a } else { b }`, lane by lane.
     unsafe fn if_zero(self, a: Self, b: Self) -> Self;
     /// `counts` with one added to each lane where `self < t`; a lane of `counts` holds
@@ -82,6 +84,10 @@ impl F64x4 for Portable {
     #[inline(always)]
     unsafe fn max(self, o: Portable) -> Portable {
         self.each(o, |a, b| if b > a { b } else { a })
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Portable) -> Portable {
+        self.each(o, |a, b| if b < a { b } else { a })
     }
     #[inline(always)]
     unsafe fn if_zero(self, a: Portable, b: Portable) -> Portable {
@@ -158,6 +164,11 @@ mod x86 {
         unsafe fn max(self, o: Avx2) -> Avx2 {
             // maxpd(a, b) is `if a > b { a } else { b }`.
             Avx2(_mm256_max_pd(o.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn min(self, o: Avx2) -> Avx2 {
+            // minpd(a, b) is `if a < b { a } else { b }`.
+            Avx2(_mm256_min_pd(o.0, self.0))
         }
         #[inline(always)]
         unsafe fn if_zero(self, a: Avx2, b: Avx2) -> Avx2 {

@@ -12,19 +12,75 @@
 //!
 //! Masks are judged by how many entries are hidden (`Mean / Min` for an additive fill),
 //! integer sites by exact statistics.
+//!
+//! The same bounds serve the statistics-first comparison of two full dumps
+//! ([`SummaryOnly`], `parity compare --summary-only`): a value site whose bounds lie
+//! within a tenth ([`STATISTICS_MARGIN`]) of every threshold is passed on statistics
+//! alone, without its per-token, per-head or histogram work; any other site, and any
+//! site the user names, is compared in full. It reads each tensor once either way (the
+//! statistics need every element): what it saves is the arithmetic of the full
+//! measures and the report's per-site breakdowns, not the reading.
 
 use std::collections::BTreeMap;
 
 use crate::compare::metrics::Metrics;
-use crate::compare::tolerance::{Decision, Policy};
+use crate::compare::tolerance::{glob, Decision, Judgement, Policy, Tolerance};
 use crate::compare::verdict::{Comparison, SiteMetrics, SiteResult, Status};
 use crate::contract::error::{Error, Result};
-use crate::contract::site::Step;
+use crate::contract::site::{Site, Step};
 use crate::dump::msprobe::{StatSite, Stats};
 use crate::dump::{Dump, Manifest, Tensor};
 
-/// The note every statistics-only site carries.
+/// How every site judged on statistics alone is marked: its note starts so.
+pub const STATISTICS_ONLY: &str = "statistics only";
+
+/// The note every statistics-only site of an msprobe statistics dump carries.
 pub const NOTE: &str = "statistics only (msprobe Max/Min/Mean/Norm): rel_l2 and max_abs are lower bounds over the whole tensor; cosine not measurable";
+
+/// The note of a site passed on statistics alone by a statistics-first comparison.
+pub const SUMMARY_NOTE: &str = "statistics only (summary mode: Max/Min/Mean/Norm of both tensors over the compared elements): rel_l2 and max_abs are lower bounds, within a tenth of the tolerance; cosine not measurable";
+
+/// A site is passed on statistics alone when each lower bound is at most this fraction
+/// of its threshold: a correct port's statistics agree far more closely than that (for
+/// unbiased rounding, |ΔNorm| / Norm is about rel_l2 / sqrt(n)), so a site nearer its
+/// threshold is one whose full measures are worth taking.
+pub const STATISTICS_MARGIN: f64 = 0.1;
+
+/// A statistics-first comparison of two full dumps: value sites judged first on the
+/// statistics of both tensors, the sites in `full` always compared in full.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SummaryOnly {
+    /// Site patterns compared in full: `SITE` or `STEP/SITE`, `*` matching any run of
+    /// characters (`model.layers.0.*`, `decode.*/lm_head`).
+    pub full: Vec<String>,
+}
+
+impl SummaryOnly {
+    /// True when a pattern of `full` names `site` at `step`.
+    pub fn forces_full(&self, step: Step, site: &Site) -> bool {
+        self.full.iter().any(|p| names(p, step, site))
+    }
+}
+
+/// True when pattern `p` (`SITE` or `STEP/SITE`) names `site` at `step`.
+pub fn names(p: &str, step: Step, site: &Site) -> bool {
+    match p.split_once('/') {
+        Some((st, si)) => glob(st, &step.to_string()) && glob(si, &site.to_string()),
+        None => glob(p, &site.to_string()),
+    }
+}
+
+/// The lower bounds of a value site whose tensors have statistics `gs` and `cs` over `n`
+/// compared elements, when they lie within [`STATISTICS_MARGIN`] of every threshold of
+/// `tol`; `None` when the site needs its full measures.
+pub(crate) fn clearly_within(tol: &Tolerance, gs: &Stats, cs: &Stats, n: u64) -> Option<Metrics> {
+    if n == 0 {
+        return None;
+    }
+    let m = lower_bounds(gs, cs, n as f64);
+    let j = judge(tol, &m);
+    (j.pass && j.excess <= STATISTICS_MARGIN).then_some(m)
+}
 
 /// Compares a golden dump with a candidate known only by `stats`, keyed by step and site.
 pub fn compare_statistics(
@@ -148,29 +204,8 @@ pub fn compare_statistics(
                 sites.push(r);
                 continue;
             }
-            let cs = &c.stats;
-            let all = |s: &Stats| [s.max, s.min, s.mean, s.norm];
-            let nonfinite_new = all(cs).iter().flatten().any(|v| !v.is_finite())
-                && all(&gs).iter().flatten().all(|v| v.is_finite());
-            // |a - b| where both were recorded, else 0 (no evidence).
-            let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if a != b => (a - b).abs(),
-                _ => 0.0,
-            };
-            let gnorm = gs.norm.unwrap_or(0.0);
-            let l2_lb = diff(cs.norm, gs.norm).max(n.sqrt() * diff(cs.mean, gs.mean));
-            let rel_l2 = if gnorm > 0.0 {
-                l2_lb / gnorm
-            } else if l2_lb == 0.0 {
-                0.0
-            } else {
-                f64::INFINITY
-            };
-            let max_abs = diff(cs.max, gs.max).max(diff(cs.min, gs.min));
-            let m = bounds(g.numel() as u64, rel_l2, max_abs, nonfinite_new);
-            // The one pass/fail rule, on the lower bounds; statistics say nothing of the
-            // cosine, so it is judged at its best (1).
-            let j = tol.judge(&Metrics { cosine: 1.0, ..m.clone() });
+            let m = lower_bounds(&gs, &c.stats, n);
+            let j = judge(&tol, &m);
             r.status = if j.pass { Status::Pass } else { Status::Fail };
             if !j.pass {
                 r.note = Some(format!("{NOTE}; {}", j.why.join("; ")));
@@ -189,6 +224,38 @@ pub fn compare_statistics(
         candidate_producer: candidate.producer.clone(),
         sites,
     })
+}
+
+/// The error measures two sets of statistics prove, for tensors of `n` elements: `rel_l2`
+/// and `max_abs` are lower bounds of the real ones (`|ΔNorm|`, `sqrt(n)·|ΔMean|` over
+/// the golden's norm; `|ΔMax|`, `|ΔMin|`), `new_nonfinite` is 1 when the candidate's
+/// statistics hold a NaN/Inf the golden's do not, the rest is NaN (unknown).
+pub(crate) fn lower_bounds(gs: &Stats, cs: &Stats, n: f64) -> Metrics {
+    let all = |s: &Stats| [s.max, s.min, s.mean, s.norm];
+    let nonfinite_new = all(cs).iter().flatten().any(|v| !v.is_finite())
+        && all(gs).iter().flatten().all(|v| v.is_finite());
+    // |a - b| where both were recorded, else 0 (no evidence).
+    let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if a != b => (a - b).abs(),
+        _ => 0.0,
+    };
+    let gnorm = gs.norm.unwrap_or(0.0);
+    let l2_lb = diff(cs.norm, gs.norm).max(n.sqrt() * diff(cs.mean, gs.mean));
+    let rel_l2 = if gnorm > 0.0 {
+        l2_lb / gnorm
+    } else if l2_lb == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    let max_abs = diff(cs.max, gs.max).max(diff(cs.min, gs.min));
+    bounds(n as u64, rel_l2, max_abs, nonfinite_new)
+}
+
+/// The one pass/fail rule on [`lower_bounds`]; statistics say nothing of the cosine, so
+/// it is judged at its best (1).
+pub(crate) fn judge(tol: &Tolerance, m: &Metrics) -> Judgement {
+    tol.judge(&Metrics { cosine: 1.0, ..m.clone() })
 }
 
 /// Max, Min, Mean and L2 norm of a whole tensor, as msprobe computes them.
@@ -243,6 +310,32 @@ mod tests {
         let s = stats_of(&t);
         assert_eq!((s.max, s.min, s.mean), (Some(3.0), Some(-2.0), Some(0.5)));
         assert!((s.norm.unwrap() - 14f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn patterns_name_a_site_or_a_step_and_site() {
+        let (site, step) = (Site::LmHead, Step::Decode(1));
+        assert!(names("lm_head", step, &site));
+        assert!(names("decode.*/lm_head", step, &site));
+        assert!(!names("prefill/lm_head", step, &site));
+        assert!(!names("model.*", step, &site));
+        let s = SummaryOnly { full: vec!["x".into(), "*/lm_*".into()] };
+        assert!(s.forces_full(step, &site));
+        assert!(!SummaryOnly::default().forces_full(step, &site));
+    }
+
+    /// Statistics a tenth of the threshold apart pass on their own; nearer ones, and
+    /// ones past the threshold, need the full measures.
+    #[test]
+    fn only_statistics_far_inside_the_tolerance_pass_alone() {
+        let tol = Tolerance { max_rel_l2: 1e-2, min_cosine: 0.999, max_abs: None };
+        let g = Stats { max: Some(2.0), min: Some(-2.0), mean: Some(0.0), norm: Some(10.0) };
+        let at = |norm: f64| Stats { norm: Some(norm), ..g };
+        let m = clearly_within(&tol, &g, &at(10.0 + 1e-4), 100).expect("far inside");
+        assert!((m.rel_l2 - 1e-5).abs() < 1e-12 && m.cosine.is_nan(), "{m:?}");
+        assert!(clearly_within(&tol, &g, &at(10.0 + 0.02), 100).is_none(), "a fifth of it");
+        assert!(clearly_within(&tol, &g, &at(10.5), 100).is_none(), "past it");
+        assert!(clearly_within(&tol, &g, &g, 0).is_none(), "nothing compared");
     }
 
     /// The bounds hold: |dNorm| and sqrt(n)|dMean| never exceed the true L2 error.

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::compare::floor::{NoiseFloor, SiteFloor};
 use crate::compare::lanes;
 use crate::compare::metrics::{unravel, ErrorHistogram, Metrics};
+use crate::compare::statistics::{self, SummaryOnly};
 use crate::compare::tolerance::{Decision, Policy, Tolerance};
 use crate::contract::error::{Error, Result};
 use crate::contract::site::{LayerPart, Site, Step};
@@ -175,6 +176,19 @@ pub fn compare_with_floor(
     policy: &Policy,
     floor: Option<&NoiseFloor>,
 ) -> Result<Comparison> {
+    compare_with(golden, candidate, policy, floor, None)
+}
+
+/// [`compare_with_floor`], statistics first when `summary` is given: a value site whose
+/// statistics lie far inside its tolerance is passed on them alone (its note says so,
+/// [`statistics::SUMMARY_NOTE`]); every other site is compared in full.
+pub fn compare_with(
+    golden: &Dump,
+    candidate: &Dump,
+    policy: &Policy,
+    floor: Option<&NoiseFloor>,
+    summary: Option<&SummaryOnly>,
+) -> Result<Comparison> {
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
     check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
     // The tolerance follows the coarser of the two dtypes: a float32 run measured
@@ -186,6 +200,7 @@ pub fn compare_with_floor(
         precision,
         heads: Some(gm.model.num_attention_heads),
         floor,
+        summary,
     };
     let jobs: Vec<(Step, &Site)> = gm
         .steps
@@ -249,6 +264,8 @@ pub struct SiteContext<'a> {
     pub heads: Option<usize>,
     /// The measured noise floor, which raises each value site's default threshold.
     pub floor: Option<&'a NoiseFloor>,
+    /// Statistics first: value sites judged on their statistics where those suffice.
+    pub summary: Option<&'a SummaryOnly>,
 }
 
 /// Compares one site. `c` is `None` when the candidate lacks it.
@@ -266,7 +283,7 @@ pub fn compare_site(
         site,
         g,
         c,
-        &SiteContext { scenario, policy, precision, heads: None, floor: None },
+        &SiteContext { scenario, policy, precision, heads: None, floor: None, summary: None },
     )
 }
 
@@ -278,7 +295,7 @@ pub fn compare_site_in(
     c: Option<&Tensor>,
     ctx: &SiteContext,
 ) -> SiteResult {
-    let SiteContext { scenario, policy, precision, heads, floor } = *ctx;
+    let SiteContext { scenario, policy, precision, heads, floor, summary } = *ctx;
     let site_floor = floor.and_then(|f| f.get(step, site)).filter(|_| g.dtype().is_float());
     let mut r = SiteResult {
         step,
@@ -337,6 +354,14 @@ pub fn compare_site_in(
             r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(m);
+    } else if let Some(m) = summary
+        .filter(|s| !s.forces_full(step, site))
+        .and_then(|_| lanes::statistics(g, c, &valid))
+        .and_then(|(gs, cs, n)| statistics::clearly_within(&tol, &gs, &cs, n))
+    {
+        r.status = Status::Pass;
+        r.note = Some(statistics::SUMMARY_NOTE.into());
+        r.metrics = Some(SiteMetrics::Values(m));
     } else {
         let tokens = Groups::tokens(site, g.shape());
         let head_groups = Groups::heads(site, g.shape(), heads);

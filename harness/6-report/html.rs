@@ -262,6 +262,9 @@ fn glance(out: &mut String, r: &Report) {
          <span class=\"c-missing\">{} missing</span><span class=\"c-skipped\">{} skipped</span></dd>",
         s.pass, s.fail, s.missing, s.skipped
     );
+    if let Some((_, line)) = r.statistics_only() {
+        let _ = writeln!(out, "<dt>statistics only</dt><dd>{}</dd>", escape(&line));
+    }
     let _ = writeln!(out, "</dl></div>\n</section>");
 }
 

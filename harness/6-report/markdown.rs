@@ -49,6 +49,11 @@ pub fn render_markdown(r: &Report) -> String {
     if s.nothing_checked() {
         let _ = writeln!(out, "**{}.**\n", Summary::NOTHING_CHECKED);
     }
+    if let Some((_, line)) = r.statistics_only() {
+        let mut line = escape_md(&line);
+        line[..1].make_ascii_uppercase();
+        let _ = writeln!(out, "{line}.\n");
+    }
     match &r.first_divergence {
         Some(fd) => {
             let _ = writeln!(

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compare::floor::SiteFloor;
 use crate::compare::metrics::{num_vec, ErrorHistogram};
+use crate::compare::statistics::STATISTICS_ONLY;
 use crate::compare::tolerance::Tolerance;
 use crate::compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use crate::contract::error::Result;
@@ -269,6 +270,28 @@ impl Report {
         let files = self.render_files()?;
         let set: Vec<(&str, &[u8])> = files.iter().map(|(n, t)| (*n, t.as_bytes())).collect();
         write_set(dir, &set)
+    }
+
+    /// How many sites were judged on statistics alone (their note starts with
+    /// [`STATISTICS_ONLY`]: an msprobe statistics dump, or a statistics-first comparison),
+    /// and a line saying so; `None` when none was.
+    pub fn statistics_only(&self) -> Option<(usize, String)> {
+        let n = self
+            .sites
+            .iter()
+            .filter(|s| matches!(s.status, Status::Pass | Status::Fail))
+            .filter(|s| s.note.as_deref().is_some_and(|n| n.starts_with(STATISTICS_ONLY)))
+            .count();
+        let checked = self.summary.pass + self.summary.fail;
+        (n > 0).then(|| {
+            (
+                n,
+                format!(
+                    "judged on statistics alone: {n} of {checked} checked sites (their rel_l2 \
+                     and max_abs are lower bounds; no per-token, per-head or histogram breakdown)"
+                ),
+            )
+        })
     }
 
     /// Sites that did not pass or are closest to failing, worst first.

@@ -27,6 +27,9 @@ pub fn render_summary(r: &Report, color: bool) -> String {
     if s.nothing_checked() {
         let _ = writeln!(out, "{}", Summary::NOTHING_CHECKED);
     }
+    if let Some((_, line)) = r.statistics_only() {
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(fd) = &r.first_divergence {
         let _ = writeln!(
             out,

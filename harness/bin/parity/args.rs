@@ -241,6 +241,25 @@ pub struct CommonArgs {
     /// one rounding of the dtype and 1% of the site's max_rel_l2) before it regresses.
     #[arg(long, value_name = "F", default_value_t = 2.0)]
     pub max_regression: f64,
+    /// For very large dumps: judge each value site first on the Max, Min, Mean and Norm
+    /// of both tensors (as msprobe's statistics mode does), and compare in full only the
+    /// sites whose statistics disagree, i.e. whose error bounds (|ΔNorm|, sqrt(n)·|ΔMean|
+    /// over the golden's Norm; |ΔMax|, |ΔMin|) exceed a tenth of the tolerance, and the
+    /// sites named by --full. Each site passed on statistics alone says so in its note
+    /// ("statistics only"); its rel_l2 and max_abs are lower bounds and it has no
+    /// per-token, per-head or histogram breakdown. Both tensors are still read once
+    /// (statistics need every element): it saves the full measures' arithmetic and the
+    /// report's breakdowns, not the reading. A fault that keeps a site's statistics
+    /// (a permutation of its values) passes there unseen and is caught at the first
+    /// site where the statistics move. Not with --baseline, which needs every site's
+    /// full error.
+    #[arg(long, conflicts_with = "baseline")]
+    pub summary_only: bool,
+    /// With --summary-only: compare these sites in full anyway (repeatable). A site
+    /// name, or STEP/SITE, with * matching any run of characters, as in --policy files:
+    /// --full 'model.layers.0.*' --full 'decode.*/lm_head'.
+    #[arg(long = "full", value_name = "PATTERN", requires = "summary_only")]
+    pub full: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -9,7 +9,9 @@ use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
-use crate::output::{common_outputs, finish, floor, load_baseline, load_policy, progress};
+use crate::output::{
+    common_outputs, finish, floor, load_baseline, load_policy, progress, summary_only,
+};
 
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let inputs = [
@@ -31,11 +33,13 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     } else {
         Dump::open(&a.golden)?
     };
+    let summary = summary_only(&a.common, &golden)?;
     let opts = Options {
         progress: &progress,
         floor,
         baseline: baseline.as_ref(),
         max_regression: a.common.max_regression,
+        summary_only: summary.as_ref(),
         ..Options::new(&policy)
     };
     if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {

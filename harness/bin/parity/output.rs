@@ -5,9 +5,12 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use llama_parity::compare::statistics::{self, SummaryOnly};
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
+use llama_parity::contract::error::escape_controls;
 use llama_parity::dump::guard::{self, Output};
+use llama_parity::dump::Dump;
 use llama_parity::dump::Precision;
 use llama_parity::pipeline::Floor;
 use llama_parity::report::baseline::Baseline;
@@ -53,6 +56,30 @@ pub fn load_baseline(c: &CommonArgs) -> Result<Option<Baseline>> {
     check_max_regression(c.max_regression)?;
     let Some(path) = &c.baseline else { return Ok(None) };
     Baseline::load(path).map(Some)
+}
+
+/// The statistics-first comparison `--summary-only` asks for, its `--full` patterns
+/// checked against the golden's sites: each must name at least one.
+pub fn summary_only(c: &CommonArgs, golden: &Dump) -> Result<Option<SummaryOnly>> {
+    if !c.summary_only {
+        return Ok(None);
+    }
+    for p in &c.full {
+        let named =
+            golden.manifest.steps.iter().any(|&step| {
+                golden.sites(step).iter().any(|site| statistics::names(p, step, site))
+            });
+        if !named {
+            return Err(Error::Usage {
+                flag: "--full".into(),
+                what: format!(
+                    "{:?} names no site of the golden (a site name or STEP/SITE, * for any run of characters, e.g. 'model.layers.0.*' or 'decode.*/lm_head')",
+                    escape_controls(p)
+                ),
+            });
+        }
+    }
+    Ok(Some(SummaryOnly { full: c.full.clone() }))
 }
 
 /// `--max-regression` must be a finite factor of at least 1.

@@ -13,7 +13,7 @@ use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
 use crate::output::{
-    common_outputs, finish, floor, load_baseline, load_policy, precision, progress,
+    common_outputs, finish, floor, load_baseline, load_policy, precision, progress, summary_only,
 };
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
@@ -51,6 +51,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
+    let summary = summary_only(&a.common, &golden)?;
     llama_parity::model::progress::enable(
         std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
     );
@@ -67,6 +68,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         floor,
         baseline: baseline.as_ref(),
         max_regression: a.common.max_regression,
+        summary_only: summary.as_ref(),
         ..Options::new(&policy)
     };
     // The dump is written before the comparison, so that a port's output is kept
