@@ -6,23 +6,27 @@
 //! The tensor is walked in runs of consecutive elements that share their padding
 //! filter, token row and head (the largest such run is the gcd of those axes'
 //! strides), each run in blocks of at most [`BLOCK`] pairs. A block is decoded into two
-//! small float32 arrays (they stay in the L1 cache) and measured by a few short,
-//! branch-free passes over them that the compiler vectorizes: the sums (f64: a product
-//! of two float32 values is exact in f64), the errors (|d|, relative error, the 1‰ and
-//! 5‰ counts), the units in the last place (integer arithmetic on the bits), and
-//! Pearson's co-moments about the block's own means. Each f64 sum has [`LANES`]
-//! independent partial sums, pair `k` going to lane `k % LANES`, added in a fixed
-//! order; the index of the largest error is found afterwards by a scan for its value.
+//! small float32 arrays that stay in the L1 cache; the units in the last place and the
+//! NaN/Inf check are taken on the way, as integer arithmetic on the bits ([`Lane`]).
+//! Two short branch-free passes over the arrays do the rest on four f64 lanes
+//! ([`F64x4`]: an AVX2 register where the CPU has one, else plain arrays; the same bits
+//! either way): [`errors`] (the sums, |d|, the relative error and its 1‰ and 5‰ counts;
+//! a product of two float32 values is exact in f64), then [`comoments`] (Pearson's,
+//! about the block's own means). Pair `k` of a block goes to lane `k % LANES`, each
+//! lane adds in index order and the lanes combine in lane order; the first index of the
+//! largest |d| is found afterwards from snapshots of the lanes' maxima.
 //!
 //! Blocks are measured in parallel (rayon), in tasks of whole blocks, then merged into
 //! the site's accumulator one by one in index order ([`Accumulator::absorb`]). A block
 //! is the same whatever task or thread measures it, and the merge is sequential, so the
-//! numbers are bit-identical on any number of threads.
+//! numbers are bit-identical on any number of threads (and to the scalar kernel this
+//! one replaced: the tests keep it as the reference).
 //!
 //! Any other dtype pair (float64 on either side) takes [`measure_simple`], the
 //! element-by-element path, which is also the reference the fast one is tested against.
 //! The error histogram is only reported for failing sites, so it is made by a second
-//! pass over those ([`histogram`]), blocked and parallel the same way.
+//! pass over those ([`histogram`]), blocked and parallel the same way; [`statistics`]
+//! is the light pass of a statistics-first comparison.
 
 use std::ops::Range;
 use std::sync::OnceLock;
