@@ -1,6 +1,6 @@
-//! The known porting faults of CONTRACT §3, with their stable IDs, and where a planted
-//! fault acts (CONTRACT §4: `--fault ID@layers=2`, `@steps=decode.*`,
-//! `@component=o_proj`).
+//! The known porting faults of CONTRACT §3, with their stable IDs, where a planted
+//! fault acts and the parameters it acts with (CONTRACT §4: `--fault ID@layers=2`,
+//! `@steps=decode.*`, `@component=o_proj`, `@theta=500000`, `@offset=3`).
 
 use std::fmt;
 
@@ -206,13 +206,15 @@ impl Component {
     }
 }
 
-/// The scope dimensions a fault family takes.
+/// The scope dimensions and parameters a fault family takes.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     layers: bool,
     steps: bool,
     /// Which components, if the family has several.
     component: Option<ComponentFilter>,
+    /// The parameters it takes (`theta`, `scaling`, `table`, `offset`).
+    params: &'static [&'static str],
 }
 
 /// Which components a fault family has.
@@ -241,7 +243,119 @@ impl Fault {
                 (false, false, None)
             }
         };
-        Dims { layers, steps, component }
+        let params: &[&str] = match self {
+            RopeWrongTheta => &["theta", "scaling"],
+            RopeInterleaved => &["table"],
+            RopePosOffByOne | KvWrongSlot => &["offset"],
+            _ => &[],
+        };
+        Dims { layers, steps, component, params }
+    }
+
+    /// Whether the family has several components to be narrowed to, and which.
+    pub fn components(self) -> Vec<Component> {
+        match self.dims().component {
+            Some(allowed) => Component::ALL.iter().copied().filter(|c| allowed(*c)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether the family can be narrowed to decoder layers.
+    pub fn takes_layers(self) -> bool {
+        self.dims().layers
+    }
+
+    /// Whether the family can be narrowed to steps.
+    pub fn takes_steps(self) -> bool {
+        self.dims().steps
+    }
+
+    /// The parameters the family takes, by name.
+    pub fn param_names(self) -> &'static [&'static str] {
+        self.dims().params
+    }
+}
+
+/// What `rope.wrong_theta` does with the configured rope scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaling {
+    /// The scaling (yarn, llama3, linear ...) is ignored: plain RoPE at `theta`.
+    Dropped,
+    /// The configured scaling is kept, applied to `theta`.
+    Kept,
+}
+
+/// Which cos/sin entries the interleaved (GPT-J) rotation of `rope.interleaved` reads
+/// for pair k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryTable {
+    /// Entry k of the half table: pair k turns with frequency k.
+    Half,
+    /// HF's duplicated table sliced `[0::2]`: entry 2k, so pair k turns with frequency
+    /// 2k mod D/2.
+    Sliced,
+}
+
+/// The parameters of a planted fault (CONTRACT §4 `params`); `None` is the family's
+/// default form (CONTRACT §3).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Params {
+    /// `rope.wrong_theta`: the base used (default 10000).
+    pub theta: Option<f64>,
+    /// `rope.wrong_theta`: what happens to the configured scaling (default dropped).
+    pub scaling: Option<Scaling>,
+    /// `rope.interleaved`: which table entries the rotation reads (default half).
+    pub table: Option<RotaryTable>,
+    /// `rope.pos_off_by_one`: how far decode positions are off; `kv.wrong_slot`: how
+    /// many slots past the next free one the decode write lands (default 1 for both).
+    pub offset: Option<i64>,
+}
+
+impl Params {
+    pub fn is_default(&self) -> bool {
+        *self == Params::default()
+    }
+
+    /// `rope.wrong_theta`'s theta, 10000 unless given.
+    pub fn theta_or_default(&self) -> f64 {
+        self.theta.unwrap_or(10000.0)
+    }
+
+    /// The offset, 1 unless given.
+    pub fn offset_or_default(&self) -> i64 {
+        self.offset.unwrap_or(1)
+    }
+
+    /// The parameters as `(name, value)` pairs, in the `--fault` spelling.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(t) = self.theta {
+            out.push(("theta", format!("{t}")));
+        }
+        if let Some(s) = self.scaling {
+            out.push((
+                "scaling",
+                match s {
+                    Scaling::Dropped => "dropped",
+                    Scaling::Kept => "kept",
+                }
+                .into(),
+            ));
+        }
+        if let Some(t) = self.table {
+            out.push((
+                "table",
+                match t {
+                    RotaryTable::Half => "half",
+                    RotaryTable::Sliced => "sliced",
+                }
+                .into(),
+            ));
+        }
+        if let Some(o) = self.offset {
+            out.push(("offset", format!("{o}")));
+        }
+        out
     }
 }
 
@@ -261,23 +375,27 @@ impl Scope {
     }
 }
 
-/// A planted fault and where it acts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A planted fault, where it acts and its parameters.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScopedFault {
     pub fault: Fault,
     pub scope: Scope,
+    pub params: Params,
 }
 
 impl From<Fault> for ScopedFault {
     fn from(fault: Fault) -> ScopedFault {
-        ScopedFault { fault, scope: Scope::default() }
+        ScopedFault { fault, scope: Scope::default(), params: Params::default() }
     }
 }
 
 impl ScopedFault {
-    /// Parses `ID` or `ID@DIM=VALUE[@DIM=VALUE...]` (CONTRACT §4), with `layers=2,3`,
-    /// `layers=1-3`, `steps=prefill,decode.*` and `component=o_proj`. The error says what
-    /// is wrong, for the caller to attach to its flag.
+    /// Parses `ID` or `ID@DIM=VALUE[@DIM=VALUE...]` (CONTRACT §4), with the scopes
+    /// `layers=2,3`, `layers=1-3`, `steps=prefill,decode.*` and `component=o_proj`, and
+    /// the parameters `theta=500000`, `scaling=dropped|kept` (`rope.wrong_theta`),
+    /// `table=half|sliced` (`rope.interleaved`) and `offset=N` (`rope.pos_off_by_one`,
+    /// `kv.wrong_slot`). The error says what is wrong, for the caller to attach to its
+    /// flag.
     pub fn parse(spec: &str) -> Result<ScopedFault, String> {
         let mut parts = spec.split('@');
         let id = parts.next().unwrap_or_default();
@@ -289,6 +407,7 @@ impl ScopedFault {
         })?;
         let dims = fault.dims();
         let mut scope = Scope::default();
+        let mut params = Params::default();
         for part in parts {
             let (dim, value) = part
                 .split_once('=')
@@ -320,14 +439,55 @@ impl ScopedFault {
                         })?;
                     scope.component = Some(c);
                 }
+                "theta" | "scaling" | "table" | "offset" if !dims.params.contains(&dim) => {
+                    return Err(if dims.params.is_empty() {
+                        format!("{id} takes no parameters")
+                    } else {
+                        format!("{id} takes {}, not {dim}", dims.params.join(", "))
+                    })
+                }
+                "theta" => {
+                    let t: f64 = value
+                        .parse()
+                        .ok()
+                        .filter(|t: &f64| t.is_finite() && *t > 1.0)
+                        .ok_or_else(|| format!("theta: {value:?} is not a number above 1"))?;
+                    params.theta = Some(t);
+                }
+                "scaling" => {
+                    params.scaling = Some(match value {
+                        "dropped" => Scaling::Dropped,
+                        "kept" => Scaling::Kept,
+                        _ => return Err(format!("scaling: {value:?} is not dropped or kept")),
+                    })
+                }
+                "table" => {
+                    params.table = Some(match value {
+                        "half" => RotaryTable::Half,
+                        "sliced" => RotaryTable::Sliced,
+                        _ => return Err(format!("table: {value:?} is not half or sliced")),
+                    })
+                }
+                "offset" => {
+                    let o: i64 = value
+                        .parse()
+                        .ok()
+                        .filter(|o: &i64| *o != 0 && o.abs() <= 1 << 20)
+                        .ok_or_else(|| format!("offset: {value:?} is not a non-zero whole number"))?;
+                    if fault == Fault::KvWrongSlot && o < 0 {
+                        return Err(format!("offset: {value:?}; a cache write lands past the next free slot (offset ≥ 1)"));
+                    }
+                    params.offset = Some(o);
+                }
                 other => {
                     return Err(format!(
-                        "{spec:?}: unknown scope {other:?}; scopes are layers, steps, component"
+                        "{spec:?}: unknown scope or parameter {other:?}; scopes are layers, steps, component; {id} takes {}",
+                        if dims.params.is_empty() { "no parameters".to_string() } else { dims.params.join(", ") }
                     ))
                 }
             }
         }
-        Ok(ScopedFault { fault, scope })
+        Ok(ScopedFault { fault, scope, params })
     }
 
     /// Whether the fault acts at `layer` (`None`: outside the decoder layers), `step`
@@ -374,6 +534,9 @@ impl fmt::Display for ScopedFault {
         }
         if let Some(c) = self.scope.component {
             write!(f, "@component={}", c.name())?;
+        }
+        for (name, value) in self.params.pairs() {
+            write!(f, "@{name}={value}")?;
         }
         Ok(())
     }
@@ -456,6 +619,21 @@ mod tests {
     }
 
     #[test]
+    fn parameters_parse_and_print_back() {
+        let f = ScopedFault::parse("rope.wrong_theta@theta=500000@scaling=kept").unwrap();
+        assert_eq!(f.params.theta, Some(500000.0));
+        assert_eq!(f.params.scaling, Some(Scaling::Kept));
+        assert_eq!(f.to_string(), "rope.wrong_theta@theta=500000@scaling=kept");
+        let r = ScopedFault::parse("rope.interleaved@layers=1@table=sliced").unwrap();
+        assert_eq!(r.params.table, Some(RotaryTable::Sliced));
+        assert_eq!(r.to_string(), "rope.interleaved@layers=1@table=sliced");
+        let o = ScopedFault::parse("rope.pos_off_by_one@offset=-2").unwrap();
+        assert_eq!(o.params.offset_or_default(), -2);
+        assert_eq!(ScopedFault::from(Fault::KvWrongSlot).params.offset_or_default(), 1);
+        assert_eq!(ScopedFault::from(Fault::RopeWrongTheta).params.theta_or_default(), 10000.0);
+    }
+
+    #[test]
     fn a_scope_a_fault_cannot_take_is_refused_with_what_it_takes() {
         let e = ScopedFault::parse("rope.pos_reset@layers=1").unwrap_err();
         assert!(e.contains("cannot be narrowed to layers"), "{e}");
@@ -467,6 +645,14 @@ mod tests {
         assert!(e.contains("3-1"), "{e}");
         let e = ScopedFault::parse("kv.stale@where=1").unwrap_err();
         assert!(e.contains("unknown scope"), "{e}");
+        let e = ScopedFault::parse("kv.stale@theta=5").unwrap_err();
+        assert!(e.contains("takes no parameters"), "{e}");
+        let e = ScopedFault::parse("rope.wrong_theta@offset=2").unwrap_err();
+        assert!(e.contains("theta, scaling"), "{e}");
+        let e = ScopedFault::parse("kv.wrong_slot@offset=-1").unwrap_err();
+        assert!(e.contains("offset"), "{e}");
+        let e = ScopedFault::parse("rope.pos_off_by_one@offset=0").unwrap_err();
+        assert!(e.contains("non-zero"), "{e}");
         assert!(ScopedFault::parse("no.such").unwrap_err().contains("unknown fault"));
     }
 }

@@ -48,7 +48,7 @@ impl KvCache {
         let start = match rule {
             CacheWrite::NextSlot => Some(self.len),
             CacheWrite::Skip => None,
-            CacheWrite::OneSlotOff => Some(self.len + 1),
+            CacheWrite::SlotsOff(by) => Some(self.len + by),
         };
         if let Some(start) = start {
             let end = (start + t).min(self.capacity());

@@ -199,7 +199,7 @@ impl<'m> Session<'m> {
             DecodePositions::Continue => self.pos_offset[b],
             DecodePositions::Reset => j,
             DecodePositions::Fixed => 0,
-            DecodePositions::OffByOne => self.pos_offset[b] + 1,
+            DecodePositions::Off(by) => self.pos_offset[b] + by,
         });
         for o in &mut self.pos_offset {
             *o += 1;

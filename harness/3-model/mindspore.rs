@@ -136,7 +136,8 @@ pub(crate) fn run_port(
     extra: &[String],
     progress: &mut dyn FnMut(&str),
 ) -> Result<RunOutput> {
-    if let Some(f) = opts.faults.iter().find(|f| !f.scope.is_everywhere()) {
+    if let Some(f) = opts.faults.iter().find(|f| !f.scope.is_everywhere() || !f.params.is_default())
+    {
         return Err(Error::unsupported(
             Feature::FaultScope,
             format!("the {impl_name} port plants {} everywhere; it has no switch for {f}", f.fault),

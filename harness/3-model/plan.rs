@@ -10,7 +10,7 @@
 //! model code reads them through the [`Numerics`](super::numerics::Numerics) of the run,
 //! so they change nothing in the float64 reference, whose compute dtype is float64.
 
-use crate::contract::fault::{Component, Fault, ScopedFault};
+use crate::contract::fault::{Component, Fault, RotaryTable, Scaling, ScopedFault};
 use crate::contract::site::Step;
 
 /// Where decode positions come from (positions bookkeeping).
@@ -23,8 +23,9 @@ pub enum DecodePositions {
     Reset,
     /// `rope.pos_fixed`: every decode step uses position 0.
     Fixed,
-    /// `rope.pos_off_by_one`: one past the right position.
-    OffByOne,
+    /// `rope.pos_off_by_one`: the right position plus this offset (1 unless the fault
+    /// says `@offset=N`).
+    Off(i64),
 }
 
 /// Which dimensions RoPE rotates together.
@@ -33,8 +34,12 @@ pub enum RopeLayout {
     /// HF `rotate_half`: pairs (k, k + D/2).
     #[default]
     HalfSplit,
-    /// GPT-J / Meta: pairs (2k, 2k + 1).
+    /// GPT-J / Meta: pairs (2k, 2k + 1), pair k turning with frequency k.
     Interleaved,
+    /// `rope.interleaved@table=sliced`: pairs (2k, 2k + 1) reading entry 2k of HF's
+    /// duplicated cos/sin table (`cos[..., 0::2]`), so pair k turns with frequency
+    /// 2k mod D/2.
+    InterleavedSliced,
 }
 
 /// How the cos/sin tables reach the rotation.
@@ -47,13 +52,14 @@ pub enum RopeTables {
 }
 
 /// Which rotary frequencies are used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum RopeFrequencies {
     /// The configured theta and scaling.
     #[default]
     Configured,
-    /// `rope.wrong_theta`: theta 10000 and no scaling.
-    DefaultTheta10k,
+    /// `rope.wrong_theta`: base `theta` (10000 unless the fault says `@theta=`), with the
+    /// configured scaling dropped (plain RoPE) or kept (`@scaling=kept`).
+    Wrong { theta: f64, keep_scaling: bool },
 }
 
 /// Precision of `position · inv_freq`.
@@ -114,8 +120,9 @@ pub enum CacheWrite {
     NextSlot,
     /// `kv.stale`: decode k/v never written.
     Skip,
-    /// `kv.wrong_slot`: decode writes one slot past the next free one.
-    OneSlotOff,
+    /// `kv.wrong_slot`: decode writes this many slots past the next free one (1 unless
+    /// the fault says `@offset=N`).
+    SlotsOff(usize),
 }
 
 /// Which keys the cache holds.
@@ -254,8 +261,7 @@ impl Plan {
                 f
             })
             .collect();
-        let ids: Vec<Fault> = faults.iter().map(|f| f.fault).collect();
-        Plan { faults, ..Plan::seams(&ids) }
+        Plan { faults: faults.clone(), ..Plan::seams(&faults) }
     }
 
     /// The seams at one place: decoder layer `layer` (`None`: outside the layers), step
@@ -269,20 +275,32 @@ impl Plan {
     ) -> Plan {
         let here: Vec<ScopedFault> =
             self.faults.iter().filter(|f| f.acts_at(layer, step, component)).cloned().collect();
-        let ids: Vec<Fault> = here.iter().map(|f| f.fault).collect();
-        Plan { faults: here, ..Plan::seams(&ids) }
+        Plan { faults: here.clone(), ..Plan::seams(&here) }
     }
 
-    fn seams(faults: &[Fault]) -> Plan {
+    fn seams(faults: &[ScopedFault]) -> Plan {
         let mut p = Plan::default();
-        for &f in faults {
-            match f {
+        for sf in faults {
+            let params = &sf.params;
+            match sf.fault {
                 Fault::RopePosReset => p.decode_positions = DecodePositions::Reset,
                 Fault::RopePosFixed => p.decode_positions = DecodePositions::Fixed,
-                Fault::RopePosOffByOne => p.decode_positions = DecodePositions::OffByOne,
-                Fault::RopeInterleaved => p.rope_layout = RopeLayout::Interleaved,
+                Fault::RopePosOffByOne => {
+                    p.decode_positions = DecodePositions::Off(params.offset_or_default())
+                }
+                Fault::RopeInterleaved => {
+                    p.rope_layout = match params.table {
+                        Some(RotaryTable::Sliced) => RopeLayout::InterleavedSliced,
+                        _ => RopeLayout::Interleaved,
+                    }
+                }
                 Fault::RopeCosSinSwapped => p.rope_tables = RopeTables::Swapped,
-                Fault::RopeWrongTheta => p.rope_frequencies = RopeFrequencies::DefaultTheta10k,
+                Fault::RopeWrongTheta => {
+                    p.rope_frequencies = RopeFrequencies::Wrong {
+                        theta: params.theta_or_default(),
+                        keep_scaling: params.scaling == Some(Scaling::Kept),
+                    }
+                }
                 Fault::RopeLowPrecisionAngles => p.angle_precision = AnglePrecision::F16,
                 Fault::MaskNone => p.mask_rule = MaskRule::NoCausal,
                 Fault::MaskInverted => p.mask_rule = MaskRule::Inverted,
@@ -295,7 +313,9 @@ impl Plan {
                 Fault::WeightsTransposed => p.weight_mappings.push(WeightMapping::SquareTransposed),
                 Fault::WeightsGateUpSwapped => p.weight_mappings.push(WeightMapping::GateUpSwapped),
                 Fault::KvStale => p.cache_write = CacheWrite::Skip,
-                Fault::KvWrongSlot => p.cache_write = CacheWrite::OneSlotOff,
+                Fault::KvWrongSlot => {
+                    p.cache_write = CacheWrite::SlotsOff(params.offset_or_default().max(1) as usize)
+                }
                 Fault::KvUnrotatedKeys => p.cached_keys = CachedKeys::Unrotated,
                 Fault::KvGqaTiled => p.head_mapping = HeadMapping::Tiled,
                 Fault::AttnNoScale => p.score_scale = ScoreScale::Unscaled,

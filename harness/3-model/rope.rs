@@ -317,9 +317,10 @@ impl Rope {
     pub fn new(config: RopeConfig, frequencies: RopeFrequencies, angles: AnglePrecision) -> Rope {
         let config = match frequencies {
             RopeFrequencies::Configured => config,
-            RopeFrequencies::DefaultTheta10k => {
-                RopeConfig { theta: 10000.0, kind: RopeType::Default, ..config }
+            RopeFrequencies::Wrong { theta, keep_scaling: false } => {
+                RopeConfig { theta, kind: RopeType::Default, ..config }
             }
+            RopeFrequencies::Wrong { theta, keep_scaling: true } => RopeConfig { theta, ..config },
         };
         let (inv_freq, attention_factor) = config.inv_freq(None);
         let max = config.max_position_embeddings;
@@ -464,11 +465,13 @@ pub fn apply(
                             o[j] = n.round(RoundAt::RopeOutput, xs[j] * c[j] + rot * sn[j]);
                         }
                     }
-                    RopeLayout::Interleaved => {
+                    RopeLayout::Interleaved | RopeLayout::InterleavedSliced => {
+                        let stride = if layout == RopeLayout::Interleaved { 1 } else { 2 };
                         for k in 0..half {
                             let (x0, x1) = (xs[2 * k], xs[2 * k + 1]);
-                            o[2 * k] = n.round(RoundAt::RopeOutput, x0 * c[k] - x1 * sn[k]);
-                            o[2 * k + 1] = n.round(RoundAt::RopeOutput, x1 * c[k] + x0 * sn[k]);
+                            let (ck, sk) = (c[stride * k], sn[stride * k]);
+                            o[2 * k] = n.round(RoundAt::RopeOutput, x0 * ck - x1 * sk);
+                            o[2 * k + 1] = n.round(RoundAt::RopeOutput, x1 * ck + x0 * sk);
                         }
                     }
                 }

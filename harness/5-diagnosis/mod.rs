@@ -31,19 +31,93 @@ use std::cmp::Ordering;
 use crate::compare::tolerance::{Policy, Tolerance};
 use crate::compare::{compare_site, Comparison, Status};
 use crate::contract::error::Result;
-use crate::contract::fault::Fault;
+use crate::contract::fault::{Component, Fault, Params, RotaryTable, Scaling, Scope, ScopedFault};
 use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::{Dump, Manifest, Precision};
 use crate::model::{self, Implementation, RunOptions};
 use serde::{Deserialize, Serialize};
 
-/// One hypothesis of the diagnosis: a known fault, how well it explains the divergence
-/// (0..1), and the evidence in numbers.
+/// One hypothesis of the diagnosis: a known fault, where it acts and with which
+/// parameters (CONTRACT §4), how well it explains the divergence (0..1), and the
+/// evidence in numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub fault: String,
     pub score: f64,
+    /// `{"layers": [2] | "all", "steps": [..] | "all", "component": name | null}`; absent
+    /// in reports written before scopes were fitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<serde_json::Value>,
+    /// The fitted parameters (`theta`, `scaling`, `table`, `offset`), empty for the
+    /// family's default form.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub params: serde_json::Map<String, serde_json::Value>,
     pub explains: String,
+}
+
+impl Finding {
+    /// A finding for `planted`, with its scope and parameters in the contract's JSON.
+    pub fn new(planted: &ScopedFault, score: f64, explains: String) -> Finding {
+        use serde_json::{json, Value};
+        let s = &planted.scope;
+        let layers = s.layers.as_ref().map_or(json!("all"), |l| json!(l));
+        let steps = s.steps.as_ref().map_or(json!("all"), |p| json!(p));
+        let component = s.component.map_or(Value::Null, |c| json!(c.name()));
+        let mut params = serde_json::Map::new();
+        let p = &planted.params;
+        if let Some(t) = p.theta {
+            params.insert("theta".into(), json!(t));
+        }
+        for (name, value) in p.pairs() {
+            if name != "theta" && name != "offset" {
+                params.insert(name.into(), json!(value));
+            }
+        }
+        if let Some(o) = p.offset {
+            params.insert("offset".into(), json!(o));
+        }
+        Finding {
+            fault: planted.fault.id().to_string(),
+            score,
+            scope: Some(json!({"layers": layers, "steps": steps, "component": component})),
+            params,
+            explains,
+        }
+    }
+
+    /// The fault with its fitted scope and parameters, as a reader wants it:
+    /// `weights.gate_up_swapped {layers: [2]}`, `rope.wrong_theta {theta: 500000,
+    /// scaling: dropped}`; the bare ID when it acts everywhere in its default form.
+    pub fn label(&self) -> String {
+        use serde_json::Value;
+        let mut parts = Vec::new();
+        if let Some(Value::Object(scope)) = &self.scope {
+            for key in ["layers", "steps", "component"] {
+                match scope.get(key) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) if s == "all" => {}
+                    Some(Value::String(s)) => parts.push(format!("{key}: {s}")),
+                    Some(Value::Array(a)) => {
+                        let items: Vec<String> = a
+                            .iter()
+                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                            .collect();
+                        parts.push(format!("{key}: [{}]", items.join(", ")));
+                    }
+                    Some(v) => parts.push(format!("{key}: {v}")),
+                }
+            }
+        }
+        for (k, v) in &self.params {
+            parts
+                .push(format!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_string)));
+        }
+        if parts.is_empty() {
+            self.fault.clone()
+        } else {
+            format!("{} {{{}}}", self.fault, parts.join(", "))
+        }
+    }
 }
 
 /// What a diagnosis found, best first, and what it could not try.
@@ -259,11 +333,11 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         .filter(|k| order(k, &first_at) != Ordering::Less)
         .collect();
     let precision = candidate.manifest.dtype;
-    let run = |faults: Vec<Fault>| -> Result<Dump> {
+    let run = |faults: Vec<ScopedFault>| -> Result<Dump> {
         let opts = RunOptions {
             implementation: Implementation::Ascend,
             precision: Some(precision),
-            faults: faults.into_iter().map(Into::into).collect(),
+            faults,
             teacher_force: false,
         };
         Ok(model::run(golden, &opts)?.dump)
@@ -307,6 +381,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         return Ok(Diagnosis { findings: Vec::new(), notes });
     }
     let mut found = Vec::new();
+    let n_layers = golden.manifest.model.num_hidden_layers;
     for fault in Fault::ALL {
         if order(&earliest_effect(fault), &first_at) == Ordering::Greater {
             continue;
@@ -314,34 +389,55 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         if fault == Fault::MaskFp16Overflow && precision != Precision::F16 {
             continue;
         }
-        let dump = match run(vec![fault]) {
-            Ok(d) => d,
-            Err(e) => {
-                notes.push(format!("{} not tried: {e}", fault.id()));
+        // The family's default form, then the narrower scopes and other parameters that
+        // start where the divergence does; the best fit of the family is kept.
+        let mut best: Option<(ScopedFault, Fit)> = None;
+        for form in forms(fault, &first_at, n_layers, golden, candidate)? {
+            let effect = form_effect(&form);
+            if order(&effect, &first_at) == Ordering::Greater {
                 continue;
             }
-        };
-        // A fault that changes nothing on this scenario explains nothing.
-        if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
-            continue;
+            // A narrowed form whose first effect lands on a site the candidate matched is
+            // refuted without a run. (Not so the default forms, nor swapped tables,
+            // which a port may swap only where it applies them and dump as computed.)
+            let narrowed = !form.scope.is_everywhere() || !form.params.is_default();
+            if narrowed && fault != Fault::RopeCosSinSwapped && passed(cmp, &effect) {
+                continue;
+            }
+            let dump = match run(vec![form.clone()]) {
+                Ok(d) => d,
+                Err(e) => {
+                    notes.push(format!("{form} not tried: {e}"));
+                    continue;
+                }
+            };
+            // A form that changes nothing on this scenario explains nothing.
+            if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
+                continue;
+            }
+            let f = fit(&dump, candidate, golden, &evidence)?;
+            // It must reproduce the first divergent site and most sites after it, and be
+            // far closer to the candidate than the correct run is. The median tolerates a
+            // few sites where a port's variant of the fault differs from the simulated one
+            // (tables swapped where dumped or only where applied, say).
+            let explains_first = f.at_first() <= accept && f.at_first() <= 0.25 * clean.at_first();
+            let explains_rest = f.within(&accepts) && f.mean() <= 0.5 * clean.mean();
+            if !(explains_first && explains_rest) {
+                continue;
+            }
+            // Strictly better only: on a tie the earlier (plainer) form stays.
+            if best.as_ref().is_none_or(|(_, b)| f.mean() < b.mean() * (1.0 - 1e-9)) {
+                best = Some((form, f));
+            }
         }
-        let f = fit(&dump, candidate, golden, &evidence)?;
-        // It must reproduce the first divergent site and most sites after it, and be
-        // far closer to the candidate than the correct run is. The median tolerates a
-        // few sites where a port's variant of the fault differs from the simulated one
-        // (tables swapped where dumped or only where applied, say).
-        let explains_first = f.at_first() <= accept && f.at_first() <= 0.25 * clean.at_first();
-        let explains_rest = f.within(&accepts) && f.mean() <= 0.5 * clean.mean();
-        if !(explains_first && explains_rest) {
-            continue;
-        }
+        let Some((form, f)) = best else { continue };
         // The share of the divergence (mean error over the evidence) the fault explains.
         let score = (1.0 - ratio(f.mean(), clean.mean())).clamp(0.0, 1.0);
         let explains = format!(
             "{} {} matches a run with {}: {} {:.1e} against {:.1e} for the correct run; {} of {} evidence sites within {:.0e} at the first and their own thresholds after it (mean error {:.1e} against {:.1e})",
             first.step,
             first.site,
-            fault.id(),
+            form,
             f.first_measure,
             f.at_first(),
             clean.at_first(),
@@ -355,10 +451,210 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             Some(d) => format!("{d}; {explains}"),
             None => explains,
         };
-        found.push(Finding { fault: fault.id().to_string(), score, explains });
+        found.push(Finding::new(&form, score, explains));
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
     Ok(Diagnosis { findings: found, notes })
+}
+
+/// The forms of `fault` worth trying for a divergence that starts at `first`: the
+/// contract's default form first, then the scopes that begin where the divergence does
+/// (the first divergent layer alone, or from it to the last; decode steps only when the
+/// divergence starts in decode; the component whose site diverges first), and the
+/// parameters a family takes (a grid over theta and scaling, the position offset the
+/// candidate's positions show, a cache slot offset, the sliced rotary table).
+fn forms(
+    fault: Fault,
+    first: &(Step, Site),
+    n_layers: usize,
+    golden: &Dump,
+    candidate: &Dump,
+) -> Result<Vec<ScopedFault>> {
+    let (step, site) = first;
+    let mut layer_scopes: Vec<Option<Vec<usize>>> = vec![None];
+    if fault.takes_layers() {
+        if let Site::Layer(l, _) = site {
+            layer_scopes.push(Some(vec![*l]));
+            if *l > 0 && l + 1 < n_layers {
+                layer_scopes.push(Some((*l..n_layers).collect()));
+            }
+        }
+    }
+    let mut step_scopes: Vec<Option<Vec<String>>> = vec![None];
+    let decode_only = matches!(earliest_effect(fault).0, Step::Decode(_));
+    if fault.takes_steps() && !decode_only && matches!(step, Step::Decode(_)) {
+        step_scopes.push(Some(vec!["decode.*".to_string()]));
+    }
+    let family = fault.components();
+    let mut components: Vec<Option<Component>> = vec![None];
+    if !family.is_empty() {
+        let at: Vec<Component> =
+            components_at(site).into_iter().filter(|c| family.contains(c)).collect();
+        components.extend(if at.is_empty() { family } else { at }.into_iter().map(Some));
+    }
+    let params = param_grid(fault, golden, candidate)?;
+    let mut out = Vec::new();
+    for layers in &layer_scopes {
+        for component in &components {
+            for steps in &step_scopes {
+                for p in &params {
+                    let form = ScopedFault {
+                        fault,
+                        scope: Scope {
+                            layers: layers.clone(),
+                            steps: steps.clone(),
+                            component: *component,
+                        },
+                        params: *p,
+                    };
+                    if !out.contains(&form) {
+                        out.push(form);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the comparison checked `at` and found it within the thresholds.
+fn passed(cmp: &Comparison, at: &(Step, Site)) -> bool {
+    cmp.sites.iter().any(|s| s.step == at.0 && s.site == at.1 && s.status == Status::Pass)
+}
+
+/// The components whose own site is `site`.
+fn components_at(site: &Site) -> Vec<Component> {
+    use LayerPart::*;
+    match site {
+        Site::Norm => vec![Component::ModelNorm],
+        Site::Layer(_, part) => match part {
+            InputLayernorm => vec![Component::InputLayernorm],
+            PostAttentionLayernorm => vec![Component::PostAttentionLayernorm],
+            QProj => vec![Component::QProj],
+            KProj => vec![Component::KProj],
+            VProj => vec![Component::VProj],
+            OProj => vec![Component::OProj],
+            Mlp => vec![Component::GateProj, Component::UpProj, Component::DownProj],
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// The site where `component` of layer `layer` is first seen.
+fn component_site(component: Component, layer: usize) -> Site {
+    use LayerPart::*;
+    let part = match component {
+        Component::ModelNorm => return Site::Norm,
+        Component::InputLayernorm => InputLayernorm,
+        Component::PostAttentionLayernorm => PostAttentionLayernorm,
+        Component::QProj => QProj,
+        Component::KProj => KProj,
+        Component::VProj => VProj,
+        Component::OProj => OProj,
+        Component::GateProj | Component::UpProj | Component::DownProj => Mlp,
+    };
+    Site::Layer(layer, part)
+}
+
+/// The earliest (step, site) at which `form` can change an activation: the family's
+/// [`earliest_effect`] moved to the first layer, step and component of its scope.
+fn form_effect(form: &ScopedFault) -> (Step, Site) {
+    let (mut step, mut site) = earliest_effect(form.fault);
+    let l0 = form.scope.layers.as_ref().and_then(|l| l.first().copied()).unwrap_or(0);
+    if let Some(c) = form.scope.component {
+        site = component_site(c, l0);
+    } else if let Site::Layer(_, part) = site {
+        site = Site::Layer(l0, part);
+    }
+    if let Some(steps) = &form.scope.steps {
+        if !steps.iter().any(|p| p == "prefill") {
+            let first_decode = steps
+                .iter()
+                .filter_map(|p| match Step::parse(p) {
+                    Some(Step::Decode(j)) => Some(j),
+                    _ => (p == "decode.*").then_some(0),
+                })
+                .min()
+                .unwrap_or(0);
+            step = step.max(Step::Decode(first_decode));
+        }
+    }
+    (step, site)
+}
+
+/// The parameter sets to try for `fault`, its default form first.
+fn param_grid(fault: Fault, golden: &Dump, candidate: &Dump) -> Result<Vec<Params>> {
+    let mut out = vec![Params::default()];
+    match fault {
+        Fault::RopeWrongTheta => {
+            let configured = crate::model::rope::RopeConfig::from_model(
+                &golden.manifest.model,
+                std::path::Path::new("manifest.json"),
+            )
+            .map(|r| r.theta)
+            .unwrap_or(10000.0);
+            let mut thetas = vec![10000.0, configured, 500000.0, 1000000.0];
+            thetas.dedup_by(|a, b| a == b);
+            for theta in thetas {
+                for scaling in [Scaling::Dropped, Scaling::Kept] {
+                    // The configured theta with its scaling is the correct run.
+                    if theta == configured && scaling == Scaling::Kept {
+                        continue;
+                    }
+                    if theta == 10000.0 && scaling == Scaling::Dropped {
+                        continue;
+                    }
+                    out.push(Params {
+                        theta: Some(theta),
+                        scaling: Some(scaling),
+                        ..Params::default()
+                    });
+                }
+            }
+        }
+        Fault::RopeInterleaved => {
+            out.push(Params { table: Some(RotaryTable::Sliced), ..Params::default() });
+        }
+        Fault::RopePosOffByOne => {
+            let offsets = match position_offset(golden, candidate)? {
+                Some(d) if d != 1 && d != 0 => vec![d],
+                Some(_) => Vec::new(),
+                None => vec![2, 3, -1],
+            };
+            out.extend(
+                offsets.into_iter().map(|o| Params { offset: Some(o), ..Params::default() }),
+            );
+        }
+        Fault::KvWrongSlot => {
+            out.extend([2, 3].map(|o| Params { offset: Some(o), ..Params::default() }));
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// How far the candidate's decode positions are from the golden's at the first decode
+/// step where they differ, when every row is off by the same amount.
+fn position_offset(golden: &Dump, candidate: &Dump) -> Result<Option<i64>> {
+    for &step in golden.manifest.steps.iter().filter(|s| matches!(s, Step::Decode(_))) {
+        let (Some(g), Some(c)) =
+            (golden.get(step, &Site::PositionIds)?, candidate.get(step, &Site::PositionIds)?)
+        else {
+            continue;
+        };
+        let (g, c) = (g.to_f64_vec(), c.to_f64_vec());
+        if g == c {
+            continue;
+        }
+        let d: Vec<f64> = c.iter().zip(&g).map(|(c, g)| c - g).collect();
+        return Ok(if g.len() == c.len() && d.iter().all(|x| *x == d[0]) {
+            Some(d[0] as i64)
+        } else {
+            None
+        });
+    }
+    Ok(None)
 }
 
 /// Measures `run` against `target` at the evidence sites (padding handled as in

@@ -193,7 +193,7 @@ fn glance(out: &mut String, r: &Report) {
             let _ = writeln!(
                 out,
                 "<li><code>{}</code> <span class=\"score\" title=\"score\">{:.2}</span><br><span class=\"muted\">{}</span></li>",
-                escape(&f.fault),
+                escape(&f.label()),
                 f.score,
                 escape(&f.explains)
             );

@@ -53,7 +53,7 @@ pub fn render_junit(r: &Report) -> String {
             "diagnosis",
             r.diagnosis
                 .first()
-                .map_or_else(|| "none".to_string(), |f| format!("{} ({:.2})", f.fault, f.score)),
+                .map_or_else(|| "none".to_string(), |f| format!("{} ({:.2})", f.label(), f.score)),
         ),
     ]
     .into_iter()
@@ -147,7 +147,9 @@ fn testcase(out: &mut String, r: &Report, e: &SiteEntry) {
                     let _ = writeln!(
                         body,
                         "diagnosis: {} (score {:.2}): {}",
-                        f.fault, f.score, f.explains
+                        f.label(),
+                        f.score,
+                        f.explains
                     );
                 }
             }

@@ -81,7 +81,7 @@ pub fn render_markdown(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "- `{}` (score {:.2}): {}",
-                f.fault.replace('`', "'"),
+                f.label().replace('`', "'"),
                 f.score,
                 escape_md(&f.explains)
             );

@@ -48,7 +48,7 @@ pub fn render_summary(r: &Report, color: bool) -> String {
             let _ = writeln!(
                 out,
                 "  {:<28} score {:.2}  {}",
-                paint("1;33", &f.fault),
+                paint("1;33", &f.label()),
                 f.score,
                 f.explains
             );

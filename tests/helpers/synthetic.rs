@@ -229,6 +229,8 @@ pub fn fail_report() -> Report {
         Finding {
             fault: "rope.pos_reset".into(),
             score: 0.94,
+            scope: None,
+            params: Default::default(),
             explains:
                 "decode cos/sin rows match positions 0, 1, 2 instead of 6, 7, 8; prefill is exact"
                     .into(),
@@ -236,6 +238,8 @@ pub fn fail_report() -> Report {
         Finding {
             fault: "rope.pos_fixed".into(),
             score: 0.31,
+            scope: None,
+            params: Default::default(),
             explains:
                 "decode rows differ from the golden <but> not all equal to row 0 & vary by step"
                     .into(),
