@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
-use llama_parity::contract::fault::Fault;
+use llama_parity::contract::fault::{Fault, ScopedFault};
 use llama_parity::contract::site::{self, LayerPart, Site};
+use llama_parity::diagnosis::Finding;
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::pipeline::{self, Options};
@@ -204,4 +205,67 @@ fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
         .map(|c| format!("{} -> {:?}", c.planted, c.top))
         .collect();
     assert!(missed.is_empty(), "not ranked first: {missed:?}");
+}
+
+/// The planted form as the diagnosis would label it, and the label of the top finding.
+fn labels(planted: &ScopedFault, report: &llama_parity::report::Report) -> (String, String) {
+    let want = Finding::new(planted, 1.0, String::new()).label();
+    let got = report.diagnosis.first().map_or_else(|| "(none)".to_string(), Finding::label);
+    (want, got)
+}
+
+#[test]
+fn simulated_scoped_and_parametrized_faults_are_named_with_their_scope_and_parameters() {
+    let policy = Policy::default();
+    let cases = [
+        ("gqa_pad_f32", "weights.gate_up_swapped@layers=1"),
+        ("gqa_pad_f32", "attn.no_scale@layers=1"),
+        ("gqa_pad_f32", "attn.no_scale@steps=decode.*"),
+        ("gqa_pad_f32", "kv.stale@layers=1"),
+        ("gqa_pad_f32", "kv.gqa_tiled@layers=1"),
+        ("gqa_pad_f32", "kv.wrong_slot@offset=2"),
+        ("gqa_pad_f32", "mask.padding_ignored@steps=decode.*"),
+        ("gqa_pad_f32", "norm.layernorm@component=model.norm"),
+        ("gqa_pad_f32", "norm.layernorm@layers=1@component=input_layernorm"),
+        ("gqa_pad_f32", "norm.bias@layers=1"),
+        ("gqa_pad_f32", "norm.weight_unmapped@component=post_attention_layernorm"),
+        ("gqa_pad_f32", "weights.transposed@component=o_proj"),
+        ("gqa_pad_f32", "rope.interleaved@table=sliced"),
+        ("gqa_pad_f32", "rope.pos_off_by_one@offset=3"),
+        ("llama3_f32", "rope.wrong_theta@theta=500000@scaling=dropped"),
+        ("llama3_f32", "rope.wrong_theta@theta=1000000@scaling=kept"),
+    ];
+    let (mut named, mut total, mut missed, mut unobservable) = (0, 0, Vec::new(), Vec::new());
+    println!("\nsimulated scoped and parametrized faults: planted -> top-ranked diagnosis");
+    for (golden_name, spec) in cases {
+        let golden = Dump::open(&root().join("golden").join(golden_name)).expect("golden");
+        let planted = ScopedFault::parse(spec).expect("spec");
+        for precision in [Precision::F32, Precision::Bf16] {
+            let opts = RunOptions {
+                implementation: Implementation::Ascend,
+                precision: Some(precision),
+                faults: vec![planted.clone()],
+                teacher_force: false,
+            };
+            let cand = model::run(&golden, &opts).expect("run").dump;
+            let report =
+                pipeline::check(&golden, &cand, None, &Options::new(&policy)).expect("check");
+            if report.verdict == Verdict::Pass {
+                unobservable.push(format!("{spec} {precision}"));
+                continue;
+            }
+            let (want, got) = labels(&planted, &report);
+            println!("  {:<10} {want:<58} -> {got}", precision.to_string());
+            total += 1;
+            if want == got {
+                named += 1;
+            } else {
+                missed.push(format!("{spec} {precision}: {got}"));
+            }
+        }
+    }
+    println!("  named with scope and parameters: {named} of {total}");
+    println!("  not observable (the candidate passes the gate): {}", unobservable.join("; "));
+    assert!(unobservable.len() <= 2, "too few observable cases: {unobservable:?}");
+    assert!(named * 10 >= total * 9, "{named} of {total}; missed: {missed:?}");
 }
