@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use llama_parity::compare::compare;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::contract::fault::Fault;
+use llama_parity::contract::fault::ScopedFault;
 use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 use llama_parity::pipeline::{self, Options};
@@ -31,21 +31,25 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let policy = Policy::default();
     println!(
-        "{:<16} {:<32} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "{:<14} {:<44} {:>12} {:>12} {:>12} {:>10} {:>10}",
         "golden", "candidate", "compare", "one run", "diagnosis", "x compare", "x run"
     );
     let mut worst = Duration::ZERO;
-    for (golden, fault, precision) in [
-        ("mha_f32", Fault::RopePosReset, Precision::F32),
-        ("gqa_pad_f32", Fault::MaskPaddingIgnored, Precision::Bf16),
-        ("mqa_tied_f32", Fault::KvWrongSlot, Precision::Bf16),
-        ("llama3_f32", Fault::RopeWrongTheta, Precision::F32),
+    for (golden, spec, precision) in [
+        ("mha_f32", "rope.pos_reset", Precision::F32),
+        ("gqa_pad_f32", "mask.padding_ignored", Precision::Bf16),
+        ("mqa_tied_f32", "kv.wrong_slot", Precision::Bf16),
+        ("llama3_f32", "rope.wrong_theta", Precision::F32),
+        ("gqa_pad_f32", "kv.stale@layers=1", Precision::Bf16),
+        ("gqa_pad_f32", "weights.transposed@component=o_proj", Precision::Bf16),
+        ("llama3_f32", "rope.wrong_theta@theta=500000", Precision::F32),
     ] {
+        let fault = ScopedFault::parse(spec).expect("fault");
         let g = Dump::open(&root.join("golden").join(golden)).expect("golden");
-        let opts = |faults: Vec<Fault>| RunOptions {
+        let opts = |faults: Vec<ScopedFault>| RunOptions {
             implementation: Implementation::Ascend,
             precision: Some(precision),
-            faults: faults.into_iter().map(Into::into).collect(),
+            faults,
             teacher_force: false,
         };
         let cand = model::run(&g, &opts(vec![fault])).expect("run").dump;
@@ -58,13 +62,13 @@ fn main() {
         let mut top = String::new();
         let t_diag = median(3, || {
             let r = pipeline::check(&g, &cand, None, &Options::new(&policy)).expect("check");
-            top = r.diagnosis.first().map(|f| f.fault.clone()).unwrap_or_else(|| "-".into());
+            top = r.diagnosis.first().map(|f| f.label()).unwrap_or_else(|| "-".into());
         });
         worst = worst.max(t_diag);
         println!(
-            "{:<16} {:<32} {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>9.1}x {:>9.1}x   top: {top}",
+            "{:<14} {:<44} {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>9.1}x {:>9.1}x   top: {top}",
             golden,
-            format!("{} {}", fault.id(), precision),
+            format!("{spec} {precision}"),
             t_cmp.as_secs_f64() * 1e3,
             t_run.as_secs_f64() * 1e3,
             t_diag.as_secs_f64() * 1e3,
