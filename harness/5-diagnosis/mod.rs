@@ -627,7 +627,14 @@ fn param_grid(fault: Fault, golden: &Dump, candidate: &Dump) -> Result<Vec<Param
             );
         }
         Fault::KvWrongSlot => {
-            out.extend([2, 3].map(|o| Params { offset: Some(o), ..Params::default() }));
+            // A write that lands past the cache at every step is `kv.stale`, not this.
+            let steps = golden.manifest.scenario.decode_steps() as i64;
+            out.extend(
+                [2, 3]
+                    .into_iter()
+                    .filter(|&o| o < steps)
+                    .map(|o| Params { offset: Some(o), ..Params::default() }),
+            );
         }
         _ => {}
     }
@@ -635,7 +642,8 @@ fn param_grid(fault: Fault, golden: &Dump, candidate: &Dump) -> Result<Vec<Param
 }
 
 /// How far the candidate's decode positions are from the golden's at the first decode
-/// step where they differ, when every row is off by the same amount.
+/// step where they differ, when every row is off by the same amount (0 when they are
+/// those of another position fault).
 fn position_offset(golden: &Dump, candidate: &Dump) -> Result<Option<i64>> {
     for &step in golden.manifest.steps.iter().filter(|s| matches!(s, Step::Decode(_))) {
         let (Some(g), Some(c)) =
@@ -646,6 +654,12 @@ fn position_offset(golden: &Dump, candidate: &Dump) -> Result<Option<i64>> {
         let (g, c) = (g.to_f64_vec(), c.to_f64_vec());
         if g == c {
             continue;
+        }
+        // Positions that restart at the step index or stay at 0 are `rope.pos_reset` and
+        // `rope.pos_fixed`, whatever offset they happen to equal for one row.
+        let Step::Decode(j) = step else { continue };
+        if c.iter().all(|&x| x == j as f64) || c.iter().all(|&x| x == 0.0) {
+            return Ok(Some(0));
         }
         let d: Vec<f64> = c.iter().zip(&g).map(|(c, g)| c - g).collect();
         return Ok(if g.len() == c.len() && d.iter().all(|x| *x == d[0]) {
