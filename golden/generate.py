@@ -11,6 +11,7 @@ Usage:
     python golden/generate.py --model HF_CHECKPOINT_DIR --out DIR --input-ids ids.json
         [--dtype bfloat16] [--layers 0,1,-1] [--prompt TEXT instead of --input-ids]
     python golden/generate.py --candidates [--out fixtures/candidates]
+    python golden/generate.py --variants [--out fixtures/variants]
     python golden/generate.py --check
 
 See golden/README.md for the scenario format and the regeneration procedure.
@@ -18,6 +19,7 @@ See golden/README.md for the scenario format and the regeneration procedure.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = REPO / "fixtures" / "scenarios"
 GOLDEN_DIR = REPO / "golden"
 CANDIDATE_DIR = REPO / "fixtures" / "candidates"
+VARIANT_DIR = REPO / "fixtures" / "variants"
 CHECKSUMS = GOLDEN_DIR / "CHECKSUMS"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,6 +103,105 @@ FAULTS = {
     "weights.gate_up_swapped": "mlp.gate_proj and mlp.up_proj weights swapped after init",
     "attn.no_scale": "attention scores not scaled by 1/sqrt(head_dim)",
     "kv.gqa_tiled": "GQA key/value heads repeated by tiling (h % nKV) instead of h // (nH/nKV)",
+    "kv.stale": "decode steps append zeros to the cache instead of the new key/value (the slot is attended)",
+    "norm.weight_unmapped": "RMSNorm weights left at ones (never loaded)",
+    "weights.transposed": "square projection weights replaced by their transpose",
+}
+
+# The variant set (fixtures/variants/): goldens written with weights, then faulty candidates
+# on the first one. A spec with "fault" plants a CONTRACT §3 fault narrowed to "scope"
+# (layers, steps, component; CONTRACT §4) with "params"; a spec with "plant" makes a fault
+# outside the contract, with the first divergent (step, site) and the computation the
+# harness's localiser names for it.
+VARIANT_GOLDENS = ["variants_f32", "variants_bf16"]
+VARIANTS = [
+    ("variants_f32", "attn_no_scale_layer2", {
+        "fault": "attn.no_scale", "scope": {"layers": [2]},
+        "description": "attention scores of layer 2 not scaled by 1/sqrt(head_dim); the other layers scale them"}),
+    ("variants_f32", "gate_up_swapped_layer2", {
+        "fault": "weights.gate_up_swapped", "scope": {"layers": [2]},
+        "description": "mlp.gate_proj and mlp.up_proj weights swapped in layer 2 only"}),
+    ("variants_f32", "kv_stale_layers1_3", {
+        "fault": "kv.stale", "scope": {"layers": [1, 2, 3]},
+        "description": "in layers 1-3 each decode step's key/value are never written: the slot stays zero "
+                       "(as in a static cache) but is still attended"}),
+    ("variants_f32", "padding_ignored_decode", {
+        "fault": "mask.padding_ignored", "scope": {"steps": ["decode.*"]},
+        "description": "padding keys visible in decode steps (causal-only mask there); prefill masks padding"}),
+    ("variants_f32", "layernorm_final_norm", {
+        "fault": "norm.layernorm", "scope": {"component": "model.norm"},
+        "description": "the final norm (model.norm) subtracts the mean before normalising; the layer norms are RMSNorm"}),
+    ("variants_f32", "post_attention_norm_unmapped", {
+        "fault": "norm.weight_unmapped", "scope": {"component": "post_attention_layernorm"},
+        "description": "every layer's post_attention_layernorm weight left at ones (never loaded)"}),
+    ("variants_f32", "o_proj_transposed", {
+        "fault": "weights.transposed", "scope": {"component": "o_proj"},
+        "description": "every layer's o_proj weight (96x96) loaded without its transpose"}),
+    ("variants_f32", "yarn_dropped", {
+        "fault": "rope.wrong_theta", "params": {"theta": 500000.0, "scaling": "dropped"},
+        "description": "rotary tables built as plain RoPE with the configured theta 500000: yarn scaling "
+                       "and its attention factor dropped"}),
+    ("variants_f32", "interleaved_sliced_table", {
+        "fault": "rope.interleaved", "params": {"table": "sliced"},
+        "description": "GPT-J rotation of pairs (2k, 2k+1) reading HF's duplicated cos/sin table sliced [..., 0::2], "
+                       "so pair k turns with frequency 2k mod D/2"}),
+    ("variants_f32", "decode_positions_off_by_3", {
+        "fault": "rope.pos_off_by_one", "params": {"offset": 3},
+        "description": "decode step j is fed position last prefill position + 4 + j (three too far)"}),
+    ("variants_f32", "no_scale_decode", {
+        "fault": "attn.no_scale", "scope": {"steps": ["decode.*"]},
+        "description": "attention scores not scaled by 1/sqrt(head_dim) in decode steps, every layer; prefill scales them"}),
+    ("variants_f32", "gqa_tiled_layer1", {
+        "fault": "kv.gqa_tiled", "scope": {"layers": [1]},
+        "description": "layer 1 repeats its key/value heads by tiling (h % nKV) instead of h // (nH/nKV)"}),
+    ("variants_f32", "layernorm_input_norm_layer0", {
+        "fault": "norm.layernorm", "scope": {"layers": [0], "component": "input_layernorm"},
+        "description": "layer 0's input_layernorm subtracts the mean before normalising; every other norm is RMSNorm"}),
+    ("variants_f32", "positions_ignore_padding", {
+        "plant": "positions.ignore_padding",
+        "first": "prefill inputs.position_ids",
+        "computation": "the position bookkeeping (offsets, padding, decode steps)",
+        "description": "prefill positions are 0..P-1 in every row, left padding counted; decode continues from P"}),
+    ("variants_f32", "kv_proj_swapped", {
+        "plant": "weights.kv_swapped",
+        "first": "prefill model.layers.0.self_attn.k_proj",
+        "computation": "the projection itself (its weights or how they were mapped)",
+        "description": "k_proj and v_proj weights exchanged in every layer (the same shape under GQA)"}),
+    ("variants_f32", "embed_scaled", {
+        "plant": "embed.scaled",
+        "first": "prefill model.embed_tokens",
+        "computation": "the embedding lookup (its weights, or the token ids fed)",
+        "description": "embedding output multiplied by sqrt(hidden_size) (Gemma's normaliser) on a Llama model"}),
+    ("variants_f32", "mask_sees_next_token", {
+        "plant": "mask.next_visible",
+        "first": "prefill model.mask",
+        "computation": "the mask construction (causality or padding)",
+        "description": "the prefill causal mask shows one future token: query i also sees key i+1 among real tokens"}),
+    ("variants_f32", "gelu_mlp", {
+        "plant": "mlp.gelu",
+        "first": "prefill model.layers.0.mlp",
+        "computation": "the MLP itself (gate, up and down weights, or the activation)",
+        "description": "the MLP uses exact GELU instead of SiLU"}),
+    ("variants_f32", "partial_rotary", {
+        "plant": "rope.partial",
+        "first": "prefill model.layers.0.self_attn.q_rope",
+        "computation": "the rotation itself (its layout, or which table it applies)",
+        "description": "only the first half of head_dim is rotated (rotate_half over D/2 dims with the table's "
+                       "first D/4 frequencies); the second half passes through"}),
+    ("variants_f32", "final_norm_skipped", {
+        "plant": "norm.final_skipped",
+        "first": "prefill model.norm",
+        "computation": "the final norm itself",
+        "description": "the final norm is skipped: model.norm returns its input"}),
+    ("variants_f32", "attn_residual_dropped_layer1", {
+        "plant": "residual.attn_dropped", "scope": {"layers": [1]},
+        "first": "prefill model.layers.1.post_attention_layernorm",
+        "computation": "the residual add after attention, or the norm itself",
+        "description": "layer 1 drops the residual add after attention (hidden = attention output)"}),
+]
+PLANTS = {
+    "positions.ignore_padding", "weights.kv_swapped", "embed.scaled", "mask.next_visible",
+    "mlp.gelu", "rope.partial", "norm.final_skipped", "residual.attn_dropped",
 }
 
 
@@ -223,6 +325,54 @@ def _apply_rope_interleaved(q, k, cos, sin, unsqueeze_dim=1):
         return torch.stack((y0, y1), dim=-1).flatten(-2)
 
     return rot(q), rot(k)
+
+
+def _apply_rope_interleaved_sliced(q, k, cos, sin, unsqueeze_dim=1):
+    """GPT-J style rotation of pairs (2k, 2k+1) reading HF's duplicated table sliced [..., 0::2]:
+    pair k turns with cos[..., 2k], frequency 2k mod D/2."""
+    c = cos[..., 0::2].unsqueeze(unsqueeze_dim)
+    s = sin[..., 0::2].unsqueeze(unsqueeze_dim)
+
+    def rot(x):
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        y0 = x0 * c - x1 * s
+        y1 = x1 * c + x0 * s
+        return torch.stack((y0, y1), dim=-1).flatten(-2)
+
+    return rot(q), rot(k)
+
+
+def _apply_rope_partial(q, k, cos, sin, unsqueeze_dim=1, _orig=ml.apply_rotary_pos_emb):
+    """Partial rotary (rotary_dim = D/2): HF's rotation on the first D/2 dims, with a table of the
+    first D/4 frequencies of the full one; the second half of each head passes through."""
+    rd = q.shape[-1] // 2
+    c = torch.cat((cos[..., :rd // 2], cos[..., :rd // 2]), dim=-1)
+    s = torch.cat((sin[..., :rd // 2], sin[..., :rd // 2]), dim=-1)
+    q_rot, k_rot = _orig(q[..., :rd], k[..., :rd], c, s, unsqueeze_dim)
+    return torch.cat((q_rot, q[..., rd:]), dim=-1), torch.cat((k_rot, k[..., rd:]), dim=-1)
+
+
+def _rmsnorm_identity(self, hidden_states):
+    return hidden_states
+
+
+def _decoder_layer_no_attn_residual(self, hidden_states, attention_mask=None, position_ids=None,
+                                    past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """LlamaDecoderLayer.forward without the residual add after attention."""
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
 
 
 def _repeat_kv_tiled(hidden_states, n_rep):
@@ -360,10 +510,69 @@ class Recorder:
             h.remove()
 
 
-def run_scenario(sc: dict, fault: str | None = None):
-    """Return (manifest, activations{key: tensor}, weights{name: tensor})."""
+def variant_scope(spec: dict | None) -> dict:
+    """A variant's scope with every dimension spelled out (CONTRACT §4): "all" or a list, component or None."""
+    sc = (spec or {}).get("scope", {})
+    return {"layers": sc.get("layers", "all"), "steps": sc.get("steps", "all"), "component": sc.get("component")}
+
+
+def variant_expect(spec: dict) -> dict:
+    """What a consumer should conclude about a variant (manifest producer.expect)."""
+    if spec.get("fault"):
+        return {"fault": spec["fault"], "scope": variant_scope(spec), "params": dict(spec.get("params", {}))}
+    return {"fault": None, "first": spec["first"], "computation": spec["computation"]}
+
+
+def fault_spec(fault: str, scope: dict, params: dict) -> str:
+    """The ``--fault ID@DIM=VALUE...`` spelling of a scoped, parametrized fault (CONTRACT §4)."""
+    parts = [fault]
+    if scope["layers"] != "all":
+        parts.append("layers=" + ",".join(str(i) for i in scope["layers"]))
+    if scope["steps"] != "all":
+        parts.append("steps=" + ",".join(scope["steps"]))
+    if scope["component"] is not None:
+        parts.append(f"component={scope['component']}")
+    for k, v in params.items():
+        parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    return "@".join(parts)
+
+
+def norm_modules(model, component: str | None, layer_ok) -> list:
+    """The RMSNorm modules a norm fault acts on: by component (None: every norm), layers filtered."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        for c in ("input_layernorm", "post_attention_layernorm"):
+            if component in (None, c) and layer_ok(i):
+                out.append(getattr(layer, c))
+    if component in (None, "model.norm"):
+        out.append(model.model.norm)
+    return out
+
+
+def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None):
+    """Return (manifest, activations{key: tensor}, weights{name: tensor}).
+
+    ``variant`` (an entry of VARIANTS) plants its fault narrowed to its scope with its
+    params, or one of PLANTS; ``fault`` alone plants a fault everywhere in its default form.
+    """
+    spec = variant or {}
+    if fault is None:
+        fault = spec.get("fault")
+    plant = spec.get("plant")
     if fault is not None and fault not in FAULTS:
         raise SystemExit(f"unknown or unsupported fault '{fault}'; supported: {', '.join(sorted(FAULTS))}")
+    if plant is not None and plant not in PLANTS:
+        raise SystemExit(f"unknown plant '{plant}'; known: {', '.join(sorted(PLANTS))}")
+    scope = variant_scope(spec)
+    params = spec.get("params", {})
+    state = {"step": None}
+
+    def layer_ok(i):
+        return scope["layers"] == "all" or i in scope["layers"]
+
+    def step_ok():
+        return scope["steps"] == "all" or any(fnmatch.fnmatchcase(state["step"], p) for p in scope["steps"])
+
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(int(sc["seed"]))
@@ -390,14 +599,51 @@ def run_scenario(sc: dict, fault: str | None = None):
 
     if fault == "weights.gate_up_swapped":
         with torch.no_grad():
-            for layer in model.model.layers:
+            for i, layer in enumerate(model.model.layers):
+                if not layer_ok(i):
+                    continue
                 g, u = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight
                 tmp = g.detach().clone()
                 g.copy_(u)
                 u.copy_(tmp)
+    if fault == "weights.transposed":
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                if not layer_ok(i):
+                    continue
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                    if scope["component"] not in (None, name):
+                        continue
+                    parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+                    w = getattr(parent, name).weight
+                    if w.shape[0] != w.shape[1]:
+                        if scope["component"] is not None:
+                            raise SystemExit(f"weights.transposed: {name} is {tuple(w.shape)}, not square")
+                        continue
+                    w.copy_(w.detach().t().clone())
+    if fault == "norm.weight_unmapped":
+        with torch.no_grad():
+            for norm in norm_modules(model, scope["component"], layer_ok):
+                norm.weight.fill_(1.0)
+    if plant == "weights.kv_swapped":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                k, v = layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight
+                tmp = k.detach().clone()
+                k.copy_(v)
+                v.copy_(tmp)
+    if plant == "embed.scaled":
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(cfg.hidden_size ** 0.5)
+    if plant == "mlp.gelu":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = torch.nn.GELU()
     if fault == "rope.wrong_theta":
+        if params.get("scaling", "dropped") != "dropped":
+            raise SystemExit("rope.wrong_theta: only scaling 'dropped' is planted")
+        theta = float(params.get("theta", 10000.0))
         D = rot.inv_freq.shape[0] * 2
-        inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+        inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
         rot.inv_freq = inv
         rot.original_inv_freq = inv.clone()
         rot.attention_scaling = 1.0
@@ -406,46 +652,98 @@ def run_scenario(sc: dict, fault: str | None = None):
     B, P, N = sc["batch"], sc["prefill_len"], sc["decode_steps"]
     pos_prefill = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     last_pos = pos_prefill[:, -1:]  # left padding: the last slot is always a real token
+    if plant == "positions.ignore_padding":
+        pos_prefill = torch.arange(P, dtype=torch.int64).expand(B, P).clone()
+        last_pos = pos_prefill[:, -1:]
 
     rec = Recorder(model)
     rope_inner = ml.apply_rotary_pos_emb
     if fault == "rope.interleaved":
-        rope_inner = _apply_rope_interleaved
+        table = params.get("table", "half")
+        if table not in ("half", "sliced"):
+            raise SystemExit(f"rope.interleaved: table {table!r} is not half or sliced")
+        rope_inner = _apply_rope_interleaved if table == "half" else _apply_rope_interleaved_sliced
     elif fault == "rope.cos_sin_swapped":
         def rope_inner(q, k, cos, sin, *a, _orig=ml.apply_rotary_pos_emb, **kw):
             return _orig(q, k, sin, cos, *a, **kw)
+    elif plant == "rope.partial":
+        rope_inner = _apply_rope_partial
+    if rope_inner is not ml.apply_rotary_pos_emb and (scope["layers"] != "all" or scope["steps"] != "all"):
+        def rope_inner(q, k, cos, sin, *a, _fault=rope_inner, _orig=ml.apply_rotary_pos_emb, **kw):
+            f = _fault if layer_ok(rec.layer) and step_ok() else _orig
+            return f(q, k, cos, sin, *a, **kw)
     attn_inner = ml.eager_attention_forward
     if fault == "attn.no_scale":
         def attn_inner(module, q, k, v, m, *a, _orig=ml.eager_attention_forward, **kw):
-            kw["scaling"] = 1.0
+            if layer_ok(module.layer_idx) and step_ok():
+                kw["scaling"] = 1.0
             return _orig(module, q, k, v, m, *a, **kw)
     mask_inner = ml.create_causal_mask
     if fault == "mask.padding_ignored":
         def mask_inner(*a, _orig=ml.create_causal_mask, **kw):
             am = kw.get("attention_mask")
-            if am is not None:
+            if am is not None and step_ok():
                 kw["attention_mask"] = torch.ones_like(am)
             return _orig(*a, **kw)
+    elif plant == "mask.next_visible":
+        def mask_inner(*a, _orig=ml.create_causal_mask, **kw):
+            m = _orig(*a, **kw)
+            if state["step"] != "prefill":
+                return m
+            am = kw["attention_mask"]
+            m = m.clone()
+            for b in range(am.shape[0]):
+                for q in range(am.shape[1] - 1):
+                    if am[b, q] and am[b, q + 1]:
+                        m[b, :, q, q + 1] = 0
+            return m
 
     norm_forward = ml.LlamaRMSNorm.forward
-    if fault == "norm.layernorm":
-        norm_forward = _rmsnorm_layernorm
-    elif fault == "norm.eps_outside":
-        norm_forward = _rmsnorm_eps_outside
-    repeat_kv = _repeat_kv_tiled if fault == "kv.gqa_tiled" else ml.repeat_kv
+    norm_fault = {"norm.layernorm": _rmsnorm_layernorm, "norm.eps_outside": _rmsnorm_eps_outside}.get(fault)
+    norm_targets = norm_modules(model, scope["component"], layer_ok)
+    if plant == "norm.final_skipped":
+        norm_fault, norm_targets = _rmsnorm_identity, [model.model.norm]
+    if norm_fault is not None:
+        if scope == variant_scope(None) and plant is None:
+            norm_forward = norm_fault
+        else:
+            target_ids = {id(m) for m in norm_targets}
+
+            def norm_forward(self, hidden_states, _fault=norm_fault, _orig=ml.LlamaRMSNorm.forward):
+                f = _fault if id(self) in target_ids and step_ok() else _orig
+                return f(self, hidden_states)
+    repeat_kv = ml.repeat_kv
+    if fault == "kv.gqa_tiled":
+        def repeat_kv(hidden_states, n_rep, _orig=ml.repeat_kv):
+            f = _repeat_kv_tiled if layer_ok(rec.layer) and step_ok() else _orig
+            return f(hidden_states, n_rep)
+    layer_forward = ml.LlamaDecoderLayer.forward
+    if plant == "residual.attn_dropped":
+        def layer_forward(self, *a, _orig=ml.LlamaDecoderLayer.forward, **kw):
+            f = _decoder_layer_no_attn_residual if layer_ok(self.self_attn.layer_idx) else _orig
+            return f(self, *a, **kw)
 
     acts: dict[str, torch.Tensor] = {}
     steps = ["prefill"] + [f"decode.{j}" for j in range(N)]
     cache = DynamicCache(config=cfg)
+    if fault == "kv.stale":
+        # a static cache whose decode slot is never written: it holds zeros and is attended
+        def stale_update(key_states, value_states, layer_idx, *a, _orig=cache.update, **kw):
+            if state["step"] != "prefill" and layer_ok(layer_idx) and step_ok():
+                key_states, value_states = torch.zeros_like(key_states), torch.zeros_like(value_states)
+            return _orig(key_states, value_states, layer_idx, *a, **kw)
+        cache.update = stale_update
     try:
         with patched(ml, "apply_rotary_pos_emb", rec.rope(rope_inner)), \
              patched(ml, "eager_attention_forward", rec.attention(attn_inner)), \
              patched(ml, "create_causal_mask", mask_inner), \
              patched(ml, "repeat_kv", repeat_kv), \
              patched(ml.LlamaRMSNorm, "forward", norm_forward), \
+             patched(ml.LlamaDecoderLayer, "forward", layer_forward), \
              torch.no_grad():
             am = mask.clone()
             for si, step in enumerate(steps):
+                state["step"] = step
                 if step == "prefill":
                     x, pos = ids, pos_prefill
                 else:
@@ -456,8 +754,8 @@ def run_scenario(sc: dict, fault: str | None = None):
                         pos = torch.full((B, 1), j, dtype=torch.int64)
                     elif fault == "rope.pos_fixed":
                         pos = torch.zeros((B, 1), dtype=torch.int64)
-                    elif fault == "rope.pos_off_by_one":
-                        pos = last_pos + 2 + j
+                    elif fault == "rope.pos_off_by_one" and step_ok():
+                        pos = last_pos + 1 + int(params.get("offset", 1)) + j
                     else:
                         pos = last_pos + 1 + j
                 model_am = am
@@ -486,7 +784,12 @@ def run_scenario(sc: dict, fault: str | None = None):
         "weights_seed": int(sc["weights_seed"]),
         "generator": "golden/generate.py",
     }
-    if fault is not None:
+    if variant is not None:
+        if fault is not None:
+            producer["fault"] = fault_spec(fault, scope, params)
+        producer["fault_description"] = spec["description"]
+        producer["expect"] = variant_expect(spec)
+    elif fault is not None:
         producer["fault"] = fault
         producer["fault_description"] = FAULTS[fault]
     manifest = {
@@ -595,7 +898,37 @@ def gen_candidates(cand_out: Path) -> list[Path]:
     return written
 
 
-def committed_files(golden_root: Path, cand_root: Path) -> list[tuple[str, Path]]:
+def variant_dirs(variant_root: Path) -> list[tuple[str, Path]]:
+    """(repo-relative name, actual path) of every dump directory of the variant set."""
+    rel = "fixtures/variants"
+    dirs = [(f"{rel}/golden/{n}", variant_root / "golden" / n) for n in VARIANT_GOLDENS]
+    for name, slug, _ in VARIANTS:
+        dn = f"{name}__{slug}"
+        dirs.append((f"{rel}/candidates/{dn}", variant_root / "candidates" / dn))
+    return dirs
+
+
+def gen_variants(variant_out: Path) -> list[Path]:
+    """The variant set: its goldens (with weights) and its faulty candidates (without)."""
+    written = []
+    for name in VARIANT_GOLDENS:
+        sc = load_scenario(SCENARIO_DIR / f"{name}.json")
+        m, a, w = run_scenario(sc)
+        d = variant_out / "golden" / name
+        write_dump(d, m, a, w)
+        written.append(d)
+        print(f"wrote {d} ({len(a)} tensors)")
+    for name, slug, spec in VARIANTS:
+        sc = load_scenario(SCENARIO_DIR / f"{name}.json")
+        m, a, _ = run_scenario(sc, variant=spec)
+        d = variant_out / "candidates" / f"{name}__{slug}"
+        write_dump(d, m, a, None)
+        written.append(d)
+        print(f"wrote {d} ({len(a)} tensors)")
+    return written
+
+
+def committed_files(golden_root: Path, cand_root: Path, variant_root: Path) -> list[tuple[str, Path]]:
     """(repo-relative name, actual path) of every file the checksum list covers."""
     files = []
     for name in SUITE:
@@ -605,15 +938,25 @@ def committed_files(golden_root: Path, cand_root: Path) -> list[tuple[str, Path]
         dn = candidate_dirname(name, fault)
         for p in sorted((cand_root / dn).iterdir()):
             files.append((f"fixtures/candidates/{dn}/{p.name}", p))
+    for rel, d in variant_dirs(variant_root):
+        for p in sorted(d.iterdir()):
+            files.append((f"{rel}/{p.name}", p))
     return files
+
+
+def all_written() -> bool:
+    """Whether every directory the checksum list covers exists in the repository."""
+    return (all((GOLDEN_DIR / n).exists() for n in SUITE)
+            and all((CANDIDATE_DIR / candidate_dirname(n, f)).exists() for n, f in CANDIDATES)
+            and all(d.exists() for _, d in variant_dirs(VARIANT_DIR)))
 
 
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def write_checksums(golden_root: Path, cand_root: Path) -> None:
-    lines = [f"{sha256(p)}  {rel}" for rel, p in committed_files(golden_root, cand_root)]
+def write_checksums(golden_root: Path, cand_root: Path, variant_root: Path) -> None:
+    lines = [f"{sha256(p)}  {rel}" for rel, p in committed_files(golden_root, cand_root, variant_root)]
     CHECKSUMS.write_text("\n".join(lines) + "\n")
     print(f"wrote {CHECKSUMS} ({len(lines)} files)")
 
@@ -650,7 +993,8 @@ def check() -> int:
         tmp = Path(tmp)
         gen_suite(tmp / "golden")
         gen_candidates(tmp / "candidates")
-        fresh = committed_files(tmp / "golden", tmp / "candidates")
+        gen_variants(tmp / "variants")
+        fresh = committed_files(tmp / "golden", tmp / "candidates", tmp / "variants")
         fresh_names = {rel for rel, _ in fresh}
         for rel in sorted(set(expected) - fresh_names):
             print(f"MISMATCH {rel}: listed in CHECKSUMS but not regenerated")
@@ -846,6 +1190,9 @@ def main(argv=None) -> int:
     g.add_argument("--scenario", type=Path, help="one scenario JSON file")
     g.add_argument("--candidates", action="store_true",
                    help="write the committed faulty candidates (default OUT: fixtures/candidates)")
+    g.add_argument("--variants", action="store_true",
+                   help="write the variant set: goldens and scoped / out-of-contract faulty candidates "
+                        "(default OUT: fixtures/variants)")
     g.add_argument("--check", action="store_true", help="regenerate into a temp dir, compare byte for byte")
     g.add_argument("--list-faults", action="store_true", help="print the supported fault IDs")
     g.add_argument("--model", type=Path,
@@ -887,15 +1234,20 @@ def main(argv=None) -> int:
     if args.all:
         out = (args.out or GOLDEN_DIR).resolve()
         gen_suite(out)
-        if out == GOLDEN_DIR.resolve() and CANDIDATE_DIR.exists():
-            if all((CANDIDATE_DIR / candidate_dirname(n, f)).exists() for n, f in CANDIDATES):
-                write_checksums(GOLDEN_DIR, CANDIDATE_DIR)
+        if out == GOLDEN_DIR.resolve() and all_written():
+            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
         return 0
     if args.candidates:
         out = (args.out or CANDIDATE_DIR).resolve()
         gen_candidates(out)
-        if out == CANDIDATE_DIR.resolve() and all((GOLDEN_DIR / n).exists() for n in SUITE):
-            write_checksums(GOLDEN_DIR, CANDIDATE_DIR)
+        if out == CANDIDATE_DIR.resolve() and all_written():
+            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
+        return 0
+    if args.variants:
+        out = (args.out or VARIANT_DIR).resolve()
+        gen_variants(out)
+        if out == VARIANT_DIR.resolve() and all_written():
+            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
         return 0
     if not args.out:
         ap.error("--scenario needs --out DIR")
