@@ -33,3 +33,4 @@ mod rope_properties;
 mod scoped_faults;
 mod suite;
 mod summary_only;
+mod variants;

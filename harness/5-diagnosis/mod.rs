@@ -34,7 +34,9 @@ use crate::contract::error::Result;
 use crate::contract::fault::{Component, Fault, Params, RotaryTable, Scaling, Scope, ScopedFault};
 use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::{Dump, Manifest, Precision};
-use crate::model::{self, Implementation, RunOptions};
+use crate::model::ascend::{self, AscendOptions};
+use crate::model::numerics::dtype_min;
+use crate::model::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 /// One hypothesis of the diagnosis: a known fault, where it acts and with which
@@ -333,14 +335,16 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         .filter(|k| order(k, &first_at) != Ordering::Less)
         .collect();
     let precision = candidate.manifest.dtype;
+    // The simulated port at the candidate's dtype, with the candidate's framework's mask
+    // fill: a PyTorch candidate fills hidden entries with the dtype's minimum (HF), so a
+    // padding query's fully hidden row is uniform; MindSpore's -10000 is not, and the
+    // difference reaches later layers once a fault lets padding keys be read.
+    let mut simulated = AscendOptions::mindformers(precision);
+    if matches!(candidate.manifest.framework(), "transformers" | "pytorch" | "torch") {
+        simulated.mask_fill = dtype_min(precision);
+    }
     let run = |faults: Vec<ScopedFault>| -> Result<Dump> {
-        let opts = RunOptions {
-            implementation: Implementation::Ascend,
-            precision: Some(precision),
-            faults,
-            teacher_force: false,
-        };
-        Ok(model::run(golden, &opts)?.dump)
+        Ok(ascend::run(golden, &simulated, &Plan::scoped(&faults), false)?.dump)
     };
     let baseline = run(Vec::new())?;
     let clean = fit(&baseline, candidate, golden, &evidence)?;
