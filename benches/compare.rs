@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use llama_parity::compare::statistics::SummaryOnly;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::contract::site::{LayerPart, Site, Step};
+use llama_parity::contract::site::{ShapeDims, Site, Step};
 use llama_parity::dump::Dump;
 use llama_parity::pipeline::{self, Options};
 
@@ -43,27 +43,16 @@ fn env_usize(k: &str, default: usize) -> usize {
 }
 
 fn shape(step: Step, site: &Site, p: usize) -> Vec<usize> {
-    let t = if step == Step::Prefill { p } else { 1 };
-    let s = match step {
-        Step::Prefill => p,
-        Step::Decode(j) => p + j + 1,
+    let dims = ShapeDims {
+        batch: 1,
+        prefill: p,
+        heads: NH,
+        kv_heads: NKV,
+        head_dim: D,
+        hidden: H,
+        vocab: V,
     };
-    match site {
-        Site::PositionIds => vec![1, t],
-        Site::RotaryCos | Site::RotarySin => vec![1, t, D],
-        Site::Mask => vec![1, 1, t, s],
-        Site::Layer(_, part) => match part {
-            LayerPart::QProj | LayerPart::Context => vec![1, t, NH * D],
-            LayerPart::KProj | LayerPart::VProj => vec![1, t, NKV * D],
-            LayerPart::QRope => vec![1, NH, t, D],
-            LayerPart::KRope => vec![1, NKV, t, D],
-            LayerPart::KCache | LayerPart::VCache => vec![1, NKV, s, D],
-            LayerPart::Probs => vec![1, NH, t, s],
-            _ => vec![1, t, H],
-        },
-        Site::LmHead => vec![1, t, V],
-        _ => vec![1, t, H],
-    }
+    site.shape(step, &dims)
 }
 
 fn splitmix(mut x: u64) -> u64 {

@@ -1231,24 +1231,15 @@ def main(argv=None) -> int:
         ap.error("--input-ids, --prompt and --layers go with --model")
     if args.fault and not args.scenario:
         ap.error("--fault goes with --scenario")
-    if args.all:
-        out = (args.out or GOLDEN_DIR).resolve()
-        gen_suite(out)
-        if out == GOLDEN_DIR.resolve() and all_written():
-            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
-        return 0
-    if args.candidates:
-        out = (args.out or CANDIDATE_DIR).resolve()
-        gen_candidates(out)
-        if out == CANDIDATE_DIR.resolve() and all_written():
-            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
-        return 0
-    if args.variants:
-        out = (args.out or VARIANT_DIR).resolve()
-        gen_variants(out)
-        if out == VARIANT_DIR.resolve() and all_written():
-            write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
-        return 0
+    for chosen, gen, default in ((args.all, gen_suite, GOLDEN_DIR),
+                                 (args.candidates, gen_candidates, CANDIDATE_DIR),
+                                 (args.variants, gen_variants, VARIANT_DIR)):
+        if chosen:
+            out = (args.out or default).resolve()
+            gen(out)
+            if out == default.resolve() and all_written():
+                write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
+            return 0
     if not args.out:
         ap.error("--scenario needs --out DIR")
     sc_path = args.scenario.resolve()

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use llama_parity::contract::site::{LayerPart, Site, Step};
+use llama_parity::contract::site::{Site, Step};
 use llama_parity::dump::{DType, Dump};
 use sha2::{Digest, Sha256};
 
@@ -17,35 +17,6 @@ fn goldens() -> Vec<PathBuf> {
 }
 
 /// The contract's shape of `site` at `step` (CONTRACT §1).
-fn contract_shape(d: &Dump, step: Step, site: &Site) -> Vec<usize> {
-    let m = &d.manifest.model;
-    let sc = &d.manifest.scenario;
-    let (b, p) = (sc.batch(), sc.prefill_len());
-    let (t, s) = match step {
-        Step::Prefill => (p, p),
-        Step::Decode(j) => (1, p + j + 1),
-    };
-    let (h, nh, nkv, hd, v) =
-        (m.hidden_size, m.num_attention_heads, m.kv_heads(), m.head_dim(), m.vocab_size);
-    match site {
-        Site::PositionIds => vec![b, t],
-        Site::EmbedTokens | Site::Norm => vec![b, t, h],
-        Site::RotaryCos | Site::RotarySin => vec![b, t, hd],
-        Site::Mask => vec![b, 1, t, s],
-        Site::LmHead => vec![b, t, v],
-        Site::Layer(_, part) => match part {
-            LayerPart::QProj | LayerPart::Context => vec![b, t, nh * hd],
-            LayerPart::KProj | LayerPart::VProj => vec![b, t, nkv * hd],
-            LayerPart::QRope => vec![b, nh, t, hd],
-            LayerPart::KRope => vec![b, nkv, t, hd],
-            LayerPart::KCache | LayerPart::VCache => vec![b, nkv, s, hd],
-            LayerPart::Probs => vec![b, nh, t, s],
-            _ => vec![b, t, h],
-        },
-        Site::Other(_) => vec![],
-    }
-}
-
 #[test]
 fn the_suite_covers_the_required_scenarios() {
     let names: Vec<String> =
@@ -76,7 +47,7 @@ fn every_golden_has_every_site_with_contract_shapes_and_dtypes() {
                     .unwrap_or_else(|| panic!("{}: {step}/{site} missing", g.display()));
                 assert_eq!(
                     t.shape(),
-                    contract_shape(&d, step, &site).as_slice(),
+                    site.shape(step, &m.shape_dims()).as_slice(),
                     "{}: {step}/{site}",
                     g.display()
                 );

@@ -113,6 +113,48 @@ pub enum Site {
     Other(String),
 }
 
+/// The sizes a site's contract shape is made of (CONTRACT §2): batch `B`, the prefill
+/// length `P`, attention and key/value heads, head dim `D`, hidden `H` and vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeDims {
+    pub batch: usize,
+    pub prefill: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl Site {
+    /// The contract's shape of this site at `step` (CONTRACT §2): `T` tokens fed (the
+    /// prefill length, or 1 in a decode step) and `S` keys cached after the step. A site
+    /// outside the table is taken as a hidden state `[B, T, H]`.
+    pub fn shape(&self, step: Step, d: &ShapeDims) -> Vec<usize> {
+        let (b, t, s) = match step {
+            Step::Prefill => (d.batch, d.prefill, d.prefill),
+            Step::Decode(j) => (d.batch, 1, d.prefill + j + 1),
+        };
+        let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
+        match self {
+            Site::PositionIds => vec![b, t],
+            Site::RotaryCos | Site::RotarySin => vec![b, t, hd],
+            Site::Mask => vec![b, 1, t, s],
+            Site::Layer(_, part) => match part {
+                LayerPart::QProj | LayerPart::Context => vec![b, t, nh * hd],
+                LayerPart::KProj | LayerPart::VProj => vec![b, t, nkv * hd],
+                LayerPart::QRope => vec![b, nh, t, hd],
+                LayerPart::KRope => vec![b, nkv, t, hd],
+                LayerPart::KCache | LayerPart::VCache => vec![b, nkv, s, hd],
+                LayerPart::Probs => vec![b, nh, t, s],
+                _ => vec![b, t, d.hidden],
+            },
+            Site::LmHead => vec![b, t, d.vocab],
+            _ => vec![b, t, d.hidden],
+        }
+    }
+}
+
 impl Site {
     /// Parses a contract site name; names outside the table become `Site::Other`.
     pub fn parse(name: &str) -> Site {
@@ -246,6 +288,31 @@ pub fn key(step: Step, site: &Site) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contract_shapes_by_hand() {
+        let d = ShapeDims {
+            batch: 2,
+            prefill: 6,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 4,
+            hidden: 32,
+            vocab: 50,
+        };
+        let l = |p| Site::Layer(1, p);
+        assert_eq!(Site::Mask.shape(Step::Prefill, &d), vec![2, 1, 6, 6]);
+        assert_eq!(Site::Mask.shape(Step::Decode(2), &d), vec![2, 1, 1, 9]);
+        assert_eq!(l(LayerPart::KCache).shape(Step::Decode(0), &d), vec![2, 2, 7, 4]);
+        assert_eq!(l(LayerPart::Probs).shape(Step::Prefill, &d), vec![2, 8, 6, 6]);
+        assert_eq!(l(LayerPart::QProj).shape(Step::Prefill, &d), vec![2, 6, 32]);
+        assert_eq!(l(LayerPart::VProj).shape(Step::Decode(1), &d), vec![2, 1, 8]);
+        assert_eq!(l(LayerPart::QRope).shape(Step::Prefill, &d), vec![2, 8, 6, 4]);
+        assert_eq!(Site::RotaryCos.shape(Step::Decode(3), &d), vec![2, 1, 4]);
+        assert_eq!(Site::PositionIds.shape(Step::Prefill, &d), vec![2, 6]);
+        assert_eq!(Site::LmHead.shape(Step::Decode(0), &d), vec![2, 1, 50]);
+        assert_eq!(l(LayerPart::Mlp).shape(Step::Prefill, &d), vec![2, 6, 32]);
+    }
 
     #[test]
     fn short_names_label_charts() {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::contract::error::{Error, Result};
-use crate::contract::site::Step;
+use crate::contract::site::{ShapeDims, Step};
 
 use super::dtype::Precision;
 
@@ -301,6 +301,20 @@ impl Manifest {
         o.insert("scenario".into(), serde_json::to_value(&self.scenario).unwrap_or(Value::Null));
         o.insert("steps".into(), self.steps.iter().map(|s| Value::from(s.to_string())).collect());
         v
+    }
+
+    /// The sizes the contract's site shapes are made of, for this model and scenario.
+    pub fn shape_dims(&self) -> ShapeDims {
+        let m = &self.model;
+        ShapeDims {
+            batch: self.scenario.batch(),
+            prefill: self.scenario.prefill_len(),
+            heads: m.num_attention_heads,
+            kv_heads: m.kv_heads(),
+            head_dim: m.head_dim(),
+            hidden: m.hidden_size,
+            vocab: m.vocab_size,
+        }
     }
 
     /// The producer's framework name, if it gave one.

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use llama_parity::compare::compare;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::contract::site::{LayerPart, Site, Step};
+use llama_parity::contract::site::{LayerPart, ShapeDims, Site, Step};
 use llama_parity::diagnosis::Finding;
 use llama_parity::dump::{DType, Dump, Manifest, Tensor};
 use llama_parity::report::Report;
@@ -69,27 +69,16 @@ fn unit(seed: u64) -> f64 {
 }
 
 fn shape(step: Step, site: &Site) -> Vec<usize> {
-    let t = if step == Step::Prefill { P } else { 1 };
-    let s = match step {
-        Step::Prefill => P,
-        Step::Decode(j) => P + j + 1,
+    let dims = ShapeDims {
+        batch: B,
+        prefill: P,
+        heads: NH,
+        kv_heads: NKV,
+        head_dim: D,
+        hidden: H,
+        vocab: V,
     };
-    match site {
-        Site::PositionIds => vec![B, t],
-        Site::RotaryCos | Site::RotarySin => vec![B, t, D],
-        Site::Mask => vec![B, 1, t, s],
-        Site::Layer(_, p) => match p {
-            LayerPart::QProj | LayerPart::Context => vec![B, t, NH * D],
-            LayerPart::KProj | LayerPart::VProj => vec![B, t, NKV * D],
-            LayerPart::QRope => vec![B, NH, t, D],
-            LayerPart::KRope => vec![B, NKV, t, D],
-            LayerPart::KCache | LayerPart::VCache => vec![B, NKV, s, D],
-            LayerPart::Probs => vec![B, NH, t, s],
-            _ => vec![B, t, H],
-        },
-        Site::LmHead => vec![B, t, V],
-        _ => vec![B, t, H],
-    }
+    site.shape(step, &dims)
 }
 
 fn golden_values(step_no: u64, site_no: u64, n: usize) -> Vec<f64> {
