@@ -700,14 +700,7 @@ unsafe fn block<V: F64x4>(
         let mut m = 0;
         for k in 0..n {
             let (x, y) = (g[k], c[k]);
-            b.golden_nan += x.is_nan() as u64;
-            b.golden_inf += x.is_infinite() as u64;
-            b.candidate_nan += y.is_nan() as u64;
-            b.candidate_inf += y.is_infinite() as u64;
-            if !y.is_finite() && (x.is_finite() || !(x == y || (x.is_nan() && y.is_nan()))) {
-                b.new_nonfinite += 1;
-            }
-            if x.is_finite() && y.is_finite() {
+            if b.count_nonfinite(f64::from(x), f64::from(y)) {
                 g[m] = x;
                 c[m] = y;
                 idx[m] = start + k;
@@ -1367,14 +1360,7 @@ mod tests {
         let mut b = Block::default();
         let (mut gv, mut cv, mut idx) = (Vec::new(), Vec::new(), Vec::new());
         for (k, (&x, &y)) in g.iter().zip(c).enumerate() {
-            b.golden_nan += x.is_nan() as u64;
-            b.golden_inf += x.is_infinite() as u64;
-            b.candidate_nan += y.is_nan() as u64;
-            b.candidate_inf += y.is_infinite() as u64;
-            if !y.is_finite() && (x.is_finite() || !(x == y || (x.is_nan() && y.is_nan()))) {
-                b.new_nonfinite += 1;
-            }
-            if x.is_finite() && y.is_finite() {
+            if b.count_nonfinite(x, y) {
                 gv.push(x);
                 cv.push(y);
                 idx.push(start + k);

@@ -349,6 +349,22 @@ pub(crate) struct Block {
     pub new_nonfinite: u64,
 }
 
+impl Block {
+    /// Counts the NaN and Inf of the pair `(g, c)` as [`Accumulator::push`] does;
+    /// true when both sides are finite (the pair enters the sums).
+    #[inline]
+    pub fn count_nonfinite(&mut self, g: f64, c: f64) -> bool {
+        self.golden_nan += g.is_nan() as u64;
+        self.golden_inf += g.is_infinite() as u64;
+        self.candidate_nan += c.is_nan() as u64;
+        self.candidate_inf += c.is_infinite() as u64;
+        if !c.is_finite() && (g.is_finite() || !(g == c || (g.is_nan() && c.is_nan()))) {
+            self.new_nonfinite += 1;
+        }
+        g.is_finite() && c.is_finite()
+    }
+}
+
 /// rel-L2 per group of elements (a token row, a head), streamed in the same pass as
 /// [`Accumulator`]: Σd² and Σg² per group over the pairs where both sides are finite.
 ///
@@ -479,7 +495,7 @@ impl Default for ErrorHistogram {
 }
 
 /// `a / b` with 0/0 = 0 and x/0 = +inf.
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         if a == 0.0 {
             0.0

@@ -172,16 +172,7 @@ pub fn noise(e: &SiteEntry, precision: Option<Precision>) -> f64 {
 /// `error_now / max(error_then, noise)`: 0 when both are 0, infinite when only the
 /// present one is not, NaN stays NaN (and so counts as a regression).
 pub fn growth(now: &SiteMetrics, then: &SiteMetrics, noise: f64) -> f64 {
-    let (a, b) = (now.error(), then.error().max(noise));
-    if b == 0.0 {
-        if a == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        a / b
-    }
+    crate::compare::metrics::ratio(now.error(), then.error().max(noise))
 }
 
 /// A growth factor for people: `2.10`, `inf`, `nan`.
