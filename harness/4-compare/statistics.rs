@@ -103,22 +103,13 @@ pub fn compare_statistics(
             } else {
                 None
             };
-            let mut r = SiteResult {
+            let mut r = SiteResult::unmeasured(
                 step,
-                site: site.clone(),
-                status: Status::Missing,
-                metrics: None,
-                tolerance: None,
-                golden_shape: g.shape().to_vec(),
-                candidate_shape: c.map(|c| c.shape.clone()),
-                golden_dtype: g.dtype(),
-                candidate_dtype: c.and_then(|c| c.dtype),
-                note: None,
-                per_token: None,
-                per_head: None,
-                abs_histogram: None,
-                noise_floor: None,
-            };
+                site,
+                &g,
+                c.map(|c| c.shape.clone()),
+                c.and_then(|c| c.dtype),
+            );
             let tol = match policy.decide(step, site, precision) {
                 Decision::Skip => {
                     r.status = Status::Skipped;

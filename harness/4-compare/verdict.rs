@@ -117,6 +117,35 @@ pub struct SiteResult {
     pub noise_floor: Option<SiteFloor>,
 }
 
+impl SiteResult {
+    /// A site not measured yet (status `Missing`, no metrics): the golden's tensor `g`,
+    /// and the candidate's shape and dtype where it has the site.
+    pub fn unmeasured(
+        step: Step,
+        site: &Site,
+        g: &Tensor,
+        candidate_shape: Option<Vec<usize>>,
+        candidate_dtype: Option<DType>,
+    ) -> SiteResult {
+        SiteResult {
+            step,
+            site: site.clone(),
+            status: Status::Missing,
+            metrics: None,
+            tolerance: None,
+            golden_shape: g.shape().to_vec(),
+            candidate_shape,
+            golden_dtype: g.dtype(),
+            candidate_dtype,
+            note: None,
+            per_token: None,
+            per_head: None,
+            abs_histogram: None,
+            noise_floor: None,
+        }
+    }
+}
+
 /// The comparison of a candidate with a golden.
 #[derive(Debug, Clone)]
 pub struct Comparison {
@@ -298,20 +327,8 @@ pub fn compare_site_in(
     let SiteContext { scenario, policy, precision, heads, floor, summary } = *ctx;
     let site_floor = floor.and_then(|f| f.get(step, site)).filter(|_| g.dtype().is_float());
     let mut r = SiteResult {
-        step,
-        site: site.clone(),
-        status: Status::Missing,
-        metrics: None,
-        tolerance: None,
-        golden_shape: g.shape().to_vec(),
-        candidate_shape: c.map(|c| c.shape().to_vec()),
-        golden_dtype: g.dtype(),
-        candidate_dtype: c.map(Tensor::dtype),
-        note: None,
-        per_token: None,
-        per_head: None,
-        abs_histogram: None,
         noise_floor: site_floor,
+        ..SiteResult::unmeasured(step, site, g, c.map(|c| c.shape().to_vec()), c.map(Tensor::dtype))
     };
     let margin = floor.map_or(0.0, |f| f.margin);
     let tol = match policy.decide_with_floor(step, site, precision, site_floor.map(|f| (f, margin)))
