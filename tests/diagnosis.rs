@@ -218,27 +218,31 @@ fn labels(planted: &ScopedFault, report: &llama_parity::report::Report) -> (Stri
 fn simulated_scoped_and_parametrized_faults_are_named_with_their_scope_and_parameters() {
     let policy = Policy::default();
     let cases = [
-        ("gqa_pad_f32", "weights.gate_up_swapped@layers=1"),
-        ("gqa_pad_f32", "attn.no_scale@layers=1"),
-        ("gqa_pad_f32", "attn.no_scale@steps=decode.*"),
-        ("gqa_pad_f32", "kv.stale@layers=1"),
-        ("gqa_pad_f32", "kv.gqa_tiled@layers=1"),
-        ("gqa_pad_f32", "kv.wrong_slot@offset=2"),
-        ("gqa_pad_f32", "mask.padding_ignored@steps=decode.*"),
-        ("gqa_pad_f32", "norm.layernorm@component=model.norm"),
-        ("gqa_pad_f32", "norm.layernorm@layers=1@component=input_layernorm"),
-        ("gqa_pad_f32", "norm.bias@layers=1"),
-        ("gqa_pad_f32", "norm.weight_unmapped@component=post_attention_layernorm"),
-        ("gqa_pad_f32", "weights.transposed@component=o_proj"),
-        ("gqa_pad_f32", "rope.interleaved@table=sliced"),
-        ("gqa_pad_f32", "rope.pos_off_by_one@offset=3"),
-        ("llama3_f32", "rope.wrong_theta@theta=500000@scaling=dropped"),
-        ("llama3_f32", "rope.wrong_theta@theta=1000000@scaling=kept"),
+        ("golden/gqa_pad_f32", "weights.gate_up_swapped@layers=1"),
+        ("golden/gqa_pad_f32", "attn.no_scale@layers=1"),
+        ("golden/gqa_pad_f32", "attn.no_scale@steps=decode.*"),
+        ("golden/gqa_pad_f32", "kv.stale@layers=1"),
+        ("golden/gqa_pad_f32", "kv.gqa_tiled@layers=1"),
+        ("golden/gqa_pad_f32", "kv.wrong_slot@offset=2"),
+        ("golden/gqa_pad_f32", "mask.padding_ignored@steps=decode.*"),
+        ("golden/gqa_pad_f32", "norm.layernorm@component=model.norm"),
+        ("golden/gqa_pad_f32", "norm.layernorm@layers=1@component=input_layernorm"),
+        ("golden/gqa_pad_f32", "norm.bias@layers=1"),
+        ("golden/gqa_pad_f32", "norm.weight_unmapped@component=post_attention_layernorm"),
+        ("golden/gqa_pad_f32", "weights.transposed@component=o_proj"),
+        ("golden/gqa_pad_f32", "rope.interleaved@table=sliced"),
+        ("golden/gqa_pad_f32", "rope.pos_off_by_one@offset=3"),
+        ("golden/llama3_f32", "rope.wrong_theta@theta=500000@scaling=dropped"),
+        ("golden/llama3_f32", "rope.wrong_theta@theta=1000000@scaling=kept"),
+        // Four layers: scopes that start inside the model and stop before its end.
+        ("fixtures/variants/golden/variants_f32", "kv.stale@layers=1-2"),
+        ("fixtures/variants/golden/variants_f32", "attn.no_scale@layers=1-2"),
+        ("fixtures/variants/golden/variants_f32", "weights.gate_up_swapped@layers=2-3"),
     ];
     let (mut named, mut total, mut missed, mut unobservable) = (0, 0, Vec::new(), Vec::new());
     println!("\nsimulated scoped and parametrized faults: planted -> top-ranked diagnosis");
-    for (golden_name, spec) in cases {
-        let golden = Dump::open(&root().join("golden").join(golden_name)).expect("golden");
+    for (golden_dir, spec) in cases {
+        let golden = Dump::open(&root().join(golden_dir)).expect("golden");
         let planted = ScopedFault::parse(spec).expect("spec");
         for precision in [Precision::F32, Precision::Bf16] {
             let opts = RunOptions {

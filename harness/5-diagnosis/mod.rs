@@ -395,43 +395,68 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         }
         // The family's default form, then the narrower scopes and other parameters that
         // start where the divergence does; the best fit of the family is kept.
-        let mut best: Option<(ScopedFault, Fit)> = None;
-        for form in forms(fault, &first_at, n_layers, golden, candidate)? {
-            let effect = form_effect(&form);
+        // Runs one form and measures it; `None` when it is refuted or changes nothing here.
+        let mut measure = |form: &ScopedFault| -> Result<Option<Fit>> {
+            let effect = form_effect(form);
             if order(&effect, &first_at) == Ordering::Greater {
-                continue;
+                return Ok(None);
             }
             // A narrowed form whose first effect lands on a site the candidate matched is
             // refuted without a run. (Not so the default forms, nor swapped tables,
             // which a port may swap only where it applies them and dump as computed.)
             let narrowed = !form.scope.is_everywhere() || !form.params.is_default();
             if narrowed && fault != Fault::RopeCosSinSwapped && passed(cmp, &effect) {
-                continue;
+                return Ok(None);
             }
             let dump = match run(vec![form.clone()]) {
                 Ok(d) => d,
                 Err(e) => {
                     notes.push(format!("{form} not tried: {e}"));
-                    continue;
+                    return Ok(None);
                 }
             };
             // A form that changes nothing on this scenario explains nothing.
             if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
-                continue;
+                return Ok(None);
             }
-            let f = fit(&dump, candidate, golden, &evidence)?;
-            // It must reproduce the first divergent site and most sites after it, and be
-            // far closer to the candidate than the correct run is. The median tolerates a
-            // few sites where a port's variant of the fault differs from the simulated one
-            // (tables swapped where dumped or only where applied, say).
-            let explains_first = f.at_first() <= accept && f.at_first() <= 0.25 * clean.at_first();
-            let explains_rest = f.within(&accepts) && f.mean() <= 0.5 * clean.mean();
-            if !(explains_first && explains_rest) {
-                continue;
+            Ok(Some(fit(&dump, candidate, golden, &evidence)?))
+        };
+        // It must reproduce the first divergent site and most sites after it, and be far
+        // closer to the candidate than the correct run is. The median tolerates a few
+        // sites where a port's variant of the fault differs from the simulated one (tables
+        // swapped where dumped or only where applied, say).
+        let explains = |f: &Fit| {
+            f.at_first() <= accept
+                && f.at_first() <= 0.25 * clean.at_first()
+                && f.within(&accepts)
+                && f.mean() <= 0.5 * clean.mean()
+        };
+        // Strictly better only: on a tie the earlier (plainer) form stays.
+        let better = |f: &Fit, best: &Option<(ScopedFault, Fit)>| {
+            best.as_ref().is_none_or(|(_, b)| f.mean() < b.mean() * (1.0 - 1e-9))
+        };
+        let mut best: Option<(ScopedFault, Fit)> = None;
+        // The closest form scoped to the first divergent layer alone, accepted or not.
+        let mut seed: Option<(ScopedFault, Fit)> = None;
+        for form in forms(fault, &first_at, golden, candidate)? {
+            let Some(f) = measure(&form)? else { continue };
+            if explains(&f) && better(&f, &best) {
+                best = Some((form.clone(), f.clone()));
             }
-            // Strictly better only: on a tie the earlier (plainer) form stays.
-            if best.as_ref().is_none_or(|(_, b)| f.mean() < b.mean() * (1.0 - 1e-9)) {
-                best = Some((form, f));
+            if form.scope.layers.as_ref().is_some_and(|l| l.len() == 1) && better(&f, &seed) {
+                seed = Some((form, f));
+            }
+        }
+        // Widen that scope one layer at a time while the evidence fits better.
+        if let Some((mut form, mut f)) = seed {
+            while let Some(wider) = widened(&form, n_layers) {
+                match measure(&wider)? {
+                    Some(g) if g.mean() < f.mean() * (1.0 - 1e-9) => (form, f) = (wider, g),
+                    _ => break,
+                }
+                if explains(&f) && better(&f, &best) {
+                    best = Some((form.clone(), f.clone()));
+                }
             }
         }
         let Some((form, f)) = best else { continue };
@@ -463,14 +488,13 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
 
 /// The forms of `fault` worth trying for a divergence that starts at `first`: the
 /// contract's default form first, then the scopes that begin where the divergence does
-/// (the first divergent layer alone, or from it to the last; decode steps only when the
+/// (the first divergent layer alone, widened later as the evidence asks; decode steps only when the
 /// divergence starts in decode; the component whose site diverges first), and the
 /// parameters a family takes (a grid over theta and scaling, the position offset the
 /// candidate's positions show, a cache slot offset, the sliced rotary table).
 fn forms(
     fault: Fault,
     first: &(Step, Site),
-    n_layers: usize,
     golden: &Dump,
     candidate: &Dump,
 ) -> Result<Vec<ScopedFault>> {
@@ -479,9 +503,6 @@ fn forms(
     if fault.takes_layers() {
         if let Site::Layer(l, _) = site {
             layer_scopes.push(Some(vec![*l]));
-            if *l > 0 && l + 1 < n_layers {
-                layer_scopes.push(Some((*l..n_layers).collect()));
-            }
         }
     }
     let mut step_scopes: Vec<Option<Vec<String>>> = vec![None];
@@ -519,6 +540,19 @@ fn forms(
         }
     }
     Ok(out)
+}
+
+/// `form` with its layer scope grown by the next layer, when it is a run of layers that
+/// stops before the last one.
+fn widened(form: &ScopedFault, n_layers: usize) -> Option<ScopedFault> {
+    let layers = form.scope.layers.as_ref()?;
+    let (&lo, &hi) = (layers.first()?, layers.last()?);
+    if hi + 1 >= n_layers || layers.len() != hi - lo + 1 {
+        return None;
+    }
+    let mut wider = form.clone();
+    wider.scope.layers = Some((lo..=hi + 1).collect());
+    Some(wider)
 }
 
 /// Whether the comparison checked `at` and found it within the thresholds.
