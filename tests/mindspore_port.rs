@@ -4,10 +4,12 @@
 //! Needs the MindSpore venv (`bash .ci/setup`, or `PARITY_MINDSPORE_PYTHON` /
 //! `PARITY_MINDSPORE_VENV`) and the goldens; with either missing these tests fail,
 //! they never pass silently. One port run takes about 7 s on a CPU core, so the port
-//! runs once per (golden, dtype) and once per fault, on one padded golden.
+//! runs once per (golden, dtype) and once per fault (or fault narrowed to a layer), on
+//! one padded golden.
 
 use std::process::Command;
 
+use llama_parity::diagnosis::Finding;
 use serde_json::Value;
 
 use crate::helpers::ports::{golden_names, parity_reported, worst_site, Reported};
@@ -190,6 +192,57 @@ fn every_other_port_fault_switch_fails_where_it_acts_and_is_diagnosed() {
             failures.push(format!(
                 "{fault}: exit {:?} at {}/{}, diagnosis {diag}",
                 got.0, got.1, got.2
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `--fault ID@layers=1` plants the fault in decoder layer 1 only (CONTRACT §4): the
+/// port's run diverges first in layer 1, nothing in layer 0 fails at any step, and the
+/// diagnosis names the fault narrowed to layer 1.
+#[test]
+fn layer_scoped_port_fault_switches_diverge_first_in_their_layer_and_are_diagnosed_there() {
+    let cases = [
+        ("attn.no_scale", "prefill", "model.layers.1.self_attn.probs"),
+        ("weights.gate_up_swapped", "prefill", "model.layers.1.mlp"),
+        ("kv.stale", "decode.0", "model.layers.1.self_attn.k_cache"),
+    ];
+    let mut failures = Vec::new();
+    for (fault, step, site) in cases {
+        let spec = format!("{fault}@layers=1");
+        let o = run_port("gqa_pad_f32", &["--fault", &spec]);
+        let first = &o.report["first_divergence"];
+        let got = (
+            o.code,
+            first["step"].as_str().unwrap_or("-").to_string(),
+            first["site"].as_str().unwrap_or("-").to_string(),
+        );
+        let layer0: Vec<String> = o.report["sites"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["status"] == "fail")
+            .filter(|s| s["site"].as_str().is_some_and(|n| n.starts_with("model.layers.0.")))
+            .map(|s| format!("{}/{}", s["step"], s["site"]))
+            .collect();
+        let top = o.report["diagnosis"].get(0).cloned().unwrap_or(Value::Null);
+        let (label, layers) = match serde_json::from_value::<Finding>(top.clone()) {
+            Ok(f) => (f.label(), top["scope"]["layers"].clone()),
+            Err(_) => ("(none)".to_string(), Value::Null),
+        };
+        eprintln!(
+            "{spec}: exit {:?}, first divergence {}/{}, diagnosis {label}",
+            got.0, got.1, got.2
+        );
+        if got != (Some(1), step.to_string(), site.to_string())
+            || !layer0.is_empty()
+            || label != format!("{fault} {{layers: [1]}}")
+            || layers != serde_json::json!([1])
+        {
+            failures.push(format!(
+                "{spec}: exit {:?} at {}/{}, layer 0 failing {layer0:?}, diagnosis {label} (scope.layers {layers})\n{}",
+                got.0, got.1, got.2, o.output
             ));
         }
     }

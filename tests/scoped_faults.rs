@@ -156,7 +156,15 @@ fn a_scope_the_fault_or_the_port_cannot_take_exits_2_naming_the_flag() {
         ),
         (vec!["--impl", "reference", "--fault", "kv.stale@layers=x"], "layers: \"x\""),
         (
-            vec!["--impl", "mindspore", "--fault", "kv.stale@layers=1"],
+            vec!["--impl", "mindspore", "--fault", "kv.stale@steps=decode.*"],
+            "no switch for kv.stale@steps=decode.*",
+        ),
+        (
+            vec!["--impl", "mindspore", "--fault", "kv.wrong_slot@layers=1@offset=2"],
+            "no switch for kv.wrong_slot@layers=1@offset=2",
+        ),
+        (
+            vec!["--impl", "mindformers", "--fault", "kv.stale@layers=1"],
             "no switch for kv.stale@layers=1",
         ),
     ] {

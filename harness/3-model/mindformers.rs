@@ -26,6 +26,7 @@ pub(crate) const PORT: Port = Port {
     install: "python3 -m venv {venv} && {venv}/bin/pip install -r fixtures/ports/mindformers/requirements.txt \
               && {venv}/bin/pip install --no-deps mindformers==2.0.0",
     needs: "mindformers 2.0.0 on mindspore 2.10",
+    layer_scopes: false,
 };
 
 /// Where MindFormers runs: MindSpore's `device_target`.

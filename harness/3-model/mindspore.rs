@@ -1,7 +1,9 @@
 //! The real MindSpore port (`fixtures/ports/mindspore/run.py`), run in a subprocess
 //! (the subprocess code, [`Port`] and `run_port`, is shared with [`super::mindformers`]):
-//! `python run.py --golden GOLDEN --out TMP [--dtype D] [--fault ID]...` writes a
+//! `python run.py --golden GOLDEN --out TMP [--dtype D] [--fault ID[@layers=L]]...` writes a
 //! contract dump, which is read back into memory and the temporary directory removed.
+//! The port narrows a fault to decoder layers (`--fault attn.no_scale@layers=1`); it
+//! takes no other scope and no parameter.
 //!
 //! Where things are found:
 //! - the interpreter: `$PARITY_MINDSPORE_PYTHON`, else `<venv>/bin/python` with `<venv>`
@@ -17,6 +19,7 @@ use std::process::{Command, Stdio};
 
 use super::{RunOptions, RunOutput};
 use crate::contract::error::{Error, Feature, Result};
+use crate::contract::fault::ScopedFault;
 use crate::contract::site;
 use crate::dump::{Dump, Tensor};
 
@@ -32,6 +35,7 @@ pub(crate) const PORT: Port = Port {
     port_rel: PORT_REL,
     install: "python3 -m venv {venv} && {venv}/bin/pip install -r fixtures/ports/mindspore/requirements.txt",
     needs: "mindspore 2.10",
+    layer_scopes: true,
 };
 
 /// A port run in a subprocess by a Python interpreter from a venv: where each piece is
@@ -55,6 +59,9 @@ pub(crate) struct Port {
     pub install: &'static str,
     /// What the interpreter must have, for the message.
     pub needs: &'static str,
+    /// Whether the script's `--fault` takes a `layers` scope (`ID@layers=1,2`); no port
+    /// takes any other scope or a parameter.
+    pub layer_scopes: bool,
 }
 
 impl Port {
@@ -124,10 +131,10 @@ pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> 
 }
 
 /// Runs `port`'s script as `python SCRIPT --golden GOLDEN --out TMP [--dtype D]
-/// [--fault ID]... EXTRA...` in a temporary working directory (a port may write logs
-/// there; nothing lands beside the golden or in the caller's directory), then reads
-/// its dump back into memory and removes the directory. `impl_name` names the
-/// implementation in usage errors.
+/// [--fault ID[@layers=L]]... EXTRA...` in a temporary working directory (a port may
+/// write logs there; nothing lands beside the golden or in the caller's directory),
+/// then reads its dump back into memory and removes the directory. `impl_name` names
+/// the implementation in usage errors.
 pub(crate) fn run_port(
     port: &Port,
     impl_name: &str,
@@ -136,11 +143,22 @@ pub(crate) fn run_port(
     extra: &[String],
     progress: &mut dyn FnMut(&str),
 ) -> Result<RunOutput> {
-    if let Some(f) = opts.faults.iter().find(|f| !f.scope.is_everywhere() || !f.params.is_default())
+    let layers_only = |f: &ScopedFault| {
+        port.layer_scopes && f.scope.steps.is_none() && f.scope.component.is_none()
+    };
+    if let Some(f) = opts
+        .faults
+        .iter()
+        .find(|f| !(f.scope.is_everywhere() || layers_only(f)) || !f.params.is_default())
     {
+        let plants = if port.layer_scopes {
+            "in its default form, narrowed to layers at most"
+        } else {
+            "everywhere"
+        };
         return Err(Error::unsupported(
             Feature::FaultScope,
-            format!("the {impl_name} port plants {} everywhere; it has no switch for {f}", f.fault),
+            format!("the {impl_name} port plants {} {plants}; it has no switch for {f}", f.fault),
         ));
     }
     if opts.teacher_force {
@@ -187,7 +205,8 @@ pub(crate) fn run_port(
         cmd.args(["--dtype", p.name()]);
     }
     for f in &opts.faults {
-        cmd.args(["--fault", f.fault.id()]);
+        // `ID`, or `ID@layers=1,2` (only a port that takes layer scopes gets here with one)
+        cmd.arg("--fault").arg(f.to_string());
     }
     cmd.args(extra)
         .current_dir(&work)
