@@ -196,19 +196,10 @@ fn each_planted_fault_fails_where_it_acts_and_is_diagnosed() {
 
 #[test]
 fn without_mindformers_the_run_exits_2_saying_how_to_install_it() {
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .env("PARITY_MINDFORMERS_PYTHON", "/nonexistent/bin/python")
-        .args(["run", "golden/mha_f32", "--impl", "mindformers"])
-        .output()
-        .expect("run parity");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("/nonexistent/bin/python") && stderr.contains("bash .ci/setup"),
-        "{stderr}"
+    crate::helpers::ports::without_interpreter_exits_2_saying_how_to_install(
+        "PARITY_MINDFORMERS_PYTHON",
+        "mindformers",
     );
-    assert!(stderr.contains("fixtures/ports/mindformers/requirements.txt"), "{stderr}");
 }
 
 #[test]

@@ -116,22 +116,9 @@ fn fault_weights_gate_up_swapped_diverges_at_layer_0_mlp() {
 
 #[test]
 fn without_mindspore_the_run_exits_2_saying_how_to_install_it() {
-    let g = golden_names().remove(0);
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .env("PARITY_MINDSPORE_PYTHON", "/nonexistent/bin/python")
-        .args(["run", &format!("golden/{g}"), "--impl", "mindspore"])
-        .output()
-        .expect("run parity");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("/nonexistent/bin/python") && stderr.contains("bash .ci/setup"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("pip install -r fixtures/ports/mindspore/requirements.txt"),
-        "{stderr}"
+    crate::helpers::ports::without_interpreter_exits_2_saying_how_to_install(
+        "PARITY_MINDSPORE_PYTHON",
+        "mindspore",
     );
 }
 

@@ -109,3 +109,23 @@ pub fn parity_reported<A: AsRef<OsStr>>(
         .unwrap_or(Value::Null);
     Reported { code: out.status.code(), output, report }
 }
+
+/// `parity run GOLDEN --impl IMPL` with the port's interpreter override (`env`) pointing
+/// nowhere: exit 2, and stderr names the interpreter, `bash .ci/setup` and the port's
+/// requirements file.
+pub fn without_interpreter_exits_2_saying_how_to_install(env: &str, implementation: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(crate::helpers::root())
+        .env(env, "/nonexistent/bin/python")
+        .args(["run", "golden/mha_f32", "--impl", implementation])
+        .output()
+        .expect("run parity");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/bin/python") && stderr.contains("bash .ci/setup"),
+        "{stderr}"
+    );
+    let requirements = format!("fixtures/ports/{implementation}/requirements.txt");
+    assert!(stderr.contains(&requirements), "{stderr}");
+}
