@@ -193,8 +193,10 @@ pub struct RunArgs {
     /// Narrow where it acts with @DIM=VALUE (CONTRACT.md §4), repeatable:
     /// weights.gate_up_swapped@layers=2, kv.stale@layers=1-3@steps=decode.*,
     /// norm.layernorm@component=model.norm, weights.transposed@component=o_proj.
-    /// The reference and ascend implementations plant every scope a fault takes; the
-    /// MindSpore and MindFormers ports plant faults everywhere only.
+    /// Parameters chain the same way: rope.wrong_theta@theta=500000@scaling=dropped|kept,
+    /// rope.interleaved@table=sliced, rope.pos_off_by_one@offset=3, kv.wrong_slot@offset=2.
+    /// The reference and ascend implementations plant every scope and parameter a fault
+    /// takes; the MindSpore port takes layers only; MindFormers plants faults everywhere.
     #[arg(long = "fault", value_name = "ID[@SCOPE]")]
     pub faults: Vec<String>,
     /// Also run each layer from the golden's input to it, to separate the error a site
