@@ -234,6 +234,9 @@ fn simulated_scoped_and_parametrized_faults_are_named_with_their_scope_and_param
         ("golden/gqa_pad_f32", "rope.pos_off_by_one@offset=3"),
         ("golden/llama3_f32", "rope.wrong_theta@theta=500000@scaling=dropped"),
         ("golden/llama3_f32", "rope.wrong_theta@theta=1000000@scaling=kept"),
+        // Bases off the grid, fitted from the candidate's rotary tables.
+        ("golden/llama3_f32", "rope.wrong_theta@theta=250000"),
+        ("golden/yarn_f32", "rope.wrong_theta@theta=20000@scaling=kept"),
         // Four layers: scopes that start inside the model and stop before its end.
         ("fixtures/variants/golden/variants_f32", "kv.stale@layers=1-2"),
         ("fixtures/variants/golden/variants_f32", "attn.no_scale@layers=1-2"),

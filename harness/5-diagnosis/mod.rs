@@ -66,7 +66,12 @@ impl Finding {
         let steps = s.steps.as_ref().map_or(json!("all"), |p| json!(p));
         let component = s.component.map_or(Value::Null, |c| json!(c.name()));
         let mut params = serde_json::Map::new();
-        let p = &planted.params;
+        // `rope.wrong_theta` in any but its default form says both its parameters.
+        let mut p = planted.params;
+        if planted.fault == Fault::RopeWrongTheta && !p.is_default() {
+            p.theta = Some(p.theta_or_default());
+            p.scaling = Some(p.scaling.unwrap_or(Scaling::Dropped));
+        }
         if let Some(t) = p.theta {
             params.insert("theta".into(), json!(t));
         }
@@ -401,10 +406,11 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             if order(&effect, &first_at) == Ordering::Greater {
                 return Ok(None);
             }
-            // A narrowed form whose first effect lands on a site the candidate matched is
-            // refuted without a run. (Not so the default forms, nor swapped tables,
-            // which a port may swap only where it applies them and dump as computed.)
-            let narrowed = !form.scope.is_everywhere() || !form.params.is_default();
+            // A form narrowed to some layers, steps or a component whose first effect lands
+            // on a site the candidate matched is refuted without a run. (Not so the forms
+            // acting everywhere, whose effect may stay under the tolerance where it starts,
+            // nor swapped tables, which a port may swap only where it applies them.)
+            let narrowed = !form.scope.is_everywhere();
             if narrowed && fault != Fault::RopeCosSinSwapped && passed(cmp, &effect) {
                 return Ok(None);
             }
@@ -633,6 +639,14 @@ fn param_grid(fault: Fault, golden: &Dump, candidate: &Dump) -> Result<Vec<Param
             .map(|r| r.theta)
             .unwrap_or(10000.0);
             let mut thetas = vec![10000.0, configured, 500000.0, 1000000.0];
+            // The bases that best reproduce the candidate's own rotary tables.
+            for keep in [false, true] {
+                if let Some(t) = fit_theta(golden, candidate, keep)? {
+                    if thetas.iter().all(|g| (t / g - 1.0).abs() > 1e-3) {
+                        thetas.push(t);
+                    }
+                }
+            }
             thetas.dedup_by(|a, b| a == b);
             for theta in thetas {
                 for scaling in [Scaling::Dropped, Scaling::Kept] {
@@ -677,6 +691,53 @@ fn param_grid(fault: Fault, golden: &Dump, candidate: &Dump) -> Result<Vec<Param
         _ => {}
     }
     Ok(out)
+}
+
+/// The base theta whose rotary sin table (the configured scaling dropped, or kept)
+/// comes closest to the candidate's prefill `model.rotary_emb.sin`: a grid over log10
+/// theta from 2 to 8, then a golden-section search in the best cell, rounded to three
+/// significant digits. `None` when the candidate did not dump the table.
+fn fit_theta(golden: &Dump, candidate: &Dump, keep_scaling: bool) -> Result<Option<f64>> {
+    use crate::model::numerics::Exact;
+    use crate::model::plan::{AnglePrecision, RopeFrequencies};
+    use crate::model::rope::{Rope, RopeConfig};
+    let (Some(sin), Some(pos)) = (
+        candidate.get(Step::Prefill, &Site::RotarySin)?,
+        golden.get(Step::Prefill, &Site::PositionIds)?,
+    ) else {
+        return Ok(None);
+    };
+    let config =
+        RopeConfig::from_model(&golden.manifest.model, std::path::Path::new("manifest.json"))?;
+    let Ok(pos) = pos.to_array().into_dimensionality::<ndarray::Ix2>() else { return Ok(None) };
+    let pos = pos.mapv(|p| p as i64);
+    let target = sin.to_f64_vec();
+    let numerics = Exact::new(Precision::F32);
+    let error = |log_theta: f64| -> f64 {
+        let frequencies = RopeFrequencies::Wrong { theta: 10f64.powf(log_theta), keep_scaling };
+        let mut rope = Rope::new(config.clone(), frequencies, AnglePrecision::Numerics);
+        let (_, s) = rope.tables(&pos, &numerics);
+        if s.len() != target.len() {
+            return f64::INFINITY;
+        }
+        // Relative: the small angles of the slow frequencies are where theta shows.
+        s.iter().zip(&target).map(|(a, b)| ((a - b) / b.abs().max(1e-6)).powi(2)).sum()
+    };
+    let grid: Vec<f64> = (0..=120).map(|i| 2.0 + 0.05 * f64::from(i)).collect();
+    let best = grid.iter().copied().min_by(|a, b| error(*a).total_cmp(&error(*b))).unwrap_or(4.0);
+    let (mut lo, mut hi) = (best - 0.05, best + 0.05);
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    for _ in 0..60 {
+        let (a, b) = (hi - r * (hi - lo), lo + r * (hi - lo));
+        if error(a) < error(b) {
+            hi = b;
+        } else {
+            lo = a;
+        }
+    }
+    let theta = 10f64.powf((lo + hi) / 2.0);
+    let magnitude = 10f64.powf(theta.log10().floor() - 2.0);
+    Ok(Some((theta / magnitude).round() * magnitude))
 }
 
 /// How far the candidate's decode positions are from the golden's at the first decode
