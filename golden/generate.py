@@ -312,12 +312,8 @@ def _rmsnorm_eps_outside(self, hidden_states):
     return self.weight * hidden_states.to(input_dtype)
 
 
-def _apply_rope_interleaved(q, k, cos, sin, unsqueeze_dim=1):
-    """GPT-J style rotation of pairs (2k, 2k+1) with HF's frequency k (cos[..., k], k < D/2)."""
-    half = cos.shape[-1] // 2
-    c = cos[..., :half].unsqueeze(unsqueeze_dim)
-    s = sin[..., :half].unsqueeze(unsqueeze_dim)
-
+def _rotate_pairs(q, k, c, s):
+    """GPT-J style rotation of pairs (2k, 2k+1) of q and k by the half tables c, s."""
     def rot(x):
         x0, x1 = x[..., 0::2], x[..., 1::2]
         y0 = x0 * c - x1 * s
@@ -325,21 +321,20 @@ def _apply_rope_interleaved(q, k, cos, sin, unsqueeze_dim=1):
         return torch.stack((y0, y1), dim=-1).flatten(-2)
 
     return rot(q), rot(k)
+
+
+def _apply_rope_interleaved(q, k, cos, sin, unsqueeze_dim=1):
+    """GPT-J style rotation of pairs (2k, 2k+1) with HF's frequency k (cos[..., k], k < D/2)."""
+    half = cos.shape[-1] // 2
+    return _rotate_pairs(q, k, cos[..., :half].unsqueeze(unsqueeze_dim),
+                         sin[..., :half].unsqueeze(unsqueeze_dim))
 
 
 def _apply_rope_interleaved_sliced(q, k, cos, sin, unsqueeze_dim=1):
     """GPT-J style rotation of pairs (2k, 2k+1) reading HF's duplicated table sliced [..., 0::2]:
     pair k turns with cos[..., 2k], frequency 2k mod D/2."""
-    c = cos[..., 0::2].unsqueeze(unsqueeze_dim)
-    s = sin[..., 0::2].unsqueeze(unsqueeze_dim)
-
-    def rot(x):
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        y0 = x0 * c - x1 * s
-        y1 = x1 * c + x0 * s
-        return torch.stack((y0, y1), dim=-1).flatten(-2)
-
-    return rot(q), rot(k)
+    return _rotate_pairs(q, k, cos[..., 0::2].unsqueeze(unsqueeze_dim),
+                         sin[..., 0::2].unsqueeze(unsqueeze_dim))
 
 
 def _apply_rope_partial(q, k, cos, sin, unsqueeze_dim=1, _orig=ml.apply_rotary_pos_emb):

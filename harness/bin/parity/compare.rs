@@ -4,13 +4,13 @@
 use std::process::ExitCode;
 
 use llama_parity::dump::{guard, Dump};
-use llama_parity::pipeline::{self, Options};
+use llama_parity::pipeline;
 use llama_parity::weights::keymap::KeyMap;
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
 use crate::output::{
-    common_outputs, finish, floor, load_baseline, load_policy, progress, summary_only,
+    check_options, common_outputs, finish, floor, load_baseline, load_policy, summary_only,
 };
 
 pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
@@ -34,14 +34,7 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         Dump::open(&a.golden)?
     };
     let summary = summary_only(&a.common, &golden)?;
-    let opts = Options {
-        progress: &progress,
-        floor,
-        baseline: baseline.as_ref(),
-        max_regression: a.common.max_regression,
-        summary_only: summary.as_ref(),
-        ..Options::new(&policy)
-    };
+    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
     if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
         return crate::import::compare_msprobe(&a, &golden, &opts);
     }

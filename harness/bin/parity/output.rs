@@ -12,7 +12,7 @@ use llama_parity::contract::error::escape_controls;
 use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Dump;
 use llama_parity::dump::Precision;
-use llama_parity::pipeline::Floor;
+use llama_parity::pipeline::{Floor, Options};
 use llama_parity::report::baseline::Baseline;
 use llama_parity::report::{render_summary, Report};
 use llama_parity::{Error, Result};
@@ -131,4 +131,24 @@ pub fn common_outputs(c: &CommonArgs) -> Vec<Output<'_>> {
     let cache =
         c.floor_cache.as_deref().map(|dir| Output { label: "--floor-cache", dir, files: &[] });
     report.into_iter().chain(cache).collect()
+}
+
+/// The pipeline options of `compare` and `run`, from their common flags and what was
+/// loaded for them: progress on stderr, the floor, the baseline and `--max-regression`,
+/// statistics first.
+pub fn check_options<'a>(
+    c: &CommonArgs,
+    policy: &'a Policy,
+    floor: Floor<'a>,
+    baseline: Option<&'a Baseline>,
+    summary: Option<&'a SummaryOnly>,
+) -> Options<'a> {
+    Options {
+        progress: &progress,
+        floor,
+        baseline,
+        max_regression: c.max_regression,
+        summary_only: summary,
+        ..Options::new(policy)
+    }
 }

@@ -8,12 +8,13 @@ use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Dump;
 use llama_parity::model::mindformers::Device;
 use llama_parity::model::{Implementation, RunOptions};
-use llama_parity::pipeline::{self, Options};
+use llama_parity::pipeline;
 use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
 use crate::output::{
-    common_outputs, finish, floor, load_baseline, load_policy, precision, progress, summary_only,
+    check_options, common_outputs, finish, floor, load_baseline, load_policy, precision, progress,
+    summary_only,
 };
 
 pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
@@ -63,14 +64,7 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     };
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let baseline = load_baseline(&a.common)?;
-    let opts = Options {
-        progress: &progress,
-        floor,
-        baseline: baseline.as_ref(),
-        max_regression: a.common.max_regression,
-        summary_only: summary.as_ref(),
-        ..Options::new(&policy)
-    };
+    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;
