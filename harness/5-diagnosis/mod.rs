@@ -12,6 +12,13 @@
 //! as a correct simulation is to a correct HF run (the noise floor). A poor fit is
 //! never presented as a finding.
 //!
+//! Each fault is tried in several forms (CONTRACT §4): its default form, narrowed to the
+//! first divergent layer (then widened a layer at a time while the evidence fits
+//! better), to decode steps or to the component whose site diverges first, and with the
+//! parameters its family takes (a theta grid and a base fitted to the candidate's rotary
+//! table, the offset its positions show, ...). Each family keeps its best form, which
+//! the finding reports with its scope and parameters.
+//!
 //! Only hypotheses whose earliest effect lies at or before the first divergent site
 //! are run: a fault cannot explain a divergence that begins before it acts. A
 //! hypothesis whose run equals the correct run at every evidence site (a padding fault
@@ -398,8 +405,6 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         if fault == Fault::MaskFp16Overflow && precision != Precision::F16 {
             continue;
         }
-        // The family's default form, then the narrower scopes and other parameters that
-        // start where the divergence does; the best fit of the family is kept.
         // Runs one form and measures it; `None` when it is refuted or changes nothing here.
         let mut measure = |form: &ScopedFault| -> Result<Option<Fit>> {
             let effect = form_effect(form);
@@ -441,10 +446,18 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         let better = |f: &Fit, best: &Option<(ScopedFault, Fit)>| {
             best.as_ref().is_none_or(|(_, b)| f.mean() < b.mean() * (1.0 - 1e-9))
         };
+        // The family's default form, then the narrower scopes and other parameters that
+        // start where the divergence does; the best fit of the family is kept.
         let mut best: Option<(ScopedFault, Fit)> = None;
         // The closest form scoped to the first divergent layer alone, accepted or not.
         let mut seed: Option<(ScopedFault, Fit)> = None;
+        // A form that reproduces the candidate exactly cannot be bettered.
+        let exact =
+            |best: &Option<(ScopedFault, Fit)>| best.as_ref().is_some_and(|(_, b)| b.mean() == 0.0);
         for form in forms(fault, &first_at, golden, candidate)? {
+            if exact(&best) {
+                break;
+            }
             let Some(f) = measure(&form)? else { continue };
             if explains(&f) && better(&f, &best) {
                 best = Some((form.clone(), f.clone()));
@@ -454,7 +467,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             }
         }
         // Widen that scope one layer at a time while the evidence fits better.
-        if let Some((mut form, mut f)) = seed {
+        if let Some((mut form, mut f)) = seed.filter(|_| !exact(&best)) {
             while let Some(wider) = widened(&form, n_layers) {
                 match measure(&wider)? {
                     Some(g) if g.mean() < f.mean() * (1.0 - 1e-9) => (form, f) = (wider, g),
