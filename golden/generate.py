@@ -312,6 +312,13 @@ def _rmsnorm_eps_outside(self, hidden_states):
     return self.weight * hidden_states.to(input_dtype)
 
 
+def _swap(a, b):
+    """Exchanges the values of two parameters of the same shape, in place."""
+    tmp = a.detach().clone()
+    a.copy_(b)
+    b.copy_(tmp)
+
+
 def _rotate_pairs(q, k, c, s):
     """GPT-J style rotation of pairs (2k, 2k+1) of q and k by the half tables c, s."""
     def rot(x):
@@ -597,10 +604,7 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
             for i, layer in enumerate(model.model.layers):
                 if not layer_ok(i):
                     continue
-                g, u = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight
-                tmp = g.detach().clone()
-                g.copy_(u)
-                u.copy_(tmp)
+                _swap(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)
     if fault == "weights.transposed":
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
@@ -623,10 +627,7 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
     if plant == "weights.kv_swapped":
         with torch.no_grad():
             for layer in model.model.layers:
-                k, v = layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight
-                tmp = k.detach().clone()
-                k.copy_(v)
-                v.copy_(tmp)
+                _swap(layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight)
     if plant == "embed.scaled":
         with torch.no_grad():
             model.model.embed_tokens.weight.mul_(cfg.hidden_size ** 0.5)

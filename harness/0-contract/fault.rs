@@ -285,6 +285,16 @@ pub enum Scaling {
     Kept,
 }
 
+impl Scaling {
+    /// The `--fault` spelling: `dropped`, `kept`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scaling::Dropped => "dropped",
+            Scaling::Kept => "kept",
+        }
+    }
+}
+
 /// Which cos/sin entries the interleaved (GPT-J) rotation of `rope.interleaved` reads
 /// for pair k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +304,16 @@ pub enum RotaryTable {
     /// HF's duplicated table sliced `[0::2]`: entry 2k, so pair k turns with frequency
     /// 2k mod D/2.
     Sliced,
+}
+
+impl RotaryTable {
+    /// The `--fault` spelling: `half`, `sliced`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RotaryTable::Half => "half",
+            RotaryTable::Sliced => "sliced",
+        }
+    }
 }
 
 /// The parameters of a planted fault (CONTRACT §4 `params`); `None` is the family's
@@ -333,27 +353,33 @@ impl Params {
             out.push(("theta", format!("{t}")));
         }
         if let Some(s) = self.scaling {
-            out.push((
-                "scaling",
-                match s {
-                    Scaling::Dropped => "dropped",
-                    Scaling::Kept => "kept",
-                }
-                .into(),
-            ));
+            out.push(("scaling", s.name().to_string()));
         }
         if let Some(t) = self.table {
-            out.push((
-                "table",
-                match t {
-                    RotaryTable::Half => "half",
-                    RotaryTable::Sliced => "sliced",
-                }
-                .into(),
-            ));
+            out.push(("table", t.name().to_string()));
         }
         if let Some(o) = self.offset {
             out.push(("offset", format!("{o}")));
+        }
+        out
+    }
+
+    /// The parameters given, in the order `theta`, `scaling`, `table`, `offset`, as JSON
+    /// values (CONTRACT §4 `params`): numbers for `theta` and `offset`, names otherwise.
+    pub fn json(&self) -> Vec<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        let mut out = Vec::new();
+        if let Some(t) = self.theta {
+            out.push(("theta", json!(t)));
+        }
+        if let Some(s) = self.scaling {
+            out.push(("scaling", json!(s.name())));
+        }
+        if let Some(t) = self.table {
+            out.push(("table", json!(t.name())));
+        }
+        if let Some(o) = self.offset {
+            out.push(("offset", json!(o)));
         }
         out
     }

@@ -86,6 +86,20 @@ impl AscendOptions {
     }
 }
 
+impl AscendOptions {
+    /// MindFormers' defaults at `precision`, with the additive mask fill of the framework
+    /// that produced a dump (`Manifest::framework`): PyTorch's HF code fills hidden
+    /// entries with the dtype's minimum, so a padding query's fully hidden row is
+    /// uniform; MindSpore's -10000 leaves it uneven.
+    pub fn for_framework(precision: Precision, framework: &str) -> AscendOptions {
+        let mut o = AscendOptions::mindformers(precision);
+        if matches!(framework, "transformers" | "pytorch" | "torch") {
+            o.mask_fill = super::numerics::dtype_min(precision);
+        }
+        o
+    }
+}
+
 /// The numerics of the simulated port (with the precision faults of its plan).
 #[derive(Debug, Clone)]
 pub struct AscendNumerics {

@@ -42,7 +42,6 @@ use crate::contract::fault::{Component, Fault, Params, RotaryTable, Scaling, Sco
 use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::{Dump, Manifest, Precision};
 use crate::model::ascend::{self, AscendOptions};
-use crate::model::numerics::dtype_min;
 use crate::model::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -72,24 +71,13 @@ impl Finding {
         let layers = s.layers.as_ref().map_or(json!("all"), |l| json!(l));
         let steps = s.steps.as_ref().map_or(json!("all"), |p| json!(p));
         let component = s.component.map_or(Value::Null, |c| json!(c.name()));
-        let mut params = serde_json::Map::new();
         // `rope.wrong_theta` in any but its default form says both its parameters.
         let mut p = planted.params;
         if planted.fault == Fault::RopeWrongTheta && !p.is_default() {
             p.theta = Some(p.theta_or_default());
             p.scaling = Some(p.scaling.unwrap_or(Scaling::Dropped));
         }
-        if let Some(t) = p.theta {
-            params.insert("theta".into(), json!(t));
-        }
-        for (name, value) in p.pairs() {
-            if name != "theta" && name != "offset" {
-                params.insert(name.into(), json!(value));
-            }
-        }
-        if let Some(o) = p.offset {
-            params.insert("offset".into(), json!(o));
-        }
+        let params = p.json().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         Finding {
             fault: planted.fault.id().to_string(),
             score,
@@ -348,13 +336,9 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         .collect();
     let precision = candidate.manifest.dtype;
     // The simulated port at the candidate's dtype, with the candidate's framework's mask
-    // fill: a PyTorch candidate fills hidden entries with the dtype's minimum (HF), so a
-    // padding query's fully hidden row is uniform; MindSpore's -10000 is not, and the
-    // difference reaches later layers once a fault lets padding keys be read.
-    let mut simulated = AscendOptions::mindformers(precision);
-    if matches!(candidate.manifest.framework(), "transformers" | "pytorch" | "torch") {
-        simulated.mask_fill = dtype_min(precision);
-    }
+    // fill: the two fills differ on a padding query's fully hidden row, which reaches
+    // later layers once a fault lets padding keys be read.
+    let simulated = AscendOptions::for_framework(precision, candidate.manifest.framework());
     let run = |faults: Vec<ScopedFault>| -> Result<Dump> {
         Ok(ascend::run(golden, &simulated, &Plan::scoped(&faults), false)?.dump)
     };
@@ -736,16 +720,25 @@ fn fit_theta(golden: &Dump, candidate: &Dump, keep_scaling: bool) -> Result<Opti
         // Relative: the small angles of the slow frequencies are where theta shows.
         s.iter().zip(&target).map(|(a, b)| ((a - b) / b.abs().max(1e-6)).powi(2)).sum()
     };
-    let grid: Vec<f64> = (0..=120).map(|i| 2.0 + 0.05 * f64::from(i)).collect();
-    let best = grid.iter().copied().min_by(|a, b| error(*a).total_cmp(&error(*b))).unwrap_or(4.0);
-    let (mut lo, mut hi) = (best - 0.05, best + 0.05);
+    let best = (0..=120)
+        .map(|i| 2.0 + 0.05 * f64::from(i))
+        .map(|x| (x, error(x)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(4.0, |(x, _)| x);
+    // Golden-section search in the best cell: one new evaluation a step.
     let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut lo, mut hi) = (best - 0.05, best + 0.05);
+    let (mut a, mut b) = (hi - r * (hi - lo), lo + r * (hi - lo));
+    let (mut ea, mut eb) = (error(a), error(b));
     for _ in 0..60 {
-        let (a, b) = (hi - r * (hi - lo), lo + r * (hi - lo));
-        if error(a) < error(b) {
-            hi = b;
+        if ea < eb {
+            (hi, b, eb) = (b, a, ea);
+            a = hi - r * (hi - lo);
+            ea = error(a);
         } else {
-            lo = a;
+            (lo, a, ea) = (a, b, eb);
+            b = lo + r * (hi - lo);
+            eb = error(b);
         }
     }
     let theta = 10f64.powf((lo + hi) / 2.0);
