@@ -52,8 +52,9 @@ use serde::{Deserialize, Serialize};
 pub struct Finding {
     pub fault: String,
     pub score: f64,
-    /// `{"layers": [2] | "all", "steps": [..] | "all", "component": name | null}`; absent
-    /// in reports written before scopes were fitted.
+    /// CONTRACT §4: `{"layers": [2] | "all"}`, with `"steps": [..]` when narrowed to steps
+    /// and `"component": name` when narrowed to one; absent in reports written before
+    /// scopes were fitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<serde_json::Value>,
     /// The fitted parameters (`theta`, `scaling`, `table`, `offset`), empty for the
@@ -68,9 +69,14 @@ impl Finding {
     pub fn new(planted: &ScopedFault, score: f64, explains: String) -> Finding {
         use serde_json::{json, Value};
         let s = &planted.scope;
-        let layers = s.layers.as_ref().map_or(json!("all"), |l| json!(l));
-        let steps = s.steps.as_ref().map_or(json!("all"), |p| json!(p));
-        let component = s.component.map_or(Value::Null, |c| json!(c.name()));
+        let mut scope = serde_json::Map::new();
+        scope.insert("layers".into(), s.layers.as_ref().map_or(json!("all"), |l| json!(l)));
+        if let Some(steps) = &s.steps {
+            scope.insert("steps".into(), json!(steps));
+        }
+        if let Some(c) = s.component {
+            scope.insert("component".into(), json!(c.name()));
+        }
         // `rope.wrong_theta` in any but its default form says both its parameters.
         let mut p = planted.params;
         if planted.fault == Fault::RopeWrongTheta && !p.is_default() {
@@ -81,7 +87,7 @@ impl Finding {
         Finding {
             fault: planted.fault.id().to_string(),
             score,
-            scope: Some(json!({"layers": layers, "steps": steps, "component": component})),
+            scope: Some(Value::Object(scope)),
             params,
             explains,
         }
