@@ -9,9 +9,15 @@
 //! --impl reference` / `--impl ascend --dtype bfloat16`, each under `/usr/bin/time` for
 //! its peak RSS, and prints wall time, peak RSS and the ratios.
 //!
+//! Then it plants `rope.pos_reset`, `kv.wrong_slot` and `weights.gate_up_swapped` in the
+//! ascend run (`--fault`) and times each run with its diagnosis, checking that the
+//! diagnosis names the planted fault first.
+//!
 //! `cargo bench --bench scale` runs the 8B-shaped 2-layer model; `SCALE_MODELS=8b,1b`
 //! adds the Llama-3.2-1B-shaped one. Needs the golden venv (`GOLDEN_PYTHON`, default
-//! `/work/venvs/golden/bin/python`) and GNU time. One model process runs at a time.
+//! `~/.cache/llama-parity/golden-venv/bin/python`, where `.ci/setup` puts it) and GNU
+//! time. One model process runs at a time. The noise floor of each golden is measured
+//! (and cached) by an untimed first run, so the timed runs are the run and comparison.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,8 +79,10 @@ fn gib(b: u64) -> f64 {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python =
-        std::env::var("GOLDEN_PYTHON").unwrap_or_else(|_| "/work/venvs/golden/bin/python".into());
+    let python = std::env::var("GOLDEN_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/llama-parity/golden-venv/bin/python")
+    });
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
@@ -146,25 +154,44 @@ fn main() {
             .ok()
             .and_then(|v| v["forward_s"].as_f64())
             .unwrap_or(f64::NAN);
-        rows.push((m.key, "pytorch eager forward", fwd, t_wall, t_rss, ckpt_bytes, fwd));
+        rows.push((m.key, "pytorch eager forward".into(), fwd, t_wall, t_rss, ckpt_bytes, fwd));
+        rows.push((m.key, "pytorch, load included".into(), t_wall, t_wall, t_rss, ckpt_bytes, fwd));
         for (name, args) in [
             ("parity --impl reference", vec!["--impl", "reference"]),
             ("parity --impl ascend bf16", vec!["--impl", "ascend", "--dtype", "bfloat16"]),
         ] {
             let mut c = Command::new(&parity);
             c.arg("run").arg(&golden).args(&args).arg("-q").env("RAYON_NUM_THREADS", &threads);
+            // An untimed first run measures and caches the golden's noise floor.
+            timed(&format!("{}-{name}-warm", m.key), &mut c, &scratch);
             let (wall, rss, _) = timed(&format!("{}-{name}", m.key), &mut c, &scratch);
+            rows.push((m.key, name.to_string(), wall, wall, rss, ckpt_bytes, fwd));
+        }
+        for fault in ["rope.pos_reset", "kv.wrong_slot", "weights.gate_up_swapped"] {
+            let mut c = Command::new(&parity);
+            c.arg("run")
+                .arg(&golden)
+                .args(["--impl", "ascend", "--dtype", "bfloat16", "--fault", fault, "-q"])
+                .env("RAYON_NUM_THREADS", &threads);
+            let (wall, rss, out) = timed(&format!("{}-{fault}", m.key), &mut c, &scratch);
+            let named = out
+                .lines()
+                .skip_while(|l| !l.starts_with("diagnosis:"))
+                .nth(1)
+                .is_some_and(|l| l.split_whitespace().next() == Some(fault));
+            let name =
+                format!("run + diagnosis {fault}{}", if named { "" } else { " (NOT NAMED)" });
             rows.push((m.key, name, wall, wall, rss, ckpt_bytes, fwd));
         }
     }
     println!("\nscale benchmark, {threads} threads (ratios against PyTorch's forward in this run)");
     println!(
-        "{:<4} {:<28} {:>9} {:>8} {:>10} {:>12} {:>16}",
+        "{:<4} {:<48} {:>9} {:>8} {:>10} {:>12} {:>16}",
         "model", "run", "time s", "x torch", "peak GiB", "ckpt GiB", "rss-ckpt GiB"
     );
     for (key, name, secs, _wall, rss, ckpt, fwd) in rows {
         println!(
-            "{key:<4} {name:<28} {secs:>9.2} {:>8.2} {:>10.2} {:>12.2} {:>16.2}",
+            "{key:<4} {name:<48} {secs:>9.2} {:>8.2} {:>10.2} {:>12.2} {:>16.2}",
             secs / fwd,
             gib(rss),
             gib(ckpt),

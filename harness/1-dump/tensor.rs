@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::dtype::DType;
+use super::dtype::{DType, Precision};
 
 #[derive(Clone)]
 enum Bytes {
@@ -174,23 +174,63 @@ impl Tensor {
         match self.dtype {
             DType::F32 => {
                 for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([e[0], e[1], e[2], e[3]]) as f64;
+                    *o = f32::from_le_bytes(word(e)) as f64;
                 }
             }
             DType::BF16 => {
                 for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = f32::from_bits(u32::from(u16::from_le_bytes([e[0], e[1]])) << 16) as f64;
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes(half_word(e))) << 16) as f64;
                 }
             }
             DType::F16 => {
                 for (o, e) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([e[0], e[1]]).to_f64();
+                    *o = half::f16::from_le_bytes(half_word(e)).to_f64();
                 }
             }
             dtype => {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = decode(dtype, b, i);
                 }
+            }
+        }
+    }
+
+    /// Elements `start..start + out.len()` as `f64`, each stored at `at` first
+    /// ([`Precision::round`]; as they are for `None`). A float32 tensor rounded to
+    /// bfloat16 or float16 is rounded on its float32 bits as it is read, in one pass;
+    /// values the target holds exactly are only read.
+    pub fn read_f64_rounded_into(&self, start: usize, out: &mut [f64], at: Option<Precision>) {
+        use Precision::{Bf16, F16, F32};
+        let Some(p) = at else { return self.read_f64_into(start, out) };
+        match (self.dtype, p) {
+            (DType::F32, F32) | (DType::BF16, Bf16 | F32) | (DType::F16, F16 | F32) => {
+                self.read_f64_into(start, out)
+            }
+            (DType::F32, Bf16 | F16) => {
+                let b = &self.bytes()[start * 4..(start + out.len()) * 4];
+                let words = out.iter_mut().zip(b.chunks_exact(4));
+                let fits = if p == Bf16 {
+                    words.fold(true, |all, (o, e)| {
+                        let (v, fits) = f32_bits_to_bf16(u32::from_le_bytes(word(e)));
+                        *o = v;
+                        all & fits
+                    })
+                } else {
+                    words.fold(true, |all, (o, e)| {
+                        let (v, fits) = f32_bits_to_f16(u32::from_le_bytes(word(e)));
+                        *o = v;
+                        all & fits
+                    })
+                };
+                if !fits {
+                    for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
+                        *o = p.round(f32::from_le_bytes(word(e)) as f64);
+                    }
+                }
+            }
+            _ => {
+                self.read_f64_into(start, out);
+                p.round_slice(out);
             }
         }
     }
@@ -207,6 +247,40 @@ impl Tensor {
     }
 }
 
+/// A 4-byte chunk as an array, in one unaligned load.
+#[inline(always)]
+fn word(e: &[u8]) -> [u8; 4] {
+    e.try_into().expect("chunks of 4")
+}
+
+/// A 2-byte chunk as an array.
+#[inline(always)]
+fn half_word(e: &[u8]) -> [u8; 2] {
+    e.try_into().expect("chunks of 2")
+}
+
+/// The float32 value with these bits rounded to bfloat16 as `half::bf16::from_f64` rounds
+/// it (to nearest even from the top 20 mantissa bits), and whether it took the fast path
+/// (normal values and zeros; otherwise the value is not meaningful).
+#[inline(always)]
+fn f32_bits_to_bf16(bits: u32) -> (f64, bool) {
+    let exp = (bits >> 23) & 0xff;
+    let fits = exp.wrapping_sub(1) < 254 || bits << 1 == 0;
+    // Overflow carries into the exponent and gives infinity, as `half` does.
+    let r = ((bits & !7) + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    (f64::from(f32::from_bits(r)), fits)
+}
+
+/// The float32 value with these bits rounded to float16 (to nearest even), and whether
+/// it took the fast path (normal float16 values and zeros).
+#[inline(always)]
+fn f32_bits_to_f16(bits: u32) -> (f64, bool) {
+    let r = (bits + 0x0fff + ((bits >> 13) & 1)) & !0x1fff;
+    let fits = ((bits >> 23) & 0xff).wrapping_sub(127 - 14) <= 29 && (r >> 23) & 0xff <= 127 + 15
+        || bits << 1 == 0;
+    (f64::from(f32::from_bits(r)), fits)
+}
+
 #[inline]
 fn decode(dtype: DType, b: &[u8], i: usize) -> f64 {
     let s = dtype.size();
@@ -214,7 +288,7 @@ fn decode(dtype: DType, b: &[u8], i: usize) -> f64 {
     match dtype {
         DType::F64 => f64::from_le_bytes(e.try_into().expect("8 bytes")),
         DType::F32 => f32::from_le_bytes(e.try_into().expect("4 bytes")) as f64,
-        DType::F16 => half::f16::from_le_bytes([e[0], e[1]]).to_f64(),
+        DType::F16 => half::f16::from_le_bytes(half_word(e)).to_f64(),
         DType::BF16 => half::bf16::from_le_bytes([e[0], e[1]]).to_f64(),
         DType::I64 => i64::from_le_bytes(e.try_into().expect("8 bytes")) as f64,
         DType::I32 => i32::from_le_bytes(e.try_into().expect("4 bytes")) as f64,
@@ -236,6 +310,34 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_rounded_equals_rounding_each_value_read() {
+        // Float32 bit patterns around both half formats' ranges (ties, carries,
+        // subnormals, overflow, zeros, non-finite), from a fixed seed.
+        let mut v: Vec<f64> = vec![0.0, -0.0, 65504.0, 65520.0, f32::MAX as f64, 1e-40];
+        v.extend([f64::INFINITY, f64::NAN, 1.0 + 2f64.powi(-8) + 2f64.powi(-22)]);
+        let mut s: u64 = 0x5eed;
+        for _ in 0..100_000 {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let bits = (s >> 32) as u32;
+            let exp = 127 - 30 + (s >> 20) as u32 % 60;
+            v.push(f64::from(f32::from_bits(bits & 0x807f_ffff | exp << 23)));
+            v.push(f64::from(f32::from_bits(bits)));
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let t = Tensor::from_f64(&[v.len()], &v, dtype);
+            let read = t.to_f64_vec();
+            for p in [None, Some(Precision::Bf16), Some(Precision::F16), Some(Precision::F32)] {
+                let mut out = vec![0.0; v.len() - 3];
+                t.read_f64_rounded_into(3, &mut out, p);
+                for (r, x) in out.iter().zip(&read[3..]) {
+                    let want = p.map_or(*x, |p| p.round(*x));
+                    assert!(r.to_bits() == want.to_bits() || want.is_nan(), "{dtype} {p:?} {x:e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn values_round_trip_through_every_dtype() {

@@ -165,13 +165,18 @@ impl HfCheckpoint {
     /// Checks each listed file (`name` relative to the checkpoint directory) against its
     /// lowercase hex sha256. A mismatch or an unreadable file is an error naming it.
     pub fn verify_sha256(&self, expected: &BTreeMap<String, String>) -> Result<()> {
+        use rayon::prelude::*;
         let dir = if self.path.is_dir() { self.path.clone() } else { PathBuf::new() };
-        for (name, want) in expected {
-            let p = dir.join(name);
-            let got = sha256_once(&p)?;
+        // The shards are hashed in parallel; the first mismatch in the manifest's order
+        // is the one reported.
+        let files: Vec<(&String, &String)> = expected.iter().collect();
+        let got: Vec<Result<String>> =
+            files.par_iter().map(|(name, _)| sha256_once(&dir.join(name))).collect();
+        for ((name, want), got) in files.into_iter().zip(got) {
+            let got = got?;
             if !got.eq_ignore_ascii_case(want) {
                 return Err(Error::format(
-                    &p,
+                    dir.join(name),
                     format!("sha256 is {got}, the manifest lists {want}: not the checkpoint the golden was made from"),
                 ));
             }

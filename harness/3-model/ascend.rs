@@ -30,6 +30,7 @@
 use crate::contract::error::Result;
 use crate::dump::{Dump, Precision};
 
+use super::llama::Watch;
 use super::numerics::{Numerics, RoundAt};
 use super::plan::{Plan, SoftmaxPrecision, VariancePrecision};
 use super::runner::{load_model, RopeTableSource, Runner};
@@ -120,12 +121,38 @@ impl AscendNumerics {
         }
     }
 
-    /// A matmul's output: through float32 when it accumulates there, then the dtype.
-    fn matmul(&self, x: f64) -> f64 {
+    /// The roundings a value stored at `at` goes through, in order: one precision, or
+    /// float32 first and then another (a matmul accumulated in float32, the rotary
+    /// tables computed in float32).
+    fn steps(&self, at: RoundAt) -> (Option<Precision>, Precision) {
         let p = self.opts.precision;
-        match self.opts.accumulation {
-            Accumulation::Float32 => p.round(Precision::F32.round(x)),
-            Accumulation::Exact => p.round(x),
+        let f32 = Precision::F32;
+        match at {
+            RoundAt::Weight | RoundAt::Embedding => (None, p),
+            RoundAt::RopeFrequency | RoundAt::RopeAngle => (None, f32),
+            RoundAt::RopeTable => (Some(f32), self.opts.rotary_dtype),
+            RoundAt::NormVariance => match self.variance {
+                VariancePrecision::Float32 => (None, f32),
+                VariancePrecision::Compute => (None, p),
+            },
+            RoundAt::NormNormalized => match self.opts.norm_weight_order {
+                NormWeightOrder::CastThenWeight => (None, p),
+                NormWeightOrder::WeightInFloat32 => (None, f32),
+            },
+            RoundAt::NormOutput => (None, p),
+            // A matmul's output: through float32 when it accumulates there, then the dtype.
+            RoundAt::Projection | RoundAt::ScoreProduct | RoundAt::Context => {
+                match self.opts.accumulation {
+                    Accumulation::Float32 => (Some(f32), p),
+                    Accumulation::Exact => (None, p),
+                }
+            }
+            RoundAt::RopeOutput | RoundAt::Scores | RoundAt::MaskedScores => (None, p),
+            RoundAt::SoftmaxStep => match self.softmax {
+                SoftmaxPrecision::Float32 => (None, f32),
+                SoftmaxPrecision::Compute => (None, p),
+            },
+            RoundAt::Probs | RoundAt::MlpHidden | RoundAt::Residual => (None, p),
         }
     }
 }
@@ -139,30 +166,26 @@ impl Numerics for AscendNumerics {
         true
     }
 
-    fn round(&self, at: RoundAt, x: f64) -> f64 {
-        let p = self.opts.precision;
-        let f32 = Precision::F32;
-        match at {
-            RoundAt::Weight | RoundAt::Embedding => p.round(x),
-            RoundAt::RopeFrequency | RoundAt::RopeAngle => f32.round(x),
-            RoundAt::RopeTable => self.opts.rotary_dtype.round(f32.round(x)),
-            RoundAt::NormVariance => match self.variance {
-                VariancePrecision::Float32 => f32.round(x),
-                VariancePrecision::Compute => p.round(x),
-            },
-            RoundAt::NormNormalized => match self.opts.norm_weight_order {
-                NormWeightOrder::CastThenWeight => p.round(x),
-                NormWeightOrder::WeightInFloat32 => f32.round(x),
-            },
-            RoundAt::NormOutput => p.round(x),
-            RoundAt::Projection | RoundAt::ScoreProduct | RoundAt::Context => self.matmul(x),
-            RoundAt::RopeOutput | RoundAt::Scores | RoundAt::MaskedScores => p.round(x),
-            RoundAt::SoftmaxStep => match self.softmax {
-                SoftmaxPrecision::Float32 => f32.round(x),
-                SoftmaxPrecision::Compute => p.round(x),
-            },
-            RoundAt::Probs | RoundAt::MlpHidden | RoundAt::Residual => p.round(x),
+    fn weight_precision(&self) -> Option<Precision> {
+        match self.steps(RoundAt::Weight) {
+            (None, p) => Some(p),
+            (Some(_), _) => unreachable!("weights are rounded once"),
         }
+    }
+
+    fn round(&self, at: RoundAt, x: f64) -> f64 {
+        match self.steps(at) {
+            (Some(first), then) => then.round(first.round(x)),
+            (None, p) => p.round(x),
+        }
+    }
+
+    fn round_slice(&self, at: RoundAt, xs: &mut [f64]) {
+        let (first, then) = self.steps(at);
+        if let Some(first) = first {
+            first.round_slice(xs);
+        }
+        then.round_slice(xs);
     }
 
     fn mask_fill(&self) -> f64 {
@@ -182,6 +205,17 @@ pub fn run(
     plan: &Plan,
     teacher_force: bool,
 ) -> Result<RunOutput> {
+    run_watched(golden, opts, plan, teacher_force, None)
+}
+
+/// [`run`], with every site of the free run shown to `watch`, which may stop it early.
+pub fn run_watched(
+    golden: &Dump,
+    opts: &AscendOptions,
+    plan: &Plan,
+    teacher_force: bool,
+    watch: Option<std::sync::Arc<Watch>>,
+) -> Result<RunOutput> {
     let numerics = AscendNumerics::new(*opts, plan);
     let mut model = load_model(golden, plan)?;
     model.weights.round(&numerics);
@@ -196,6 +230,7 @@ pub fn run(
         plan,
         declared: opts.precision,
         rope_tables,
+        watch,
     };
     runner.run(&model, golden, teacher_force)
 }

@@ -69,6 +69,9 @@ impl DecoderLayer<'_> {
         out.put(site(LayerPart::QProj), q.clone());
         out.put(site(LayerPart::KProj), k.clone());
         out.put(site(LayerPart::VProj), v.clone());
+        if out.stopped() {
+            return;
+        }
         let q = split_heads(&q, c.num_attention_heads);
         let k = split_heads(&k, c.kv_heads());
         let v = split_heads(&v, c.kv_heads());
@@ -96,12 +99,18 @@ impl DecoderLayer<'_> {
         out.put(site(LayerPart::Context), ctx.clone());
         let o = lw.o_proj.forward(&ctx, n);
         out.put(site(LayerPart::OProj), o.clone());
+        if out.stopped() {
+            return;
+        }
         residual_add(h, &o, n);
 
         let post_norm = norm_plan(Component::PostAttentionLayernorm);
         let x = RmsNorm::planned(&lw.post_attention_layernorm, c.rms_norm_eps, &post_norm)
             .forward(h, n);
         out.put(site(LayerPart::PostAttentionLayernorm), x.clone());
+        if out.stopped() {
+            return;
+        }
         let y = Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }
             .forward(&x, n);
         out.put(site(LayerPart::Mlp), y.clone());

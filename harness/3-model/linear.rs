@@ -19,6 +19,9 @@ use super::numerics::{round_in_place, Numerics, RoundAt};
 /// 28 MiB of `f64` per thread.
 pub const ROW_BLOCK: usize = 256;
 
+/// Up to this many input rows, a stored matrix is multiplied a weight row at a time.
+const VECTOR_ROWS: usize = 8;
+
 /// A `[rows, cols]` matrix: widened to `f64` already, or stored in a checkpoint's dtype.
 #[derive(Debug, Clone)]
 pub enum Matrix {
@@ -51,10 +54,8 @@ impl Matrix {
             Matrix::Stored(t) => {
                 let c = self.ncols();
                 let mut v = vec![0.0; (r1 - r0) * c];
-                t.read_f64_into(r0 * c, &mut v);
-                let mut a = Array2::from_shape_vec((r1 - r0, c), v).expect("block shape");
-                round_in_place(n, RoundAt::Weight, &mut a);
-                a
+                t.read_f64_rounded_into(r0 * c, &mut v, n.weight_precision());
+                Array2::from_shape_vec((r1 - r0, c), v).expect("block shape")
             }
         }
     }
@@ -78,15 +79,34 @@ impl Matrix {
 
     /// `x · selfᵀ`: `x` `[m, cols]` → `[m, rows]`, in parallel blocks of [`ROW_BLOCK`]
     /// output columns, each block's weights widened (and rounded) when it runs.
+    ///
+    /// A few input rows (a decode step) make this a matrix-vector product bound by
+    /// reading the weights: a stored matrix is then widened one row at a time into a
+    /// buffer that stays in cache and dotted with each input row, instead of widening
+    /// and packing whole blocks for a matrix product.
     pub fn matmul_t(&self, x: ArrayView2<f64>, n: &dyn Numerics) -> Array2<f64> {
         let rows = self.nrows();
         let blocks: Vec<usize> = (0..rows.div_ceil(ROW_BLOCK)).collect();
+        let by_row = matches!(self, Matrix::Stored(_)) && x.nrows() <= VECTOR_ROWS;
         let parts: Vec<Array2<f64>> = blocks
             .par_iter()
             .map(|&bi| {
                 let (r0, r1) = (bi * ROW_BLOCK, ((bi + 1) * ROW_BLOCK).min(rows));
                 match self {
                     Matrix::Owned(a) => x.dot(&a.slice(s![r0..r1, ..]).t()),
+                    Matrix::Stored(t) if by_row => {
+                        let c = self.ncols();
+                        let mut w = Array1::zeros(c);
+                        let mut part = Array2::zeros((x.nrows(), r1 - r0));
+                        for r in r0..r1 {
+                            let buf = w.as_slice_mut().expect("a new array is contiguous");
+                            t.read_f64_rounded_into(r * c, buf, n.weight_precision());
+                            for (i, xi) in x.outer_iter().enumerate() {
+                                part[[i, r - r0]] = xi.dot(&w);
+                            }
+                        }
+                        part
+                    }
                     Matrix::Stored(_) => x.dot(&self.rows(r0, r1, n).t()),
                 }
             })
@@ -150,14 +170,25 @@ mod tests {
 
     #[test]
     fn blocked_stored_product_equals_the_whole_product() {
-        // 600 rows: two full blocks and a partial one.
+        // 600 rows: two full blocks and a partial one; 12 input rows take the blocked
+        // matrix product.
         let w = matrix(600, 40);
-        let x = matrix(3, 40);
+        let x = matrix(12, 40);
         let n = Exact::new(crate::dump::Precision::F32);
         let whole = x.dot(&w.t());
         let t = Tensor::from_array(&w, DType::F64);
         assert_eq!(Matrix::Stored(t).matmul_t(x.view(), &n), whole);
         assert_eq!(Matrix::Owned(w).matmul_t(x.view(), &n), whole);
+    }
+
+    #[test]
+    fn a_few_input_rows_are_dotted_with_each_stored_weight_row() {
+        let w = matrix(600, 40);
+        let x = matrix(3, 40).mapv(|v| v.sin());
+        let n = Exact::new(crate::dump::Precision::F32);
+        let by_row = Array2::from_shape_fn((3, 600), |(i, r)| x.row(i).dot(&w.row(r)));
+        let t = Tensor::from_array(&w, DType::F64);
+        assert_eq!(Matrix::Stored(t).matmul_t(x.view(), &n), by_row);
     }
 
     #[test]

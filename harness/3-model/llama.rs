@@ -59,15 +59,63 @@ pub trait LayerInputs {
     fn layer_input(&self, layer: usize) -> Result<Option<Array3<f64>>>;
 }
 
+/// Says, for each site of a run as it is produced, whether the run goes on.
+type KeepGoing = dyn Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync;
+
+/// Looks at each site of a run as it is produced and may stop the run: the diagnosis
+/// stops a hypothesis as soon as it departs from what the candidate showed, instead of
+/// running every layer and step to find out.
+pub struct Watch {
+    keep_going: Box<KeepGoing>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Watch {
+    /// A watch that stops the run the first time `keep_going` returns false.
+    pub fn new(
+        keep_going: impl Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync + 'static,
+    ) -> Watch {
+        Watch { keep_going: Box::new(keep_going), stopped: false.into() }
+    }
+
+    /// Whether it stopped a run.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn check(&self, step: Step, site: &Site, a: &ArrayD<f64>) {
+        if !self.stopped() && !(self.keep_going)(step, site, a) {
+            self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("stopped", &self.stopped()).finish_non_exhaustive()
+    }
+}
+
 /// Every site a step produced, in compute order.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub sites: Vec<(Site, ArrayD<f64>)>,
+    /// The step and the watch its sites are shown to, if any.
+    watch: Option<(Step, std::sync::Arc<Watch>)>,
 }
 
 impl StepOutput {
     pub(super) fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
-        self.sites.push((site, a.into_dyn()));
+        let a = a.into_dyn();
+        if let Some((step, w)) = &self.watch {
+            w.check(*step, &site, &a);
+        }
+        self.sites.push((site, a));
+    }
+
+    /// Whether a watch has stopped the run: the rest of the step is not computed.
+    pub fn stopped(&self) -> bool {
+        self.watch.as_ref().is_some_and(|(_, w)| w.stopped())
     }
 
     /// The tensor of `site`, if produced.
@@ -93,6 +141,7 @@ pub struct Session<'m> {
     /// Per row: real tokens seen so far (HF `cache_position`-based `pos_offset`).
     pos_offset: Vec<i64>,
     decode_steps: usize,
+    watch: Option<std::sync::Arc<Watch>>,
 }
 
 impl<'m> Session<'m> {
@@ -118,7 +167,14 @@ impl<'m> Session<'m> {
             key_valid: vec![Vec::new(); batch],
             pos_offset: vec![0; batch],
             decode_steps: 0,
+            watch: None,
         }
+    }
+
+    /// Shows every site to `watch` as it is produced; once it says stop, each step
+    /// returns what it has computed so far.
+    pub fn set_watch(&mut self, watch: std::sync::Arc<Watch>) {
+        self.watch = Some(watch);
     }
 
     /// Builds the rotary tables once for every position up to `max_position_embeddings`
@@ -243,7 +299,8 @@ impl<'m> Session<'m> {
         let c = &model.config;
         let w = &model.weights;
         let t = ids[0].len();
-        let mut out = StepOutput::default();
+        let mut out =
+            StepOutput { sites: Vec::new(), watch: self.watch.clone().map(|w| (step, w)) };
         out.put(Site::PositionIds, positions.mapv(|p| p as f64));
 
         let mut h = Embedding { weight: &w.embed_tokens }.forward(ids, n)?;
@@ -266,6 +323,9 @@ impl<'m> Session<'m> {
         };
         let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
         out.put(Site::Mask, m.clone());
+        if out.stopped() {
+            return Ok(out);
+        }
 
         let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
         for (i, lw) in w.layers.iter().enumerate() {
@@ -287,6 +347,9 @@ impl<'m> Session<'m> {
             }
             let layer = DecoderLayer { index: i, weights: lw, config: c, plan: self.plan };
             layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
+            if out.stopped() {
+                return Ok(out);
+            }
         }
         let final_norm = self.plan.at(None, Some(step), Some(Component::ModelNorm));
         let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, &final_norm).forward(&h, n);

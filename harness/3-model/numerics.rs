@@ -66,6 +66,10 @@ pub trait Numerics: Send + Sync {
     /// True if `round(at, _)` may change a value; lets the model skip whole-array passes.
     fn rounds_at(&self, at: RoundAt) -> bool;
 
+    /// The precision `RoundAt::Weight` rounds to (one [`Precision::round`]), or `None`
+    /// when weights keep their values; lets a stored matrix be rounded as it is read.
+    fn weight_precision(&self) -> Option<Precision>;
+
     /// The value stored at `at` for the exact value `x`.
     fn round(&self, at: RoundAt, x: f64) -> f64;
 
@@ -75,21 +79,31 @@ pub trait Numerics: Send + Sync {
     /// The dtype the additive mask is stored in (where a fill may overflow).
     fn mask_precision(&self) -> Precision;
 
+    /// Rounds every value of `xs` in place at `at`: [`Numerics::round`] of each, with
+    /// one dispatch for the whole slice where an implementation overrides it.
+    fn round_slice(&self, at: RoundAt, xs: &mut [f64]) {
+        for x in xs {
+            *x = self.round(at, *x);
+        }
+    }
+
     /// Rounds every element of `a` in place at `at`.
     fn round_array<D: Dimension>(&self, at: RoundAt, a: &mut Array<f64, D>)
     where
         Self: Sized,
     {
-        if self.rounds_at(at) {
-            a.mapv_inplace(|x| self.round(at, x));
-        }
+        round_in_place(self, at, a);
     }
 }
 
 /// Rounds `a` at `at` through a trait object (the model holds `&dyn Numerics`).
 pub fn round_in_place<D: Dimension>(n: &dyn Numerics, at: RoundAt, a: &mut Array<f64, D>) {
-    if n.rounds_at(at) {
-        a.mapv_inplace(|x| n.round(at, x));
+    if !n.rounds_at(at) {
+        return;
+    }
+    match a.as_slice_memory_order_mut() {
+        Some(xs) => n.round_slice(at, xs),
+        None => a.mapv_inplace(|x| n.round(at, x)),
     }
 }
 
@@ -121,6 +135,10 @@ impl Numerics for Exact {
 
     fn rounds_at(&self, at: RoundAt) -> bool {
         at == RoundAt::MaskedScores
+    }
+
+    fn weight_precision(&self) -> Option<Precision> {
+        None
     }
 
     fn round(&self, at: RoundAt, x: f64) -> f64 {

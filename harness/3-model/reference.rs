@@ -26,6 +26,7 @@ pub fn run(
         plan,
         declared: precision.unwrap_or(golden.manifest.dtype),
         rope_tables: RopeTableSource::PerStep,
+        watch: None,
     };
     runner.run(&model, golden, teacher_force)
 }

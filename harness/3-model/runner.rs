@@ -22,7 +22,7 @@ use crate::contract::site::{self, LayerPart, Site, Step};
 use crate::dump::{DType, Dump, Manifest, Precision, Tensor};
 use crate::weights::checkpoint::HfCheckpoint;
 
-use super::llama::{LayerInputs, Llama, Session, StepOutput};
+use super::llama::{LayerInputs, Llama, Session, StepOutput, Watch};
 use super::numerics::Numerics;
 use super::plan::Plan;
 use super::weights::Weights;
@@ -118,6 +118,9 @@ pub struct Runner<'a> {
     /// The dtype the dump declares.
     pub declared: Precision,
     pub rope_tables: RopeTableSource,
+    /// Shown every site of the free run as it is produced; the run ends after the step
+    /// in which it says stop (that step's sites up to there are in the dump).
+    pub watch: Option<std::sync::Arc<Watch>>,
 }
 
 /// The golden's layer inputs at one step.
@@ -170,6 +173,9 @@ impl Runner<'_> {
             // computed on use, the same value.
             session.precompute_rope_tables(max_len + 2);
         }
+        if let (Some(w), None) = (&self.watch, teacher) {
+            session.set_watch(w.clone());
+        }
         let mut tensors = BTreeMap::new();
         let what = if teacher.is_some() {
             format!("{} run, teacher-forced", self.implementation)
@@ -177,7 +183,9 @@ impl Runner<'_> {
             format!("{} run", self.implementation)
         };
         super::progress::begin(&what);
+        let mut done = Vec::with_capacity(steps.len());
         for &step in &steps {
+            done.push(step);
             let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
             let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);
             let out = match step {
@@ -197,7 +205,11 @@ impl Runner<'_> {
                     session.decode(&ids, inputs)?
                 }
             };
+            let stopped = out.stopped();
             store(step, out, &mut tensors);
+            if stopped {
+                break;
+            }
         }
         super::progress::end();
         let mut manifest: Manifest = golden.manifest.clone();
@@ -209,7 +221,7 @@ impl Runner<'_> {
             "faults": plan.faults.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         manifest.dtype = declared;
-        manifest.steps = steps;
+        manifest.steps = done;
         Dump::in_memory(manifest, tensors)
     }
 }

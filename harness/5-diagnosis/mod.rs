@@ -26,6 +26,12 @@
 //! candidate that the correct run already reproduces within the thresholds is within
 //! the noise floor: no fault is named for it.
 //!
+//! Hypotheses are refuted as early as the evidence allows: a divergence that starts at
+//! the positions or the mask is explained only by faults acting there, a fault that
+//! cannot show on the scenario is not run, and each run is watched site by site
+//! ([`Refuter`]): it stops where it departs from a site the candidate matched, or fails
+//! the first divergent site.
+//!
 //! The thresholds are the comparison's own, site by site (the measured noise floor and
 //! the user's policy included), so the diagnosis and the verdict judge alike.
 
@@ -356,36 +362,45 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     // site carries one; integer and mask sites take the first site's).
     let default_tol = Tolerance::default_for(cmp.golden_precision.coarser(cmp.candidate_precision));
     let first_tol = first.tolerance.unwrap_or(default_tol).max_rel_l2;
-    let accepts: Vec<f64> = evidence
+    let thresholds: Vec<f64> = evidence
         .iter()
         .map(|(step, site)| {
             let s = cmp.sites.iter().find(|s| s.step == *step && &s.site == site);
-            let t = match s {
+            match s {
                 Some(s) if s.metrics.as_ref().and_then(|m| m.values()).is_some() => {
                     s.tolerance.map_or(first_tol, |t| t.max_rel_l2)
                 }
                 _ => first_tol,
-            };
-            (3.0 * floor).max(t)
+            }
         })
         .collect();
+    let accepts: Vec<f64> = thresholds.iter().map(|t| (3.0 * floor).max(*t)).collect();
     let accept = accepts.first().copied().unwrap_or((3.0 * floor).max(first_tol));
     let mut notes = Vec::new();
-    // A candidate the correct run reproduces is within the floor: nothing to explain.
-    // (Positions and masks are exact: a mismatch there is never rounding.)
+    let mut refuter = Refuter::new(golden, candidate, cmp, &baseline, &first_at, default_tol)?;
+    // A candidate the correct run reproduces within the comparison's own thresholds (the
+    // measured floor and the user's policy included) is within the floor: nothing to
+    // explain. (Positions and masks are exact: a mismatch there is never rounding.)
     let first_is_values = first.metrics.as_ref().and_then(|m| m.values()).is_some();
-    if first_is_values && clean.at_first() <= accept && clean.within(&accepts) {
+    if first_is_values
+        && clean.at_first() <= thresholds.first().copied().unwrap_or(first_tol)
+        && clean.within(&thresholds)
+    {
         notes.push(format!(
             "no fault named: a correct run reproduces the candidate within the thresholds ({} {:.1e} at {} {}; {} of {} evidence sites within)",
             clean.first_measure,
             clean.at_first(),
             first.step,
             first.site,
-            clean.matched_each(&accepts),
+            clean.matched_each(&thresholds),
             clean.errors.len()
         ));
         return Ok(Diagnosis { findings: Vec::new(), notes });
     }
+    // A hypothesis must reproduce the first divergent site (within the acceptance
+    // threshold and four times closer than the correct run, as `explains` asks): its run
+    // stops there if not.
+    refuter.require(candidate, &first_at, accept.min(0.25 * clean.at_first()))?;
     let mut found = Vec::new();
     let n_layers = golden.manifest.model.num_hidden_layers;
     for fault in Fault::ALL {
@@ -393,6 +408,20 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             continue;
         }
         if fault == Fault::MaskFp16Overflow && precision != Precision::F16 {
+            continue;
+        }
+        // Positions and the mask are computed from the scenario alone: a divergence that
+        // starts there is explained only by a fault that acts there.
+        if matches!(first_at.1, Site::PositionIds | Site::Mask)
+            && earliest_effect(fault).1 != first_at.1
+        {
+            continue;
+        }
+        // A fault with nothing to act on in this scenario changes nothing (a theta fault
+        // excepted: its other bases act on any rope).
+        if fault != Fault::RopeWrongTheta
+            && matches!(first_site(fault, &golden.manifest, precision), Visibility::CannotShow(_))
+        {
             continue;
         }
         // Runs one form and measures it; `None` when it is refuted or changes nothing here.
@@ -409,13 +438,19 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             if narrowed && fault != Fault::RopeCosSinSwapped && passed(cmp, &effect) {
                 return Ok(None);
             }
-            let dump = match run(vec![form.clone()]) {
-                Ok(d) => d,
+            let watch = refuter.watch(form);
+            let planned = Plan::scoped(std::slice::from_ref(form));
+            let dump = match ascend::run_watched(golden, &simulated, &planned, false, watch.clone())
+            {
+                Ok(out) => out.dump,
                 Err(e) => {
                     notes.push(format!("{form} not tried: {e}"));
                     return Ok(None);
                 }
             };
+            if watch.is_some_and(|w| w.stopped()) {
+                return Ok(None);
+            }
             // A form that changes nothing on this scenario explains nothing.
             if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
                 return Ok(None);
@@ -493,6 +528,100 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
     Ok(Diagnosis { findings: found, notes })
+}
+
+/// Refutes a hypothesis while it runs: at the sites before the first divergence that
+/// the candidate matched, a run far from the candidate (beyond three times the larger
+/// of the site's threshold and the correct run's own distance from the candidate)
+/// would have failed where the candidate passed, so it cannot be the candidate's fault,
+/// and its run stops there instead of computing every later layer and step.
+struct Refuter {
+    /// `"<step>/<site>"` → the candidate's tensor and the bound on a run's error from it.
+    sites: std::sync::Arc<std::collections::HashMap<String, (crate::dump::Tensor, f64)>>,
+    scenario: std::sync::Arc<crate::dump::Scenario>,
+}
+
+impl Refuter {
+    fn new(
+        golden: &Dump,
+        candidate: &Dump,
+        cmp: &Comparison,
+        baseline: &Dump,
+        first: &(Step, Site),
+        default_tol: Tolerance,
+    ) -> Result<Refuter> {
+        let scenario = &golden.manifest.scenario;
+        let mut sites = std::collections::HashMap::new();
+        for s in cmp.sites.iter().filter(|s| s.status == Status::Pass) {
+            if order(&(s.step, s.site.clone()), first) != Ordering::Less {
+                continue;
+            }
+            let (Some(c), Some(b)) =
+                (candidate.get(s.step, &s.site)?, baseline.get(s.step, &s.site)?)
+            else {
+                continue;
+            };
+            let (clean, _) = error_between(&b, &c, s.step, &s.site, scenario);
+            let bound = if s.metrics.as_ref().and_then(|m| m.values()).is_some() {
+                3.0 * s.tolerance.unwrap_or(default_tol).max_rel_l2.max(clean)
+            } else {
+                clean
+            };
+            sites.insert(crate::contract::site::key(s.step, &s.site), (c, bound));
+        }
+        Ok(Refuter {
+            sites: std::sync::Arc::new(sites),
+            scenario: std::sync::Arc::new(scenario.clone()),
+        })
+    }
+
+    /// Adds `at` with its own bound: a run farther than `bound` from the candidate there
+    /// is refuted.
+    fn require(&mut self, candidate: &Dump, at: &(Step, Site), bound: f64) -> Result<()> {
+        if let Some(c) = candidate.get(at.0, &at.1)? {
+            let mut sites = (*self.sites).clone();
+            sites.insert(crate::contract::site::key(at.0, &at.1), (c, bound));
+            self.sites = std::sync::Arc::new(sites);
+        }
+        Ok(())
+    }
+
+    /// The watch for one form's run; `None` when there is nothing to refute it by. A
+    /// port may swap the rotary tables only where it applies them, so the dumped tables
+    /// do not refute `rope.cos_sin_swapped`.
+    fn watch(&self, form: &ScopedFault) -> Option<std::sync::Arc<crate::model::llama::Watch>> {
+        if self.sites.is_empty() {
+            return None;
+        }
+        let (sites, scenario) = (self.sites.clone(), self.scenario.clone());
+        let tables_free = form.fault == Fault::RopeCosSinSwapped;
+        Some(std::sync::Arc::new(crate::model::llama::Watch::new(move |step, site, a| {
+            if tables_free && matches!(site, Site::RotaryCos | Site::RotarySin) {
+                return true;
+            }
+            let Some((c, bound)) = sites.get(&crate::contract::site::key(step, site)) else {
+                return true;
+            };
+            let run = crate::dump::Tensor::from_array(a, crate::dump::DType::F64);
+            error_between(&run, c, step, site, &scenario).0 <= *bound
+        })))
+    }
+}
+
+/// The error between a run's tensor and a target's at one site: rel-L2, or the mismatch
+/// fraction for integer sites and the mask (capped at 10), and whether it is rel-L2.
+fn error_between(
+    run: &crate::dump::Tensor,
+    target: &crate::dump::Tensor,
+    step: Step,
+    site: &Site,
+    scenario: &crate::dump::Scenario,
+) -> (f64, bool) {
+    let res =
+        compare_site(step, site, run, Some(target), scenario, &Policy::default(), Precision::F32);
+    let e = res.metrics.as_ref().map_or(f64::INFINITY, |m| m.error());
+    let values = matches!(res.metrics, Some(crate::compare::SiteMetrics::Values(_)));
+    (if e.is_finite() { e.min(10.0) } else { 10.0 }, values)
 }
 
 /// The forms of `fault` worth trying for a divergence that starts at `first`: the
@@ -785,28 +914,17 @@ fn position_offset(golden: &Dump, candidate: &Dump) -> Result<Option<i64>> {
 /// Measures `run` against `target` at the evidence sites (padding handled as in
 /// comparisons, with `golden`'s scenario).
 fn fit(run: &Dump, target: &Dump, golden: &Dump, evidence: &[(Step, Site)]) -> Result<Fit> {
-    let policy = Policy::default();
     let mut errors = Vec::with_capacity(evidence.len());
     let mut first_measure = "rel-L2";
     for (step, site) in evidence {
         let (Some(r), Some(t)) = (run.get(*step, site)?, target.get(*step, site)?) else {
             continue;
         };
-        let res = compare_site(
-            *step,
-            site,
-            &r,
-            Some(&t),
-            &golden.manifest.scenario,
-            &policy,
-            Precision::F32,
-        );
-        let e = res.metrics.as_ref().map_or(f64::INFINITY, |m| m.error());
-        if errors.is_empty() && !matches!(res.metrics, Some(crate::compare::SiteMetrics::Values(_)))
-        {
+        let (e, values) = error_between(&r, &t, *step, site, &golden.manifest.scenario);
+        if errors.is_empty() && !values {
             first_measure = "mismatch fraction";
         }
-        errors.push(if e.is_finite() { e.min(10.0) } else { 10.0 });
+        errors.push(e);
     }
     Ok(Fit { errors, first_measure })
 }
