@@ -29,6 +29,7 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::contract::site::{ShapeDims, Site, Step};
 use llama_parity::dump::Dump;
 use llama_parity::pipeline::{self, Options};
+use parity_testkit::{cpu_seconds, peak_rss, splitmix};
 
 const H: usize = 4096;
 const NH: usize = 32;
@@ -53,13 +54,6 @@ fn shape(step: Step, site: &Site, p: usize) -> Vec<usize> {
         vocab: V,
     };
     site.shape(step, &dims)
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Writes one safetensors file of `tensors` (key, shape, dtype name, bytes per element),
@@ -193,24 +187,6 @@ fn make_pair(dir: &Path, layers: usize, p: usize) {
     }
     std::fs::write(&stamp, want).expect("stamp");
     println!("made the dump pair in {:.1} s", t.elapsed().as_secs_f64());
-}
-
-/// Peak resident set (VmHWM) of this process, in bytes.
-fn peak_rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// CPU seconds (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
 }
 
 /// In a child: runs one measurement and prints `wall cpu peak_rss` (and writes metrics).

@@ -73,6 +73,102 @@ fn timed(label: &str, cmd: &mut Command, scratch: &Path) -> (f64, u64, String) {
     (wall, kb * 1024, stdout)
 }
 
+/// What the checks of one model need.
+struct Ctx<'a> {
+    parity: &'a Path,
+    python: &'a str,
+    root: &'a Path,
+    threads: &'a str,
+    model: &'a Model,
+    dir: &'a Path,
+}
+
+/// One check: model, run, expected, got, whether they agree.
+type Check = (&'static str, String, String, String, bool);
+
+/// The verdict and first divergence of a `parity` command writing its report to `rep`.
+fn verdict_of(c: &mut Command, rep: &Path) -> String {
+    let _ = std::fs::remove_dir_all(rep);
+    let out = c.arg("--report").arg(rep).arg("-q").output().expect("parity");
+    if out.status.code().is_none_or(|c| c > 1) {
+        return format!("exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    }
+    let text = std::fs::read_to_string(rep.join("report.json")).unwrap_or_default();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    match r["first_divergence"].as_object() {
+        Some(d) => {
+            format!("{} {}", d["step"].as_str().unwrap_or("?"), d["site"].as_str().unwrap_or("?"))
+        }
+        None => r["verdict"].as_str().unwrap_or("?").to_lowercase(),
+    }
+}
+
+/// The noise floor's claims at real shape (issue: tolerances that hold at every size):
+/// correct runs of the same weights pass (the reference, the ascend port at bfloat16 and
+/// float16, HF's own bfloat16 and float16 runs made by `generate.py`), and each CONTRACT
+/// §3 fault planted in the ascend port at bfloat16 fails first where `first_site` says.
+fn correct_runs_and_fault_matrix(x: &Ctx) -> Vec<Check> {
+    use llama_parity::contract::fault::Fault;
+    use llama_parity::diagnosis::{first_site, Visibility};
+    use llama_parity::dump::{Dump, Precision};
+    let m = x.model;
+    let golden = x.dir.join("golden");
+    let rep = x.dir.join("check-report");
+    let mut out = Vec::new();
+    let mut correct = |name: String, c: &mut Command| {
+        let got = verdict_of(c.env("RAYON_NUM_THREADS", x.threads), &rep);
+        out.push((m.key, name, "pass".to_string(), got.clone(), got == "pass"));
+    };
+    for (impl_, dtype) in [("reference", "float32"), ("ascend", "bfloat16"), ("ascend", "float16")]
+    {
+        let mut c = Command::new(x.parity);
+        c.arg("run").arg(&golden).args(["--impl", impl_, "--dtype", dtype, "--no-diagnosis"]);
+        correct(format!("parity run --impl {impl_} --dtype {dtype}"), &mut c);
+    }
+    for dtype in ["bfloat16", "float16"].into_iter().filter(|d| *d != m.dtype) {
+        let hf = x.dir.join(format!("hf_{dtype}"));
+        if !hf.join("manifest.json").is_file() {
+            let st = Command::new(x.python)
+                .args(["golden/generate.py", "-q", "--threads", x.threads, "--model"])
+                .arg(x.dir.join("checkpoint"))
+                .arg("--input-ids")
+                .arg(x.dir.join("ids.json"))
+                .args(["--dtype", dtype, "--out"])
+                .arg(&hf)
+                .current_dir(x.root)
+                .status()
+                .expect("generate");
+            assert!(st.success(), "generate.py --dtype {dtype} failed");
+        }
+        let mut c = Command::new(x.parity);
+        c.arg("compare").arg(&golden).arg(&hf).arg("--no-diagnosis");
+        correct(format!("HF {dtype} run (generate.py) vs the golden"), &mut c);
+    }
+    let manifest = Dump::open(&golden).expect("golden").manifest;
+    for fault in Fault::ALL {
+        let precision =
+            if fault == Fault::MaskFp16Overflow { Precision::F16 } else { Precision::Bf16 };
+        let expected = match first_site(fault, &manifest, precision) {
+            Visibility::Shows(step, site) => format!("{step} {site}"),
+            Visibility::CannotShow(_) => "pass".to_string(),
+        };
+        let mut c = Command::new(x.parity);
+        c.arg("run").arg(&golden).env("RAYON_NUM_THREADS", x.threads).args([
+            "--impl",
+            "ascend",
+            "--dtype",
+            precision.name(),
+            "--fault",
+            fault.id(),
+            "--no-diagnosis",
+        ]);
+        let got = verdict_of(&mut c, &rep);
+        let ok = got == expected;
+        out.push((m.key, format!("--fault {}", fault.id()), expected, got, ok));
+    }
+    out
+}
+
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
@@ -93,6 +189,7 @@ fn main() {
     let scratch = target.join("scale-bench");
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let mut rows = Vec::new();
+    let mut checks = Vec::new();
     for m in MODELS.iter().filter(|m| wanted.split(',').any(|w| w == m.key)) {
         let dir = scratch.join(m.key);
         let ckpt = dir.join("checkpoint");
@@ -182,6 +279,26 @@ fn main() {
             let name =
                 format!("run + diagnosis {fault}{}", if named { "" } else { " (NOT NAMED)" });
             rows.push((m.key, name, wall, wall, rss, ckpt_bytes, fwd));
+        }
+        if std::env::var_os("SCALE_CHECKS").is_some() {
+            checks.extend(correct_runs_and_fault_matrix(&Ctx {
+                parity: &parity,
+                python: &python,
+                root: &root,
+                threads: &threads,
+                model: m,
+                dir: &dir,
+            }));
+        }
+    }
+    if !checks.is_empty() {
+        println!("\ncorrect runs pass, planted faults fail first where they act (SCALE_CHECKS)");
+        println!("{:<4} {:<52} {:<48} {:<48} ok", "model", "run", "expected", "got");
+        for (key, run, expected, got, ok) in &checks {
+            println!(
+                "{key:<4} {run:<52} {expected:<48} {got:<48} {}",
+                if *ok { "yes" } else { "NO" }
+            );
         }
     }
     println!("\nscale benchmark, {threads} threads (ratios against PyTorch's forward in this run)");

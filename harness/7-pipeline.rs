@@ -92,6 +92,9 @@ pub fn check(
     report.noise_floor_note = source.as_ref().map(FloorSource::note);
     if opts.diagnose {
         diagnose_into(&mut report, golden, candidate, &cmp, opts);
+    } else if cmp.first_divergence().is_some() {
+        report.diagnosis_note = Some("not made: not asked for".to_string());
+        report.localisation = localise(&cmp);
     }
     if let Some(tf) = teacher_forced {
         let local = compare_with_floor(golden, tf, opts.policy, floor)?;

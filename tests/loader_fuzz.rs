@@ -85,15 +85,6 @@ fn mutate(rng: &mut TestRng, seed: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Peak resident set of this process, from /proc (bytes).
-fn peak_rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// Runs `load` on mutations of `seeds` until the time box ends; asserts no panic, no
 /// slow input, bounded memory; prints the counts.
 fn fuzz(name: &str, seed: u64, seeds: &[Vec<u8>], load: impl Fn(&[u8]) -> bool) {
@@ -115,7 +106,7 @@ fn fuzz(name: &str, seed: u64, seeds: &[Vec<u8>], load: impl Fn(&[u8]) -> bool) 
         slowest = slowest.max(t.elapsed());
         execs += 1;
     }
-    let rss = peak_rss();
+    let rss = parity_testkit::peak_rss();
     eprintln!(
         "fuzz {name}: {execs} executions, {accepted} accepted, {} crashes, slowest {:.3} s, peak RSS {} MiB",
         crashes.len(),

@@ -27,6 +27,7 @@ mod noise_floor;
 mod pass_fail_rule;
 mod random_models;
 mod reference;
+mod replay;
 mod report_browser;
 mod report_files;
 mod rope_properties;

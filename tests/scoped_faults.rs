@@ -177,3 +177,28 @@ fn a_scope_the_fault_or_the_port_cannot_take_exits_2_naming_the_flag() {
         assert_eq!(errors.len(), 1, "one error line: {err}");
     }
 }
+
+#[test]
+fn no_diagnosis_reports_the_divergence_and_where_it_starts_without_hypotheses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rep = tmp.path().join("r");
+    let (code, out, err) = parity(&[
+        "run",
+        "golden/gqa_pad_f32",
+        "--impl",
+        "ascend",
+        "--fault",
+        "rope.pos_reset",
+        "--no-diagnosis",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(!err.contains("diagnosing"), "{err}");
+    let r = report_json(&rep);
+    assert_eq!(r["first_divergence"]["site"], "inputs.position_ids");
+    assert_eq!(r["diagnosis"], serde_json::json!([]), "{r}");
+    assert_eq!(r["diagnosis_note"], "not made: not asked for");
+    let starts = r["localisation"].as_str().unwrap_or_default();
+    assert!(starts.starts_with("decode.0 inputs.position_ids"), "{starts}");
+}

@@ -33,7 +33,7 @@ use crate::dump::{Dump, Precision};
 use super::llama::Watch;
 use super::numerics::{Numerics, RoundAt};
 use super::plan::{Plan, SoftmaxPrecision, VariancePrecision};
-use super::runner::{load_model, RopeTableSource, Runner};
+use super::runner::{load_model, Recorded, Replay, RopeTableSource, Runner};
 use super::RunOutput;
 
 /// Where RMSNorm applies its weight.
@@ -208,6 +208,29 @@ pub fn run(
     run_watched(golden, opts, plan, teacher_force, None)
 }
 
+/// How a run departs from the correct recorded one: replayed from a step and layer
+/// ([`Replay`]), its sites shown to a watch that may stop it early.
+pub struct Hypothesis<'b> {
+    pub plan: &'b Plan,
+    pub replay: Option<Replay<'b>>,
+    pub watch: Option<std::sync::Arc<Watch>>,
+}
+
+/// The correct run (no fault) of `golden`'s scenario as the simulated port, recorded to
+/// replay hypotheses from.
+pub fn run_recorded(golden: &Dump, opts: &AscendOptions) -> Result<Recorded> {
+    let plan = Plan::default();
+    with_runner(golden, opts, &plan, None, |runner, model| runner.run_recorded(model, golden))
+}
+
+/// The run of one hypothesis: replayed from its departure when it has one, else in full.
+pub fn run_hypothesis(golden: &Dump, opts: &AscendOptions, h: Hypothesis) -> Result<Dump> {
+    with_runner(golden, opts, h.plan, h.watch, |runner, model| match &h.replay {
+        Some(replay) => runner.run_replayed(model, golden, replay),
+        None => Ok(runner.run(model, golden, false)?.dump),
+    })
+}
+
 /// [`run`], with every site of the free run shown to `watch`, which may stop it early.
 pub fn run_watched(
     golden: &Dump,
@@ -216,6 +239,18 @@ pub fn run_watched(
     teacher_force: bool,
     watch: Option<std::sync::Arc<Watch>>,
 ) -> Result<RunOutput> {
+    with_runner(golden, opts, plan, watch, |runner, model| runner.run(model, golden, teacher_force))
+}
+
+/// Loads `golden`'s model for the simulated port with `opts` and `plan` and hands its
+/// runner to `f`.
+fn with_runner<T>(
+    golden: &Dump,
+    opts: &AscendOptions,
+    plan: &Plan,
+    watch: Option<std::sync::Arc<Watch>>,
+    f: impl FnOnce(&Runner, &super::llama::Llama) -> Result<T>,
+) -> Result<T> {
     let numerics = AscendNumerics::new(*opts, plan);
     let mut model = load_model(golden, plan)?;
     model.weights.round(&numerics);
@@ -232,7 +267,7 @@ pub fn run_watched(
         rope_tables,
         watch,
     };
-    runner.run(&model, golden, teacher_force)
+    f(&runner, &model)
 }
 
 #[cfg(test)]

@@ -129,6 +129,19 @@ impl StepOutput {
     }
 }
 
+/// What a [`Session`] carries from one step to the next: enough to resume a run at the
+/// start of a step.
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    caches: Vec<KvCache>,
+    key_valid: Vec<Vec<bool>>,
+    pos_offset: Vec<i64>,
+    decode_steps: usize,
+}
+
+/// Where a resumed run gets the input to its first computed layer at each step.
+pub type ResumeInput<'m> = dyn Fn(Step, usize) -> Result<Array3<f64>> + 'm;
+
 /// A run of steps over one batch.
 pub struct Session<'m> {
     model: &'m Llama,
@@ -142,6 +155,10 @@ pub struct Session<'m> {
     pos_offset: Vec<i64>,
     decode_steps: usize,
     watch: Option<std::sync::Arc<Watch>>,
+    /// Layers before this one are not computed; the input to this one comes from
+    /// `resume_input` (block replay).
+    first_layer: usize,
+    resume_input: Option<Box<ResumeInput<'m>>>,
 }
 
 impl<'m> Session<'m> {
@@ -168,7 +185,42 @@ impl<'m> Session<'m> {
             pos_offset: vec![0; batch],
             decode_steps: 0,
             watch: None,
+            first_layer: 0,
+            resume_input: None,
         }
+    }
+
+    /// What this session carries into its next step.
+    pub fn state(&self) -> SessionState {
+        SessionState {
+            caches: self.caches.clone(),
+            key_valid: self.key_valid.clone(),
+            pos_offset: self.pos_offset.clone(),
+            decode_steps: self.decode_steps,
+        }
+    }
+
+    /// Continues from `state`, as if the steps that led to it had been run here.
+    pub fn restore(&mut self, state: SessionState) {
+        self.caches = state.caches;
+        self.key_valid = state.key_valid;
+        self.pos_offset = state.pos_offset;
+        self.decode_steps = state.decode_steps;
+    }
+
+    /// Takes the caches of layers `..layers` from `state` (the layers a replayed run does
+    /// not compute keep the recorded run's caches, which the mask's length follows).
+    pub fn restore_caches(&mut self, state: &SessionState, layers: usize) {
+        for (mine, theirs) in self.caches.iter_mut().zip(&state.caches).take(layers) {
+            mine.clone_from(theirs);
+        }
+    }
+
+    /// From now on, computes only layers `first..`: the input to layer `first` at each
+    /// step is `input(step, first)`, and the sites of earlier layers are not produced.
+    pub fn start_at_layer(&mut self, first: usize, input: Box<ResumeInput<'m>>) {
+        self.first_layer = first;
+        self.resume_input = Some(input);
     }
 
     /// Shows every site to `watch` as it is produced; once it says stop, each step
@@ -328,7 +380,22 @@ impl<'m> Session<'m> {
         }
 
         let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
-        for (i, lw) in w.layers.iter().enumerate() {
+        let first = self.first_layer.min(w.layers.len());
+        if let (true, Some(input)) = (first > 0, &self.resume_input) {
+            let x = input(step, first)?;
+            if x.dim() != h.dim() {
+                return Err(Error::scenario(
+                    format!("model.layers.{first}"),
+                    format!(
+                        "the resumed input has shape {:?}, expected {:?}",
+                        x.shape(),
+                        h.shape()
+                    ),
+                ));
+            }
+            h = x;
+        }
+        for (i, lw) in w.layers.iter().enumerate().skip(first) {
             super::progress::layer(&step_label, i, w.layers.len());
             if let Some(teacher) = teacher {
                 if let Some(x) = teacher.layer_input(i)? {

@@ -22,7 +22,7 @@ use crate::contract::site::{self, LayerPart, Site, Step};
 use crate::dump::{DType, Dump, Manifest, Precision, Tensor};
 use crate::weights::checkpoint::HfCheckpoint;
 
-use super::llama::{LayerInputs, Llama, Session, StepOutput, Watch};
+use super::llama::{LayerInputs, Llama, Session, SessionState, StepOutput, Watch};
 use super::numerics::Numerics;
 use super::plan::Plan;
 use super::weights::Weights;
@@ -144,7 +144,37 @@ impl LayerInputs for GoldenInputs<'_> {
     }
 }
 
+/// A correct free run kept to replay others from: its dump, and its session state at the
+/// start of each of the golden's steps.
+pub struct Recorded {
+    pub dump: Dump,
+    states: Vec<SessionState>,
+}
+
+/// Where a replayed run departs from a [`Recorded`] one: at the start of the golden's
+/// step `step` (an index into its steps) and at decoder layer `layer`. Everything before
+/// is the recorded run's, taken as it is (block replay): the run's faults must not act
+/// there, which holds from their earliest effect on.
+pub struct Replay<'b> {
+    pub base: &'b Recorded,
+    pub step: usize,
+    pub layer: usize,
+}
+
 impl Runner<'_> {
+    /// The free run, recorded so that other runs can be replayed from it.
+    pub fn run_recorded(&self, model: &Llama, golden: &Dump) -> Result<Recorded> {
+        let mut states = Vec::new();
+        let dump = self.run_steps(model, golden, None, None, Some(&mut states))?;
+        Ok(Recorded { dump, states })
+    }
+
+    /// The free run replayed from `replay`: only the steps from its step on and the layers
+    /// from its layer on are computed; the rest of the dump is the recorded run's.
+    pub fn run_replayed(&self, model: &Llama, golden: &Dump, replay: &Replay) -> Result<Dump> {
+        self.run_steps(model, golden, None, Some(replay), None)
+    }
+
     /// The free run, and with `teacher_force` the teacher-forced run too.
     pub fn run(&self, model: &Llama, golden: &Dump, teacher_force: bool) -> Result<RunOutput> {
         let dump = self.run_scenario(model, golden, None)?;
@@ -163,6 +193,17 @@ impl Runner<'_> {
         golden: &Dump,
         teacher: Option<&Dump>,
     ) -> Result<Dump> {
+        self.run_steps(model, golden, teacher, None, None)
+    }
+
+    fn run_steps(
+        &self,
+        model: &Llama,
+        golden: &Dump,
+        teacher: Option<&Dump>,
+        replay: Option<&Replay>,
+        mut record: Option<&mut Vec<SessionState>>,
+    ) -> Result<Dump> {
         let (n, plan, declared) = (self.numerics, self.plan, self.declared);
         let sc = &golden.manifest.scenario;
         let steps = golden.manifest.steps.clone();
@@ -177,14 +218,54 @@ impl Runner<'_> {
             session.set_watch(w.clone());
         }
         let mut tensors = BTreeMap::new();
+        let start = replay.map_or(0, |r| r.step);
+        if let Some(r) = replay {
+            let state = r.base.states.get(start).ok_or_else(|| {
+                Error::scenario("steps", format!("no recorded state at step index {start}"))
+            })?;
+            session.restore(state.clone());
+            let base = &r.base.dump;
+            if r.layer > 0 {
+                session.start_at_layer(
+                    r.layer,
+                    Box::new(move |step, layer| {
+                        GoldenInputs { golden: base, step }.layer_input(layer)?.ok_or_else(|| {
+                            Error::scenario(
+                                format!("model.layers.{}", layer - 1),
+                                format!("{step}: the recorded run has no input for layer {layer}"),
+                            )
+                        })
+                    }),
+                );
+            }
+            // The recorded run's sites that the replay does not compute.
+            for (i, &step) in steps.iter().enumerate() {
+                for site in base.sites(step) {
+                    let skipped = i < start || matches!(site, Site::Layer(l, _) if *l < r.layer);
+                    if skipped {
+                        if let Some(t) = base.get(step, site)? {
+                            tensors.insert(site::key(step, site), t);
+                        }
+                    }
+                }
+            }
+        }
         let what = if teacher.is_some() {
             format!("{} run, teacher-forced", self.implementation)
         } else {
             format!("{} run", self.implementation)
         };
         super::progress::begin(&what);
-        let mut done = Vec::with_capacity(steps.len());
-        for &step in &steps {
+        let mut done: Vec<Step> = steps[..start.min(steps.len())].to_vec();
+        for (j, &step) in steps.iter().enumerate().skip(start) {
+            if let Some(states) = record.as_deref_mut() {
+                states.push(session.state());
+            }
+            if let Some(r) = replay.filter(|r| r.layer > 0) {
+                if let Some(state) = r.base.states.get(j) {
+                    session.restore_caches(state, r.layer);
+                }
+            }
             done.push(step);
             let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
             let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);

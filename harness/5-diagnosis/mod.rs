@@ -26,7 +26,9 @@
 //! candidate that the correct run already reproduces within the thresholds is within
 //! the noise floor: no fault is named for it.
 //!
-//! Hypotheses are refuted as early as the evidence allows: a divergence that starts at
+//! The correct run is recorded once, and each hypothesis is replayed from the step and
+//! layer where its form first acts ([`departure_of`]; block replay): everything before
+//! is the recorded run's. Hypotheses are refuted as early as the evidence allows: a divergence that starts at
 //! the positions or the mask is explained only by faults acting there, a fault that
 //! cannot show on the scenario is not run, and each run is watched site by site
 //! ([`Refuter`]): it stops where it departs from a site the candidate matched, or fails
@@ -47,8 +49,9 @@ use crate::contract::error::Result;
 use crate::contract::fault::{Component, Fault, Params, RotaryTable, Scaling, Scope, ScopedFault};
 use crate::contract::site::{LayerPart, Site, Step};
 use crate::dump::{Dump, Manifest, Precision};
-use crate::model::ascend::{self, AscendOptions};
+use crate::model::ascend::{self, AscendOptions, Hypothesis};
 use crate::model::plan::Plan;
+use crate::model::runner::Replay;
 use serde::{Deserialize, Serialize};
 
 /// One hypothesis of the diagnosis: a known fault, where it acts and with which
@@ -351,13 +354,13 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     // fill: the two fills differ on a padding query's fully hidden row, which reaches
     // later layers once a fault lets padding keys be read.
     let simulated = AscendOptions::for_framework(precision, candidate.manifest.framework());
-    let run = |faults: Vec<ScopedFault>| -> Result<Dump> {
-        Ok(ascend::run(golden, &simulated, &Plan::scoped(&faults), false)?.dump)
-    };
-    let baseline = run(Vec::new())?;
-    let clean = fit(&baseline, candidate, golden, &evidence)?;
+    // The correct run, recorded: a hypothesis is replayed from it at the step and layer
+    // where its fault first acts (block replay), everything before being the same.
+    let recorded = ascend::run_recorded(golden, &simulated)?;
+    let baseline = &recorded.dump;
+    let clean = fit(baseline, candidate, golden, &evidence)?;
     // The noise floor: how far a correct simulation is from the correct golden here.
-    let floor = fit(&baseline, golden, golden, &evidence)?.median();
+    let floor = fit(baseline, golden, golden, &evidence)?.median();
     // The threshold the comparison itself applied at each evidence site (every checked
     // site carries one; integer and mask sites take the first site's).
     let default_tol = Tolerance::default_for(cmp.golden_precision.coarser(cmp.candidate_precision));
@@ -377,7 +380,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     let accepts: Vec<f64> = thresholds.iter().map(|t| (3.0 * floor).max(*t)).collect();
     let accept = accepts.first().copied().unwrap_or((3.0 * floor).max(first_tol));
     let mut notes = Vec::new();
-    let mut refuter = Refuter::new(golden, candidate, cmp, &baseline, &first_at, default_tol)?;
+    let mut refuter = Refuter::new(golden, candidate, cmp, baseline, &first_at, default_tol)?;
     // A candidate the correct run reproduces within the comparison's own thresholds (the
     // measured floor and the user's policy included) is within the floor: nothing to
     // explain. (Positions and masks are exact: a mismatch there is never rounding.)
@@ -440,9 +443,14 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
             }
             let watch = refuter.watch(form);
             let planned = Plan::scoped(std::slice::from_ref(form));
-            let dump = match ascend::run_watched(golden, &simulated, &planned, false, watch.clone())
-            {
-                Ok(out) => out.dump,
+            let replay = departure(golden, &effect).map(|(step, layer)| Replay {
+                base: &recorded,
+                step,
+                layer,
+            });
+            let hypothesis = Hypothesis { plan: &planned, replay, watch: watch.clone() };
+            let dump = match ascend::run_hypothesis(golden, &simulated, hypothesis) {
+                Ok(dump) => dump,
                 Err(e) => {
                     notes.push(format!("{form} not tried: {e}"));
                     return Ok(None);
@@ -452,7 +460,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
                 return Ok(None);
             }
             // A form that changes nothing on this scenario explains nothing.
-            if fit(&dump, &baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
+            if fit(&dump, baseline, golden, &evidence)?.errors.iter().all(|&e| e == 0.0) {
                 return Ok(None);
             }
             Ok(Some(fit(&dump, candidate, golden, &evidence)?))
@@ -696,6 +704,24 @@ fn widened(form: &ScopedFault, n_layers: usize) -> Option<ScopedFault> {
 /// Whether the comparison checked `at` and found it within the thresholds.
 fn passed(cmp: &Comparison, at: &(Step, Site)) -> bool {
     cmp.sites.iter().any(|s| s.step == at.0 && s.site == at.1 && s.status == Status::Pass)
+}
+
+/// Where a run with `form` planted departs from the correct run of `golden`'s scenario
+/// (nothing before it differs): the index of its step among the golden's steps, and its
+/// decoder layer (all of them for the final norm and `lm_head`, none for the sites
+/// before the layers). A hypothesis is replayed from there.
+pub fn departure_of(golden: &Dump, form: &ScopedFault) -> Option<(usize, usize)> {
+    departure(golden, &form_effect(form))
+}
+
+fn departure(golden: &Dump, effect: &(Step, Site)) -> Option<(usize, usize)> {
+    let step = golden.manifest.steps.iter().position(|s| *s == effect.0)?;
+    let layer = match effect.1 {
+        Site::Layer(l, _) => l,
+        Site::Norm | Site::LmHead => golden.manifest.model.num_hidden_layers,
+        _ => 0,
+    };
+    Some((step, layer))
 }
 
 /// The components whose own site is `site`.

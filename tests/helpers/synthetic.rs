@@ -11,10 +11,11 @@ use std::path::Path;
 
 use llama_parity::compare::compare;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::contract::site::{LayerPart, ShapeDims, Site, Step};
+use llama_parity::contract::site::{LayerPart, Site, Step};
 use llama_parity::diagnosis::Finding;
 use llama_parity::dump::{DType, Dump, Manifest, Tensor};
 use llama_parity::report::Report;
+use parity_testkit::unit;
 
 const B: usize = 2;
 const P: usize = 6;
@@ -56,31 +57,6 @@ pub enum Plant {
     DecodePositionsLocal,
 }
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// A value in [-1, 1) from `seed`.
-fn unit(seed: u64) -> f64 {
-    (splitmix(seed) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-}
-
-fn shape(step: Step, site: &Site) -> Vec<usize> {
-    let dims = ShapeDims {
-        batch: B,
-        prefill: P,
-        heads: NH,
-        kv_heads: NKV,
-        head_dim: D,
-        hidden: H,
-        vocab: V,
-    };
-    site.shape(step, &dims)
-}
-
 fn golden_values(step_no: u64, site_no: u64, n: usize) -> Vec<f64> {
     (0..n).map(|i| unit(step_no << 40 ^ site_no << 24 ^ i as u64)).collect()
 }
@@ -90,6 +66,7 @@ pub fn dump(plant: Plant, framework: &str, missing: &[(&str, &str)]) -> Dump {
     let manifest = Manifest::parse(&manifest_json(framework), Path::new("synthetic/manifest.json"))
         .expect("manifest");
     let scenario = manifest.scenario.clone();
+    let dims = manifest.shape_dims();
     let mut tensors = BTreeMap::new();
     for (step_no, &step) in manifest.steps.iter().enumerate() {
         let sites = Site::all(LAYERS);
@@ -98,7 +75,7 @@ pub fn dump(plant: Plant, framework: &str, missing: &[(&str, &str)]) -> Dump {
             if missing.iter().any(|(st, si)| *st == step.to_string() && *si == site.to_string()) {
                 continue;
             }
-            let shp = shape(step, site);
+            let shp = site.shape(step, &dims);
             let n: usize = shp.iter().product();
             let key = format!("{step}/{site}");
             match site {

@@ -233,6 +233,10 @@ pub struct CommonArgs {
     /// floor.
     #[arg(long)]
     pub no_floor: bool,
+    /// Report a divergence without diagnosing it (no hypothesis runs): the verdict, the
+    /// first divergence and where it starts inside the computation, fast.
+    #[arg(long)]
+    pub no_diagnosis: bool,
     /// Hold this run against an accepted report.json: fail (exit 1) when a site that
     /// passed there fails now, or a site's error grew by more than --max-regression
     /// beyond its noise. Accept a new baseline by copying a report.json (e.g. into

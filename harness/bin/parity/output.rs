@@ -149,6 +149,7 @@ pub fn check_options<'a>(
         baseline,
         max_regression: c.max_regression,
         summary_only: summary,
+        diagnose: !c.no_diagnosis,
         ..Options::new(policy)
     }
 }

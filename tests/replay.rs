@@ -1,0 +1,73 @@
+//! Block replay: a hypothesis replayed from the correct run at the step and layer where
+//! its fault first acts gives, bit for bit, the dump of a full run with that fault.
+
+use llama_parity::contract::fault::{Fault, ScopedFault};
+use llama_parity::contract::site::Step;
+use llama_parity::diagnosis::departure_of;
+use llama_parity::dump::{Dump, Precision};
+use llama_parity::model::ascend::{self, AscendOptions, Hypothesis};
+use llama_parity::model::plan::Plan;
+use llama_parity::model::runner::Replay;
+
+use crate::helpers::root;
+
+/// Every tensor of `a` equals `b`'s bit for bit; both hold the same sites.
+fn assert_same(a: &Dump, b: &Dump, what: &str) {
+    assert_eq!(a.manifest.steps, b.manifest.steps, "{what}: steps");
+    let mut n = 0;
+    for &step in &a.manifest.steps {
+        assert_eq!(a.sites(step), b.sites(step), "{what}: {step} sites");
+        for site in a.sites(step) {
+            let (x, y) = (a.get(step, site).unwrap().unwrap(), b.get(step, site).unwrap().unwrap());
+            let (x, y) = (x.to_f64_vec(), y.to_f64_vec());
+            assert!(
+                x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what}: {step} {site} differs"
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "{what}: no sites");
+}
+
+#[test]
+fn a_replayed_hypothesis_equals_its_full_run_bit_for_bit() {
+    let mut replayed = 0;
+    for (name, precision) in [
+        ("golden/gqa_pad_f32", Precision::Bf16),
+        ("golden/mqa_tied_f32", Precision::F32),
+        ("fixtures/variants/golden/variants_f32", Precision::Bf16),
+    ] {
+        let golden = Dump::open(&root().join(name)).expect("golden");
+        let opts = AscendOptions::mindformers(precision);
+        let recorded = ascend::run_recorded(&golden, &opts).expect("recorded run");
+        let last = golden.manifest.model.num_hidden_layers - 1;
+        let mut forms: Vec<ScopedFault> =
+            Fault::ALL.iter().map(|&f| ScopedFault::from(f)).collect();
+        for spec in [
+            format!("kv.stale@layers={last}"),
+            format!("attn.no_scale@layers={last}@steps=decode.*"),
+            "norm.layernorm@component=model.norm".to_string(),
+            format!("weights.gate_up_swapped@layers={last}"),
+            "rope.pos_off_by_one@offset=2".to_string(),
+            "mask.padding_ignored@steps=decode.*".to_string(),
+        ] {
+            forms.push(ScopedFault::parse(&spec).unwrap_or_else(|e| panic!("{spec}: {e}")));
+        }
+        for form in forms {
+            let plan = Plan::scoped(std::slice::from_ref(&form));
+            let full = ascend::run(&golden, &opts, &plan, false).expect("full run").dump;
+            let Some((step, layer)) = departure_of(&golden, &form) else { continue };
+            if step > 0 || layer > 0 {
+                replayed += 1;
+            }
+            let replay = Some(Replay { base: &recorded, step, layer });
+            let h = Hypothesis { plan: &plan, replay, watch: None };
+            let dump = ascend::run_hypothesis(&golden, &opts, h).expect("replayed run");
+            let at = golden.manifest.steps.get(step).copied().unwrap_or(Step::Prefill);
+            assert_same(&dump, &full, &format!("{name} {form} from {at} layer {layer}"));
+        }
+    }
+    // Decode faults, later layers and the final norm are replayed, not rerun.
+    assert!(replayed >= 12, "only {replayed} forms departed after the start");
+}
