@@ -13,8 +13,11 @@
 //! ascend run (`--fault`) and times each run with its diagnosis, checking that the
 //! diagnosis names the planted fault first.
 //!
-//! `cargo bench --bench scale` runs the 8B-shaped 2-layer model; `SCALE_MODELS=8b,1b`
-//! adds the Llama-3.2-1B-shaped one. Needs the golden venv (`GOLDEN_PYTHON`, default
+//! `cargo bench --bench scale` runs the 8B-shaped 2-layer model (projections drawn with
+//! a std that follows their fan-in, as in a trained model); `SCALE_MODELS=8b,8b-hot,1b`
+//! adds the same shape drawn hot (std 0.08 at every width: large activations, peaked
+//! attention) and the Llama-3.2-1B-shaped one. `SCALE_CHECKS=1` adds the correct-run
+//! and fault-matrix checks. Needs the golden venv (`GOLDEN_PYTHON`, default
 //! `~/.cache/llama-parity/golden-venv/bin/python`, where `.ci/setup` puts it) and GNU
 //! time. One model process runs at a time. The noise floor of each golden is measured
 //! (and cached) by an untimed first run, so the timed runs are the run and comparison.
@@ -32,10 +35,21 @@ struct Model {
     vocab: u64,
 }
 
-const MODELS: [Model; 2] = [
+const MODELS: [Model; 3] = [
     Model {
         key: "8b",
         scenario: "benches/scenarios/llama3_8b_2layer_f32.json",
+        dtype: "float32",
+        prefill: 128,
+        decode: 4,
+        vocab: 32000,
+    },
+    // The same shape with every projection drawn at std 0.08 whatever its width:
+    // activations far larger than a trained model's and attention rows near one-hot,
+    // deliberately hot for the noise floor.
+    Model {
+        key: "8b-hot",
+        scenario: "benches/scenarios/llama3_8b_2layer_hot_f32.json",
         dtype: "float32",
         prefill: 128,
         decode: 4,
@@ -195,7 +209,14 @@ fn main() {
         let ckpt = dir.join("checkpoint");
         let golden = dir.join("golden");
         let ids = dir.join("ids.json");
+        // A model made from another version of its scenario is made again.
+        let scenario = std::fs::read_to_string(root.join(m.scenario)).expect("scenario");
+        let stamp = dir.join("scenario.json");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(scenario.as_str()) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(&stamp, &scenario).expect("stamp");
         if !ckpt.join("config.json").is_file() {
             let st = Command::new(&python)
                 .args(["golden/make_checkpoint.py", "--scenario", m.scenario, "--shards", "3"])
@@ -246,6 +267,8 @@ fn main() {
             .arg("--input-ids")
             .arg(&ids)
             .args(["--dtype", m.dtype, "--threads", &threads]);
+        // Timed after a first run, as parity's runs are: the checkpoint's pages are hot.
+        timed(&format!("{}-torch-warm", m.key), &mut torch, &scratch);
         let (t_wall, t_rss, t_out) = timed(&format!("{}-torch", m.key), &mut torch, &scratch);
         let fwd: f64 = serde_json::from_str::<serde_json::Value>(t_out.trim())
             .ok()

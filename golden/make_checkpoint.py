@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    generate.init_weights(model, sc["weights_seed"])
+    generate.init_weights(model, sc["weights_seed"], sc["weight_scale"])
     model.config.dtype = args.dtype
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     shard = max(1, -(-total // args.shards))
