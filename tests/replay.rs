@@ -71,3 +71,28 @@ fn a_replayed_hypothesis_equals_its_full_run_bit_for_bit() {
     // Decode faults, later layers and the final norm are replayed, not rerun.
     assert!(replayed >= 12, "only {replayed} forms departed after the start");
 }
+
+#[test]
+fn a_replay_stopped_by_its_watch_ends_with_the_steps_it_ran() {
+    use llama_parity::contract::site::Site;
+    use llama_parity::model::llama::Watch;
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
+    let opts = AscendOptions::mindformers(Precision::Bf16);
+    let recorded = ascend::run_recorded(&golden, &opts).expect("recorded run");
+    let form = ScopedFault::parse("kv.stale@layers=1").expect("form");
+    let plan = Plan::scoped(std::slice::from_ref(&form));
+    let (step, layer) = departure_of(&golden, &form).expect("departs");
+    assert_eq!((step, layer), (1, 1));
+    // Stop at layer 1's first site of decode.1.
+    let watch = std::sync::Arc::new(Watch::new(|step, site, _| {
+        !(step == Step::Decode(1) && matches!(site, Site::Layer(1, _)))
+    }));
+    let replay = Some(Replay { base: &recorded, step, layer });
+    let h = Hypothesis { plan: &plan, replay, watch: Some(watch.clone()) };
+    let dump = ascend::run_hypothesis(&golden, &opts, h).expect("a stopped replay is a dump");
+    assert!(watch.stopped());
+    assert_eq!(dump.manifest.steps, vec![Step::Prefill, Step::Decode(0), Step::Decode(1)]);
+    assert!(dump
+        .sites(Step::Decode(1))
+        .contains(&Site::Layer(0, llama_parity::contract::site::LayerPart::Output)));
+}

@@ -11,7 +11,7 @@
 //! own `k_cache` is not injected: a candidate dump may lack it, and the own cache
 //! already isolates one layer's error).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use ndarray::{Array3, Ix3};
@@ -291,6 +291,11 @@ impl Runner<'_> {
             if stopped {
                 break;
             }
+        }
+        if done.len() < steps.len() {
+            // Stopped by the watch: the recorded sites of the steps not run go too.
+            let run: BTreeSet<String> = done.iter().map(ToString::to_string).collect();
+            tensors.retain(|k, _| k.split_once('/').is_some_and(|(s, _)| run.contains(s)));
         }
         super::progress::end();
         let mut manifest: Manifest = golden.manifest.clone();
