@@ -18,7 +18,8 @@
 //! adds the same shape drawn hot (std 0.08 at every width: large activations, peaked
 //! attention) and the Llama-3.2-1B-shaped one. `SCALE_CHECKS=1` adds the correct-run
 //! and fault-matrix checks. Needs the golden venv (`GOLDEN_PYTHON`, default
-//! `~/.cache/llama-parity/golden-venv/bin/python`, where `.ci/setup` puts it) and GNU
+//! `~/.cache/llama-parity/golden-venv/bin/python`; make it with `python3 -m venv` and
+//! `pip install -r golden/requirements.txt`) and GNU
 //! time. One model process runs at a time. The noise floor of each golden is measured
 //! (and cached) by an untimed first run, so the timed runs are the run and comparison.
 
@@ -97,24 +98,40 @@ struct Ctx<'a> {
     dir: &'a Path,
 }
 
-/// One check: model, run, expected, got, whether they agree.
-type Check = (&'static str, String, String, String, bool);
+/// One check: model, run, expected, got, the worst site in floors, whether they agree.
+type Check = (&'static str, String, String, String, String, bool);
 
-/// The verdict and first divergence of a `parity` command writing its report to `rep`.
-fn verdict_of(c: &mut Command, rep: &Path) -> String {
+/// The verdict and first divergence of a `parity` command writing its report to `rep`,
+/// and the site farthest above its noise floor (`rel_l2 / floor`, and where).
+fn verdict_of(c: &mut Command, rep: &Path) -> (String, String) {
     let _ = std::fs::remove_dir_all(rep);
     let out = c.arg("--report").arg(rep).arg("-q").output().expect("parity");
     if out.status.code().is_none_or(|c| c > 1) {
-        return format!("exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        let e = format!("exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        return (e, String::new());
     }
     let text = std::fs::read_to_string(rep.join("report.json")).unwrap_or_default();
     let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    match r["first_divergence"].as_object() {
+    let verdict = match r["first_divergence"].as_object() {
         Some(d) => {
             format!("{} {}", d["step"].as_str().unwrap_or("?"), d["site"].as_str().unwrap_or("?"))
         }
         None => r["verdict"].as_str().unwrap_or("?").to_lowercase(),
-    }
+    };
+    let worst = r["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let e = s["metrics"]["rel_l2"].as_f64()?;
+            let f = s["noise_floor"]["rel_l2"].as_f64().filter(|f| *f > 0.0)?;
+            let at = format!("{} {}", s["step"].as_str()?, s["site"].as_str()?);
+            Some((e / f, at))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(x, at)| format!("{x:.2} at {at}"))
+        .unwrap_or_default();
+    (verdict, worst)
 }
 
 /// The noise floor's claims at real shape (issue: tolerances that hold at every size):
@@ -130,8 +147,8 @@ fn correct_runs_and_fault_matrix(x: &Ctx) -> Vec<Check> {
     let rep = x.dir.join("check-report");
     let mut out = Vec::new();
     let mut correct = |name: String, c: &mut Command| {
-        let got = verdict_of(c.env("RAYON_NUM_THREADS", x.threads), &rep);
-        out.push((m.key, name, "pass".to_string(), got.clone(), got == "pass"));
+        let (got, worst) = verdict_of(c.env("RAYON_NUM_THREADS", x.threads), &rep);
+        out.push((m.key, name, "pass".to_string(), got.clone(), worst, got == "pass"));
     };
     for (impl_, dtype) in [("reference", "float32"), ("ascend", "bfloat16"), ("ascend", "float16")]
     {
@@ -176,9 +193,9 @@ fn correct_runs_and_fault_matrix(x: &Ctx) -> Vec<Check> {
             fault.id(),
             "--no-diagnosis",
         ]);
-        let got = verdict_of(&mut c, &rep);
+        let (got, worst) = verdict_of(&mut c, &rep);
         let ok = got == expected;
-        out.push((m.key, format!("--fault {}", fault.id()), expected, got, ok));
+        out.push((m.key, format!("--fault {}", fault.id()), expected, got, worst, ok));
     }
     out
 }
@@ -316,10 +333,13 @@ fn main() {
     }
     if !checks.is_empty() {
         println!("\ncorrect runs pass, planted faults fail first where they act (SCALE_CHECKS)");
-        println!("{:<4} {:<52} {:<48} {:<48} ok", "model", "run", "expected", "got");
-        for (key, run, expected, got, ok) in &checks {
+        println!(
+            "{:<4} {:<52} {:<48} {:<48} {:<3} worst x floor",
+            "model", "run", "expected", "got", "ok"
+        );
+        for (key, run, expected, got, worst, ok) in &checks {
             println!(
-                "{key:<4} {run:<52} {expected:<48} {got:<48} {}",
+                "{key:<4} {run:<52} {expected:<48} {got:<48} {:<3} {worst}",
                 if *ok { "yes" } else { "NO" }
             );
         }

@@ -4,9 +4,9 @@
 //! where it cannot, the run passes, and the reason is printed. `mask.fp16_overflow` is
 //! also planted at float16, the only dtype where its fill overflows.
 //!
-//! Each run is judged twice: by the fixed per-dtype defaults and with the golden's noise
-//! floor in the thresholds (`compare::floor`); both must agree on the verdict and the
-//! first divergence, and each cell also gives the error there in floors.
+//! Each run is judged as `parity run` judges it, with the golden's noise floor in the
+//! thresholds (`compare::floor`: `max(least, 3 × floor)`), and each cell also gives the
+//! error at the fault's site in floors.
 //!
 //! The matrix is printed (`cargo test --release --test main fault_matrix -- --nocapture`) and
 //! reproduced in docs/ascend.md.
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use llama_parity::compare::floor::NoiseFloor;
 use llama_parity::compare::tolerance::Policy;
-use llama_parity::compare::{compare, compare_with_floor, Verdict};
+use llama_parity::compare::{compare_with_floor, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::{first_site, Visibility};
 use llama_parity::dump::{Dump, Precision};
@@ -23,10 +23,11 @@ use llama_parity::model::{self, Implementation, RunOptions};
 
 use crate::helpers::GOLDENS;
 
-/// Faults whose effect at bfloat16 is below bfloat16's tolerance (rel-L2 0.05) on every
-/// committed golden, measured by this test (the printed rel-L2 is at the site where the
-/// fault acts; the run passes).
-const BELOW_BF16_RESOLUTION: [(Fault, &str); 4] = [
+/// Faults whose effect at bfloat16 is about one noise floor at the site where they act
+/// on every committed golden (measured by this test: 0.7 to 1.5 × floor there). They
+/// pass, or, where the effect builds up to more than 3 floors later (the softmax's bf16
+/// rounding at a decode step's `probs`), fail at the same site of a later step.
+const ABOUT_ONE_FLOOR: [(Fault, &str); 4] = [
     (Fault::RopeLowPrecisionAngles, "float16 angles err by < 1e-2 rad at positions < 20"),
     (Fault::NormEpsOutside, "eps (1e-5, 1e-6) is far below mean(x²)"),
     (Fault::NormNoUpcast, "a bf16 variance moves each row's scale by < 2^-8"),
@@ -39,16 +40,15 @@ fn golden(name: &str) -> Dump {
     Dump::open(&dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Runs `fault` at `precision` on `g` and returns (verdict, first divergence, rel-L2 there
-/// or at `at` when it passed, that error in floors); the verdict and first divergence
-/// with `floor` in the thresholds must be the same, else the difference is in `problems`.
+/// Runs `fault` at `precision` on `g` and returns, judged with `floor` in the thresholds,
+/// (verdict, first divergence, rel-L2 there or at `at` when it passed, that error in
+/// floors).
 fn plant(
     g: &Dump,
     fault: Fault,
     precision: Precision,
     at: Option<&(llama_parity::contract::site::Step, llama_parity::contract::site::Site)>,
     floor: &NoiseFloor,
-    problems: &mut Vec<String>,
 ) -> (Verdict, Option<String>, f64, f64) {
     let opts = RunOptions {
         implementation: Implementation::Ascend,
@@ -57,7 +57,8 @@ fn plant(
         teacher_force: false,
     };
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{}: {e}", fault.id()));
-    let cmp = compare(g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
+    let cmp = compare_with_floor(g, &out.dump, &Policy::default(), Some(floor))
+        .unwrap_or_else(|e| panic!("{e}"));
     let first = cmp.first_divergence().map(|s| format!("{} {}", s.step, s.site));
     let site = match cmp.first_divergence() {
         Some(s) => Some(s),
@@ -65,17 +66,6 @@ fn plant(
     };
     let e = site.and_then(|s| s.metrics.as_ref()).map_or(f64::NAN, |m| m.error());
     let x = site.and_then(|s| floor.get(s.step, &s.site)).map_or(f64::NAN, |f| f.times(e));
-    let floored = compare_with_floor(g, &out.dump, &Policy::default(), Some(floor))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let first_f = floored.first_divergence().map(|s| format!("{} {}", s.step, s.site));
-    if (floored.verdict(), &first_f) != (cmp.verdict(), &first) {
-        problems.push(format!(
-            "{} at {precision}: with the floor {:?} at {first_f:?}, without {:?} at {first:?}",
-            fault.id(),
-            floored.verdict(),
-            cmp.verdict()
-        ));
-    }
     (cmp.verdict(), first, e, x)
 }
 
@@ -100,15 +90,13 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
         for (k, (name, g)) in GOLDENS.iter().zip(&goldens).enumerate() {
             let floor = if precision == Precision::F16 { &f16_floors[k] } else { &bf16_floors[k] };
             let expected = first_site(fault, &g.manifest, precision);
-            let below = BELOW_BF16_RESOLUTION
-                .iter()
-                .find(|(f, _)| *f == fault && precision == Precision::Bf16);
+            let below =
+                ABOUT_ONE_FLOOR.iter().find(|(f, _)| *f == fault && precision == Precision::Bf16);
             let at = match &expected {
                 Visibility::Shows(st, si) => Some((*st, si.clone())),
                 Visibility::CannotShow(_) => None,
             };
-            let (verdict, first, e, x) =
-                plant(g, fault, precision, at.as_ref(), floor, &mut problems);
+            let (verdict, first, e, x) = plant(g, fault, precision, at.as_ref(), floor);
             let cell = match (&expected, below) {
                 (Visibility::CannotShow(why), _) => {
                     if verdict != Verdict::Pass {
@@ -119,11 +107,18 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
                     }
                     format!("— ({why})")
                 }
-                (Visibility::Shows(..), Some((_, why))) => {
-                    if verdict != Verdict::Pass {
-                        problems.push(format!("{} on {name}: listed below bf16 resolution but failed at {first:?} ({e:.2e})", fault.id()));
+                (Visibility::Shows(_, si), Some((_, why))) => {
+                    if verdict == Verdict::Pass {
+                        format!("under the floor ({e:.1e}, {x:.1} x floor: {why})")
+                    } else {
+                        let same_site = first.as_deref().is_some_and(|f| {
+                            f.split_once(' ').is_some_and(|(_, s)| s == si.to_string())
+                        });
+                        if !same_site {
+                            problems.push(format!("{} on {name}: about one floor where it acts, but failed first at {first:?}, not at {si} ({e:.2e})", fault.id()));
+                        }
+                        format!("`{}` ({e:.1e}, {x:.1} x floor)", first.as_deref().unwrap_or("?"))
                     }
-                    format!("below resolution ({e:.1e}, {x:.1} x floor: {why})")
                 }
                 (Visibility::Shows(st, si), None) => {
                     let want = format!("{st} {si}");

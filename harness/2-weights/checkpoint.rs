@@ -185,9 +185,10 @@ impl HfCheckpoint {
     }
 }
 
-/// [`sha256_file`], computed once per process for a file whose size and modification
-/// time are unchanged: the noise floor and every diagnosis hypothesis reopen the
-/// golden's checkpoint, and hashing a multi-GB checkpoint each time would dominate.
+/// [`sha256_file`], computed once for a file whose size and modification time are
+/// unchanged: once per process (the noise floor and every diagnosis hypothesis reopen
+/// the golden's checkpoint), and across processes through [`HashCache`], so that a gate
+/// run again on the same multi-GB checkpoint does not hash it again.
 fn sha256_once(path: &Path) -> Result<String> {
     type Key = (PathBuf, u64, Option<std::time::SystemTime>);
     static HASHED: std::sync::Mutex<BTreeMap<Key, String>> = std::sync::Mutex::new(BTreeMap::new());
@@ -196,9 +197,88 @@ fn sha256_once(path: &Path) -> Result<String> {
     if let Some(h) = HASHED.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(h.clone());
     }
-    let h = sha256_file(path)?;
+    let cache = HashCache::default_dir().map(|dir| HashCache { dir });
+    let h = match cache.as_ref().and_then(|c| c.load(path, &meta)) {
+        Some(h) => h,
+        None => {
+            let h = sha256_file(path)?;
+            // Best effort: a cache that cannot be written only costs the next run a hash.
+            if let Some(c) = &cache {
+                c.store(path, &meta, &h);
+            }
+            h
+        }
+    };
     HASHED.lock().unwrap_or_else(|e| e.into_inner()).insert(key, h.clone());
     Ok(h)
+}
+
+/// Digests of checkpoint files remembered across processes, as git's index and make do:
+/// an entry is keyed by the file's canonical path, size, modification and status-change
+/// times (nanoseconds) and inode, so any write to the file, or its replacement, is a new
+/// key and the file is hashed again. The status-change time cannot be set back by
+/// `touch` or `cp -p`. One small file per entry under `$PARITY_HASH_CACHE`, else
+/// `$XDG_CACHE_HOME/llama-parity/sha256` or `~/.cache/llama-parity/sha256`; never
+/// beside the checkpoint. `PARITY_HASH_CACHE=off` hashes every time.
+struct HashCache {
+    dir: PathBuf,
+}
+
+impl HashCache {
+    fn default_dir() -> Option<PathBuf> {
+        if !cfg!(unix) {
+            return None;
+        }
+        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        match env("PARITY_HASH_CACHE") {
+            Some(d) if d.as_os_str() == "off" => None,
+            Some(d) => Some(d),
+            None => {
+                env("XDG_CACHE_HOME").map(|d| d.join("llama-parity").join("sha256")).or_else(|| {
+                    env("HOME").map(|d| d.join(".cache").join("llama-parity").join("sha256"))
+                })
+            }
+        }
+    }
+
+    /// The entry's file name: a sha256 over what identifies this version of the file.
+    fn entry(&self, path: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let canonical = std::fs::canonicalize(path).ok()?;
+            let mut h = Sha256::new();
+            h.update(canonical.as_os_str().as_encoded_bytes());
+            for v in [meta.size() as i64, meta.mtime(), meta.mtime_nsec(), meta.ctime()] {
+                h.update(v.to_le_bytes());
+            }
+            for v in [meta.ctime_nsec() as u64, meta.ino(), meta.dev()] {
+                h.update(v.to_le_bytes());
+            }
+            let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Some(self.dir.join(key))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (path, meta);
+            None
+        }
+    }
+
+    fn load(&self, path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+        let text = std::fs::read_to_string(self.entry(path, meta)?).ok()?;
+        let h = text.trim();
+        (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
+    }
+
+    fn store(&self, path: &Path, meta: &std::fs::Metadata, digest: &str) {
+        let Some(entry) = self.entry(path, meta) else { return };
+        let _ = std::fs::create_dir_all(&self.dir).and_then(|()| {
+            let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+            std::io::Write::write_all(&mut tmp, digest.as_bytes())?;
+            tmp.persist(&entry).map(|_| ()).map_err(|e| e.error)
+        });
+    }
 }
 
 /// The lowercase hex sha256 of the file at `path`, read in 8 MiB chunks.
@@ -219,6 +299,24 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_remembered_digest_is_forgotten_when_the_file_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = HashCache { dir: dir.path().join("cache") };
+        let f = dir.path().join("model.safetensors");
+        std::fs::write(&f, b"abc").expect("write");
+        let meta = std::fs::metadata(&f).expect("meta");
+        assert_eq!(cache.load(&f, &meta), None);
+        let digest = sha256_file(&f).expect("hash");
+        cache.store(&f, &meta, &digest);
+        assert_eq!(cache.load(&f, &std::fs::metadata(&f).expect("meta")), Some(digest));
+        // Same size, contents rewritten: a new status-change time, a new key.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"abd").expect("rewrite");
+        assert_eq!(cache.load(&f, &std::fs::metadata(&f).expect("meta")), None);
+    }
 
     #[test]
     fn sha256_of_a_known_string() {

@@ -18,10 +18,14 @@
 //! | KV cache | static `[B, nKV, max_len, D]` in the dtype, written in place (`ops.scatter_nd_update` / slice assign) | — |
 //! | residual, SiLU·up, RoPE output | the dtype | — |
 //!
-//! The float32 accumulation is simulated by rounding the float64 sum to float32 and then
-//! to the dtype, not by summing in float32 term by term; the difference (a few float32
-//! ulps of the sum) is far below the dtype's rounding. Values that a float16/bfloat16 op
-//! computes internally in float32 and casts once are rounded once.
+//! At bfloat16 and float16 a linear layer's float32 accumulation is computed as the port
+//! computes it: inputs and weights (values of the dtype, so every product is exact in
+//! float32) multiplied and summed in float32 by a blocked matrix product
+//! ([`Products::Float32`]), then cast to the dtype. Elsewhere (`q·kᵀ`, `probs·v`, and
+//! every product at float32) it is simulated by rounding the float64 sum to float32 and
+//! then to the dtype; the difference (a few float32 ulps of the sum) is far below the
+//! dtype's rounding. Values that a float16/bfloat16 op computes internally in float32
+//! and casts once are rounded once.
 //!
 //! Faults are planted by the same [`Plan`] as in the reference; the two precision faults
 //! are choices of this numerics: `norm.no_upcast` stores `mean(x²)` in the compute dtype,
@@ -31,7 +35,7 @@ use crate::contract::error::Result;
 use crate::dump::{Dump, Precision};
 
 use super::llama::Watch;
-use super::numerics::{Numerics, RoundAt};
+use super::numerics::{Numerics, Products, RoundAt};
 use super::plan::{Plan, SoftmaxPrecision, VariancePrecision};
 use super::runner::{load_model, Recorded, Replay, RopeTableSource, Runner};
 use super::RunOutput;
@@ -194,6 +198,15 @@ impl Numerics for AscendNumerics {
 
     fn mask_precision(&self) -> Precision {
         self.opts.precision
+    }
+
+    fn products(&self) -> Products {
+        let half = matches!(self.opts.precision, Precision::Bf16 | Precision::F16);
+        if half && self.opts.accumulation == Accumulation::Float32 {
+            Products::Float32
+        } else {
+            Products::Float64
+        }
     }
 }
 

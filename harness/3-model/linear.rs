@@ -2,18 +2,20 @@
 //! (`torch.nn.Linear.forward`, `F.linear(input, weight, bias)`).
 //!
 //! A weight stays in the checkpoint's stored dtype ([`Matrix::Stored`], a view into the
-//! mapped file) and is widened to `f64` a block of [`ROW_BLOCK`] output rows at a time,
-//! when the layer runs: host memory never holds a float64 copy of a whole matrix. The
-//! blocks are computed in parallel (rayon); each output element is one dot product
-//! whose summation order depends only on the block, never on the thread that ran it, so
-//! the result is bit-identical whatever the thread count.
+//! mapped file) and is widened a block of [`ROW_BLOCK`] output rows at a time, when the
+//! layer runs: host memory never holds a float64 copy of a whole matrix. Each block is
+//! one matrix product (the `gemm` crate's kernels, on the block's thread), in float64,
+//! or in float32 where the numerics multiplies there ([`Products::Float32`]: a
+//! bfloat16/float16 port's float32 accumulation). The blocks run in parallel (rayon);
+//! each output element's summation order depends only on its block, never on the
+//! thread that ran it, so the result is bit-identical whatever the thread count.
 
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::dump::Tensor;
 
-use super::numerics::{round_in_place, Numerics, RoundAt};
+use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 
 /// Output rows widened and multiplied together: 256 rows of a 14336-wide matrix are
 /// 28 MiB of `f64` per thread.
@@ -50,12 +52,27 @@ impl Matrix {
     /// Rows `r0..r1` as `f64` `[r1 - r0, cols]`, stored at `RoundAt::Weight`.
     pub fn rows(&self, r0: usize, r1: usize, n: &dyn Numerics) -> Array2<f64> {
         match self {
-            Matrix::Owned(a) => a.slice(s![r0..r1, ..]).to_owned(),
+            Matrix::Owned(a) => a.slice(s![r0..r1, ..]).as_standard_layout().into_owned(),
             Matrix::Stored(t) => {
                 let c = self.ncols();
                 let mut v = vec![0.0; (r1 - r0) * c];
                 t.read_f64_rounded_into(r0 * c, &mut v, n.weight_precision());
                 Array2::from_shape_vec((r1 - r0, c), v).expect("block shape")
+            }
+        }
+    }
+
+    /// Rows `r0..r1` as `f32`, row-major, stored at `RoundAt::Weight` (values of a dtype
+    /// float32 holds exactly when the numerics multiplies in float32).
+    fn rows_f32(&self, r0: usize, r1: usize, n: &dyn Numerics, out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            Matrix::Owned(a) => {
+                out.extend(a.slice(s![r0..r1, ..]).iter().map(|&v| v as f32));
+            }
+            Matrix::Stored(t) => {
+                out.resize((r1 - r0) * self.ncols(), 0.0);
+                t.read_f32_rounded_into(r0 * self.ncols(), out, n.weight_precision());
             }
         }
     }
@@ -78,45 +95,122 @@ impl Matrix {
     }
 
     /// `x · selfᵀ`: `x` `[m, cols]` → `[m, rows]`, in parallel blocks of [`ROW_BLOCK`]
-    /// output columns, each block's weights widened (and rounded) when it runs.
+    /// output columns, each block's weights widened (and rounded) when it runs, and
+    /// multiplied in the precision of `n.products()`.
     ///
     /// A few input rows (a decode step) make this a matrix-vector product bound by
     /// reading the weights: a stored matrix is then widened one row at a time into a
     /// buffer that stays in cache and dotted with each input row, instead of widening
     /// and packing whole blocks for a matrix product.
     pub fn matmul_t(&self, x: ArrayView2<f64>, n: &dyn Numerics) -> Array2<f64> {
-        let rows = self.nrows();
+        let (rows, cols, m) = (self.nrows(), self.ncols(), x.nrows());
+        let x = x.as_standard_layout();
+        let x64 = x.as_slice().expect("standard layout is contiguous");
+        let in_f32 = n.products() == Products::Float32;
+        let x32: Vec<f32> = if in_f32 { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
+        let by_row = matches!(self, Matrix::Stored(_)) && m <= VECTOR_ROWS;
         let blocks: Vec<usize> = (0..rows.div_ceil(ROW_BLOCK)).collect();
-        let by_row = matches!(self, Matrix::Stored(_)) && x.nrows() <= VECTOR_ROWS;
-        let parts: Vec<Array2<f64>> = blocks
+        let parts: Vec<Vec<f64>> = blocks
             .par_iter()
             .map(|&bi| {
                 let (r0, r1) = (bi * ROW_BLOCK, ((bi + 1) * ROW_BLOCK).min(rows));
-                match self {
-                    Matrix::Owned(a) => x.dot(&a.slice(s![r0..r1, ..]).t()),
-                    Matrix::Stored(t) if by_row => {
-                        let c = self.ncols();
-                        let mut w = Array1::zeros(c);
-                        let mut part = Array2::zeros((x.nrows(), r1 - r0));
+                let nb = r1 - r0;
+                let mut part = vec![0.0; m * nb];
+                match (self, in_f32) {
+                    (Matrix::Stored(t), false) if by_row => {
+                        let mut w = Array1::zeros(cols);
                         for r in r0..r1 {
                             let buf = w.as_slice_mut().expect("a new array is contiguous");
-                            t.read_f64_rounded_into(r * c, buf, n.weight_precision());
+                            t.read_f64_rounded_into(r * cols, buf, n.weight_precision());
                             for (i, xi) in x.outer_iter().enumerate() {
-                                part[[i, r - r0]] = xi.dot(&w);
+                                part[i * nb + r - r0] = xi.dot(&w);
                             }
                         }
-                        part
                     }
-                    Matrix::Stored(_) => x.dot(&self.rows(r0, r1, n).t()),
+                    (_, true) if by_row => {
+                        let mut w = Vec::with_capacity(cols);
+                        for r in r0..r1 {
+                            self.rows_f32(r, r + 1, n, &mut w);
+                            let w = ndarray::ArrayView1::from(&w[..]);
+                            for (i, xi) in x32.chunks_exact(cols.max(1)).enumerate() {
+                                part[i * nb + r - r0] =
+                                    f64::from(ndarray::ArrayView1::from(xi).dot(&w));
+                            }
+                        }
+                    }
+                    (_, false) => {
+                        let w = self.rows(r0, r1, n);
+                        let w = w.as_slice().expect("a block's rows are contiguous");
+                        gemm_t(m, nb, cols, x64, w, &mut part, 0.0, 1.0);
+                    }
+                    (_, true) => {
+                        let mut w = Vec::with_capacity(nb * cols);
+                        self.rows_f32(r0, r1, n, &mut w);
+                        let mut out = vec![0.0f32; m * nb];
+                        gemm_t(m, nb, cols, &x32, &w, &mut out, 0.0, 1.0);
+                        part.iter_mut().zip(&out).for_each(|(p, &o)| *p = f64::from(o));
+                    }
                 }
+                part
             })
             .collect();
-        let mut y = Array2::zeros((x.nrows(), rows));
+        let mut y = Array2::zeros((m, rows));
         for (bi, p) in parts.into_iter().enumerate() {
             let r0 = bi * ROW_BLOCK;
-            y.slice_mut(s![.., r0..r0 + p.ncols()]).assign(&p);
+            let nb = p.len() / m.max(1);
+            let p = Array2::from_shape_vec((m, nb), p).expect("a part is [m, block rows]");
+            y.slice_mut(s![.., r0..r0 + nb]).assign(&p);
         }
         y
+    }
+}
+
+/// `out[m, n] = a[m, k] · b[n, k]ᵀ`, every operand row-major and contiguous, computed on
+/// the calling thread (so its summation order never depends on a thread count).
+#[allow(clippy::too_many_arguments)]
+fn gemm_t<T: Copy + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    b: &[T],
+    out: &mut [T],
+    zero: T,
+    one: T,
+) {
+    assert!(a.len() == m * k && b.len() == n * k && out.len() == m * n, "gemm operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.iter_mut().for_each(|o| *o = zero);
+        return;
+    }
+    // SAFETY: the asserts above bound every access: `out` is `[m, n]` with strides
+    // `(n, 1)`, `a` is `[m, k]` with `(k, 1)`, and `bᵀ` is `[k, n]` read from `b` with
+    // strides `(1, k)`; `read_dst` is false, so `out`'s prior contents are not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            zero,
+            one,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -168,17 +262,39 @@ mod tests {
         Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 31 + j * 17) % 23) as f64 / 8.0 - 1.3)
     }
 
+    fn ascend_bf16() -> crate::model::ascend::AscendNumerics {
+        use crate::model::ascend::{AscendNumerics, AscendOptions};
+        AscendNumerics::new(
+            AscendOptions::mindformers(crate::dump::Precision::Bf16),
+            &crate::model::plan::Plan::default(),
+        )
+    }
+
     #[test]
-    fn blocked_stored_product_equals_the_whole_product() {
+    fn blocked_product_equals_the_exact_product_to_float64_rounding() {
         // 600 rows: two full blocks and a partial one; 12 input rows take the blocked
         // matrix product.
         let w = matrix(600, 40);
         let x = matrix(12, 40);
         let n = Exact::new(crate::dump::Precision::F32);
-        let whole = x.dot(&w.t());
+        let exact = x.dot(&w.t());
         let t = Tensor::from_array(&w, DType::F64);
-        assert_eq!(Matrix::Stored(t).matmul_t(x.view(), &n), whole);
-        assert_eq!(Matrix::Owned(w).matmul_t(x.view(), &n), whole);
+        let stored = Matrix::Stored(t).matmul_t(x.view(), &n);
+        assert_eq!(Matrix::Owned(w).matmul_t(x.view(), &n), stored);
+        assert!(stored.iter().zip(&exact).all(|(a, b)| (a - b).abs() <= 1e-12), "{stored}");
+    }
+
+    #[test]
+    fn an_owned_matrix_in_column_major_layout_multiplies_like_its_rows() {
+        // `weights.square_transposed` builds its matrix as `w.t().to_owned()`.
+        let w = matrix(40, 300);
+        let t = w.t().to_owned();
+        assert!(!t.is_standard_layout());
+        let x = matrix(12, 40);
+        let n = Exact::new(crate::dump::Precision::F32);
+        let y = Matrix::Owned(t.clone()).matmul_t(x.view(), &n);
+        let standard = Matrix::Owned(t.as_standard_layout().into_owned());
+        assert_eq!(y, standard.matmul_t(x.view(), &n));
     }
 
     #[test]
@@ -192,19 +308,47 @@ mod tests {
     }
 
     #[test]
+    fn float32_products_are_float32_sums_of_the_rounded_inputs() {
+        // bfloat16 weights read from a float32 tensor, bfloat16 inputs: every product is
+        // exact in float32, so each output is a float32 value within the float32
+        // accumulation bound (k ulps of the sum of |terms|) of the exact sum, whether a
+        // blocked product (12 rows) or row dots (3 rows) computed it.
+        let n = ascend_bf16();
+        let bf = |v: f64| crate::dump::Precision::Bf16.round(v);
+        let w = matrix(600, 300).mapv(|v| v.sin());
+        let t = Matrix::Stored(Tensor::from_array(&w, DType::F32));
+        let wr = w.mapv(bf);
+        for m in [12, 3] {
+            let x = matrix(m, 300).mapv(|v| bf(v.cos()));
+            let y = t.matmul_t(x.view(), &n);
+            let exact = x.dot(&wr.t());
+            let mass = x.mapv(f64::abs).dot(&wr.mapv(f64::abs).t());
+            for ((y, e), s) in y.iter().zip(&exact).zip(&mass) {
+                assert_eq!(*y, f64::from(*y as f32), "{m} rows: not a float32 value");
+                assert!((y - e).abs() <= 300.0 * f64::from(f32::EPSILON) * s, "{m}: {y} {e}");
+            }
+            assert_ne!(y, exact.mapv(|v| f64::from(v as f32)), "{m}: summed in float64");
+        }
+    }
+
+    #[test]
     fn the_product_is_bit_identical_on_one_and_two_threads() {
         let w = matrix(700, 300);
-        let x = matrix(5, 300).mapv(|v| v.sin() * 1e-3 + v);
         let t = Matrix::Stored(Tensor::from_array(&w, DType::F32));
-        let n = Exact::new(crate::dump::Precision::F32);
-        let on = |k: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(k)
-                .build()
-                .expect("pool")
-                .install(|| t.matmul_t(x.view(), &n))
-        };
-        let (one, two) = (on(1), on(2));
-        assert!(one.iter().zip(two.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let exact = Exact::new(crate::dump::Precision::F32);
+        let bf16 = ascend_bf16();
+        let numerics: [&dyn Numerics; 2] = [&exact, &bf16];
+        for (n, m) in numerics.into_iter().flat_map(|n| [(n, 5), (n, 40)]) {
+            let x = matrix(m, 300).mapv(|v| v.sin() * 1e-3 + v);
+            let on = |k: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(k)
+                    .build()
+                    .expect("pool")
+                    .install(|| t.matmul_t(x.view(), n))
+            };
+            let (one, two) = (on(1), on(2));
+            assert!(one.iter().zip(two.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}");
+        }
     }
 }

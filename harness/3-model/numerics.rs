@@ -58,6 +58,17 @@ pub enum RoundAt {
     Residual,
 }
 
+/// Where a linear layer's products are multiplied and summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// In float64, then rounded at `RoundAt::Projection`.
+    Float64,
+    /// In float32, term by term (a float32 matrix product): a bfloat16 or float16 port's
+    /// matmul with float32 accumulation. Its inputs are float16/bfloat16 values, so each
+    /// product is exact in float32 and only the sums round.
+    Float32,
+}
+
 /// Decides how values are rounded at each [`RoundAt`] point.
 pub trait Numerics: Send + Sync {
     /// A short name for manifests and messages (`"float64"`, `"ascend-bf16"`).
@@ -78,6 +89,12 @@ pub trait Numerics: Send + Sync {
 
     /// The dtype the additive mask is stored in (where a fill may overflow).
     fn mask_precision(&self) -> Precision;
+
+    /// How a linear layer multiplies and sums: in float64 (the default), or in float32
+    /// as a port does whose inputs and weights are in a dtype float32 holds exactly.
+    fn products(&self) -> Products {
+        Products::Float64
+    }
 
     /// Rounds every value of `xs` in place at `at`: [`Numerics::round`] of each, with
     /// one dispatch for the whole slice where an implementation overrides it.

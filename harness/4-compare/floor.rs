@@ -13,10 +13,12 @@
 //!   the RMSNorm weight applied in float32, float32 rotary tables);
 //!
 //! and per site the worst rel-L2 and the worst cosine against the golden are kept. A
-//! site's threshold is then `max(default, MARGIN × floor)` for rel-L2 and
-//! `1 - max(1 - default, MARGIN² × (1 - floor))` for cosine (for small errors
-//! `1 - cosine` grows as the square of rel-L2); a policy file's rules still override
-//! per site (see [`crate::compare::tolerance::Policy::decide_with_floor`]).
+//! site's threshold is then `max(least, MARGIN × floor)` for rel-L2 and
+//! `1 - max(1 - least, MARGIN² × (1 - floor))` for cosine (for small errors
+//! `1 - cosine` grows as the square of rel-L2), where `least` is one unit roundoff of
+//! bfloat16/float16 and the fixed default at float32
+//! ([`crate::compare::tolerance::Tolerance::floor_minimum`]); a policy file's defaults
+//! and rules still override (see [`crate::compare::tolerance::Policy::decide_with_floor`]).
 //!
 //! Uses the model stage (stage 3) to run the variants. A floor is computed once per
 //! (golden content, dtype) and cached as JSON ([`FloorCache`]), never inside the golden.
@@ -44,7 +46,8 @@ use crate::model::{self, Implementation, RunOptions};
 pub const MARGIN: f64 = 3.0;
 
 /// Format string of a cached floor file.
-pub const FORMAT: &str = "llama-parity/noise-floor@1";
+/// `@2`: the bfloat16/float16 variants multiply in float32 (`Products::Float32`).
+pub const FORMAT: &str = "llama-parity/noise-floor@2";
 
 /// The correct runs whose worst error is the floor, by name, in the order they run.
 pub const VARIANTS: [&str; 3] = [
@@ -289,7 +292,7 @@ impl FloorSource {
     pub fn note(&self) -> String {
         match self {
             FloorSource::Measured(f) => format!(
-                "thresholds are max(default, {} x noise floor); the floor is the worst error against the golden of {} correct runs at {}: {}",
+                "thresholds are max(least, {} x noise floor), the least being one unit roundoff at bfloat16/float16 (rel-L2 2^-8, 2^-11) and the fixed default at float32; the floor is the worst error against the golden of {} correct runs at {}: {}",
                 f.margin,
                 f.variants.len(),
                 f.precision,

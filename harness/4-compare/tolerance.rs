@@ -20,8 +20,10 @@
 //! ```
 //!
 //! Where the comparison has a measured noise floor (see [`crate::compare::floor`]), a
-//! site's default is first raised to `margin × floor`; the file's `defaults` apply
-//! before that and its `rules` after, so a rule still sets a site's threshold exactly.
+//! site's threshold is `margin × floor`, at least [`Tolerance::floor_minimum`] (one unit
+//! roundoff at bfloat16/float16, the fixed default at float32); the file's `defaults`
+//! replace that least threshold and its `rules` apply after, so a rule still sets a
+//! site's threshold exactly.
 //!
 //! Rules apply in file order; a later matching rule overrides the fields it sets.
 //! Patterns match whole names; `*` matches any run of characters.
@@ -55,6 +57,23 @@ impl Tolerance {
             Precision::Bf16 => Tolerance { max_rel_l2: 0.05, min_cosine: 0.998, max_abs: None },
             Precision::F16 => Tolerance { max_rel_l2: 0.01, min_cosine: 0.9999, max_abs: None },
         }
+    }
+
+    /// The least threshold a measured noise floor may set at `precision`, in place of
+    /// [`Tolerance::default_for`]. At bfloat16 and float16 the floor measures the
+    /// rounding a correct port of this model reaches, so a site is held to
+    /// `margin × floor` with one unit roundoff of the dtype as its least rel-L2 (2⁻⁸,
+    /// 2⁻¹¹; 1 - cosine its square): a site no correct variant rounds (an embedding
+    /// gathered from a golden of the same dtype) is not held to exactly zero. At float32
+    /// the floor models rounding at op boundaries but not a port's summation order,
+    /// which is all that separates two float32 runs, so the fixed default stays.
+    pub fn floor_minimum(precision: Precision) -> Tolerance {
+        let u = match precision {
+            Precision::F32 => return Tolerance::default_for(precision),
+            Precision::Bf16 => 2f64.powi(-8),
+            Precision::F16 => 2f64.powi(-11),
+        };
+        Tolerance { max_rel_l2: u, min_cosine: 1.0 - u * u, max_abs: None }
     }
 }
 
@@ -250,8 +269,9 @@ impl Policy {
     }
 
     /// The decision for `site` at `step` with the site's measured noise floor: the
-    /// default (with the file's `defaults`) raised to `margin × floor`
-    /// ([`SiteFloor::raise`]), then the file's matching rules, which override it.
+    /// least threshold ([`Tolerance::floor_minimum`], or the file's `defaults` for the
+    /// dtype when it has them) raised to `margin × floor` ([`SiteFloor::raise`]), then
+    /// the file's matching rules, which override it. Without a floor: the default.
     pub fn decide_with_floor(
         &self,
         step: Step,
@@ -259,8 +279,14 @@ impl Policy {
         precision: Precision,
         floor: Option<(SiteFloor, f64)>,
     ) -> Decision {
-        let mut t = Tolerance::default_for(precision);
-        if let Some(o) = self.defaults.get(precision.name()) {
+        // A policy's own defaults stay the least threshold; the built-in one yields to
+        // the measured floor (see `Tolerance::floor_minimum`).
+        let own = self.defaults.get(precision.name());
+        let mut t = match (&floor, own) {
+            (Some(_), None) => Tolerance::floor_minimum(precision),
+            _ => Tolerance::default_for(precision),
+        };
+        if let Some(o) = own {
             o.apply(&mut t);
         }
         if let Some((f, margin)) = floor {
