@@ -381,36 +381,25 @@ impl<'m> Session<'m> {
 
         let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
         let first = self.first_layer.min(w.layers.len());
-        if let (true, Some(input)) = (first > 0, &self.resume_input) {
-            let x = input(step, first)?;
+        // A layer input from elsewhere (a resumed run, the golden under teacher forcing)
+        // replaces the hidden state only with the shape the model computes.
+        let replace = |h: &mut Array3<f64>, x: Array3<f64>, i: usize, what: &str| {
             if x.dim() != h.dim() {
                 return Err(Error::scenario(
-                    format!("model.layers.{first}"),
-                    format!(
-                        "the resumed input has shape {:?}, expected {:?}",
-                        x.shape(),
-                        h.shape()
-                    ),
+                    format!("model.layers.{i}"),
+                    format!("{what} has shape {:?}, expected {:?}", x.shape(), h.shape()),
                 ));
             }
-            h = x;
+            *h = x;
+            Ok(())
+        };
+        if let (true, Some(input)) = (first > 0, &self.resume_input) {
+            replace(&mut h, input(step, first)?, first, "the resumed input")?;
         }
         for (i, lw) in w.layers.iter().enumerate().skip(first) {
             super::progress::layer(&step_label, i, w.layers.len());
-            if let Some(teacher) = teacher {
-                if let Some(x) = teacher.layer_input(i)? {
-                    if x.dim() != h.dim() {
-                        return Err(Error::scenario(
-                            format!("model.layers.{i}"),
-                            format!(
-                                "the golden's input to layer {i} has shape {:?}, expected {:?}",
-                                x.shape(),
-                                h.shape()
-                            ),
-                        ));
-                    }
-                    h = x;
-                }
+            if let Some(x) = teacher.map(|t| t.layer_input(i)).transpose()?.flatten() {
+                replace(&mut h, x, i, &format!("the golden's input to layer {i}"))?;
             }
             let layer = DecoderLayer { index: i, weights: lw, config: c, plan: self.plan };
             layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
