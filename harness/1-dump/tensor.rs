@@ -172,6 +172,11 @@ impl Tensor {
         let s = self.dtype.size();
         let b = &self.bytes()[start * s..(start + out.len()) * s];
         match self.dtype {
+            DType::F64 => {
+                for (o, e) in out.iter_mut().zip(b.chunks_exact(8)) {
+                    *o = f64::from_le_bytes(e.try_into().expect("chunks of 8"));
+                }
+            }
             DType::F32 => {
                 for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
                     *o = f32::from_le_bytes(word(e)) as f64;

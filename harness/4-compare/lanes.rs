@@ -127,15 +127,23 @@ pub(crate) fn measure_simple(
     let mut acc = Accumulator::new(c.dtype());
     let mut per_token = tokens.map(|t| GroupL2::new(t.n));
     let mut per_head = heads.map(|h| GroupL2::new(h.n));
-    for i in 0..g.numel() {
-        if valid.keep(i) {
-            let (gv, cv) = (g.get_f64(i), c.get_f64(i));
-            acc.push(i, gv, cv);
-            if let (Some(t), Some(a)) = (tokens, per_token.as_mut()) {
-                a.push(t.of(i), gv, cv);
-            }
-            if let (Some(h), Some(a)) = (heads, per_head.as_mut()) {
-                a.push(h.of(i), gv, cv);
+    // Element by element in index order, both tensors read a block at a time.
+    let (mut gb, mut cb) = (vec![0.0; BLOCK], vec![0.0; BLOCK]);
+    let numel = g.numel();
+    for start in (0..numel).step_by(BLOCK) {
+        let len = BLOCK.min(numel - start);
+        g.read_f64_into(start, &mut gb[..len]);
+        c.read_f64_into(start, &mut cb[..len]);
+        for (k, (&gv, &cv)) in gb[..len].iter().zip(&cb[..len]).enumerate() {
+            let i = start + k;
+            if valid.keep(i) {
+                acc.push(i, gv, cv);
+                if let (Some(t), Some(a)) = (tokens, per_token.as_mut()) {
+                    a.push(t.of(i), gv, cv);
+                }
+                if let (Some(h), Some(a)) = (heads, per_head.as_mut()) {
+                    a.push(h.of(i), gv, cv);
+                }
             }
         }
     }
