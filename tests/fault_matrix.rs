@@ -109,6 +109,10 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
                 }
                 (Visibility::Shows(_, si), Some((_, why))) => {
                     if verdict == Verdict::Pass {
+                        // Measured 0.7 to 1.5 floors: about a correct port's rounding.
+                        if x.is_nan() || x > 2.0 {
+                            problems.push(format!("{} on {name}: passes, but at {x:.2} floors where it acts, not about one", fault.id()));
+                        }
                         format!("under the floor ({e:.1e}, {x:.1} x floor: {why})")
                     } else {
                         let same_site = first.as_deref().is_some_and(|f| {
