@@ -260,22 +260,24 @@ impl Tensor {
                     *o = f32::from_bits(u32::from(u16::from_le_bytes(half_word(e))) << 16);
                 }
             }
+            // Off the fast path (a subnormal, infinite or NaN value): the f64 read's.
             (DType::F32, Some(Bf16)) => {
                 let b = &self.bytes()[start * 4..(start + n) * 4];
                 if f32_to_bf16_rounded(b, out) {
-                    for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
-                        *o = Bf16.round(f64::from(f32::from_le_bytes(word(e)))) as f32;
-                    }
+                    self.read_f32_through_f64(start, out, at);
                 }
             }
-            _ => {
-                let mut buf = [0.0f64; 1024];
-                for (i, o) in out.chunks_mut(buf.len()).enumerate() {
-                    let buf = &mut buf[..o.len()];
-                    self.read_f64_rounded_into(start + i * 1024, buf, at);
-                    o.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = v as f32);
-                }
-            }
+            _ => self.read_f32_through_f64(start, out, at),
+        }
+    }
+
+    /// [`Tensor::read_f64_rounded_into`] a chunk at a time, narrowed to `f32`.
+    fn read_f32_through_f64(&self, start: usize, out: &mut [f32], at: Option<Precision>) {
+        let mut buf = [0.0f64; 1024];
+        for (i, o) in out.chunks_mut(buf.len()).enumerate() {
+            let buf = &mut buf[..o.len()];
+            self.read_f64_rounded_into(start + i * 1024, buf, at);
+            o.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = v as f32);
         }
     }
 
@@ -312,13 +314,12 @@ unsafe fn f32_to_bf16_rounded_avx2(b: &[u8], out: &mut [f32]) -> bool {
 
 #[inline(always)]
 fn f32_to_bf16_rounded_body(b: &[u8], out: &mut [f32]) -> bool {
-    // `f32_bits_to_bf16` without its per-value flag: one flag for the slice.
+    // One flag for the slice, folded without branches so that the loop vectorises.
     let mut odd = 0u32;
     for (o, e) in out.iter_mut().zip(b.chunks_exact(4)) {
-        let bits = u32::from_le_bytes(word(e));
-        let special = ((bits >> 23) & 0xff).wrapping_sub(1) >= 254;
-        odd |= u32::from(special) & u32::from(bits << 1 != 0);
-        *o = f32::from_bits(((bits & !7) + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000);
+        let (r, fits) = bf16_bits(u32::from_le_bytes(word(e)));
+        odd |= u32::from(!fits);
+        *o = f32::from_bits(r);
     }
     odd != 0
 }
@@ -340,11 +341,17 @@ fn half_word(e: &[u8]) -> [u8; 2] {
 /// (normal values and zeros; otherwise the value is not meaningful).
 #[inline(always)]
 fn f32_bits_to_bf16(bits: u32) -> (f64, bool) {
+    let (r, fits) = bf16_bits(bits);
+    (f64::from(f32::from_bits(r)), fits)
+}
+
+/// [`f32_bits_to_bf16`] as float32 bits.
+#[inline(always)]
+fn bf16_bits(bits: u32) -> (u32, bool) {
     let exp = (bits >> 23) & 0xff;
     let fits = exp.wrapping_sub(1) < 254 || bits << 1 == 0;
     // Overflow carries into the exponent and gives infinity, as `half` does.
-    let r = ((bits & !7) + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
-    (f64::from(f32::from_bits(r)), fits)
+    (((bits & !7) + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000, fits)
 }
 
 /// The float32 value with these bits rounded to float16 (to nearest even), and whether

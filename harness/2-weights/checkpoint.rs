@@ -226,19 +226,8 @@ struct HashCache {
 
 impl HashCache {
     fn default_dir() -> Option<PathBuf> {
-        if !cfg!(unix) {
-            return None;
-        }
-        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        match env("PARITY_HASH_CACHE") {
-            Some(d) if d.as_os_str() == "off" => None,
-            Some(d) => Some(d),
-            None => {
-                env("XDG_CACHE_HOME").map(|d| d.join("llama-parity").join("sha256")).or_else(|| {
-                    env("HOME").map(|d| d.join(".cache").join("llama-parity").join("sha256"))
-                })
-            }
-        }
+        let dir = crate::contract::cache_dir("PARITY_HASH_CACHE", "sha256")?;
+        (cfg!(unix) && dir.as_os_str() != "off").then_some(dir)
     }
 
     /// The entry's file name: a sha256 over what identifies this version of the file.

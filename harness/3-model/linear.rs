@@ -127,11 +127,11 @@ impl Matrix {
                             }
                         }
                     }
-                    (_, true) if by_row => {
-                        let mut w = Vec::with_capacity(cols);
+                    (Matrix::Stored(t), true) if by_row => {
+                        let mut w = Array1::zeros(cols);
                         for r in r0..r1 {
-                            self.rows_f32(r, r + 1, n, &mut w);
-                            let w = ndarray::ArrayView1::from(&w[..]);
+                            let buf = w.as_slice_mut().expect("a new array is contiguous");
+                            t.read_f32_rounded_into(r * cols, buf, n.weight_precision());
                             for (i, xi) in x32.chunks_exact(cols.max(1)).enumerate() {
                                 part[i * nb + r - r0] =
                                     f64::from(ndarray::ArrayView1::from(xi).dot(&w));

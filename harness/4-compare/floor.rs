@@ -231,10 +231,7 @@ impl FloorCache {
     /// `$PARITY_FLOOR_CACHE`, else `$XDG_CACHE_HOME/llama-parity/floors`, else
     /// `~/.cache/llama-parity/floors`; `None` when none is set.
     pub fn default_dir() -> Option<PathBuf> {
-        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        env("PARITY_FLOOR_CACHE")
-            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("llama-parity").join("floors")))
-            .or_else(|| env("HOME").map(|d| d.join(".cache").join("llama-parity").join("floors")))
+        crate::contract::cache_dir("PARITY_FLOOR_CACHE", "floors")
     }
 
     /// The file of `hash` at `precision`.
