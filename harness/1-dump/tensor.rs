@@ -55,19 +55,24 @@ impl Tensor {
             values.len(),
             shape
         );
-        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-        for &v in values {
-            match dtype {
-                DType::F64 => bytes.extend_from_slice(&v.to_le_bytes()),
-                DType::F32 => bytes.extend_from_slice(&(v as f32).to_le_bytes()),
-                DType::F16 => bytes.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-                DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-                DType::I64 => bytes.extend_from_slice(&(v as i64).to_le_bytes()),
-                DType::I32 => bytes.extend_from_slice(&(v as i32).to_le_bytes()),
-                DType::U8 => bytes.push(v as u8),
-                DType::Bool => bytes.push((v != 0.0) as u8),
+        // One loop per dtype, each writing fixed-size chunks (a copy for float64).
+        fn put<const N: usize>(values: &[f64], f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
+            let mut bytes = vec![0u8; values.len() * N];
+            for (b, &v) in bytes.chunks_exact_mut(N).zip(values) {
+                b.copy_from_slice(&f(v));
             }
+            bytes
         }
+        let bytes = match dtype {
+            DType::F64 => put(values, f64::to_le_bytes),
+            DType::F32 => put(values, |v| (v as f32).to_le_bytes()),
+            DType::F16 => put(values, |v| half::f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => put(values, |v| half::bf16::from_f64(v).to_le_bytes()),
+            DType::I64 => put(values, |v| (v as i64).to_le_bytes()),
+            DType::I32 => put(values, |v| (v as i32).to_le_bytes()),
+            DType::U8 => put(values, |v| [v as u8]),
+            DType::Bool => put(values, |v| [u8::from(v != 0.0)]),
+        };
         Tensor::owned(dtype, shape.to_vec(), bytes)
     }
 
@@ -86,8 +91,13 @@ impl Tensor {
         array: &ndarray::Array<f64, D>,
         dtype: DType,
     ) -> Tensor {
-        let values: Vec<f64> = array.iter().copied().collect();
-        Tensor::from_f64(array.shape(), &values, dtype)
+        match array.as_slice() {
+            Some(values) => Tensor::from_f64(array.shape(), values, dtype),
+            None => {
+                let values: Vec<f64> = array.iter().copied().collect();
+                Tensor::from_f64(array.shape(), &values, dtype)
+            }
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -127,6 +137,22 @@ impl Tensor {
                     range.end - range.start,
                 )
             };
+        }
+    }
+
+    /// Maps every page of a memory-mapped tensor at once (`madvise(MADV_POPULATE_READ)`,
+    /// Linux 5.14 and later), for a tensor about to be read whole: one call instead of a
+    /// page fault per few pages on first touch. Pages not yet cached are read from the
+    /// file here. Nothing for owned bytes, or where the kernel does not offer it.
+    pub fn populate(&self) {
+        #[cfg(target_os = "linux")]
+        if let Bytes::Mapped { map, range } = &self.bytes {
+            // A failure (an older kernel) only leaves the pages to be faulted in on use.
+            let _ = map.advise_range(
+                memmap2::Advice::PopulateRead,
+                range.start,
+                range.end - range.start,
+            );
         }
     }
 

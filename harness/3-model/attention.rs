@@ -110,11 +110,13 @@ pub fn eager(
                     *r = n.round(RoundAt::Probs, *r);
                     probs[[ti, si]] = *r;
                 }
-                let pr = ndarray::ArrayView1::from(&row[..]);
-                let c = pr.dot(&vals);
-                for (j, x) in c.iter().enumerate() {
-                    ctx[[ti, j]] = n.round(RoundAt::Context, *x);
+                // `probs · V`, each output summed over the keys in order, as
+                // `ndarray`'s vector-matrix `dot` sums it, a row of `V` at a time.
+                let mut c = ctx.row_mut(ti);
+                for (&p, vr) in row.iter().zip(vals.outer_iter()) {
+                    c.zip_mut_with(&vr, |c, &v| *c += v * p);
                 }
+                c.mapv_inplace(|x| n.round(RoundAt::Context, x));
             }
             (probs, ctx)
         })

@@ -10,12 +10,15 @@
 //! each output element's summation order depends only on its block, never on the
 //! thread that ran it, so the result is bit-identical whatever the thread count.
 
+use std::cell::RefCell;
+
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::dump::Tensor;
 
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
+use super::rowdot::{rows_dot, Inputs};
 
 /// Output rows widened and multiplied together: 256 rows of a 14336-wide matrix are
 /// 28 MiB of `f64` per thread.
@@ -23,6 +26,20 @@ pub const ROW_BLOCK: usize = 256;
 
 /// Up to this many input rows, a stored matrix is multiplied a weight row at a time.
 const VECTOR_ROWS: usize = 8;
+
+thread_local! {
+    /// A thread's widened block of weight rows, kept from one block to the next (and
+    /// across products) so that a block is neither allocated nor zeroed again.
+    static BLOCK_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    static BLOCK_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `v` with `len` elements, its contents left as they are where it had them (every
+/// caller overwrites them all).
+fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    v.truncate(len);
+    v.resize(len, T::default());
+}
 
 /// A `[rows, cols]` matrix: widened to `f64` already, or stored in a checkpoint's dtype.
 #[derive(Debug, Clone)]
@@ -62,16 +79,31 @@ impl Matrix {
         }
     }
 
+    /// Rows `r0..r1` as `f64` into `out` (row-major, resized to fit), stored at
+    /// `RoundAt::Weight`: [`Matrix::rows`] into a buffer a thread keeps.
+    fn rows_into(&self, r0: usize, r1: usize, n: &dyn Numerics, out: &mut Vec<f64>) {
+        match self {
+            Matrix::Owned(a) => {
+                out.clear();
+                out.extend(a.slice(s![r0..r1, ..]).iter());
+            }
+            Matrix::Stored(t) => {
+                fit(out, (r1 - r0) * self.ncols());
+                t.read_f64_rounded_into(r0 * self.ncols(), out, n.weight_precision());
+            }
+        }
+    }
+
     /// Rows `r0..r1` as `f32`, row-major, stored at `RoundAt::Weight` (values of a dtype
     /// float32 holds exactly when the numerics multiplies in float32).
     fn rows_f32(&self, r0: usize, r1: usize, n: &dyn Numerics, out: &mut Vec<f32>) {
-        out.clear();
         match self {
             Matrix::Owned(a) => {
+                out.clear();
                 out.extend(a.slice(s![r0..r1, ..]).iter().map(|&v| v as f32));
             }
             Matrix::Stored(t) => {
-                out.resize((r1 - r0) * self.ncols(), 0.0);
+                fit(out, (r1 - r0) * self.ncols());
                 t.read_f32_rounded_into(r0 * self.ncols(), out, n.weight_precision());
             }
         }
@@ -99,9 +131,9 @@ impl Matrix {
     /// multiplied in the precision of `n.products()`.
     ///
     /// A few input rows (a decode step) make this a matrix-vector product bound by
-    /// reading the weights: a stored matrix is then widened one row at a time into a
-    /// buffer that stays in cache and dotted with each input row, instead of widening
-    /// and packing whole blocks for a matrix product.
+    /// reading the weights: each stored weight row is then decoded and dotted with each
+    /// input row as it is read ([`rows_dot`]), instead of widening and packing whole
+    /// blocks for a matrix product.
     pub fn matmul_t(&self, x: ArrayView2<f64>, n: &dyn Numerics) -> Array2<f64> {
         let (rows, cols, m) = (self.nrows(), self.ncols(), x.nrows());
         let x = x.as_standard_layout();
@@ -117,39 +149,20 @@ impl Matrix {
                 let nb = r1 - r0;
                 let mut part = vec![0.0; m * nb];
                 match (self, in_f32) {
-                    (Matrix::Stored(t), false) if by_row => {
-                        let mut w = Array1::zeros(cols);
-                        for r in r0..r1 {
-                            let buf = w.as_slice_mut().expect("a new array is contiguous");
-                            t.read_f64_rounded_into(r * cols, buf, n.weight_precision());
-                            for (i, xi) in x.outer_iter().enumerate() {
-                                part[i * nb + r - r0] = xi.dot(&w);
-                            }
-                        }
+                    (Matrix::Stored(t), _) if by_row => {
+                        let x = if in_f32 { Inputs::F32(&x32) } else { Inputs::F64(x64) };
+                        rows_dot(t, n.weight_precision(), (r0, r1), x, &mut part);
                     }
-                    (Matrix::Stored(t), true) if by_row => {
-                        let mut w = Array1::zeros(cols);
-                        for r in r0..r1 {
-                            let buf = w.as_slice_mut().expect("a new array is contiguous");
-                            t.read_f32_rounded_into(r * cols, buf, n.weight_precision());
-                            for (i, xi) in x32.chunks_exact(cols.max(1)).enumerate() {
-                                part[i * nb + r - r0] =
-                                    f64::from(ndarray::ArrayView1::from(xi).dot(&w));
-                            }
-                        }
-                    }
-                    (_, false) => {
-                        let w = self.rows(r0, r1, n);
-                        let w = w.as_slice().expect("a block's rows are contiguous");
+                    (_, false) => BLOCK_F64.with_borrow_mut(|w| {
+                        self.rows_into(r0, r1, n, w);
                         gemm_t(m, nb, cols, x64, w, &mut part, 0.0, 1.0);
-                    }
-                    (_, true) => {
-                        let mut w = Vec::with_capacity(nb * cols);
-                        self.rows_f32(r0, r1, n, &mut w);
+                    }),
+                    (_, true) => BLOCK_F32.with_borrow_mut(|w| {
+                        self.rows_f32(r0, r1, n, w);
                         let mut out = vec![0.0f32; m * nb];
-                        gemm_t(m, nb, cols, &x32, &w, &mut out, 0.0, 1.0);
+                        gemm_t(m, nb, cols, &x32, w, &mut out, 0.0, 1.0);
                         part.iter_mut().zip(&out).for_each(|(p, &o)| *p = f64::from(o));
-                    }
+                    }),
                 }
                 part
             })

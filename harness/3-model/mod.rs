@@ -36,6 +36,7 @@ pub mod progress;
 mod reference;
 pub mod rms_norm;
 pub mod rope;
+mod rowdot;
 pub mod runner;
 pub mod weights;
 
