@@ -188,8 +188,8 @@ impl HfCheckpoint {
 /// [`sha256_file`], computed once for a file whose size and modification time are
 /// unchanged: once per process (the noise floor and every diagnosis hypothesis reopen
 /// the golden's checkpoint), and across processes through [`HashCache`], so that a gate
-/// run again on the same multi-GB checkpoint does not hash it again.
-fn sha256_once(path: &Path) -> Result<String> {
+/// run again on the same multi-GB checkpoint (or golden) does not hash it again.
+pub(crate) fn sha256_once(path: &Path) -> Result<String> {
     type Key = (PathBuf, u64, Option<std::time::SystemTime>);
     static HASHED: std::sync::Mutex<BTreeMap<Key, String>> = std::sync::Mutex::new(BTreeMap::new());
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;

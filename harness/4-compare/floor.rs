@@ -24,7 +24,7 @@
 //! (golden content, dtype) and cached as JSON ([`FloorCache`]), never inside the golden.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -176,28 +176,22 @@ pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump
     Ok(out.dump)
 }
 
-/// sha256 over a golden directory's files (relative path, length and content of each
-/// regular file, in path order); the key of its cached floors.
+/// sha256 over a golden directory's files: the relative path, length and sha256 of each
+/// regular file, in path order; the key of its cached floors. A file's sha256 is
+/// remembered across runs as a checkpoint shard's is
+/// ([`crate::weights::checkpoint::sha256_once`]), so a golden is read whole only once.
 pub fn golden_hash(dir: &Path) -> Result<String> {
     let mut files = Vec::new();
     collect_files(dir, dir, &mut files)?;
     files.sort();
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
     for rel in files {
         let path = dir.join(&rel);
-        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let len = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
         h.update(rel.to_string_lossy().as_bytes());
         h.update([0u8]);
         h.update(len.to_le_bytes());
-        loop {
-            let n = f.read(&mut buf).map_err(|e| Error::io(&path, e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        h.update(crate::weights::checkpoint::sha256_once(&path)?.as_bytes());
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -22,8 +22,12 @@
 //! numbers are bit-identical on any number of threads (and to the scalar kernel this
 //! one replaced: the tests keep it as the reference).
 //!
-//! Any other dtype pair (float64 on either side) takes [`measure_simple`], the
-//! element-by-element path, which is also the reference the fast one is tested against.
+//! A pair with float64 on either side (a run's own output, held in memory) is read
+//! into two float64 arrays a block at a time and measured by the same block kernel
+//! ([`WidePass`]; units in the last place per pair with [`ulp_distance`]), unless a
+//! value reaches [`HUGE`], whose squares could overflow the plain sums. That site, and
+//! any pair of integer dtypes, takes [`measure_simple`], the element-by-element path,
+//! which is also the reference the fast one is tested against.
 //! The error histogram is only reported for failing sites, so it is made by a second
 //! pass over those ([`histogram`]), blocked and parallel the same way; [`statistics`]
 //! is the light pass of a statistics-first comparison.
@@ -33,7 +37,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::compare::metrics::{Accumulator, Block, ErrorHistogram, GroupL2};
+use crate::compare::metrics::{
+    ulp_distance, ulp_distance_f64, Accumulator, Block, ErrorHistogram, GroupL2,
+};
 use crate::compare::simd::{F64x4, Portable};
 use crate::compare::verdict::{Groups, RowFilter};
 use crate::dump::msprobe::Stats;
@@ -74,6 +80,16 @@ pub fn is_lane(d: DType) -> bool {
     matches!(d, DType::F32 | DType::BF16 | DType::F16)
 }
 
+/// True for the float dtypes, which the fast path measures (float64 pairs on float64
+/// scratch arrays).
+fn is_float(d: DType) -> bool {
+    is_lane(d) || d == DType::F64
+}
+
+/// Float64 pairs with a value this large or larger are measured element by element:
+/// below it, the sums of squares of any tensor stay finite (2^960 per square).
+const HUGE: f64 = 3.121_748_550_315_992_2e144; // 2^480, exactly
+
 /// Measures the pairs of `g` and `c` (same shape) that `valid` keeps, with rel-L2 per
 /// token row and per head when `tokens` / `heads` are given.
 pub(crate) fn measure(
@@ -83,7 +99,9 @@ pub(crate) fn measure(
     tokens: Option<Groups>,
     heads: Option<Groups>,
 ) -> Measured {
-    if !(is_lane(g.dtype()) && is_lane(c.dtype())) {
+    let lanes = is_lane(g.dtype()) && is_lane(c.dtype());
+    let wide = !lanes && is_float(g.dtype()) && is_float(c.dtype());
+    if !(lanes || wide) {
         return measure_simple(g, c, valid, tokens, heads);
     }
     let numel = g.numel();
@@ -101,16 +119,29 @@ pub(crate) fn measure(
         heads,
         open: None,
     };
+    let mut huge = false;
     for_waves(numel, run, g, c, |tasks| {
-        let parts: Vec<Vec<(usize, Block)>> = if tasks.len() == 1 {
-            tasks.iter().map(|r| pair.on_lanes::<MeasurePass>(r.clone())).collect()
-        } else {
-            tasks.par_iter().map(|r| pair.on_lanes::<MeasurePass>(r.clone())).collect()
+        let parts: Vec<(Vec<(usize, Block)>, bool)> = match (lanes, tasks.len()) {
+            (true, 1) => {
+                tasks.iter().map(|r| (pair.on_lanes::<MeasurePass>(r.clone()), false)).collect()
+            }
+            (true, _) => {
+                tasks.par_iter().map(|r| (pair.on_lanes::<MeasurePass>(r.clone()), false)).collect()
+            }
+            (false, _) => tasks.par_iter().map(|r| pair.on_lanes::<WidePass>(r.clone())).collect(),
         };
-        for (run_start, b) in parts.iter().flatten() {
-            merge.push(*run_start, b);
+        for (blocks, h) in &parts {
+            huge |= h;
+            for (run_start, b) in blocks {
+                merge.push(*run_start, b);
+            }
         }
     });
+    if huge {
+        // Squares of such values may overflow the plain sums: element by element, whose
+        // accumulator keeps scaled ones too.
+        return measure_simple(g, c, valid, tokens, heads);
+    }
     merge.flush();
     Measured { acc: merge.acc, per_token: merge.per_token, per_head: merge.per_head }
 }
@@ -265,6 +296,8 @@ impl Plan {
 
 /// The two tensors of a site, ready to be read a block at a time.
 struct Pair<'a> {
+    gt: &'a Tensor,
+    ct: &'a Tensor,
     gd: DType,
     cd: DType,
     gb: &'a [u8],
@@ -277,6 +310,8 @@ struct Pair<'a> {
 impl<'a> Pair<'a> {
     fn new(g: &'a Tensor, c: &'a Tensor, valid: &'a RowFilter<'a>, run: usize) -> Pair<'a> {
         Pair {
+            gt: g,
+            ct: c,
             gd: g.dtype(),
             cd: c.dtype(),
             gb: g.bytes(),
@@ -335,6 +370,27 @@ impl<'a> Pair<'a> {
             (F16, F16Lane, BF16, Bf16Lane),
             (F16, F16Lane, F16, F16Lane)
         )
+    }
+
+    /// Reads the block of `len` pairs at `start` into the float64 scratch arrays (either
+    /// side float64), measuring the units in the last place of the finite pairs.
+    fn decode_wide(&self, start: usize, len: usize, s: &mut Scratch) -> Decoded {
+        let (g, c) = (&mut s.g64[..len], &mut s.c64[..len]);
+        self.gt.read_f64_into(start, g);
+        self.ct.read_f64_into(start, c);
+        let (mut finite, mut ulp, mut top) = (true, 0.0f64, 0.0f64);
+        let wide = self.cd == DType::F64;
+        for (&x, &y) in g.iter().zip(c.iter()) {
+            // Without branches where the candidate is float64, so that the loop
+            // vectorises: a non-finite pair's distance and magnitude are discarded.
+            let both = x.is_finite() & y.is_finite();
+            finite &= both;
+            let u = if wide { ulp_distance_f64(x, y) } else { ulp_distance(self.cd, x, y) };
+            ulp = if both && u > ulp { u } else { ulp };
+            let m = x.abs().max(y.abs());
+            top = if both && m > top { m } else { top };
+        }
+        Decoded { finite, max_ulp: ulp, huge: top >= HUGE }
     }
 
     /// Runs pass `P` over the blocks of `range`, on AVX2 lanes where the CPU has them.
@@ -399,6 +455,32 @@ impl BlockPass for MeasurePass {
     }
 }
 
+/// [`MeasurePass`] over float64 pairs, and whether a value was [`HUGE`].
+struct WidePass;
+
+impl BlockPass for WidePass {
+    type Out = (Vec<(usize, Block)>, bool);
+
+    #[inline(always)]
+    unsafe fn run<V: F64x4>(pair: &Pair, range: Range<usize>) -> Self::Out {
+        let list = pair.block_list(range);
+        let (mut out, mut huge) = (Vec::with_capacity(list.len()), false);
+        let mut s = Scratch::new();
+        for (run_start, start, len) in list {
+            let decoded = pair.decode_wide(start, len, &mut s);
+            huge |= decoded.huge;
+            let Scratch { g64, c64, idx, .. } = &mut s;
+            let (g, c, idx) = (&mut g64[..len], &mut c64[..len], &mut idx[..len]);
+            // SAFETY: passed on from the caller.
+            let b = unsafe {
+                block_of::<V, f64>(decoded, g, c, idx, start, pair.eps, |_, _| decoded.max_ulp)
+            };
+            out.push((run_start, b));
+        }
+        (out, huge)
+    }
+}
+
 /// The moments of both sides, for their statistics.
 struct StatisticsPass;
 
@@ -425,6 +507,9 @@ impl BlockPass for StatisticsPass {
 struct Scratch {
     g: Vec<f32>,
     c: Vec<f32>,
+    /// The block's pairs where either side is float64.
+    g64: Vec<f64>,
+    c64: Vec<f64>,
     /// Flat indices of the finite pairs, when a block holds NaN or Inf.
     idx: Vec<usize>,
     /// |d| of each pair.
@@ -436,6 +521,8 @@ impl Scratch {
         Scratch {
             g: vec![0.0; BLOCK],
             c: vec![0.0; BLOCK],
+            g64: vec![0.0; BLOCK],
+            c64: vec![0.0; BLOCK],
             idx: vec![0; BLOCK],
             ad: vec![0.0; BLOCK],
         }
@@ -576,8 +663,11 @@ fn ulps<C: Lane>(a: i64, b: i64) -> u32 {
 struct Decoded {
     /// Every value of both sides is finite.
     finite: bool,
-    /// The largest distance in the candidate's units in the last place (when finite).
+    /// The largest distance in the candidate's units in the last place (when finite;
+    /// for float64 pairs, over the finite pairs).
     max_ulp: f64,
+    /// A finite value of [`HUGE`] or more (float64 pairs only).
+    huge: bool,
 }
 
 /// Decodes pairs `start..start + g.len()` of the little-endian `gb` (golden, dtype `G`)
@@ -610,7 +700,7 @@ fn decode_pair<G: Lane, C: Lane, const ULPS: bool>(
             ulp = ulp.max(ulps::<C>(C::key(yb), kx));
         }
     }
-    Decoded { finite: top < 0x7F80_0000, max_ulp: f64::from(ulp) }
+    Decoded { finite: top < 0x7F80_0000, max_ulp: f64::from(ulp), huge: false }
 }
 
 /// float16 bits to float32, exactly (NaN stays NaN), without branches: the exponent is
@@ -699,16 +789,42 @@ unsafe fn block<V: F64x4>(
     start: usize,
     eps: f64,
 ) -> Block {
-    let mut b = Block::default();
     let (g, c, idx) = (&mut s.g[..len], &mut s.c[..len], &mut s.idx[..len]);
-    let mut n = len;
+    // SAFETY: passed on from the caller.
+    unsafe {
+        block_of::<V, f32>(decoded, g, c, idx, start, eps, |g, c| match cand {
+            DType::F32 => max_ulp::<F32Lane>(g, c),
+            DType::BF16 => max_ulp::<Bf16Lane>(g, c),
+            _ => max_ulp::<F16Lane>(g, c),
+        })
+    }
+}
+
+/// [`block`] over pairs of either width (`g`, `c`, each `idx`'s length), with
+/// `nonfinite_ulp` measuring the units in the last place over the finite pairs when the
+/// block holds NaN or Inf (else `decoded.max_ulp` is the block's).
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[inline(always)]
+unsafe fn block_of<V: F64x4, E: Elem>(
+    decoded: Decoded,
+    g: &mut [E],
+    c: &mut [E],
+    idx: &mut [usize],
+    start: usize,
+    eps: f64,
+    nonfinite_ulp: impl FnOnce(&[E], &[E]) -> f64,
+) -> Block {
+    let mut b = Block::default();
+    let mut n = g.len();
     let finite = decoded.finite;
     if !finite {
         // Count NaN/Inf as Accumulator::push does, and keep the finite pairs in front.
         let mut m = 0;
         for k in 0..n {
             let (x, y) = (g[k], c[k]);
-            if b.count_nonfinite(f64::from(x), f64::from(y)) {
+            if b.count_nonfinite(x.wide(), y.wide()) {
                 g[m] = x;
                 c[m] = y;
                 idx[m] = start + k;
@@ -723,8 +839,8 @@ unsafe fn block<V: F64x4>(
     let (g, c) = (&g[..n], &c[..n]);
     // SAFETY: passed on from the caller.
     let (e, [m2_g, m2_c, co]) = unsafe {
-        let e = errors::<V>(g, c, eps);
-        let m = comoments::<V>(g, c, e.sg / n as f64, e.sc / n as f64);
+        let e = errors::<V, E>(g, c, eps);
+        let m = comoments::<V, E>(g, c, e.sg / n as f64, e.sc / n as f64);
         (e, m)
     };
     // The first pair reaching the largest |d| (there is one: n > 0).
@@ -743,15 +859,41 @@ unsafe fn block<V: F64x4>(
     b.max_abs = e.max_abs;
     b.max_abs_at = if finite { start + at } else { idx[at] };
     b.max_rel = e.max_rel;
-    b.max_ulp = match cand {
-        _ if finite => decoded.max_ulp,
-        DType::F32 => max_ulp::<F32Lane>(g, c),
-        DType::BF16 => max_ulp::<Bf16Lane>(g, c),
-        _ => max_ulp::<F16Lane>(g, c),
-    };
+    b.max_ulp = if finite { decoded.max_ulp } else { nonfinite_ulp(g, c) };
     b.below_1e3 = e.below_1e3;
     b.below_5e3 = e.below_5e3;
     b
+}
+
+/// An element of a decoded block: float32 (the lanes' dtypes), or float64.
+trait Elem: Copy + Into<f64> {
+    /// The element as `f64` (exactly).
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self.into()
+    }
+
+    /// Four elements from the front of `s`, widened.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features.
+    unsafe fn load<V: F64x4>(s: &[Self]) -> V;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<V: F64x4>(s: &[f32]) -> V {
+        // SAFETY: passed on from the caller.
+        unsafe { V::load(s) }
+    }
+}
+
+impl Elem for f64 {
+    #[inline(always)]
+    unsafe fn load<V: F64x4>(s: &[f64]) -> V {
+        // SAFETY: passed on from the caller.
+        unsafe { V::load_f64(s) }
+    }
 }
 
 /// Lane partial sums combined in lane order.
@@ -820,7 +962,7 @@ impl ErrorLanes {
 /// # Safety
 /// The CPU has `V`'s features.
 #[inline(always)]
-unsafe fn errors<V: F64x4>(g: &[f32], c: &[f32], eps: f64) -> Errors {
+unsafe fn errors<V: F64x4, E: Elem>(g: &[E], c: &[E], eps: f64) -> Errors {
     // SAFETY (the whole body): passed on from the caller.
     unsafe {
         let z = V::zero();
@@ -832,7 +974,7 @@ unsafe fn errors<V: F64x4>(g: &[f32], c: &[f32], eps: f64) -> Errors {
         let stretches = g[..whole].chunks(STRETCH).zip(c[..whole].chunks(STRETCH));
         for ((gs, cs), seen) in stretches.zip(seen.iter_mut()) {
             for (gq, cq) in gs.chunks_exact(LANES).zip(cs.chunks_exact(LANES)) {
-                let (x, y) = (V::load(gq), V::load(cq));
+                let (x, y) = (E::load::<V>(gq), E::load::<V>(cq));
                 sg = sg.add(x);
                 sc = sc.add(y);
                 sgg = sgg.add(x.mul(x));
@@ -864,7 +1006,7 @@ unsafe fn errors<V: F64x4>(g: &[f32], c: &[f32], eps: f64) -> Errors {
             n5.to_array(),
         ]);
         for (l, (&x, &y)) in g[whole..].iter().zip(&c[whole..]).enumerate() {
-            s.pair(l, f64::from(x), f64::from(y), eps);
+            s.pair(l, x.wide(), y.wide(), eps);
         }
         let s = s.0;
         Errors {
@@ -891,7 +1033,7 @@ unsafe fn errors<V: F64x4>(g: &[f32], c: &[f32], eps: f64) -> Errors {
 /// # Safety
 /// The CPU has `V`'s features.
 #[inline(always)]
-unsafe fn comoments<V: F64x4>(g: &[f32], c: &[f32], mg: f64, mc: f64) -> [f64; 3] {
+unsafe fn comoments<V: F64x4, E: Elem>(g: &[E], c: &[E], mg: f64, mc: f64) -> [f64; 3] {
     // SAFETY (the whole body): passed on from the caller.
     unsafe {
         let z = V::zero();
@@ -900,14 +1042,14 @@ unsafe fn comoments<V: F64x4>(g: &[f32], c: &[f32], mg: f64, mc: f64) -> [f64; 3
         let (gw, cw) = (g.chunks_exact(LANES), c.chunks_exact(LANES));
         let (gt, ct) = (gw.remainder(), cw.remainder());
         for (gq, cq) in gw.zip(cw) {
-            let (dx, dy) = (V::load(gq).sub(vmg), V::load(cq).sub(vmc));
+            let (dx, dy) = (E::load::<V>(gq).sub(vmg), E::load::<V>(cq).sub(vmc));
             sxx = sxx.add(dx.mul(dx));
             syy = syy.add(dy.mul(dy));
             sxy = sxy.add(dx.mul(dy));
         }
         let mut s = [sxx.to_array(), syy.to_array(), sxy.to_array()];
         for (l, (&x, &y)) in gt.iter().zip(ct).enumerate() {
-            let (dx, dy) = (f64::from(x) - mg, f64::from(y) - mc);
+            let (dx, dy) = (x.wide() - mg, y.wide() - mc);
             s[0][l] += dx * dx;
             s[1][l] += dy * dy;
             s[2][l] += dx * dy;
@@ -921,9 +1063,9 @@ unsafe fn comoments<V: F64x4>(g: &[f32], c: &[f32], mg: f64, mc: f64) -> [f64; 3
 /// tail's pair `l`), found in the first stretch where that lane had reached it; the
 /// smallest of those.
 #[inline(always)]
-fn first_largest(g: &[f32], c: &[f32], e: &Errors) -> usize {
+fn first_largest<E: Elem>(g: &[E], c: &[E], e: &Errors) -> usize {
     let whole = g.len() / LANES * LANES;
-    let hit = |k: &usize| *k < g.len() && (f64::from(c[*k]) - f64::from(g[*k])).abs() == e.max_abs;
+    let hit = |k: &usize| *k < g.len() && (c[*k].wide() - g[*k].wide()).abs() == e.max_abs;
     let mut first = usize::MAX;
     for l in (0..LANES).filter(|&l| e.lane_max_abs[l] == e.max_abs) {
         let stretch = e.seen[..whole.div_ceil(STRETCH)].iter().position(|s| s[l] == e.max_abs);
@@ -1283,6 +1425,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn float64_pairs_measure_like_element_by_element() {
+        // A run's own output (float64) against goldens of every float dtype, and a
+        // float64 golden against the lane dtypes.
+        let pairs = [DType::F64, DType::F32, DType::BF16, DType::F16]
+            .map(|g| (g, DType::F64))
+            .into_iter()
+            .chain([DType::F32, DType::BF16].map(|c| (DType::F64, c)));
+        for (gd, cd) in pairs {
+            for poison in [false, true] {
+                check(gd, cd, &[2, 5, 8], Site::Layer(0, LayerPart::Mlp), poison);
+                check(gd, cd, &[2, 2, 5, 4], Site::Layer(0, LayerPart::QRope), poison);
+                check(gd, cd, &[2, 5, 2500], Site::Layer(0, LayerPart::InputLayernorm), poison);
+                check(gd, cd, &[2, 2, 5, 4], Site::Layer(0, LayerPart::KCache), poison);
+            }
+        }
+        check(DType::F32, DType::F64, &[1, 2, 16 * TASK + 7], Site::LmHead, true);
+    }
+
+    #[test]
+    fn float64_values_whose_squares_could_overflow_are_measured_element_by_element() {
+        let sc = scenario();
+        let shape = [1, 2, 3000];
+        let site = Site::LmHead;
+        let gv: Vec<f64> = (0..6000u64).map(|i| unit(i) * 1e200).collect();
+        let cv: Vec<f64> = gv.iter().map(|x| x * (1.0 + 1e-9)).collect();
+        let (g, c) =
+            (Tensor::from_f64(&shape, &gv, DType::F64), Tensor::from_f64(&shape, &cv, DType::F64));
+        let valid = RowFilter::new(Step::Prefill, &site, &shape, &sc);
+        let fast = measure(&g, &c, &valid, None, None).acc.finish(&shape);
+        let slow = measure_simple(&g, &c, &valid, None, None).acc.finish(&shape);
+        assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+        assert!(fast.rel_l2.is_finite() && fast.rel_l2 > 0.0, "{fast:?}");
+        assert_eq!(HUGE, 2f64.powi(480));
     }
 
     #[test]

@@ -552,6 +552,23 @@ pub fn ulp_distance(dtype: DType, g: f64, c: f64) -> f64 {
     }
 }
 
+/// [`ulp_distance`] for a float64 candidate, in 64-bit integers: the two positions
+/// differ by less than 2^64, so their difference is exact in wrapping arithmetic.
+#[inline(always)]
+pub(crate) fn ulp_distance_f64(g: f64, c: f64) -> f64 {
+    fn line(bits: u64) -> i64 {
+        let m = (bits & !(1 << 63)) as i64;
+        if bits >> 63 != 0 {
+            -m
+        } else {
+            m
+        }
+    }
+    let (a, b) = (line(c.to_bits()), line(g.to_bits()));
+    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+    (hi as u64).wrapping_sub(lo as u64) as f64
+}
+
 /// Serde for `Option<Vec<f64>>` that keeps non-finite values as strings, like `num`.
 pub(crate) mod num_vec {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -742,6 +759,29 @@ mod tests {
         let e = Accumulator::new(DType::F32).finish(&[0]);
         assert_eq!((e.count, e.rel_l2, e.cosine), (0, 0.0, 1.0));
         assert!(e.max_abs_index.is_empty());
+    }
+
+    #[test]
+    fn float64_ulps_in_64_bits_equal_the_general_distance() {
+        let values = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f64::MAX,
+            -f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::from_bits(1),
+            -f64::from_bits(1),
+            1.0 + f64::EPSILON,
+            3.5e-300,
+            -2.25e300,
+        ];
+        for &g in &values {
+            for &c in &values {
+                assert_eq!(ulp_distance_f64(g, c), ulp_distance(DType::F64, g, c), "{g} {c}");
+            }
+        }
     }
 
     #[test]

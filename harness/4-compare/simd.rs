@@ -19,6 +19,8 @@ pub(crate) trait F64x4: Copy {
     unsafe fn splat(x: f64) -> Self;
     /// `s[0..4]`, widened.
     unsafe fn load(s: &[f32]) -> Self;
+    /// `s[0..4]`.
+    unsafe fn load_f64(s: &[f64]) -> Self;
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
@@ -60,6 +62,10 @@ impl F64x4 for Portable {
     #[inline(always)]
     unsafe fn load(s: &[f32]) -> Portable {
         Portable([s[0], s[1], s[2], s[3]].map(f64::from))
+    }
+    #[inline(always)]
+    unsafe fn load_f64(s: &[f64]) -> Portable {
+        Portable([s[0], s[1], s[2], s[3]])
     }
     #[inline(always)]
     unsafe fn add(self, o: Portable) -> Portable {
@@ -139,6 +145,12 @@ mod x86 {
             assert!(s.len() >= 4);
             // SAFETY: four f32 in bounds (checked above); an unaligned load.
             Avx2(_mm256_cvtps_pd(_mm_loadu_ps(s.as_ptr())))
+        }
+        #[inline(always)]
+        unsafe fn load_f64(s: &[f64]) -> Avx2 {
+            assert!(s.len() >= 4);
+            // SAFETY: four f64 in bounds (checked above); an unaligned load.
+            Avx2(_mm256_loadu_pd(s.as_ptr()))
         }
         #[inline(always)]
         unsafe fn add(self, o: Avx2) -> Avx2 {
