@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::dump::Tensor;
 
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
-use super::rowdot::{rows_dot, Inputs};
+use super::rowdot::rows_dot;
 
 /// Output rows widened and multiplied together: 256 rows of a 14336-wide matrix are
 /// 28 MiB of `f64` per thread.
@@ -68,15 +68,9 @@ impl Matrix {
 
     /// Rows `r0..r1` as `f64` `[r1 - r0, cols]`, stored at `RoundAt::Weight`.
     pub fn rows(&self, r0: usize, r1: usize, n: &dyn Numerics) -> Array2<f64> {
-        match self {
-            Matrix::Owned(a) => a.slice(s![r0..r1, ..]).as_standard_layout().into_owned(),
-            Matrix::Stored(t) => {
-                let c = self.ncols();
-                let mut v = vec![0.0; (r1 - r0) * c];
-                t.read_f64_rounded_into(r0 * c, &mut v, n.weight_precision());
-                Array2::from_shape_vec((r1 - r0, c), v).expect("block shape")
-            }
-        }
+        let mut v = Vec::new();
+        self.rows_into(r0, r1, n, &mut v);
+        Array2::from_shape_vec((r1 - r0, self.ncols()), v).expect("block shape")
     }
 
     /// Rows `r0..r1` as `f64` into `out` (row-major, resized to fit), stored at
@@ -150,8 +144,12 @@ impl Matrix {
                 let mut part = vec![0.0; m * nb];
                 match (self, in_f32) {
                     (Matrix::Stored(t), _) if by_row => {
-                        let x = if in_f32 { Inputs::F32(&x32) } else { Inputs::F64(x64) };
-                        rows_dot(t, n.weight_precision(), (r0, r1), x, &mut part);
+                        let (at, rows) = (n.weight_precision(), (r0, r1));
+                        if in_f32 {
+                            rows_dot(t, at, rows, &x32, &mut part);
+                        } else {
+                            rows_dot(t, at, rows, x64, &mut part);
+                        }
                     }
                     (_, false) => BLOCK_F64.with_borrow_mut(|w| {
                         self.rows_into(r0, r1, n, w);

@@ -44,7 +44,7 @@ where
 
 /// How the kernel decodes a stored row into the values the products see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Code {
+pub(crate) enum Code {
     /// float32, as stored.
     F32,
     /// float32 rounded to bfloat16 (to nearest even), as `Precision::Bf16` rounds it.
@@ -68,77 +68,77 @@ impl Code {
     }
 }
 
-/// The input rows a block of weight rows is multiplied with: float32 values for a
-/// numerics that multiplies in float32, else float64.
-#[derive(Clone, Copy)]
-pub(crate) enum Inputs<'a> {
-    F32(&'a [f32]),
-    F64(&'a [f64]),
+/// What the products are summed in: `f32` for a numerics that multiplies in float32,
+/// else `f64`.
+pub(crate) trait Value:
+    Copy + Default + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + x86::Sums
+{
+    /// Elements `start..start + out.len()` of `t`, each stored at `at`: the tensor's own
+    /// read at this width.
+    fn read(t: &Tensor, start: usize, out: &mut [Self], at: Option<Precision>);
+    fn wide(self) -> f64;
+}
+
+impl Value for f32 {
+    fn read(t: &Tensor, start: usize, out: &mut [f32], at: Option<Precision>) {
+        t.read_f32_rounded_into(start, out, at);
+    }
+    fn wide(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Value for f64 {
+    fn read(t: &Tensor, start: usize, out: &mut [f64], at: Option<Precision>) {
+        t.read_f64_rounded_into(start, out, at);
+    }
+    fn wide(self) -> f64 {
+        self
+    }
 }
 
 /// `part[i·(r1 − r0) + r − r0] = x_i · w_r` for the stored rows `r0..r1` of `t`
 /// (`[rows, cols]`, each value stored at `at` as it is read) and every input row `x_i`
-/// of `x` (`[m, cols]`, row-major), summed as [`dot`] sums, in `f32` for
-/// [`Inputs::F32`] (widened into `part`) and in `f64` for [`Inputs::F64`].
-pub(crate) fn rows_dot(
+/// of `x` (`[m, cols]`, row-major), summed in `T` as [`dot`] sums, widened into `part`.
+pub(crate) fn rows_dot<T: Value>(
     t: &Tensor,
     at: Option<Precision>,
     (r0, r1): (usize, usize),
-    x: Inputs,
+    x: &[T],
     part: &mut [f64],
 ) {
     let cols = t.shape()[1];
     let nb = r1 - r0;
-    let m = match x {
-        Inputs::F32(x) => x.len() / cols.max(1),
-        Inputs::F64(x) => x.len() / cols.max(1),
-    };
+    let m = x.len() / cols.max(1);
     debug_assert_eq!(part.len(), m * nb);
     let code = Code::of(t.dtype(), at).filter(|_| cols > 0 && x86::available());
     let mut r = r0;
     while r < r1 {
         let g = GROUP.min(r1 - r);
-        let done = code.is_some_and(|c| {
-            g == GROUP
-                && x86::group(t, at, c, r, x, m, |i, j, v| {
-                    part[i * nb + r + j - r0] = v;
-                })
-        });
+        let mut put = |i: usize, j: usize, v: f64| part[i * nb + r + j - r0] = v;
+        let done = code.is_some_and(|c| g == GROUP && x86::group(t, at, c, r, x, m, &mut put));
         if !done {
-            by_reads(t, at, (r, r + g), x, m, |i, j, v| part[i * nb + r + j - r0] = v);
+            by_reads(t, at, (r, r + g), x, m, &mut put);
         }
         r += g;
     }
 }
 
 /// Rows `r0..r1` read with the tensor's own reads and dotted with [`dot`].
-fn by_reads(
+fn by_reads<T: Value>(
     t: &Tensor,
     at: Option<Precision>,
     (r0, r1): (usize, usize),
-    x: Inputs,
+    x: &[T],
     m: usize,
     mut put: impl FnMut(usize, usize, f64),
 ) {
     let cols = t.shape()[1];
-    match x {
-        Inputs::F32(x) => {
-            let mut w = vec![0.0f32; cols];
-            for r in r0..r1 {
-                t.read_f32_rounded_into(r * cols, &mut w, at);
-                for i in 0..m {
-                    put(i, r - r0, f64::from(dot(&x[i * cols..(i + 1) * cols], &w)));
-                }
-            }
-        }
-        Inputs::F64(x) => {
-            let mut w = vec![0.0f64; cols];
-            for r in r0..r1 {
-                t.read_f64_rounded_into(r * cols, &mut w, at);
-                for i in 0..m {
-                    put(i, r - r0, dot(&x[i * cols..(i + 1) * cols], &w));
-                }
-            }
+    let mut w = vec![T::default(); cols];
+    for r in r0..r1 {
+        T::read(t, r * cols, &mut w, at);
+        for i in 0..m {
+            put(i, r - r0, dot(&x[i * cols..(i + 1) * cols], &w).wide());
         }
     }
 }
@@ -147,7 +147,7 @@ fn by_reads(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Code, Inputs, GROUP};
+    use super::{Code, Value, GROUP};
     use crate::dump::{Precision, Tensor};
 
     /// True when the CPU has what the kernel uses (detected once, then cached by std).
@@ -155,18 +155,62 @@ mod x86 {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
     }
 
+    /// [`dot`]'s eight lanes of each row combined, for the summing type.
+    pub(crate) trait Sums: Sized {
+        /// Over the first `main` values (a multiple of 8) of each of `rows`, decoded as
+        /// `code`; false when a value is off the fast path.
+        ///
+        /// # Safety
+        /// [`available`] holds; every row holds at least `main` values of its dtype and
+        /// `x` at least `main` values.
+        unsafe fn sums(
+            code: Code,
+            rows: &[&[u8]; GROUP],
+            x: &[Self],
+            main: usize,
+            out: &mut [Self; GROUP],
+        ) -> bool;
+    }
+
+    /// `Sums` for type `$t` by kernel `$k`, monomorphised per code.
+    macro_rules! sums_by {
+        ($t:ty, $k:ident) => {
+            impl Sums for $t {
+                unsafe fn sums(
+                    c: Code,
+                    rows: &[&[u8]; GROUP],
+                    x: &[$t],
+                    main: usize,
+                    out: &mut [$t; GROUP],
+                ) -> bool {
+                    // SAFETY: passed on from the caller.
+                    unsafe {
+                        match c {
+                            Code::F32 => $k::<0>(rows, x, main, out),
+                            Code::F32ToBf16 => $k::<1>(rows, x, main, out),
+                            Code::Bf16 => $k::<2>(rows, x, main, out),
+                            Code::F16 => $k::<3>(rows, x, main, out),
+                        }
+                    }
+                }
+            }
+        };
+    }
+    sums_by!(f32, f32_sums);
+    sums_by!(f64, f64_sums);
+
     /// Rows `r..r + GROUP` of `t` (stored at `at`, which `code` decodes) dotted with
     /// the `m` rows of `x`, each result handed to `put(i, j, value)`; false when a
-    /// weight is off the fast path (nothing is handed then: the weights decide it).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn group(
+    /// weight is off the fast path (nothing is handed then: the weights decide it, and
+    /// the first input row finds it).
+    pub(super) fn group<T: Value>(
         t: &Tensor,
         at: Option<Precision>,
         code: Code,
         r: usize,
-        x: Inputs,
+        x: &[T],
         m: usize,
-        mut put: impl FnMut(usize, usize, f64),
+        put: &mut impl FnMut(usize, usize, f64),
     ) -> bool {
         let cols = t.shape()[1];
         let size = t.dtype().size();
@@ -176,56 +220,18 @@ mod x86 {
         let main = cols - cols % 8;
         let tail = cols - main;
         for i in 0..m {
-            let sums: [f64; GROUP] = match x {
-                Inputs::F32(x) => {
-                    let xi = &x[i * cols..(i + 1) * cols];
-                    let mut o = [0.0f32; GROUP];
-                    // SAFETY: `available()` holds (the caller checks it); every row holds
-                    // `cols` values of the dtype's size and `xi` holds `cols` values, of
-                    // which the kernel reads the first `main`.
-                    let ok = unsafe {
-                        match code {
-                            Code::F32 => f32_sums::<0>(&rows, xi, main, &mut o),
-                            Code::F32ToBf16 => f32_sums::<1>(&rows, xi, main, &mut o),
-                            Code::Bf16 => f32_sums::<2>(&rows, xi, main, &mut o),
-                            Code::F16 => f32_sums::<3>(&rows, xi, main, &mut o),
-                        }
-                    };
-                    if !ok {
-                        return false;
-                    }
-                    let mut w = [0.0f32; 8];
-                    for (j, o) in o.iter_mut().enumerate() {
-                        t.read_f32_rounded_into((r + j) * cols + main, &mut w[..tail], at);
-                        *o = finish_tail(*o, &xi[main..], &w[..tail]);
-                    }
-                    o.map(f64::from)
-                }
-                Inputs::F64(x) => {
-                    let xi = &x[i * cols..(i + 1) * cols];
-                    let mut o = [0.0f64; GROUP];
-                    // SAFETY: as above.
-                    let ok = unsafe {
-                        match code {
-                            Code::F32 => f64_sums::<0>(&rows, xi, main, &mut o),
-                            Code::F32ToBf16 => f64_sums::<1>(&rows, xi, main, &mut o),
-                            Code::Bf16 => f64_sums::<2>(&rows, xi, main, &mut o),
-                            Code::F16 => f64_sums::<3>(&rows, xi, main, &mut o),
-                        }
-                    };
-                    if !ok {
-                        return false;
-                    }
-                    let mut w = [0.0f64; 8];
-                    for (j, o) in o.iter_mut().enumerate() {
-                        t.read_f64_rounded_into((r + j) * cols + main, &mut w[..tail], at);
-                        *o = finish_tail(*o, &xi[main..], &w[..tail]);
-                    }
-                    o
-                }
-            };
-            for (j, v) in sums.into_iter().enumerate() {
-                put(i, j, v);
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut o = [T::default(); GROUP];
+            // SAFETY: `available()` holds (the caller checks it); every row holds `cols`
+            // values of the dtype's size and `xi` holds `cols` values, of which the
+            // kernel reads the first `main`.
+            if !unsafe { T::sums(code, &rows, xi, main, &mut o) } {
+                return false;
+            }
+            let mut w = [T::default(); 8];
+            for (j, o) in o.into_iter().enumerate() {
+                T::read(t, (r + j) * cols + main, &mut w[..tail], at);
+                put(i, j, finish_tail(o, &xi[main..], &w[..tail]).wide());
             }
         }
         true
@@ -356,21 +362,25 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    use super::{Code, Inputs};
+    use super::{Code, Value};
     use crate::dump::{Precision, Tensor};
+
+    /// No kernel here: every type sums through the reads.
+    pub(crate) trait Sums {}
+    impl<T> Sums for T {}
 
     pub(super) fn available() -> bool {
         false
     }
 
-    pub(super) fn group(
+    pub(super) fn group<T: Value>(
         _: &Tensor,
         _: Option<Precision>,
         _: Code,
         _: usize,
-        _: Inputs,
+        _: &[T],
         _: usize,
-        _: impl FnMut(usize, usize, f64),
+        _: &mut impl FnMut(usize, usize, f64),
     ) -> bool {
         false
     }
@@ -391,11 +401,23 @@ mod tests {
             .collect()
     }
 
-    fn by_reads_part(t: &Tensor, at: Option<Precision>, x: Inputs, m: usize) -> Vec<f64> {
+    fn by_reads_part<T: Value>(t: &Tensor, at: Option<Precision>, x: &[T], m: usize) -> Vec<f64> {
         let rows = t.shape()[0];
         let mut part = vec![0.0; m * rows];
         by_reads(t, at, (0, rows), x, m, |i, j, v| part[i * rows + j] = v);
         part
+    }
+
+    /// [`rows_dot`] and [`by_reads`] over every row of `t`.
+    fn both<T: Value>(
+        t: &Tensor,
+        at: Option<Precision>,
+        x: &[T],
+        m: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let mut part = vec![0.0; m * t.shape()[0]];
+        rows_dot(t, at, (0, t.shape()[0]), x, &mut part);
+        (part, by_reads_part(t, at, x, m))
     }
 
     #[test]
@@ -437,10 +459,8 @@ mod tests {
                 let x64: Vec<f64> =
                     values(m * cols, 4).iter().map(|&v| Precision::Bf16.round(v)).collect();
                 let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
-                for x in [Inputs::F32(&x32), Inputs::F64(&x64)] {
-                    let mut part = vec![0.0; m * rows];
-                    rows_dot(&t, at, (0, rows), x, &mut part);
-                    let reads = by_reads_part(&t, at, x, m);
+                let in_f32_and_f64 = [both(&t, at, &x32, m), both(&t, at, &x64, m)];
+                for (part, reads) in in_f32_and_f64 {
                     let same = part.iter().zip(&reads).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{dtype:?} at {at:?}, {m} rows: {part:?} vs {reads:?}");
                 }
@@ -458,8 +478,8 @@ mod tests {
         let t = Tensor::from_f64(&[rows, cols], &w, DType::F32);
         let x: Vec<f32> = values(cols, 6).iter().map(|&v| v as f32).collect();
         let mut part = vec![0.0; rows];
-        rows_dot(&t, Some(Precision::Bf16), (0, rows), Inputs::F32(&x), &mut part);
-        let reads = by_reads_part(&t, Some(Precision::Bf16), Inputs::F32(&x), 1);
+        rows_dot(&t, Some(Precision::Bf16), (0, rows), &x, &mut part);
+        let reads = by_reads_part(&t, Some(Precision::Bf16), &x, 1);
         assert!(part.iter().zip(&reads).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert!(part[1].is_infinite() && part[5].is_infinite(), "{part:?}");
     }
