@@ -9,7 +9,13 @@ use super::dtype::{DType, Precision};
 
 #[derive(Clone)]
 enum Bytes {
-    Mapped { map: Arc<memmap2::Mmap>, range: Range<usize> },
+    /// `populated`: whether [`Tensor::populate`] has mapped the range's pages (shared by
+    /// clones).
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        range: Range<usize>,
+        populated: Arc<std::sync::Once>,
+    },
     Owned(Arc<Vec<u8>>),
 }
 
@@ -36,7 +42,8 @@ impl Tensor {
         map: Arc<memmap2::Mmap>,
         range: Range<usize>,
     ) -> Tensor {
-        Tensor { dtype, shape, bytes: Bytes::Mapped { map, range } }
+        let populated = Arc::new(std::sync::Once::new());
+        Tensor { dtype, shape, bytes: Bytes::Mapped { map, range, populated } }
     }
 
     /// A tensor over owned little-endian bytes. The caller has checked the length.
@@ -116,7 +123,7 @@ impl Tensor {
     /// The raw little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
         match &self.bytes {
-            Bytes::Mapped { map, range } => &map[range.clone()],
+            Bytes::Mapped { map, range, .. } => &map[range.clone()],
             Bytes::Owned(v) => v,
         }
     }
@@ -126,7 +133,7 @@ impl Tensor {
     /// tensor is touched later, so this only bounds memory. Nothing for owned bytes.
     pub fn release(&self) {
         #[cfg(unix)]
-        if let Bytes::Mapped { map, range } = &self.bytes {
+        if let Bytes::Mapped { map, range, .. } = &self.bytes {
             // SAFETY: the map is a read-only mapping of a file; after MADV_DONTNEED its
             // pages read back the file's contents, so no reference sees other bytes. A
             // failure only leaves the pages resident.
@@ -143,16 +150,19 @@ impl Tensor {
     /// Maps every page of a memory-mapped tensor at once (`madvise(MADV_POPULATE_READ)`,
     /// Linux 5.14 and later), for a tensor about to be read whole: one call instead of a
     /// page fault per few pages on first touch. Pages not yet cached are read from the
-    /// file here. Nothing for owned bytes, or where the kernel does not offer it.
+    /// file here. Once per mapping (later calls do nothing); nothing for owned bytes, or
+    /// where the kernel does not offer it.
     pub fn populate(&self) {
         #[cfg(target_os = "linux")]
-        if let Bytes::Mapped { map, range } = &self.bytes {
+        if let Bytes::Mapped { map, range, populated } = &self.bytes {
             // A failure (an older kernel) only leaves the pages to be faulted in on use.
-            let _ = map.advise_range(
-                memmap2::Advice::PopulateRead,
-                range.start,
-                range.end - range.start,
-            );
+            populated.call_once(|| {
+                let _ = map.advise_range(
+                    memmap2::Advice::PopulateRead,
+                    range.start,
+                    range.end - range.start,
+                );
+            });
         }
     }
 
@@ -162,7 +172,7 @@ impl Tensor {
     /// are read again from the file when touched.
     pub fn release_elements(&self, range: Range<usize>) {
         #[cfg(unix)]
-        if let Bytes::Mapped { map, range: bytes } = &self.bytes {
+        if let Bytes::Mapped { map, range: bytes, .. } = &self.bytes {
             let s = self.dtype.size();
             let (start, end) = (bytes.start + range.start * s, bytes.start + range.end * s);
             if start < end && end <= bytes.end {

@@ -135,6 +135,10 @@ impl Matrix {
         let in_f32 = n.products() == Products::Float32;
         let x32: Vec<f32> = if in_f32 { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
         let by_row = matches!(self, Matrix::Stored(_)) && m <= VECTOR_ROWS;
+        if let Matrix::Stored(t) = self {
+            // Read whole: its pages mapped in one call, the first time only.
+            t.populate();
+        }
         let blocks: Vec<usize> = (0..rows.div_ceil(ROW_BLOCK)).collect();
         let parts: Vec<Vec<f64>> = blocks
             .par_iter()

@@ -108,15 +108,7 @@ impl<S: Source> Loader<'_, S> {
         Ok(t)
     }
 
-    /// A matrix read whole at every step (a projection, `lm_head`): its pages are mapped
-    /// now, in one call. The embedding, of which a step reads a few rows, is not.
     fn matrix(&mut self, key: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let t = self.tensor(key, &[rows, cols])?;
-        t.populate();
-        Ok(Matrix::Stored(t))
-    }
-
-    fn embedding(&mut self, key: &str, rows: usize, cols: usize) -> Result<Matrix> {
         Ok(Matrix::Stored(self.tensor(key, &[rows, cols])?))
     }
 
@@ -154,7 +146,7 @@ impl<S: Source> Loader<'_, S> {
         let c = self.cfg;
         let (h, v, inter) = (c.hidden_size, c.vocab_size, c.intermediate_size);
         let (nh, nkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let embed_tokens = self.embedding("model.embed_tokens.weight", v, h)?;
+        let embed_tokens = self.matrix("model.embed_tokens.weight", v, h)?;
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -224,9 +216,6 @@ impl<S: Source> Loader<'_, S> {
         let norm = self.norm("model.norm.weight", h, (None, Component::ModelNorm))?;
         let lm_head = Linear {
             weight: if c.tie_word_embeddings {
-                if let Matrix::Stored(t) = &embed_tokens {
-                    t.populate();
-                }
                 embed_tokens.clone()
             } else {
                 self.matrix("lm_head.weight", v, h)?
