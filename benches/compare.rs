@@ -74,7 +74,7 @@ fn write_safetensors(
         off += n;
     }
     let mut h = serde_json::to_string(&header).expect("header");
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(' ');
     }
     let tmp = path.with_extension("partial");

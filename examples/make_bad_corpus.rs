@@ -23,7 +23,7 @@ const MANIFEST: &str = r#"{
 /// A safetensors header with the given JSON body, padded to 8 bytes as the format does.
 fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

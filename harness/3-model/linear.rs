@@ -4,11 +4,13 @@
 //! A weight stays in the checkpoint's stored dtype ([`Matrix::Stored`], a view into the
 //! mapped file) and is widened a block of [`ROW_BLOCK`] output rows at a time, when the
 //! layer runs: host memory never holds a float64 copy of a whole matrix. Each block is
-//! one matrix product (the `gemm` crate's kernels, on the block's thread), in float64,
-//! or in float32 where the numerics multiplies there ([`Products::Float32`]: a
-//! bfloat16/float16 port's float32 accumulation). The blocks run in parallel (rayon);
-//! each output element's summation order depends only on its block, never on the
-//! thread that ran it, so the result is bit-identical whatever the thread count.
+//! one matrix product on the block's thread: in float64 through the `gemm` crate's
+//! kernels, or in float32 where the numerics multiplies there ([`Products::Float32`]: a
+//! bfloat16/float16 port's float32 accumulation) as one fused multiply-add chain per
+//! output element, over `k` in order ([`fma_product`]), its weights rounded a slice of
+//! `k` at a time. The blocks run in parallel (rayon); each output element's summation
+//! order depends only on its block, never on the thread that ran it, so the result is
+//! bit-identical whatever the thread count.
 
 use std::cell::RefCell;
 
@@ -17,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::dump::Tensor;
 
+use super::fma_product::{self, PackedInput};
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 use super::rowdot::rows_dot;
 
@@ -32,6 +35,8 @@ thread_local! {
     /// across products) so that a block is neither allocated nor zeroed again.
     static BLOCK_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
     static BLOCK_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A thread's float32 accumulators for [`fma_product::product`].
+    static SUMS_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `v` with `len` elements, its contents left as they are where it had them (every
@@ -88,17 +93,16 @@ impl Matrix {
         }
     }
 
-    /// Rows `r0..r1` as `f32`, row-major, stored at `RoundAt::Weight` (values of a dtype
-    /// float32 holds exactly when the numerics multiplies in float32).
-    fn rows_f32(&self, r0: usize, r1: usize, n: &dyn Numerics, out: &mut Vec<f32>) {
+    /// Row `r`'s values `c0..c0 + out.len()` as `f32`, stored at `RoundAt::Weight`
+    /// (values of a dtype float32 holds exactly when the numerics multiplies in float32).
+    fn row_f32_into(&self, r: usize, c0: usize, n: &dyn Numerics, out: &mut [f32]) {
         match self {
             Matrix::Owned(a) => {
-                out.clear();
-                out.extend(a.slice(s![r0..r1, ..]).iter().map(|&v| v as f32));
+                let src = a.slice(s![r, c0..c0 + out.len()]);
+                out.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32);
             }
             Matrix::Stored(t) => {
-                fit(out, (r1 - r0) * self.ncols());
-                t.read_f32_rounded_into(r0 * self.ncols(), out, n.weight_precision());
+                t.read_f32_rounded_into(r * self.ncols() + c0, out, n.weight_precision())
             }
         }
     }
@@ -135,6 +139,7 @@ impl Matrix {
         let in_f32 = n.products() == Products::Float32;
         let x32: Vec<f32> = if in_f32 { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
         let by_row = matches!(self, Matrix::Stored(_)) && m <= VECTOR_ROWS;
+        let packed = (in_f32 && !by_row).then(|| PackedInput::new(&x32, m, cols));
         if let Matrix::Stored(t) = self {
             // Read whole: its pages mapped in one call, the first time only.
             t.populate();
@@ -159,11 +164,12 @@ impl Matrix {
                         self.rows_into(r0, r1, n, w);
                         gemm_t(m, nb, cols, x64, w, &mut part, 0.0, 1.0);
                     }),
-                    (_, true) => BLOCK_F32.with_borrow_mut(|w| {
-                        self.rows_f32(r0, r1, n, w);
-                        let mut out = vec![0.0f32; m * nb];
-                        gemm_t(m, nb, cols, &x32, w, &mut out, 0.0, 1.0);
-                        part.iter_mut().zip(&out).for_each(|(p, &o)| *p = f64::from(o));
+                    (_, true) => BLOCK_F32.with_borrow_mut(|slab| {
+                        let a = packed.as_ref().expect("packed for a float32 product");
+                        let read = |j, c0, dst: &mut [f32]| self.row_f32_into(r0 + j, c0, n, dst);
+                        SUMS_F32.with_borrow_mut(|sums| {
+                            fma_product::product(a, nb, read, &mut part, slab, sums)
+                        });
                     }),
                 }
                 part
@@ -343,6 +349,14 @@ mod tests {
                 assert!((y - e).abs() <= 300.0 * f64::from(f32::EPSILON) * s, "{m}: {y} {e}");
             }
             assert_ne!(y, exact.mapv(|v| f64::from(v as f32)), "{m}: summed in float64");
+        }
+        // A blocked product's element is the fused multiply-add chain over `k` in order.
+        let x = matrix(40, 300).mapv(|v| bf(v.cos()));
+        let y = t.matmul_t(x.view(), &n);
+        for ((i, j), y) in y.indexed_iter() {
+            let chain =
+                (0..300).fold(0.0f32, |s, k| (x[[i, k]] as f32).mul_add(wr[[j, k]] as f32, s));
+            assert_eq!(y.to_bits(), f64::from(chain).to_bits(), "[{i}, {j}]");
         }
     }
 

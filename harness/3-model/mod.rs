@@ -24,6 +24,7 @@ pub mod ascend;
 pub mod attention;
 pub mod decoder_layer;
 pub mod embedding;
+mod fma_product;
 pub mod heads;
 pub mod kv_cache;
 pub mod linear;

@@ -46,8 +46,9 @@ use crate::model::{self, Implementation, RunOptions};
 pub const MARGIN: f64 = 3.0;
 
 /// Format string of a cached floor file.
-/// `@2`: the bfloat16/float16 variants multiply in float32 (`Products::Float32`).
-pub const FORMAT: &str = "llama-parity/noise-floor@2";
+/// `@2`: the bfloat16/float16 variants multiply in float32 (`Products::Float32`);
+/// `@3`: each of those float32 products is one fused multiply-add chain over `k` in order.
+pub const FORMAT: &str = "llama-parity/noise-floor@3";
 
 /// The correct runs whose worst error is the floor, by name, in the order they run.
 pub const VARIANTS: [&str; 3] = [

@@ -418,7 +418,7 @@ impl MsprobeDump {
                         _ => 1,
                     };
                     let heads = (cfg.num_attention_heads, cfg.kv_heads());
-                    if heads.0 % share != 0 || heads.1 % share != 0 {
+                    if !heads.0.is_multiple_of(share) || !heads.1.is_multiple_of(share) {
                         return Err(Error::format(
                             &file,
                             format!("fused q/k/v over {share} ranks: {} query and {} key/value heads do not divide among them", heads.0, heads.1),
