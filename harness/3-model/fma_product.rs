@@ -10,8 +10,11 @@
 //! That order names each result's bits without reference to blocking, threads or the
 //! CPU. The AVX-512 kernel computes it for 32 input rows (two 16-lane vectors) by 12
 //! weight rows at a time, carrying the chain across [`CHUNK`]-long slices of `k` through
-//! memory; [`portable_chunk`] computes the same chain one element at a time, and is what a CPU
-//! without AVX-512 runs.
+//! memory; [`lanes_chunk`] computes the same chains for 32 input rows by 2 weight rows
+//! as plain loops over the rows, which the compiler turns into vector fused
+//! multiply-adds where it may use them: compiled for AVX2 and FMA, the path of an x86-64
+//! CPU without AVX-512, or on a target whose baseline has them (aarch64). An x86-64 CPU
+//! without FMA gets the same bits from the C library's `fmaf`, one element at a time.
 //!
 //! The input rows are laid out for the kernel once per product ([`PackedInput`]); the
 //! weight rows are read a chunk at a time as the product reaches it, so that a chunk is
@@ -60,11 +63,6 @@ impl PackedInput {
     fn tiles(&self) -> usize {
         self.m.div_ceil(TILE_ROWS)
     }
-
-    /// Input row `i`, value `kk`.
-    fn at(&self, i: usize, kk: usize) -> f32 {
-        self.data[(i / TILE_ROWS) * self.k * TILE_ROWS + kk * TILE_ROWS + i % TILE_ROWS]
-    }
 }
 
 /// `out[m, n]` (row-major) `= a · wᵀ` for `n` weight rows of length `a`'s `k`, each
@@ -83,20 +81,47 @@ pub fn product(
     slab: &mut Vec<f32>,
     sums: &mut Vec<f32>,
 ) {
-    product_on(has_kernel(), a, n, read, out, slab, sums);
+    product_on(Kernel::best(), a, n, read, out, slab, sums);
 }
 
-/// Whether this CPU runs the AVX-512 kernel.
-fn has_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+/// The code that computes the chains; every one gives the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// The AVX-512 kernel ([`x86::chunk`]).
+    Avx512,
+    /// [`lanes_chunk`] compiled for AVX2 and FMA.
+    Avx2Fma,
+    /// [`lanes_chunk`] compiled for the baseline of the target.
+    Lanes,
 }
 
-/// [`product`] on the kernel (`fast`, where [`has_kernel`]) or one element at a time.
+impl Kernel {
+    /// The fastest this CPU runs.
+    fn best() -> Kernel {
+        [Kernel::Avx512, Kernel::Avx2Fma]
+            .into_iter()
+            .find(|k| k.runs_here())
+            .unwrap_or(Kernel::Lanes)
+    }
+
+    /// Whether this CPU has the instructions of `self`.
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            Kernel::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            Kernel::Avx2Fma => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            Kernel::Lanes => true,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        return self == Kernel::Lanes;
+    }
+}
+
+/// [`product`] on `kernel`.
 fn product_on(
-    fast: bool,
+    kernel: Kernel,
     a: &PackedInput,
     n: usize,
     mut read: impl FnMut(usize, usize, &mut [f32]),
@@ -106,7 +131,7 @@ fn product_on(
 ) {
     let (m, k) = (a.m, a.k);
     assert_eq!(out.len(), m * n, "product output size");
-    assert!(!fast || has_kernel(), "the kernel needs AVX-512F");
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     // Partial sums `[n][width]`: weight row by input row (padded to whole tiles).
     let width = a.tiles() * TILE_ROWS;
     sums.truncate(n * width);
@@ -118,14 +143,16 @@ fn product_on(
         for (j, row) in slab.chunks_exact_mut(kc).enumerate() {
             read(j, c0, row);
         }
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: AVX-512F is present; `slab` is `[n][kc]` and `sums` `[n][width]`,
-            // and `a` holds `width / 32` tiles of `[k][32]` with `c0 + kc <= k`.
-            unsafe { x86::chunk(a, c0, kc, slab, n, sums) };
-            continue;
+        match kernel {
+            // SAFETY (both): the CPU has the instructions (asserted above); `slab` is
+            // `[n][kc]` and `sums` `[n][width]`, and `a` holds `width / 32` tiles of
+            // `[k][32]` with `c0 + kc <= k`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::chunk(a, c0, kc, slab, n, sums) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => unsafe { x86::lanes_chunk_fma(a, c0, kc, slab, n, sums) },
+            _ => lanes_chunk(a, c0, kc, slab, n, sums),
         }
-        portable_chunk(a, c0, kc, slab, n, sums);
     }
     for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate().take(m) {
         for (j, o) in o.iter_mut().enumerate() {
@@ -134,18 +161,48 @@ fn product_on(
     }
 }
 
-/// One chunk of [`product`] one element at a time, in the same order: the definition the
-/// kernel is tested against, and the path of a CPU without AVX-512.
-fn portable_chunk(a: &PackedInput, c0: usize, kc: usize, slab: &[f32], n: usize, sums: &mut [f32]) {
-    let width = a.tiles() * TILE_ROWS;
-    for j in 0..n {
-        let row = &slab[j * kc..][..kc];
-        for i in 0..a.m {
-            let s = &mut sums[j * width + i];
-            for (kk, &wv) in row.iter().enumerate() {
-                *s = a.at(i, c0 + kk).mul_add(wv, *s);
+/// One chunk of [`product`] as loops over a tile's 32 input rows, two weight rows at a
+/// time: each row's chain continues in index order, and the 64 independent chains of a
+/// step of `k` are what the compiler vectorises.
+#[inline(always)]
+fn lanes_chunk(a: &PackedInput, c0: usize, kc: usize, slab: &[f32], n: usize, sums: &mut [f32]) {
+    let (k, tiles) = (a.k, a.tiles());
+    let width = tiles * TILE_ROWS;
+    let mut j = 0;
+    while j < n {
+        let cols = if n - j >= 2 { 2 } else { 1 };
+        for t in 0..tiles {
+            let at = &a.data[t * k * TILE_ROWS + c0 * TILE_ROWS..][..kc * TILE_ROWS];
+            let w = &slab[j * kc..][..cols * kc];
+            let acc = &mut sums[j * width + t * TILE_ROWS..];
+            if cols == 2 {
+                lanes_tile::<2>(at, w, kc, acc, width);
+            } else {
+                lanes_tile::<1>(at, w, kc, acc, width);
             }
         }
+        j += cols;
+    }
+}
+
+/// `N` weight rows (`w`, `[N][kc]`) by one tile of 32 input rows (`at`, `[kc][32]`),
+/// continuing the chains `acc[jj * width..][..32]`.
+#[inline(always)]
+fn lanes_tile<const N: usize>(at: &[f32], w: &[f32], kc: usize, acc: &mut [f32], width: usize) {
+    let mut s = [[0.0f32; TILE_ROWS]; N];
+    for (jj, s) in s.iter_mut().enumerate() {
+        s.copy_from_slice(&acc[jj * width..][..TILE_ROWS]);
+    }
+    for (kk, av) in at.chunks_exact(TILE_ROWS).enumerate() {
+        for (jj, s) in s.iter_mut().enumerate() {
+            let wv = w[jj * kc + kk];
+            for (s, &x) in s.iter_mut().zip(av) {
+                *s = x.mul_add(wv, *s);
+            }
+        }
+    }
+    for (jj, s) in s.iter().enumerate() {
+        acc[jj * width..][..TILE_ROWS].copy_from_slice(s);
     }
 }
 
@@ -154,6 +211,22 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{PackedInput, TILE_COLS, TILE_ROWS};
+
+    /// [`super::lanes_chunk`] compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the operands as [`chunk`] takes them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn lanes_chunk_fma(
+        a: &PackedInput,
+        c0: usize,
+        kc: usize,
+        slab: &[f32],
+        n: usize,
+        sums: &mut [f32],
+    ) {
+        super::lanes_chunk(a, c0, kc, slab, n, sums)
+    }
 
     /// One tile: 32 input rows (`a`, `[kc][32]`) by `N` weight rows (`w`, row stride
     /// `ws`) over `kc` values of `k`, its chains continued from `acc` (`[N][32]`, row
@@ -271,13 +344,13 @@ mod tests {
     }
 
     /// `a · wᵀ` through [`product_on`], `w` row-major `[n, k]`.
-    fn run(fast: bool, a: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+    fn run(kernel: Kernel, a: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
         let mut out = vec![f64::NAN; m * n];
         let read = |j: usize, c0: usize, dst: &mut [f32]| {
             dst.copy_from_slice(&w[j * k + c0..][..dst.len()])
         };
         let (mut slab, mut sums) = (vec![f32::NAN; 3000], vec![f32::NAN; 5000]);
-        product_on(fast, &PackedInput::new(a, m, k), n, read, &mut out, &mut slab, &mut sums);
+        product_on(kernel, &PackedInput::new(a, m, k), n, read, &mut out, &mut slab, &mut sums);
         out
     }
 
@@ -287,8 +360,11 @@ mod tests {
 
     #[test]
     fn every_output_is_the_fused_multiply_add_chain_over_k_in_order() {
-        // This machine's CI runs the kernel; elsewhere the portable path alone.
-        let paths: &[bool] = if has_kernel() { &[true, false] } else { &[false] };
+        // Every kernel this CPU runs.
+        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2Fma, Kernel::Lanes]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect();
         // Sizes around the tile (32 × 12) and chunk (512) edges, and k = 0 and 1.
         let mut seed = 7;
         for (m, n, k) in [
@@ -303,8 +379,9 @@ mod tests {
             seed += 1;
             let (a, w) = operands(m, n, k, seed);
             let want = bits(&chain(&a, &w, m, n, k));
-            for &fast in paths {
-                assert_eq!(bits(&run(fast, &a, &w, (m, n, k))), want, "{fast}: {m}×{n}×{k}");
+            for &kernel in &kernels {
+                let got = bits(&run(kernel, &a, &w, (m, n, k)));
+                assert_eq!(got, want, "{kernel:?}: {m}×{n}×{k}");
             }
         }
     }
@@ -314,7 +391,7 @@ mod tests {
         // The order is observable: a float64 sum rounded once differs in some element.
         let (m, n, k) = (8, 8, 2000);
         let (a, w) = operands(m, n, k, 11);
-        let out = run(has_kernel(), &a, &w, (m, n, k));
+        let out = run(Kernel::best(), &a, &w, (m, n, k));
         let wide: Vec<f64> = (0..m * n)
             .map(|e| {
                 let (i, j) = (e / n, e % n);
