@@ -20,6 +20,8 @@
 //! weight rows are read a chunk at a time as the product reaches it, so that a chunk is
 //! rounded to the weight precision into the cache and used there.
 
+use super::linear::fit;
+
 /// Input rows per kernel tile: two 16-lane vectors.
 const TILE_ROWS: usize = 32;
 
@@ -46,15 +48,15 @@ pub struct PackedInput {
 }
 
 impl PackedInput {
-    /// Packs row-major `a` (`[m, k]`).
-    pub fn new(a: &[f32], m: usize, k: usize) -> PackedInput {
+    /// Packs row-major `a` (`[m, k]`), each value narrowed to `f32`.
+    pub fn new<T: Copy + Into<f64>>(a: &[T], m: usize, k: usize) -> PackedInput {
         assert_eq!(a.len(), m * k, "input rows are [m, k]");
         let tiles = m.div_ceil(TILE_ROWS);
         let mut data = vec![0.0f32; tiles * k * TILE_ROWS];
         for (i, row) in a.chunks_exact(k.max(1)).enumerate().take(m) {
             let tile = &mut data[(i / TILE_ROWS) * k * TILE_ROWS..][..k * TILE_ROWS];
             for (kk, &v) in row.iter().enumerate() {
-                tile[kk * TILE_ROWS + i % TILE_ROWS] = v;
+                tile[kk * TILE_ROWS + i % TILE_ROWS] = v.into() as f32;
             }
         }
         PackedInput { m, k, data }
@@ -134,12 +136,10 @@ fn product_on(
     assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     // Partial sums `[n][width]`: weight row by input row (padded to whole tiles).
     let width = a.tiles() * TILE_ROWS;
-    sums.truncate(n * width);
+    sums.clear();
     sums.resize(n * width, 0.0);
-    sums.fill(0.0);
     for (c0, kc) in chunks(k) {
-        slab.truncate(n * kc);
-        slab.resize(n * kc, 0.0);
+        fit(slab, n * kc);
         for (j, row) in slab.chunks_exact_mut(kc).enumerate() {
             read(j, c0, row);
         }

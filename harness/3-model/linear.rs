@@ -34,14 +34,14 @@ thread_local! {
     /// A thread's widened block of weight rows, kept from one block to the next (and
     /// across products) so that a block is neither allocated nor zeroed again.
     static BLOCK_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
-    static BLOCK_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A thread's float32 accumulators for [`fma_product::product`].
-    static SUMS_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A thread's chunk of rounded weight rows and float32 partial sums for
+    /// [`fma_product::product`], kept the same way.
+    static SLAB_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `v` with `len` elements, its contents left as they are where it had them (every
 /// caller overwrites them all).
-fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+pub(super) fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     v.truncate(len);
     v.resize(len, T::default());
 }
@@ -137,9 +137,11 @@ impl Matrix {
         let x = x.as_standard_layout();
         let x64 = x.as_slice().expect("standard layout is contiguous");
         let in_f32 = n.products() == Products::Float32;
-        let x32: Vec<f32> = if in_f32 { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
         let by_row = matches!(self, Matrix::Stored(_)) && m <= VECTOR_ROWS;
-        let packed = (in_f32 && !by_row).then(|| PackedInput::new(&x32, m, cols));
+        // float32 inputs: as rows for the row dots, laid out for the kernel otherwise.
+        let x32: Vec<f32> =
+            if in_f32 && by_row { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
+        let packed = (in_f32 && !by_row).then(|| PackedInput::new(x64, m, cols));
         if let Matrix::Stored(t) = self {
             // Read whole: its pages mapped in one call, the first time only.
             t.populate();
@@ -162,14 +164,12 @@ impl Matrix {
                     }
                     (_, false) => BLOCK_F64.with_borrow_mut(|w| {
                         self.rows_into(r0, r1, n, w);
-                        gemm_t(m, nb, cols, x64, w, &mut part, 0.0, 1.0);
+                        gemm_t(m, nb, cols, x64, w, &mut part);
                     }),
-                    (_, true) => BLOCK_F32.with_borrow_mut(|slab| {
+                    (_, true) => SLAB_F32.with_borrow_mut(|(slab, sums)| {
                         let a = packed.as_ref().expect("packed for a float32 product");
                         let read = |j, c0, dst: &mut [f32]| self.row_f32_into(r0 + j, c0, n, dst);
-                        SUMS_F32.with_borrow_mut(|sums| {
-                            fma_product::product(a, nb, read, &mut part, slab, sums)
-                        });
+                        fma_product::product(a, nb, read, &mut part, slab, sums);
                     }),
                 }
                 part
@@ -186,25 +186,16 @@ impl Matrix {
     }
 }
 
-/// `out[m, n] = a[m, k] · b[n, k]ᵀ`, every operand row-major and contiguous, computed on
-/// the calling thread (so its summation order never depends on a thread count).
-#[allow(clippy::too_many_arguments)]
-fn gemm_t<T: Copy + 'static>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    b: &[T],
-    out: &mut [T],
-    zero: T,
-    one: T,
-) {
+/// `out[m, n] = a[m, k] · b[n, k]ᵀ` in float64, every operand row-major and contiguous,
+/// computed on the calling thread (so its summation order never depends on a thread
+/// count).
+fn gemm_t(m: usize, n: usize, k: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
     assert!(a.len() == m * k && b.len() == n * k && out.len() == m * n, "gemm operand sizes");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        out.iter_mut().for_each(|o| *o = zero);
+        out.fill(0.0);
         return;
     }
     // SAFETY: the asserts above bound every access: `out` is `[m, n]` with strides
@@ -225,8 +216,8 @@ fn gemm_t<T: Copy + 'static>(
             b.as_ptr(),
             k as isize,
             1,
-            zero,
-            one,
+            0.0,
+            1.0,
             false,
             false,
             false,
