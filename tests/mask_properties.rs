@@ -1,4 +1,4 @@
-//! Properties of the attention mask and the softmax over it (`harness/3-model/mask.rs`).
+//! Properties of the attention mask and the softmax over it (`harness/model/src/mask.rs`).
 
 use crate::helpers as common;
 

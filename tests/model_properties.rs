@@ -1,5 +1,5 @@
 //! Properties of attention, the KV cache and the composed model
-//! (`harness/3-model/{attention,kv_cache,llama}.rs`), on tiny random models.
+//! (`harness/model/src/{attention,kv_cache,llama}.rs`), on tiny random models.
 
 use crate::helpers as common;
 

@@ -68,7 +68,7 @@ fn assert_same_tensors(a: &Dump, b: &Dump, what: &str) {
 /// The shipped HF map with `edit` applied to its rules, written to `dir/name`.
 fn hf_map(dir: &Path, name: &str, edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
     let mut m: Value =
-        serde_json::from_str(include_str!("../harness/1-dump/msprobe/maps/hf.json")).unwrap();
+        serde_json::from_str(include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
     edit(m["sites"].as_array_mut().unwrap());
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
@@ -294,7 +294,7 @@ fn a_dump_split_over_two_ranks_is_reassembled_and_judged_like_the_single_rank_du
     let tmp = tempfile::tempdir().unwrap();
     let map = tp_map(tmp.path());
     let hf = tmp.path().join("hf.json");
-    std::fs::write(&hf, include_str!("../harness/1-dump/msprobe/maps/hf.json")).unwrap();
+    std::fs::write(&hf, include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
     for src in [CORRECT, POS_RESET] {
         let split = tmp.path().join(Path::new(src).file_name().unwrap());
         split_over_two_ranks(&root().join(src), &split, None);
@@ -407,7 +407,7 @@ fn fused_map(dir: &Path, layout: &str) -> PathBuf {
 fn a_fused_qkv_projection_is_split_by_the_golden_head_counts_in_either_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = tmp.path().join("hf.json");
-    std::fs::write(&hf, include_str!("../harness/1-dump/msprobe/maps/hf.json")).unwrap();
+    std::fs::write(&hf, include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
     let whole = import(&root().join(CORRECT), &hf, &tmp.path().join("whole"));
     let (_, _, single) = compare(&root().join(CORRECT), &hf);
     for (layout, groups) in [("blocks", false), ("groups", true)] {

@@ -1,4 +1,4 @@
-//! Properties of RoPE: frequencies, tables and the rotation (`harness/3-model/rope.rs`).
+//! Properties of RoPE: frequencies, tables and the rotation (`harness/model/src/rope.rs`).
 
 use crate::helpers as common;
 

@@ -1,0 +1,371 @@
+//! The noise floor: the error a correct port of this model reaches at each site in the
+//! candidate's dtype, measured on the golden's own scenario and weights.
+//!
+//! Rounding error grows with the width of the reductions, the depth and the range of
+//! the activations, so a fixed threshold per dtype that holds at hidden size 64 raises
+//! false alarms at hidden size 4096. The floor measures it instead: the golden's
+//! scenario is run by the harness's own correct implementations ([`VARIANTS`]):
+//!
+//! - the float64 reference (what is left is the golden's own rounding);
+//! - the simulated port at the candidate's dtype with MindFormers' conventions (float32
+//!   accumulation, RMSNorm weight applied after the cast);
+//! - the same dtype rounded at other op boundaries (one rounding from the exact sum,
+//!   the RMSNorm weight applied in float32, float32 rotary tables);
+//!
+//! and per site the worst rel-L2 and the worst cosine against the golden are kept. A
+//! site's threshold is then `max(least, MARGIN × floor)` for rel-L2 and
+//! `1 - max(1 - least, MARGIN² × (1 - floor))` for cosine (for small errors
+//! `1 - cosine` grows as the square of rel-L2), where `least` is one unit roundoff of
+//! bfloat16/float16 and the fixed default at float32
+//! ([`crate::tolerance::Tolerance::floor_minimum`]); a policy file's defaults
+//! and rules still override (see [`crate::tolerance::Policy::decide_with_floor`]).
+//!
+//! Uses the model stage (stage 3) to run the variants. A floor is computed once per
+//! (golden content, dtype) and cached as JSON ([`FloorCache`]), never inside the golden.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::tolerance::{Policy, Tolerance};
+use crate::verdict::{compare, SiteMetrics};
+use contract::error::{Error, Result};
+use contract::site::{self, Site, Step};
+use dump::{Dump, Precision};
+use model::ascend::{self, Accumulation, AscendOptions, NormWeightOrder};
+use model::plan::Plan;
+use model::{self, Implementation, RunOptions};
+
+/// How far above the measured floor a site's threshold sits. Measured (README,
+/// "Tolerances", and `tests/noise_floor.rs`): correct HF bfloat16/float16 runs of the
+/// committed golden sit at most 1.9× the floor the simulated ports measure, while
+/// the subtlest faults that show sit 5× and more above it.
+pub const MARGIN: f64 = 3.0;
+
+/// Format string of a cached floor file.
+/// `@2`: the bfloat16/float16 variants multiply in float32 (`Products::Float32`);
+/// `@3`: each of those float32 products is one fused multiply-add chain over `k` in order.
+pub const FORMAT: &str = "llama-parity/noise-floor@3";
+
+/// The correct runs whose worst error is the floor, by name, in the order they run.
+pub const VARIANTS: [&str; 3] = [
+    "reference (float64)",
+    "ascend, MindFormers conventions (float32 accumulation, norm weight after the cast)",
+    "ascend, other rounding boundaries (exact accumulation, norm weight in float32, float32 rotary tables)",
+];
+
+/// The floor of one site: the worst error of the correct runs against the golden.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SiteFloor {
+    pub rel_l2: f64,
+    pub cosine: f64,
+}
+
+impl SiteFloor {
+    /// `max(base, margin × self)`: the threshold of a site whose default is `base`.
+    pub fn raise(&self, base: Tolerance, margin: f64) -> Tolerance {
+        let rel = if self.rel_l2.is_finite() {
+            base.max_rel_l2.max(margin * self.rel_l2)
+        } else {
+            base.max_rel_l2
+        };
+        let gap = 1.0 - self.cosine;
+        let cos = if gap.is_finite() {
+            1.0 - (1.0 - base.min_cosine).max(margin * margin * gap.max(0.0))
+        } else {
+            base.min_cosine
+        };
+        Tolerance { max_rel_l2: rel, min_cosine: cos, max_abs: base.max_abs }
+    }
+
+    /// How many floors `rel_l2` is (`inf` when the floor is 0 and the error is not).
+    pub fn times(&self, rel_l2: f64) -> f64 {
+        if self.rel_l2 > 0.0 {
+            rel_l2 / self.rel_l2
+        } else if rel_l2 > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The noise floor of one golden at one candidate dtype.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoiseFloor {
+    pub format: String,
+    /// sha256 over the golden's files (see [`golden_hash`]); empty for an in-memory golden.
+    pub golden_sha256: String,
+    /// The candidate dtype this floor is for.
+    pub precision: String,
+    pub margin: f64,
+    /// The correct runs measured.
+    pub variants: Vec<String>,
+    /// `"<step>/<site>"` → floor, value sites only.
+    pub sites: BTreeMap<String, SiteFloor>,
+}
+
+impl NoiseFloor {
+    /// The floor of `site` at `step`, if measured.
+    pub fn get(&self, step: Step, site: &Site) -> Option<SiteFloor> {
+        self.sites.get(&site::key(step, site)).copied()
+    }
+
+    /// Measures the floor of `golden` for a candidate at `precision`; `None` when the
+    /// golden has no weights to run its scenario with.
+    pub fn measure(golden: &Dump, precision: Precision, hash: &str) -> Result<Option<NoiseFloor>> {
+        if !golden.has_weights() {
+            return Ok(None);
+        }
+        let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
+        let policy = Policy::default();
+        for k in 0..VARIANTS.len() {
+            let run = run_variant(golden, precision, k)?;
+            let cmp = compare(golden, &run, &policy)?;
+            for s in &cmp.sites {
+                let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
+                let e = sites
+                    .entry(site::key(s.step, &s.site))
+                    .or_insert(SiteFloor { rel_l2: 0.0, cosine: 1.0 });
+                // NaN (nothing compared) leaves the floor as it was.
+                if m.rel_l2 > e.rel_l2 {
+                    e.rel_l2 = m.rel_l2;
+                }
+                if m.cosine < e.cosine {
+                    e.cosine = m.cosine;
+                }
+            }
+        }
+        Ok(Some(NoiseFloor {
+            format: FORMAT.to_string(),
+            golden_sha256: hash.to_string(),
+            precision: precision.name().to_string(),
+            margin: MARGIN,
+            variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
+            sites,
+        }))
+    }
+}
+
+/// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`.
+pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump> {
+    let plan = Plan::default();
+    let out = match k {
+        0 => model::run(
+            golden,
+            &RunOptions {
+                implementation: Implementation::Reference,
+                precision: Some(precision),
+                faults: Vec::new(),
+                teacher_force: false,
+            },
+        )?,
+        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false)?,
+        _ => {
+            let opts = AscendOptions {
+                accumulation: Accumulation::Exact,
+                norm_weight_order: NormWeightOrder::WeightInFloat32,
+                rotary_dtype: Precision::F32,
+                ..AscendOptions::mindformers(precision)
+            };
+            ascend::run(golden, &opts, &plan, false)?
+        }
+    };
+    Ok(out.dump)
+}
+
+/// sha256 over a golden directory's files: the relative path, length and sha256 of each
+/// regular file, in path order; the key of its cached floors. A file's sha256 is
+/// remembered across runs as a checkpoint shard's is
+/// ([`weights::checkpoint::sha256_once`]), so a golden is read whole only once.
+pub fn golden_hash(dir: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &mut files)?;
+    files.sort();
+    let mut h = Sha256::new();
+    for rel in files {
+        let path = dir.join(&rel);
+        let len = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0u8]);
+        h.update(len.to_le_bytes());
+        h.update(weights::checkpoint::sha256_once(&path)?.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let p = entry.path();
+        let ft = entry.file_type().map_err(|e| Error::io(&p, e))?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if ft.is_dir() {
+            collect_files(root, &p, out)?;
+        } else if p.is_file() {
+            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+/// Where floors are cached: one JSON file per (golden hash, dtype).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloorCache {
+    pub dir: PathBuf,
+}
+
+impl FloorCache {
+    /// `$PARITY_FLOOR_CACHE`, else `$XDG_CACHE_HOME/llama-parity/floors`, else
+    /// `~/.cache/llama-parity/floors`; `None` when none is set.
+    pub fn default_dir() -> Option<PathBuf> {
+        contract::cache_dir("PARITY_FLOOR_CACHE", "floors")
+    }
+
+    /// The file of `hash` at `precision`.
+    pub fn path(&self, hash: &str, precision: Precision) -> PathBuf {
+        self.dir.join(format!("{hash}-{}.json", precision.name()))
+    }
+
+    /// The cached floor, if there is a readable one for exactly this key and margin.
+    pub fn load(&self, hash: &str, precision: Precision) -> Option<NoiseFloor> {
+        let text = std::fs::read_to_string(self.path(hash, precision)).ok()?;
+        let f: NoiseFloor = serde_json::from_str(&text).ok()?;
+        (f.format == FORMAT
+            && f.golden_sha256 == hash
+            && f.precision == precision.name()
+            && f.margin == MARGIN
+            && f.variants.len() == VARIANTS.len())
+        .then_some(f)
+    }
+
+    /// Stores `floor` (atomically).
+    pub fn store(&self, floor: &NoiseFloor, precision: Precision) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.path(&floor.golden_sha256, precision);
+        let text =
+            serde_json::to_string_pretty(floor).map_err(|e| Error::format(&path, e.to_string()))?;
+        // A temporary file of its own (several threads or processes may store the same
+        // floor at once), renamed into place.
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        tmp.write_all((text + "\n").as_bytes()).map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
+        Ok(path)
+    }
+}
+
+/// Where a comparison's floor came from, in words for the report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FloorSource {
+    /// Measured now or read from the cache.
+    Measured(NoiseFloor),
+    /// None could be measured; the fixed defaults apply. The reason in words.
+    Unavailable(String),
+}
+
+impl FloorSource {
+    /// The floor, when there is one.
+    pub fn floor(&self) -> Option<&NoiseFloor> {
+        match self {
+            FloorSource::Measured(f) => Some(f),
+            FloorSource::Unavailable(_) => None,
+        }
+    }
+
+    /// One sentence for the report.
+    pub fn note(&self) -> String {
+        match self {
+            FloorSource::Measured(f) => format!(
+                "thresholds are max(least, {} x noise floor), the least being one unit roundoff at bfloat16/float16 (rel-L2 2^-8, 2^-11) and the fixed default at float32; the floor is the worst error against the golden of {} correct runs at {}: {}",
+                f.margin,
+                f.variants.len(),
+                f.precision,
+                f.variants.join("; ")
+            ),
+            FloorSource::Unavailable(why) => {
+                format!("no noise floor ({why}): the fixed per-dtype defaults apply")
+            }
+        }
+    }
+}
+
+/// The floor of `golden` for a candidate at `precision`: from `cache` when it holds
+/// one, else measured (and stored there; a cache that cannot be written is said in
+/// `progress`, not an error).
+pub fn floor_for(
+    golden: &Dump,
+    precision: Precision,
+    cache: Option<&FloorCache>,
+    progress: &dyn Fn(&str),
+) -> Result<FloorSource> {
+    if !golden.has_weights() {
+        return Ok(FloorSource::Unavailable(
+            "the golden has neither weights.safetensors nor a checkpoint to run its scenario with"
+                .into(),
+        ));
+    }
+    let hash = match golden.dir() {
+        Some(d) => golden_hash(d)?,
+        None => String::new(),
+    };
+    let cache = cache.filter(|_| !hash.is_empty());
+    if let Some(f) = cache.and_then(|c| c.load(&hash, precision)) {
+        progress(&format!("noise floor at {precision} from the cache"));
+        return Ok(FloorSource::Measured(f));
+    }
+    progress(&format!(
+        "measuring the noise floor at {precision} ({} correct runs) ...",
+        VARIANTS.len()
+    ));
+    let Some(f) = NoiseFloor::measure(golden, precision, &hash)? else {
+        return Ok(FloorSource::Unavailable("the golden has no weights".into()));
+    };
+    // Through JSON and back, so that a measured floor and the same floor read from the
+    // cache are the same numbers (JSON's decimal form may move a last bit) and give
+    // byte-identical reports.
+    let f = serde_json::to_string(&f)
+        .ok()
+        .and_then(|t| serde_json::from_str::<NoiseFloor>(&t).ok())
+        .unwrap_or(f);
+    if let Some(c) = cache {
+        if let Err(e) = c.store(&f, precision) {
+            progress(&format!("noise floor not cached: {e}"));
+        }
+    }
+    Ok(FloorSource::Measured(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_keeps_the_default_above_a_small_floor_and_follows_a_large_one() {
+        let base = Tolerance { max_rel_l2: 0.05, min_cosine: 0.998, max_abs: Some(1.0) };
+        let small = SiteFloor { rel_l2: 0.01, cosine: 0.99995 };
+        assert_eq!(small.raise(base, 3.0), base);
+        let large = SiteFloor { rel_l2: 0.04, cosine: 0.999 };
+        let t = large.raise(base, 3.0);
+        assert!((t.max_rel_l2 - 0.12).abs() < 1e-15);
+        // 1 - cosine scales with the square of the margin: 9 × 1e-3.
+        assert!((t.min_cosine - (1.0 - 9e-3)).abs() < 1e-12);
+        assert_eq!(t.max_abs, Some(1.0));
+    }
+
+    #[test]
+    fn times_is_the_error_in_floors() {
+        let f = SiteFloor { rel_l2: 0.02, cosine: 1.0 };
+        assert!((f.times(0.06) - 3.0).abs() < 1e-12, "{}", f.times(0.06));
+        let zero = SiteFloor { rel_l2: 0.0, cosine: 1.0 };
+        assert_eq!(zero.times(0.0), 0.0);
+        assert_eq!(zero.times(1e-9), f64::INFINITY);
+    }
+}

@@ -1,0 +1,379 @@
+//! The tolerance policy: which metrics a site must meet to pass.
+//!
+//! A site passes when `rel_l2 <= max_rel_l2`, `cosine >= min_cosine`, `max_abs <=
+//! max_abs` (when set) and the candidate has no NaN or Inf the golden lacks. Defaults
+//! depend on the coarser of the golden's and the candidate's dtype; they are set so
+//! that a correct bfloat16 or float16 run of the same model passes against a float32
+//! golden while real porting faults fail (the measurements behind them are in
+//! README.md, "Tolerances").
+//!
+//! A policy file (`--policy FILE`, JSON) overrides them:
+//!
+//! ```json
+//! {
+//!   "defaults": { "bfloat16": { "max_rel_l2": 0.05 } },
+//!   "rules": [
+//!     { "site": "model.layers.*.self_attn.probs", "step": "decode.*", "max_rel_l2": 0.1 },
+//!     { "site": "lm_head", "skip": true }
+//!   ]
+//! }
+//! ```
+//!
+//! Where the comparison has a measured noise floor (see [`crate::floor`]), a
+//! site's threshold is `margin × floor`, at least [`Tolerance::floor_minimum`] (one unit
+//! roundoff at bfloat16/float16, the fixed default at float32); the file's `defaults`
+//! replace that least threshold and its `rules` apply after, so a rule still sets a
+//! site's threshold exactly.
+//!
+//! Rules apply in file order; a later matching rule overrides the fields it sets.
+//! Patterns match whole names; `*` matches any run of characters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::floor::SiteFloor;
+use crate::metrics::Metrics;
+use contract::error::{Error, Result};
+use contract::site::{Site, Step};
+use dump::Precision;
+
+/// Thresholds one site must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    pub max_rel_l2: f64,
+    pub min_cosine: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs: Option<f64>,
+}
+
+impl Tolerance {
+    /// The default for a comparison at `precision` (the coarser of the golden's and the
+    /// candidate's dtype).
+    pub fn default_for(precision: Precision) -> Tolerance {
+        match precision {
+            Precision::F32 => Tolerance { max_rel_l2: 1e-4, min_cosine: 0.99999, max_abs: None },
+            Precision::Bf16 => Tolerance { max_rel_l2: 0.05, min_cosine: 0.998, max_abs: None },
+            Precision::F16 => Tolerance { max_rel_l2: 0.01, min_cosine: 0.9999, max_abs: None },
+        }
+    }
+
+    /// The least threshold a measured noise floor may set at `precision`, in place of
+    /// [`Tolerance::default_for`]. At bfloat16 and float16 the floor measures the
+    /// rounding a correct port of this model reaches, so a site is held to
+    /// `margin × floor` with one unit roundoff of the dtype as its least rel-L2 (2⁻⁸,
+    /// 2⁻¹¹; 1 - cosine its square): a site no correct variant rounds (an embedding
+    /// gathered from a golden of the same dtype) is not held to exactly zero. At float32
+    /// the floor models rounding at op boundaries but not a port's summation order,
+    /// which is all that separates two float32 runs, so the fixed default stays.
+    pub fn floor_minimum(precision: Precision) -> Tolerance {
+        let u = match precision {
+            Precision::F32 => return Tolerance::default_for(precision),
+            Precision::Bf16 => 2f64.powi(-8),
+            Precision::F16 => 2f64.powi(-11),
+        };
+        Tolerance { max_rel_l2: u, min_cosine: 1.0 - u * u, max_abs: None }
+    }
+}
+
+/// What [`Tolerance::judge`] decides for one site's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// Every threshold met and no NaN/Inf the golden lacks.
+    pub pass: bool,
+    /// How far past its tolerance the site is: the largest of each metric's ratio to its
+    /// threshold (`rel_l2 / max_rel_l2`, `(1 - cosine) / (1 - min_cosine)`,
+    /// `max_abs / max_abs`); infinite for new NaN/Inf or a NaN metric. Above 1 exactly
+    /// when the site fails.
+    pub excess: f64,
+    /// Why the site fails, one phrase per broken threshold; empty when it passes.
+    pub why: Vec<String>,
+}
+
+impl Tolerance {
+    /// The one pass/fail rule: judges a value site's metrics against these thresholds.
+    /// The verdict, the report's "x tol" column and the diagnosis all use it.
+    pub fn judge(&self, m: &Metrics) -> Judgement {
+        // `x <= limit` rather than `!(x > limit)` on purpose: a NaN metric must fail.
+        let within = |x: f64, limit: f64| x <= limit;
+        let ratio = |x: f64, limit: f64| {
+            if x.is_nan() {
+                f64::INFINITY
+            } else if limit > 0.0 {
+                x / limit
+            } else if x > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            }
+        };
+        let mut why = Vec::new();
+        let mut excess: f64 = 0.0;
+        if m.new_nonfinite > 0 {
+            why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
+            excess = f64::INFINITY;
+        }
+        if m.lost_nonfinite > 0 {
+            why.push(format!(
+                "{} golden NaN/Inf the candidate does not reproduce",
+                m.lost_nonfinite
+            ));
+            excess = f64::INFINITY;
+        }
+        if !within(m.rel_l2, self.max_rel_l2) {
+            why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, self.max_rel_l2));
+        }
+        excess = excess.max(ratio(m.rel_l2, self.max_rel_l2));
+        if !within(-m.cosine, -self.min_cosine) {
+            why.push(format!("cosine {:.6} < {}", m.cosine, self.min_cosine));
+        }
+        excess = excess.max(ratio(1.0 - m.cosine, 1.0 - self.min_cosine));
+        if let Some(ma) = self.max_abs {
+            if !within(m.max_abs, ma) {
+                why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
+            }
+            excess = excess.max(ratio(m.max_abs, ma));
+        }
+        let pass = why.is_empty();
+        // Ratios round; the comparisons above decide, and the excess follows them.
+        if pass {
+            excess = excess.min(1.0);
+        } else if excess <= 1.0 {
+            excess = 1.0 + f64::EPSILON;
+        }
+        Judgement { pass, excess, why }
+    }
+}
+
+/// Partial thresholds as written in a policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rel_l2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs: Option<f64>,
+}
+
+impl Override {
+    fn apply(&self, t: &mut Tolerance) {
+        if let Some(v) = self.max_rel_l2 {
+            t.max_rel_l2 = v;
+        }
+        if let Some(v) = self.min_cosine {
+            t.min_cosine = v;
+        }
+        if let Some(v) = self.max_abs {
+            t.max_abs = Some(v);
+        }
+    }
+}
+
+/// One rule of a policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Site pattern, e.g. `model.layers.*.self_attn.probs`.
+    #[serde(default = "star")]
+    pub site: String,
+    /// Step pattern, e.g. `decode.*`.
+    #[serde(default = "star")]
+    pub step: String,
+    /// Only for candidates of this dtype (`float32`, `bfloat16`, `float16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Leave matching sites out of the verdict (reported `skipped`).
+    #[serde(default)]
+    pub skip: bool,
+    #[serde(flatten)]
+    pub thresholds: Override,
+}
+
+fn star() -> String {
+    "*".to_string()
+}
+
+/// What the policy decides for one site.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Check(Tolerance),
+    Skip,
+}
+
+/// The tolerance policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub defaults: BTreeMap<String, Override>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Reads a policy file.
+    pub fn load(path: &Path) -> Result<Policy> {
+        let text = dump::read::read_json_text(path)?;
+        let bad = |what: String| Error::format(path, format!("not a valid policy: {what}"));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if !v.is_object() {
+            return Err(bad("expected a JSON object with `defaults` and/or `rules`".into()));
+        }
+        let p: Policy = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        let check = |o: &Override, at: &str| -> Result<()> {
+            let fine = |x: Option<f64>, lo: f64, hi: f64| x.is_none_or(|x| x >= lo && x <= hi);
+            let what = if !fine(o.max_rel_l2, 0.0, f64::MAX) {
+                "max_rel_l2 must be a finite number >= 0"
+            } else if !fine(o.min_cosine, -1.0, 1.0) {
+                "min_cosine must lie in [-1, 1]"
+            } else if !fine(o.max_abs, 0.0, f64::MAX) {
+                "max_abs must be a finite number >= 0"
+            } else {
+                return Ok(());
+            };
+            Err(Error::format(path, format!("{at}: {what}")))
+        };
+        for (k, o) in &p.defaults {
+            check(o, &format!("defaults.{k}"))?;
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            check(&r.thresholds, &format!("rules[{i}]"))?;
+        }
+        for k in p.defaults.keys() {
+            if Precision::parse(k).is_none() {
+                return Err(Error::format(
+                    path,
+                    format!("defaults: {k:?} is not float32, bfloat16 or float16"),
+                ));
+            }
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            if let Some(d) = &r.dtype {
+                if Precision::parse(d).is_none() {
+                    return Err(Error::format(
+                        path,
+                        format!("rules[{i}].dtype: {d:?} is not float32, bfloat16 or float16"),
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// The decision for `site` at `step` for a candidate computed at `precision`.
+    pub fn decide(&self, step: Step, site: &Site, precision: Precision) -> Decision {
+        self.decide_with_floor(step, site, precision, None)
+    }
+
+    /// The decision for `site` at `step` with the site's measured noise floor: the
+    /// least threshold ([`Tolerance::floor_minimum`], or the file's `defaults` for the
+    /// dtype when it has them) raised to `margin × floor` ([`SiteFloor::raise`]), then
+    /// the file's matching rules, which override it. Without a floor: the default.
+    pub fn decide_with_floor(
+        &self,
+        step: Step,
+        site: &Site,
+        precision: Precision,
+        floor: Option<(SiteFloor, f64)>,
+    ) -> Decision {
+        // A policy's own defaults stay the least threshold; the built-in one yields to
+        // the measured floor (see `Tolerance::floor_minimum`).
+        let own = self.defaults.get(precision.name());
+        let mut t = match (&floor, own) {
+            (Some(_), None) => Tolerance::floor_minimum(precision),
+            _ => Tolerance::default_for(precision),
+        };
+        if let Some(o) = own {
+            o.apply(&mut t);
+        }
+        if let Some((f, margin)) = floor {
+            t = f.raise(t, margin);
+        }
+        let (step_s, site_s) = (step.to_string(), site.to_string());
+        let mut skip = false;
+        for r in &self.rules {
+            let dtype_ok =
+                r.dtype.as_deref().and_then(Precision::parse).is_none_or(|d| d == precision);
+            if dtype_ok && glob(&r.site, &site_s) && glob(&r.step, &step_s) {
+                r.thresholds.apply(&mut t);
+                skip = r.skip;
+            }
+        }
+        if skip {
+            Decision::Skip
+        } else {
+            Decision::Check(t)
+        }
+    }
+}
+
+/// Whole-string match where `*` matches any run of characters.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
+        return false;
+    }
+    let mut rest = &s[first.len()..s.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_whole_names() {
+        assert!(glob("model.layers.*.mlp", "model.layers.12.mlp"));
+        assert!(!glob("model.layers.*.mlp", "model.layers.1.mlp.x"));
+        assert!(glob("*", "anything"));
+        assert!(glob("decode.*", "decode.0"));
+        assert!(!glob("decode.*", "prefill"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(!glob("a*b*c", "acb"));
+        assert!(glob("lm_head", "lm_head"));
+    }
+
+    #[test]
+    fn later_rules_override_earlier_ones() {
+        let p: Policy = serde_json::from_str(
+            r#"{"defaults":{"bfloat16":{"max_rel_l2":0.2}},
+                "rules":[{"site":"model.layers.*.mlp","max_rel_l2":0.3},
+                         {"site":"model.layers.1.mlp","step":"decode.*","min_cosine":0.5},
+                         {"site":"lm_head","dtype":"float16","skip":true}]}"#,
+        )
+        .unwrap();
+        let mlp1 = Site::parse("model.layers.1.mlp");
+        let Decision::Check(t) = p.decide(Step::Decode(0), &mlp1, Precision::Bf16) else {
+            panic!()
+        };
+        assert_eq!((t.max_rel_l2, t.min_cosine), (0.3, 0.5));
+        let Decision::Check(t) = p.decide(Step::Prefill, &mlp1, Precision::Bf16) else { panic!() };
+        assert_eq!(
+            (t.max_rel_l2, t.min_cosine),
+            (0.3, Tolerance::default_for(Precision::Bf16).min_cosine)
+        );
+        let Decision::Check(t) = p.decide(Step::Prefill, &Site::EmbedTokens, Precision::Bf16)
+        else {
+            panic!()
+        };
+        assert_eq!(t.max_rel_l2, 0.2);
+        assert_eq!(p.decide(Step::Prefill, &Site::LmHead, Precision::F16), Decision::Skip);
+        assert!(matches!(
+            p.decide(Step::Prefill, &Site::LmHead, Precision::F32),
+            Decision::Check(_)
+        ));
+    }
+}

@@ -1,0 +1,324 @@
+//! `manifest.json` of a dump (CONTRACT §1): format, producer, model config, dtype,
+//! scenario and steps.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use contract::error::{Error, Result};
+use contract::site::{ShapeDims, Step};
+
+use super::dtype::Precision;
+
+/// The format string every dump carries.
+pub const FORMAT: &str = "llama-parity/dump@1";
+
+/// The largest size (layers, heads, widths) a config may give: 2^24.
+pub const MAX_SIZE: usize = 1 << 24;
+
+/// The HF `config.json` keys the contract names. Unknown keys are kept in `extra`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+fn default_act() -> String {
+    "silu".to_string()
+}
+
+impl ModelConfig {
+    /// Per-head dimension: `head_dim` if given, else `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Key/value heads: `num_key_value_heads` if given, else `num_attention_heads`.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Checks the relations between fields that every implementation relies on.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| Err(Error::Config { path: path.to_path_buf(), what });
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 {
+            return bad("num_attention_heads and num_key_value_heads must be positive".into());
+        }
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return bad(format!("head_dim ({}) must be positive and even", self.head_dim()));
+        }
+        if self.hidden_size == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
+            return bad("hidden_size, vocab_size and intermediate_size must be positive".into());
+        }
+        // Sizes no Llama comes near; past them products of sizes could overflow.
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v > MAX_SIZE {
+                return bad(format!(
+                    "{name} is {v}, more than the {MAX_SIZE} this harness accepts"
+                ));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "rms_norm_eps is {}, expected a finite number >= 0",
+                self.rms_norm_eps
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Scenario {
+    pub name: String,
+    /// `[B][P]` prefill tokens.
+    pub input_ids: Vec<Vec<i64>>,
+    /// `[B][P]`: 1 for a token, 0 for left padding.
+    pub attention_mask: Vec<Vec<i64>>,
+    /// `[B][N]`: the teacher-forced token of each decode step.
+    #[serde(default)]
+    pub decode_ids: Vec<Vec<i64>>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Scenario {
+    pub fn batch(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn prefill_len(&self) -> usize {
+        self.input_ids.first().map_or(0, |r| r.len())
+    }
+
+    pub fn decode_steps(&self) -> usize {
+        self.decode_ids.first().map_or(0, |r| r.len())
+    }
+
+    /// Whether query row `t` of batch row `b` in `step` is a real token (not padding).
+    /// Decode tokens are always real.
+    pub fn is_valid_query(&self, step: Step, b: usize, t: usize) -> bool {
+        match step {
+            Step::Prefill => {
+                self.attention_mask.get(b).and_then(|r| r.get(t)).is_none_or(|&m| m != 0)
+            }
+            Step::Decode(_) => true,
+        }
+    }
+
+    /// True when some prefill slot is padding.
+    pub fn has_padding(&self) -> bool {
+        self.attention_mask.iter().flatten().any(|&m| m == 0)
+    }
+
+    /// Prefill positions per the contract: `cumsum(mask) - 1`, padding slots set to 1.
+    /// `[B][P]`.
+    pub fn prefill_positions(&self) -> Vec<Vec<i64>> {
+        self.attention_mask
+            .iter()
+            .map(|row| {
+                let mut c = 0i64;
+                row.iter()
+                    .map(|&m| {
+                        c += (m != 0) as i64;
+                        if m != 0 {
+                            c - 1
+                        } else {
+                            1
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Position of decode step `j` for each row: last prefill position + 1 + j. `[B]`.
+    pub fn decode_positions(&self, j: usize) -> Vec<i64> {
+        self.attention_mask
+            .iter()
+            .map(|row| row.iter().filter(|&&m| m != 0).count() as i64 + j as i64)
+            .collect()
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| Err(Error::Manifest { path: path.to_path_buf(), what });
+        let b = self.batch();
+        if b == 0 || self.prefill_len() == 0 {
+            return bad("scenario.input_ids is empty".into());
+        }
+        if self.input_ids.iter().any(|r| r.len() != self.prefill_len()) {
+            return bad("scenario.input_ids rows differ in length".into());
+        }
+        if self.attention_mask.len() != b
+            || self.attention_mask.iter().any(|r| r.len() != self.prefill_len())
+        {
+            return bad(format!(
+                "scenario.attention_mask must be [{b}][{}] like input_ids",
+                self.prefill_len()
+            ));
+        }
+        if !self.decode_ids.is_empty()
+            && (self.decode_ids.len() != b
+                || self.decode_ids.iter().any(|r| r.len() != self.decode_steps()))
+        {
+            return bad(format!("scenario.decode_ids must be [{b}][N]"));
+        }
+        Ok(())
+    }
+}
+
+/// A parsed `manifest.json`. The original JSON is kept so that fields this version
+/// does not model survive a rewrite.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub producer: Value,
+    pub model: ModelConfig,
+    pub dtype: Precision,
+    pub scenario: Scenario,
+    pub steps: Vec<Step>,
+    pub raw: Value,
+}
+
+impl Manifest {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let text = super::read::read_json_text(path)?;
+        Manifest::parse(&text, path)
+    }
+
+    /// Parses manifest text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
+        let bad = |what: String| Error::Manifest { path: path.to_path_buf(), what };
+        let raw: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = raw.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let field =
+            |name: &str| obj.get(name).ok_or_else(|| bad(format!("missing field `{name}`")));
+        let format = field("format")?
+            .as_str()
+            .ok_or_else(|| bad("field `format` is not a string".into()))?;
+        if format != FORMAT {
+            return Err(bad(format!("field `format` is {format:?}, expected {FORMAT:?}")));
+        }
+        let producer = field("producer")?.clone();
+        let model: ModelConfig = serde_json::from_value(field("model")?.clone())
+            .map_err(|e| bad(format!("field `model`: {e}")))?;
+        let dtype_s =
+            field("dtype")?.as_str().ok_or_else(|| bad("field `dtype` is not a string".into()))?;
+        let dtype = Precision::parse(dtype_s).ok_or_else(|| {
+            bad(format!("field `dtype` is {dtype_s:?}, expected float32, bfloat16 or float16"))
+        })?;
+        let scenario: Scenario = serde_json::from_value(field("scenario")?.clone())
+            .map_err(|e| bad(format!("field `scenario`: {e}")))?;
+        let steps_v = field("steps")?
+            .as_array()
+            .ok_or_else(|| bad("field `steps` is not an array".into()))?;
+        let mut steps = Vec::with_capacity(steps_v.len());
+        for s in steps_v {
+            let name =
+                s.as_str().ok_or_else(|| bad(format!("field `steps`: {s} is not a string")))?;
+            steps.push(Step::parse(name).ok_or_else(|| {
+                bad(format!("field `steps`: {name:?} is not \"prefill\" or \"decode.N\""))
+            })?);
+        }
+        if steps.is_empty() {
+            return Err(bad("field `steps` is empty".into()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &steps {
+            if !seen.insert(*s) {
+                return Err(bad(format!("field `steps`: {s} is listed twice")));
+            }
+        }
+        scenario.validate(path)?;
+        for s in &steps {
+            if let Step::Decode(j) = s {
+                if *j >= scenario.decode_steps() {
+                    return Err(bad(format!(
+                        "field `steps`: {s} has no decode token (scenario.decode_ids holds {})",
+                        scenario.decode_steps()
+                    )));
+                }
+            }
+        }
+        model.validate(path)?;
+        Ok(Manifest { producer, model, dtype, scenario, steps, raw })
+    }
+
+    /// The manifest as JSON: the original document with the modelled fields written back.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.raw.clone();
+        if !v.is_object() {
+            v = Value::Object(Default::default());
+        }
+        let o = v.as_object_mut().expect("object");
+        o.insert("format".into(), FORMAT.into());
+        o.insert("producer".into(), self.producer.clone());
+        o.insert("model".into(), serde_json::to_value(&self.model).unwrap_or(Value::Null));
+        o.insert("dtype".into(), self.dtype.name().into());
+        o.insert("scenario".into(), serde_json::to_value(&self.scenario).unwrap_or(Value::Null));
+        o.insert("steps".into(), self.steps.iter().map(|s| Value::from(s.to_string())).collect());
+        v
+    }
+
+    /// The sizes the contract's site shapes are made of, for this model and scenario.
+    pub fn shape_dims(&self) -> ShapeDims {
+        let m = &self.model;
+        ShapeDims {
+            batch: self.scenario.batch(),
+            prefill: self.scenario.prefill_len(),
+            heads: m.num_attention_heads,
+            kv_heads: m.kv_heads(),
+            head_dim: m.head_dim(),
+            hidden: m.hidden_size,
+            vocab: m.vocab_size,
+        }
+    }
+
+    /// The producer's framework name, if it gave one.
+    pub fn framework(&self) -> &str {
+        self.producer.get("framework").and_then(Value::as_str).unwrap_or("unknown")
+    }
+}

@@ -1,0 +1,744 @@
+//! Reading msprobe dumps (PyPI `mindstudio-probe`, MindStudio's accuracy tool) as
+//! contract dumps.
+//!
+//! A dump root holds `step<N>/<rank R | proc<pid>>/{dump.json, construct.json,
+//! dump_tensor_data/}`; a multi-rank dump one `rank0..rank<K>` folder a rank in every
+//! step, whose split sites the map reassembles (`ranks`, [`map`]). `dump.json` lists every recorded module or API call with its
+//! inputs, keyword inputs and outputs, each tensor with `dtype`, `shape`, `Max`, `Min`,
+//! `Mean`, `Norm` and, in tensor mode, `data_name` (a `.pt` file for PyTorch, `.npy` for
+//! MindSpore, under `dump_tensor_data/`). `construct.json` names each call's parent
+//! module. One model forward per step (`step()` after each) or all forwards in `step0`
+//! told apart by their call counters: either way forward k is contract step k
+//! (`prefill`, then `decode.{k-1}`).
+//!
+//! A [`SiteMap`] says which entry holds which contract site; [`MsprobeDump::to_dump`]
+//! gathers them into an in-memory [`Dump`] (layouts normalised to the contract's), so
+//! that comparison, diagnosis and reports work unchanged. Statistics-mode dumps have no
+//! tensors; [`MsprobeDump::statistics`] gives each site's Max/Min/Mean/Norm instead.
+
+mod json;
+mod layout;
+pub mod map;
+pub mod pt;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{DType, Dump, Manifest, Precision, Tensor};
+use contract::error::{Error, Result};
+use contract::site::{Site, Step};
+
+pub use self::map::{FusedLayout, Heads, Layout, QkvPart, Ranks, SiteMap, Take};
+
+/// What msprobe saved: the tensors, or only their statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tensor,
+    Statistics,
+}
+
+/// The four statistics msprobe records for every tensor (`None` where it recorded
+/// `null`, as it does for the Mean and Norm of integer tensors).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    pub mean: Option<f64>,
+    /// L2 norm of the whole tensor.
+    pub norm: Option<f64>,
+}
+
+/// A site known only by its statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatSite {
+    pub stats: Stats,
+    /// Shape after layout normalisation (the contract's).
+    pub shape: Vec<usize>,
+    /// Elements of the recorded tensor per element of the contract's site (a GQA
+    /// repeat of `n` heads records every key `n` times: its Norm is `sqrt(n)` times
+    /// larger); already divided out of `stats.norm`.
+    pub repeat: usize,
+    pub dtype: Option<DType>,
+}
+
+/// One `step*/<rank>` folder.
+struct RankDir {
+    dir: PathBuf,
+    data: serde_json::Map<String, Value>,
+    /// `(module path, call n)` to its entry name.
+    modules: HashMap<(String, usize), String>,
+    /// `(parent entry, API name)` to `(call counter, entry)` in call order.
+    apis: HashMap<(String, String), Vec<(usize, String)>>,
+}
+
+/// One `step*` folder: its ranks, rank 0 first (one for a single-rank dump).
+struct StepDir {
+    ranks: Vec<RankDir>,
+}
+
+/// An msprobe dump root, read and indexed.
+pub struct MsprobeDump {
+    root: PathBuf,
+    mode: Mode,
+    framework: String,
+    level: String,
+    steps: Vec<StepDir>,
+}
+
+/// One tensor record of one rank: the rank's folder, the entry and its record.
+struct Record<'a> {
+    rank: &'a RankDir,
+    entry: String,
+    rec: &'a Value,
+}
+
+/// True when `dir` looks like an msprobe dump root: a `step<N>/<rank*|proc*>/dump.json`
+/// inside (whether its layout is whole is for [`MsprobeDump::open`] to say).
+pub fn is_msprobe_dump(dir: &Path) -> bool {
+    let sub = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d).map_or(Vec::new(), |rd| rd.flatten().map(|e| e.path()).collect())
+    };
+    let named = |p: &Path, prefixes: &[&str]| {
+        p.file_name()
+            .and_then(|s| s.to_str())
+            .is_some_and(|s| prefixes.iter().any(|x| s.starts_with(x)))
+    };
+    sub(dir).iter().filter(|s| named(s, &["step"]) && s.is_dir()).any(|s| {
+        sub(s).iter().any(|r| named(r, &["rank", "proc"]) && r.join("dump.json").is_file())
+    })
+}
+
+/// The `step<N>` folders under `root` with their rank folders, rank 0 first: one
+/// `rank<R>` a rank, numbered 0..K, or a single `rank` or `proc<pid>` folder.
+fn step_dirs(root: &Path) -> Result<Vec<(usize, Vec<PathBuf>)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
+    for e in rd {
+        let p = e.map_err(|e| Error::io(root, e))?.path();
+        let Some(n) = p
+            .file_name()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix("step"))
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if !p.is_dir() {
+            continue;
+        }
+        let mut ranks: Vec<(Option<usize>, PathBuf)> = Vec::new();
+        let mut procs = Vec::new();
+        for r in std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))? {
+            let r = r.map_err(|e| Error::io(&p, e))?.path();
+            if !r.join("dump.json").is_file() {
+                continue;
+            }
+            let name = r.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            if let Some(id) = name.strip_prefix("rank") {
+                ranks.push((id.parse().ok(), r.clone()));
+            } else if name.starts_with("proc") {
+                procs.push(r);
+            }
+        }
+        ranks.sort();
+        let dirs = match (ranks.len(), procs.len()) {
+            (0, 0) => continue,
+            (0, 1) => procs,
+            (0, k) => {
+                return Err(Error::format(
+                    &p,
+                    format!("{k} proc<pid> folders: ranks cannot be ordered (dump with start(rank_id=...) or under torch.distributed for rank<R> folders)"),
+                ))
+            }
+            (1, 0) => vec![ranks.remove(0).1],
+            (k, 0) => {
+                let ids: Vec<Option<usize>> = ranks.iter().map(|(id, _)| *id).collect();
+                if ids != (0..k).map(Some).collect::<Vec<_>>() {
+                    return Err(Error::format(
+                        &p,
+                        format!("{k} rank folders, not numbered rank0..rank{}", k - 1),
+                    ));
+                }
+                ranks.into_iter().map(|(_, d)| d).collect()
+            }
+            _ => return Err(Error::format(&p, "both rank<R> and proc<pid> folders")),
+        };
+        out.push((n, dirs));
+    }
+    out.sort();
+    if let Some((_, first)) = out.first() {
+        let k = first.len();
+        if let Some((n, _)) = out.iter().find(|(_, d)| d.len() != k) {
+            return Err(Error::format(
+                root.join(format!("step{n}")),
+                format!("a different number of ranks than step{} ({k})", out[0].0),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&json::quote_nonfinite(&text))
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+}
+
+/// `Module.model.layers.0.self_attn.LlamaAttention.forward.3` (prefix `Module.`) to
+/// `("model.layers.0.self_attn", 3)`.
+fn parse_module_entry(name: &str, prefixes: &[String]) -> Option<(String, usize)> {
+    let rest = prefixes.iter().find_map(|p| name.strip_prefix(p.as_str()))?;
+    let (head, n) = rest.rsplit_once(".forward.")?;
+    let n = n.parse().ok()?;
+    let (path, _class) = head.rsplit_once('.')?;
+    Some((path.to_string(), n))
+}
+
+/// `Torch.matmul.3.forward` to `("Torch.matmul", 3)`.
+fn parse_api_entry(name: &str) -> Option<(String, usize)> {
+    let head = name.strip_suffix(".forward")?;
+    let (api, n) = head.rsplit_once('.')?;
+    Some((api.to_string(), n.parse().ok()?))
+}
+
+/// What one rank folder's `dump.json` says: (mode, framework, level, its indexed entries).
+fn read_rank(dir: PathBuf, map: &SiteMap) -> Result<(Mode, String, String, RankDir)> {
+    let djson = dir.join("dump.json");
+    let v = read_json(&djson)?;
+    let task = v.get("task").and_then(Value::as_str).unwrap_or("tensor");
+    let mode = match task {
+        "tensor" => Mode::Tensor,
+        "statistics" => Mode::Statistics,
+        other => {
+            return Err(Error::format(
+                &djson,
+                format!("task {other:?}: only tensor and statistics dumps are read"),
+            ))
+        }
+    };
+    let framework = v.get("framework").and_then(Value::as_str).unwrap_or("").to_string();
+    let level = v.get("level").and_then(Value::as_str).unwrap_or("").to_string();
+    let data = v
+        .get("data")
+        .and_then(Value::as_object)
+        .cloned()
+        .ok_or_else(|| Error::format(&djson, "no `data` object"))?;
+    let cpath = dir.join("construct.json");
+    let construct = if cpath.is_file() { read_json(&cpath)? } else { Value::Null };
+    let mut modules = HashMap::new();
+    let mut apis: HashMap<(String, String), Vec<(usize, String)>> = HashMap::new();
+    for name in data.keys() {
+        if let Some(key) = parse_module_entry(name, &map.module_prefixes) {
+            modules.insert(key, name.clone());
+        } else if let Some((api, n)) = parse_api_entry(name) {
+            let parent = construct.get(name).and_then(Value::as_str).unwrap_or("").to_string();
+            apis.entry((parent, api)).or_default().push((n, name.clone()));
+        }
+    }
+    for v in apis.values_mut() {
+        v.sort();
+    }
+    Ok((mode, framework, level, RankDir { dir, data, modules, apis }))
+}
+
+impl MsprobeDump {
+    /// Reads and indexes the dump under `root`, with `map`'s module prefixes.
+    pub fn open(root: &Path, map: &SiteMap) -> Result<MsprobeDump> {
+        let dirs = step_dirs(root)?;
+        if dirs.is_empty() {
+            return Err(Error::format(root, "not an msprobe dump: no step*/rank*/dump.json"));
+        }
+        let mut steps = Vec::new();
+        let mut mode = None;
+        let mut framework = String::new();
+        let mut level = String::new();
+        for (_, rank_dirs) in dirs {
+            let mut ranks = Vec::new();
+            for dir in rank_dirs {
+                let djson = dir.join("dump.json");
+                let (m, f, l, rank) = read_rank(dir, map)?;
+                if mode.is_some_and(|x| x != m) {
+                    return Err(Error::format(
+                        &djson,
+                        "steps or ranks of one dump mix tensor and statistics tasks",
+                    ));
+                }
+                mode = Some(m);
+                (framework, level) = (f, l);
+                ranks.push(rank);
+            }
+            steps.push(StepDir { ranks });
+        }
+        Ok(MsprobeDump {
+            root: root.to_path_buf(),
+            mode: mode.unwrap_or(Mode::Tensor),
+            framework,
+            level,
+            steps,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The model forwards recorded, in order: `(step folder index, call counter)` of
+    /// the map's anchor module on rank 0.
+    fn forwards(&self, map: &SiteMap) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (si, s) in self.steps.iter().enumerate() {
+            let mut ns: Vec<usize> = s.ranks[0]
+                .modules
+                .keys()
+                .filter(|(p, _)| *p == map.anchor)
+                .map(|(_, n)| *n)
+                .collect();
+            ns.sort();
+            out.extend(ns.into_iter().map(|n| (si, n)));
+        }
+        out
+    }
+
+    /// The tensor record a rule names at one forward on one rank, or `None` when that
+    /// rank lacks it.
+    fn record<'a>(
+        rank: &'a RankDir,
+        rule: &map::Rule,
+        layer: usize,
+        n: usize,
+    ) -> Option<Record<'a>> {
+        let module = rule.module.as_ref()?.replace("{i}", &layer.to_string());
+        let mut entry = rank.modules.get(&(module, n))?.clone();
+        if let Some(api) = &rule.api {
+            entry = rank.apis.get(&(entry, api.clone()))?.get(rule.nth)?.1.clone();
+        }
+        let e = rank.data.get(&entry)?;
+        let take = Take::parse(rule.take.as_deref()?)?;
+        let rec = match take {
+            Take::Input(k) => e.get("input_args")?.get(k)?,
+            Take::Kwarg(name) => e.get("input_kwargs")?.get(&name)?,
+            Take::Output(k) => match e.get("output")? {
+                Value::Array(a) => a.get(k)?,
+                v if k == 0 => v,
+                _ => return None,
+            },
+        };
+        rec.get("shape")?;
+        Some(Record { rank, entry, rec })
+    }
+
+    /// The records a rule reads at one forward: rank 0's alone, or with `ranks` one a
+    /// rank. `None` when rank 0 lacks it (the site is missing); a rank that lacks what
+    /// rank 0 has is an error naming its `dump.json`.
+    fn records<'a>(
+        &'a self,
+        rule: &map::Rule,
+        site: &str,
+        layer: usize,
+        (si, n): (usize, usize),
+    ) -> Result<Option<Vec<Record<'a>>>> {
+        let ranks = &self.steps[si].ranks;
+        let Some(first) = Self::record(&ranks[0], rule, layer, n) else { return Ok(None) };
+        let mut out = vec![first];
+        if rule.ranks.is_some() {
+            for rank in &ranks[1..] {
+                let r = Self::record(rank, rule, layer, n).ok_or_else(|| {
+                    Error::format(
+                        rank.dir.join("dump.json"),
+                        format!("no record for site `{site}` (entry `{}` on rank 0)", out[0].entry),
+                    )
+                })?;
+                out.push(r);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// A recorded tensor, read from its data file and checked against `dump.json`;
+    /// with the file it came from.
+    fn load_tensor(&self, r: &Record) -> Result<(PathBuf, Tensor)> {
+        let (entry, rec) = (&r.entry, r.rec);
+        let djson = r.rank.dir.join("dump.json");
+        let name = rec.get("data_name").and_then(Value::as_str).ok_or_else(|| {
+            Error::format(&djson, format!("entry `{entry}`: a tensor record without data_name"))
+        })?;
+        let file = r.rank.dir.join("dump_tensor_data").join(name);
+        if !file.is_file() {
+            return Err(Error::format(
+                &file,
+                format!("missing data file (named by entry `{entry}` of {})", djson.display()),
+            ));
+        }
+        let t = if name.ends_with(".npy") { super::npy::read(&file)? } else { pt::read(&file)? };
+        let want = shape_of(rec);
+        if want.as_deref() != Some(t.shape()) {
+            return Err(Error::format(
+                &file,
+                format!(
+                    "shape {:?} disagrees with dump.json's {:?} for entry `{entry}`",
+                    t.shape(),
+                    want.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok((file, t))
+    }
+
+    /// A site's tensor at one forward: each rank's tensor read (the part of a fused
+    /// q/k/v projection taken), the ranks put back together as the rule declares, and
+    /// the layout normalised. `None` when the dump does not hold it as a tensor.
+    fn site_tensor(
+        &self,
+        rule: &map::Rule,
+        site: &str,
+        layer: usize,
+        fw: (usize, usize),
+        cfg: &crate::ModelConfig,
+    ) -> Result<Option<Tensor>> {
+        let Some(recs) = self.records(rule, site, layer, fw)? else { return Ok(None) };
+        let r0 = recs[0].rec;
+        if r0.get("data_name").is_none()
+            && r0.get("type").and_then(Value::as_str).is_some_and(|t| !t.contains("Tensor"))
+        {
+            return Ok(None);
+        }
+        let n_ranks = recs.len();
+        let mut parts = Vec::with_capacity(n_ranks);
+        for r in &recs {
+            let (file, t) = self.load_tensor(r)?;
+            let t = match rule.fused_qkv {
+                None => t,
+                Some(part) => {
+                    // Split along the last axis over the ranks: each holds its share of
+                    // the heads.
+                    let share = match rule.ranks {
+                        Some(Ranks::Concat(a)) if a + 1 == t.shape().len() => n_ranks,
+                        _ => 1,
+                    };
+                    let heads = (cfg.num_attention_heads, cfg.kv_heads());
+                    if !heads.0.is_multiple_of(share) || !heads.1.is_multiple_of(share) {
+                        return Err(Error::format(
+                            &file,
+                            format!("fused q/k/v over {share} ranks: {} query and {} key/value heads do not divide among them", heads.0, heads.1),
+                        ));
+                    }
+                    let counts = (heads.0 / share, heads.1 / share, cfg.head_dim());
+                    layout::split_qkv(&file, &t, part, rule.fused_layout, counts)?
+                }
+            };
+            parts.push((file, t));
+        }
+        let t = match rule.ranks {
+            None => parts.swap_remove(0).1,
+            Some(Ranks::Concat(axis)) => layout::concat(&parts, axis)?,
+            Some(Ranks::Sum) => layout::sum(&parts)?,
+        };
+        Ok(Some(layout::normalise(t, rule, cfg.num_attention_heads, cfg.kv_heads())))
+    }
+
+    /// The contract manifest of this dump: `like`'s model and scenario, the steps that
+    /// were recorded, this dump's dtype and msprobe as producer.
+    fn manifest(&self, like: &Manifest, forwards: usize, dtype: Option<Precision>) -> Manifest {
+        let mut m = like.clone();
+        m.steps.truncate(forwards.max(1));
+        if let Some(d) = dtype {
+            m.dtype = d;
+        }
+        m.producer = serde_json::json!({
+            "framework": "msprobe",
+            "dumped_framework": self.framework,
+            "level": self.level,
+            "task": match self.mode { Mode::Tensor => "tensor", Mode::Statistics => "statistics" },
+            "ranks": self.steps.first().map_or(1, |s| s.ranks.len()),
+            "dump": self.root.display().to_string(),
+        });
+        m
+    }
+
+    /// The dump's tensors at the contract's sites, as an in-memory dump whose model and
+    /// scenario are `like`'s (the golden's, or the manifest of the run). Sites the dump
+    /// does not hold are left out (`missing` in a comparison).
+    pub fn to_dump(&self, map: &SiteMap, like: &Manifest) -> Result<Dump> {
+        if self.mode == Mode::Statistics {
+            return Err(Error::format(
+                &self.root,
+                "a statistics-mode msprobe dump holds no tensors (compare it for a statistics-only verdict)",
+            ));
+        }
+        let forwards = self.forwards(map);
+        let cfg = &like.model;
+        let mut tensors = BTreeMap::new();
+        let mut dtype = None;
+        for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
+            let step = like.steps[k];
+            let t_len = if step == Step::Prefill { like.scenario.prefill_len() } else { 1 };
+            let s_len =
+                like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
+            let mut here: BTreeMap<String, Tensor> = BTreeMap::new();
+            for rule in &map.sites {
+                let layers: Vec<usize> = if rule.site.contains("{i}") {
+                    (0..cfg.num_hidden_layers).collect()
+                } else {
+                    vec![0]
+                };
+                for i in layers {
+                    let site = rule.site.replace("{i}", &i.to_string());
+                    let t = if let Some(src) = &rule.tail_of {
+                        let src = src.replace("{i}", &i.to_string());
+                        match here.get(&src) {
+                            Some(c) if c.shape().len() == 4 && c.shape()[2] >= t_len => {
+                                let s = c.shape()[2];
+                                layout::select(c, 2, &(s - t_len..s).collect::<Vec<_>>())
+                            }
+                            _ => continue,
+                        }
+                    } else {
+                        match self.site_tensor(rule, &site, i, fw, cfg)? {
+                            Some(t) => t,
+                            None => continue,
+                        }
+                    };
+                    let t = if Site::parse(&site) == Site::Mask
+                        && t.shape().len() == 4
+                        && t.shape()[3] > s_len
+                    {
+                        layout::select(&t, 3, &(0..s_len).collect::<Vec<_>>())
+                    } else {
+                        t
+                    };
+                    if Site::parse(&site) == Site::LmHead {
+                        dtype = Precision::parse(dtype_name(t.dtype()));
+                    }
+                    here.insert(site, t);
+                }
+            }
+            for (site, t) in here {
+                tensors.insert(format!("{step}/{site}"), t);
+            }
+        }
+        let n = forwards.len().min(like.steps.len());
+        let mut dump = Dump::in_memory(self.manifest(like, n, dtype), tensors)?;
+        dump.set_name(format!("msprobe dump {}", self.root.display()));
+        Ok(dump)
+    }
+
+    /// Each mapped site's statistics at each recorded step, keyed like a dump
+    /// (`(step, site)`), for a statistics-only comparison. Sites a map derives by
+    /// slicing (`tail_of`, a mask wider than the cache), taking part of a fused q/k/v
+    /// projection or adding partial sums over ranks have no statistics; a site
+    /// concatenated over ranks has the statistics of the whole (max of the maxima,
+    /// min of the minima, the mean weighted by elements, the root of the summed
+    /// squared norms).
+    pub fn statistics(
+        &self,
+        map: &SiteMap,
+        like: &Manifest,
+    ) -> Result<BTreeMap<(Step, String), StatSite>> {
+        let forwards = self.forwards(map);
+        let cfg = &like.model;
+        let mut out = BTreeMap::new();
+        for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
+            let step = like.steps[k];
+            let s_len =
+                like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
+            for rule in &map.sites {
+                if rule.tail_of.is_some()
+                    || rule.fused_qkv.is_some()
+                    || rule.ranks == Some(Ranks::Sum)
+                {
+                    continue;
+                }
+                let layers: Vec<usize> = if rule.site.contains("{i}") {
+                    (0..cfg.num_hidden_layers).collect()
+                } else {
+                    vec![0]
+                };
+                for i in layers {
+                    let name = rule.site.replace("{i}", &i.to_string());
+                    let site = Site::parse(&name);
+                    let Some(recs) = self.records(rule, &name, i, fw)? else { continue };
+                    let mut per_rank = Vec::with_capacity(recs.len());
+                    for r in &recs {
+                        per_rank.push(rank_stats(r)?);
+                    }
+                    let (mut stats, mut shape) = per_rank[0].clone();
+                    if let Some(Ranks::Concat(axis)) = rule.ranks {
+                        (stats, shape) = concat_stats(&recs, &per_rank, axis)?;
+                    }
+                    let mut repeat = 1;
+                    if let Some(l) = rule.layout {
+                        if shape.len() == 4 {
+                            shape = match l {
+                                Layout::Bnsd => shape,
+                                Layout::Bsnd => vec![shape[0], shape[2], shape[1], shape[3]],
+                                Layout::Bnds => vec![shape[0], shape[1], shape[3], shape[2]],
+                            };
+                        }
+                    }
+                    if rule.heads == Some(Heads::Kv)
+                        && shape.len() == 4
+                        && shape[1] == cfg.num_attention_heads
+                        && cfg.kv_heads() < cfg.num_attention_heads
+                    {
+                        repeat = cfg.num_attention_heads / cfg.kv_heads();
+                        shape[1] = cfg.kv_heads();
+                    }
+                    if site == Site::Mask && shape.len() == 4 && shape[3] != s_len {
+                        continue;
+                    }
+                    stats.norm = stats.norm.map(|n| n / (repeat as f64).sqrt());
+                    let dtype =
+                        recs[0].rec.get("dtype").and_then(Value::as_str).and_then(parse_dtype);
+                    out.insert((step, site.to_string()), StatSite { stats, shape, repeat, dtype });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The contract manifest a statistics comparison reports for this dump.
+    pub fn statistics_manifest(&self, map: &SiteMap, like: &Manifest) -> Manifest {
+        let n = self.forwards(map).len().min(like.steps.len());
+        self.manifest(like, n, None)
+    }
+}
+
+/// One rank's statistics of a record and its recorded shape.
+fn rank_stats(r: &Record) -> Result<(Stats, Vec<usize>)> {
+    let djson = r.rank.dir.join("dump.json");
+    let entry = &r.entry;
+    let stat = |key: &str| match r.rec.get(key) {
+        None => Err(Error::format(&djson, format!("entry `{entry}`: no statistic `{key}`"))),
+        Some(Value::Null) => Ok(None),
+        Some(v) => json::number(v).map(Some).ok_or_else(|| {
+            Error::format(
+                &djson,
+                format!("entry `{entry}`: statistic `{key}` is {v}, not a number"),
+            )
+        }),
+    };
+    let stats =
+        Stats { max: stat("Max")?, min: stat("Min")?, mean: stat("Mean")?, norm: stat("Norm")? };
+    Ok((stats, shape_of(r.rec).unwrap_or_default()))
+}
+
+/// The statistics of the ranks' tensors concatenated along `axis`.
+fn concat_stats(
+    recs: &[Record],
+    per_rank: &[(Stats, Vec<usize>)],
+    axis: usize,
+) -> Result<(Stats, Vec<usize>)> {
+    let (_, shape0) = &per_rank[0];
+    let off = |s: &[usize]| {
+        s.iter().enumerate().filter(|&(a, _)| a != axis).map(|(_, &d)| d).collect::<Vec<_>>()
+    };
+    for (r, (_, s)) in recs.iter().zip(per_rank).skip(1) {
+        if axis >= shape0.len() || s.len() != shape0.len() || off(s) != off(shape0) {
+            return Err(Error::format(
+                r.rank.dir.join("dump.json"),
+                format!(
+                    "ranks disagree: entry `{}` has shape {s:?} here, rank 0 has {shape0:?} (concatenated along axis {axis})",
+                    r.entry
+                ),
+            ));
+        }
+    }
+    let all = |f: fn(&Stats) -> Option<f64>| {
+        per_rank.iter().map(|(st, _)| f(st)).collect::<Option<Vec<f64>>>()
+    };
+    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
+    let total: f64 = per_rank.iter().map(|(_, s)| numel(s)).sum();
+    let stats = Stats {
+        max: all(|s| s.max).map(|v| v.into_iter().fold(f64::NEG_INFINITY, f64::max)),
+        min: all(|s| s.min).map(|v| v.into_iter().fold(f64::INFINITY, f64::min)),
+        mean: all(|s| s.mean)
+            .map(|v| v.iter().zip(per_rank).map(|(m, (_, s))| m * numel(s)).sum::<f64>() / total),
+        norm: all(|s| s.norm).map(|v| v.iter().map(|n| n * n).sum::<f64>().sqrt()),
+    };
+    let mut shape = shape0.clone();
+    shape[axis] = per_rank.iter().map(|(_, s)| s[axis]).sum();
+    Ok((stats, shape))
+}
+
+fn shape_of(rec: &Value) -> Option<Vec<usize>> {
+    rec.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect()
+}
+
+/// `torch.float32`, `Float32`, `float32`... to a contract dtype.
+fn parse_dtype(s: &str) -> Option<DType> {
+    let s = s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase();
+    Some(match s.as_str() {
+        "float64" | "double" => DType::F64,
+        "float32" | "float" => DType::F32,
+        "float16" | "half" => DType::F16,
+        "bfloat16" => DType::BF16,
+        "int64" | "long" => DType::I64,
+        "int32" | "int" => DType::I32,
+        "uint8" => DType::U8,
+        "bool" => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_parse() {
+        let p = vec!["Module.".to_string()];
+        assert_eq!(
+            parse_module_entry("Module.model.layers.0.self_attn.LlamaAttention.forward.3", &p),
+            Some(("model.layers.0.self_attn".into(), 3))
+        );
+        assert_eq!(parse_module_entry("Torch.matmul.0.forward", &p), None);
+        assert_eq!(parse_api_entry("Torch.matmul.12.forward"), Some(("Torch.matmul".into(), 12)));
+        assert_eq!(parse_api_entry("Tensor.__add__.4.forward"), Some(("Tensor.__add__".into(), 4)));
+    }
+
+    /// Statistics of ranks concatenated are those of the whole: [1, 2] and [3, -4, 0]
+    /// make [1, 2, 3, -4, 0] (max 3, min -4, mean 0.4, norm sqrt(30)).
+    #[test]
+    fn concatenated_ranks_have_the_statistics_of_the_whole() {
+        let rank = |r: usize| RankDir {
+            dir: PathBuf::from(format!("rank{r}")),
+            data: serde_json::Map::new(),
+            modules: HashMap::new(),
+            apis: HashMap::new(),
+        };
+        let (r0, r1) = (rank(0), rank(1));
+        let recs = [
+            Record { rank: &r0, entry: "e".into(), rec: &Value::Null },
+            Record { rank: &r1, entry: "e".into(), rec: &Value::Null },
+        ];
+        let st = |max: f64, min: f64, mean: f64, norm: f64| Stats {
+            max: Some(max),
+            min: Some(min),
+            mean: Some(mean),
+            norm: Some(norm),
+        };
+        let per_rank = [
+            (st(2., 1., 1.5, 5f64.sqrt()), vec![1, 2]),
+            (st(3., -4., -1. / 3., 25f64.sqrt()), vec![1, 3]),
+        ];
+        let (s, shape) = concat_stats(&recs, &per_rank, 1).unwrap();
+        assert_eq!(shape, vec![1, 5]);
+        assert_eq!((s.max, s.min), (Some(3.), Some(-4.)));
+        assert!((s.mean.unwrap() - 0.4).abs() < 1e-15);
+        assert!((s.norm.unwrap() - 30f64.sqrt()).abs() < 1e-15);
+        // Off the axis they must agree; rank 1's dump.json is named.
+        let bad = [per_rank[0].clone(), (per_rank[1].0, vec![2, 3])];
+        let e = concat_stats(&recs, &bad, 1).unwrap_err().to_string();
+        assert!(e.starts_with("rank1/dump.json: ranks disagree"), "{e}");
+    }
+}

@@ -1,0 +1,416 @@
+//! The Llama decoder composed from its building blocks, one forward call per step,
+//! recording every contract site (CONTRACT §1).
+//!
+//! Follows HF `LlamaForCausalLM.forward` → `LlamaModel.forward`:
+//! `h = embed(ids)`; `cos, sin = rotary_emb(h, position_ids)`; mask; per layer
+//! `r = h; h = input_layernorm(h); h = r + o_proj(attn(h))`,
+//! `r = h; h = post_attention_layernorm(h); h = r + mlp(h)`; `norm(h)`; `lm_head`.
+//!
+//! A [`Session`] holds what persists between steps: the KV caches, the rotary state,
+//! each row's key validity and `pos_offset` (real tokens seen so far, so decode
+//! positions continue from the context length and never restart).
+
+use std::path::Path;
+
+use ndarray::{Array2, Array3, ArrayD};
+
+use contract::error::{Error, Result};
+use contract::fault::Component;
+use contract::site::{Site, Step};
+use dump::ModelConfig;
+
+use super::decoder_layer::{DecoderLayer, StepShared};
+use super::embedding::Embedding;
+use super::kv_cache::KvCache;
+use super::mask;
+use super::numerics::Numerics;
+use super::plan::{DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
+use super::rms_norm::RmsNorm;
+use super::rope::{Rope, RopeConfig};
+use super::weights::Weights;
+
+/// A model: config, weights, rotary config.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub rope: RopeConfig,
+}
+
+impl Llama {
+    /// Validates `config` (`path` names the manifest in errors) and builds the model.
+    pub fn new(config: ModelConfig, weights: Weights, path: &Path) -> Result<Llama> {
+        config.validate(path)?;
+        if config.hidden_act != "silu" {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                what: format!("hidden_act {:?}: only silu is built", config.hidden_act),
+            });
+        }
+        let rope = RopeConfig::from_model(&config, path)?;
+        Ok(Llama { config, weights, rope })
+    }
+}
+
+/// Where teacher forcing gets each layer's input: the golden's `model.embed_tokens`
+/// for layer 0 and `model.layers.{i-1}` for layer `i`, `[batch, T, hidden]`.
+pub trait LayerInputs {
+    /// The input to `layer` in the current step, or `None` to use the run's own.
+    fn layer_input(&self, layer: usize) -> Result<Option<Array3<f64>>>;
+}
+
+/// Says, for each site of a run as it is produced, whether the run goes on.
+type KeepGoing = dyn Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync;
+
+/// Looks at each site of a run as it is produced and may stop the run: the diagnosis
+/// stops a hypothesis as soon as it departs from what the candidate showed, instead of
+/// running every layer and step to find out.
+pub struct Watch {
+    keep_going: Box<KeepGoing>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Watch {
+    /// A watch that stops the run the first time `keep_going` returns false.
+    pub fn new(
+        keep_going: impl Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync + 'static,
+    ) -> Watch {
+        Watch { keep_going: Box::new(keep_going), stopped: false.into() }
+    }
+
+    /// Whether it stopped a run.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn check(&self, step: Step, site: &Site, a: &ArrayD<f64>) {
+        if !self.stopped() && !(self.keep_going)(step, site, a) {
+            self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("stopped", &self.stopped()).finish_non_exhaustive()
+    }
+}
+
+/// Every site a step produced, in compute order.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub sites: Vec<(Site, ArrayD<f64>)>,
+    /// The step and the watch its sites are shown to, if any.
+    watch: Option<(Step, std::sync::Arc<Watch>)>,
+}
+
+impl StepOutput {
+    pub(super) fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
+        let a = a.into_dyn();
+        if let Some((step, w)) = &self.watch {
+            w.check(*step, &site, &a);
+        }
+        self.sites.push((site, a));
+    }
+
+    /// Whether a watch has stopped the run: the rest of the step is not computed.
+    pub fn stopped(&self) -> bool {
+        self.watch.as_ref().is_some_and(|(_, w)| w.stopped())
+    }
+
+    /// The tensor of `site`, if produced.
+    pub fn get(&self, site: &Site) -> Option<&ArrayD<f64>> {
+        self.sites.iter().find(|(s, _)| s == site).map(|(_, a)| a)
+    }
+
+    /// The logits `[batch, T, vocab]`.
+    pub fn logits(&self) -> Option<&ArrayD<f64>> {
+        self.get(&Site::LmHead)
+    }
+}
+
+/// What a [`Session`] carries from one step to the next: enough to resume a run at the
+/// start of a step.
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    caches: Vec<KvCache>,
+    key_valid: Vec<Vec<bool>>,
+    pos_offset: Vec<i64>,
+    decode_steps: usize,
+}
+
+/// Where a resumed run gets the input to its first computed layer at each step.
+pub type ResumeInput<'m> = dyn Fn(Step, usize) -> Result<Array3<f64>> + 'm;
+
+/// A run of steps over one batch.
+pub struct Session<'m> {
+    model: &'m Llama,
+    numerics: &'m dyn Numerics,
+    plan: &'m Plan,
+    caches: Vec<KvCache>,
+    rope: Rope,
+    /// `[batch][S]`: whether each filled cache slot holds a real token.
+    key_valid: Vec<Vec<bool>>,
+    /// Per row: real tokens seen so far (HF `cache_position`-based `pos_offset`).
+    pos_offset: Vec<i64>,
+    decode_steps: usize,
+    watch: Option<std::sync::Arc<Watch>>,
+    /// Layers before this one are not computed; the input to this one comes from
+    /// `resume_input` (block replay).
+    first_layer: usize,
+    resume_input: Option<Box<ResumeInput<'m>>>,
+}
+
+impl<'m> Session<'m> {
+    /// A session for `batch` rows with room for `max_len` tokens per row.
+    pub fn new(
+        model: &'m Llama,
+        batch: usize,
+        max_len: usize,
+        numerics: &'m dyn Numerics,
+        plan: &'m Plan,
+    ) -> Session<'m> {
+        let c = &model.config;
+        let caches = (0..c.num_hidden_layers)
+            .map(|_| KvCache::new(batch, c.kv_heads(), max_len, c.head_dim()))
+            .collect();
+        let rope = Rope::new(model.rope.clone(), plan.rope_frequencies, plan.angle_precision);
+        Session {
+            model,
+            numerics,
+            plan,
+            caches,
+            rope,
+            key_valid: vec![Vec::new(); batch],
+            pos_offset: vec![0; batch],
+            decode_steps: 0,
+            watch: None,
+            first_layer: 0,
+            resume_input: None,
+        }
+    }
+
+    /// What this session carries into its next step.
+    pub fn state(&self) -> SessionState {
+        SessionState {
+            caches: self.caches.clone(),
+            key_valid: self.key_valid.clone(),
+            pos_offset: self.pos_offset.clone(),
+            decode_steps: self.decode_steps,
+        }
+    }
+
+    /// Continues from `state`, as if the steps that led to it had been run here.
+    pub fn restore(&mut self, state: SessionState) {
+        self.caches = state.caches;
+        self.key_valid = state.key_valid;
+        self.pos_offset = state.pos_offset;
+        self.decode_steps = state.decode_steps;
+    }
+
+    /// Takes the caches of layers `..layers` from `state` (the layers a replayed run does
+    /// not compute keep the recorded run's caches, which the mask's length follows).
+    pub fn restore_caches(&mut self, state: &SessionState, layers: usize) {
+        for (mine, theirs) in self.caches.iter_mut().zip(&state.caches).take(layers) {
+            mine.clone_from(theirs);
+        }
+    }
+
+    /// From now on, computes only layers `first..`: the input to layer `first` at each
+    /// step is `input(step, first)`, and the sites of earlier layers are not produced.
+    pub fn start_at_layer(&mut self, first: usize, input: Box<ResumeInput<'m>>) {
+        self.first_layer = first;
+        self.resume_input = Some(input);
+    }
+
+    /// Shows every site to `watch` as it is produced; once it says stop, each step
+    /// returns what it has computed so far.
+    pub fn set_watch(&mut self, watch: std::sync::Arc<Watch>) {
+        self.watch = Some(watch);
+    }
+
+    /// Builds the rotary tables once for every position up to `max_position_embeddings`
+    /// (a port's precomputed tables, MindFormers `FreqsMgr`), gathered by position after;
+    /// only the first `positions` rows are built, the ones a scenario can read.
+    pub fn precompute_rope_tables(&mut self, positions: usize) {
+        self.rope.precompute(self.numerics, positions);
+    }
+
+    /// Whether each token of `ids` `[batch][T]` counts as real at `step`, by the plan's
+    /// padding source: the attention mask `[batch][T]`, or `id != pad_token_id`.
+    fn real_tokens(
+        &self,
+        step: Step,
+        ids: &[Vec<i64>],
+        attention_mask: &[Vec<i64>],
+    ) -> Vec<Vec<bool>> {
+        match self.plan.at(None, Some(step), None).padding_source {
+            PaddingSource::AttentionMask => {
+                attention_mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect()
+            }
+            PaddingSource::TokenIds => {
+                let pad = self
+                    .model
+                    .config
+                    .extra
+                    .get("pad_token_id")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0);
+                ids.iter().map(|r| r.iter().map(|&i| i != pad).collect()).collect()
+            }
+        }
+    }
+
+    /// The caches, one per layer.
+    pub fn caches(&self) -> &[KvCache] {
+        &self.caches
+    }
+
+    /// Feeds `ids` `[batch][T]` with `attention_mask` `[batch][T]` (1 token, 0 padding):
+    /// positions are `pos_offset + cumsum(mask) - 1`, padding slots at 1 (HF `generate`).
+    pub fn prefill(
+        &mut self,
+        ids: &[Vec<i64>],
+        attention_mask: &[Vec<i64>],
+        teacher: Option<&dyn LayerInputs>,
+    ) -> Result<StepOutput> {
+        self.check_batch(ids)?;
+        let t = ids.first().map_or(0, Vec::len);
+        if attention_mask.len() != ids.len() || attention_mask.iter().any(|r| r.len() != t) {
+            return Err(Error::scenario("attention_mask", "must have the shape of input_ids"));
+        }
+        let mut positions = Array2::zeros((ids.len(), t));
+        for (b, row) in attention_mask.iter().enumerate() {
+            let mut c = self.pos_offset[b];
+            for (ti, &m) in row.iter().enumerate() {
+                positions[[b, ti]] = if m != 0 {
+                    c += 1;
+                    c - 1
+                } else {
+                    1
+                };
+            }
+            self.pos_offset[b] = c;
+        }
+        let valid = self.real_tokens(Step::Prefill, ids, attention_mask);
+        self.forward(Step::Prefill, ids, &valid, positions, teacher)
+    }
+
+    /// Feeds one token per row, `ids` `[batch]`; its position continues the row's count.
+    pub fn decode(&mut self, ids: &[i64], teacher: Option<&dyn LayerInputs>) -> Result<StepOutput> {
+        let rows: Vec<Vec<i64>> = ids.iter().map(|&i| vec![i]).collect();
+        self.check_batch(&rows)?;
+        let j = self.decode_steps as i64;
+        let step = Step::Decode(self.decode_steps);
+        let rule = self.plan.at(None, Some(step), None).decode_positions;
+        let positions = Array2::from_shape_fn((ids.len(), 1), |(b, _)| match rule {
+            DecodePositions::Continue => self.pos_offset[b],
+            DecodePositions::Reset => j,
+            DecodePositions::Fixed => 0,
+            DecodePositions::Off(by) => self.pos_offset[b] + by,
+        });
+        for o in &mut self.pos_offset {
+            *o += 1;
+        }
+        self.decode_steps += 1;
+        let valid = self.real_tokens(step, &rows, &vec![vec![1]; ids.len()]);
+        self.forward(step, &rows, &valid, positions, teacher)
+    }
+
+    fn check_batch(&self, ids: &[Vec<i64>]) -> Result<()> {
+        let t = ids.first().map_or(0, Vec::len);
+        if ids.len() != self.pos_offset.len() || t == 0 || ids.iter().any(|r| r.len() != t) {
+            return Err(Error::scenario(
+                "input_ids",
+                format!("expected {} rows of equal, non-zero length", self.pos_offset.len()),
+            ));
+        }
+        let room = self.caches.first().map_or(usize::MAX, KvCache::capacity);
+        if self.caches.first().map_or(0, KvCache::len) + t > room {
+            return Err(Error::scenario(
+                "input_ids",
+                format!("the step overflows the cache of {room} slots"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One forward call: `ids` `[batch][T]`, `valid` `[batch][T]`, `positions` `[batch, T]`.
+    fn forward(
+        &mut self,
+        step: Step,
+        ids: &[Vec<i64>],
+        valid: &[Vec<bool>],
+        positions: Array2<i64>,
+        teacher: Option<&dyn LayerInputs>,
+    ) -> Result<StepOutput> {
+        let (model, n) = (self.model, self.numerics);
+        // The seams before the layers, at this step; each layer narrows its own.
+        let plan = &self.plan.at(None, Some(step), None);
+        let step_label = step.to_string();
+        let c = &model.config;
+        let w = &model.weights;
+        let t = ids[0].len();
+        let mut out =
+            StepOutput { sites: Vec::new(), watch: self.watch.clone().map(|w| (step, w)) };
+        out.put(Site::PositionIds, positions.mapv(|p| p as f64));
+
+        let mut h = Embedding { weight: &w.embed_tokens }.forward(ids, n)?;
+        out.put(Site::EmbedTokens, h.clone());
+
+        let (mut cos, mut sin) = self.rope.tables(&positions, n);
+        if plan.rope_tables == RopeTables::Swapped {
+            std::mem::swap(&mut cos, &mut sin);
+        }
+        out.put(Site::RotaryCos, cos.clone());
+        out.put(Site::RotarySin, sin.clone());
+
+        let past = self.caches.first().map_or(0, KvCache::len);
+        for (row, v) in self.key_valid.iter_mut().zip(valid) {
+            row.extend_from_slice(v);
+        }
+        let fill = match plan.mask_fill {
+            MaskFill::Convention => n.mask_fill(),
+            MaskFill::Overflowing => n.mask_precision().round(OVERFLOWING_FILL),
+        };
+        let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
+        out.put(Site::Mask, m.clone());
+        if out.stopped() {
+            return Ok(out);
+        }
+
+        let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
+        let first = self.first_layer.min(w.layers.len());
+        // A layer input from elsewhere (a resumed run, the golden under teacher forcing)
+        // replaces the hidden state only with the shape the model computes.
+        let replace = |h: &mut Array3<f64>, x: Array3<f64>, i: usize, what: &str| {
+            if x.dim() != h.dim() {
+                return Err(Error::scenario(
+                    format!("model.layers.{i}"),
+                    format!("{what} has shape {:?}, expected {:?}", x.shape(), h.shape()),
+                ));
+            }
+            *h = x;
+            Ok(())
+        };
+        if let (true, Some(input)) = (first > 0, &self.resume_input) {
+            replace(&mut h, input(step, first)?, first, "the resumed input")?;
+        }
+        for (i, lw) in w.layers.iter().enumerate().skip(first) {
+            super::progress::layer(&step_label, i, w.layers.len());
+            if let Some(x) = teacher.map(|t| t.layer_input(i)).transpose()?.flatten() {
+                replace(&mut h, x, i, &format!("the golden's input to layer {i}"))?;
+            }
+            let layer = DecoderLayer { index: i, weights: lw, config: c, plan: self.plan };
+            layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
+            if out.stopped() {
+                return Ok(out);
+            }
+        }
+        let final_norm = self.plan.at(None, Some(step), Some(Component::ModelNorm));
+        let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, &final_norm).forward(&h, n);
+        out.put(Site::Norm, x.clone());
+        out.put(Site::LmHead, w.lm_head.forward(&x, n));
+        Ok(out)
+    }
+}

@@ -1,0 +1,163 @@
+//! Stage 7, the pipeline: compare a candidate with its golden, diagnose a divergence and
+//! build the report, in one call. Every user of the library goes through here: the
+//! `parity` commands, `parity suite`, the benches and the tests, so that a comparison
+//! is judged, diagnosed and reported the same way everywhere.
+//!
+//! Uses every earlier stage.
+
+use std::path::Path;
+
+use compare::floor::{floor_for, FloorCache, FloorSource};
+use compare::statistics::SummaryOnly;
+use compare::tolerance::Policy;
+use compare::{compare_with, compare_with_floor, Comparison};
+use contract::error::Result;
+use diagnosis::{diagnose, localise};
+use dump::Dump;
+use model::{self, RunOptions, RunOutput};
+use report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
+use report::Report;
+
+/// Where each site's threshold starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor<'a> {
+    /// The fixed per-dtype defaults only.
+    Off,
+    /// The golden's noise floor, measured on every call.
+    Measure,
+    /// The golden's noise floor, measured once per (golden, dtype) and cached in
+    /// [`FloorCache::default_dir`] (measured on every call when there is none).
+    DefaultCache,
+    /// The golden's noise floor, cached in this directory.
+    Cache(&'a Path),
+}
+
+/// How to judge and what to add to the report.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// The tolerance policy every site is judged by (the diagnosis follows it too).
+    pub policy: &'a Policy,
+    /// Diagnose a divergence (rerunning the golden's scenario under each hypothesis).
+    pub diagnose: bool,
+    /// Called with a line of progress before each long stage.
+    pub progress: &'a dyn Fn(&str),
+    /// The noise floor that raises each site's default threshold.
+    pub floor: Floor<'a>,
+    /// An accepted report to hold this run against (the regression gate).
+    pub baseline: Option<&'a Baseline>,
+    /// How much a site's error may grow beyond its noise before it regresses
+    /// ([`report::baseline`]).
+    pub max_regression: f64,
+    /// Statistics first: value sites whose statistics lie far inside their tolerance
+    /// are passed on those alone ([`compare::statistics`]).
+    pub summary_only: Option<&'a SummaryOnly>,
+}
+
+impl<'a> Options<'a> {
+    /// Judge by `policy` over the cached noise floor, diagnose divergences, say nothing.
+    pub fn new(policy: &'a Policy) -> Options<'a> {
+        Options {
+            policy,
+            diagnose: true,
+            progress: &|_| {},
+            floor: Floor::DefaultCache,
+            baseline: None,
+            max_regression: DEFAULT_MAX_REGRESSION,
+            summary_only: None,
+        }
+    }
+}
+
+/// Compares `candidate` with `golden`, diagnoses a divergence and builds the report.
+/// `teacher_forced`, when given, is the candidate's run with each layer started from the
+/// golden's input: its errors become each site's local error in the report.
+///
+/// With `opts.baseline`, the report is then held against the accepted one: sites that
+/// regressed are marked and fail the verdict. With `opts.summary_only`, value sites are
+/// judged on statistics first (the teacher-forced run, when given, is compared in full).
+///
+/// Errors only for inputs that cannot be compared (a baseline of another scenario
+/// among them); a divergence or a regression is data in the report, and a diagnosis
+/// that cannot be made is said in the report's `diagnosis_note`.
+pub fn check(
+    golden: &Dump,
+    candidate: &Dump,
+    teacher_forced: Option<&Dump>,
+    opts: &Options,
+) -> Result<Report> {
+    let source = noise_floor(golden, candidate, opts)?;
+    let floor = source.as_ref().and_then(FloorSource::floor);
+    let cmp = compare_with(golden, candidate, opts.policy, floor, opts.summary_only)?;
+    let mut report = Report::new(&cmp, Vec::new());
+    report.noise_floor_note = source.as_ref().map(FloorSource::note);
+    if opts.diagnose {
+        diagnose_into(&mut report, golden, candidate, &cmp, opts);
+    } else if cmp.first_divergence().is_some() {
+        report.diagnosis_note = Some("not made: not asked for".to_string());
+        report.localisation = localise(&cmp);
+    }
+    if let Some(tf) = teacher_forced {
+        let local = compare_with_floor(golden, tf, opts.policy, floor)?;
+        report.attach_local(&local);
+    }
+    if let Some(b) = opts.baseline {
+        b.apply(&mut report, opts.max_regression)?;
+    }
+    Ok(report)
+}
+
+/// The noise floor of `golden` at the candidate's dtype, as `opts.floor` asks; `None`
+/// when it asks for none.
+pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Option<FloorSource>> {
+    let precision = candidate.manifest.dtype;
+    let cache = match opts.floor {
+        Floor::Off => return Ok(None),
+        Floor::Measure => None,
+        Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
+        Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
+    };
+    floor_for(golden, precision, cache.as_ref(), opts.progress).map(Some)
+}
+
+/// Runs `run`'s implementation on `golden`'s scenario and weights, then [`check`]s the
+/// result. The run's output is returned too (to be written as a dump, say).
+pub fn run(golden: &Dump, run: &RunOptions, opts: &Options) -> Result<(RunOutput, Report)> {
+    (opts.progress)(&format!("running {} ...", run.implementation.name()));
+    let out = model::run(golden, run)?;
+    let report = check(golden, &out.dump, out.teacher_forced.as_ref(), opts)?;
+    Ok((out, report))
+}
+
+/// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is said
+/// in the report and leaves the verdict alone.
+fn diagnose_into(
+    report: &mut Report,
+    golden: &Dump,
+    candidate: &Dump,
+    cmp: &Comparison,
+    opts: &Options,
+) {
+    if cmp.first_divergence().is_none() {
+        return;
+    }
+    if !golden.has_weights() {
+        report.diagnosis_note = Some(
+            "not made: the golden has no weights (weights.safetensors or a checkpoint \
+             referenced by its manifest) to rerun its scenario with"
+                .to_string(),
+        );
+        report.localisation = localise(cmp);
+        return;
+    }
+    (opts.progress)("diagnosing the divergence ...");
+    match diagnose(golden, candidate, cmp) {
+        Ok(d) => {
+            report.diagnosis = d.findings;
+            report.diagnosis_notes = d.notes;
+        }
+        Err(e) => report.diagnosis_note = Some(format!("not made: {e}")),
+    }
+    if report.diagnosis.is_empty() {
+        report.localisation = localise(cmp);
+    }
+}
