@@ -30,6 +30,7 @@ mod reference;
 mod replay;
 mod report_browser;
 mod report_files;
+mod reproduction;
 mod rope_properties;
 mod scoped_faults;
 mod suite;

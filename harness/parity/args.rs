@@ -75,6 +75,22 @@ pub enum Command {
     ///   parity check-weights hf.safetensors model.ckpt --dtype bfloat16 --report reports/weights
     ///   parity check-weights hf.safetensors model.ckpt --map my_keymap.json
     CheckWeights(CheckWeightsArgs),
+    /// Check that the harness reproduces a golden, before it is published or trusted.
+    #[command(verbatim_doc_comment)]
+    ///
+    /// Runs the float64 reference teacher-forced (each decoder layer from the golden's
+    /// own input to it) and holds every site to the golden dtype's rounding: a value
+    /// site is reproduced when its rel-L2 is at most 64 unit roundoffs of the golden's
+    /// dtype; positions and masks must match exactly. `run` and `compare` make the same
+    /// check before they let a noise floor raise a threshold, and exit 2 when it fails.
+    ///
+    /// Exit status: 0 reproduced, 1 not reproduced (the first such site is named),
+    /// 2 bad input (a manifest field or config key the harness does not implement).
+    ///
+    /// Examples:
+    ///   parity check-golden golden/gqa_pad_f32
+    ///   parity check-golden golden/gqa_pad_bf16 --all
+    CheckGolden(CheckGoldenArgs),
     /// Convert another tool's dump into a contract dump (llama-parity/dump@1).
     #[command(verbatim_doc_comment)]
     ///
@@ -134,6 +150,15 @@ pub struct SuiteArgs {
     /// With --baseline: how much a site's error may grow beyond its noise.
     #[arg(long, value_name = "F", default_value_t = 2.0)]
     pub max_regression: f64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckGoldenArgs {
+    /// The golden dump (with weights.safetensors or a checkpoint by reference).
+    pub golden: PathBuf,
+    /// List every site, not only the unreproduced ones and the ten worst.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, clap::Args)]

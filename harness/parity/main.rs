@@ -6,6 +6,7 @@
 //! usage (the message names the file, tensor or flag).
 
 mod args;
+mod check_golden;
 mod check_weights;
 mod compare;
 mod import;
@@ -49,6 +50,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => run::cmd_run(a),
         Command::Suite(a) => suite::cmd_suite(a),
         Command::CheckWeights(a) => check_weights::cmd_check_weights(a),
+        Command::CheckGolden(a) => check_golden::cmd_check_golden(a),
         Command::Import(a) => import::cmd_import(a),
     }
 }

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::reproduce;
 use crate::tolerance::{Policy, Tolerance};
 use crate::verdict::{compare, SiteMetrics};
 use contract::error::{Error, Result};
@@ -47,8 +48,20 @@ pub const MARGIN: f64 = 3.0;
 
 /// Format string of a cached floor file.
 /// `@2`: the bfloat16/float16 variants multiply in float32 (`Products::Float32`);
-/// `@3`: each of those float32 products is one fused multiply-add chain over `k` in order.
-pub const FORMAT: &str = "llama-parity/noise-floor@3";
+/// `@3`: each of those float32 products is one fused multiply-add chain over `k` in order;
+/// `@4`: the file records the harness that measured it and the reproduction check that
+/// had to pass first ([`crate::reproduce`]).
+pub const FORMAT: &str = "llama-parity/noise-floor@4";
+
+/// What measured a floor: this harness's version. A floor measured by another version is
+/// measured again.
+pub const HARNESS: &str = concat!("llama-parity ", env!("CARGO_PKG_VERSION"));
+
+/// The largest floor a cached file may hold, in unit roundoffs of the candidate's dtype
+/// (2⁻² at bfloat16). Correct runs measured so far stay below a quarter of it (docs,
+/// "Tolerances"); a cached floor above it is not believed and is measured again (a
+/// floor just measured is kept whatever its size, since the golden was reproduced).
+pub const CACHED_FLOOR_CAP: f64 = 64.0;
 
 /// The correct runs whose worst error is the floor, by name, in the order they run.
 pub const VARIANTS: [&str; 3] = [
@@ -93,6 +106,17 @@ impl SiteFloor {
     }
 }
 
+/// The reproduction check a floor was measured after ([`crate::reproduce`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReproductionRecord {
+    /// [`reproduce::LOCAL_BOUND`] when it was made.
+    pub bound_roundoffs: f64,
+    /// The worst value site's local error, in unit roundoffs of the golden's dtype.
+    pub worst_roundoffs: f64,
+    /// The number of sites checked.
+    pub sites_checked: usize,
+}
+
 /// The noise floor of one golden at one candidate dtype.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseFloor {
@@ -104,11 +128,79 @@ pub struct NoiseFloor {
     pub margin: f64,
     /// The correct runs measured.
     pub variants: Vec<String>,
+    /// What measured it ([`HARNESS`]).
+    pub harness: String,
+    /// The reproduction check that passed before the floor was measured; a floor
+    /// without one is never read from the cache.
+    pub reproduction: Option<ReproductionRecord>,
     /// `"<step>/<site>"` → floor, value sites only.
     pub sites: BTreeMap<String, SiteFloor>,
 }
 
 impl NoiseFloor {
+    /// Whether this floor can be believed for `golden` (whose content hashes to `hash`)
+    /// at `precision`: the same key, margin, variants and harness; a reproduction check
+    /// that passed under today's bound; every site one of the golden's value sites with
+    /// a finite floor in range (rel-L2 in [0, cap], cosine in [-1, 1] with 1 - cosine at
+    /// most cap²), the cap being [`CACHED_FLOOR_CAP`] unit roundoffs of `precision`.
+    pub fn validate(
+        &self,
+        hash: &str,
+        precision: Precision,
+        golden: &Dump,
+    ) -> std::result::Result<(), String> {
+        let expect = |what: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{what} differs from this run's"))
+            }
+        };
+        expect("format", self.format == FORMAT)?;
+        expect("golden_sha256", self.golden_sha256 == hash)?;
+        expect("precision", self.precision == precision.name())?;
+        expect("margin", self.margin == MARGIN)?;
+        expect("variants", self.variants.iter().map(String::as_str).eq(VARIANTS.iter().copied()))?;
+        expect("harness", self.harness == HARNESS)?;
+        let Some(r) = &self.reproduction else {
+            return Err("it records no reproduction check".into());
+        };
+        if r.bound_roundoffs != reproduce::LOCAL_BOUND
+            || r.sites_checked == 0
+            || !(r.worst_roundoffs >= 0.0 && r.worst_roundoffs <= r.bound_roundoffs)
+        {
+            return Err(
+                "its reproduction record does not show a golden reproduced under today's bound"
+                    .into(),
+            );
+        }
+        let cap = CACHED_FLOOR_CAP * precision.unit_roundoff();
+        let value_sites: std::collections::BTreeSet<String> = golden
+            .manifest
+            .steps
+            .iter()
+            .flat_map(|&step| golden.sites(step).iter().map(move |s| site::key(step, s)))
+            .collect();
+        if self.sites.is_empty() {
+            return Err("it holds no site".into());
+        }
+        for (key, f) in &self.sites {
+            if !value_sites.contains(key) {
+                return Err(format!("site {key:?} is not a site of the golden"));
+            }
+            let cos_ok = f.cosine.is_finite()
+                && (-1.0..=1.0).contains(&f.cosine)
+                && 1.0 - f.cosine <= cap * cap;
+            if !(f.rel_l2.is_finite() && (0.0..=cap).contains(&f.rel_l2) && cos_ok) {
+                return Err(format!(
+                    "site {key}: floor rel-L2 {} cosine {} is outside [0, {cap:.3e}] (at most {CACHED_FLOOR_CAP} unit roundoffs of {precision})",
+                    f.rel_l2, f.cosine
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The floor of `site` at `step`, if measured.
     pub fn get(&self, step: Step, site: &Site) -> Option<SiteFloor> {
         self.sites.get(&site::key(step, site)).copied()
@@ -116,6 +208,8 @@ impl NoiseFloor {
 
     /// Measures the floor of `golden` for a candidate at `precision`; `None` when the
     /// golden has no weights to run its scenario with.
+    /// It says nothing of whether the golden is reproduced: [`floor_for`] checks that
+    /// first and records it.
     pub fn measure(golden: &Dump, precision: Precision, hash: &str) -> Result<Option<NoiseFloor>> {
         if !golden.has_weights() {
             return Ok(None);
@@ -145,6 +239,8 @@ impl NoiseFloor {
             precision: precision.name().to_string(),
             margin: MARGIN,
             variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
+            harness: HARNESS.to_string(),
+            reproduction: None,
             sites,
         }))
     }
@@ -234,16 +330,24 @@ impl FloorCache {
         self.dir.join(format!("{hash}-{}.json", precision.name()))
     }
 
-    /// The cached floor, if there is a readable one for exactly this key and margin.
-    pub fn load(&self, hash: &str, precision: Precision) -> Option<NoiseFloor> {
-        let text = std::fs::read_to_string(self.path(hash, precision)).ok()?;
-        let f: NoiseFloor = serde_json::from_str(&text).ok()?;
-        (f.format == FORMAT
-            && f.golden_sha256 == hash
-            && f.precision == precision.name()
-            && f.margin == MARGIN
-            && f.variants.len() == VARIANTS.len())
-        .then_some(f)
+    /// The cached floor of this key, validated: `Ok(None)` when there is none,
+    /// `Err(why)` when the file is there but cannot be believed (it is then measured
+    /// again and overwritten). A cached floor can make a run recompute, never pass.
+    pub fn load(
+        &self,
+        hash: &str,
+        precision: Precision,
+        golden: &Dump,
+    ) -> std::result::Result<Option<NoiseFloor>, String> {
+        let path = self.path(hash, precision);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
+        }
+        let text = dump::read::read_json_text(&path).map_err(|e| e.to_string())?;
+        let f: NoiseFloor =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        f.validate(hash, precision, golden).map_err(|why| format!("{}: {why}", path.display()))?;
+        Ok(Some(f))
     }
 
     /// Stores `floor` (atomically).
@@ -317,17 +421,43 @@ pub fn floor_for(
         None => String::new(),
     };
     let cache = cache.filter(|_| !hash.is_empty());
-    if let Some(f) = cache.and_then(|c| c.load(&hash, precision)) {
-        progress(&format!("noise floor at {precision} from the cache"));
-        return Ok(FloorSource::Measured(f));
+    if let Some(c) = cache {
+        match c.load(&hash, precision, golden) {
+            Ok(Some(f)) => {
+                progress(&format!("noise floor at {precision} from the cache"));
+                return Ok(FloorSource::Measured(f));
+            }
+            Ok(None) => {}
+            Err(why) => {
+                progress(&format!("cached noise floor not believed ({why}): measuring it again"))
+            }
+        }
     }
+    // A floor is believed only where the golden is reproduced.
+    progress("checking that the reference reproduces the golden (one teacher-forced run) ...");
+    let reproduction = reproduce::check(golden)?;
+    if let Some(what) = reproduction.describe_failure() {
+        return Err(Error::NotReproduced { golden: golden.label(), what });
+    }
+    if reproduction.checked() == 0 {
+        return Err(Error::NotReproduced {
+            golden: golden.label(),
+            what: "no site: the reference produced none of the golden's sites".into(),
+        });
+    }
+    let record = ReproductionRecord {
+        bound_roundoffs: reproduce::LOCAL_BOUND,
+        worst_roundoffs: reproduction.worst().map_or(0.0, |(_, r)| r),
+        sites_checked: reproduction.checked(),
+    };
     progress(&format!(
         "measuring the noise floor at {precision} ({} correct runs) ...",
         VARIANTS.len()
     ));
-    let Some(f) = NoiseFloor::measure(golden, precision, &hash)? else {
+    let Some(mut f) = NoiseFloor::measure(golden, precision, &hash)? else {
         return Ok(FloorSource::Unavailable("the golden has no weights".into()));
     };
+    f.reproduction = Some(record);
     // Through JSON and back, so that a measured floor and the same floor read from the
     // cache are the same numbers (JSON's decimal form may move a last bit) and give
     // byte-identical reports.

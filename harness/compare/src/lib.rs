@@ -10,6 +10,7 @@
 pub mod floor;
 pub mod lanes;
 pub mod metrics;
+pub mod reproduce;
 mod simd;
 pub mod statistics;
 pub mod tolerance;

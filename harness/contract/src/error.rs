@@ -48,6 +48,11 @@ pub enum Error {
     /// A model configuration the implementation cannot run.
     #[error("{path}: model config: {what}")]
     Config { path: PathBuf, what: String },
+    /// A golden the harness does not reproduce: its float64 reference, given the golden's
+    /// own inputs to each layer, differs from it by more than the golden dtype's rounding
+    /// explains, so a noise floor measured on it would absorb real differences.
+    #[error("{golden}: not reproduced by the harness at {what}; a noise floor measured on it would absorb that difference, so none is believed (see `parity check-golden`; --no-floor compares with the fixed per-dtype defaults)")]
+    NotReproduced { golden: String, what: String },
     /// A chart of the HTML report could not be drawn.
     #[error("chart `{chart}`: {what}")]
     Chart { chart: String, what: String },

@@ -113,6 +113,16 @@ impl Precision {
         })
     }
 
+    /// The unit roundoff of this precision: half the distance from 1 to the next
+    /// representable number (2⁻²⁴, 2⁻⁸, 2⁻¹¹).
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            Precision::F32 => 2f64.powi(-24),
+            Precision::Bf16 => 2f64.powi(-8),
+            Precision::F16 => 2f64.powi(-11),
+        }
+    }
+
     /// The storage dtype of this precision.
     pub fn dtype(self) -> DType {
         match self {

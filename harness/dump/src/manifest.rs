@@ -14,6 +14,51 @@ use super::dtype::Precision;
 /// The format string every dump carries.
 pub const FORMAT: &str = "llama-parity/dump@1";
 
+/// The top-level fields of `manifest.json` this harness implements (CONTRACT §1, §1.2).
+/// Any other (`adapter` §5, `train` §6, or a later one) is refused by name: comparing as
+/// if it were absent would judge a run the harness does not reproduce.
+pub const FIELDS: [&str; 7] =
+    ["format", "producer", "model", "dtype", "scenario", "steps", "weights"];
+
+/// What a refused field is, for the message.
+fn unimplemented_field(name: &str) -> String {
+    let what = match name {
+        "adapter" => " (a LoRA adapter, CONTRACT §5)",
+        "train" => " (one training step, CONTRACT §6)",
+        _ => "",
+    };
+    format!(
+        "field `{name}`{what} is not implemented by this harness: it refuses to compare as if \
+         the field were absent"
+    )
+}
+
+/// HF config keys outside the contract's that leave an inference forward unchanged:
+/// token ids, bookkeeping, output switches (values checked where one matters:
+/// `model_type` must be `llama`, `pretraining_tp` 1, `attention_dropout` 0).
+pub const NEUTRAL_KEYS: [&str; 17] = [
+    "model_type",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+    "use_cache",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "attention_dropout",
+    "pretraining_tp",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_name_or_path",
+    "tokenizer_class",
+];
+
+/// HF config keys outside the contract's that RoPE reads (`model::rope`).
+pub const ROPE_KEYS: [&str; 2] = ["partial_rotary_factor", "original_max_position_embeddings"];
+
 /// The largest size (layers, heads, widths) a config may give: 2^24.
 pub const MAX_SIZE: usize = 1 << 24;
 
@@ -62,6 +107,47 @@ impl ModelConfig {
     /// Key/value heads: `num_key_value_heads` if given, else `num_attention_heads`.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The first config key or value that changes the model and that the implementations
+    /// do not build, in words; `None` when the model is one they run as HF does. Keys the
+    /// contract names are modelled; of the others, only those that leave an inference
+    /// forward unchanged ([`NEUTRAL_KEYS`]) or that RoPE reads ([`ROPE_KEYS`]) pass.
+    pub fn unimplemented(&self) -> Option<String> {
+        if self.attention_bias {
+            return Some("attention_bias is true: projection biases are not built".into());
+        }
+        if self.mlp_bias {
+            return Some("mlp_bias is true: MLP biases are not built".into());
+        }
+        if self.hidden_act != "silu" {
+            return Some(format!("hidden_act {:?}: only silu is built", self.hidden_act));
+        }
+        for (key, value) in &self.extra {
+            let neutral = NEUTRAL_KEYS.contains(&key.as_str()) || ROPE_KEYS.contains(&key.as_str());
+            if !neutral {
+                return Some(format!(
+                    "key `{key}` is not implemented by this harness (it may change the model); \
+                     refusing to run as if it were absent"
+                ));
+            }
+            match key.as_str() {
+                "model_type" if value.as_str() != Some("llama") => {
+                    return Some(format!("model_type is {value}: only llama is built"));
+                }
+                "pretraining_tp" if !(value.is_null() || value.as_u64() == Some(1)) => {
+                    return Some(format!("pretraining_tp is {value}: only 1 is built"));
+                }
+                "attention_dropout" if !(value.is_null() || value.as_f64() == Some(0.0)) => {
+                    return Some(format!(
+                        "attention_dropout is {value}: only 0 is built (dropout is the \
+                         identity at inference, but not in a training step)"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Checks the relations between fields that every implementation relies on.
@@ -241,6 +327,9 @@ impl Manifest {
             .ok_or_else(|| bad("field `format` is not a string".into()))?;
         if format != FORMAT {
             return Err(bad(format!("field `format` is {format:?}, expected {FORMAT:?}")));
+        }
+        if let Some(name) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(bad(unimplemented_field(name)));
         }
         let producer = field("producer")?.clone();
         let model: ModelConfig = serde_json::from_value(field("model")?.clone())

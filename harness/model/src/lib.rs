@@ -34,7 +34,7 @@ pub mod mlp;
 pub mod numerics;
 pub mod plan;
 pub mod progress;
-mod reference;
+pub mod reference;
 pub mod rms_norm;
 pub mod rope;
 mod rowdot;

@@ -41,11 +41,8 @@ impl Llama {
     /// Validates `config` (`path` names the manifest in errors) and builds the model.
     pub fn new(config: ModelConfig, weights: Weights, path: &Path) -> Result<Llama> {
         config.validate(path)?;
-        if config.hidden_act != "silu" {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                what: format!("hidden_act {:?}: only silu is built", config.hidden_act),
-            });
+        if let Some(what) = config.unimplemented() {
+            return Err(Error::Config { path: path.to_path_buf(), what });
         }
         let rope = RopeConfig::from_model(&config, path)?;
         Ok(Llama { config, weights, rope })

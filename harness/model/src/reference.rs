@@ -30,3 +30,22 @@ pub fn run(
     };
     runner.run(&model, golden, teacher_force)
 }
+
+/// The teacher-forced run alone: each layer fed the golden's own input to it
+/// (`model.embed_tokens` for layer 0, `model.layers.{i-1}` for layer `i`), so that each
+/// site's error against the golden is what that layer adds, not what it inherits. The
+/// check that the reference reproduces a golden reads it.
+pub fn run_teacher_forced(golden: &Dump) -> Result<Dump> {
+    let plan = Plan::default();
+    let model = load_model(golden, &plan)?;
+    let numerics = Exact::new(golden.manifest.dtype);
+    let runner = Runner {
+        implementation: "reference",
+        numerics: &numerics,
+        plan: &plan,
+        declared: golden.manifest.dtype,
+        rope_tables: RopeTableSource::PerStep,
+        watch: None,
+    };
+    runner.run_scenario(&model, golden, Some(golden))
+}

@@ -111,7 +111,11 @@ pub fn check(
 pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Option<FloorSource>> {
     let precision = candidate.manifest.dtype;
     let cache = match opts.floor {
-        Floor::Off => return Ok(None),
+        Floor::Off => {
+            return Ok(Some(FloorSource::Unavailable(
+                "--no-floor; the golden's reproduction is not checked either".into(),
+            )))
+        }
         Floor::Measure => None,
         Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
         Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
