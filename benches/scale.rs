@@ -322,9 +322,27 @@ fn main() {
         }
         rows.push((m.key, "pytorch eager forward".into(), fwd, t_wall, t_rss, ckpt_bytes, fwd));
         rows.push((m.key, "pytorch, load included".into(), t_wall, t_wall, t_rss, ckpt_bytes, fwd));
+        // A user's first run on a new golden: the reproduction check, the noise floor
+        // (three correct runs) and the run itself, with an empty floor cache.
+        {
+            let fresh = scratch.join(format!("{}-first-run-floors", m.key));
+            let _ = std::fs::remove_dir_all(&fresh);
+            let mut c = Command::new(&parity);
+            c.arg("run")
+                .arg(&golden)
+                .args(["--impl", "reference", "-q"])
+                .env("RAYON_NUM_THREADS", &threads)
+                .env("PARITY_FLOOR_CACHE", &fresh);
+            let (wall, rss, _) = timed(&format!("{}-first-run", m.key), &mut c, &scratch);
+            let name = "parity --impl reference, first run (goal <= 3x)";
+            rows.push((m.key, name.to_string(), wall, wall, rss, ckpt_bytes, fwd));
+        }
         for (name, args) in [
-            ("parity --impl reference", vec!["--impl", "reference"]),
-            ("parity --impl ascend bf16", vec!["--impl", "ascend", "--dtype", "bfloat16"]),
+            ("parity --impl reference (warm, goal <= 2x)", vec!["--impl", "reference"]),
+            (
+                "parity --impl ascend bf16 (warm, goal <= 1.5x)",
+                vec!["--impl", "ascend", "--dtype", "bfloat16"],
+            ),
         ] {
             let mut c = Command::new(&parity);
             c.arg("run").arg(&golden).args(&args).arg("-q").env("RAYON_NUM_THREADS", &threads);

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use llama_parity::compare::reproduce::{self, Reproduction, LOCAL_BOUND};
+use llama_parity::compare::reproduce::{self, Reproduction, ANGLE_BOUND, LOCAL_BOUND};
 use llama_parity::dump::Dump;
 use llama_parity::{Error, Result};
 
@@ -33,7 +33,9 @@ fn render(r: &Reproduction, all: bool) -> String {
     let p = r.golden_precision;
     let mut out = format!(
         "golden {} ({p}): the float64 reference, teacher-forced, against every site; a value \
-         site is reproduced when rel-L2 <= {LOCAL_BOUND} unit roundoffs of {p} ({:.3e})\n\n",
+         site is reproduced when rel-L2 <= {LOCAL_BOUND} unit roundoffs of {p} ({:.3e}) plus \
+         {ANGLE_BOUND} float32 unit roundoffs per position of the largest position fed (the \
+         rotary angles' rounding)\n\n",
         r.golden, r.bound
     );
     let mut worst: Vec<usize> =
@@ -44,8 +46,8 @@ fn render(r: &Reproduction, all: bool) -> String {
     });
     worst.truncate(10);
     out.push_str(&format!(
-        "{:<9} {:<48} {:>10} {:>8} {:>10}  {}\n",
-        "step", "site", "rel-L2", "x u", "cosine", "status"
+        "{:<9} {:<48} {:>10} {:>8} {:>10} {:>10}  {}\n",
+        "step", "site", "rel-L2", "x u", "bound", "cosine", "status"
     ));
     for (i, s) in r.sites.iter().enumerate() {
         if !(all || s.reproduced == Some(false) || worst.contains(&i)) {
@@ -65,11 +67,12 @@ fn render(r: &Reproduction, all: bool) -> String {
             _ => status,
         };
         out.push_str(&format!(
-            "{:<9} {:<48} {:>10} {:>8} {:>10}  {status}\n",
+            "{:<9} {:<48} {:>10} {:>8} {:>10} {:>10}  {status}\n",
             s.step.to_string(),
             s.site.to_string(),
             num(s.rel_l2, &|x| format!("{x:.3e}")),
             num(s.roundoffs(p), &|x| format!("{x:.1}")),
+            format!("{:.3e}", s.bound),
             num(s.cosine, &|x| format!("{x:.6}")),
         ));
     }
