@@ -22,7 +22,7 @@
 //! benchmark stands on is msprobe's in-process compare time over parity's whole wall.
 //!
 //! `cargo bench --bench msprobe_compare`. Needs the msprobe venv (`MSPROBE_PYTHON`,
-//! default `~/.cache/llama-parity/msprobe-venv/bin/python`; README "msprobe dumps") and
+//! default `~/.cache/llama-parity/msprobe-venv/bin/python`; docs/msprobe.md) and
 //! a release build of `parity`. `MSPROBE_BENCH_THREADS` (default 2) sets parity's
 //! threads.
 

@@ -10,6 +10,7 @@ mod check_weights;
 mod checkpoints;
 mod compare_goldens;
 mod compare_threads;
+mod contract_doc;
 mod diagnosis;
 mod fault_matrix;
 mod golden_suite;

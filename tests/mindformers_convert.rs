@@ -4,16 +4,16 @@
 //! on the committed 4-shard HF checkpoint `fixtures/checkpoints/tiny_llama3` (bfloat16,
 //! made by `save_pretrained`).
 //!
-//! Needs the MindFormers venv with torch (`bash .ci/setup`); without it the test prints
-//! why and returns, but only when `CI` is unset. Importing MindFormers and torch takes
-//! about 20 s, so every checkpoint is converted in one Python process.
+//! Needs the MindFormers venv with torch (`bash .ci/setup`); without it the test fails,
+//! it never passes silently. Importing MindFormers and torch takes about 20 s, so every
+//! checkpoint is converted in one Python process.
 
 use std::ffi::OsStr;
 use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::helpers::ports::{mindformers_ready, parity_reported, run_mindformers_jobs, Reported};
+use crate::helpers::ports::{parity_reported, run_mindformers_jobs, Reported};
 use crate::helpers::{input_hashes, root};
 
 /// Tensors in tiny_llama3: 4 layers of 9, the embedding, the final norm and lm_head.
@@ -32,9 +32,6 @@ fn check_weights(hf: &Path, ckpt: &Path, args: &[&str]) -> Reported {
 /// in its name map gives one that fails, naming both swapped keys and the fault.
 #[test]
 fn converted_checkpoints_pass_and_a_gate_up_swap_fails_naming_the_keys() {
-    if !mindformers_ready() {
-        return;
-    }
     let hf = root().join("fixtures/checkpoints/tiny_llama3");
     let before = input_hashes(std::slice::from_ref(&hf));
     let tmp = tempfile::tempdir().expect("tempdir");

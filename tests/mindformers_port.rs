@@ -2,20 +2,17 @@
 //! (`fixtures/ports/mindformers/run.py`, mindformers 2.0.0) against the HF goldens.
 //!
 //! Needs the MindFormers venv (`bash .ci/setup`, or `PARITY_MINDFORMERS_PYTHON` /
-//! `PARITY_MINDFORMERS_VENV`). Without it these tests print why and return, but only
-//! when `CI` is unset: in CI a missing venv fails them. Importing MindFormers takes
-//! about 17 s, so the runner's `--jobs` mode runs a batch of scenarios in one process
-//! and each dump is judged by `parity compare`; one test goes through
-//! `parity run --impl mindformers` end to end.
+//! `PARITY_MINDFORMERS_VENV`) and the goldens; with either missing these tests fail,
+//! they never pass silently. Importing MindFormers takes about 17 s, so the runner's
+//! `--jobs` mode runs a batch of scenarios in one process and each dump is judged by
+//! `parity compare`; one test goes through `parity run --impl mindformers` end to end.
 
 use std::ffi::OsStr;
 use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::helpers::ports::{
-    golden_names, mindformers_ready, parity_reported, run_mindformers_jobs, worst_site,
-};
+use crate::helpers::ports::{golden_names, parity_reported, run_mindformers_jobs, worst_site};
 use crate::helpers::root;
 
 /// What one job of a batch came to.
@@ -100,9 +97,6 @@ fn judge(name: &str, outcome: &Outcome, failures: &mut Vec<String>) {
 /// naming what MindFormers lacks (longrope; a head_dim that is not hidden / heads).
 #[test]
 fn every_golden_passes_at_float32_or_is_refused_with_the_reason() {
-    if !mindformers_ready() {
-        return;
-    }
     let names = golden_names();
     let jobs: Vec<(&str, &str, &[&str])> =
         names.iter().map(|g| (g.as_str(), "float32", &[][..])).collect();
@@ -119,9 +113,6 @@ fn every_golden_passes_at_float32_or_is_refused_with_the_reason() {
 /// And `parity run --impl mindformers` end to end on the unpadded golden.
 #[test]
 fn float16_passes_bfloat16_is_refused_on_the_cpu_and_parity_run_drives_it() {
-    if !mindformers_ready() {
-        return;
-    }
     let jobs: [(&str, &str, &[&str]); 2] =
         [("gqa_pad_f16", "float16", &[]), ("llama3_f32", "float16", &[])];
     let outcomes = batch(&jobs);
@@ -162,9 +153,6 @@ fn float16_passes_bfloat16_is_refused_on_the_cpu_and_parity_run_drives_it() {
 /// the site where it acts, and the diagnosis names it.
 #[test]
 fn each_planted_fault_fails_where_it_acts_and_is_diagnosed() {
-    if !mindformers_ready() {
-        return;
-    }
     let cases = [
         ("rope.pos_reset", "decode.0", "inputs.position_ids"),
         ("rope.interleaved", "prefill", "model.layers.0.self_attn.q_rope"),

@@ -189,13 +189,18 @@ fn policy_rules_override_the_floor() {
     let opts = Options { floor: Floor::Cache(&cache), diagnose: false, ..Options::new(&policy) };
     let r = pipeline::check(&g, &cand, None, &opts).unwrap();
     let lm: Vec<_> = r.sites.iter().filter(|s| s.site.to_string() == "lm_head").collect();
+    assert!(!lm.is_empty(), "no lm_head site to hold to the rule");
     assert!(lm.iter().all(|s| s.tolerance.unwrap().max_rel_l2 == 1e-9 && s.status == Status::Fail));
+    let mut floored = 0;
     for s in r.sites.iter().filter(|s| s.site.to_string() != "lm_head") {
         if let (Some(t), Some(f)) = (s.tolerance, s.noise_floor) {
             let least = 2f64.powi(-8);
             assert_eq!(t.max_rel_l2, least.max(MARGIN * f.rel_l2), "{} {}", s.step, s.site);
+            floored += 1;
         }
     }
+    // Without a measured floor the loop above checks nothing; that must not pass.
+    assert!(floored > 0, "no site outside the rule has a noise floor: nothing was checked");
 }
 
 /// Regression (issue 18: a correct bfloat16 run failed at a too-tight threshold and the

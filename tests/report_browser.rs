@@ -142,28 +142,3 @@ fn network_checks_catch_a_page_that_fetches() {
     assert!(asked.iter().any(|u| u.contains("example.invalid/x.png")), "{asked:?}");
     assert!(asked.iter().any(|u| u.contains("example.invalid/bg.png")), "{asked:?}");
 }
-
-/// Renders the synthetic passing and failing reports the tests above use, with
-/// screenshots, for working on the page itself:
-/// `PARITY_EXAMPLES_DIR=/tmp/ex cargo test --release --test main write_report_examples -- --ignored`.
-#[test]
-#[ignore = "writes files for people to look at; run on demand"]
-fn write_report_examples() {
-    let out = std::path::PathBuf::from(
-        std::env::var_os("PARITY_EXAMPLES_DIR").unwrap_or_else(|| "target/report-examples".into()),
-    );
-    for (name, report) in [("pass", synthetic::pass_report()), ("fail", synthetic::fail_report())] {
-        let dir = out.join(name);
-        report.write(&dir).expect("the report files are written");
-        if let Some(browser) = chromium::find("write_report_examples") {
-            chromium::screenshot(
-                &browser,
-                &dir.join("report.html"),
-                &out.join(format!("{name}.png")),
-                1200,
-                1600,
-            );
-        }
-        println!("{}", dir.display());
-    }
-}

@@ -1,6 +1,6 @@
 //! What the tests of the real ports (the MindSpore port, MindFormers) share: the
-//! goldens by name, a report's worst site, and MindFormers' interpreter with the rule
-//! for a missing venv.
+//! goldens by name, a report's worst site, and MindFormers' interpreter, without which
+//! its tests fail.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -37,25 +37,18 @@ pub fn worst_site(report: &Value) -> String {
 
 /// MindFormers' interpreter, found as `parity run --impl mindformers` finds it
 /// (`PARITY_MINDFORMERS_PYTHON`, else the venv of `PARITY_MINDFORMERS_VENV` or
-/// `~/.cache/llama-parity/mindformers-venv`).
+/// `~/.cache/llama-parity/mindformers-venv`). Panics, saying how to make the venv, when
+/// it is not there: the tests that need MindFormers never pass silently without it.
 pub fn mindformers_python() -> PathBuf {
-    llama_parity::model::mindformers::python()
-}
-
-/// Whether MindFormers' venv is there. Without it a test prints why and is skipped,
-/// but only when `CI` is unset: in CI a missing venv fails the test.
-pub fn mindformers_ready() -> bool {
-    let py = mindformers_python();
-    if py.is_file() {
-        return true;
-    }
+    let py = llama_parity::model::mindformers::python();
     assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set and the MindFormers venv is missing ({}); run bash .ci/setup",
+        py.is_file(),
+        "no MindFormers interpreter at {}: run bash .ci/setup (it creates \
+         ~/.cache/llama-parity/mindformers-venv), or point PARITY_MINDFORMERS_PYTHON or \
+         PARITY_MINDFORMERS_VENV at one",
         py.display()
     );
-    eprintln!("skipped: no MindFormers venv at {} (bash .ci/setup creates it)", py.display());
-    false
+    py
 }
 
 /// Runs MindFormers' interpreter on `script` (under `fixtures/ports/mindformers/`) with

@@ -1,8 +1,8 @@
-//! Synthetic comparisons for report tests and the example screenshots: a tiny
-//! two-layer Llama scenario (batch 2 with left padding, prefill 6, three decode
-//! steps) whose golden values are pseudo-random, and candidates that match it to
-//! rounding or carry a planted decode-position fault (`rope.pos_reset`-like: the
-//! decode cos/sin rows are wrong, and everything downstream inherits the error).
+//! Synthetic comparisons for the report tests: a tiny two-layer Llama scenario (batch 2
+//! with left padding, prefill 6, three decode steps) whose golden values are
+//! pseudo-random, and candidates that match it to rounding or carry a planted
+//! decode-position fault (`rope.pos_reset`-like: the decode cos/sin rows are wrong, and
+//! everything downstream inherits the error).
 
 #![allow(dead_code)]
 

@@ -40,8 +40,8 @@ use model::ascend::{self, Accumulation, AscendOptions, NormWeightOrder};
 use model::plan::Plan;
 use model::{self, Implementation, RunOptions};
 
-/// How far above the measured floor a site's threshold sits. Measured (README,
-/// "Tolerances", and `tests/noise_floor.rs`): correct HF bfloat16/float16 runs of the
+/// How far above the measured floor a site's threshold sits. Measured
+/// (docs/tolerances.md, and `tests/noise_floor.rs`): correct HF bfloat16/float16 runs of the
 /// committed golden sit at most 1.9× the floor the simulated ports measure, while
 /// the subtlest faults that show sit 5× and more above it.
 pub const MARGIN: f64 = 3.0;

@@ -5,7 +5,7 @@
 //! depend on the coarser of the golden's and the candidate's dtype; they are set so
 //! that a correct bfloat16 or float16 run of the same model passes against a float32
 //! golden while real porting faults fail (the measurements behind them are in
-//! README.md, "Tolerances").
+//! docs/tolerances.md).
 //!
 //! A policy file (`--policy FILE`, JSON) overrides them:
 //!
