@@ -81,7 +81,9 @@ pub enum Command {
     /// Runs the float64 reference teacher-forced (each decoder layer from the golden's
     /// own input to it) and holds every site to the golden dtype's rounding: a value
     /// site is reproduced when its rel-L2 is at most 64 unit roundoffs of the golden's
-    /// dtype; positions and masks must match exactly. `run` and `compare` make the same
+    /// dtype, plus 1024 float32 unit roundoffs (the float32 arithmetic every golden
+    /// does) and 4 per position of the largest position fed (the rotary angles);
+    /// positions and masks must match exactly. `run` and `compare` make the same
     /// check before they let a noise floor raise a threshold, and exit 2 when it fails.
     ///
     /// Exit status: 0 reproduced, 1 not reproduced (the first such site is named),

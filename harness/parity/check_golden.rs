@@ -4,7 +4,9 @@
 
 use std::process::ExitCode;
 
-use llama_parity::compare::reproduce::{self, Reproduction, ANGLE_BOUND, LOCAL_BOUND};
+use llama_parity::compare::reproduce::{
+    self, Reproduction, ANGLE_BOUND, FLOAT32_BOUND, LOCAL_BOUND,
+};
 use llama_parity::dump::Dump;
 use llama_parity::{Error, Result};
 
@@ -33,9 +35,10 @@ fn render(r: &Reproduction, all: bool) -> String {
     let p = r.golden_precision;
     let mut out = format!(
         "golden {} ({p}): the float64 reference, teacher-forced, against every site; a value \
-         site is reproduced when rel-L2 <= {LOCAL_BOUND} unit roundoffs of {p} ({:.3e}) plus \
-         {ANGLE_BOUND} float32 unit roundoffs per position of the largest position fed (the \
-         rotary angles' rounding)\n\n",
+         site is reproduced when rel-L2 <= {LOCAL_BOUND} unit roundoffs of {p} plus \
+         {FLOAT32_BOUND} float32 unit roundoffs ({:.3e} together), plus {ANGLE_BOUND} float32 \
+         unit roundoffs per position of the largest position fed (the rotary angles' \
+         rounding)\n\n",
         r.golden, r.bound
     );
     let mut worst: Vec<usize> =
