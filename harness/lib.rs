@@ -15,7 +15,8 @@
 //! 5. [`diagnosis`]: names the known porting fault behind a divergence, by rerunning
 //!    the model under each hypothesis;
 //! 6. [`report`]: the verdict for people and CI (JSON, HTML, JUnit, Markdown, terminal);
-//! 7. [`pipeline`]: compare, diagnose and report in one call, as every command uses it.
+//! 7. [`pipeline`]: a candidate opened by its layout, compared, diagnosed and reported in
+//!    one call, as every command uses it; the suite's matrix and expectations.
 //!
 //! The `parity` binary (`harness/parity/`) is a thin layer over [`pipeline`]:
 //! it parses flags into library options and maps library errors to exit codes.

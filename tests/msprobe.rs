@@ -289,3 +289,117 @@ fn mindspore_npy_dumps_read_with_the_mindformers_map() {
     assert_eq!(first(&rep_bad), ("prefill".into(), "model.layers.0.input_layernorm".into()));
     assert_eq!(top_fault(&rep_bad), "norm.layernorm");
 }
+
+/// A copy of the committed correct statistics dump with the recorded Norm of one
+/// module's output in step0 (prefill) scaled by `factor`.
+fn nudged_statistics(entry: &str, factor: f64) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("stats");
+    copy_tree(&root().join("fixtures/msprobe/stats/gqa_pad_f32"), &dst);
+    let file = dst.join("step0/proc0/dump.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let at = text.find(&format!("\"{entry}\"")).expect("entry");
+    let out = at + text[at..].find("\"output\"").expect("output");
+    let norm = out + text[out..].find("\"Norm\": ").expect("Norm") + "\"Norm\": ".len();
+    let end = norm + text[norm..].find([',', '\n']).unwrap();
+    let value: f64 = text[norm..end].trim().parse().unwrap();
+    let nudged = format!("{}{:e}{}", &text[..norm], value * factor, &text[end..]);
+    std::fs::write(&file, nudged).unwrap();
+    (tmp, dst)
+}
+
+/// Regression: a statistics-mode msprobe candidate went around the pipeline, and
+/// `--baseline` was silently ignored (`compare golden/gqa_pad_f32
+/// fixtures/msprobe/stats/gqa_pad_f32 --baseline B --report R` exited 0 and R's
+/// report.json had no `baseline`). The gate now holds each site's error bound against
+/// the accepted report's: a Norm moved by 2e-5 (inside float32's rel-L2 tolerance of
+/// 1e-4, 20 times its noise of 1e-6) passes alone and regresses against the baseline.
+#[test]
+fn statistics_candidates_are_held_against_a_baseline() {
+    let stats = "fixtures/msprobe/stats/gqa_pad_f32";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let base = format!("{}/report.json", dir("accepted"));
+    let (code, _, err) =
+        parity(&["compare", "golden/gqa_pad_f32", stats, "--report", &dir("accepted")]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let held = |cand: &str, report: &str| {
+        let (code, out, err) = parity(&[
+            "compare",
+            "golden/gqa_pad_f32",
+            cand,
+            "--baseline",
+            &base,
+            "--report",
+            &dir(report),
+        ]);
+        let rep: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{}/report.json", dir(report))).unwrap(),
+        )
+        .unwrap();
+        (code, rep, format!("{out}{err}"))
+    };
+    let (code, rep, said) = held(stats, "same");
+    assert_eq!(code, Some(0), "{said}");
+    let b = &rep["baseline"];
+    assert_eq!(b["report"], base.as_str(), "{said}");
+    assert!(b["compared"].as_u64().unwrap() >= 64, "{b}");
+    assert_eq!(b["regressions"], serde_json::json!([]), "{b}");
+
+    let mlp = "Module.model.layers.0.mlp.LlamaMLP.forward.0";
+    let (_keep, nudged) = nudged_statistics(mlp, 1.0 + 2e-5);
+    let nudged = nudged.to_str().unwrap();
+    let (code, rep) = compare("golden/gqa_pad_f32", nudged);
+    assert_eq!(code, Some(0), "inside the tolerance alone: {}", rep["summary"]);
+    let (code, rep, said) = held(nudged, "nudged");
+    assert_eq!(code, Some(1), "{said}");
+    assert_eq!(rep["verdict"], "fail");
+    let regressed: Vec<(String, String)> = rep["baseline"]["regressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["step"].as_str().unwrap().into(), r["site"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(regressed, [("prefill".to_string(), "model.layers.0.mlp".to_string())]);
+}
+
+/// Each option a kind of candidate cannot take is refused, exit 2, in one line naming
+/// the flag and why, never ignored.
+#[test]
+fn options_a_candidate_kind_cannot_take_exit_2_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let keymap = tmp.path().join("keymap.json");
+    std::fs::write(&keymap, r#"{"format": "llama-parity/keymap@1", "rules": []}"#).unwrap();
+    let stats = "fixtures/msprobe/stats/gqa_pad_f32";
+    let cases: &[(&str, Vec<&str>, &str, &str)] = &[
+        (stats, vec!["--summary-only"], "--summary-only", "statistics alone already"),
+        (stats, vec!["--floor-cache", cache.to_str().unwrap()], "--floor-cache", "noise floor"),
+        (stats, vec!["--map", keymap.to_str().unwrap()], "--map", "not renamed by a key map"),
+        (
+            "fixtures/msprobe/gqa_pad_f32",
+            vec!["--map", keymap.to_str().unwrap()],
+            "--map",
+            "not renamed by a key map",
+        ),
+        (
+            "golden/gqa_pad_bf16",
+            vec!["--msprobe-map", "hf"],
+            "--msprobe-map",
+            "not an msprobe dump",
+        ),
+    ];
+    for (cand, extra, flag, says) in cases {
+        let args: Vec<&str> = ["compare", "golden/gqa_pad_f32", cand]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let (code, _, err) = parity(&args);
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("parity: error")).collect();
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(lines[0].starts_with(&format!("parity: error: {flag}: ")), "{args:?}: {err}");
+        assert!(lines[0].contains(says), "{args:?}: {err}");
+    }
+}

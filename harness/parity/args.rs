@@ -192,7 +192,8 @@ pub struct CompareArgs {
     pub candidate: PathBuf,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Site name map for candidates that name sites their own way: a key map file
+    /// Site name map for contract-layout candidates that name sites their own way (not
+    /// for an msprobe CANDIDATE, which takes --msprobe-map): a key map file
     /// (llama-parity/keymap@1) whose rules give the contract name as "hf" and the
     /// candidate's name as "port", with {i} for the layer, e.g.
     /// {"hf": "model.layers.{i}.self_attn.q_proj", "port": "layers.{i}.attention.wq"}.

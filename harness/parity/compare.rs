@@ -1,14 +1,14 @@
-//! `parity compare GOLDEN CANDIDATE`: judge a port's dump (or an msprobe dump) against
-//! the golden.
+//! `parity compare GOLDEN CANDIDATE`: judge a port's dump (a contract dump, a key-mapped
+//! one, or an msprobe dump) against the golden.
 
 use std::process::ExitCode;
 
-use llama_parity::dump::{guard, Dump};
-use llama_parity::pipeline;
-use llama_parity::weights::keymap::KeyMap;
+use llama_parity::dump::guard;
+use llama_parity::pipeline::{self, Candidate, Naming};
 use llama_parity::Result;
 
 use crate::args::CompareArgs;
+use crate::import::site_map;
 use crate::output::{
     check_options, common_outputs, finish, floor, load_baseline, load_policy, summary_only,
 };
@@ -28,21 +28,12 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let policy = load_policy(&a.common)?;
     let floor = floor(&a.common)?;
     let baseline = load_baseline(&a.common)?;
-    let golden = if llama_parity::dump::msprobe::is_msprobe_dump(&a.golden) {
-        crate::import::open_msprobe_golden(&a.golden)?
-    } else {
-        Dump::open(&a.golden)?
-    };
+    let golden = pipeline::open_golden(&a.golden)?;
     let summary = summary_only(&a.common, &golden)?;
     let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
-    if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
-        return crate::import::compare_msprobe(&a, &golden, &opts);
-    }
-    let mut candidate = Dump::open(&a.candidate)?;
-    if let Some(p) = &a.map {
-        let map = KeyMap::load(p)?;
-        candidate = candidate.rename_sites(|name| map.to_hf(name))?;
-    }
+    let site_map = a.msprobe_map.as_deref().map(site_map).transpose()?;
+    let naming = Naming { key_map: a.map.as_deref(), site_map: site_map.as_ref() };
+    let candidate = Candidate::open(&a.candidate, naming, &golden.manifest)?;
     let report = pipeline::check(&golden, &candidate, None, &opts)?;
     finish(report, &a.common)
 }

@@ -64,6 +64,10 @@ fn describe(e: &Error) -> String {
                 Feature::TeacherForcing => "--teacher-force",
                 Feature::Implementation => "--impl",
                 Feature::FaultScope => "--fault",
+                Feature::KeyMap => "--map",
+                Feature::SiteMap => "--msprobe-map",
+                Feature::SummaryOnly => "--summary-only",
+                Feature::NoiseFloor => "--floor-cache",
             };
             format!("{flag}: {what}")
         }

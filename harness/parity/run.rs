@@ -13,7 +13,7 @@ use llama_parity::{Error, Result};
 
 use crate::args::{DeviceArg, ImplArg, RunArgs};
 use crate::output::{
-    check_options, common_outputs, finish, floor, load_baseline, load_policy, precision, progress,
+    check_options, common_outputs, finish, floor, load_baseline, load_policy, precision,
     summary_only,
 };
 
@@ -62,22 +62,8 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         faults,
         teacher_force: a.teacher_force,
     };
-    progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let baseline = load_baseline(&a.common)?;
     let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
-    // The dump is written before the comparison, so that a port's output is kept
-    // whatever the comparison and diagnosis make of it.
-    let mut out = llama_parity::model::run(&golden, &run)?;
-    let mut name = format!("{} run", implementation.name());
-    if !run.faults.is_empty() {
-        let ids: Vec<String> = run.faults.iter().map(ToString::to_string).collect();
-        name.push_str(&format!(" with {}", ids.join(", ")));
-    }
-    out.dump.set_name(name);
-    if let Some(dir) = &a.dump {
-        out.dump.write(dir)?;
-        progress(&format!("dump written to {}", dir.display()));
-    }
-    let report = pipeline::check(&golden, &out.dump, out.teacher_forced.as_ref(), &opts)?;
+    let (_, report) = pipeline::run(&golden, &run, a.dump.as_deref(), &opts)?;
     finish(report, &a.common)
 }

@@ -41,8 +41,8 @@ pub enum Error {
     /// run: `field` names the scenario field or activation.
     #[error("scenario.{field}: {what}")]
     Scenario { field: String, what: String },
-    /// Something the chosen implementation cannot do; the caller maps `feature` to the
-    /// option that asked for it.
+    /// Something the chosen implementation, or the kind of candidate given, cannot do;
+    /// the caller maps `feature` to the option that asked for it.
     #[error("{what}")]
     Unsupported { feature: Feature, what: String },
     /// A model configuration the implementation cannot run.
@@ -61,7 +61,7 @@ pub enum Error {
     External { program: String, what: String },
 }
 
-/// What an [`Error::Unsupported`] was asked of an implementation.
+/// What an [`Error::Unsupported`] was asked of an implementation or a candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feature {
     /// Starting each layer from the golden's input.
@@ -70,6 +70,14 @@ pub enum Feature {
     Implementation,
     /// A planted fault narrowed to a scope the implementation cannot plant it in.
     FaultScope,
+    /// Renaming a candidate's sites through a key map (a contract-layout dump's).
+    KeyMap,
+    /// Reading a candidate through an msprobe site map (an msprobe dump's).
+    SiteMap,
+    /// Judging value sites on statistics first (a candidate with tensors).
+    SummaryOnly,
+    /// A noise floor raising each site's threshold (a candidate with tensors).
+    NoiseFloor,
 }
 
 /// `text` with every control character (line breaks, ESC, ...) written as an escape

@@ -3,20 +3,32 @@
 //! `parity` commands, `parity suite`, the benches and the tests, so that a comparison
 //! is judged, diagnosed and reported the same way everywhere.
 //!
+//! - [`candidate`]: what is compared, opened from a path by its layout ([`Candidate`]);
+//! - [`check`]: the one entry that judges any candidate, with the options each kind
+//!   of candidate can take (and the refusal of those it cannot);
+//! - [`run`]: an implementation's run on the golden's scenario, then [`check`];
+//! - [`suite`]: every implementation on every golden and every faulty candidate beside
+//!   them, with what each must give, and the `suite.json` record of the matrix.
+//!
 //! Uses every earlier stage.
+
+pub mod candidate;
+pub mod suite;
 
 use std::path::Path;
 
 use compare::floor::{floor_for, FloorCache, FloorSource};
-use compare::statistics::SummaryOnly;
+use compare::statistics::{compare_statistics, SummaryOnly};
 use compare::tolerance::Policy;
 use compare::{compare_with, compare_with_floor, Comparison};
-use contract::error::Result;
+use contract::error::{Error, Feature, Result};
 use diagnosis::{diagnose, localise};
 use dump::Dump;
 use model::{self, RunOptions, RunOutput};
 use report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
 use report::Report;
+
+pub use self::candidate::{open_golden, Candidate, CandidateRef, Kind, Naming, Statistics};
 
 /// Where each site's threshold starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,18 +80,50 @@ impl<'a> Options<'a> {
     }
 }
 
-/// Compares `candidate` with `golden`, diagnoses a divergence and builds the report.
-/// `teacher_forced`, when given, is the candidate's run with each layer started from the
-/// golden's input: its errors become each site's local error in the report.
+/// Compares `candidate` with `golden`, diagnoses a divergence and builds the report:
+/// the one entry every command, the suite and the tests go through. `candidate` is an
+/// opened [`Candidate`] or a contract dump in hand. `teacher_forced`, when given, is the
+/// candidate's run with each layer started from the golden's input: its errors become
+/// each site's local error in the report.
 ///
 /// With `opts.baseline`, the report is then held against the accepted one: sites that
 /// regressed are marked and fail the verdict. With `opts.summary_only`, value sites are
 /// judged on statistics first (the teacher-forced run, when given, is compared in full).
 ///
+/// What each kind of candidate takes:
+///
+/// | option | with tensors | statistics only |
+/// |---|---|---|
+/// | `policy` | yes | yes |
+/// | `baseline`, `max_regression` | yes | yes: the gate holds each site's error bound against the baseline's error |
+/// | `floor` | yes | `Off` and `DefaultCache` (no floor, said in the report); `Measure` and `Cache` refused |
+/// | `summary_only` | yes | refused: judged on statistics alone already |
+/// | `diagnose` | yes | never made (no tensors to test hypotheses on), said in the report |
+/// | `teacher_forced` | yes | refused: no tensors to start layers from |
+///
+/// An option a kind cannot take is an [`Error::Unsupported`] naming it, never ignored.
+///
 /// Errors only for inputs that cannot be compared (a baseline of another scenario
 /// among them); a divergence or a regression is data in the report, and a diagnosis
 /// that cannot be made is said in the report's `diagnosis_note`.
-pub fn check(
+pub fn check<'c>(
+    golden: &Dump,
+    candidate: impl Into<CandidateRef<'c>>,
+    teacher_forced: Option<&Dump>,
+    opts: &Options,
+) -> Result<Report> {
+    let mut report = match candidate.into() {
+        CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts)?,
+        CandidateRef::Statistics(stats) => check_statistics(golden, stats, teacher_forced, opts)?,
+    };
+    if let Some(b) = opts.baseline {
+        b.apply(&mut report, opts.max_regression)?;
+    }
+    Ok(report)
+}
+
+/// [`check`] of a candidate with tensors, before the baseline.
+fn check_tensors(
     golden: &Dump,
     candidate: &Dump,
     teacher_forced: Option<&Dump>,
@@ -100,8 +144,58 @@ pub fn check(
         let local = compare_with_floor(golden, tf, opts.policy, floor)?;
         report.attach_local(&local);
     }
-    if let Some(b) = opts.baseline {
-        b.apply(&mut report, opts.max_regression)?;
+    Ok(report)
+}
+
+/// [`check`] of a statistics-only candidate, before the baseline: each site judged on
+/// the lower bounds its statistics prove ([`compare::statistics`]), by the policy alone.
+fn check_statistics(
+    golden: &Dump,
+    stats: &Statistics,
+    teacher_forced: Option<&Dump>,
+    opts: &Options,
+) -> Result<Report> {
+    const WHAT: &str = "an msprobe statistics dump";
+    if teacher_forced.is_some() {
+        return Err(Error::unsupported(
+            Feature::TeacherForcing,
+            format!("{WHAT} holds no tensors to start each layer from"),
+        ));
+    }
+    if opts.summary_only.is_some() {
+        return Err(Error::unsupported(
+            Feature::SummaryOnly,
+            format!(
+                "{WHAT} is judged on its statistics alone already, and holds no tensors to compare any site in full"
+            ),
+        ));
+    }
+    let floor_note = match opts.floor {
+        Floor::Off => None,
+        Floor::DefaultCache => Some(
+            FloorSource::Unavailable(format!(
+                "{WHAT} is judged on its statistics' error bounds, which a noise floor does not raise"
+            ))
+            .note(),
+        ),
+        Floor::Measure | Floor::Cache(_) => {
+            return Err(Error::unsupported(
+                Feature::NoiseFloor,
+                format!(
+                    "{WHAT} is judged on its statistics' error bounds against the policy's thresholds; a noise floor does not raise them"
+                ),
+            ))
+        }
+    };
+    (opts.progress)("statistics-mode msprobe dump: each site is judged on Max/Min/Mean/Norm alone");
+    let cmp = compare_statistics(golden, &stats.manifest, &stats.label, &stats.sites, opts.policy)?;
+    let mut report = Report::new(&cmp, Vec::new());
+    report.noise_floor_note = floor_note;
+    if cmp.first_divergence().is_some() {
+        report.diagnosis_note = Some(
+            "not made: a statistics-only dump has no tensors to test fault hypotheses against"
+                .into(),
+        );
     }
     Ok(report)
 }
@@ -123,13 +217,35 @@ pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Op
     floor_for(golden, precision, cache.as_ref(), opts.progress).map(Some)
 }
 
-/// Runs `run`'s implementation on `golden`'s scenario and weights, then [`check`]s the
-/// result. The run's output is returned too (to be written as a dump, say).
-pub fn run(golden: &Dump, run: &RunOptions, opts: &Options) -> Result<(RunOutput, Report)> {
-    (opts.progress)(&format!("running {} ...", run.implementation.name()));
-    let out = model::run(golden, run)?;
+/// Runs `run`'s implementation on `golden`'s scenario and weights, names the run after
+/// its implementation and planted faults, writes its dump into `keep` when given (before
+/// the comparison, so that a port's output is kept whatever the comparison and
+/// diagnosis make of it), then [`check`]s it. The run's output is returned too.
+pub fn run(
+    golden: &Dump,
+    run: &RunOptions,
+    keep: Option<&Path>,
+    opts: &Options,
+) -> Result<(RunOutput, Report)> {
+    (opts.progress)(&format!("running {} on {} ...", run.implementation.name(), golden.label()));
+    let mut out = model::run(golden, run)?;
+    out.dump.set_name(run_name(run));
+    if let Some(dir) = keep {
+        out.dump.write(dir)?;
+        (opts.progress)(&format!("dump written to {}", dir.display()));
+    }
     let report = check(golden, &out.dump, out.teacher_forced.as_ref(), opts)?;
     Ok((out, report))
+}
+
+/// How a run is named in reports: `ascend run`, `reference run with rope.pos_reset`.
+pub fn run_name(run: &RunOptions) -> String {
+    let mut name = format!("{} run", run.implementation.name());
+    if !run.faults.is_empty() {
+        let ids: Vec<String> = run.faults.iter().map(ToString::to_string).collect();
+        name.push_str(&format!(" with {}", ids.join(", ")));
+    }
+    name
 }
 
 /// Diagnoses a failed comparison into `report`. A diagnosis that cannot be made is said

@@ -1,0 +1,350 @@
+//! The suite: every implementation on every golden, every faulty candidate against its
+//! golden, as one matrix, and what each run of it must give.
+//!
+//! A [`Plan`] says what runs: for each golden dump under a directory, the float64
+//! reference and the simulated Ascend port at bfloat16 and float16 (and the real
+//! MindSpore port at float32 and float16 when asked), each of which must pass; for each
+//! candidate `<golden>__<fault>` beside them, the comparison with its golden, which must
+//! fail with the planted fault ranked first in the diagnosis. [`Plan::run`] runs it
+//! through [`crate::run`] and [`crate::check`] into a [`Suite`]; [`Suite::write`] keeps
+//! each run's report and the matrix as `suite.json` ([`Record`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use compare::tolerance::Policy;
+use compare::Verdict;
+use contract::error::{Error, Result};
+use contract::fault::Fault;
+use dump::{Dump, Precision};
+use model::{Implementation, RunOptions};
+use report::baseline::Baseline;
+use report::Report;
+
+use crate::candidate::{Candidate, Naming};
+use crate::Options;
+
+/// What one run of the matrix must give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    pub verdict: Verdict,
+    /// The fault the diagnosis must rank first (a faulty candidate's planted fault).
+    pub diagnosis: Option<String>,
+}
+
+impl Expect {
+    /// A correct run: it passes.
+    pub fn pass() -> Expect {
+        Expect { verdict: Verdict::Pass, diagnosis: None }
+    }
+
+    /// A faulty candidate: it fails, and `fault` is ranked first.
+    pub fn diagnosed(fault: impl Into<String>) -> Expect {
+        Expect { verdict: Verdict::Fail, diagnosis: Some(fault.into()) }
+    }
+
+    /// True when `report` gives what is expected.
+    pub fn met_by(&self, report: &Report) -> bool {
+        report.verdict == self.verdict
+            && self
+                .diagnosis
+                .as_ref()
+                .is_none_or(|fault| report.diagnosis.first().is_some_and(|f| &f.fault == fault))
+    }
+}
+
+/// What a run of the matrix compares with its golden.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// An implementation's run on the golden's scenario.
+    Implementation(RunOptions),
+    /// A candidate on disk (any layout [`Candidate::open`] reads).
+    Candidate(PathBuf),
+}
+
+/// One run of the matrix, before it runs.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The golden's name (its directory's).
+    pub golden: String,
+    /// The run's name in the matrix: `reference`, `ascend bfloat16`, `candidate rope.pos_reset`.
+    pub run: String,
+    pub subject: Subject,
+    pub expect: Expect,
+}
+
+/// The goldens of a suite and every run planned on them, golden by golden.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Each golden dump's directory, sorted; the runs on each follow in `runs`.
+    pub goldens: Vec<PathBuf>,
+    pub runs: Vec<Planned>,
+}
+
+/// How to run a plan.
+#[derive(Clone, Copy)]
+pub struct SuiteOptions<'a> {
+    /// A previous suite's report directory (`<dir>/<golden>/<run>/report.json`): each
+    /// run is held against its accepted report there; a run without one is not gated.
+    pub baseline: Option<&'a Path>,
+    /// How much a site's error may grow beyond its noise before it regresses.
+    pub max_regression: f64,
+    /// Called with a line before each run.
+    pub progress: &'a dyn Fn(&str),
+}
+
+/// One run of the matrix, done.
+#[derive(Debug)]
+pub struct SuiteRun {
+    pub golden: String,
+    pub run: String,
+    pub expect: Expect,
+    /// The report, or the error that stopped the run, in words.
+    pub outcome: std::result::Result<Report, String>,
+    pub seconds: f64,
+}
+
+impl SuiteRun {
+    /// True when the run gave what was expected.
+    pub fn ok(&self) -> bool {
+        self.outcome.as_ref().is_ok_and(|r| self.expect.met_by(r))
+    }
+
+    /// Its directory under a suite's report directory: `<golden>/<run, spaces as _>`.
+    pub fn dir(&self) -> PathBuf {
+        Path::new(&self.golden).join(run_dir(&self.run))
+    }
+
+    /// Its line of `suite.json`.
+    pub fn record(&self) -> Record {
+        let report = self.outcome.as_ref().ok();
+        Record {
+            diagnosis: report.and_then(|r| r.diagnosis.first().map(|f| f.fault.clone())),
+            error: self.outcome.as_ref().err().cloned(),
+            expected: self.expect.verdict,
+            first_divergence: report.and_then(|r| {
+                r.first_divergence.as_ref().map(|f| format!("{}/{}", f.step, f.site))
+            }),
+            golden: self.golden.clone(),
+            ok: self.ok(),
+            run: self.run.clone(),
+            verdict: report.map(|r| r.verdict),
+        }
+    }
+}
+
+/// One run in `suite.json` (an array of these, in the matrix's order). The fields are
+/// written in this order, alphabetical, as the file has always had them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The fault the diagnosis ranked first.
+    pub diagnosis: Option<String>,
+    /// What stopped the run, when it did not finish.
+    pub error: Option<String>,
+    pub expected: Verdict,
+    /// `<step>/<site>`.
+    pub first_divergence: Option<String>,
+    pub golden: String,
+    /// The run gave what was expected (verdict, and the planted fault ranked first).
+    pub ok: bool,
+    pub run: String,
+    pub verdict: Option<Verdict>,
+}
+
+/// The matrix, done.
+#[derive(Debug)]
+pub struct Suite {
+    pub runs: Vec<SuiteRun>,
+}
+
+impl Suite {
+    /// The runs that did not give what was expected.
+    pub fn unexpected(&self) -> usize {
+        self.runs.iter().filter(|r| !r.ok()).count()
+    }
+
+    /// `suite.json`: one [`Record`] a run, pretty-printed, with a final line break.
+    pub fn to_json(&self) -> String {
+        let records: Vec<Record> = self.runs.iter().map(SuiteRun::record).collect();
+        serde_json::to_string_pretty(&records).unwrap_or_default() + "\n"
+    }
+
+    /// Writes each finished run's report into `dir/<golden>/<run>/` and the matrix
+    /// into `dir/suite.json`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        for r in &self.runs {
+            if let Ok(rep) = &r.outcome {
+                rep.write(&dir.join(r.dir()))?;
+            }
+        }
+        dump::write_atomic(&dir.join("suite.json"), self.to_json().as_bytes())
+    }
+}
+
+impl Plan {
+    /// The plan for the goldens under `goldens` (each subdirectory holding a
+    /// `manifest.json`) and the candidates under `candidates` named
+    /// `<golden>__<fault id, dots as _>` (none when it is not a directory), with the
+    /// MindSpore port's runs when `mindspore`.
+    pub fn new(goldens: &Path, candidates: &Path, mindspore: bool) -> Result<Plan> {
+        let golden_dirs = list_dirs(goldens)?;
+        let candidate_dirs = if candidates.is_dir() { list_dirs(candidates)? } else { Vec::new() };
+        let mut runs = Vec::new();
+        for gdir in &golden_dirs {
+            let golden = name(gdir);
+            let mut implementations =
+                vec![("reference".to_string(), run_options(Implementation::Reference, None))];
+            for p in [Precision::Bf16, Precision::F16] {
+                implementations
+                    .push((format!("ascend {p}"), run_options(Implementation::Ascend, Some(p))));
+            }
+            if mindspore {
+                for p in [Precision::F32, Precision::F16] {
+                    implementations.push((
+                        format!("mindspore {p}"),
+                        run_options(Implementation::MindSpore, Some(p)),
+                    ));
+                }
+            }
+            for (run, opts) in implementations {
+                runs.push(Planned {
+                    golden: golden.clone(),
+                    run,
+                    subject: Subject::Implementation(opts),
+                    expect: Expect::pass(),
+                });
+            }
+            for cdir in
+                candidate_dirs.iter().filter(|c| name(c).split("__").next() == Some(&golden))
+            {
+                let dir_fault = name(cdir).split("__").nth(1).unwrap_or_default().to_string();
+                let fault =
+                    Fault::parse_underscored(&dir_fault).map_or(dir_fault, |f| f.id().to_string());
+                runs.push(Planned {
+                    golden: golden.clone(),
+                    run: format!("candidate {fault}"),
+                    subject: Subject::Candidate(cdir.clone()),
+                    expect: Expect::diagnosed(fault),
+                });
+            }
+        }
+        Ok(Plan { goldens: golden_dirs, runs })
+    }
+
+    /// Runs every planned run, golden by golden, each judged by the default policy and
+    /// held against its accepted report under `opts.baseline` when there is one. A run
+    /// that cannot be carried out is an error in its row, not the suite's; a golden
+    /// that cannot be opened stops the suite.
+    pub fn run(&self, opts: &SuiteOptions) -> Result<Suite> {
+        if let Some(b) = opts.baseline {
+            if !b.is_dir() {
+                return Err(Error::format(
+                    b,
+                    "not a directory of a previous suite's reports (<dir>/<golden>/<run>/report.json)",
+                ));
+            }
+        }
+        let policy = Policy::default();
+        let mut done = Vec::new();
+        for gdir in &self.goldens {
+            let gname = name(gdir);
+            let golden = Dump::open(gdir)?;
+            for p in self.runs.iter().filter(|p| p.golden == gname) {
+                (opts.progress)(&format!("suite: {gname}: {}", p.run));
+                let t = Instant::now();
+                let outcome = (|| -> Result<Report> {
+                    let baseline = match opts.baseline {
+                        Some(dir) => accepted(dir, &p.golden, &p.run)?,
+                        None => None,
+                    };
+                    let check = Options {
+                        baseline: baseline.as_ref(),
+                        max_regression: opts.max_regression,
+                        ..Options::new(&policy)
+                    };
+                    match &p.subject {
+                        Subject::Implementation(run) => {
+                            crate::run(&golden, run, None, &check).map(|(_, report)| report)
+                        }
+                        Subject::Candidate(dir) => {
+                            let cand = Candidate::open(dir, Naming::default(), &golden.manifest)?;
+                            crate::check(&golden, &cand, None, &check)
+                        }
+                    }
+                })()
+                .map_err(|e| e.to_string());
+                done.push(SuiteRun {
+                    golden: gname.clone(),
+                    run: p.run.clone(),
+                    expect: p.expect.clone(),
+                    outcome,
+                    seconds: t.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        Ok(Suite { runs: done })
+    }
+}
+
+/// The accepted report of one run under a previous suite's report directory, when
+/// there is one.
+fn accepted(dir: &Path, golden: &str, run: &str) -> Result<Option<Baseline>> {
+    let p = dir.join(golden).join(run_dir(run)).join("report.json");
+    if p.is_file() {
+        Baseline::load(&p).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A correct run of `implementation` at `precision` (`None`: the golden's).
+fn run_options(implementation: Implementation, precision: Option<Precision>) -> RunOptions {
+    RunOptions { implementation, precision, faults: vec![], teacher_force: false }
+}
+
+/// The directory of one run's report under `<dir>/<golden>/`.
+fn run_dir(run: &str) -> String {
+    run.replace(' ', "_")
+}
+
+/// The subdirectories of `dir` holding a `manifest.json`, sorted.
+fn list_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_written_with_its_fields_in_the_files_order_and_reads_back() {
+        let r = Record {
+            diagnosis: Some("rope.pos_reset".into()),
+            error: None,
+            expected: Verdict::Fail,
+            first_divergence: Some("decode.0/inputs.position_ids".into()),
+            golden: "gqa_pad_f32".into(),
+            ok: true,
+            run: "candidate rope.pos_reset".into(),
+            verdict: Some(Verdict::Fail),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"diagnosis":"rope.pos_reset","error":null,"expected":"fail","first_divergence":"decode.0/inputs.position_ids","golden":"gqa_pad_f32","ok":true,"run":"candidate rope.pos_reset","verdict":"fail"}"#
+        );
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+    }
+}
