@@ -1,0 +1,247 @@
+//! What the diagnosis knows of each fault of CONTRACT §3, in one table ([`FACTS`]): where
+//! it first acts, what a golden must hold for it to show, which parameters are tried for
+//! it, what may refute it, and what evidence is said in its own terms. The rest of the
+//! crate asks the table; no other module asks "is this fault X?".
+//!
+//! What the contract itself says of a fault (its ID, the scopes and parameters it takes,
+//! its components) stays in `contract::fault`; the tests below check the two agree.
+
+use contract::fault::Fault;
+use contract::site::{LayerPart, Site, Step};
+
+/// What a golden must hold for a fault to show on it (see [`crate::first_site`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Needs {
+    /// Nothing: every golden gives the fault something to act on.
+    Nothing,
+    /// A decode step.
+    DecodeStep,
+    /// A configured rope other than the fault's default form (theta 10000, no scaling).
+    OtherRope,
+    /// Padding in the prefill.
+    Padding,
+    /// A real token whose id is the pad id; the fault shows at the first step fed one.
+    PadIdToken,
+    /// A float16 run of a padded scenario with a second layer to read the padding keys.
+    Float16PaddedLayers,
+    /// A square projection; the fault shows at the first, in the loader's order.
+    SquareProjection,
+    /// Grouped heads (1 < nKV < nH), where tiling and grouping differ.
+    GroupedHeads,
+}
+
+/// The parameter sets tried for a family beside its default form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grid {
+    /// The default form alone.
+    DefaultOnly,
+    /// Bases with the configured scaling dropped or kept: common bases and the ones
+    /// fitted to the candidate's rotary table.
+    ThetaAndScaling,
+    /// The sliced rotary table.
+    SlicedTable,
+    /// The decode position offset the candidate's positions show.
+    PositionOffset,
+    /// Cache slot offsets the decode steps leave room for.
+    SlotOffset,
+}
+
+/// The evidence a finding states in the fault's own terms, before the fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// Nothing beyond the fit.
+    None,
+    /// The decode positions the candidate was fed, against the golden's.
+    Positions,
+    /// How many (query, key) pairs the candidate's mask shows, against the golden's.
+    MaskPattern,
+}
+
+/// The diagnosis's facts about one fault.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Facts {
+    pub fault: Fault,
+    /// The earliest (step, site) at which the fault can change an activation.
+    pub acts_first: (Step, Site),
+    /// What a golden must hold for the fault to show.
+    pub needs: Needs,
+    /// Whether a fault that cannot show on the golden is left out of the diagnosis.
+    /// Not so where only its default form cannot show (the other bases of
+    /// `rope.wrong_theta` act on any rope).
+    pub screened: bool,
+    /// Whether the dumped rotary tables, where the candidate matched them, refute the
+    /// fault. Not so for `rope.cos_sin_swapped`: a port may swap the tables only where
+    /// it applies them.
+    pub tables_refute: bool,
+    pub grid: Grid,
+    pub detail: Detail,
+}
+
+/// A fault acting first at `(step, site)`, that shows on any golden, in its default
+/// form only, refuted by every matched site.
+const fn acts(fault: Fault, step: Step, site: Site) -> Facts {
+    Facts {
+        fault,
+        acts_first: (step, site),
+        needs: Needs::Nothing,
+        screened: true,
+        tables_refute: true,
+        grid: Grid::DefaultOnly,
+        detail: Detail::None,
+    }
+}
+
+impl Facts {
+    const fn needs(mut self, needs: Needs) -> Facts {
+        self.needs = needs;
+        self
+    }
+
+    const fn grid(mut self, grid: Grid) -> Facts {
+        self.grid = grid;
+        self
+    }
+
+    const fn detail(mut self, detail: Detail) -> Facts {
+        self.detail = detail;
+        self
+    }
+
+    /// Tried even where its default form cannot show.
+    const fn unscreened(mut self) -> Facts {
+        self.screened = false;
+        self
+    }
+
+    /// Not refuted by the dumped rotary tables.
+    const fn tables_free(mut self) -> Facts {
+        self.tables_refute = false;
+        self
+    }
+}
+
+const fn layer0(part: LayerPart) -> Site {
+    Site::Layer(0, part)
+}
+
+/// Every fault's facts, in the contract's order ([`Fault::ALL`]).
+pub(crate) static FACTS: [Facts; Fault::ALL.len()] = {
+    use Detail::*;
+    use Fault::*;
+    use Grid::*;
+    use LayerPart::*;
+    use Needs::*;
+    use Site::{Mask, PositionIds, RotaryCos};
+    use Step::{Decode, Prefill};
+    [
+        acts(RopePosReset, Decode(0), PositionIds).needs(DecodeStep).detail(Positions),
+        acts(RopePosFixed, Decode(0), PositionIds).needs(DecodeStep).detail(Positions),
+        acts(RopePosOffByOne, Decode(0), PositionIds)
+            .needs(DecodeStep)
+            .grid(PositionOffset)
+            .detail(Positions),
+        acts(RopeInterleaved, Prefill, layer0(QRope)).grid(SlicedTable),
+        acts(RopeCosSinSwapped, Prefill, RotaryCos).tables_free(),
+        acts(RopeWrongTheta, Prefill, RotaryCos)
+            .needs(OtherRope)
+            .unscreened()
+            .grid(ThetaAndScaling),
+        acts(RopeLowPrecisionAngles, Prefill, RotaryCos),
+        acts(MaskNone, Prefill, Mask).detail(MaskPattern),
+        acts(MaskInverted, Prefill, Mask).detail(MaskPattern),
+        acts(MaskPaddingIgnored, Prefill, Mask).needs(Padding).detail(MaskPattern),
+        acts(MaskPadTokenMasked, Prefill, Mask).needs(PadIdToken).detail(MaskPattern),
+        acts(MaskFp16Overflow, Prefill, Mask).needs(Float16PaddedLayers),
+        acts(NormLayernorm, Prefill, layer0(InputLayernorm)),
+        acts(NormBias, Prefill, layer0(InputLayernorm)),
+        acts(NormEpsOutside, Prefill, layer0(InputLayernorm)),
+        acts(NormNoUpcast, Prefill, layer0(InputLayernorm)),
+        acts(NormWeightUnmapped, Prefill, layer0(InputLayernorm)),
+        acts(WeightsTransposed, Prefill, layer0(QProj)).needs(SquareProjection),
+        acts(WeightsGateUpSwapped, Prefill, layer0(Mlp)),
+        acts(KvStale, Decode(0), layer0(KCache)).needs(DecodeStep),
+        acts(KvWrongSlot, Decode(0), layer0(KCache)).needs(DecodeStep).grid(SlotOffset),
+        acts(KvUnrotatedKeys, Prefill, layer0(KCache)),
+        acts(KvGqaTiled, Prefill, layer0(Probs)).needs(GroupedHeads),
+        acts(AttnNoScale, Prefill, layer0(Probs)),
+        acts(AttnSoftmaxLowPrecision, Prefill, layer0(Probs)),
+    ]
+};
+
+/// The facts of `fault`.
+pub(crate) fn facts(fault: Fault) -> &'static Facts {
+    // The table is in the order of the enum (checked by the tests below).
+    &FACTS[fault as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_holds_every_contract_fault_once_in_the_contracts_order() {
+        let listed: Vec<Fault> = FACTS.iter().map(|f| f.fault).collect();
+        assert_eq!(listed, Fault::ALL.to_vec());
+        for fault in Fault::ALL {
+            assert_eq!(facts(fault).fault, fault, "{fault}");
+            assert_eq!(Fault::parse(fault.id()), Some(facts(fault).fault), "{}", fault.id());
+        }
+    }
+
+    #[test]
+    fn each_parameter_grid_tries_exactly_the_parameters_the_contract_gives_its_family() {
+        for f in &FACTS {
+            let expected: &[&str] = match f.grid {
+                Grid::DefaultOnly => &[],
+                Grid::ThetaAndScaling => &["theta", "scaling"],
+                Grid::SlicedTable => &["table"],
+                Grid::PositionOffset | Grid::SlotOffset => &["offset"],
+            };
+            assert_eq!(f.fault.param_names(), expected, "{}", f.fault);
+        }
+    }
+
+    #[test]
+    fn a_family_that_takes_layers_or_components_first_acts_inside_a_layer() {
+        for f in &FACTS {
+            if f.fault.takes_layers() || !f.fault.components().is_empty() {
+                assert!(matches!(f.acts_first.1, Site::Layer(0, _)), "{}", f.fault);
+            }
+        }
+    }
+
+    #[test]
+    fn every_fault_acting_first_in_decode_needs_a_decode_step() {
+        for f in &FACTS {
+            let decode = matches!(f.acts_first.0, Step::Decode(_));
+            assert_eq!(decode, f.needs == Needs::DecodeStep, "{}", f.fault);
+            if decode {
+                assert_eq!(f.acts_first.0, Step::Decode(0), "{}", f.fault);
+            }
+        }
+    }
+
+    #[test]
+    fn position_details_go_with_position_sites_and_mask_details_with_the_mask() {
+        for f in &FACTS {
+            match f.detail {
+                Detail::Positions => assert_eq!(f.acts_first.1, Site::PositionIds, "{}", f.fault),
+                Detail::MaskPattern => assert_eq!(f.acts_first.1, Site::Mask, "{}", f.fault),
+                Detail::None => {}
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_theta_family_is_tried_unseen_and_only_swapped_tables_escape_the_tables() {
+        let unscreened: Vec<Fault> =
+            FACTS.iter().filter(|f| !f.screened).map(|f| f.fault).collect();
+        assert_eq!(unscreened, [Fault::RopeWrongTheta]);
+        let free: Vec<Fault> = FACTS.iter().filter(|f| !f.tables_refute).map(|f| f.fault).collect();
+        assert_eq!(free, [Fault::RopeCosSinSwapped]);
+        // A fault tried where it cannot show has other forms to show with.
+        for f in FACTS.iter().filter(|f| !f.screened) {
+            assert_ne!(f.grid, Grid::DefaultOnly, "{}", f.fault);
+        }
+    }
+}
