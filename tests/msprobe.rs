@@ -403,3 +403,31 @@ fn options_a_candidate_kind_cannot_take_exit_2_naming_the_flag() {
         assert!(lines[0].contains(says), "{args:?}: {err}");
     }
 }
+
+/// The summary's "x tolerance" of a statistics-mode site is its rel-L2 lower bound over
+/// float32's threshold (1e-4; no max_abs rule), and the failing sites rank first.
+/// Regression: the report judged the stored metrics again, their NaN cosine included,
+/// so every site showed `inf` and the passing ones led the table in compute order.
+#[test]
+fn statistics_mode_sites_rank_by_the_bounds_they_were_judged_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rep = tmp.path().join("r");
+    let dump = "fixtures/msprobe/stats/gqa_pad_f32__norm_layernorm";
+    let (code, _, err) =
+        parity(&["compare", "golden/gqa_pad_f32", dump, "--report", rep.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    let md = std::fs::read_to_string(rep.join("summary.md")).expect("summary.md");
+    // | status | step | site | rel_l2 | cosine | x tolerance | x floor |
+    let rows: Vec<Vec<&str>> = md
+        .lines()
+        .filter(|l| l.starts_with("| pass |") || l.starts_with("| **fail** |"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 10, "{md}");
+    for r in &rows {
+        let (rel, x): (f64, f64) = (r[4].parse().expect("rel_l2"), r[6].parse().expect("x tol"));
+        assert!(x.is_finite() && (x - rel / 1e-4).abs() <= 0.01 + 1e-3 * x, "{r:?}");
+        assert_eq!(r[1] == "**fail**", x > 1.0, "{r:?}");
+    }
+    assert!(rows.iter().all(|r| r[1] == "**fail**"), "28 sites fail, ranked first: {md}");
+}

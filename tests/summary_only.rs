@@ -10,7 +10,7 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{SiteMetrics, Status};
 use llama_parity::dump::Dump;
 use llama_parity::pipeline::{self, Floor, Options};
-use llama_parity::report::{Report, SiteEntry};
+use llama_parity::report::{excess, render_markdown, Report, SiteEntry};
 
 use crate::helpers::root;
 
@@ -125,6 +125,59 @@ fn a_faulty_candidate_fails_at_the_same_first_site() {
         stdout.contains("first divergence: prefill model.layers.0.self_attn.q_rope"),
         "{stdout}"
     );
+}
+
+/// The "x tol" of a site judged on statistics alone is what was judged: its rel-L2 (and
+/// max_abs, where the policy sets one) lower bound over the threshold, never the NaN of
+/// the cosine statistics cannot measure. Regression: the report judged the stored
+/// metrics again, NaN cosine included, so every such site showed `inf` and ranked above
+/// the sites that really fail.
+#[test]
+fn a_site_judged_on_statistics_alone_is_ranked_by_the_bounds_it_was_judged_on() {
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
+    let policy = Policy::default();
+    let summary = SummaryOnly::default();
+    let opts = Options {
+        diagnose: false,
+        floor: Floor::Off,
+        summary_only: Some(&summary),
+        ..Options::new(&policy)
+    };
+    for (candidate, fails) in [
+        ("golden/gqa_pad_bf16", false),
+        ("fixtures/candidates/gqa_pad_f32__rope_interleaved", true),
+    ] {
+        let cand = Dump::open(&root().join(candidate)).expect("candidate");
+        let r = pipeline::check(&golden, &cand, None, &opts).expect("check");
+        assert_eq!(r.summary.fail > 0, fails, "{candidate}");
+        let mut marked = 0;
+        for e in r.sites.iter().filter(|e| statistics_only(e) && e.status == Status::Pass) {
+            let (Some(SiteMetrics::Values(m)), Some(t)) = (&e.metrics, &e.tolerance) else {
+                panic!("{candidate} {} {}: a value site with its tolerance", e.step, e.site)
+            };
+            assert!(m.cosine.is_nan(), "statistics cannot measure the cosine");
+            let want = t
+                .max_abs
+                .map_or(m.rel_l2 / t.max_rel_l2, |a| (m.rel_l2 / t.max_rel_l2).max(m.max_abs / a));
+            assert_eq!(excess(e), want, "{candidate} {} {}", e.step, e.site);
+            assert!(want <= 0.1, "passed on statistics: within a tenth of the tolerance");
+            marked += 1;
+        }
+        assert!(marked > 20, "{candidate}: {marked} sites judged on statistics alone");
+        // Worst first: every failing site before any site passed on statistics alone.
+        let worst = r.worst(r.sites.len());
+        let first_marked = worst.iter().position(|e| statistics_only(e)).expect("marked");
+        let last_fail = worst.iter().rposition(|e| e.status == Status::Fail);
+        assert!(last_fail.is_none_or(|f| f < first_marked), "{candidate}: {last_fail:?}");
+        // No "inf" in the summary's table for a site that passed.
+        let md = render_markdown(&r);
+        for row in md.lines().filter(|l| l.starts_with("| pass |")) {
+            assert!(!row.contains("| inf |"), "{candidate}: {row}");
+        }
+        if !fails {
+            assert!(md.lines().any(|l| l.starts_with("| pass |")), "{md}");
+        }
+    }
 }
 
 #[test]

@@ -327,7 +327,10 @@ impl FloorCache {
 
     /// The file of `hash` at `precision`.
     pub fn path(&self, hash: &str, precision: Precision) -> PathBuf {
-        self.dir.join(format!("{hash}-{}.json", precision.name()))
+        // The format's version is in the name, so that two versions of the harness
+        // sharing a cache keep their own files instead of measuring each other's again.
+        let version = FORMAT.rsplit('@').next().unwrap_or("0");
+        self.dir.join(format!("{hash}-{}-v{version}.json", precision.name()))
     }
 
     /// The cached floor of this key, validated: `Ok(None)` when there is none,

@@ -71,15 +71,21 @@ pub fn names(p: &str, step: Step, site: &Site) -> bool {
 }
 
 /// The lower bounds of a value site whose tensors have statistics `gs` and `cs` over `n`
-/// compared elements, when they lie within [`STATISTICS_MARGIN`] of every threshold of
-/// `tol`; `None` when the site needs its full measures.
-pub fn clearly_within(tol: &Tolerance, gs: &Stats, cs: &Stats, n: u64) -> Option<Metrics> {
+/// compared elements, and their judgement ([`judge`]), when they lie within
+/// [`STATISTICS_MARGIN`] of every threshold of `tol`; `None` when the site needs its full
+/// measures.
+pub fn clearly_within(
+    tol: &Tolerance,
+    gs: &Stats,
+    cs: &Stats,
+    n: u64,
+) -> Option<(Metrics, Judgement)> {
     if n == 0 {
         return None;
     }
     let m = lower_bounds(gs, cs, n as f64);
     let j = judge(tol, &m);
-    (j.pass && j.excess <= STATISTICS_MARGIN).then_some(m)
+    (j.pass && j.excess <= STATISTICS_MARGIN).then_some((m, j))
 }
 
 /// Compares a golden dump with a candidate known only by `stats`, keyed by step and site.
@@ -151,7 +157,9 @@ pub fn compare_statistics(
                 match (Some(gh), ch) {
                     (Some(gh), Some(ch)) => {
                         let mism = (gh - ch).abs() as u64;
-                        r.status = if mism == 0 { Status::Pass } else { Status::Fail };
+                        let j = Judgement::exact(mism, "hidden entries differ");
+                        r.status = if j.pass { Status::Pass } else { Status::Fail };
+                        r.judgement = Some(j);
                         r.metrics = Some(SiteMetrics::Exact {
                             count: g.numel() as u64,
                             mismatches: mism,
@@ -179,13 +187,15 @@ pub fn compare_statistics(
                         .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
                         .collect();
                 let mism = pairs.iter().filter(|(a, b)| !same(*a, *b)).count() as u64;
+                let j = Judgement::exact(mism, "integer statistics differ");
                 r.status = if pairs.is_empty() {
                     Status::Skipped
-                } else if mism == 0 {
+                } else if j.pass {
                     Status::Pass
                 } else {
                     Status::Fail
                 };
+                r.judgement = (!pairs.is_empty()).then_some(j);
                 r.metrics = Some(SiteMetrics::Exact {
                     count: pairs.len() as u64,
                     mismatches: mism,
@@ -203,6 +213,7 @@ pub fn compare_statistics(
             }
             r.tolerance = Some(tol);
             r.metrics = Some(SiteMetrics::Values(m));
+            r.judgement = Some(j);
             sites.push(r);
         }
     }
@@ -244,7 +255,9 @@ pub fn lower_bounds(gs: &Stats, cs: &Stats, n: f64) -> Metrics {
 }
 
 /// The one pass/fail rule on [`lower_bounds`]; statistics say nothing of the cosine, so
-/// it is judged at its best (1).
+/// it is judged at its best (1): the judgement, its excess included, is that of the
+/// rel-L2 and max_abs lower bounds (and any new NaN/Inf), never of the NaN cosine the
+/// site stores.
 pub fn judge(tol: &Tolerance, m: &Metrics) -> Judgement {
     tol.judge(&Metrics { cosine: 1.0, ..m.clone() })
 }
@@ -293,6 +306,7 @@ fn bounds(count: u64, rel_l2: f64, max_abs: f64, nonfinite: bool) -> Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tolerance::Criterion;
     use dump::DType;
 
     #[test]
@@ -322,8 +336,10 @@ mod tests {
         let tol = Tolerance { max_rel_l2: 1e-2, min_cosine: 0.999, max_abs: None };
         let g = Stats { max: Some(2.0), min: Some(-2.0), mean: Some(0.0), norm: Some(10.0) };
         let at = |norm: f64| Stats { norm: Some(norm), ..g };
-        let m = clearly_within(&tol, &g, &at(10.0 + 1e-4), 100).expect("far inside");
+        let (m, j) = clearly_within(&tol, &g, &at(10.0 + 1e-4), 100).expect("far inside");
         assert!((m.rel_l2 - 1e-5).abs() < 1e-12 && m.cosine.is_nan(), "{m:?}");
+        // Judged on the bound it proved, not on the NaN cosine.
+        assert_eq!((j.excess, j.criterion), (m.rel_l2 / tol.max_rel_l2, Criterion::RelL2));
         assert!(clearly_within(&tol, &g, &at(10.0 + 0.02), 100).is_none(), "a fifth of it");
         assert!(clearly_within(&tol, &g, &at(10.5), 100).is_none(), "past it");
         assert!(clearly_within(&tol, &g, &g, 0).is_none(), "nothing compared");

@@ -77,7 +77,26 @@ impl Tolerance {
     }
 }
 
-/// What [`Tolerance::judge`] decides for one site's metrics.
+/// The threshold a site's excess comes from: the one it is furthest past, or nearest to
+/// when it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Criterion {
+    /// `rel_l2 / max_rel_l2`.
+    RelL2,
+    /// `(1 - cosine) / (1 - min_cosine)`.
+    Cosine,
+    /// `max_abs / max_abs`.
+    MaxAbs,
+    /// NaN/Inf where the golden has none, or golden NaN/Inf the candidate does not
+    /// reproduce.
+    NonFinite,
+    /// Integer values or mask visibility, which must match exactly.
+    Exact,
+}
+
+/// What [`Tolerance::judge`] decides for one site's metrics. Made once, where the site's
+/// status is decided, and carried by its result ([`crate::SiteResult::judgement`]), so
+/// that what reports show and rank by is what was judged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
     /// Every threshold met and no NaN/Inf the golden lacks.
@@ -87,13 +106,31 @@ pub struct Judgement {
     /// `max_abs / max_abs`); infinite for new NaN/Inf or a NaN metric. Above 1 exactly
     /// when the site fails.
     pub excess: f64,
+    /// The criterion the excess comes from (the first to reach it, in the order above).
+    pub criterion: Criterion,
     /// Why the site fails, one phrase per broken threshold; empty when it passes.
     pub why: Vec<String>,
 }
 
+impl Judgement {
+    /// The judgement of a site that must match exactly (integer values, mask
+    /// visibility): it passes with no mismatch and is infinitely past its tolerance with
+    /// any; `why` says what differs.
+    pub fn exact(mismatches: u64, why: &str) -> Judgement {
+        let pass = mismatches == 0;
+        Judgement {
+            pass,
+            excess: if pass { 0.0 } else { f64::INFINITY },
+            criterion: Criterion::Exact,
+            why: if pass { Vec::new() } else { vec![why.to_string()] },
+        }
+    }
+}
+
 impl Tolerance {
     /// The one pass/fail rule: judges a value site's metrics against these thresholds.
-    /// The verdict, the report's "x tol" column and the diagnosis all use it.
+    /// The verdict and the diagnosis use it; the report's "x tol" column shows the
+    /// excess it gave.
     pub fn judge(&self, m: &Metrics) -> Judgement {
         // `x <= limit` rather than `!(x > limit)` on purpose: a NaN metric must fail.
         let within = |x: f64, limit: f64| x <= limit;
@@ -109,31 +146,46 @@ impl Tolerance {
             }
         };
         let mut why = Vec::new();
-        let mut excess: f64 = 0.0;
+        // The excess so far and where it comes from; the first criterion to reach the
+        // largest ratio keeps it.
+        let (mut excess, mut criterion) = (0.0f64, Criterion::RelL2);
+        let mut raise = |x: f64, c: Criterion| {
+            if x > excess {
+                (excess, criterion) = (x, c);
+            }
+        };
+        // The first broken threshold, which decides a failing site whose ratios round
+        // to 1 or below.
+        let mut broken = None;
         if m.new_nonfinite > 0 {
             why.push(format!("{} NaN/Inf where the golden has none", m.new_nonfinite));
-            excess = f64::INFINITY;
+            broken = broken.or(Some(Criterion::NonFinite));
+            raise(f64::INFINITY, Criterion::NonFinite);
         }
         if m.lost_nonfinite > 0 {
             why.push(format!(
                 "{} golden NaN/Inf the candidate does not reproduce",
                 m.lost_nonfinite
             ));
-            excess = f64::INFINITY;
+            broken = broken.or(Some(Criterion::NonFinite));
+            raise(f64::INFINITY, Criterion::NonFinite);
         }
         if !within(m.rel_l2, self.max_rel_l2) {
             why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, self.max_rel_l2));
+            broken = broken.or(Some(Criterion::RelL2));
         }
-        excess = excess.max(ratio(m.rel_l2, self.max_rel_l2));
+        raise(ratio(m.rel_l2, self.max_rel_l2), Criterion::RelL2);
         if !within(-m.cosine, -self.min_cosine) {
             why.push(format!("cosine {:.6} < {}", m.cosine, self.min_cosine));
+            broken = broken.or(Some(Criterion::Cosine));
         }
-        excess = excess.max(ratio(1.0 - m.cosine, 1.0 - self.min_cosine));
+        raise(ratio(1.0 - m.cosine, 1.0 - self.min_cosine), Criterion::Cosine);
         if let Some(ma) = self.max_abs {
             if !within(m.max_abs, ma) {
                 why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
+                broken = broken.or(Some(Criterion::MaxAbs));
             }
-            excess = excess.max(ratio(m.max_abs, ma));
+            raise(ratio(m.max_abs, ma), Criterion::MaxAbs);
         }
         let pass = why.is_empty();
         // Ratios round; the comparisons above decide, and the excess follows them.
@@ -141,8 +193,9 @@ impl Tolerance {
             excess = excess.min(1.0);
         } else if excess <= 1.0 {
             excess = 1.0 + f64::EPSILON;
+            criterion = broken.unwrap_or(criterion);
         }
-        Judgement { pass, excess, why }
+        Judgement { pass, excess, criterion, why }
     }
 }
 
@@ -333,6 +386,41 @@ pub fn glob(pattern: &str, s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Metrics with these three measures and nothing non-finite (the rest unknown).
+    fn metrics(rel_l2: f64, cosine: f64, max_abs: f64) -> Metrics {
+        let none = dump::msprobe::Stats { max: None, min: None, mean: None, norm: None };
+        Metrics { rel_l2, cosine, max_abs, ..crate::statistics::lower_bounds(&none, &none, 1.0) }
+    }
+
+    #[test]
+    fn the_judgement_names_the_criterion_its_excess_comes_from() {
+        let tol = Tolerance { max_rel_l2: 1e-2, min_cosine: 0.99, max_abs: Some(0.5) };
+        let j = |m: &Metrics| {
+            let j = tol.judge(m);
+            (j.pass, j.excess, j.criterion)
+        };
+        // Passing, nearest the cosine threshold: (1 - 0.995) / (1 - 0.99) = 0.5.
+        let (pass, x, c) = j(&metrics(1e-3, 0.995, 0.1));
+        assert!(pass && (x - 0.5).abs() < 1e-9 && c == Criterion::Cosine, "{x} {c:?}");
+        // Failing on max_abs alone: 2.0 / 0.5.
+        assert_eq!(j(&metrics(1e-3, 0.999, 2.0)), (false, 4.0, Criterion::MaxAbs));
+        // rel_l2 and max_abs tie at 3: the first in order keeps it.
+        assert_eq!(j(&metrics(3e-2, 0.999, 1.5)), (false, 3.0, Criterion::RelL2));
+        // A NaN cosine is infinitely past its threshold.
+        assert_eq!(j(&metrics(1e-3, f64::NAN, 0.1)), (false, f64::INFINITY, Criterion::Cosine));
+        // New NaN/Inf decide before any ratio.
+        let m = Metrics { new_nonfinite: 2, ..metrics(1e-3, f64::NAN, 0.1) };
+        assert_eq!(j(&m), (false, f64::INFINITY, Criterion::NonFinite));
+        // Nothing off at all: excess 0, by rel_l2.
+        assert_eq!(j(&metrics(0.0, 1.0, 0.0)), (true, 0.0, Criterion::RelL2));
+        let exact = Judgement::exact(3, "integer values differ");
+        assert_eq!(
+            (exact.pass, exact.excess, exact.criterion),
+            (false, f64::INFINITY, Criterion::Exact)
+        );
+        assert_eq!(Judgement::exact(0, "x").excess, 0.0);
+    }
 
     #[test]
     fn glob_matches_whole_names() {

@@ -17,7 +17,7 @@ use crate::floor::{NoiseFloor, SiteFloor};
 use crate::lanes;
 use crate::metrics::{unravel, ErrorHistogram, Metrics};
 use crate::statistics::{self, SummaryOnly};
-use crate::tolerance::{Decision, Policy, Tolerance};
+use crate::tolerance::{Decision, Judgement, Policy, Tolerance};
 use contract::error::{Error, Result};
 use contract::site::{LayerPart, Site, Step};
 use dump::{DType, Dump, Precision, Scenario, Tensor};
@@ -75,6 +75,17 @@ impl SiteMetrics {
         }
     }
 
+    /// Integer values or mask entries that differ (0 for value sites, which have no
+    /// exact rule).
+    pub fn mismatches(&self) -> u64 {
+        match self {
+            SiteMetrics::Values(_) => 0,
+            SiteMetrics::Exact { mismatches, .. } | SiteMetrics::Visibility { mismatches, .. } => {
+                *mismatches
+            }
+        }
+    }
+
     /// One number for "how wrong": rel-L2 for values, the mismatch fraction otherwise.
     pub fn error(&self) -> f64 {
         match self {
@@ -99,6 +110,12 @@ pub struct SiteResult {
     pub status: Status,
     pub metrics: Option<SiteMetrics>,
     pub tolerance: Option<Tolerance>,
+    /// The judgement that decided a measured site's status, made once here: how far past
+    /// its tolerance it is and which criterion says so. Of a site judged on statistics
+    /// alone, what the statistics proved (its rel-L2 and max_abs lower bounds; its
+    /// unknown cosine is not held against it). `None` where nothing was judged
+    /// (missing, skipped by policy, a shape mismatch).
+    pub judgement: Option<Judgement>,
     pub golden_shape: Vec<usize>,
     pub candidate_shape: Option<Vec<usize>>,
     pub golden_dtype: DType,
@@ -133,6 +150,7 @@ impl SiteResult {
             status: Status::Missing,
             metrics: None,
             tolerance: None,
+            judgement: None,
             golden_shape: g.shape().to_vec(),
             candidate_shape,
             golden_dtype: g.dtype(),
@@ -353,25 +371,29 @@ pub fn compare_site_in(
     let valid = RowFilter::new(step, site, g.shape(), scenario);
     if site.is_mask() {
         let m = compare_visibility(g, c, &valid);
-        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        let j = Judgement::exact(m.mismatches(), "the mask hides or shows different keys");
+        r.status = if j.pass { Status::Pass } else { Status::Fail };
         if r.status == Status::Fail {
-            r.note = Some("the mask hides or shows different keys".into());
+            r.note = Some(j.why.join("; "));
         } else if m.count() == 0 {
             r.status = Status::Skipped;
             r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(m);
+        r.judgement = Some(j);
     } else if !g.dtype().is_float() || matches!(site, Site::PositionIds) {
         let m = compare_exact(g, c, &valid);
-        r.status = if m.error() == 0.0 { Status::Pass } else { Status::Fail };
+        let j = Judgement::exact(m.mismatches(), "integer values differ");
+        r.status = if j.pass { Status::Pass } else { Status::Fail };
         if r.status == Status::Fail {
-            r.note = Some("integer values differ".into());
+            r.note = Some(j.why.join("; "));
         } else if m.count() == 0 {
             r.status = Status::Skipped;
             r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(m);
-    } else if let Some(m) = summary
+        r.judgement = Some(j);
+    } else if let Some((m, j)) = summary
         .filter(|s| !s.forces_full(step, site))
         .and_then(|_| lanes::statistics(g, c, &valid))
         .and_then(|(gs, cs, n)| statistics::clearly_within(&tol, &gs, &cs, n))
@@ -379,6 +401,7 @@ pub fn compare_site_in(
         r.status = Status::Pass;
         r.note = Some(statistics::SUMMARY_NOTE.into());
         r.metrics = Some(SiteMetrics::Values(m));
+        r.judgement = Some(j);
     } else {
         let tokens = Groups::tokens(site, g.shape());
         let head_groups = Groups::heads(site, g.shape(), heads);
@@ -405,6 +428,7 @@ pub fn compare_site_in(
             r.note = Some(NOTHING_COMPARED.into());
         }
         r.metrics = Some(SiteMetrics::Values(m));
+        r.judgement = Some(j);
         if r.status == Status::Fail {
             r.abs_histogram = Some(lanes::histogram(g, c, &valid));
         }

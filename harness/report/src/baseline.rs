@@ -245,6 +245,7 @@ mod tests {
             status: Status::Pass,
             metrics: Some(values(1e-5)),
             tolerance: None,
+            judgement: None,
             golden_shape: vec![1],
             candidate_shape: None,
             golden_dtype: DType::F32,

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use compare::floor::SiteFloor;
 use compare::metrics::{num_vec, ErrorHistogram};
 use compare::statistics::STATISTICS_ONLY;
-use compare::tolerance::Tolerance;
+use compare::tolerance::{Judgement, Tolerance};
 use compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use contract::error::Result;
 use contract::site::{Site, Step};
@@ -53,6 +53,11 @@ pub struct SiteEntry {
     pub metrics: Option<SiteMetrics>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerance: Option<Tolerance>,
+    /// The judgement the comparison made of this site ([`SiteResult::judgement`]), which
+    /// the "x tol" columns and the ranking of the worst sites read. Not written to
+    /// `report.json` (which has no such field): a report read back from it has none.
+    #[serde(skip)]
+    pub judgement: Option<Judgement>,
     pub golden_shape: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_shape: Option<Vec<usize>>,
@@ -100,6 +105,7 @@ impl SiteEntry {
             status: r.status,
             metrics: r.metrics.clone(),
             tolerance: r.tolerance,
+            judgement: r.judgement.clone(),
             golden_shape: r.golden_shape.clone(),
             candidate_shape: r.candidate_shape.clone(),
             golden_dtype: r.golden_dtype,
@@ -304,14 +310,13 @@ impl Report {
     }
 }
 
-/// How far past its tolerance a site is (> 1 fails): [`Tolerance::judge`]'s excess for
-/// value sites, infinite for integer or mask sites with mismatches.
+/// How far past its tolerance a site is (> 1 fails), as its comparison judged it
+/// ([`Judgement::excess`]): for value sites the largest ratio of a metric to its
+/// threshold (of the rel-L2 and max_abs lower bounds, for a site judged on statistics
+/// alone), infinite for integer or mask sites with mismatches; 0 where nothing was
+/// judged.
 pub fn excess(s: &SiteEntry) -> f64 {
-    match (&s.metrics, &s.tolerance) {
-        (Some(SiteMetrics::Values(m)), Some(t)) => t.judge(m).excess,
-        (Some(m), _) if m.error() > 0.0 => f64::INFINITY,
-        _ => 0.0,
-    }
+    s.judgement.as_ref().map_or(0.0, |j| j.excess)
 }
 
 /// Escapes text for XML content and attribute values (quotes included). Characters
