@@ -34,7 +34,9 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         Dump::open(&a.golden)?
     };
     let summary = summary_only(&a.common, &golden)?;
-    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
+    let context = crate::progress::context(false);
+    let opts =
+        check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref(), &context);
     if llama_parity::dump::msprobe::is_msprobe_dump(&a.candidate) {
         return crate::import::compare_msprobe(&a, &golden, &opts);
     }

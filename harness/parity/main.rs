@@ -10,6 +10,7 @@ mod check_weights;
 mod compare;
 mod import;
 mod output;
+mod progress;
 mod run;
 mod suite;
 

@@ -53,18 +53,19 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     let summary = summary_only(&a.common, &golden)?;
-    llama_parity::model::progress::enable(
+    // Each layer's progress on a terminal, unless -q.
+    let context = crate::progress::context(
         std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
     );
-    let run = RunOptions {
-        implementation,
-        precision: a.dtype.map(precision),
-        faults,
-        teacher_force: a.teacher_force,
-    };
+    let run = RunOptions::new(implementation)
+        .with_precision(a.dtype.map(precision))
+        .with_faults(faults)
+        .with_teacher_force(a.teacher_force)
+        .with_context(context.clone());
     progress(&format!("running {} on {} ...", implementation.name(), a.golden.display()));
     let baseline = load_baseline(&a.common)?;
-    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
+    let opts =
+        check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref(), &context);
     // The dump is written before the comparison, so that a port's output is kept
     // whatever the comparison and diagnosis make of it.
     let mut out = llama_parity::model::run(&golden, &run)?;

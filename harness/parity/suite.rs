@@ -9,7 +9,7 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::Verdict;
 use llama_parity::contract::fault::Fault;
 use llama_parity::dump::{guard, Dump, Precision};
-use llama_parity::model::{Implementation, RunOptions};
+use llama_parity::model::{Implementation, RunContext, RunOptions};
 use llama_parity::pipeline::{self, Options};
 use llama_parity::report::baseline::Baseline;
 use llama_parity::report::Report;
@@ -69,6 +69,11 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         }
     }
     let policy = Policy::default();
+    // Port lines and warnings on stderr; no layer progress.
+    let context = crate::progress::context(false);
+    let run_of = |implementation: Implementation, precision: Option<Precision>| {
+        RunOptions::new(implementation).with_precision(precision).with_context(context.clone())
+    };
     // The accepted report of one run, when --baseline names a directory holding one.
     let baseline_of = |golden: &str, run: &str| -> Result<Option<Baseline>> {
         let Some(dir) = &a.baseline else { return Ok(None) };
@@ -84,37 +89,14 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
     for gdir in &goldens {
         let gname = name(gdir);
         let golden = Dump::open(gdir)?;
-        let mut runs: Vec<(String, RunOptions)> = vec![(
-            "reference".into(),
-            RunOptions {
-                implementation: Implementation::Reference,
-                precision: None,
-                faults: vec![],
-                teacher_force: false,
-            },
-        )];
+        let mut runs: Vec<(String, RunOptions)> =
+            vec![("reference".into(), run_of(Implementation::Reference, None))];
         for p in [Precision::Bf16, Precision::F16] {
-            runs.push((
-                format!("ascend {p}"),
-                RunOptions {
-                    implementation: Implementation::Ascend,
-                    precision: Some(p),
-                    faults: vec![],
-                    teacher_force: false,
-                },
-            ));
+            runs.push((format!("ascend {p}"), run_of(Implementation::Ascend, Some(p))));
         }
         if a.mindspore {
             for p in [Precision::F32, Precision::F16] {
-                runs.push((
-                    format!("mindspore {p}"),
-                    RunOptions {
-                        implementation: Implementation::MindSpore,
-                        precision: Some(p),
-                        faults: vec![],
-                        teacher_force: false,
-                    },
-                ));
+                runs.push((format!("mindspore {p}"), run_of(Implementation::MindSpore, Some(p))));
             }
         }
         for (label, opts) in runs {
@@ -122,7 +104,11 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             let t = Instant::now();
             let outcome = baseline_of(&gname, &label)
                 .and_then(|b| {
-                    pipeline::run(&golden, &opts, &options(&policy, b.as_ref(), a.max_regression))
+                    pipeline::run(
+                        &golden,
+                        &opts,
+                        &options(&policy, b.as_ref(), a.max_regression, &context),
+                    )
                 })
                 .map(|(_, report)| report)
                 .map_err(|e| e.to_string());
@@ -149,7 +135,7 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
                     &golden,
                     &cand,
                     None,
-                    &options(&policy, b.as_ref(), a.max_regression),
+                    &options(&policy, b.as_ref(), a.max_regression, &context),
                 )
             })()
             .map_err(|e| e.to_string());
@@ -229,13 +215,15 @@ fn print_matrix(rows: &[Row]) {
     }
 }
 
-/// Judge by `policy`, held against `baseline` when there is one.
+/// Judge by `policy`, held against `baseline` when there is one, the floor's and the
+/// diagnosis' runs within `context`.
 fn options<'a>(
     policy: &'a Policy,
     baseline: Option<&'a Baseline>,
     max_regression: f64,
+    context: &'a RunContext,
 ) -> Options<'a> {
-    Options { baseline, max_regression, ..Options::new(policy) }
+    Options { baseline, max_regression, context, ..Options::new(policy) }
 }
 
 /// The directory of one run's report under `--report DIR/<golden>/`.

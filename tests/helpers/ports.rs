@@ -39,7 +39,8 @@ pub fn worst_site(report: &Value) -> String {
 /// (`PARITY_MINDFORMERS_PYTHON`, else the venv of `PARITY_MINDFORMERS_VENV` or
 /// `~/.cache/llama-parity/mindformers-venv`).
 pub fn mindformers_python() -> PathBuf {
-    llama_parity::model::mindformers::python()
+    let ports = llama_parity::model::Ports::from_vars(|k| std::env::var_os(k));
+    llama_parity::model::ports::MINDFORMERS.python(&ports)
 }
 
 /// Whether MindFormers' venv is there. Without it a test prints why and is skipped,

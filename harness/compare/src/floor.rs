@@ -37,7 +37,7 @@ use contract::site::{self, Site, Step};
 use dump::{Dump, Precision};
 use model::ascend::{self, Accumulation, AscendOptions, NormWeightOrder};
 use model::plan::Plan;
-use model::{self, Implementation, RunOptions};
+use model::{self, Implementation, RunContext, RunOptions};
 
 /// How far above the measured floor a site's threshold sits. Measured (README,
 /// "Tolerances", and `tests/noise_floor.rs`): correct HF bfloat16/float16 runs of the
@@ -115,15 +115,20 @@ impl NoiseFloor {
     }
 
     /// Measures the floor of `golden` for a candidate at `precision`; `None` when the
-    /// golden has no weights to run its scenario with.
-    pub fn measure(golden: &Dump, precision: Precision, hash: &str) -> Result<Option<NoiseFloor>> {
+    /// golden has no weights to run its scenario with. The runs are made within `ctx`.
+    pub fn measure(
+        golden: &Dump,
+        precision: Precision,
+        hash: &str,
+        ctx: &RunContext,
+    ) -> Result<Option<NoiseFloor>> {
         if !golden.has_weights() {
             return Ok(None);
         }
         let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
         let policy = Policy::default();
         for k in 0..VARIANTS.len() {
-            let run = run_variant(golden, precision, k)?;
+            let run = run_variant(golden, precision, k, ctx)?;
             let cmp = compare(golden, &run, &policy)?;
             for s in &cmp.sites {
                 let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
@@ -150,20 +155,23 @@ impl NoiseFloor {
     }
 }
 
-/// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`.
-pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump> {
+/// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`,
+/// within `ctx`.
+pub fn run_variant(
+    golden: &Dump,
+    precision: Precision,
+    k: usize,
+    ctx: &RunContext,
+) -> Result<Dump> {
     let plan = Plan::default();
     let out = match k {
         0 => model::run(
             golden,
-            &RunOptions {
-                implementation: Implementation::Reference,
-                precision: Some(precision),
-                faults: Vec::new(),
-                teacher_force: false,
-            },
+            &RunOptions::new(Implementation::Reference)
+                .with_precision(precision)
+                .with_context(ctx.clone()),
         )?,
-        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false)?,
+        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false, ctx)?,
         _ => {
             let opts = AscendOptions {
                 accumulation: Accumulation::Exact,
@@ -171,7 +179,7 @@ pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump
                 rotary_dtype: Precision::F32,
                 ..AscendOptions::mindformers(precision)
             };
-            ascend::run(golden, &opts, &plan, false)?
+            ascend::run(golden, &opts, &plan, false, ctx)?
         }
     };
     Ok(out.dump)
@@ -298,13 +306,14 @@ impl FloorSource {
 }
 
 /// The floor of `golden` for a candidate at `precision`: from `cache` when it holds
-/// one, else measured (and stored there; a cache that cannot be written is said in
-/// `progress`, not an error).
+/// one, else measured within `ctx` (and stored there; a cache that cannot be written is
+/// said in `progress`, not an error).
 pub fn floor_for(
     golden: &Dump,
     precision: Precision,
     cache: Option<&FloorCache>,
     progress: &dyn Fn(&str),
+    ctx: &RunContext,
 ) -> Result<FloorSource> {
     if !golden.has_weights() {
         return Ok(FloorSource::Unavailable(
@@ -325,7 +334,7 @@ pub fn floor_for(
         "measuring the noise floor at {precision} ({} correct runs) ...",
         VARIANTS.len()
     ));
-    let Some(f) = NoiseFloor::measure(golden, precision, &hash)? else {
+    let Some(f) = NoiseFloor::measure(golden, precision, &hash, ctx)? else {
         return Ok(FloorSource::Unavailable("the golden has no weights".into()));
     };
     // Through JSON and back, so that a measured floor and the same floor read from the

@@ -52,6 +52,7 @@ use dump::{Dump, Manifest, Precision};
 use model::ascend::{self, AscendOptions, Hypothesis};
 use model::plan::Plan;
 use model::runner::Replay;
+use model::RunContext;
 use serde::{Deserialize, Serialize};
 
 /// One hypothesis of the diagnosis: a known fault, where it acts and with which
@@ -331,8 +332,14 @@ impl Fit {
 /// A hypothesis is accepted only when its run lies within the tolerance that the
 /// comparison applied at the first divergent site (the user's policy, at the coarser of
 /// the two dtypes) or within three times the noise floor, whichever is wider. A
-/// hypothesis that cannot run on this golden is said in [`Diagnosis::notes`].
-pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Diagnosis> {
+/// hypothesis that cannot run on this golden is said in [`Diagnosis::notes`]. The runs
+/// are made within `ctx`.
+pub fn diagnose(
+    golden: &Dump,
+    candidate: &Dump,
+    cmp: &Comparison,
+    ctx: &RunContext,
+) -> Result<Diagnosis> {
     let Some(first) = cmp.first_divergence() else { return Ok(Diagnosis::default()) };
     if !golden.has_weights() {
         return Ok(Diagnosis::default());
@@ -354,7 +361,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     let simulated = AscendOptions::for_framework(precision, candidate.manifest.framework());
     // The correct run, recorded: a hypothesis is replayed from it at the step and layer
     // where its fault first acts (block replay), everything before being the same.
-    let recorded = ascend::run_recorded(golden, &simulated)?;
+    let recorded = ascend::run_recorded(golden, &simulated, ctx)?;
     let baseline = &recorded.dump;
     let clean = fit(baseline, candidate, golden, &evidence)?;
     // The noise floor: how far a correct simulation is from the correct golden here.
@@ -447,7 +454,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
                 layer,
             });
             let hypothesis = Hypothesis { plan: &planned, replay, watch: watch.clone() };
-            let dump = match ascend::run_hypothesis(golden, &simulated, hypothesis) {
+            let dump = match ascend::run_hypothesis(golden, &simulated, hypothesis, ctx) {
                 Ok(dump) => dump,
                 Err(e) => {
                     notes.push(format!("{form} not tried: {e}"));

@@ -4,20 +4,23 @@
 use contract::error::Result;
 use dump::{Dump, Precision};
 
-use super::numerics::Exact;
-use super::plan::Plan;
-use super::runner::{load_model, RopeTableSource, Runner};
-use super::RunOutput;
+use crate::context::RunContext;
+use crate::numerics::Exact;
+use crate::plan::Plan;
+use crate::run::RunOutput;
+use crate::runner::{load_model, RopeTableSource, Runner};
 
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
-/// class), the golden's when `None`.
+/// class), the golden's when `None`; the run is told to `ctx`.
 pub fn run(
     golden: &Dump,
     precision: Option<Precision>,
     plan: &Plan,
     teacher_force: bool,
+    ctx: &RunContext,
 ) -> Result<RunOutput> {
-    let model = load_model(golden, plan)?;
+    let mut warnings = Vec::new();
+    let model = load_model(golden, plan, ctx, &mut warnings)?;
     // Hidden mask entries hold the golden dtype's finfo.min, as HF's eager mask does.
     let numerics = Exact::new(golden.manifest.dtype);
     let runner = Runner {
@@ -27,6 +30,8 @@ pub fn run(
         declared: precision.unwrap_or(golden.manifest.dtype),
         rope_tables: RopeTableSource::PerStep,
         watch: None,
+        context: ctx,
     };
-    runner.run(&model, golden, teacher_force)
+    let out = runner.run(&model, golden, teacher_force)?;
+    Ok(RunOutput { warnings, ..out })
 }
