@@ -46,11 +46,8 @@ fn main() {
     ] {
         let fault = ScopedFault::parse(spec).expect("fault");
         let g = Dump::open(&root.join("golden").join(golden)).expect("golden");
-        let opts = |faults: Vec<ScopedFault>| RunOptions {
-            implementation: Implementation::Ascend,
-            precision: Some(precision),
-            faults,
-            teacher_force: false,
+        let opts = |faults: Vec<ScopedFault>| {
+            RunOptions::new(Implementation::Ascend).with_precision(precision).with_faults(faults)
         };
         let cand = model::run(&g, &opts(vec![fault])).expect("run").dump;
         let t_cmp = median(5, || {

@@ -48,12 +48,9 @@ fn make() -> Result<(), Box<dyn Error>> {
     let golden = Dump::open(Path::new(GOLDEN))?;
 
     // As `parity run GOLDEN --impl ascend --dtype bfloat16 --teacher-force` does it.
-    let run = RunOptions {
-        implementation: Implementation::Ascend,
-        precision: Some(Precision::Bf16),
-        faults: Vec::new(),
-        teacher_force: true,
-    };
+    let run = RunOptions::new(Implementation::Ascend)
+        .with_precision(Precision::Bf16)
+        .with_teacher_force(true);
     let mut out = model::run(&golden, &run)?;
     out.dump.set_name(format!("{} run", run.implementation.name()));
     let pass = pipeline::check(&golden, &out.dump, out.teacher_forced.as_ref(), &opts)?;

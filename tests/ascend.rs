@@ -18,12 +18,7 @@ fn golden(name: &str) -> Dump {
 }
 
 fn run(g: &Dump, implementation: Implementation, precision: Precision) -> Comparison {
-    let opts = RunOptions {
-        implementation,
-        precision: Some(precision),
-        faults: Vec::new(),
-        teacher_force: false,
-    };
+    let opts = RunOptions::new(implementation).with_precision(precision);
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.dump.manifest.dtype, precision, "the dump declares the run's dtype");
     compare(g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"))
@@ -89,12 +84,7 @@ fn reference_plants_every_fault_and_precision_faults_are_exact_there() {
     use llama_parity::contract::fault::Fault;
     let g = golden("gqa_pad_f32");
     for f in Fault::ALL {
-        let opts = RunOptions {
-            implementation: Implementation::Reference,
-            precision: None,
-            faults: vec![f.into()],
-            teacher_force: false,
-        };
+        let opts = RunOptions::new(Implementation::Reference).with_faults(vec![f.into()]);
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{}: {e}", f.id()));
         let cmp = compare(&g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
         if matches!(
@@ -114,12 +104,7 @@ fn reference_plants_every_fault_and_precision_faults_are_exact_there() {
     }
     // norm.bias and mask.pad_token_masked do act in float64.
     for f in [Fault::NormBias, Fault::MaskPadTokenMasked] {
-        let opts = RunOptions {
-            implementation: Implementation::Reference,
-            precision: None,
-            faults: vec![f.into()],
-            teacher_force: false,
-        };
+        let opts = RunOptions::new(Implementation::Reference).with_faults(vec![f.into()]);
         let out = model::run(&g, &opts).unwrap_or_else(|e| panic!("{e}"));
         let cmp = compare(&g, &out.dump, &Policy::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cmp.verdict(), Verdict::Fail, "{}", f.id());

@@ -6,10 +6,13 @@
 //! is not the one hashed is refused, and results do not depend on the thread count.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use llama_parity::contract::site::{LayerPart, Site, Step};
 use llama_parity::dump::Dump;
-use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::model::{
+    self, EventSink, Implementation, RunContext, RunEvent, RunOptions, Sha256Check,
+};
 use llama_parity::weights::checkpoint::HfCheckpoint;
 use serde_json::Value;
 
@@ -94,11 +97,11 @@ fn per_step_files_hold_one_step_each_and_a_layer_subset_leaves_the_rest_out() {
     assert_eq!(r["sites"].as_array().map(Vec::len), Some(4 * sites));
 }
 
-#[test]
-fn a_checkpoint_whose_sha256_differs_from_the_manifest_is_refused_naming_the_file() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// A copy of the golden made on the checkpoint (its activations, and its manifest as
+/// `edit` leaves it, referencing the fixture checkpoint by absolute path).
+fn golden_copy(tmp: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let src = fixture("tiny_llama3_golden");
-    let dst = tmp.path().join("g");
+    let dst = tmp.join("g");
     std::fs::create_dir_all(dst.join("activations")).expect("mkdir");
     for e in std::fs::read_dir(src.join("activations")).expect("read") {
         let p = e.expect("entry").path();
@@ -108,22 +111,69 @@ fn a_checkpoint_whose_sha256_differs_from_the_manifest_is_refused_naming_the_fil
         serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).expect("read"))
             .expect("json");
     m["weights"]["checkpoint"] = Value::from(fixture("tiny_llama3").to_str().unwrap());
-    m["weights"]["sha256"]["model-00002-of-00004.safetensors"] = Value::from("00".repeat(32));
+    edit(&mut m);
     std::fs::write(dst.join("manifest.json"), m.to_string()).expect("write");
+    dst
+}
+
+/// A manifest listing a wrong sha256 for one shard.
+fn wrong_shard_hash(m: &mut Value) {
+    m["weights"]["sha256"]["model-00002-of-00004.safetensors"] = Value::from("00".repeat(32));
+}
+
+/// A context whose sink keeps every event, as its `Debug` text.
+fn recording() -> (RunContext, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let sink: EventSink =
+        Arc::new(move |e: &RunEvent<'_>| keep.lock().unwrap().push(format!("{e:?}")));
+    (RunContext::new().with_events(sink), seen)
+}
+
+#[test]
+fn a_checkpoint_whose_sha256_differs_from_the_manifest_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dst = golden_copy(tmp.path(), wrong_shard_hash);
     let (code, out, err) = parity(&["run", dst.to_str().unwrap(), "--impl", "reference"]);
     assert_eq!(code, Some(2), "{out}\n{err}");
     assert!(err.contains("model-00002-of-00004.safetensors") && err.contains("sha256"), "{err}");
 }
 
 #[test]
+fn a_skipped_sha256_check_runs_a_checkpoint_that_differs_and_warns_the_sink_and_the_output() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let golden = Dump::open(&golden_copy(tmp.path(), wrong_shard_hash)).expect("open");
+    let verified = RunOptions::new(Implementation::Reference);
+    let err = model::run(&golden, &verified).err().expect("refused").to_string();
+    assert!(err.contains("model-00002-of-00004.safetensors"), "{err}");
+    let (ctx, seen) = recording();
+    let skipped = verified.with_context(ctx.with_sha256(Sha256Check::Skip));
+    let out = model::run(&golden, &skipped).expect("run");
+    assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+    assert!(
+        out.warnings[0].ends_with("tiny_llama3: sha256 check skipped (LLAMA_PARITY_SKIP_SHA256=1)")
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], format!("Warning {{ text: {:?} }}", out.warnings[0]));
+}
+
+#[test]
+fn a_manifest_that_lists_no_sha256_runs_with_a_warning_and_the_cli_prints_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dst = golden_copy(tmp.path(), |m| m["weights"]["sha256"] = serde_json::json!({}));
+    let golden = Dump::open(&dst).expect("open");
+    let out = model::run(&golden, &RunOptions::new(Implementation::Reference)).expect("run");
+    let note = "tiny_llama3: the manifest lists no sha256; checkpoint not verified";
+    assert!(out.warnings.len() == 1 && out.warnings[0].ends_with(note), "{:?}", out.warnings);
+    let (code, _, err) = parity(&["run", dst.to_str().unwrap(), "--impl", "reference"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("parity: /") && l.ends_with(note)), "{err}");
+}
+
+#[test]
 fn a_run_is_bit_identical_on_one_and_two_threads() {
     let golden = Dump::open(&fixture("tiny_llama3_golden")).expect("open");
-    let opts = RunOptions {
-        implementation: Implementation::Reference,
-        precision: None,
-        faults: Vec::new(),
-        teacher_force: false,
-    };
+    let opts = RunOptions::new(Implementation::Reference);
     let run_on = |threads: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

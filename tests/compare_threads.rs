@@ -61,12 +61,7 @@ fn metrics_are_bit_identical_between_1_and_4_threads() {
     let policy = Policy::default();
     // A passing bfloat16 run (value sites, padding, heads) and a failing HF-made
     // candidate (histograms of failing sites).
-    let run = RunOptions {
-        implementation: Implementation::Ascend,
-        precision: Some(Precision::Bf16),
-        faults: vec![],
-        teacher_force: false,
-    };
+    let run = RunOptions::new(Implementation::Ascend).with_precision(Precision::Bf16);
     let bf16 = model::run(&golden, &run).expect("run").dump;
     let faulty =
         Dump::open(&root().join("fixtures/candidates/gqa_pad_f32__rope_pos_reset")).expect("cand");

@@ -114,12 +114,9 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
         }
         for precision in [Precision::F32, Precision::Bf16] {
             for fault in Fault::ALL {
-                let opts = RunOptions {
-                    implementation: Implementation::Ascend,
-                    precision: Some(precision),
-                    faults: vec![fault.into()],
-                    teacher_force: false,
-                };
+                let opts = RunOptions::new(Implementation::Ascend)
+                    .with_precision(precision)
+                    .with_faults(vec![fault.into()]);
                 let cand = model::run(&golden, &opts).expect("run").dump;
                 match diagnose_case(&golden, &cand, fault.id()) {
                     Some(c) => cases.push(c),
@@ -151,12 +148,7 @@ fn correct_low_precision_candidates_pass_with_an_empty_diagnosis() {
         assert!(r.diagnosis.is_empty(), "{c}");
     }
     for precision in [Precision::Bf16, Precision::F16] {
-        let opts = RunOptions {
-            implementation: Implementation::Ascend,
-            precision: Some(precision),
-            faults: vec![],
-            teacher_force: false,
-        };
+        let opts = RunOptions::new(Implementation::Ascend).with_precision(precision);
         let cand = model::run(&golden, &opts).expect("run").dump;
         let r = pipeline::check(&golden, &cand, None, &Options::new(&policy)).expect("check");
         assert_eq!(r.verdict, Verdict::Pass, "ascend {precision}");
@@ -178,12 +170,9 @@ fn candidates_with_only_layer_outputs_and_logits_are_diagnosed() {
         Fault::KvWrongSlot,
         Fault::RopeInterleaved,
     ] {
-        let opts = RunOptions {
-            implementation: Implementation::Ascend,
-            precision: Some(Precision::Bf16),
-            faults: vec![fault.into()],
-            teacher_force: false,
-        };
+        let opts = RunOptions::new(Implementation::Ascend)
+            .with_precision(Precision::Bf16)
+            .with_faults(vec![fault.into()]);
         let full = model::run(&golden, &opts).expect("run").dump;
         let mut tensors = BTreeMap::new();
         for &step in &full.manifest.steps {
@@ -248,12 +237,9 @@ fn simulated_scoped_and_parametrized_faults_are_named_with_their_scope_and_param
         let golden = Dump::open(&root().join(golden_dir)).expect("golden");
         let planted = ScopedFault::parse(spec).expect("spec");
         for precision in [Precision::F32, Precision::Bf16] {
-            let opts = RunOptions {
-                implementation: Implementation::Ascend,
-                precision: Some(precision),
-                faults: vec![planted.clone()],
-                teacher_force: false,
-            };
+            let opts = RunOptions::new(Implementation::Ascend)
+                .with_precision(precision)
+                .with_faults(vec![planted.clone()]);
             let cand = model::run(&golden, &opts).expect("run").dump;
             let report =
                 pipeline::check(&golden, &cand, None, &Options::new(&policy)).expect("check");

@@ -19,7 +19,7 @@ use llama_parity::compare::{compare_with_floor, Verdict};
 use llama_parity::contract::fault::Fault;
 use llama_parity::diagnosis::{first_site, Visibility};
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::model::{self, Implementation, RunContext, RunOptions};
 
 use crate::helpers::GOLDENS;
 
@@ -50,12 +50,9 @@ fn plant(
     at: Option<&(llama_parity::contract::site::Step, llama_parity::contract::site::Site)>,
     floor: &NoiseFloor,
 ) -> (Verdict, Option<String>, f64, f64) {
-    let opts = RunOptions {
-        implementation: Implementation::Ascend,
-        precision: Some(precision),
-        faults: vec![fault.into()],
-        teacher_force: false,
-    };
+    let opts = RunOptions::new(Implementation::Ascend)
+        .with_precision(precision)
+        .with_faults(vec![fault.into()]);
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{}: {e}", fault.id()));
     let cmp = compare_with_floor(g, &out.dump, &Policy::default(), Some(floor))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -78,7 +75,9 @@ fn every_fault_fails_at_its_first_site_on_every_golden_that_can_show_it() {
     let floors = |p: Precision| -> Vec<NoiseFloor> {
         goldens
             .iter()
-            .map(|g| NoiseFloor::measure(g, p, "").expect("floor").expect("weights"))
+            .map(|g| {
+                NoiseFloor::measure(g, p, "", &RunContext::new()).expect("floor").expect("weights")
+            })
             .collect()
     };
     let (bf16_floors, f16_floors) = (floors(Precision::Bf16), floors(Precision::F16));

@@ -14,7 +14,7 @@ use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, compare_with_floor, SiteMetrics, Status, Verdict};
 use llama_parity::diagnosis::diagnose;
 use llama_parity::dump::{Dump, Precision};
-use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::model::{self, Implementation, RunContext, RunOptions};
 use llama_parity::pipeline::{self, Floor, Options};
 
 fn root() -> PathBuf {
@@ -26,7 +26,9 @@ fn golden(name: &str) -> Dump {
 }
 
 fn measure(g: &Dump, p: Precision) -> NoiseFloor {
-    NoiseFloor::measure(g, p, "test").expect("measure").expect("the golden has weights")
+    NoiseFloor::measure(g, p, "test", &RunContext::new())
+        .expect("measure")
+        .expect("the golden has weights")
 }
 
 /// Copies a golden's files into a fresh directory (optionally without its weights).
@@ -41,12 +43,9 @@ fn copy_golden(name: &str, to: &Path, weights: bool) {
 }
 
 fn ascend(g: &Dump, p: Precision, faults: Vec<llama_parity::contract::fault::Fault>) -> Dump {
-    let opts = RunOptions {
-        implementation: Implementation::Ascend,
-        precision: Some(p),
-        faults: faults.into_iter().map(Into::into).collect(),
-        teacher_force: false,
-    };
+    let opts = RunOptions::new(Implementation::Ascend)
+        .with_precision(p)
+        .with_faults(faults.into_iter().map(Into::into).collect());
     model::run(g, &opts).expect("run").dump
 }
 
@@ -133,8 +132,8 @@ fn the_floor_is_cached_by_golden_content() {
     let g = Dump::open(&gdir).unwrap();
     let said = std::cell::RefCell::new(Vec::<String>::new());
     let progress = |s: &str| said.borrow_mut().push(s.to_string());
-    let a = floor_for(&g, Precision::Bf16, Some(&cache), &progress).unwrap();
-    let b = floor_for(&g, Precision::Bf16, Some(&cache), &progress).unwrap();
+    let a = floor_for(&g, Precision::Bf16, Some(&cache), &progress, &RunContext::new()).unwrap();
+    let b = floor_for(&g, Precision::Bf16, Some(&cache), &progress, &RunContext::new()).unwrap();
     assert!(a == b, "the cached floor differs from the measured one");
     let said = said.into_inner();
     assert!(said[0].starts_with("checking that the reference reproduces"), "{said:?}");
@@ -216,7 +215,7 @@ fn the_diagnosis_names_no_fault_for_a_candidate_within_the_floor() {
         serde_json::from_str(r#"{"defaults":{"bfloat16":{"max_rel_l2":1e-3}}}"#).unwrap();
     let cmp = compare(&g, &cand, &policy).unwrap();
     assert_eq!(cmp.verdict(), Verdict::Fail);
-    let d = diagnose(&g, &cand, &cmp).unwrap();
+    let d = diagnose(&g, &cand, &cmp, &RunContext::new()).unwrap();
     assert!(d.findings.is_empty(), "{:?}", d.findings);
     assert!(d.notes.iter().any(|n| n.starts_with("no fault named")), "{:?}", d.notes);
 }
@@ -229,7 +228,7 @@ fn the_diagnosis_never_accepts_a_fault_that_changes_nothing_here() {
     let g = golden("mha_f32");
     let cand = ascend(&g, Precision::Bf16, vec![Fault::RopePosReset]);
     let cmp = compare(&g, &cand, &Policy::default()).unwrap();
-    let d = diagnose(&g, &cand, &cmp).unwrap();
+    let d = diagnose(&g, &cand, &cmp, &RunContext::new()).unwrap();
     assert_eq!(d.findings.first().map(|f| f.fault.as_str()), Some("rope.pos_reset"));
     assert!(d.findings.iter().all(|f| f.fault != "mask.padding_ignored"), "{:?}", d.findings);
 }

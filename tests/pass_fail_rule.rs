@@ -88,12 +88,9 @@ fn a_site_failing_only_on_max_abs_fails_in_the_verdict_the_report_and_the_summar
 #[test]
 fn the_diagnosis_accepts_hypotheses_by_the_users_policy() {
     let g = golden();
-    let run = RunOptions {
-        implementation: Implementation::Ascend,
-        precision: Some(Precision::Bf16),
-        faults: vec![Fault::RopeInterleaved.into()],
-        teacher_force: false,
-    };
+    let run = RunOptions::new(Implementation::Ascend)
+        .with_precision(Precision::Bf16)
+        .with_faults(vec![Fault::RopeInterleaved.into()]);
     let cand = model::run(&g, &run).expect("run").dump;
     let default = Policy::default();
     let loose = policy(r#"{"defaults": {"bfloat16": {"max_rel_l2": 0.2}}}"#);

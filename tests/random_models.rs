@@ -190,12 +190,7 @@ fn make_golden(dir: &Path, spec: &Spec, weights: BTreeMap<String, Tensor>) {
 }
 
 fn opts() -> RunOptions {
-    RunOptions {
-        implementation: Implementation::Reference,
-        precision: None,
-        faults: Vec::new(),
-        teacher_force: true,
-    }
+    RunOptions::new(Implementation::Reference).with_teacher_force(true)
 }
 
 #[test]

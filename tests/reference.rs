@@ -2,11 +2,12 @@
 //! from the golden branch). A missing golden fails the test; it never passes silently.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use llama_parity::compare::tolerance::Policy;
 use llama_parity::compare::{compare, Status, Verdict};
 use llama_parity::dump::Dump;
-use llama_parity::model::{self, Implementation, RunOptions};
+use llama_parity::model::{self, EventSink, Implementation, RunContext, RunEvent, RunOptions};
 
 fn golden(name: &str) -> Dump {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);
@@ -19,12 +20,7 @@ fn golden(name: &str) -> Dump {
 }
 
 fn options(teacher_force: bool) -> RunOptions {
-    RunOptions {
-        implementation: Implementation::Reference,
-        precision: None,
-        faults: Vec::new(),
-        teacher_force,
-    }
+    RunOptions::new(Implementation::Reference).with_teacher_force(teacher_force)
 }
 
 /// Every site passes and every float site is within `max_rel_l2`; returns the worst.
@@ -127,4 +123,29 @@ fn the_reference_dump_names_its_producer_and_declares_the_golden_dtype() {
     assert_eq!(p["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(out.dump.manifest.dtype, g.manifest.dtype);
     assert_eq!(out.dump.manifest.steps, g.manifest.steps);
+}
+
+#[test]
+fn a_run_tells_its_sink_when_it_starts_each_layer_of_each_step_and_when_it_ends() {
+    let g = golden("gqa_pad_f32");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let sink: EventSink =
+        Arc::new(move |e: &RunEvent<'_>| keep.lock().unwrap().push(format!("{e:?}")));
+    let opts = options(true).with_context(RunContext::new().with_events(sink));
+    let out = model::run(&g, &opts).expect("run");
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let layers = g.manifest.model.num_hidden_layers;
+    let mut expected = Vec::new();
+    for what in ["reference run", "reference run, teacher-forced"] {
+        expected.push(format!("Started {{ what: {what:?} }}"));
+        for step in &g.manifest.steps {
+            for layer in 0..layers {
+                expected
+                    .push(format!("Layer {{ step: {step:?}, layer: {layer}, layers: {layers} }}"));
+            }
+        }
+        expected.push("Finished".to_string());
+    }
+    assert_eq!(*seen.lock().unwrap(), expected);
 }

@@ -8,6 +8,7 @@ use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::ascend::{self, AscendOptions, Hypothesis};
 use llama_parity::model::plan::Plan;
 use llama_parity::model::runner::Replay;
+use llama_parity::model::RunContext;
 
 use crate::helpers::root;
 
@@ -40,7 +41,8 @@ fn a_replayed_hypothesis_equals_its_full_run_bit_for_bit() {
     ] {
         let golden = Dump::open(&root().join(name)).expect("golden");
         let opts = AscendOptions::mindformers(precision);
-        let recorded = ascend::run_recorded(&golden, &opts).expect("recorded run");
+        let recorded =
+            ascend::run_recorded(&golden, &opts, &RunContext::new()).expect("recorded run");
         let last = golden.manifest.model.num_hidden_layers - 1;
         let mut forms: Vec<ScopedFault> =
             Fault::ALL.iter().map(|&f| ScopedFault::from(f)).collect();
@@ -56,14 +58,17 @@ fn a_replayed_hypothesis_equals_its_full_run_bit_for_bit() {
         }
         for form in forms {
             let plan = Plan::scoped(std::slice::from_ref(&form));
-            let full = ascend::run(&golden, &opts, &plan, false).expect("full run").dump;
+            let full = ascend::run(&golden, &opts, &plan, false, &RunContext::new())
+                .expect("full run")
+                .dump;
             let Some((step, layer)) = departure_of(&golden, &form) else { continue };
             if step > 0 || layer > 0 {
                 replayed += 1;
             }
             let replay = Some(Replay { base: &recorded, step, layer });
             let h = Hypothesis { plan: &plan, replay, watch: None };
-            let dump = ascend::run_hypothesis(&golden, &opts, h).expect("replayed run");
+            let dump = ascend::run_hypothesis(&golden, &opts, h, &RunContext::new())
+                .expect("replayed run");
             let at = golden.manifest.steps.get(step).copied().unwrap_or(Step::Prefill);
             assert_same(&dump, &full, &format!("{name} {form} from {at} layer {layer}"));
         }
@@ -78,7 +83,7 @@ fn a_replay_stopped_by_its_watch_ends_with_the_steps_it_ran() {
     use llama_parity::model::llama::Watch;
     let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
     let opts = AscendOptions::mindformers(Precision::Bf16);
-    let recorded = ascend::run_recorded(&golden, &opts).expect("recorded run");
+    let recorded = ascend::run_recorded(&golden, &opts, &RunContext::new()).expect("recorded run");
     let form = ScopedFault::parse("kv.stale@layers=1").expect("form");
     let plan = Plan::scoped(std::slice::from_ref(&form));
     let (step, layer) = departure_of(&golden, &form).expect("departs");
@@ -89,7 +94,8 @@ fn a_replay_stopped_by_its_watch_ends_with_the_steps_it_ran() {
     }));
     let replay = Some(Replay { base: &recorded, step, layer });
     let h = Hypothesis { plan: &plan, replay, watch: Some(watch.clone()) };
-    let dump = ascend::run_hypothesis(&golden, &opts, h).expect("a stopped replay is a dump");
+    let dump = ascend::run_hypothesis(&golden, &opts, h, &RunContext::new())
+        .expect("a stopped replay is a dump");
     assert!(watch.stopped());
     assert_eq!(dump.manifest.steps, vec![Step::Prefill, Step::Decode(0), Step::Decode(1)]);
     assert!(dump

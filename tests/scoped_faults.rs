@@ -18,12 +18,7 @@ fn golden() -> Dump {
 
 fn run(g: &Dump, spec: &str) -> Comparison {
     let fault = ScopedFault::parse(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
-    let opts = RunOptions {
-        implementation: Implementation::Reference,
-        precision: None,
-        faults: vec![fault],
-        teacher_force: false,
-    };
+    let opts = RunOptions::new(Implementation::Reference).with_faults(vec![fault]);
     let out = model::run(g, &opts).unwrap_or_else(|e| panic!("{spec}: {e}"));
     compare(g, &out.dump, &Policy::default()).expect("compare")
 }

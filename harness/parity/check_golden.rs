@@ -24,7 +24,7 @@ pub fn cmd_check_golden(a: CheckGoldenArgs) -> Result<ExitCode> {
             ),
         });
     }
-    let r = reproduce::check(&golden)?;
+    let r = reproduce::check(&golden, &crate::progress::context(false))?;
     print!("{}", render(&r, a.all));
     Ok(if r.is_reproduced() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

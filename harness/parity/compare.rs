@@ -30,7 +30,9 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let baseline = load_baseline(&a.common)?;
     let golden = pipeline::open_golden(&a.golden)?;
     let summary = summary_only(&a.common, &golden)?;
-    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
+    let context = crate::progress::context(false);
+    let opts =
+        check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref(), &context);
     let site_map = a.msprobe_map.as_deref().map(site_map).transpose()?;
     let naming = Naming { key_map: a.map.as_deref(), site_map: site_map.as_ref() };
     let candidate = Candidate::open(&a.candidate, naming, &golden.manifest)?;

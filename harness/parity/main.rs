@@ -11,6 +11,7 @@ mod check_weights;
 mod compare;
 mod import;
 mod output;
+mod progress;
 mod run;
 mod suite;
 

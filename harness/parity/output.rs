@@ -12,6 +12,7 @@ use llama_parity::contract::error::escape_controls;
 use llama_parity::dump::guard::{self, Output};
 use llama_parity::dump::Dump;
 use llama_parity::dump::Precision;
+use llama_parity::model::RunContext;
 use llama_parity::pipeline::{Floor, Options};
 use llama_parity::report::baseline::Baseline;
 use llama_parity::report::{render_summary, Report};
@@ -135,15 +136,17 @@ pub fn common_outputs(c: &CommonArgs) -> Vec<Output<'_>> {
 
 /// The pipeline options of `compare` and `run`, from their common flags and what was
 /// loaded for them: progress on stderr, the floor, the baseline and `--max-regression`,
-/// statistics first.
+/// statistics first, and the context of the runs the floor and the diagnosis make.
 pub fn check_options<'a>(
     c: &CommonArgs,
     policy: &'a Policy,
     floor: Floor<'a>,
     baseline: Option<&'a Baseline>,
     summary: Option<&'a SummaryOnly>,
+    context: &'a RunContext,
 ) -> Options<'a> {
     Options {
+        context,
         progress: &progress,
         floor,
         baseline,

@@ -53,17 +53,18 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let floor = floor(&a.common)?;
     let golden = Dump::open(&a.golden)?;
     let summary = summary_only(&a.common, &golden)?;
-    llama_parity::model::progress::enable(
+    // Each layer's progress on a terminal, unless -q.
+    let context = crate::progress::context(
         std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.common.quiet,
     );
-    let run = RunOptions {
-        implementation,
-        precision: a.dtype.map(precision),
-        faults,
-        teacher_force: a.teacher_force,
-    };
+    let run = RunOptions::new(implementation)
+        .with_precision(a.dtype.map(precision))
+        .with_faults(faults)
+        .with_teacher_force(a.teacher_force)
+        .with_context(context.clone());
     let baseline = load_baseline(&a.common)?;
-    let opts = check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref());
+    let opts =
+        check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref(), &context);
     let (_, report) = pipeline::run(&golden, &run, a.dump.as_deref(), &opts)?;
     finish(report, &a.common)
 }

@@ -37,10 +37,13 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             });
         }
     }
+    // Port lines and warnings on stderr; no layer progress.
+    let context = crate::progress::context(false);
     let suite = plan.run(&SuiteOptions {
         baseline: a.baseline.as_deref(),
         max_regression: a.max_regression,
         progress: &progress,
+        context: &context,
     })?;
     print_matrix(&suite);
     if let Some(dir) = &a.report {

@@ -82,7 +82,7 @@ pub fn left_padded(pads: &[usize], len: usize) -> Vec<Vec<i64>> {
 
 /// Deterministic token ids `[batch][len]` in `0..vocab`.
 pub fn tokens(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<i64>> {
-    let mut r = llama_parity::model::weights::SplitMix64::new(seed);
+    let mut r = llama_parity::model::rng::SplitMix64::new(seed);
     (0..batch).map(|_| (0..len).map(|_| r.below(vocab as u64) as i64).collect()).collect()
 }
 

@@ -40,7 +40,8 @@ pub fn worst_site(report: &Value) -> String {
 /// `~/.cache/llama-parity/mindformers-venv`). Panics, saying how to make the venv, when
 /// it is not there: the tests that need MindFormers never pass silently without it.
 pub fn mindformers_python() -> PathBuf {
-    let py = llama_parity::model::mindformers::python();
+    let ports = llama_parity::model::Ports::from_vars(|k| std::env::var_os(k));
+    let py = llama_parity::model::ports::MINDFORMERS.python(&ports);
     assert!(
         py.is_file(),
         "no MindFormers interpreter at {}: run bash .ci/setup (it creates \

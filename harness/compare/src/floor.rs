@@ -38,7 +38,7 @@ use contract::site::{self, Site, Step};
 use dump::{Dump, Precision};
 use model::ascend::{self, Accumulation, AscendOptions, NormWeightOrder};
 use model::plan::Plan;
-use model::{self, Implementation, RunOptions};
+use model::{self, Implementation, RunContext, RunOptions};
 
 /// How far above the measured floor a site's threshold sits. Measured
 /// (docs/tolerances.md, and `tests/noise_floor.rs`): correct HF bfloat16/float16 runs of the
@@ -207,17 +207,22 @@ impl NoiseFloor {
     }
 
     /// Measures the floor of `golden` for a candidate at `precision`; `None` when the
-    /// golden has no weights to run its scenario with.
+    /// golden has no weights to run its scenario with. The runs are made within `ctx`.
     /// It says nothing of whether the golden is reproduced: [`floor_for`] checks that
     /// first and records it.
-    pub fn measure(golden: &Dump, precision: Precision, hash: &str) -> Result<Option<NoiseFloor>> {
+    pub fn measure(
+        golden: &Dump,
+        precision: Precision,
+        hash: &str,
+        ctx: &RunContext,
+    ) -> Result<Option<NoiseFloor>> {
         if !golden.has_weights() {
             return Ok(None);
         }
         let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
         let policy = Policy::default();
         for k in 0..VARIANTS.len() {
-            let run = run_variant(golden, precision, k)?;
+            let run = run_variant(golden, precision, k, ctx)?;
             let cmp = compare(golden, &run, &policy)?;
             for s in &cmp.sites {
                 let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
@@ -246,20 +251,23 @@ impl NoiseFloor {
     }
 }
 
-/// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`.
-pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump> {
+/// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`,
+/// within `ctx`.
+pub fn run_variant(
+    golden: &Dump,
+    precision: Precision,
+    k: usize,
+    ctx: &RunContext,
+) -> Result<Dump> {
     let plan = Plan::default();
     let out = match k {
         0 => model::run(
             golden,
-            &RunOptions {
-                implementation: Implementation::Reference,
-                precision: Some(precision),
-                faults: Vec::new(),
-                teacher_force: false,
-            },
+            &RunOptions::new(Implementation::Reference)
+                .with_precision(precision)
+                .with_context(ctx.clone()),
         )?,
-        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false)?,
+        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false, ctx)?,
         _ => {
             let opts = AscendOptions {
                 accumulation: Accumulation::Exact,
@@ -267,7 +275,7 @@ pub fn run_variant(golden: &Dump, precision: Precision, k: usize) -> Result<Dump
                 rotary_dtype: Precision::F32,
                 ..AscendOptions::mindformers(precision)
             };
-            ascend::run(golden, &opts, &plan, false)?
+            ascend::run(golden, &opts, &plan, false, ctx)?
         }
     };
     Ok(out.dump)
@@ -405,13 +413,14 @@ impl FloorSource {
 }
 
 /// The floor of `golden` for a candidate at `precision`: from `cache` when it holds
-/// one, else measured (and stored there; a cache that cannot be written is said in
-/// `progress`, not an error).
+/// one, else measured within `ctx` (and stored there; a cache that cannot be written is
+/// said in `progress`, not an error).
 pub fn floor_for(
     golden: &Dump,
     precision: Precision,
     cache: Option<&FloorCache>,
     progress: &dyn Fn(&str),
+    ctx: &RunContext,
 ) -> Result<FloorSource> {
     if !golden.has_weights() {
         return Ok(FloorSource::Unavailable(
@@ -438,7 +447,7 @@ pub fn floor_for(
     }
     // A floor is believed only where the golden is reproduced.
     progress("checking that the reference reproduces the golden (one teacher-forced run) ...");
-    let reproduction = reproduce::check(golden)?;
+    let reproduction = reproduce::check(golden, ctx)?;
     if let Some(what) = reproduction.describe_failure() {
         return Err(Error::NotReproduced { golden: golden.label(), what });
     }
@@ -457,7 +466,7 @@ pub fn floor_for(
         "measuring the noise floor at {precision} ({} correct runs) ...",
         VARIANTS.len()
     ));
-    let Some(mut f) = NoiseFloor::measure(golden, precision, &hash)? else {
+    let Some(mut f) = NoiseFloor::measure(golden, precision, &hash, ctx)? else {
         return Ok(FloorSource::Unavailable("the golden has no weights".into()));
     };
     f.reproduction = Some(record);

@@ -139,9 +139,10 @@ impl Reproduction {
 }
 
 /// Checks that the float64 reference reproduces `golden` (see the module doc). The
-/// golden must have weights (`weights.safetensors` or a checkpoint by reference).
-pub fn check(golden: &Dump) -> Result<Reproduction> {
-    let run = model::reference::run_teacher_forced(golden)?;
+/// golden must have weights (`weights.safetensors` or a checkpoint by reference); the
+/// run is made within `ctx`.
+pub fn check(golden: &Dump, ctx: &model::RunContext) -> Result<Reproduction> {
+    let run = model::reference::run_teacher_forced(golden, ctx)?;
     judge(golden, &run)
 }
 

@@ -15,6 +15,12 @@ use std::path::PathBuf;
 
 /// The directory of the cache `name`: `$<env>` when set and not empty, else
 /// `$XDG_CACHE_HOME/llama-parity/<name>` or `~/.cache/llama-parity/<name>`.
+///
+/// The one place a library stage reads the environment (the model takes its settings
+/// as a `RunContext` the binary builds from its own): the digest cache of checkpoint files
+/// (`weights`, `PARITY_HASH_CACHE`) and the noise-floor cache (`compare`,
+/// `PARITY_FLOOR_CACHE`) are found here where they are used, deep inside hashing a file,
+/// rather than threaded through every caller as a parameter.
 pub fn cache_dir(env: &str, name: &str) -> Option<PathBuf> {
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     var(env)

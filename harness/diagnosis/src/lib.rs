@@ -73,6 +73,7 @@ use compare::Comparison;
 use contract::error::Result;
 use dump::Dump;
 use model::ascend::{self, AscendOptions};
+use model::RunContext;
 
 use acceptance::{best_form, rank, Acceptance};
 use evidence::Evidence;
@@ -86,8 +87,13 @@ use refutation::{hypotheses, Refuter, Replays};
 /// comparison applied at the first divergent site (the user's policy, at the coarser of
 /// the two dtypes) or within the comparison's margin ([`compare::floor::MARGIN`]) times
 /// the noise floor, whichever is wider. A hypothesis that cannot run on this golden is
-/// said in [`Diagnosis::notes`].
-pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Diagnosis> {
+/// said in [`Diagnosis::notes`]. The runs are made within `ctx`.
+pub fn diagnose(
+    golden: &Dump,
+    candidate: &Dump,
+    cmp: &Comparison,
+    ctx: &RunContext,
+) -> Result<Diagnosis> {
     let Some(evidence) = Evidence::of(cmp) else { return Ok(Diagnosis::default()) };
     if !golden.has_weights() {
         return Ok(Diagnosis::default());
@@ -99,7 +105,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
     let simulated = AscendOptions::for_framework(precision, candidate.manifest.framework());
     // The correct run, recorded: a hypothesis is replayed from it at the step and layer
     // where its fault first acts (block replay), everything before being the same.
-    let recorded = ascend::run_recorded(golden, &simulated)?;
+    let recorded = ascend::run_recorded(golden, &simulated, ctx)?;
     let baseline = &recorded.dump;
     let clean = fit(baseline, candidate, golden, &evidence.sites)?;
     // The noise floor: how far a correct simulation is from the correct golden here.
@@ -118,6 +124,7 @@ pub fn diagnose(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Dia
         evidence: &evidence,
         simulated: &simulated,
         recorded: &recorded,
+        ctx,
         refuter,
         notes: Vec::new(),
     };

@@ -18,6 +18,7 @@ use model::ascend::{self, AscendOptions, Hypothesis};
 use model::llama::Watch;
 use model::plan::Plan;
 use model::runner::{Recorded, Replay};
+use model::RunContext;
 
 use crate::evidence::{has_values, order, passed, Evidence};
 use crate::faults::facts;
@@ -139,6 +140,8 @@ pub(crate) struct Replays<'a> {
     pub simulated: &'a AscendOptions,
     /// The correct run, recorded.
     pub recorded: &'a Recorded,
+    /// What the runs are made within.
+    pub ctx: &'a RunContext,
     pub refuter: Refuter,
     /// Forms that could not be run, each with the reason.
     pub notes: Vec<String>,
@@ -169,7 +172,7 @@ impl Replays<'_> {
             layer,
         });
         let hypothesis = Hypothesis { plan: &planned, replay, watch: watch.clone() };
-        let dump = match ascend::run_hypothesis(golden, self.simulated, hypothesis) {
+        let dump = match ascend::run_hypothesis(golden, self.simulated, hypothesis, self.ctx) {
             Ok(dump) => dump,
             Err(e) => {
                 self.notes.push(format!("{form} not tried: {e}"));

@@ -34,11 +34,13 @@
 use contract::error::Result;
 use dump::{Dump, Precision};
 
-use super::llama::Watch;
-use super::numerics::{Numerics, Products, RoundAt};
-use super::plan::{Plan, SoftmaxPrecision, VariancePrecision};
-use super::runner::{load_model, Recorded, Replay, RopeTableSource, Runner};
-use super::RunOutput;
+use crate::context::RunContext;
+use crate::llama::Llama;
+use crate::numerics::{Numerics, Products, RoundAt};
+use crate::plan::{Plan, SoftmaxPrecision, VariancePrecision};
+use crate::run::RunOutput;
+use crate::runner::{load_model, Recorded, Replay, RopeTableSource, Runner};
+use crate::step_output::Watch;
 
 /// Where RMSNorm applies its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +101,7 @@ impl AscendOptions {
     pub fn for_framework(precision: Precision, framework: &str) -> AscendOptions {
         let mut o = AscendOptions::mindformers(precision);
         if matches!(framework, "transformers" | "pytorch" | "torch") {
-            o.mask_fill = super::numerics::dtype_min(precision);
+            o.mask_fill = crate::numerics::dtype_min(precision);
         }
         o
     }
@@ -211,14 +213,16 @@ impl Numerics for AscendNumerics {
 }
 
 /// Runs `golden`'s scenario as the simulated port with `opts`; the dump declares
-/// `opts.precision`.
+/// `opts.precision`. The run is told to `ctx`, whose sha256 check applies to a
+/// referenced checkpoint.
 pub fn run(
     golden: &Dump,
     opts: &AscendOptions,
     plan: &Plan,
     teacher_force: bool,
+    ctx: &RunContext,
 ) -> Result<RunOutput> {
-    run_watched(golden, opts, plan, teacher_force, None)
+    run_watched(golden, opts, plan, teacher_force, None, ctx)
 }
 
 /// How a run departs from the correct recorded one: replayed from a step and layer
@@ -231,14 +235,21 @@ pub struct Hypothesis<'b> {
 
 /// The correct run (no fault) of `golden`'s scenario as the simulated port, recorded to
 /// replay hypotheses from.
-pub fn run_recorded(golden: &Dump, opts: &AscendOptions) -> Result<Recorded> {
+pub fn run_recorded(golden: &Dump, opts: &AscendOptions, ctx: &RunContext) -> Result<Recorded> {
     let plan = Plan::default();
-    with_runner(golden, opts, &plan, None, |runner, model| runner.run_recorded(model, golden))
+    with_runner(golden, opts, &plan, None, ctx, |runner, model, _| {
+        runner.run_recorded(model, golden)
+    })
 }
 
 /// The run of one hypothesis: replayed from its departure when it has one, else in full.
-pub fn run_hypothesis(golden: &Dump, opts: &AscendOptions, h: Hypothesis) -> Result<Dump> {
-    with_runner(golden, opts, h.plan, h.watch, |runner, model| match &h.replay {
+pub fn run_hypothesis(
+    golden: &Dump,
+    opts: &AscendOptions,
+    h: Hypothesis,
+    ctx: &RunContext,
+) -> Result<Dump> {
+    with_runner(golden, opts, h.plan, h.watch, ctx, |runner, model, _| match &h.replay {
         Some(replay) => runner.run_replayed(model, golden, replay),
         None => Ok(runner.run(model, golden, false)?.dump),
     })
@@ -251,21 +262,27 @@ pub fn run_watched(
     plan: &Plan,
     teacher_force: bool,
     watch: Option<std::sync::Arc<Watch>>,
+    ctx: &RunContext,
 ) -> Result<RunOutput> {
-    with_runner(golden, opts, plan, watch, |runner, model| runner.run(model, golden, teacher_force))
+    with_runner(golden, opts, plan, watch, ctx, |runner, model, warnings| {
+        let out = runner.run(model, golden, teacher_force)?;
+        Ok(RunOutput { warnings, ..out })
+    })
 }
 
 /// Loads `golden`'s model for the simulated port with `opts` and `plan` and hands its
-/// runner to `f`.
+/// runner, the model and the load's warnings to `f`.
 fn with_runner<T>(
     golden: &Dump,
     opts: &AscendOptions,
     plan: &Plan,
     watch: Option<std::sync::Arc<Watch>>,
-    f: impl FnOnce(&Runner, &super::llama::Llama) -> Result<T>,
+    ctx: &RunContext,
+    f: impl FnOnce(&Runner, &Llama, Vec<String>) -> Result<T>,
 ) -> Result<T> {
     let numerics = AscendNumerics::new(*opts, plan);
-    let mut model = load_model(golden, plan)?;
+    let mut warnings = Vec::new();
+    let mut model = load_model(golden, plan, ctx, &mut warnings)?;
     model.weights.round(&numerics);
     let rope_tables = if opts.precomputed_rope_tables {
         RopeTableSource::Precomputed
@@ -279,8 +296,9 @@ fn with_runner<T>(
         declared: opts.precision,
         rope_tables,
         watch,
+        context: ctx,
     };
-    f(&runner, &model)
+    f(&runner, &model, warnings)
 }
 
 #[cfg(test)]

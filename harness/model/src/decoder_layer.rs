@@ -12,12 +12,12 @@ use dump::ModelConfig;
 use super::attention;
 use super::heads::split_heads;
 use super::kv_cache::KvCache;
-use super::llama::StepOutput;
 use super::mlp::Mlp;
 use super::numerics::{round_in_place, Numerics, RoundAt};
 use super::plan::{CacheWrite, CachedKeys, Plan};
 use super::rms_norm::RmsNorm;
 use super::rope;
+use super::step_output::StepOutput;
 use super::weights::LayerWeights;
 
 /// What every layer of one step shares: the step, the rotary tables `[batch, T, D]` and

@@ -20,8 +20,6 @@
 //! weight rows are read a chunk at a time as the product reaches it, so that a chunk is
 //! rounded to the weight precision into the cache and used there.
 
-use super::linear::fit;
-
 /// Input rows per kernel tile: two 16-lane vectors.
 const TILE_ROWS: usize = 32;
 
@@ -32,6 +30,14 @@ const TILE_COLS: usize = 12;
 /// The slice of `k` one pass of the kernel covers: a tile's 12 weight rows (24 KiB) stay
 /// in the L1 cache while every input tile passes over them.
 pub const CHUNK: usize = 512;
+
+/// `v` with `len` elements, its contents left as they are where it had them (every
+/// caller overwrites them all): a buffer a thread keeps between products, resized
+/// without being zeroed (here and in `linear`).
+pub(super) fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    v.truncate(len);
+    v.resize(len, T::default());
+}
 
 /// `k`'s chunks: `(start, length)` of each.
 fn chunks(k: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -305,7 +311,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::SplitMix64;
+    use crate::rng::SplitMix64;
 
     /// `m × k` values: mostly of one scale, some tiny (subnormal products), some large
     /// and of both signs (cancellation), a few zeros.

@@ -8,8 +8,16 @@
 //! One building block a file, composed by [`llama`]:
 //! [`weights`] (HF names) → [`embedding`] → [`rope`] (frequencies, tables, rotation) →
 //! [`mask`] → per layer ([`decoder_layer`]) [`rms_norm`], [`linear`], [`heads`],
-//! [`kv_cache`], [`attention`], [`mlp`]. [`runner`] runs a golden's scenario step by step
-//! on a loaded model for every in-process implementation.
+//! [`kv_cache`], [`attention`], [`mlp`], each step's sites gathered in [`step_output`].
+//! [`runner`] runs a golden's scenario step by step on a loaded model for every
+//! in-process implementation.
+//!
+//! What a run is asked for and gives back is in [`mod@run`] ([`RunOptions`],
+//! [`RunOutput`]); what it takes from its caller (where the ports are, [`ports`];
+//! whether checkpoints are hashed; who hears of progress and warnings) in [`context`].
+//! The library prints nothing and reads no environment variable: progress and warnings
+//! are [`RunEvent`]s for the caller's sink, and the settings the `parity` binary takes
+//! from its environment are handed in as a [`RunContext`] ([`RunContext::from_vars`]).
 //!
 //! Two seams are threaded through every block so that the reference and a simulated
 //! port share the model code:
@@ -22,6 +30,7 @@
 
 pub mod ascend;
 pub mod attention;
+pub mod context;
 pub mod decoder_layer;
 pub mod embedding;
 mod fma_product;
@@ -30,102 +39,44 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod mask;
+pub mod mindformers;
+pub mod mindspore;
 pub mod mlp;
 pub mod numerics;
 pub mod plan;
-pub mod progress;
+pub mod ports;
 pub mod reference;
 pub mod rms_norm;
+pub mod rng;
 pub mod rope;
 mod rowdot;
+pub mod run;
 pub mod runner;
+pub mod step_output;
 pub mod weights;
 
-use contract::error::{Error, Feature, Result};
-use contract::fault::ScopedFault;
-use dump::{Dump, Precision};
+pub use context::{EventSink, RunContext, RunEvent, Sha256Check};
+pub use ports::{PortPaths, Ports};
+pub use run::{Device, Implementation, RunOptions, RunOutput};
 
-pub mod mindformers;
-pub mod mindspore;
-
-/// Which implementation runs the scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Implementation {
-    /// Float64 everywhere, written from the formulas.
-    Reference,
-    /// The port's numerics on Ascend simulated on the CPU.
-    Ascend,
-    /// The real MindSpore port under `fixtures/ports/mindspore`, run in a subprocess.
-    MindSpore,
-    /// MindFormers' own Llama (`fixtures/ports/mindformers`), run in a subprocess on a device.
-    MindFormers(mindformers::Device),
-}
-
-impl Implementation {
-    pub fn name(self) -> &'static str {
-        match self {
-            Implementation::Reference => "reference",
-            Implementation::Ascend => "ascend",
-            Implementation::MindSpore => "mindspore",
-            Implementation::MindFormers(_) => "mindformers",
-        }
-    }
-}
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub implementation: Implementation,
-    /// Compute precision; `None` means the golden's dtype. The reference always computes
-    /// in float64 and uses this only as the dtype its dump declares (which picks the
-    /// tolerance the comparison applies).
-    pub precision: Option<Precision>,
-    /// Faults planted where each lives in a real port, each within its scope.
-    pub faults: Vec<ScopedFault>,
-    /// Also run each layer from the golden's input to that layer.
-    pub teacher_force: bool,
-}
-
-/// What a run produced.
-pub struct RunOutput {
-    /// The free-running dump.
-    pub dump: Dump,
-    /// With `teacher_force`: the dump where each layer started from the golden's input.
-    pub teacher_forced: Option<Dump>,
-}
+use contract::error::Result;
+use dump::Dump;
 
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
-    if opts.implementation == Implementation::MindSpore {
-        return run_mindspore(golden, opts);
-    }
-    if let Implementation::MindFormers(device) = opts.implementation {
-        return mindformers::run(golden, opts, device, &mut |line| {
-            eprintln!("parity: mindformers: {line}")
-        });
-    }
-    let plan = plan::Plan::scoped(&opts.faults);
+    let ctx = &opts.context;
     match opts.implementation {
+        Implementation::MindSpore => mindspore::run(golden, opts),
+        Implementation::MindFormers(device) => mindformers::run(golden, opts, device),
         Implementation::Reference => {
-            reference::run(golden, opts.precision, &plan, opts.teacher_force)
+            let plan = plan::Plan::scoped(&opts.faults);
+            reference::run(golden, opts.precision, &plan, opts.teacher_force, ctx)
         }
         Implementation::Ascend => {
+            let plan = plan::Plan::scoped(&opts.faults);
             let precision = opts.precision.unwrap_or(golden.manifest.dtype);
-            ascend::run(
-                golden,
-                &ascend::AscendOptions::mindformers(precision),
-                &plan,
-                opts.teacher_force,
-            )
+            let ascend = ascend::AscendOptions::mindformers(precision);
+            ascend::run(golden, &ascend, &plan, opts.teacher_force, ctx)
         }
-        other => Err(Error::unsupported(
-            Feature::Implementation,
-            format!("the {} implementation is not built yet", other.name()),
-        )),
     }
-}
-
-/// The MindSpore port in a subprocess; its output lines become progress on stderr.
-fn run_mindspore(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
-    mindspore::run(golden, opts, &mut |line| eprintln!("parity: mindspore: {line}"))
 }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use dump::Tensor;
 
-use super::fma_product::{self, PackedInput};
+use super::fma_product::{self, fit, PackedInput};
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 use super::rowdot::rows_dot;
 
@@ -37,13 +37,6 @@ thread_local! {
     /// A thread's chunk of rounded weight rows and float32 partial sums for
     /// [`fma_product::product`], kept the same way.
     static SLAB_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// `v` with `len` elements, its contents left as they are where it had them (every
-/// caller overwrites them all).
-pub(super) fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
-    v.truncate(len);
-    v.resize(len, T::default());
 }
 
 /// A `[rows, cols]` matrix: widened to `f64` already, or stored in a checkpoint's dtype.
@@ -272,12 +265,36 @@ mod tests {
         Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 31 + j * 17) % 23) as f64 / 8.0 - 1.3)
     }
 
-    fn ascend_bf16() -> crate::ascend::AscendNumerics {
-        use crate::ascend::{AscendNumerics, AscendOptions};
-        AscendNumerics::new(
-            AscendOptions::mindformers(dump::Precision::Bf16),
-            &crate::plan::Plan::default(),
-        )
+    /// What a bfloat16 port's projections take from its numerics (the simulated
+    /// Ascend port's at bfloat16): weights stored in bfloat16, products in float32.
+    struct Bf16Products;
+
+    impl Numerics for Bf16Products {
+        fn name(&self) -> &str {
+            "bf16-weights-f32-products"
+        }
+        fn rounds_at(&self, at: RoundAt) -> bool {
+            at == RoundAt::Weight
+        }
+        fn weight_precision(&self) -> Option<dump::Precision> {
+            Some(dump::Precision::Bf16)
+        }
+        fn round(&self, at: RoundAt, x: f64) -> f64 {
+            if at == RoundAt::Weight {
+                dump::Precision::Bf16.round(x)
+            } else {
+                x
+            }
+        }
+        fn mask_fill(&self) -> f64 {
+            crate::numerics::dtype_min(dump::Precision::Bf16)
+        }
+        fn mask_precision(&self) -> dump::Precision {
+            dump::Precision::Bf16
+        }
+        fn products(&self) -> Products {
+            Products::Float32
+        }
     }
 
     #[test]
@@ -323,7 +340,7 @@ mod tests {
         // exact in float32, so each output is a float32 value within the float32
         // accumulation bound (k ulps of the sum of |terms|) of the exact sum, whether a
         // blocked product (12 rows) or row dots (3 rows) computed it.
-        let n = ascend_bf16();
+        let n = Bf16Products;
         let bf = |v: f64| dump::Precision::Bf16.round(v);
         let w = matrix(600, 300).mapv(|v| v.sin());
         let t = Matrix::Stored(Tensor::from_array(&w, DType::F32));
@@ -354,7 +371,7 @@ mod tests {
         let w = matrix(700, 300);
         let t = Matrix::Stored(Tensor::from_array(&w, DType::F32));
         let exact = Exact::new(dump::Precision::F32);
-        let bf16 = ascend_bf16();
+        let bf16 = Bf16Products;
         let numerics: [&dyn Numerics; 2] = [&exact, &bf16];
         for (n, m) in numerics.into_iter().flat_map(|n| [(n, 5), (n, 40)]) {
             let x = matrix(m, 300).mapv(|v| v.sin() * 1e-3 + v);

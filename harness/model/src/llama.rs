@@ -12,22 +12,27 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, Array3, ArrayD};
+use ndarray::{Array2, Array3};
 
 use contract::error::{Error, Result};
 use contract::fault::Component;
 use contract::site::{Site, Step};
 use dump::ModelConfig;
 
-use super::decoder_layer::{DecoderLayer, StepShared};
-use super::embedding::Embedding;
-use super::kv_cache::KvCache;
-use super::mask;
-use super::numerics::Numerics;
-use super::plan::{DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
-use super::rms_norm::RmsNorm;
-use super::rope::{Rope, RopeConfig};
-use super::weights::Weights;
+use crate::context::{EventSink, RunEvent};
+use crate::decoder_layer::{DecoderLayer, StepShared};
+use crate::embedding::Embedding;
+use crate::kv_cache::KvCache;
+use crate::mask;
+use crate::numerics::Numerics;
+use crate::plan::{DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
+use crate::rms_norm::RmsNorm;
+use crate::rope::{Rope, RopeConfig};
+use crate::weights::Weights;
+
+// A step's sites and the watch they are shown to live in `step_output`, which the
+// decoder layer writes into too; named here as well, where a session returns them.
+pub use crate::step_output::{StepOutput, Watch};
 
 /// A model: config, weights, rotary config.
 #[derive(Debug, Clone)]
@@ -56,76 +61,6 @@ pub trait LayerInputs {
     fn layer_input(&self, layer: usize) -> Result<Option<Array3<f64>>>;
 }
 
-/// Says, for each site of a run as it is produced, whether the run goes on.
-type KeepGoing = dyn Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync;
-
-/// Looks at each site of a run as it is produced and may stop the run: the diagnosis
-/// stops a hypothesis as soon as it departs from what the candidate showed, instead of
-/// running every layer and step to find out.
-pub struct Watch {
-    keep_going: Box<KeepGoing>,
-    stopped: std::sync::atomic::AtomicBool,
-}
-
-impl Watch {
-    /// A watch that stops the run the first time `keep_going` returns false.
-    pub fn new(
-        keep_going: impl Fn(Step, &Site, &ArrayD<f64>) -> bool + Send + Sync + 'static,
-    ) -> Watch {
-        Watch { keep_going: Box::new(keep_going), stopped: false.into() }
-    }
-
-    /// Whether it stopped a run.
-    pub fn stopped(&self) -> bool {
-        self.stopped.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn check(&self, step: Step, site: &Site, a: &ArrayD<f64>) {
-        if !self.stopped() && !(self.keep_going)(step, site, a) {
-            self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-impl std::fmt::Debug for Watch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("stopped", &self.stopped()).finish_non_exhaustive()
-    }
-}
-
-/// Every site a step produced, in compute order.
-#[derive(Debug, Clone, Default)]
-pub struct StepOutput {
-    pub sites: Vec<(Site, ArrayD<f64>)>,
-    /// The step and the watch its sites are shown to, if any.
-    watch: Option<(Step, std::sync::Arc<Watch>)>,
-}
-
-impl StepOutput {
-    pub(super) fn put<D: ndarray::Dimension>(&mut self, site: Site, a: ndarray::Array<f64, D>) {
-        let a = a.into_dyn();
-        if let Some((step, w)) = &self.watch {
-            w.check(*step, &site, &a);
-        }
-        self.sites.push((site, a));
-    }
-
-    /// Whether a watch has stopped the run: the rest of the step is not computed.
-    pub fn stopped(&self) -> bool {
-        self.watch.as_ref().is_some_and(|(_, w)| w.stopped())
-    }
-
-    /// The tensor of `site`, if produced.
-    pub fn get(&self, site: &Site) -> Option<&ArrayD<f64>> {
-        self.sites.iter().find(|(s, _)| s == site).map(|(_, a)| a)
-    }
-
-    /// The logits `[batch, T, vocab]`.
-    pub fn logits(&self) -> Option<&ArrayD<f64>> {
-        self.get(&Site::LmHead)
-    }
-}
-
 /// What a [`Session`] carries from one step to the next: enough to resume a run at the
 /// start of a step.
 #[derive(Debug, Clone)]
@@ -152,6 +87,8 @@ pub struct Session<'m> {
     pos_offset: Vec<i64>,
     decode_steps: usize,
     watch: Option<std::sync::Arc<Watch>>,
+    /// Told as each layer starts ([`RunEvent::Layer`]).
+    events: Option<EventSink>,
     /// Layers before this one are not computed; the input to this one comes from
     /// `resume_input` (block replay).
     first_layer: usize,
@@ -182,6 +119,7 @@ impl<'m> Session<'m> {
             pos_offset: vec![0; batch],
             decode_steps: 0,
             watch: None,
+            events: None,
             first_layer: 0,
             resume_input: None,
         }
@@ -224,6 +162,11 @@ impl<'m> Session<'m> {
     /// returns what it has computed so far.
     pub fn set_watch(&mut self, watch: std::sync::Arc<Watch>) {
         self.watch = Some(watch);
+    }
+
+    /// Tells `sink` as each layer of each step starts ([`RunEvent::Layer`]).
+    pub fn set_events(&mut self, sink: EventSink) {
+        self.events = Some(sink);
     }
 
     /// Builds the rotary tables once for every position up to `max_position_embeddings`
@@ -344,12 +287,10 @@ impl<'m> Session<'m> {
         let (model, n) = (self.model, self.numerics);
         // The seams before the layers, at this step; each layer narrows its own.
         let plan = &self.plan.at(None, Some(step), None);
-        let step_label = step.to_string();
         let c = &model.config;
         let w = &model.weights;
         let t = ids[0].len();
-        let mut out =
-            StepOutput { sites: Vec::new(), watch: self.watch.clone().map(|w| (step, w)) };
+        let mut out = StepOutput::new(step, self.watch.clone());
         out.put(Site::PositionIds, positions.mapv(|p| p as f64));
 
         let mut h = Embedding { weight: &w.embed_tokens }.forward(ids, n)?;
@@ -394,7 +335,9 @@ impl<'m> Session<'m> {
             replace(&mut h, input(step, first)?, first, "the resumed input")?;
         }
         for (i, lw) in w.layers.iter().enumerate().skip(first) {
-            super::progress::layer(&step_label, i, w.layers.len());
+            if let Some(sink) = &self.events {
+                sink(&RunEvent::Layer { step, layer: i, layers: w.layers.len() });
+            }
             if let Some(x) = teacher.map(|t| t.layer_input(i)).transpose()?.flatten() {
                 replace(&mut h, x, i, &format!("the golden's input to layer {i}"))?;
             }

@@ -1,148 +1,47 @@
 //! The real MindSpore port (`fixtures/ports/mindspore/run.py`), run in a subprocess
-//! (the subprocess code, [`Port`] and `run_port`, is shared with [`super::mindformers`]):
+//! (the subprocess code, [`Port`] and `run_port`, is shared with `mindformers`):
 //! `python run.py --golden GOLDEN --out TMP [--dtype D] [--fault ID[@layers=L]]...` writes a
 //! contract dump, which is read back into memory and the temporary directory removed.
 //! The port narrows a fault to decoder layers (`--fault attn.no_scale@layers=1`); it
 //! takes no other scope and no parameter.
 //!
-//! Where things are found:
-//! - the interpreter: `$PARITY_MINDSPORE_PYTHON`, else `<venv>/bin/python` with `<venv>`
-//!   `$PARITY_MINDSPORE_VENV` or `$HOME/.cache/llama-parity/mindspore-venv` (where
-//!   `.ci/setup` creates it);
-//! - the port: `$PARITY_MINDSPORE_PORT`, else `fixtures/ports/mindspore/run.py` in the
-//!   source tree this binary was built from, else the same path under the current dir.
+//! Where the interpreter and the script are found is [`crate::ports`]' business
+//! ([`MINDSPORE`]).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{RunOptions, RunOutput};
 use contract::error::{Error, Feature, Result};
 use contract::fault::ScopedFault;
 use contract::site;
 use dump::{Dump, Tensor};
 
-const PORT_REL: &str = "fixtures/ports/mindspore/run.py";
+use crate::context::RunEvent;
+use crate::ports::{Port, MINDSPORE};
+use crate::run::{RunOptions, RunOutput};
 
-/// The MindSpore port's subprocess settings.
-pub const PORT: Port = Port {
-    program: "mindspore port",
-    python_env: "PARITY_MINDSPORE_PYTHON",
-    venv_env: "PARITY_MINDSPORE_VENV",
-    port_env: "PARITY_MINDSPORE_PORT",
-    venv_name: "mindspore-venv",
-    port_rel: PORT_REL,
-    install: "python3 -m venv {venv} && {venv}/bin/pip install -r fixtures/ports/mindspore/requirements.txt",
-    needs: "mindspore 2.10",
-    layer_scopes: true,
-};
-
-/// A port run in a subprocess by a Python interpreter from a venv: where each piece is
-/// found and what to say when one is missing. Shared by the MindSpore port and
-/// MindFormers' Llama ([`super::mindformers`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Port {
-    /// How messages name the subprocess, e.g. "mindspore port".
-    pub program: &'static str,
-    /// Environment variable naming the interpreter.
-    pub python_env: &'static str,
-    /// Environment variable naming the venv.
-    pub venv_env: &'static str,
-    /// Environment variable naming the runner script.
-    pub port_env: &'static str,
-    /// The venv's directory under `$HOME/.cache/llama-parity/`.
-    pub venv_name: &'static str,
-    /// The runner script, relative to the source tree.
-    pub port_rel: &'static str,
-    /// How to create the venv by hand; `{venv}` stands for its path.
-    pub install: &'static str,
-    /// What the interpreter must have, for the message.
-    pub needs: &'static str,
-    /// Whether the script's `--fault` takes a `layers` scope (`ID@layers=1,2`); no port
-    /// takes any other scope or a parameter.
-    pub layer_scopes: bool,
-}
-
-impl Port {
-    /// The venv `.ci/setup` creates: `$<venv_env>`, else `$HOME/.cache/llama-parity/<venv_name>`.
-    pub fn default_venv(&self) -> PathBuf {
-        if let Some(v) = std::env::var_os(self.venv_env).filter(|v| !v.is_empty()) {
-            return PathBuf::from(v);
-        }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".cache/llama-parity").join(self.venv_name)
-    }
-
-    /// The interpreter that runs the port.
-    pub fn python(&self) -> PathBuf {
-        match std::env::var_os(self.python_env).filter(|v| !v.is_empty()) {
-            Some(p) => PathBuf::from(p),
-            None => self.default_venv().join("bin/python"),
-        }
-    }
-
-    /// The port's runner script.
-    pub fn script(&self) -> PathBuf {
-        if let Some(p) = std::env::var_os(self.port_env).filter(|v| !v.is_empty()) {
-            return PathBuf::from(p);
-        }
-        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(self.port_rel);
-        if built.is_file() {
-            built
-        } else {
-            PathBuf::from(self.port_rel)
-        }
-    }
-
-    fn install_hint(&self, python: &Path, problem: &str) -> Error {
-        let venv = self.default_venv();
-        let install = self.install.replace("{venv}", &venv.display().to_string());
-        Error::External {
-            program: self.program.into(),
-            what: format!(
-                "{what} is not available: {problem} ({python}). Install it with `bash .ci/setup` (creates {venv}), \
-                 or by hand: `{install}`; or set {env} to an interpreter that has {needs}",
-                what = self.needs.split(' ').next().unwrap_or(self.needs),
-                python = python.display(),
-                venv = venv.display(),
-                env = self.python_env,
-                needs = self.needs,
-            ),
-        }
-    }
-}
-
-/// The venv `.ci/setup` creates: `$PARITY_MINDSPORE_VENV`, else
-/// `$HOME/.cache/llama-parity/mindspore-venv`.
-pub fn default_venv() -> PathBuf {
-    PORT.default_venv()
-}
-
-/// The interpreter that runs the port.
-pub fn python() -> PathBuf {
-    PORT.python()
-}
-
-/// Runs the port on `golden`'s scenario and returns its dump (held in memory).
-/// `progress` receives each line the port writes.
-pub fn run(golden: &Dump, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<RunOutput> {
-    run_port(&PORT, "mindspore", golden, opts, &[], progress)
+/// Runs the port on `golden`'s scenario and returns its dump (held in memory). Each
+/// line the port writes goes to the context's sink ([`RunEvent::PortLine`]).
+pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
+    run_port(&MINDSPORE, "mindspore", golden, opts, &[])
 }
 
 /// Runs `port`'s script as `python SCRIPT --golden GOLDEN --out TMP [--dtype D]
 /// [--fault ID[@layers=L]]... EXTRA...` in a temporary working directory (a port may
 /// write logs there; nothing lands beside the golden or in the caller's directory),
 /// then reads its dump back into memory and removes the directory. `impl_name` names
-/// the implementation in usage errors.
+/// the implementation in usage errors and in the [`RunEvent::PortLine`]s its lines
+/// become; the interpreter and the script are found in `opts.context.ports`.
 pub fn run_port(
     port: &Port,
     impl_name: &str,
     golden: &Dump,
     opts: &RunOptions,
     extra: &[String],
-    progress: &mut dyn FnMut(&str),
 ) -> Result<RunOutput> {
+    let ports = &opts.context.ports;
+    let progress = |line: &str| opts.context.emit(&RunEvent::PortLine { port: impl_name, line });
     let layers_only = |f: &ScopedFault| {
         port.layer_scopes && f.scope.steps.is_none() && f.scope.component.is_none()
     };
@@ -174,11 +73,11 @@ pub fn run_port(
         ));
     };
     let golden_dir = std::path::absolute(golden_dir).map_err(|e| Error::io(golden_dir, e))?;
-    let python = port.python();
+    let python = port.python(ports);
     if !python.is_file() {
-        return Err(port.install_hint(&python, "the interpreter does not exist"));
+        return Err(port.install_hint(ports, &python, "the interpreter does not exist"));
     }
-    let script = port.script();
+    let script = port.script(ports);
     if !script.is_file() {
         return Err(Error::External {
             program: port.program.into(),
@@ -214,9 +113,9 @@ pub fn run_port(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| port.install_hint(&python, &format!("cannot start the interpreter: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        port.install_hint(ports, &python, &format!("cannot start the interpreter: {e}"))
+    })?;
 
     // The port's stdout is progress too; drain it on a thread so neither pipe fills.
     let stdout = child.stdout.take();
@@ -245,9 +144,11 @@ pub fn run_port(
     }
     if !status.success() {
         if let Some(module) = lines.iter().rev().find_map(|l| missing_module(l)) {
-            return Err(
-                port.install_hint(&python, &format!("the interpreter cannot import `{module}`"))
-            );
+            return Err(port.install_hint(
+                ports,
+                &python,
+                &format!("the interpreter cannot import `{module}`"),
+            ));
         }
         let code = status.code().map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
         let what = if last.is_empty() { "no message".to_string() } else { last };
@@ -258,7 +159,7 @@ pub fn run_port(
     }
     let dump = Dump::open(&out)?;
     let dump = into_memory(&dump)?;
-    Ok(RunOutput { dump, teacher_forced: None })
+    Ok(RunOutput { dump, teacher_forced: None, warnings: Vec::new() })
 }
 
 /// The module named by a `ModuleNotFoundError: No module named 'x'` line.

@@ -4,20 +4,23 @@
 use contract::error::Result;
 use dump::{Dump, Precision};
 
-use super::numerics::Exact;
-use super::plan::Plan;
-use super::runner::{load_model, RopeTableSource, Runner};
-use super::RunOutput;
+use crate::context::RunContext;
+use crate::numerics::Exact;
+use crate::plan::Plan;
+use crate::run::RunOutput;
+use crate::runner::{load_model, RopeTableSource, Runner};
 
 /// Runs `golden`'s scenario; `precision` is the dtype the dump declares (its tolerance
-/// class), the golden's when `None`.
+/// class), the golden's when `None`; the run is told to `ctx`.
 pub fn run(
     golden: &Dump,
     precision: Option<Precision>,
     plan: &Plan,
     teacher_force: bool,
+    ctx: &RunContext,
 ) -> Result<RunOutput> {
-    let model = load_model(golden, plan)?;
+    let mut warnings = Vec::new();
+    let model = load_model(golden, plan, ctx, &mut warnings)?;
     // Hidden mask entries hold the golden dtype's finfo.min, as HF's eager mask does.
     let numerics = Exact::new(golden.manifest.dtype);
     let runner = Runner {
@@ -27,17 +30,21 @@ pub fn run(
         declared: precision.unwrap_or(golden.manifest.dtype),
         rope_tables: RopeTableSource::PerStep,
         watch: None,
+        context: ctx,
     };
-    runner.run(&model, golden, teacher_force)
+    let out = runner.run(&model, golden, teacher_force)?;
+    Ok(RunOutput { warnings, ..out })
 }
 
 /// The teacher-forced run alone: each layer fed the golden's own input to it
 /// (`model.embed_tokens` for layer 0, `model.layers.{i-1}` for layer `i`), so that each
 /// site's error against the golden is what that layer adds, not what it inherits. The
-/// check that the reference reproduces a golden reads it.
-pub fn run_teacher_forced(golden: &Dump) -> Result<Dump> {
+/// check that the reference reproduces a golden reads it. The run is told to `ctx`
+/// (the warnings of loading the weights go to its sink).
+pub fn run_teacher_forced(golden: &Dump, ctx: &RunContext) -> Result<Dump> {
     let plan = Plan::default();
-    let model = load_model(golden, &plan)?;
+    let mut warnings = Vec::new();
+    let model = load_model(golden, &plan, ctx, &mut warnings)?;
     let numerics = Exact::new(golden.manifest.dtype);
     let runner = Runner {
         implementation: "reference",
@@ -46,6 +53,7 @@ pub fn run_teacher_forced(golden: &Dump) -> Result<Dump> {
         declared: golden.manifest.dtype,
         rope_tables: RopeTableSource::PerStep,
         watch: None,
+        context: ctx,
     };
     runner.run_scenario(&model, golden, Some(golden))
 }

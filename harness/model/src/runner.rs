@@ -22,16 +22,23 @@ use contract::error::{Error, Result};
 use contract::site::{self, LayerPart, Site, Step};
 use dump::{DType, Dump, Manifest, Precision, Tensor};
 
-use super::llama::{LayerInputs, Llama, Session, SessionState, StepOutput, Watch};
-use super::numerics::Numerics;
-use super::plan::Plan;
-use super::weights::Weights;
-use super::RunOutput;
+use crate::context::{RunContext, RunEvent, Sha256Check};
+use crate::llama::{LayerInputs, Llama, Session, SessionState};
+use crate::numerics::Numerics;
+use crate::plan::Plan;
+use crate::run::RunOutput;
+use crate::step_output::{StepOutput, Watch};
+use crate::weights::Weights;
 
 /// The HF weights of `golden`: its `weights.safetensors`, or the checkpoint its manifest
-/// references (CONTRACT §1.2), whose listed sha256 are checked first (a note on stderr
-/// says when the manifest lists none, or when `LLAMA_PARITY_SKIP_SHA256=1` skips them).
-fn golden_checkpoint(golden: &Dump) -> Result<HfCheckpoint> {
+/// references (CONTRACT §1.2), whose listed sha256 are checked first unless `ctx` says
+/// skip. A warning, shown to `ctx`'s sink and pushed to `warnings`, says when the
+/// manifest lists none or when the check was skipped.
+fn golden_checkpoint(
+    golden: &Dump,
+    ctx: &RunContext,
+    warnings: &mut Vec<String>,
+) -> Result<HfCheckpoint> {
     if let Some(f) = golden.weights()? {
         return Ok(HfCheckpoint::from_file(f));
     }
@@ -44,16 +51,21 @@ fn golden_checkpoint(golden: &Dump) -> Result<HfCheckpoint> {
         });
     };
     let ckpt = HfCheckpoint::open(&r.checkpoint)?;
+    let mut warn = |text: String| {
+        ctx.emit(&RunEvent::Warning { text: &text });
+        warnings.push(text);
+    };
     if r.sha256.is_empty() {
-        eprintln!(
-            "parity: {}: the manifest lists no sha256; checkpoint not verified",
+        warn(format!(
+            "{}: the manifest lists no sha256; checkpoint not verified",
             r.checkpoint.display()
-        );
-    } else if std::env::var_os("LLAMA_PARITY_SKIP_SHA256").is_some_and(|v| v == "1") {
-        eprintln!(
-            "parity: {}: sha256 check skipped (LLAMA_PARITY_SKIP_SHA256=1)",
+        ));
+    } else if ctx.sha256 == Sha256Check::Skip {
+        // The binary's context skips when LLAMA_PARITY_SKIP_SHA256=1, and says so.
+        warn(format!(
+            "{}: sha256 check skipped (LLAMA_PARITY_SKIP_SHA256=1)",
             r.checkpoint.display()
-        );
+        ));
     } else {
         ckpt.verify_sha256(&r.sha256)?;
     }
@@ -61,13 +73,19 @@ fn golden_checkpoint(golden: &Dump) -> Result<HfCheckpoint> {
 }
 
 /// Loads `golden`'s weights (through the plan's key mapping) and checks its scenario's
-/// token ids against the vocabulary.
-pub fn load_model(golden: &Dump, plan: &Plan) -> Result<Llama> {
+/// token ids against the vocabulary. A referenced checkpoint is checked as `ctx` says;
+/// what the caller should know about it is pushed to `warnings` (and shown to `ctx`).
+pub fn load_model(
+    golden: &Dump,
+    plan: &Plan,
+    ctx: &RunContext,
+    warnings: &mut Vec<String>,
+) -> Result<Llama> {
     let manifest_path = golden
         .dir()
         .map(|d| d.join("manifest.json"))
         .unwrap_or_else(|| PathBuf::from("<in-memory dump>"));
-    let weights_file = golden_checkpoint(golden)?;
+    let weights_file = golden_checkpoint(golden, ctx, warnings)?;
     let cfg = golden.manifest.model.clone();
     // The layer count is checked against the weights before anything is sized by it.
     let held = weights_file
@@ -121,6 +139,8 @@ pub struct Runner<'a> {
     /// Shown every site of the free run as it is produced; the run ends after the step
     /// in which it says stop (that step's sites up to there are in the dump).
     pub watch: Option<std::sync::Arc<Watch>>,
+    /// Told as each run starts and ends and as each layer starts.
+    pub context: &'a RunContext,
 }
 
 /// The golden's layer inputs at one step.
@@ -183,7 +203,7 @@ impl Runner<'_> {
         } else {
             None
         };
-        Ok(RunOutput { dump, teacher_forced })
+        Ok(RunOutput { dump, teacher_forced, warnings: Vec::new() })
     }
 
     /// The free run (`teacher` `None`) or the teacher-forced run of `golden`'s scenario.
@@ -216,6 +236,9 @@ impl Runner<'_> {
         }
         if let (Some(w), None) = (&self.watch, teacher) {
             session.set_watch(w.clone());
+        }
+        if let Some(sink) = &self.context.events {
+            session.set_events(sink.clone());
         }
         let mut tensors = BTreeMap::new();
         let start = replay.map_or(0, |r| r.step);
@@ -255,7 +278,7 @@ impl Runner<'_> {
         } else {
             format!("{} run", self.implementation)
         };
-        super::progress::begin(&what);
+        self.context.emit(&RunEvent::Started { what: &what });
         let mut done: Vec<Step> = steps[..start.min(steps.len())].to_vec();
         for (j, &step) in steps.iter().enumerate().skip(start) {
             if let Some(states) = record.as_deref_mut() {
@@ -297,7 +320,7 @@ impl Runner<'_> {
             let run: BTreeSet<String> = done.iter().map(ToString::to_string).collect();
             tensors.retain(|k, _| k.split_once('/').is_some_and(|(s, _)| run.contains(s)));
         }
-        super::progress::end();
+        self.context.emit(&RunEvent::Finished);
         let mut manifest: Manifest = golden.manifest.clone();
         manifest.producer = json!({
             "framework": "llama-parity",

@@ -24,7 +24,7 @@ use compare::{compare_with, compare_with_floor, Comparison};
 use contract::error::{Error, Feature, Result};
 use diagnosis::{diagnose, localise};
 use dump::Dump;
-use model::{self, RunOptions, RunOutput};
+use model::{self, RunContext, RunOptions, RunOutput};
 use report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
 use report::Report;
 
@@ -63,10 +63,14 @@ pub struct Options<'a> {
     /// Statistics first: value sites whose statistics lie far inside their tolerance
     /// are passed on those alone ([`compare::statistics`]).
     pub summary_only: Option<&'a SummaryOnly>,
+    /// What the noise floor's and the diagnosis' runs take from the caller: the sha256
+    /// check of a referenced checkpoint, and who is told of their progress.
+    pub context: &'a RunContext,
 }
 
 impl<'a> Options<'a> {
-    /// Judge by `policy` over the cached noise floor, diagnose divergences, say nothing.
+    /// Judge by `policy` over the cached noise floor, diagnose divergences, say nothing;
+    /// runs within the default [`RunContext`].
     pub fn new(policy: &'a Policy) -> Options<'a> {
         Options {
             policy,
@@ -76,6 +80,7 @@ impl<'a> Options<'a> {
             baseline: None,
             max_regression: DEFAULT_MAX_REGRESSION,
             summary_only: None,
+            context: &model::context::DEFAULT,
         }
     }
 }
@@ -214,7 +219,7 @@ pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Op
         Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
         Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
     };
-    floor_for(golden, precision, cache.as_ref(), opts.progress).map(Some)
+    floor_for(golden, precision, cache.as_ref(), opts.progress, opts.context).map(Some)
 }
 
 /// Runs `run`'s implementation on `golden`'s scenario and weights, names the run after
@@ -270,7 +275,7 @@ fn diagnose_into(
         return;
     }
     (opts.progress)("diagnosing the divergence ...");
-    match diagnose(golden, candidate, cmp) {
+    match diagnose(golden, candidate, cmp, opts.context) {
         Ok(d) => {
             report.diagnosis = d.findings;
             report.diagnosis_notes = d.notes;

@@ -19,7 +19,7 @@ use compare::Verdict;
 use contract::error::{Error, Result};
 use contract::fault::Fault;
 use dump::{Dump, Precision};
-use model::{Implementation, RunOptions};
+use model::{Implementation, RunContext, RunOptions};
 use report::baseline::Baseline;
 use report::Report;
 
@@ -93,6 +93,9 @@ pub struct SuiteOptions<'a> {
     pub max_regression: f64,
     /// Called with a line before each run.
     pub progress: &'a dyn Fn(&str),
+    /// What every run is made within (port paths, the sha256 check, who is told of
+    /// progress and warnings).
+    pub context: &'a RunContext,
 }
 
 /// One run of the matrix, done.
@@ -262,11 +265,13 @@ impl Plan {
                     let check = Options {
                         baseline: baseline.as_ref(),
                         max_regression: opts.max_regression,
+                        context: opts.context,
                         ..Options::new(&policy)
                     };
                     match &p.subject {
                         Subject::Implementation(run) => {
-                            crate::run(&golden, run, None, &check).map(|(_, report)| report)
+                            let run = run.clone().with_context(opts.context.clone());
+                            crate::run(&golden, &run, None, &check).map(|(_, report)| report)
                         }
                         Subject::Candidate(dir) => {
                             let cand = Candidate::open(dir, Naming::default(), &golden.manifest)?;
@@ -301,7 +306,7 @@ fn accepted(dir: &Path, golden: &str, run: &str) -> Result<Option<Baseline>> {
 
 /// A correct run of `implementation` at `precision` (`None`: the golden's).
 fn run_options(implementation: Implementation, precision: Option<Precision>) -> RunOptions {
-    RunOptions { implementation, precision, faults: vec![], teacher_force: false }
+    RunOptions::new(implementation).with_precision(precision)
 }
 
 /// The directory of one run's report under `<dir>/<golden>/`.
