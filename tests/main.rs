@@ -15,6 +15,7 @@ mod diagnosis;
 mod fault_matrix;
 mod golden_suite;
 mod hardening;
+mod hostile_inputs;
 mod loader_fuzz;
 mod localisation;
 mod mask_properties;

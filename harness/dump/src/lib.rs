@@ -97,8 +97,18 @@ impl Dump {
 
     /// A dump held in memory, as an implementation produces it.
     pub fn in_memory(manifest: Manifest, tensors: BTreeMap<String, Tensor>) -> Result<Dump> {
+        Self::in_memory_from(manifest, tensors, Path::new("<in-memory dump>"))
+    }
+
+    /// [`Dump::in_memory`] for tensors gathered from `source` (another dump's files),
+    /// which names it in messages.
+    pub fn in_memory_from(
+        manifest: Manifest,
+        tensors: BTreeMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Dump> {
         let names: Vec<String> = tensors.keys().cloned().collect();
-        let keys = index_keys(&manifest, &names, Path::new("<in-memory dump>"))?;
+        let keys = index_keys(&manifest, &names, source)?;
         Ok(Dump { dir: None, name: None, manifest, store: Store::Memory(tensors), keys })
     }
 
@@ -209,6 +219,17 @@ impl Dump {
                 let hex = hex.as_str().ok_or_else(|| {
                     bad(&format!("field `weights.sha256.{file}` is not a string"))
                 })?;
+                // A file of the checkpoint: a relative path that stays inside it (not
+                // `/dev/zero`, not `../x`).
+                let inside = !file.is_empty()
+                    && Path::new(file)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(bad(&format!(
+                        "field `weights.sha256` names {file:?}, not a file inside the checkpoint directory (a relative path without `..`)"
+                    )));
+                }
                 sha256.insert(file.clone(), hex.to_string());
             }
         }

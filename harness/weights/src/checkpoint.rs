@@ -76,7 +76,7 @@ impl HfCheckpoint {
     }
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<HfCheckpoint> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = dump::read::read_json_text(index_path)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(index_path, format!("not valid JSON: {e}")))?;
         let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
@@ -155,7 +155,7 @@ impl HfCheckpoint {
     /// The directory's `config.json` as a model config.
     pub fn config(&self) -> Result<ModelConfig> {
         let p = self.path.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let text = dump::read::read_json_text(&p)?;
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config { path: p.clone(), what: e.to_string() })?;
         cfg.validate(&p)?;
@@ -170,6 +170,20 @@ impl HfCheckpoint {
         // The shards are hashed in parallel; the first mismatch in the manifest's order
         // is the one reported.
         let files: Vec<(&String, &String)> = expected.iter().collect();
+        // Only files of the checkpoint are hashed: relative paths without `..` (a
+        // manifest naming `/dev/zero` or `/etc/hostname` is refused, not read).
+        for (name, _) in &files {
+            let inside = !name.is_empty()
+                && Path::new(name.as_str())
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside {
+                return Err(Error::format(
+                    dir.join(name.as_str()),
+                    "a sha256 is listed for a path outside the checkpoint directory",
+                ));
+            }
+        }
         let got: Vec<Result<String>> =
             files.par_iter().map(|(name, _)| sha256_once(&dir.join(name))).collect();
         for ((name, want), got) in files.into_iter().zip(got) {
@@ -255,7 +269,9 @@ impl HashCache {
     }
 
     fn load(&self, path: &Path, meta: &std::fs::Metadata) -> Option<String> {
-        let text = std::fs::read_to_string(self.entry(path, meta)?).ok()?;
+        // A regular file of one digest; anything else is no cache entry.
+        let bytes = dump::read::read_capped(&self.entry(path, meta)?, 4096).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
         let h = text.trim();
         (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
     }
@@ -272,7 +288,8 @@ impl HashCache {
 
 /// The lowercase hex sha256 of the file at `path`, read in 8 MiB chunks.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Regular files only: a FIFO would block, `/dev/zero` never ends.
+    let mut f = dump::read::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     loop {
@@ -305,6 +322,27 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&f, b"abd").expect("rewrite");
         assert_eq!(cache.load(&f, &std::fs::metadata(&f).expect("meta")), None);
+    }
+
+    /// Regression (defect 22 of the hardening issue): a cache entry that is a FIFO
+    /// blocked the run, and one of any size was read whole. Either is no entry.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_entry_that_is_not_a_small_regular_file_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = HashCache { dir: dir.path().join("cache") };
+        std::fs::create_dir(&cache.dir).expect("mkdir");
+        let f = dir.path().join("model.safetensors");
+        std::fs::write(&f, b"abc").expect("write");
+        let meta = std::fs::metadata(&f).expect("meta");
+        let entry = cache.entry(&f, &meta).expect("entry");
+        let made = std::process::Command::new("mkfifo").arg(&entry).status().expect("mkfifo");
+        assert!(made.success());
+        assert_eq!(cache.load(&f, &meta), None);
+        std::fs::remove_file(&entry).expect("rm");
+        let big = std::fs::File::create(&entry).expect("create");
+        big.set_len(dump::read::JSON_CAP + 1).expect("set_len");
+        assert_eq!(cache.load(&f, &meta), None);
     }
 
     #[test]

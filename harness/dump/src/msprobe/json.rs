@@ -31,8 +31,10 @@ pub fn quote_nonfinite(text: &str) -> String {
             i += 1;
             continue;
         }
-        let rest = &text[i..];
-        let tok = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t));
+        // Bytes, not `&text[i..]`: `i` may fall inside a multi-byte character.
+        let rest = &b[i..];
+        let tok =
+            ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t.as_bytes()));
         if let Some(t) = tok {
             out.push_str(&text[last..i]);
             out.push('"');
@@ -76,6 +78,15 @@ mod tests {
         assert!(number(&v["Mean"]).unwrap().is_nan());
         assert_eq!(v["name"], "NaN Infinity");
         assert!(number(&v["x"][1]).unwrap().is_nan());
+    }
+
+    /// Regression (defect 10 of the hardening issue): a multi-byte character outside a
+    /// string (a byte order mark) made the scan slice inside it and panic.
+    #[test]
+    fn multi_byte_characters_outside_strings_are_passed_through() {
+        let t = "\u{feff}{\"a\": NaN, \u{e9}: 1}";
+        let q = quote_nonfinite(t);
+        assert_eq!(q, "\u{feff}{\"a\": \"NaN\", \u{e9}: 1}");
     }
 
     #[test]

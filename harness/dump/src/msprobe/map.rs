@@ -185,7 +185,7 @@ impl SiteMap {
 
     /// Reads a map file.
     pub fn load(path: &Path) -> Result<SiteMap> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::read::read_json_text(path)?;
         Self::parse(&text, path)
     }
 

@@ -106,7 +106,9 @@ pub fn is_msprobe_dump(dir: &Path) -> bool {
             .is_some_and(|s| prefixes.iter().any(|x| s.starts_with(x)))
     };
     sub(dir).iter().filter(|s| named(s, &["step"]) && s.is_dir()).any(|s| {
-        sub(s).iter().any(|r| named(r, &["rank", "proc"]) && r.join("dump.json").is_file())
+        sub(s).iter().any(|r| {
+            named(r, &["rank", "proc"]) && std::fs::symlink_metadata(r.join("dump.json")).is_ok()
+        })
     })
 }
 
@@ -126,16 +128,21 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, Vec<PathBuf>)>> {
             continue;
         };
         if !p.is_dir() {
-            continue;
+            return Err(Error::format(&p, "a step of the dump that is not a directory"));
         }
         let mut ranks: Vec<(Option<usize>, PathBuf)> = Vec::new();
         let mut procs = Vec::new();
         for r in std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))? {
             let r = r.map_err(|e| Error::io(&p, e))?.path();
-            if !r.join("dump.json").is_file() {
+            let name = r.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            if !(name.starts_with("rank") || name.starts_with("proc")) || !r.is_dir() {
                 continue;
             }
-            let name = r.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            // A dump.json of any kind (a FIFO, a dangling link, a directory) counts: it
+            // is read or refused, never skipped, so that no step drops out silently.
+            if std::fs::symlink_metadata(r.join("dump.json")).is_err() {
+                continue;
+            }
             if let Some(id) = name.strip_prefix("rank") {
                 ranks.push((id.parse().ok(), r.clone()));
             } else if name.starts_with("proc") {
@@ -144,7 +151,12 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, Vec<PathBuf>)>> {
         }
         ranks.sort();
         let dirs = match (ranks.len(), procs.len()) {
-            (0, 0) => continue,
+            (0, 0) => {
+                return Err(Error::format(
+                    &p,
+                    "a step folder without a rank<R>/dump.json or proc<pid>/dump.json",
+                ))
+            }
             (0, 1) => procs,
             (0, k) => {
                 return Err(Error::format(
@@ -180,9 +192,12 @@ fn step_dirs(root: &Path) -> Result<Vec<(usize, Vec<PathBuf>)>> {
     Ok(out)
 }
 
+/// A `dump.json` or `construct.json`: a regular file under the JSON size cap, a
+/// leading UTF-8 byte order mark skipped.
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&json::quote_nonfinite(&text))
+    let text = crate::read::read_json_text(path)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    serde_json::from_str(&json::quote_nonfinite(text))
         .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 
@@ -207,7 +222,16 @@ fn parse_api_entry(name: &str) -> Option<(String, usize)> {
 fn read_rank(dir: PathBuf, map: &SiteMap) -> Result<(Mode, String, String, RankDir)> {
     let djson = dir.join("dump.json");
     let v = read_json(&djson)?;
-    let task = v.get("task").and_then(Value::as_str).unwrap_or("tensor");
+    let task = match v.get("task") {
+        None => "tensor",
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => {
+            return Err(Error::format(
+                &djson,
+                format!("field `task` is {}, not a string", kind(other)),
+            ))
+        }
+    };
     let mode = match task {
         "tensor" => Mode::Tensor,
         "statistics" => Mode::Statistics,
@@ -226,7 +250,9 @@ fn read_rank(dir: PathBuf, map: &SiteMap) -> Result<(Mode, String, String, RankD
         .cloned()
         .ok_or_else(|| Error::format(&djson, "no `data` object"))?;
     let cpath = dir.join("construct.json");
-    let construct = if cpath.is_file() { read_json(&cpath)? } else { Value::Null };
+    // Absent is allowed; present, it is read (a FIFO or a directory is refused).
+    let construct =
+        if std::fs::symlink_metadata(&cpath).is_ok() { read_json(&cpath)? } else { Value::Null };
     let mut modules = HashMap::new();
     let mut apis: HashMap<(String, String), Vec<(usize, String)>> = HashMap::new();
     for name in data.keys() {
@@ -302,31 +328,70 @@ impl MsprobeDump {
     }
 
     /// The tensor record a rule names at one forward on one rank, or `None` when that
-    /// rank lacks it.
+    /// rank lacks it. An entry that is there but malformed (not an object, `output:
+    /// null`, a record that is not an object) is an error naming it.
     fn record<'a>(
         rank: &'a RankDir,
         rule: &map::Rule,
         layer: usize,
         n: usize,
-    ) -> Option<Record<'a>> {
-        let module = rule.module.as_ref()?.replace("{i}", &layer.to_string());
-        let mut entry = rank.modules.get(&(module, n))?.clone();
+    ) -> Result<Option<Record<'a>>> {
+        let Some(module) = rule.module.as_ref() else { return Ok(None) };
+        let module = module.replace("{i}", &layer.to_string());
+        let Some(entry) = rank.modules.get(&(module, n)) else { return Ok(None) };
+        let mut entry = entry.clone();
         if let Some(api) = &rule.api {
-            entry = rank.apis.get(&(entry, api.clone()))?.get(rule.nth)?.1.clone();
+            match rank.apis.get(&(entry, api.clone())).and_then(|v| v.get(rule.nth)) {
+                Some((_, e)) => entry = e.clone(),
+                None => return Ok(None),
+            }
         }
-        let e = rank.data.get(&entry)?;
-        let take = Take::parse(rule.take.as_deref()?)?;
+        let Some(e) = rank.data.get(&entry) else { return Ok(None) };
+        let Some(take) = rule.take.as_deref().and_then(Take::parse) else { return Ok(None) };
+        let bad = |what: String| {
+            Error::format(rank.dir.join("dump.json"), format!("entry `{entry}`: {what}"))
+        };
+        if !e.is_object() {
+            return Err(bad(format!("{} where a record object is expected", kind(e))));
+        }
+        let field = |key: &str| -> Result<Option<&'a Value>> {
+            match e.get(key) {
+                None => Ok(None),
+                Some(Value::Null) => Err(bad(format!("`{key}` is null"))),
+                Some(v) => Ok(Some(v)),
+            }
+        };
         let rec = match take {
-            Take::Input(k) => e.get("input_args")?.get(k)?,
-            Take::Kwarg(name) => e.get("input_kwargs")?.get(&name)?,
-            Take::Output(k) => match e.get("output")? {
-                Value::Array(a) => a.get(k)?,
-                v if k == 0 => v,
-                _ => return None,
+            Take::Input(k) => match field("input_args")? {
+                None => None,
+                Some(Value::Array(a)) => a.get(k),
+                Some(v) => return Err(bad(format!("`input_args` is {}, not a list", kind(v)))),
+            },
+            Take::Kwarg(name) => match field("input_kwargs")? {
+                None => None,
+                Some(Value::Object(o)) => o.get(&name),
+                Some(v) => {
+                    return Err(bad(format!("`input_kwargs` is {}, not an object", kind(v))))
+                }
+            },
+            Take::Output(k) => match field("output")? {
+                None => None,
+                Some(Value::Array(a)) => a.get(k),
+                Some(v) if k == 0 => Some(v),
+                Some(_) => None,
             },
         };
-        rec.get("shape")?;
-        Some(Record { rank, entry, rec })
+        let Some(rec) = rec else { return Ok(None) };
+        match rec {
+            Value::Object(_) => {}
+            // A `None` argument msprobe recorded as null: not a tensor.
+            Value::Null => return Ok(None),
+            v => return Err(bad(format!("a tensor record that is {}, not an object", kind(v)))),
+        }
+        if rec.get("shape").is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Record { rank, entry, rec }))
     }
 
     /// The records a rule reads at one forward: rank 0's alone, or with `ranks` one a
@@ -340,11 +405,11 @@ impl MsprobeDump {
         (si, n): (usize, usize),
     ) -> Result<Option<Vec<Record<'a>>>> {
         let ranks = &self.steps[si].ranks;
-        let Some(first) = Self::record(&ranks[0], rule, layer, n) else { return Ok(None) };
+        let Some(first) = Self::record(&ranks[0], rule, layer, n)? else { return Ok(None) };
         let mut out = vec![first];
         if rule.ranks.is_some() {
             for rank in &ranks[1..] {
-                let r = Self::record(rank, rule, layer, n).ok_or_else(|| {
+                let r = Self::record(rank, rule, layer, n)?.ok_or_else(|| {
                     Error::format(
                         rank.dir.join("dump.json"),
                         format!("no record for site `{site}` (entry `{}` on rank 0)", out[0].entry),
@@ -519,7 +584,12 @@ impl MsprobeDump {
             }
         }
         let n = forwards.len().min(like.steps.len());
-        let mut dump = Dump::in_memory(self.manifest(like, n, dtype), tensors)?;
+        let source = PathBuf::from(format!(
+            "{} (msprobe dump read with the site map {:?})",
+            self.root.display(),
+            map.name
+        ));
+        let mut dump = Dump::in_memory_from(self.manifest(like, n, dtype), tensors, &source)?;
         dump.set_name(format!("msprobe dump {}", self.root.display()));
         Ok(dump)
     }
@@ -609,15 +679,31 @@ impl MsprobeDump {
 fn rank_stats(r: &Record) -> Result<(Stats, Vec<usize>)> {
     let djson = r.rank.dir.join("dump.json");
     let entry = &r.entry;
-    let stat = |key: &str| match r.rec.get(key) {
+    // msprobe records null only for integer (and bool) tensors; on any other a null
+    // would read as "no difference".
+    let dtype = r.rec.get("dtype").and_then(Value::as_str);
+    let integral = dtype.is_some_and(|s| {
+        let s = s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase();
+        s.starts_with("int") || s.starts_with("uint") || matches!(s.as_str(), "bool" | "long")
+    });
+    let stat = |key: &str| {
+        match r.rec.get(key) {
         None => Err(Error::format(&djson, format!("entry `{entry}`: no statistic `{key}`"))),
-        Some(Value::Null) => Ok(None),
+        Some(Value::Null) if integral => Ok(None),
+        Some(Value::Null) => Err(Error::format(
+            &djson,
+            format!(
+                "entry `{entry}`: statistic `{key}` is null on a {} tensor (msprobe writes null only for integer tensors)",
+                dtype.unwrap_or("non-integer")
+            ),
+        )),
         Some(v) => json::number(v).map(Some).ok_or_else(|| {
             Error::format(
                 &djson,
                 format!("entry `{entry}`: statistic `{key}` is {v}, not a number"),
             )
         }),
+    }
     };
     let stats =
         Stats { max: stat("Max")?, min: stat("Min")?, mean: stat("Mean")?, norm: stat("Norm")? };
@@ -631,11 +717,20 @@ fn concat_stats(
     axis: usize,
 ) -> Result<(Stats, Vec<usize>)> {
     let (_, shape0) = &per_rank[0];
+    if axis >= shape0.len() {
+        return Err(Error::format(
+            recs[0].rank.dir.join("dump.json"),
+            format!(
+                "ranks concatenate along axis {axis}, but entry `{}` has shape {shape0:?}",
+                recs[0].entry
+            ),
+        ));
+    }
     let off = |s: &[usize]| {
         s.iter().enumerate().filter(|&(a, _)| a != axis).map(|(_, &d)| d).collect::<Vec<_>>()
     };
     for (r, (_, s)) in recs.iter().zip(per_rank).skip(1) {
-        if axis >= shape0.len() || s.len() != shape0.len() || off(s) != off(shape0) {
+        if s.len() != shape0.len() || off(s) != off(shape0) {
             return Err(Error::format(
                 r.rank.dir.join("dump.json"),
                 format!(
@@ -660,6 +755,18 @@ fn concat_stats(
     let mut shape = shape0.clone();
     shape[axis] = per_rank.iter().map(|(_, s)| s[axis]).sum();
     Ok((stats, shape))
+}
+
+/// What kind of JSON value `v` is, for a message.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn shape_of(rec: &Value) -> Option<Vec<usize>> {

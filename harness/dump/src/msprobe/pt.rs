@@ -20,7 +20,7 @@ use contract::error::{Error, Result};
 /// Reads the tensor saved in the `.pt` file `path`, as a row-major tensor.
 pub fn read(path: &Path) -> Result<Tensor> {
     let bad = |what: String| Error::format(path, what);
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::read::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| bad(format!("not a torch.save file (not a zip archive: {e})")))?;
     let pkl = zip
@@ -58,7 +58,7 @@ pub fn read(path: &Path) -> Result<Tensor> {
         .read_to_end(&mut storage)
         .map_err(|e| Error::io(path, e))?;
     let size = dtype.size();
-    if storage.len() != info.storage_size * size {
+    if info.storage_size.checked_mul(size) != Some(storage.len()) {
         return Err(bad(format!(
             "storage {} holds {} bytes, the pickle says {} elements of {} bytes",
             info.path,
@@ -70,10 +70,23 @@ pub fn read(path: &Path) -> Result<Tensor> {
     let shape = info.layout.dims().to_vec();
     let stride = info.layout.stride().to_vec();
     let start = info.layout.start_offset() / size;
-    let numel: usize = shape.iter().product();
+    // Checked: a shape whose element count wraps (e.g. [2^30, 2^30, 16] to 0) would
+    // pass as an empty tensor.
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad(format!("view shape {shape:?}: the element count overflows")))?;
     // The largest element index the view touches must lie inside the storage.
-    let last =
-        start + shape.iter().zip(&stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
+    let last = shape
+        .iter()
+        .zip(&stride)
+        .try_fold(start, |acc, (d, s)| d.saturating_sub(1).checked_mul(*s)?.checked_add(acc))
+        .ok_or_else(|| {
+            bad(format!("view shape {shape:?} stride {stride:?}: the extent overflows"))
+        })?;
+    if numel.checked_mul(size).is_none_or(|b| b > isize::MAX as usize) {
+        return Err(bad(format!("view shape {shape:?}: too many bytes")));
+    }
     if numel > 0 && last >= info.storage_size {
         return Err(bad(format!(
             "view shape {shape:?} stride {stride:?} offset {start} reaches past the storage of {} elements",
