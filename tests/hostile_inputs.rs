@@ -395,3 +395,27 @@ fn messages_about_an_msprobe_dump_name_its_files() {
     assert_refused(&r, &[s(&dump), "has no tensors"]);
     assert!(!r.2.contains("<in-memory dump>"), "{r:?}");
 }
+
+/// Defects 19 and 22: a `--baseline` that is a FIFO used to hang, and one of 418 MB was
+/// read whole; it is now read as every other JSON input: a regular file under the
+/// 64 MiB cap, else exit 2 naming it.
+#[test]
+fn a_baseline_that_is_a_fifo_or_over_the_json_cap_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo.json");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let big = tmp.path().join("big.json");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len((64 << 20) + 1).unwrap();
+    for (file, says) in [(&fifo, "a FIFO"), (&big, "limit")] {
+        let res = parity(&[
+            "compare",
+            "golden/gqa_pad_f32",
+            "golden/gqa_pad_bf16",
+            "--no-floor",
+            "--baseline",
+            s(file),
+        ]);
+        assert_refused(&res, &[s(file), says]);
+    }
+}

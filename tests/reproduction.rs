@@ -183,8 +183,8 @@ fn config_keys_that_change_the_model_exit_2_naming_them() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     for (key, value) in [
-        ("attention_bias", serde_json::json!(true)),
-        ("mlp_bias", serde_json::json!(true)),
+        ("hidden_act", serde_json::json!("gelu")),
+        ("sliding_window", serde_json::json!(4096)),
         ("quantization_config", serde_json::json!({"quant_method": "awq"})),
         ("model_type", serde_json::json!("mistral")),
         ("pretraining_tp", serde_json::json!(2)),

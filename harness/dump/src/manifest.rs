@@ -114,12 +114,6 @@ impl ModelConfig {
     /// contract names are modelled; of the others, only those that leave an inference
     /// forward unchanged ([`NEUTRAL_KEYS`]) or that RoPE reads ([`ROPE_KEYS`]) pass.
     pub fn unimplemented(&self) -> Option<String> {
-        if self.attention_bias {
-            return Some("attention_bias is true: projection biases are not built".into());
-        }
-        if self.mlp_bias {
-            return Some("mlp_bias is true: MLP biases are not built".into());
-        }
         if self.hidden_act != "silu" {
             return Some(format!("hidden_act {:?}: only silu is built", self.hidden_act));
         }

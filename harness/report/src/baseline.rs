@@ -48,7 +48,7 @@ pub struct Baseline {
 impl Baseline {
     /// Reads an accepted `report.json`. A file that is not one is an error naming it.
     pub fn load(path: &Path) -> Result<Baseline> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = dump::read::read_json_text(path)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not a report.json: {e}")))?;
         let format = v.get("format").and_then(|f| f.as_str()).unwrap_or_default();
