@@ -5,34 +5,14 @@
 //! pins.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::helpers::{copy_tree, root};
 
 /// Runs `parity ARGS` from the repository root, killing it after 60 s (a hang fails
 /// the test). Returns (exit code, stdout, stderr).
 fn parity(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run parity");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("parity {args:?} hung for 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code(), text(out.stdout), text(out.stderr))
+    crate::helpers::parity_in(&root(), args)
 }
 
 /// Exit 2 and one error line, `parity: error: …`, holding every one of `what` (other

@@ -245,3 +245,31 @@ pub fn input_hashes(dirs: &[std::path::PathBuf]) -> BTreeMap<std::path::PathBuf,
     }
     out
 }
+
+/// Runs `parity ARGS` in `dir`, killing it after 60 s (a hang fails the test rather
+/// than the suite). Returns (exit code, stdout, stderr).
+pub fn parity_in(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parity"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run parity");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("parity {args:?} hung for 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
