@@ -9,6 +9,8 @@
 //! - a site the candidate lacks is `missing`, never `pass`;
 //! - a shape mismatch fails that site and records both shapes.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use rayon::prelude::*;
@@ -237,7 +239,8 @@ pub fn compare_with(
     summary: Option<&SummaryOnly>,
 ) -> Result<Comparison> {
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
-    check_same_inputs(&gm.scenario, &cm.scenario, candidate)?;
+    let manifest = candidate.dir().map(|d| d.join("manifest.json")).unwrap_or_default();
+    same_inputs(&gm.scenario, &cm.scenario, &manifest)?;
     // The tolerance follows the coarser of the two dtypes: a float32 run measured
     // against a bfloat16 golden inherits the golden's own rounding error.
     let precision = gm.dtype.coarser(cm.dtype);
@@ -280,7 +283,10 @@ pub fn compare_with(
     })
 }
 
-fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()> {
+/// A candidate must be a run of the golden's inputs: its scenario's `input_ids`,
+/// `attention_mask` and (when it has them) `decode_ids` equal the golden's; else an
+/// error naming `manifest`, the candidate's manifest file.
+pub fn same_inputs(g: &Scenario, c: &Scenario, manifest: &Path) -> Result<()> {
     let what = if g.input_ids != c.input_ids {
         "input_ids"
     } else if g.attention_mask != c.attention_mask {
@@ -291,7 +297,7 @@ fn check_same_inputs(g: &Scenario, c: &Scenario, candidate: &Dump) -> Result<()>
         return Ok(());
     };
     Err(Error::Manifest {
-        path: candidate.dir().map(|d| d.join("manifest.json")).unwrap_or_default(),
+        path: manifest.to_path_buf(),
         what: format!(
             "scenario.{what} differs from the golden's: the two runs had different inputs"
         ),

@@ -157,7 +157,7 @@ impl Candidate {
         };
         let like = match manifest_beside(path)? {
             Some(m) => {
-                same_inputs(&path.join("manifest.json"), &m, golden)?;
+                compare::same_inputs(&golden.scenario, &m.scenario, &path.join("manifest.json"))?;
                 m
             }
             None => golden.clone(),
@@ -225,28 +225,6 @@ pub fn open_golden(path: &Path) -> Result<Dump> {
         ));
     }
     ms.to_dump(&map, &like)
-}
-
-/// The manifest beside an msprobe dump (`path`) must be of a run with the golden's
-/// inputs; checked here, where its file is known, since the dump read from it is held
-/// in memory and has no directory to name.
-fn same_inputs(path: &Path, beside: &Manifest, golden: &Manifest) -> Result<()> {
-    let (g, c) = (&golden.scenario, &beside.scenario);
-    let what = if g.input_ids != c.input_ids {
-        "input_ids"
-    } else if g.attention_mask != c.attention_mask {
-        "attention_mask"
-    } else if !c.decode_ids.is_empty() && g.decode_ids != c.decode_ids {
-        "decode_ids"
-    } else {
-        return Ok(());
-    };
-    Err(Error::Manifest {
-        path: path.to_path_buf(),
-        what: format!(
-            "scenario.{what} differs from the golden's: the two runs had different inputs"
-        ),
-    })
 }
 
 /// The `manifest.json` beside an msprobe dump's step folders, if there is one.
