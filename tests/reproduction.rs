@@ -228,6 +228,8 @@ fn a_poisoned_floor_cache_never_passes_a_faulty_candidate() {
         .expect("the floor was cached");
     let text = std::fs::read_to_string(&file).unwrap();
     let mut floor: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let worst = floor["reproduction"]["worst_of_bound"].as_f64().expect("a reproduction record");
+    assert!((0.0..=1.0).contains(&worst), "{worst}");
     for (_, s) in floor["sites"].as_object_mut().unwrap() {
         s["rel_l2"] = 1e3.into();
         s["cosine"] = (-0.5).into();

@@ -57,11 +57,12 @@ pub const FORMAT: &str = "llama-parity/noise-floor@4";
 /// measured again.
 pub const HARNESS: &str = concat!("llama-parity ", env!("CARGO_PKG_VERSION"));
 
-/// The largest floor a cached file may hold, in unit roundoffs of the candidate's dtype
-/// (2⁻² at bfloat16). Correct runs measured so far stay below a quarter of it (docs,
-/// "Tolerances"); a cached floor above it is not believed and is measured again (a
-/// floor just measured is kept whatever its size, since the golden was reproduced).
-pub const CACHED_FLOOR_CAP: f64 = 64.0;
+/// The largest rel-L2 floor a cached file may hold: an error as large as the activation
+/// itself is no rounding (the hottest correct floor measured, the `8b-hot` scale model
+/// at bfloat16, is 0.37). A cached floor above it, or with a negative cosine, is not
+/// believed and is measured again (a floor just measured is kept whatever its size,
+/// since the golden was reproduced first).
+pub const CACHED_FLOOR_CAP: f64 = 1.0;
 
 /// The correct runs whose worst error is the floor, by name, in the order they run.
 pub const VARIANTS: [&str; 3] = [
@@ -109,10 +110,12 @@ impl SiteFloor {
 /// The reproduction check a floor was measured after ([`crate::reproduce`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReproductionRecord {
-    /// [`reproduce::LOCAL_BOUND`] when it was made.
-    pub bound_roundoffs: f64,
-    /// The worst value site's local error, in unit roundoffs of the golden's dtype.
-    pub worst_roundoffs: f64,
+    /// The bound's three constants when it was made: [`reproduce::LOCAL_BOUND`],
+    /// [`reproduce::FLOAT32_BOUND`], [`reproduce::ANGLE_BOUND`].
+    pub bound: [f64; 3],
+    /// The worst value site's local error as a fraction of its own bound (at most 1
+    /// for a reproduced golden).
+    pub worst_of_bound: f64,
     /// The number of sites checked.
     pub sites_checked: usize,
 }
@@ -141,8 +144,7 @@ impl NoiseFloor {
     /// Whether this floor can be believed for `golden` (whose content hashes to `hash`)
     /// at `precision`: the same key, margin, variants and harness; a reproduction check
     /// that passed under today's bound; every site one of the golden's value sites with
-    /// a finite floor in range (rel-L2 in [0, cap], cosine in [-1, 1] with 1 - cosine at
-    /// most cap²), the cap being [`CACHED_FLOOR_CAP`] unit roundoffs of `precision`.
+    /// a finite floor in range (rel-L2 in [0, [`CACHED_FLOOR_CAP`]], cosine in [0, 1]).
     pub fn validate(
         &self,
         hash: &str,
@@ -165,16 +167,17 @@ impl NoiseFloor {
         let Some(r) = &self.reproduction else {
             return Err("it records no reproduction check".into());
         };
-        if r.bound_roundoffs != reproduce::LOCAL_BOUND
+        let today = [reproduce::LOCAL_BOUND, reproduce::FLOAT32_BOUND, reproduce::ANGLE_BOUND];
+        if r.bound != today
             || r.sites_checked == 0
-            || !(r.worst_roundoffs >= 0.0 && r.worst_roundoffs <= r.bound_roundoffs)
+            || !(r.worst_of_bound >= 0.0 && r.worst_of_bound <= 1.0)
         {
             return Err(
                 "its reproduction record does not show a golden reproduced under today's bound"
                     .into(),
             );
         }
-        let cap = CACHED_FLOOR_CAP * precision.unit_roundoff();
+        let cap = CACHED_FLOOR_CAP;
         let value_sites: std::collections::BTreeSet<String> = golden
             .manifest
             .steps
@@ -188,12 +191,10 @@ impl NoiseFloor {
             if !value_sites.contains(key) {
                 return Err(format!("site {key:?} is not a site of the golden"));
             }
-            let cos_ok = f.cosine.is_finite()
-                && (-1.0..=1.0).contains(&f.cosine)
-                && 1.0 - f.cosine <= cap * cap;
+            let cos_ok = f.cosine.is_finite() && (0.0..=1.0).contains(&f.cosine);
             if !(f.rel_l2.is_finite() && (0.0..=cap).contains(&f.rel_l2) && cos_ok) {
                 return Err(format!(
-                    "site {key}: floor rel-L2 {} cosine {} is outside [0, {cap:.3e}] (at most {CACHED_FLOOR_CAP} unit roundoffs of {precision})",
+                    "site {key}: floor rel-L2 {} cosine {} is not a rounding error (rel-L2 in [0, {cap}], cosine in [0, 1])",
                     f.rel_l2, f.cosine
                 ));
             }
@@ -458,8 +459,8 @@ pub fn floor_for(
         });
     }
     let record = ReproductionRecord {
-        bound_roundoffs: reproduce::LOCAL_BOUND,
-        worst_roundoffs: reproduction.worst().map_or(0.0, |(_, r)| r),
+        bound: [reproduce::LOCAL_BOUND, reproduce::FLOAT32_BOUND, reproduce::ANGLE_BOUND],
+        worst_of_bound: reproduction.worst_of_bound(),
         sites_checked: reproduction.checked(),
     };
     progress(&format!(

@@ -120,6 +120,16 @@ impl Reproduction {
             .max_by(|a, b| a.1.total_cmp(&b.1))
     }
 
+    /// The worst value site's rel-L2 as a fraction of its own bound (at most 1 when
+    /// the golden is reproduced; 0 when no value site was checked).
+    pub fn worst_of_bound(&self) -> f64 {
+        self.sites
+            .iter()
+            .filter_map(|s| s.rel_l2.map(|r| r / s.bound))
+            .filter(|x| x.is_finite())
+            .fold(0.0, f64::max)
+    }
+
     /// One line for a message: the first unreproduced site and its numbers.
     pub fn describe_failure(&self) -> Option<String> {
         let s = self.first_unreproduced()?;
