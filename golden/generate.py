@@ -1003,14 +1003,19 @@ def gen_candidates(cand_out: Path) -> list[Path]:
     return written
 
 
-def variant_dirs(variant_root: Path) -> list[tuple[str, Path]]:
-    """(repo-relative name, actual path) of every dump directory of the variant set."""
-    rel = "fixtures/variants"
-    dirs = [(f"{rel}/golden/{n}", variant_root / "golden" / n) for n in VARIANT_GOLDENS]
-    for name, slug, _ in VARIANTS:
+def set_dirs(root: Path, rel: str, goldens: list, candidates: list) -> list[tuple[str, Path]]:
+    """(repo-relative name, actual path) of every dump directory of a set written under
+    ``root`` (committed under ``rel``): ``golden/<name>`` and ``candidates/<name>__<slug>``."""
+    dirs = [(f"{rel}/golden/{n}", root / "golden" / n) for n in goldens]
+    for name, slug, _ in candidates:
         dn = f"{name}__{slug}"
-        dirs.append((f"{rel}/candidates/{dn}", variant_root / "candidates" / dn))
+        dirs.append((f"{rel}/candidates/{dn}", root / "candidates" / dn))
     return dirs
+
+
+def variant_dirs(variant_root: Path) -> list[tuple[str, Path]]:
+    """Every dump directory of the variant set."""
+    return set_dirs(variant_root, "fixtures/variants", VARIANT_GOLDENS, VARIANTS)
 
 
 def gen_variants(variant_out: Path) -> list[Path]:
@@ -1039,13 +1044,8 @@ def dir_files(rel: str, d: Path) -> list[tuple[str, Path]]:
 
 
 def lora_dirs(lora_root: Path) -> list[tuple[str, Path]]:
-    """(repo-relative name, actual path) of every dump directory of the LoRA set."""
-    rel = "fixtures/lora"
-    dirs = [(f"{rel}/golden/{n}", lora_root / "golden" / n) for n in LORA_GOLDENS]
-    for name, slug, _ in LORA_CANDIDATES:
-        dn = f"{name}__{slug}"
-        dirs.append((f"{rel}/candidates/{dn}", lora_root / "candidates" / dn))
-    return dirs
+    """Every dump directory of the LoRA set."""
+    return set_dirs(lora_root, "fixtures/lora", LORA_GOLDENS, LORA_CANDIDATES)
 
 
 def compute_order(acts: dict, steps: list) -> list:
