@@ -16,6 +16,8 @@ mod fault_matrix;
 mod golden_suite;
 mod hardening;
 mod hostile_inputs;
+mod hostile_pickles;
+mod hostile_runs;
 mod loader_fuzz;
 mod localisation;
 mod mask_properties;

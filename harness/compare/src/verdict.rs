@@ -272,6 +272,7 @@ pub fn compare_with(
             Ok(r)
         })
         .collect::<Result<Vec<SiteResult>>>()?;
+    tensors_match_manifest_dtype(&sites, cm.dtype, &manifest)?;
     Ok(Comparison {
         golden: golden.label(),
         candidate: candidate.label(),
@@ -281,6 +282,38 @@ pub fn compare_with(
         candidate_producer: cm.producer.clone(),
         sites,
     })
+}
+
+/// A candidate whose manifest says bfloat16 or float16 while every float tensor it
+/// holds is float32 or float64 is refused, naming both: the manifest's dtype is what
+/// loosens the thresholds, and float32 values judged at bfloat16's thresholds would pass
+/// errors float32 never makes. Judging at the tensors' dtype instead would fail an
+/// honest port that upcasts its dumps, so neither reading is believed. A dump with some
+/// tensors in the manifest's dtype (float32 softmax or logits beside bfloat16
+/// activations) is a real port's mix and is judged at the manifest's dtype.
+fn tensors_match_manifest_dtype(
+    sites: &[SiteResult],
+    stated: Precision,
+    manifest: &Path,
+) -> Result<()> {
+    if stated == Precision::F32 {
+        return Ok(());
+    }
+    let mut floats = sites.iter().filter_map(|r| r.candidate_dtype).filter(|d| d.is_float());
+    let Some(first) = floats.next() else { return Ok(()) };
+    let finer = |d: DType| matches!(d, DType::F32 | DType::F64);
+    if finer(first) && floats.all(finer) {
+        return Err(Error::Manifest {
+            path: manifest.to_path_buf(),
+            what: format!(
+                "dtype is {} but every float tensor of the candidate is {first}: judged at {}'s thresholds, wider tensors would pass errors their own dtype never makes; say the compute dtype the tensors were made in, or dump them in {}",
+                stated.name(),
+                stated.name(),
+                stated.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A candidate must be a run of the golden's inputs: its scenario's `input_ids`,
