@@ -18,6 +18,7 @@ mod hardening;
 mod hostile_inputs;
 mod loader_fuzz;
 mod localisation;
+mod lora_ports;
 mod mask_properties;
 mod mindformers_convert;
 mod mindformers_port;
