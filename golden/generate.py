@@ -681,9 +681,13 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
         raise RuntimeError("tie_word_embeddings set but lm_head is not tied")
 
     # weights exactly as the model holds them (before any fault)
-    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight")  # HF checkpoints omit the tied head
+    def held_weights(m):
+        w = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            w.pop("lm_head.weight")  # HF checkpoints omit the tied head
+        return w
+
+    weights = held_weights(model)
 
     adapter_files = None
     lora_info = None
@@ -694,6 +698,9 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
             adapter_files = {f: (Path(tmp) / f).read_bytes() for f in adapters.ADAPTER_FILES}
             model, lora_info = adapters.attach(model, lora_spec, Path(tmp), dtype, lora_fault,
                                                scope, params)
+        if lora_spec["merged"]:
+            # the weights the run used: W + s·B·A folded by PEFT (CONTRACT §5, merged: true)
+            weights = held_weights(model)
 
     if fault == "weights.gate_up_swapped":
         with torch.no_grad():

@@ -20,6 +20,7 @@ mod hostile_pickles;
 mod hostile_runs;
 mod loader_fuzz;
 mod localisation;
+mod lora_ports;
 mod mask_properties;
 mod mindformers_convert;
 mod mindformers_port;
