@@ -120,6 +120,29 @@ fn a_manifest_dtype_its_tensors_contradict_is_refused() {
         .expect("write");
     let r = parity(&["compare", "golden/gqa_pad_f32", s(&cand), "--no-floor"]);
     assert_refused(&r, &[s(&m), "bfloat16", "F32"]);
+
+    // A bfloat16 port that upcasts its dumps to float32 holds bfloat16 values: judged as
+    // stated (exit 1: this candidate's fault fails it), not refused.
+    use llama_parity::dump::{DType, SafetensorsFile, Tensor};
+    let up = tmp.path().join("up");
+    copy_tree(&root().join("fixtures/candidates/gqa_pad_bf16__rope_interleaved"), &up);
+    let acts = up.join("activations.safetensors");
+    let file = SafetensorsFile::open(&acts).expect("open");
+    let mut tensors = std::collections::BTreeMap::new();
+    for k in file.keys().map(str::to_string).collect::<Vec<_>>() {
+        let t = file.require(&k).expect("tensor");
+        let t = if t.dtype() == DType::BF16 {
+            let v: Vec<f64> = (0..t.numel()).map(|i| t.get_f64(i)).collect();
+            Tensor::from_f64(t.shape(), &v, DType::F32)
+        } else {
+            t
+        };
+        tensors.insert(k, t);
+    }
+    drop(file);
+    llama_parity::dump::safetensors::write(&acts, &tensors, None).expect("write");
+    let r = parity(&["compare", "golden/gqa_pad_bf16", s(&up), "--no-floor", "--no-diagnosis"]);
+    assert_eq!(r.0, Some(1), "{r:?}");
 }
 
 /// Defect 9c: a baseline whose passing site has an error of "inf" (or NaN, or below

@@ -691,6 +691,13 @@ mod tests {
         assert!(e.contains("decode.x"), "{e}");
         let e = ScopedFault::parse("kv.stale@layers=3-1").unwrap_err();
         assert!(e.contains("3-1"), "{e}");
+        // Counted before expanding: two ranges of 32769 indices are one too many.
+        assert!(ScopedFault::parse("kv.stale@layers=0-65535").is_ok());
+        let e = ScopedFault::parse("kv.stale@layers=0-32768,1-32768").unwrap_err();
+        assert!(e.contains("more than 65536 layer indices"), "{e}");
+        let long = format!("kv.stale@layers={}", "0-65535,".repeat(1000));
+        let e = ScopedFault::parse(&long).unwrap_err();
+        assert!(e.len() < 200, "the message quotes the whole value: {e}");
         let e = ScopedFault::parse("kv.stale@where=1").unwrap_err();
         assert!(e.contains("unknown scope"), "{e}");
         let e = ScopedFault::parse("kv.stale@theta=5").unwrap_err();

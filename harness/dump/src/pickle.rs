@@ -219,7 +219,7 @@ impl Machine<'_> {
             Value::List(l) if name.starts_with("APPEND") => {
                 l.extend(items.into_iter().map(|i| i.value))
             }
-            Value::Dict(d) if name.starts_with("SETITEM") && items.len() % 2 == 0 => {
+            Value::Dict(d) if name.starts_with("SETITEM") && items.len().is_multiple_of(2) => {
                 let mut it = items.into_iter().map(|i| i.value);
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     d.push((k, v));
