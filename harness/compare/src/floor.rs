@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::reproduce;
 use crate::tolerance::{Policy, Tolerance};
-use crate::verdict::{compare, SiteMetrics};
+use crate::verdict::{compare, Comparison, SiteMetrics};
 use contract::error::{Error, Result};
 use contract::site::{self, Site, Step};
 use dump::{Dump, Precision};
@@ -225,14 +225,15 @@ impl NoiseFloor {
     }
 }
 
-/// The floor over [`VARIANTS`], variant 0 (the reference) being `reference` when the
-/// caller has it already; a variant that computes the same bits as an earlier one at
+/// The floor over [`VARIANTS`], variant 0 (the reference) taken from `reference` (its
+/// comparison against the golden by the default policy) when the caller has it
+/// already; a variant that computes the same bits as an earlier one at
 /// `precision` ([`same_as_earlier`]) is not run again, since it cannot move the worst.
 fn measure_with(
     golden: &Dump,
     precision: Precision,
     hash: &str,
-    reference: Option<&Dump>,
+    reference: Option<&Comparison>,
     progress: &dyn Fn(&str),
     ctx: &RunContext,
 ) -> Result<NoiseFloor> {
@@ -248,14 +249,13 @@ fn measure_with(
             continue;
         }
         let owned;
-        let run = match (k, reference) {
-            (0, Some(r)) => r,
+        let cmp = match (k, reference) {
+            (0, Some(c)) => c,
             _ => {
-                owned = run_variant(golden, precision, k, ctx)?;
+                owned = compare(golden, &run_variant(golden, precision, k, ctx)?, &policy)?;
                 &owned
             }
         };
-        let cmp = compare(golden, run, &policy)?;
         for s in &cmp.sites {
             let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
             let e = sites
@@ -532,7 +532,8 @@ pub fn floor_for_run(
             &owned
         }
     };
-    let mut reproduction = reproduce::judge(golden, reference)?;
+    let reference = compare(golden, reference, &Policy::default())?;
+    let mut reproduction = reproduce::judge_comparison(golden, &reference);
     if reproduction.is_reproduced() {
         progress(&format!(
             "reproduced: the free-running reference is within every site's bound (at most {:.2} of it)",
@@ -563,7 +564,7 @@ pub fn floor_for_run(
         "measuring the noise floor at {precision} ({} correct runs, the reference's done) ...",
         VARIANTS.len()
     ));
-    let mut f = measure_with(golden, precision, &hash, Some(reference), progress, ctx)?;
+    let mut f = measure_with(golden, precision, &hash, Some(&reference), progress, ctx)?;
     f.reproduction = Some(record);
     // Through JSON and back, so that a measured floor and the same floor read from the
     // cache are the same numbers (JSON's decimal form may move a last bit) and give
