@@ -20,8 +20,12 @@
 //! ([`crate::tolerance::Tolerance::floor_minimum`]); a policy file's defaults
 //! and rules still override (see [`crate::tolerance::Policy::decide_with_floor`]).
 //!
-//! Uses the model stage (stage 3) to run the variants. A floor is computed once per
-//! (golden content, dtype) and cached as JSON ([`FloorCache`]), never inside the golden.
+//! Uses the model stage (stage 3) to run the variants. A run the caller has made already
+//! is not made again (a `run --impl reference` is the reference variant, [`Known`]), nor
+//! is a variant that computes the same bits as an earlier one at the candidate's dtype
+//! ([`same_as_earlier`]: at float32 both simulated ports round everything once to
+//! float32). A floor is computed once per (golden content, dtype) and cached as JSON
+//! ([`FloorCache`]), never inside the golden.
 
 use std::collections::BTreeMap;
 use std::io::Write;
