@@ -322,8 +322,9 @@ fn main() {
         }
         rows.push((m.key, "pytorch eager forward".into(), fwd, t_wall, t_rss, ckpt_bytes, fwd));
         rows.push((m.key, "pytorch, load included".into(), t_wall, t_wall, t_rss, ckpt_bytes, fwd));
-        // A user's first run on a new golden: the reproduction check, the noise floor
-        // (three correct runs) and the run itself, with an empty floor cache.
+        // A user's first run on a new golden: the run itself, the reproduction check
+        // (on that run) and the noise floor (its other correct runs), with an empty
+        // floor cache.
         {
             let fresh = scratch.join(format!("{}-first-run-floors", m.key));
             let _ = std::fs::remove_dir_all(&fresh);

@@ -137,8 +137,10 @@ fn the_floor_is_cached_by_golden_content() {
     assert!(a == b, "the cached floor differs from the measured one");
     let said = said.into_inner();
     assert!(said[0].starts_with("checking that the reference reproduces"), "{said:?}");
-    assert!(said[1].starts_with("measuring the noise floor"), "{said:?}");
-    assert!(said[2].contains("from the cache"), "{said:?}");
+    assert!(said[1].starts_with("reproduced: the free-running reference"), "{said:?}");
+    assert!(said[2].starts_with("measuring the noise floor"), "{said:?}");
+    assert_eq!(said.len(), 4, "{said:?}");
+    assert!(said[3].contains("from the cache"), "{said:?}");
     let hash = golden_hash(&gdir).unwrap();
     assert!(cache.path(&hash, Precision::Bf16).is_file());
     let after: Vec<_> = std::fs::read_dir(&gdir).unwrap().map(|e| e.unwrap().path()).collect();
@@ -282,5 +284,111 @@ fn reports_show_the_floor_and_the_flags_are_checked() {
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains("--floor-cache"), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+/// The floor over every variant, each run in full: the worst rel-L2 and cosine of each
+/// value site, as the floor's documentation defines it.
+fn floor_of_every_variant(
+    g: &Dump,
+    p: Precision,
+) -> std::collections::BTreeMap<String, llama_parity::compare::floor::SiteFloor> {
+    use llama_parity::compare::floor::{run_variant, SiteFloor, VARIANTS};
+    let mut sites = std::collections::BTreeMap::new();
+    for k in 0..VARIANTS.len() {
+        let run = run_variant(g, p, k, &RunContext::new()).expect("variant");
+        let cmp = compare(g, &run, &Policy::default()).expect("compare");
+        for s in &cmp.sites {
+            let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
+            let e = sites
+                .entry(llama_parity::contract::site::key(s.step, &s.site))
+                .or_insert(SiteFloor { rel_l2: 0.0, cosine: 1.0 });
+            if m.rel_l2 > e.rel_l2 {
+                e.rel_l2 = m.rel_l2;
+            }
+            if m.cosine < e.cosine {
+                e.cosine = m.cosine;
+            }
+        }
+    }
+    sites
+}
+
+/// At float32 both simulated ports round every value once to float32, so the second
+/// is not run; it computes the same bits as the first (every site's values equal), at
+/// bfloat16 and float16 it does not, and the floor without it is the floor of all three.
+#[test]
+fn a_variant_skipped_as_the_same_bits_at_float32_is_the_same_bits_and_leaves_the_floor_unchanged() {
+    use llama_parity::compare::floor::{run_variant, same_as_earlier};
+    let g = golden("gqa_pad_f32");
+    let ctx = RunContext::new();
+    assert_eq!(same_as_earlier(Precision::F32, 2), Some(1));
+    for p in [Precision::Bf16, Precision::F16] {
+        assert_eq!(same_as_earlier(p, 2), None, "{p}");
+    }
+    let one = run_variant(&g, Precision::F32, 1, &ctx).unwrap();
+    let two = run_variant(&g, Precision::F32, 2, &ctx).unwrap();
+    let cmp = compare(&one, &two, &Policy::default()).unwrap();
+    let mut values = 0;
+    for s in &cmp.sites {
+        if let Some(SiteMetrics::Values(m)) = &s.metrics {
+            assert_eq!(m.max_abs, 0.0, "{} {}: the two float32 ports differ", s.step, s.site);
+            values += 1;
+        }
+    }
+    assert!(values > 50, "{values} value sites");
+    let mut differ = 0;
+    let one = run_variant(&g, Precision::Bf16, 1, &ctx).unwrap();
+    let two = run_variant(&g, Precision::Bf16, 2, &ctx).unwrap();
+    for s in &compare(&one, &two, &Policy::default()).unwrap().sites {
+        if let Some(SiteMetrics::Values(m)) = &s.metrics {
+            differ += usize::from(m.max_abs > 0.0);
+        }
+    }
+    assert!(differ > 10, "at bfloat16 the two ports differ at {differ} sites only");
+    assert_eq!(measure(&g, Precision::F32).sites, floor_of_every_variant(&g, Precision::F32));
+}
+
+/// A first `parity run --impl reference` takes its own run as the floor's first variant
+/// and the run the reproduction check judges: the floor it caches is the floor of every
+/// variant run in full, and the one `parity compare` measures on its own.
+#[test]
+fn a_first_reference_run_caches_the_floor_every_variant_run_in_full_gives() {
+    for (name, p) in [("gqa_pad_f32", Precision::F32), ("gqa_pad_bf16", Precision::Bf16)] {
+        let g = golden(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let (run_cache, cmp_cache) = (tmp.path().join("run"), tmp.path().join("compare"));
+        let dir = root().join("golden").join(name);
+        let dir = dir.to_str().unwrap();
+        let parity = |cache: &Path, args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+                .env("PARITY_FLOOR_CACHE", cache)
+                .args(args)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        parity(&run_cache, &["run", dir, "--impl", "reference", "-q", "--no-diagnosis"]);
+        parity(&cmp_cache, &["compare", dir, dir, "-q", "--no-diagnosis"]);
+        let read = |cache: &Path| {
+            let files: Vec<_> =
+                std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).collect();
+            assert_eq!(files.len(), 1, "{files:?}");
+            let text = std::fs::read_to_string(&files[0]).unwrap();
+            (text.clone(), serde_json::from_str::<NoiseFloor>(&text).unwrap())
+        };
+        let (run_text, floor) = read(&run_cache);
+        assert_eq!(floor.precision, p.name());
+        assert_eq!(floor.sites, floor_of_every_variant(&g, p), "{name}");
+        assert_eq!(
+            run_text,
+            read(&cmp_cache).0,
+            "{name}: the run's floor file and compare's differ"
+        );
     }
 }

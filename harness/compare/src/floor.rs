@@ -20,8 +20,12 @@
 //! ([`crate::tolerance::Tolerance::floor_minimum`]); a policy file's defaults
 //! and rules still override (see [`crate::tolerance::Policy::decide_with_floor`]).
 //!
-//! Uses the model stage (stage 3) to run the variants. A floor is computed once per
-//! (golden content, dtype) and cached as JSON ([`FloorCache`]), never inside the golden.
+//! Uses the model stage (stage 3) to run the variants. A run the caller has made already
+//! is not made again (a `run --impl reference` is the reference variant, [`Known`]), nor
+//! is a variant that computes the same bits as an earlier one at the candidate's dtype
+//! ([`same_as_earlier`]: at float32 both simulated ports round everything once to
+//! float32). A floor is computed once per (golden content, dtype) and cached as JSON
+//! ([`FloorCache`]), never inside the golden.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,7 +36,7 @@ use sha2::{Digest, Sha256};
 
 use crate::reproduce;
 use crate::tolerance::{Policy, Tolerance};
-use crate::verdict::{compare, SiteMetrics};
+use crate::verdict::{compare, Comparison, SiteMetrics};
 use contract::error::{Error, Result};
 use contract::site::{self, Site, Step};
 use dump::{Dump, Precision};
@@ -220,36 +224,92 @@ impl NoiseFloor {
         if !golden.has_weights() {
             return Ok(None);
         }
-        let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
-        let policy = Policy::default();
-        for k in 0..VARIANTS.len() {
-            let run = run_variant(golden, precision, k, ctx)?;
-            let cmp = compare(golden, &run, &policy)?;
-            for s in &cmp.sites {
-                let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
-                let e = sites
-                    .entry(site::key(s.step, &s.site))
-                    .or_insert(SiteFloor { rel_l2: 0.0, cosine: 1.0 });
-                // NaN (nothing compared) leaves the floor as it was.
-                if m.rel_l2 > e.rel_l2 {
-                    e.rel_l2 = m.rel_l2;
-                }
-                if m.cosine < e.cosine {
-                    e.cosine = m.cosine;
-                }
+        let f = measure_with(golden, precision, hash, None, &|_| {}, ctx)?;
+        Ok(Some(f))
+    }
+}
+
+/// The floor over [`VARIANTS`], variant 0 (the reference) taken from `reference` (its
+/// comparison against the golden by the default policy) when the caller has it
+/// already; a variant that computes the same bits as an earlier one at
+/// `precision` ([`same_as_earlier`]) is not run again, since it cannot move the worst.
+fn measure_with(
+    golden: &Dump,
+    precision: Precision,
+    hash: &str,
+    reference: Option<&Comparison>,
+    progress: &dyn Fn(&str),
+    ctx: &RunContext,
+) -> Result<NoiseFloor> {
+    let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
+    let policy = Policy::default();
+    for k in 0..VARIANTS.len() {
+        if let Some(j) = same_as_earlier(precision, k) {
+            progress(&format!(
+                "noise floor: variant {} computes the same bits as variant {} at {precision}: not run again",
+                k + 1,
+                j + 1
+            ));
+            continue;
+        }
+        let owned;
+        let cmp = match (k, reference) {
+            (0, Some(c)) => c,
+            _ => {
+                owned = compare(golden, &run_variant(golden, precision, k, ctx)?, &policy)?;
+                &owned
+            }
+        };
+        for s in &cmp.sites {
+            let Some(SiteMetrics::Values(m)) = &s.metrics else { continue };
+            let e = sites
+                .entry(site::key(s.step, &s.site))
+                .or_insert(SiteFloor { rel_l2: 0.0, cosine: 1.0 });
+            // NaN (nothing compared) leaves the floor as it was.
+            if m.rel_l2 > e.rel_l2 {
+                e.rel_l2 = m.rel_l2;
+            }
+            if m.cosine < e.cosine {
+                e.cosine = m.cosine;
             }
         }
-        Ok(Some(NoiseFloor {
-            format: FORMAT.to_string(),
-            golden_sha256: hash.to_string(),
-            precision: precision.name().to_string(),
-            margin: MARGIN,
-            variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
-            harness: HARNESS.to_string(),
-            reproduction: None,
-            sites,
-        }))
     }
+    Ok(NoiseFloor {
+        format: FORMAT.to_string(),
+        golden_sha256: hash.to_string(),
+        precision: precision.name().to_string(),
+        margin: MARGIN,
+        variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
+        harness: HARNESS.to_string(),
+        reproduction: None,
+        sites,
+    })
+}
+
+/// The simulated port's options of variant `k` (1 or 2) of [`VARIANTS`] at `precision`.
+fn ascend_options(precision: Precision, k: usize) -> AscendOptions {
+    match k {
+        1 => AscendOptions::mindformers(precision),
+        _ => AscendOptions {
+            accumulation: Accumulation::Exact,
+            norm_weight_order: NormWeightOrder::WeightInFloat32,
+            rotary_dtype: Precision::F32,
+            ..AscendOptions::mindformers(precision)
+        },
+    }
+}
+
+/// The earlier variant that computes the same bits as variant `k` at `precision`, if
+/// any: at float32 both simulated ports round every value once to float32
+/// ([`model::ascend::AscendNumerics::same_numerics`]), so variant 2 is variant 1.
+pub fn same_as_earlier(precision: Precision, k: usize) -> Option<usize> {
+    if k < 2 {
+        return None;
+    }
+    let plan = Plan::default();
+    let numerics = |j| ascend::AscendNumerics::new(ascend_options(precision, j), &plan);
+    let this = numerics(k);
+    (1..k).find(|&j| numerics(j).same_numerics(&this))
 }
 
 /// Runs correct variant `k` of [`VARIANTS`] on `golden`'s scenario at `precision`,
@@ -268,16 +328,7 @@ pub fn run_variant(
                 .with_precision(precision)
                 .with_context(ctx.clone()),
         )?,
-        1 => ascend::run(golden, &AscendOptions::mindformers(precision), &plan, false, ctx)?,
-        _ => {
-            let opts = AscendOptions {
-                accumulation: Accumulation::Exact,
-                norm_weight_order: NormWeightOrder::WeightInFloat32,
-                rotary_dtype: Precision::F32,
-                ..AscendOptions::mindformers(precision)
-            };
-            ascend::run(golden, &opts, &plan, false, ctx)?
-        }
+        _ => ascend::run(golden, &ascend_options(precision, k), &plan, false, ctx)?,
     };
     Ok(out.dump)
 }
@@ -423,6 +474,35 @@ pub fn floor_for(
     progress: &dyn Fn(&str),
     ctx: &RunContext,
 ) -> Result<FloorSource> {
+    floor_for_run(golden, precision, cache, progress, ctx, Known::default())
+}
+
+/// Runs of the golden's scenario the caller has made already, which the floor and the
+/// reproduction check take instead of making them again.
+#[derive(Clone, Copy, Default)]
+pub struct Known<'a> {
+    /// The float64 reference's free run without faults (variant 0 of [`VARIANTS`]).
+    pub reference: Option<&'a Dump>,
+    /// The float64 reference's teacher-forced run without faults.
+    pub teacher_forced: Option<&'a Dump>,
+}
+
+/// [`floor_for`], with the runs the caller has already made.
+///
+/// The reproduction check comes first. The free-running reference (variant 0, which
+/// the floor measures anyway) is judged by the rule of [`crate::reproduce`] first: when
+/// every site of it is within its bound, the reference reproduces the golden whole, its
+/// inherited error included, which the teacher-forced run (the same bound on the error
+/// each layer adds alone) could only confirm. Otherwise the teacher-forced run is made
+/// and decides, as `parity check-golden` does.
+pub fn floor_for_run(
+    golden: &Dump,
+    precision: Precision,
+    cache: Option<&FloorCache>,
+    progress: &dyn Fn(&str),
+    ctx: &RunContext,
+    known: Known,
+) -> Result<FloorSource> {
     if !golden.has_weights() {
         return Ok(FloorSource::Unavailable(
             "the golden has neither weights.safetensors nor a checkpoint to run its scenario with"
@@ -447,8 +527,29 @@ pub fn floor_for(
         }
     }
     // A floor is believed only where the golden is reproduced.
-    progress("checking that the reference reproduces the golden (one teacher-forced run) ...");
-    let reproduction = reproduce::check(golden, ctx)?;
+    progress("checking that the reference reproduces the golden ...");
+    let owned;
+    let reference = match known.reference {
+        Some(r) => r,
+        None => {
+            owned = run_variant(golden, precision, 0, ctx)?;
+            &owned
+        }
+    };
+    let reference = compare(golden, reference, &Policy::default())?;
+    let mut reproduction = reproduce::judge_comparison(golden, &reference);
+    if reproduction.is_reproduced() {
+        progress(&format!(
+            "reproduced: the free-running reference is within every site's bound (at most {:.2} of it)",
+            reproduction.worst_of_bound()
+        ));
+    } else {
+        progress("the free-running reference is not within every site's bound: checking each layer alone (one teacher-forced run) ...");
+        reproduction = match known.teacher_forced {
+            Some(tf) => reproduce::judge(golden, tf)?,
+            None => reproduce::check(golden, ctx)?,
+        };
+    }
     if let Some(what) = reproduction.describe_failure() {
         return Err(Error::NotReproduced { golden: golden.label(), what });
     }
@@ -464,12 +565,10 @@ pub fn floor_for(
         sites_checked: reproduction.checked(),
     };
     progress(&format!(
-        "measuring the noise floor at {precision} ({} correct runs) ...",
+        "measuring the noise floor at {precision} ({} correct runs, the reference's done) ...",
         VARIANTS.len()
     ));
-    let Some(mut f) = NoiseFloor::measure(golden, precision, &hash, ctx)? else {
-        return Ok(FloorSource::Unavailable("the golden has no weights".into()));
-    };
+    let mut f = measure_with(golden, precision, &hash, Some(&reference), progress, ctx)?;
     f.reproduction = Some(record);
     // Through JSON and back, so that a measured floor and the same floor read from the
     // cache are the same numbers (JSON's decimal form may move a last bit) and give

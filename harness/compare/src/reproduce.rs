@@ -20,6 +20,12 @@
 //! - integer sites (positions) match exactly and masks hide and show the same entries;
 //! - the golden holds no NaN/Inf the reference does not.
 //!
+//! A free-running reference within the same bound at every site reproduces the golden
+//! whole, inherited error included (each layer's input is itself a site within the
+//! bound): the floor judges its own reference run so first and makes the
+//! teacher-forced run only where that run is past the bound somewhere
+//! ([`crate::floor::floor_for_run`]); [`check`] (`parity check-golden`) always runs it.
+//!
 //! rel-L2 alone decides a value site: `‖a − b‖ ≤ r‖a‖` bounds the angle between the two
 //! as well (`1 − cosine ≤ r²/2` for small `r`).
 //!
@@ -41,7 +47,7 @@
 use dump::{Dump, Precision};
 
 use crate::tolerance::Policy;
-use crate::verdict::{compare, SiteMetrics, Status};
+use crate::verdict::{compare, Comparison, SiteMetrics, Status};
 use contract::error::Result;
 use contract::site::{Site, Step};
 
@@ -158,6 +164,13 @@ pub fn check(golden: &Dump, ctx: &model::RunContext) -> Result<Reproduction> {
 
 /// Judges `teacher_forced` (the reference's teacher-forced run of `golden`) by the rule.
 pub fn judge(golden: &Dump, teacher_forced: &Dump) -> Result<Reproduction> {
+    let cmp = compare(golden, teacher_forced, &Policy::default())?;
+    Ok(judge_comparison(golden, &cmp))
+}
+
+/// [`judge`] on the comparison of a reference run against `golden` by the default
+/// policy, made already.
+pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
     let precision = golden.manifest.dtype;
     let u32 = Precision::F32.unit_roundoff();
     let bound = LOCAL_BOUND * precision.unit_roundoff() + FLOAT32_BOUND * u32;
@@ -172,7 +185,6 @@ pub fn judge(golden: &Dump, teacher_forced: &Dump) -> Result<Reproduction> {
         };
         p.max(0) as f64
     };
-    let cmp = compare(golden, teacher_forced, &Policy::default())?;
     let sites = cmp
         .sites
         .iter()
@@ -217,5 +229,5 @@ pub fn judge(golden: &Dump, teacher_forced: &Dump) -> Result<Reproduction> {
             c
         })
         .collect();
-    Ok(Reproduction { golden: golden.label(), golden_precision: precision, bound, sites })
+    Reproduction { golden: golden.label(), golden_precision: precision, bound, sites }
 }

@@ -127,6 +127,23 @@ impl AscendNumerics {
         }
     }
 
+    /// Whether a run with `self` and one with `other` compute the same bits: the same
+    /// dtype, products, mask fill and rotary tables, and at every [`RoundAt`] the same
+    /// roundings, a float32 rounding followed by another float32 rounding being one.
+    /// At float32, for instance, float32 and exact accumulation, and the norm weight
+    /// before or after the cast, are all one rounding to float32.
+    pub fn same_numerics(&self, other: &AscendNumerics) -> bool {
+        let steps = |n: &AscendNumerics, at: RoundAt| match n.steps(at) {
+            (Some(first), then) if first == then => (None, then),
+            s => s,
+        };
+        self.opts.precision == other.opts.precision
+            && self.opts.precomputed_rope_tables == other.opts.precomputed_rope_tables
+            && self.products() == other.products()
+            && self.mask_fill().to_bits() == other.mask_fill().to_bits()
+            && RoundAt::ALL.iter().all(|&at| steps(self, at) == steps(other, at))
+    }
+
     /// The roundings a value stored at `at` goes through, in order: one precision, or
     /// float32 first and then another (a matmul accumulated in float32, the rotary
     /// tables computed in float32).
@@ -314,6 +331,32 @@ mod tests {
         let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-30);
         assert_eq!(n.round(RoundAt::Projection, x), 1.0);
         assert_eq!(n.round(RoundAt::Projection, 1.0 + 2f64.powi(-10)), 1.0 + 2f64.powi(-10));
+    }
+
+    #[test]
+    fn accumulation_and_norm_order_are_one_rounding_at_float32_only() {
+        let plan = Plan::default();
+        let other = |p| AscendOptions {
+            accumulation: Accumulation::Exact,
+            norm_weight_order: NormWeightOrder::WeightInFloat32,
+            rotary_dtype: Precision::F32,
+            ..AscendOptions::mindformers(p)
+        };
+        let n = |o| AscendNumerics::new(o, &plan);
+        let f32 = n(AscendOptions::mindformers(Precision::F32));
+        assert!(f32.same_numerics(&n(other(Precision::F32))));
+        for p in [Precision::Bf16, Precision::F16] {
+            assert!(!n(AscendOptions::mindformers(p)).same_numerics(&n(other(p))), "{p}");
+        }
+        assert!(!f32.same_numerics(&n(AscendOptions::mindformers(Precision::Bf16))));
+        let faulty = AscendNumerics::new(
+            AscendOptions::mindformers(Precision::F32),
+            &Plan::new(&[contract::fault::Fault::NormNoUpcast]),
+        );
+        assert!(f32.same_numerics(&faulty), "norm.no_upcast at float32 rounds to float32 too");
+        let mut fill = AscendOptions::mindformers(Precision::F32);
+        fill.mask_fill = -1e30;
+        assert!(!f32.same_numerics(&n(fill)));
     }
 
     #[test]

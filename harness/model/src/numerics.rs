@@ -58,6 +58,30 @@ pub enum RoundAt {
     Residual,
 }
 
+impl RoundAt {
+    /// Every point, in compute order.
+    pub const ALL: [RoundAt; 18] = [
+        RoundAt::Weight,
+        RoundAt::Embedding,
+        RoundAt::RopeFrequency,
+        RoundAt::RopeAngle,
+        RoundAt::RopeTable,
+        RoundAt::NormVariance,
+        RoundAt::NormNormalized,
+        RoundAt::NormOutput,
+        RoundAt::Projection,
+        RoundAt::RopeOutput,
+        RoundAt::ScoreProduct,
+        RoundAt::Scores,
+        RoundAt::MaskedScores,
+        RoundAt::SoftmaxStep,
+        RoundAt::Probs,
+        RoundAt::Context,
+        RoundAt::MlpHidden,
+        RoundAt::Residual,
+    ];
+}
+
 /// Where a linear layer's products are multiplied and summed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Products {

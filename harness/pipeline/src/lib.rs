@@ -17,14 +17,14 @@ pub mod suite;
 
 use std::path::Path;
 
-use compare::floor::{floor_for, FloorCache, FloorSource};
+use compare::floor::{floor_for_run, FloorCache, FloorSource, Known};
 use compare::statistics::{compare_statistics, SummaryOnly};
 use compare::tolerance::Policy;
 use compare::{compare_with, compare_with_floor, Comparison};
 use contract::error::{Error, Feature, Result};
 use diagnosis::{diagnose, localise};
 use dump::Dump;
-use model::{self, RunContext, RunOptions, RunOutput};
+use model::{self, Implementation, RunContext, RunOptions, RunOutput};
 use report::baseline::{Baseline, DEFAULT_MAX_REGRESSION};
 use report::Report;
 
@@ -117,8 +117,19 @@ pub fn check<'c>(
     teacher_forced: Option<&Dump>,
     opts: &Options,
 ) -> Result<Report> {
+    check_known(golden, candidate, teacher_forced, opts, Known::default())
+}
+
+/// [`check`], the noise floor taking the runs in `known` instead of making them again.
+fn check_known<'c>(
+    golden: &Dump,
+    candidate: impl Into<CandidateRef<'c>>,
+    teacher_forced: Option<&Dump>,
+    opts: &Options,
+    known: Known,
+) -> Result<Report> {
     let mut report = match candidate.into() {
-        CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts)?,
+        CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts, known)?,
         CandidateRef::Statistics(stats) => check_statistics(golden, stats, teacher_forced, opts)?,
     };
     if let Some(b) = opts.baseline {
@@ -133,8 +144,9 @@ fn check_tensors(
     candidate: &Dump,
     teacher_forced: Option<&Dump>,
     opts: &Options,
+    known: Known,
 ) -> Result<Report> {
-    let source = noise_floor(golden, candidate, opts)?;
+    let source = noise_floor_known(golden, candidate, opts, known)?;
     let floor = source.as_ref().and_then(FloorSource::floor);
     let cmp = compare_with(golden, candidate, opts.policy, floor, opts.summary_only)?;
     let mut report = Report::new(&cmp, Vec::new());
@@ -208,6 +220,16 @@ fn check_statistics(
 /// The noise floor of `golden` at the candidate's dtype, as `opts.floor` asks; `None`
 /// when it asks for none.
 pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Option<FloorSource>> {
+    noise_floor_known(golden, candidate, opts, Known::default())
+}
+
+/// [`noise_floor`], taking the runs in `known` instead of making them again.
+fn noise_floor_known(
+    golden: &Dump,
+    candidate: &Dump,
+    opts: &Options,
+    known: Known,
+) -> Result<Option<FloorSource>> {
     let precision = candidate.manifest.dtype;
     let cache = match opts.floor {
         Floor::Off => {
@@ -219,7 +241,7 @@ pub fn noise_floor(golden: &Dump, candidate: &Dump, opts: &Options) -> Result<Op
         Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
         Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
     };
-    floor_for(golden, precision, cache.as_ref(), opts.progress, opts.context).map(Some)
+    floor_for_run(golden, precision, cache.as_ref(), opts.progress, opts.context, known).map(Some)
 }
 
 /// Runs `run`'s implementation on `golden`'s scenario and weights, names the run after
@@ -239,7 +261,14 @@ pub fn run(
         out.dump.write(dir)?;
         (opts.progress)(&format!("dump written to {}", dir.display()));
     }
-    let report = check(golden, &out.dump, out.teacher_forced.as_ref(), opts)?;
+    // The reference without faults is the floor's first variant and the run the
+    // reproduction check judges: they are taken from this run, not made again.
+    let known = if run.implementation == Implementation::Reference && run.faults.is_empty() {
+        Known { reference: Some(&out.dump), teacher_forced: out.teacher_forced.as_ref() }
+    } else {
+        Known::default()
+    };
+    let report = check_known(golden, &out.dump, out.teacher_forced.as_ref(), opts, known)?;
     Ok((out, report))
 }
 
