@@ -27,6 +27,7 @@ mod msprobe;
 mod msprobe_layouts;
 mod noise_floor;
 mod pass_fail_rule;
+mod ports_by_reference;
 mod random_models;
 mod reference;
 mod replay;
