@@ -64,13 +64,15 @@ fn mindspore_passes_on_a_sharded_checkpoint_reference_at_every_dtype_and_convert
         assert!(out.contains("converted weights cached"), "{dtype}: {out}");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // one entry per dtype, one .ckpt per shard that holds parameters
+    // one entry per dtype, one converted file per shard that holds parameters
     let made = entries(cache.path(), "mindspore");
     assert_eq!(made.len(), 3, "{made:?}");
     for e in &made {
         let ckpts = std::fs::read_dir(e)
             .expect("entry")
-            .filter(|f| f.as_ref().is_ok_and(|f| f.path().extension().is_some_and(|x| x == "ckpt")))
+            .filter(|f| {
+                f.as_ref().is_ok_and(|f| f.path().extension().is_some_and(|x| x == "safetensors"))
+            })
             .count();
         assert_eq!(ckpts, 4, "{}", e.display());
     }
