@@ -29,6 +29,7 @@ mod noise_floor;
 mod pass_fail_rule;
 mod ports_by_reference;
 mod random_models;
+mod real_model;
 mod reference;
 mod replay;
 mod report_browser;
