@@ -113,7 +113,7 @@ fn real_faults(ids: Option<&[String]>) -> Result<Option<Vec<Fault>>> {
 
 fn print_matrix(suite: &Suite) {
     println!(
-        "{:<16} {:<34} {:<8} {:<8} {:<70} {:>9} {:>6}",
+        "{:<18} {:<44} {:<8} {:<8} {:<70} {:>9} {:>6}",
         "golden", "run", "expect", "got", "first divergence / diagnosis", "x floor", "secs"
     );
     let word = |v: Verdict| match v {
@@ -145,7 +145,7 @@ fn print_matrix(suite: &Suite) {
             .and_then(floor_distance)
             .map_or("-".to_string(), |(x, _)| format!("{x:.3}"));
         println!(
-            "{:<16} {:<34} {:<8} {:<8} {:<70} {:>9} {:>6.2}{mark}",
+            "{:<18} {:<44} {:<8} {:<8} {:<70} {:>9} {:>6.2}{mark}",
             r.golden,
             r.run,
             word(r.expect.verdict),

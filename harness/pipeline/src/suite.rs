@@ -221,7 +221,7 @@ pub fn floor_distance(report: &Report) -> Option<(f64, String)> {
         let (Some(SiteMetrics::Values(m)), Some(f)) = (&e.metrics, &e.noise_floor) else {
             continue;
         };
-        if !(f.rel_l2 > 0.0) || m.rel_l2.is_nan() {
+        if f.rel_l2.is_nan() || f.rel_l2 <= 0.0 || m.rel_l2.is_nan() {
             continue;
         }
         let x = m.rel_l2 / f.rel_l2;
