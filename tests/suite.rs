@@ -11,7 +11,7 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = Command::new(env!("CARGO_BIN_EXE_parity"))
         .current_dir(root)
-        .args(["suite", "--report"])
+        .args(["suite", "--no-real-model", "--report"])
         .arg(tmp.path())
         .output()
         .expect("run parity suite");

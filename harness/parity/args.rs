@@ -139,9 +139,29 @@ pub struct SuiteArgs {
     #[arg(long, value_name = "DIR", default_value = "fixtures/candidates")]
     pub candidates: PathBuf,
     /// Also run the real MindSpore port (fixtures/ports/mindspore) on every golden at
-    /// float32 and float16 (needs its venv: see `bash .ci/setup`; about 7 s a run).
+    /// float32 and float16, and on the real model's bfloat16 golden at bfloat16 (needs
+    /// its venv: see `bash .ci/setup`; about 7 s a run on the suite's goldens).
     #[arg(long)]
     pub mindspore: bool,
+    /// The real trained model's goldens: DIR/golden_f32 and DIR/golden_bf16, made by
+    /// golden/make_smollm2.py (bash .ci/setup runs it). Default: smollm2-135m in the
+    /// models cache ($PARITY_MODELS, else ~/.cache/llama-parity/models). When both are
+    /// there the suite runs the reference and the simulated Ascend port (bfloat16,
+    /// float16) on them and a fault matrix at bfloat16; when they are not, it says so
+    /// and leaves them out.
+    #[arg(long, value_name = "DIR")]
+    pub real_model: Option<PathBuf>,
+    /// Leave the real model out even when its goldens are there.
+    #[arg(long, conflicts_with = "real_model")]
+    pub no_real_model: bool,
+    /// Also run MindFormers' Llama (fixtures/ports/mindformers, float32 on the CPU) on
+    /// the real model (needs its venv: see `bash .ci/setup`).
+    #[arg(long)]
+    pub mindformers: bool,
+    /// Only these faults in the real model's matrix (comma-separated IDs; default:
+    /// every fault of the matrix).
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub real_faults: Option<Vec<String>>,
     /// Write one report per run into DIR/<golden>/<run>/ and DIR/suite.json.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,

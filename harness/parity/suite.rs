@@ -1,19 +1,53 @@
 //! `parity suite`: every implementation on every golden, every faulty candidate
 //! against its golden, as one matrix (`pipeline::suite`), printed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use llama_parity::compare::Verdict;
+use llama_parity::contract::fault::Fault;
 use llama_parity::dump::guard;
-use llama_parity::pipeline::suite::{Plan, Suite, SuiteOptions};
+use llama_parity::pipeline::suite::{
+    floor_distance, Plan, RealModel, Suite, SuiteOptions, REAL_MODEL_FAULTS,
+};
 use llama_parity::{Error, Result};
 
 use crate::args::SuiteArgs;
 use crate::output::progress;
 
 pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
-    let plan = Plan::new(&a.goldens, &a.candidates, a.mindspore)?;
+    let mut plan = Plan::new(&a.goldens, &a.candidates, a.mindspore)?;
+    let faults = real_faults(a.real_faults.as_deref())?;
+    let real_dir = a.real_model.clone().or_else(|| {
+        (!a.no_real_model).then(|| {
+            llama_parity::contract::cache_dir("PARITY_MODELS", "models")
+                .unwrap_or_else(|| PathBuf::from("models"))
+                .join("smollm2-135m")
+        })
+    });
+    if let Some(dir) = &real_dir {
+        let real = RealModel {
+            dir,
+            mindspore: a.mindspore,
+            mindformers: a.mindformers,
+            faults: faults.as_deref(),
+        };
+        if !plan.add_real_model(&real) {
+            if a.real_model.is_some() {
+                return Err(Error::Usage {
+                    flag: "--real-model".into(),
+                    what: format!(
+                        "{} does not hold golden_f32/ and golden_bf16/ (golden/make_smollm2.py makes them)",
+                        dir.display()
+                    ),
+                });
+            }
+            eprintln!(
+                "parity: suite: no real model's goldens at {} (bash .ci/setup makes them); left out",
+                dir.display()
+            );
+        }
+    }
     if plan.goldens.is_empty() {
         return Err(Error::Usage {
             flag: "GOLDENS".into(),
@@ -21,6 +55,7 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
         });
     }
     let mut inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
+    inputs.extend(real_dir.as_deref());
     inputs.extend(a.baseline.as_deref());
     let out = a.report.as_deref().map(|dir| guard::Output {
         label: "--report",
@@ -55,10 +90,31 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
     Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// The faults `--real-faults` names, each one of the real model's matrix.
+fn real_faults(ids: Option<&[String]>) -> Result<Option<Vec<Fault>>> {
+    let Some(ids) = ids else { return Ok(None) };
+    let mut out = Vec::new();
+    for id in ids {
+        let f = Fault::parse(id).filter(|f| REAL_MODEL_FAULTS.iter().any(|(g, _)| g == f));
+        let Some(f) = f else {
+            let known: Vec<&str> = REAL_MODEL_FAULTS.iter().map(|(f, _)| f.id()).collect();
+            return Err(Error::Usage {
+                flag: "--real-faults".into(),
+                what: format!(
+                    "{id:?} is not a fault of the real model's matrix ({})",
+                    known.join(", ")
+                ),
+            });
+        };
+        out.push(f);
+    }
+    Ok(Some(out))
+}
+
 fn print_matrix(suite: &Suite) {
     println!(
-        "{:<16} {:<34} {:<8} {:<8} {:<70} {:>6}",
-        "golden", "run", "expect", "got", "first divergence / diagnosis", "secs"
+        "{:<18} {:<44} {:<8} {:<8} {:<70} {:>9} {:>6}",
+        "golden", "run", "expect", "got", "first divergence / diagnosis", "x floor", "secs"
     );
     let word = |v: Verdict| match v {
         Verdict::Pass => "pass",
@@ -82,13 +138,20 @@ fn print_matrix(suite: &Suite) {
             Err(e) => ("error".to_string(), e.clone()),
         };
         let mark = if r.ok() { "" } else { "  <-- unexpected" };
+        let floor = r
+            .outcome
+            .as_ref()
+            .ok()
+            .and_then(floor_distance)
+            .map_or("-".to_string(), |(x, _)| format!("{x:.3}"));
         println!(
-            "{:<16} {:<34} {:<8} {:<8} {:<70} {:>6.2}{mark}",
+            "{:<18} {:<44} {:<8} {:<8} {:<70} {:>9} {:>6.2}{mark}",
             r.golden,
             r.run,
             word(r.expect.verdict),
             got,
             detail,
+            floor,
             r.seconds
         );
     }

@@ -5,7 +5,11 @@
 //! reference and the simulated Ascend port at bfloat16 and float16 (and the real
 //! MindSpore port at float32 and float16 when asked), each of which must pass; for each
 //! candidate `<golden>__<fault>` beside them, the comparison with its golden, which must
-//! fail with the planted fault ranked first in the diagnosis. [`Plan::run`] runs it
+//! fail with the planted fault ranked first in the diagnosis. A real trained model's
+//! goldens ([`RealModel`]: a float32 and a bfloat16 golden made from one checkpoint)
+//! add every implementation on it and a fault matrix at bfloat16, each fault expected
+//! caught and named or, where pinned so, under the floor; every run's record carries
+//! its worst site's distance from the noise floor. [`Plan::run`] runs it
 //! through [`crate::run`] and [`crate::check`] into a [`Suite`]; [`Suite::write`] keeps
 //! each run's report and the matrix as `suite.json` ([`Record`]).
 
@@ -15,11 +19,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use compare::tolerance::Policy;
-use compare::Verdict;
+use compare::{SiteMetrics, Verdict};
 use contract::error::{Error, Result};
 use contract::fault::Fault;
 use dump::{Dump, Precision};
-use model::{Implementation, RunContext, RunOptions};
+use model::{Device, Implementation, RunContext, RunOptions};
 use report::baseline::Baseline;
 use report::Report;
 
@@ -78,9 +82,154 @@ pub struct Planned {
 /// The goldens of a suite and every run planned on them, golden by golden.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Each golden dump's directory, sorted; the runs on each follow in `runs`.
-    pub goldens: Vec<PathBuf>,
+    /// Each golden dump's name in the matrix and its directory, the suite's sorted and
+    /// then the real model's; the runs on each follow in `runs`.
+    pub goldens: Vec<(String, PathBuf)>,
     pub runs: Vec<Planned>,
+}
+
+/// A real trained model's goldens for the suite: `<dir>/golden_f32` and
+/// `<dir>/golden_bf16`, made from one checkpoint by `golden/make_smollm2.py`.
+#[derive(Debug, Clone)]
+pub struct RealModel<'a> {
+    /// The directory holding the two goldens; the matrix names them `<name>_f32`,
+    /// `<name>_bf16` after its last component.
+    pub dir: &'a Path,
+    /// Run the MindSpore port (float32, float16 on the float32 golden; bfloat16 on the
+    /// bfloat16 one).
+    pub mindspore: bool,
+    /// Run MindFormers' Llama (float32, on the CPU).
+    pub mindformers: bool,
+    /// The faults of the matrix (planted in the simulated Ascend port at bfloat16);
+    /// `None`: every fault of [`REAL_MODEL_FAULTS`].
+    pub faults: Option<&'a [Fault]>,
+}
+
+/// What each fault planted at bfloat16 in the simulated Ascend port gives on the real
+/// model (SmolLM2-135M-Instruct, the prompt of `golden/make_smollm2.py`), as measured:
+/// `true` caught and named first by the diagnosis, `false` under the noise floor (the
+/// run passes; its record says how near the floor it comes). A fault the simulated port
+/// cannot plant is left out.
+///
+/// Under the floor: `rope.low_precision_angles` (positions 0 to 17), `norm.eps_outside`,
+/// `norm.no_upcast` and `attn.softmax_low_precision`, each within the floor's margin;
+/// `mask.padding_ignored` and `mask.pad_token_masked` act on padding and on real tokens
+/// with the pad id, which the one unpadded prompt lacks; `mask.fp16_overflow` acts in
+/// float16 only.
+pub const REAL_MODEL_FAULTS: &[(Fault, bool)] = &[
+    (Fault::RopePosReset, true),
+    (Fault::RopePosFixed, true),
+    (Fault::RopePosOffByOne, true),
+    (Fault::RopeInterleaved, true),
+    (Fault::RopeCosSinSwapped, true),
+    (Fault::RopeWrongTheta, true),
+    (Fault::RopeLowPrecisionAngles, false),
+    (Fault::MaskNone, true),
+    (Fault::MaskInverted, true),
+    (Fault::MaskPaddingIgnored, false),
+    (Fault::MaskPadTokenMasked, false),
+    (Fault::MaskFp16Overflow, false),
+    (Fault::NormLayernorm, true),
+    (Fault::NormBias, true),
+    (Fault::NormEpsOutside, false),
+    (Fault::NormNoUpcast, false),
+    (Fault::NormWeightUnmapped, true),
+    (Fault::WeightsTransposed, true),
+    (Fault::WeightsGateUpSwapped, true),
+    (Fault::KvStale, true),
+    (Fault::KvWrongSlot, true),
+    (Fault::KvUnrotatedKeys, true),
+    (Fault::KvGqaTiled, true),
+    (Fault::AttnNoScale, true),
+    (Fault::AttnSoftmaxLowPrecision, false),
+];
+
+impl RealModel<'_> {
+    /// The two goldens' directories, when both hold a manifest.
+    pub fn goldens(&self) -> Option<(PathBuf, PathBuf)> {
+        let f32 = self.dir.join("golden_f32");
+        let bf16 = self.dir.join("golden_bf16");
+        (f32.join("manifest.json").is_file() && bf16.join("manifest.json").is_file())
+            .then_some((f32, bf16))
+    }
+
+    /// Its runs, golden by golden, when both goldens are there.
+    fn plan(&self) -> Option<Plan> {
+        let (f32_dir, bf16_dir) = self.goldens()?;
+        let base = name(self.dir);
+        let (g32, g16) = (format!("{base}_f32"), format!("{base}_bf16"));
+        let mut on32 = vec![
+            ("reference".to_string(), run_options(Implementation::Reference, None)),
+            (
+                "ascend float16".to_string(),
+                run_options(Implementation::Ascend, Some(Precision::F16)),
+            ),
+        ];
+        let mut on16 = vec![(
+            "ascend bfloat16".to_string(),
+            run_options(Implementation::Ascend, Some(Precision::Bf16)),
+        )];
+        if self.mindspore {
+            for p in [Precision::F32, Precision::F16] {
+                on32.push((
+                    format!("mindspore {p}"),
+                    run_options(Implementation::MindSpore, Some(p)),
+                ));
+            }
+            on16.push((
+                "mindspore bfloat16".to_string(),
+                run_options(Implementation::MindSpore, Some(Precision::Bf16)),
+            ));
+        }
+        if self.mindformers {
+            on32.push((
+                "mindformers float32".to_string(),
+                run_options(Implementation::MindFormers(Device::Cpu), Some(Precision::F32)),
+            ));
+        }
+        let mut runs: Vec<Planned> = Vec::new();
+        for (golden, list) in [(&g32, on32), (&g16, on16)] {
+            runs.extend(list.into_iter().map(|(run, opts)| Planned {
+                golden: golden.clone(),
+                run,
+                subject: Subject::Implementation(opts),
+                expect: Expect::pass(),
+            }));
+        }
+        for &(fault, caught) in REAL_MODEL_FAULTS {
+            if self.faults.is_some_and(|only| !only.contains(&fault)) {
+                continue;
+            }
+            let opts = run_options(Implementation::Ascend, Some(Precision::Bf16))
+                .with_faults(vec![fault.into()]);
+            runs.push(Planned {
+                golden: g16.clone(),
+                run: format!("ascend bfloat16 {}", fault.id()),
+                subject: Subject::Implementation(opts),
+                expect: if caught { Expect::diagnosed(fault.id()) } else { Expect::pass() },
+            });
+        }
+        Some(Plan { goldens: vec![(g32, f32_dir), (g16, bf16_dir)], runs })
+    }
+}
+
+/// The largest ratio of a site's rel-L2 to its noise floor's, and that site
+/// (`<step>/<site>`), over the sites of `report` where a floor was measured.
+pub fn floor_distance(report: &Report) -> Option<(f64, String)> {
+    let mut best: Option<(f64, String)> = None;
+    for e in &report.sites {
+        let (Some(SiteMetrics::Values(m)), Some(f)) = (&e.metrics, &e.noise_floor) else {
+            continue;
+        };
+        if f.rel_l2.is_nan() || f.rel_l2 <= 0.0 || m.rel_l2.is_nan() {
+            continue;
+        }
+        let x = m.rel_l2 / f.rel_l2;
+        if best.as_ref().is_none_or(|(b, _)| x > *b) {
+            best = Some((x, format!("{}/{}", e.step, e.site)));
+        }
+    }
+    best
 }
 
 /// How to run a plan.
@@ -130,6 +279,8 @@ impl SuiteRun {
             first_divergence: report.and_then(|r| {
                 r.first_divergence.as_ref().map(|f| format!("{}/{}", f.step, f.site))
             }),
+            floor_distance: report.and_then(floor_distance).map(|(x, _)| x),
+            floor_site: report.and_then(floor_distance).map(|(_, s)| s),
             golden: self.golden.clone(),
             ok: self.ok(),
             run: self.run.clone(),
@@ -149,6 +300,14 @@ pub struct Record {
     pub expected: Verdict,
     /// `<step>/<site>`.
     pub first_divergence: Option<String>,
+    /// The largest ratio of a site's rel-L2 to the noise floor's there (what correct
+    /// runs of the model reach at that site in the run's dtype), over the sites where a
+    /// floor was measured: at most the floor's margin for a run the floor lets pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_distance: Option<f64>,
+    /// The `<step>/<site>` of `floor_distance`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_site: Option<String>,
     pub golden: String,
     /// The run gave what was expected (verdict, and the planted fault ranked first).
     pub ok: bool,
@@ -233,7 +392,17 @@ impl Plan {
                 });
             }
         }
-        Ok(Plan { goldens: golden_dirs, runs })
+        let goldens = golden_dirs.into_iter().map(|d| (name(&d), d)).collect();
+        Ok(Plan { goldens, runs })
+    }
+
+    /// Adds the real model's goldens and runs ([`RealModel`]) when both its goldens are
+    /// there; returns whether they were.
+    pub fn add_real_model(&mut self, real: &RealModel) -> bool {
+        let Some(plan) = real.plan() else { return false };
+        self.goldens.extend(plan.goldens);
+        self.runs.extend(plan.runs);
+        true
     }
 
     /// Runs every planned run, golden by golden, each judged by the default policy and
@@ -251,10 +420,9 @@ impl Plan {
         }
         let policy = Policy::default();
         let mut done = Vec::new();
-        for gdir in &self.goldens {
-            let gname = name(gdir);
+        for (gname, gdir) in &self.goldens {
             let golden = Dump::open(gdir)?;
-            for p in self.runs.iter().filter(|p| p.golden == gname) {
+            for p in self.runs.iter().filter(|p| &p.golden == gname) {
                 (opts.progress)(&format!("suite: {gname}: {}", p.run));
                 let t = Instant::now();
                 let outcome = (|| -> Result<Report> {
@@ -340,6 +508,8 @@ mod tests {
             error: None,
             expected: Verdict::Fail,
             first_divergence: Some("decode.0/inputs.position_ids".into()),
+            floor_distance: None,
+            floor_site: None,
             golden: "gqa_pad_f32".into(),
             ok: true,
             run: "candidate rope.pos_reset".into(),
