@@ -104,6 +104,17 @@ pub fn load_model(
         });
     }
     let weights = Weights::load(&weights_file, &cfg, plan)?;
+    if let Some((dir, _merged)) = golden.adapter()? {
+        let adapter = ::weights::adapter::Adapter::open(&dir, &cfg)?;
+        return Err(Error::unsupported(
+            contract::error::Feature::Implementation,
+            format!(
+                "{}: field `adapter`: {} modules read, but applying an adapter is not built yet",
+                manifest_path.display(),
+                adapter.modules.len()
+            ),
+        ));
+    }
     let model = Llama::new(cfg, weights, &manifest_path)?;
     let sc = &golden.manifest.scenario;
     let vocab = model.config.vocab_size as i64;
