@@ -101,14 +101,16 @@ fn merge_delta(m: &ModuleAdapter, s: f64, low: Option<Precision>) -> Array2<f64>
     b.dot(&a).mapv(|v| r(r(v) * s))
 }
 
-/// Puts `adapter` onto `weights` as the plan's LoRA mappings say.
+/// Puts `adapter` onto `weights` as the plan's LoRA mappings say; `run` is the golden's
+/// dtype.
 ///
 /// Unmerged (`merged == false`): each adapted projection gets its bypass ([`Lora`]).
-/// Merged: the weights already hold `W + s·B·A` (the producer's fold), so a correct run
-/// changes nothing; a planted fault refolds the module in float64 from the unmerged base
-/// `W - s·B·A`: with its own scaling or module (`lora.scale_*`, `lora.gate_up_swapped`,
-/// ...), without it (`lora.not_loaded`, `lora.target_missing`), or in `low`
-/// (`lora.merged_low_precision`: base, delta and sum each stored in `low`).
+/// Merged: the golden's weights are the base model's and its producer folded the adapter
+/// before running (PEFT `merge_and_unload`: the float32 delta added to the run-dtype
+/// weight, rounded once), so the fold is done here: `W + s·B·A` in float64, rounded to
+/// `run`. `lora.merged_low_precision` folds in the low dtype instead (`run` where it is
+/// bfloat16 or float16, else bfloat16): base, `B·A`, `s·B·A` and the sum each rounded to
+/// it. The other faults fold (or leave out) the module they name as they would apply it.
 ///
 /// Every layer is marked adapted, so that it records the optional sites of CONTRACT §5.
 pub fn attach(
@@ -116,7 +118,7 @@ pub fn attach(
     adapter: &Adapter,
     merged: bool,
     plan: &Plan,
-    low: Precision,
+    run: Precision,
 ) -> Result<()> {
     if !merged {
         if let Some(f) = plan.faults.iter().find(|f| f.fault == Fault::LoraMergedLowPrecision) {
@@ -129,6 +131,10 @@ pub fn attach(
             });
         }
     }
+    let low = match run {
+        Precision::F32 => Precision::Bf16,
+        p => p,
+    };
     for (i, lw) in weights.layers.iter_mut().enumerate() {
         lw.adapted = true;
         let swap = plan.at(Some(i), None, None).maps_lora(LoraMapping::GateUpSwapped);
@@ -142,40 +148,26 @@ pub fn attach(
             let dropped = here.maps_lora(LoraMapping::NotLoaded)
                 || here.maps_lora(LoraMapping::TargetMissing);
             let used = if dropped { None } else { adapter.get(i, source) };
-            let s = used.map(|m| planned_scaling(m, adapter, &here));
+            let Some(m) = used else { continue };
+            let s = planned_scaling(m, adapter, &here);
             let lin = projection_mut(lw, c);
             if !merged {
-                lin.lora = used.zip(s).map(|(m, scaling)| Lora {
+                lin.lora = Some(Lora {
                     a: Matrix::Stored(m.a.clone()),
                     b: Matrix::Stored(m.b.clone()),
-                    scaling,
+                    scaling: s,
                 });
                 continue;
             }
-            let truth = adapter.get(i, c);
-            let low_precision = here.maps_lora(LoraMapping::MergedLowPrecision);
-            let unchanged = match (truth, used) {
-                (Some(t), Some(u)) => t.a_key == u.a_key && Some(t.scaling) == s,
-                (None, None) => true,
-                _ => false,
-            };
-            if unchanged && !low_precision {
-                continue;
-            }
+            let fold_in = if here.maps_lora(LoraMapping::MergedLowPrecision) { low } else { run };
             let mut w = lin.weight.to_array();
-            if let Some(t) = truth {
-                w -= &merge_delta(t, t.scaling, None);
+            if fold_in != run {
+                w.mapv_inplace(|v| fold_in.round(v));
+                w += &merge_delta(m, s, Some(fold_in));
+            } else {
+                w += &merge_delta(m, s, None);
             }
-            let low = low_precision.then_some(low);
-            if let Some(p) = low {
-                w.mapv_inplace(|v| p.round(v));
-            }
-            if let (Some(u), Some(s)) = (used, s) {
-                w += &merge_delta(u, s, low);
-            }
-            if let Some(p) = low {
-                w.mapv_inplace(|v| p.round(v));
-            }
+            w.mapv_inplace(|v| fold_in.round(v));
             lin.weight = Matrix::Owned(w);
         }
     }

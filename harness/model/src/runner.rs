@@ -107,12 +107,7 @@ pub fn load_model(
     match golden.adapter()? {
         Some((dir, merged)) => {
             let adapter = ::weights::adapter::Adapter::open(&dir, &cfg)?;
-            // A merge "in low precision" is in the golden's dtype where it is one.
-            let low = match golden.manifest.dtype {
-                Precision::F32 => Precision::Bf16,
-                p => p,
-            };
-            crate::lora::attach(&mut weights, &adapter, merged, plan, low)?;
+            crate::lora::attach(&mut weights, &adapter, merged, plan, golden.manifest.dtype)?;
         }
         None => {
             if let Some(f) = plan.faults.iter().find(|f| f.fault.is_lora()) {
