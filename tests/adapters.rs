@@ -71,6 +71,20 @@ fn an_adapted_run_dumps_the_optional_delta_and_mlp_sites_and_compares_them() {
     ] {
         assert_eq!(status(s).as_deref(), Some("pass"), "{s}");
     }
+    // The header holds the adapter's facts; the HTML shows each delta under its projection.
+    assert_eq!(r["adapter"]["r"], 4);
+    assert_eq!(r["adapter"]["merged"], false);
+    assert!(r["adapter"]["modules"].as_array().unwrap().iter().all(|m| m["scaling"] == 2.0));
+    let md = std::fs::read_to_string(rep.join("summary.md")).unwrap();
+    assert!(md.contains("Adapter: LoRA r 4, alpha 8, unmerged"), "{md}");
+    let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
+    let at =
+        |site: &str| html.find(&format!("title=\"{site}\"")).unwrap_or_else(|| panic!("{site}"));
+    for p in ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"] {
+        let (proj, delta) =
+            (at(&format!("model.layers.0.{p}")), at(&format!("model.layers.0.{p}.lora")));
+        assert!(proj < delta && delta < at("model.layers.0.mlp"), "{p}");
+    }
     // lora_rslora_pattern_f32 has no delta sites: they are neither compared nor missing.
     let rep2 = tmp.path().join("rep2");
     let g2 = golden("lora_rslora_pattern_f32");

@@ -486,7 +486,7 @@ pub struct Adapter {
 }
 
 /// What a report shows of an adapter: the defaults and the scaling of each module.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdapterFacts {
     pub r: usize,
     pub lora_alpha: f64,
@@ -500,14 +500,39 @@ pub struct AdapterFacts {
     pub modules: Vec<ModuleFacts>,
 }
 
-/// The rank, alpha and scaling of one adapted module (or of a projection in every layer
-/// when `layers` is `"all"`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// The rank, alpha and scaling of one adapted module: a projection (`q_proj`) when every
+/// layer's agrees, else one layer's (`layers.1.up_proj`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModuleFacts {
     pub module: String,
     pub r: usize,
     pub alpha: f64,
     pub scaling: f64,
+}
+
+impl AdapterFacts {
+    /// One line: `r 4, alpha 8, unmerged; q_proj s=2, ...`.
+    pub fn line(&self) -> String {
+        let modules: Vec<String> = self
+            .modules
+            .iter()
+            .map(|m| format!("{} r={} alpha={} s={}", m.module, m.r, m.alpha, short(m.scaling)))
+            .collect();
+        format!(
+            "LoRA r {}, alpha {}{}, {}; {}",
+            self.r,
+            self.lora_alpha,
+            if self.use_rslora { ", rsLoRA" } else { "" },
+            if self.merged { "merged into the weights" } else { "unmerged" },
+            modules.join(", ")
+        )
+    }
+}
+
+/// A scaling as a short number (`2`, `5.657`).
+fn short(x: f64) -> String {
+    let s = format!("{x:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 impl Adapter {
