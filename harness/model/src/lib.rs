@@ -66,19 +66,6 @@ use dump::Dump;
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
     let ctx = &opts.context;
-    if golden.manifest.adapter.is_some()
-        && matches!(opts.implementation, Implementation::MindSpore | Implementation::MindFormers(_))
-    {
-        return Err(contract::error::Error::unsupported(
-            contract::error::Feature::Implementation,
-            format!(
-                "{}: field `adapter` (a LoRA adapter, CONTRACT §5): the {} runner does not \
-                 apply adapters; run it with --impl reference or --impl ascend",
-                golden.label(),
-                opts.implementation.name()
-            ),
-        ));
-    }
     match opts.implementation {
         Implementation::MindSpore => mindspore::run(golden, opts),
         Implementation::MindFormers(device) => mindformers::run(golden, opts, device),
