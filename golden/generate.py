@@ -681,9 +681,13 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
         raise RuntimeError("tie_word_embeddings set but lm_head is not tied")
 
     # weights exactly as the model holds them (before any fault)
-    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight")  # HF checkpoints omit the tied head
+    def held_weights(m):
+        w = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            w.pop("lm_head.weight")  # HF checkpoints omit the tied head
+        return w
+
+    weights = held_weights(model)
 
     adapter_files = None
     lora_info = None
@@ -694,6 +698,9 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
             adapter_files = {f: (Path(tmp) / f).read_bytes() for f in adapters.ADAPTER_FILES}
             model, lora_info = adapters.attach(model, lora_spec, Path(tmp), dtype, lora_fault,
                                                scope, params)
+        if lora_spec["merged"]:
+            # the weights the run used: W + s·B·A folded by PEFT (CONTRACT §5, merged: true)
+            weights = held_weights(model)
 
     if fault == "weights.gate_up_swapped":
         with torch.no_grad():
@@ -1003,14 +1010,19 @@ def gen_candidates(cand_out: Path) -> list[Path]:
     return written
 
 
-def variant_dirs(variant_root: Path) -> list[tuple[str, Path]]:
-    """(repo-relative name, actual path) of every dump directory of the variant set."""
-    rel = "fixtures/variants"
-    dirs = [(f"{rel}/golden/{n}", variant_root / "golden" / n) for n in VARIANT_GOLDENS]
-    for name, slug, _ in VARIANTS:
+def set_dirs(root: Path, rel: str, goldens: list, candidates: list) -> list[tuple[str, Path]]:
+    """(repo-relative name, actual path) of every dump directory of a set written under
+    ``root`` (committed under ``rel``): ``golden/<name>`` and ``candidates/<name>__<slug>``."""
+    dirs = [(f"{rel}/golden/{n}", root / "golden" / n) for n in goldens]
+    for name, slug, _ in candidates:
         dn = f"{name}__{slug}"
-        dirs.append((f"{rel}/candidates/{dn}", variant_root / "candidates" / dn))
+        dirs.append((f"{rel}/candidates/{dn}", root / "candidates" / dn))
     return dirs
+
+
+def variant_dirs(variant_root: Path) -> list[tuple[str, Path]]:
+    """Every dump directory of the variant set."""
+    return set_dirs(variant_root, "fixtures/variants", VARIANT_GOLDENS, VARIANTS)
 
 
 def gen_variants(variant_out: Path) -> list[Path]:
@@ -1039,13 +1051,8 @@ def dir_files(rel: str, d: Path) -> list[tuple[str, Path]]:
 
 
 def lora_dirs(lora_root: Path) -> list[tuple[str, Path]]:
-    """(repo-relative name, actual path) of every dump directory of the LoRA set."""
-    rel = "fixtures/lora"
-    dirs = [(f"{rel}/golden/{n}", lora_root / "golden" / n) for n in LORA_GOLDENS]
-    for name, slug, _ in LORA_CANDIDATES:
-        dn = f"{name}__{slug}"
-        dirs.append((f"{rel}/candidates/{dn}", lora_root / "candidates" / dn))
-    return dirs
+    """Every dump directory of the LoRA set."""
+    return set_dirs(lora_root, "fixtures/lora", LORA_GOLDENS, LORA_CANDIDATES)
 
 
 def compute_order(acts: dict, steps: list) -> list:

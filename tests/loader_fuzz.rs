@@ -1,6 +1,8 @@
 //! Fuzzing every loader on the stable toolchain (issue 12): a deterministic
 //! mutator (proptest's ChaCha generator, fixed seed) over the corpus of each input kind
-//! (safetensors header and tensors, `.npy`, manifest, policy, key map, `.ckpt`), each
+//! (safetensors header and tensors, `.npy`, manifest, policy, key map, `.ckpt`, the
+//! pickle and zip of msprobe's `.pt`, msprobe's `dump.json`, an HF checkpoint's index,
+//! a `--baseline` report), each
 //! loader time-boxed to `PARITY_FUZZ_SECONDS` (default 20 s). The invariant: a loader
 //! returns a value or an error on any bytes; it never panics, never takes more than
 //! 5 s on one input, and the process's peak RSS stays under 2 GiB.
@@ -88,11 +90,27 @@ fn mutate(rng: &mut TestRng, seed: &[u8]) -> Vec<u8> {
 /// Runs `load` on mutations of `seeds` until the time box ends; asserts no panic, no
 /// slow input, bounded memory; prints the counts.
 fn fuzz(name: &str, seed: u64, seeds: &[Vec<u8>], load: impl Fn(&[u8]) -> bool) {
+    fuzz_for(budget(), name, seed, seeds, load)
+}
+
+/// [`fuzz`] for half the time box: the readers added with the msprobe and checkpoint
+/// inputs, so that they add little to CI.
+fn fuzz_half(name: &str, seed: u64, seeds: &[Vec<u8>], load: impl Fn(&[u8]) -> bool) {
+    fuzz_for(budget() / 2, name, seed, seeds, load)
+}
+
+fn fuzz_for(
+    budget: Duration,
+    name: &str,
+    seed: u64,
+    seeds: &[Vec<u8>],
+    load: impl Fn(&[u8]) -> bool,
+) {
     assert!(!seeds.is_empty(), "{name}: no corpus");
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
-    let (start, budget) = (Instant::now(), budget());
+    let start = Instant::now();
     let (mut execs, mut accepted, mut slowest) = (0u64, 0u64, Duration::ZERO);
     let mut crashes = Vec::new();
     while start.elapsed() < budget {
@@ -245,5 +263,94 @@ fn ckpt_loader_never_panics_on_mutated_files() {
             std::hint::black_box((0..t.numel()).map(|i| t.get_f64(i)).sum::<f64>());
         }
         true
+    });
+}
+
+/// The `data.pkl` of each of the first `n` `.pt` files of the msprobe fixtures.
+fn pickles(n: usize) -> Vec<Vec<u8>> {
+    use std::io::Read;
+    files(&root().join("fixtures/msprobe/gqa_pad_f32"), ends(".pt"))
+        .into_iter()
+        .take(n)
+        .map(|zip| {
+            let mut z = zip::ZipArchive::new(std::io::Cursor::new(zip)).expect("zip");
+            let name = z
+                .file_names()
+                .filter_map(|n| n.ok())
+                .find(|n| n.ends_with("data.pkl"))
+                .expect("pkl")
+                .into_owned();
+            let mut b = Vec::new();
+            z.by_name(&name).expect("pkl").read_to_end(&mut b).expect("read");
+            b
+        })
+        .collect()
+}
+
+#[test]
+fn pickle_reader_never_panics_on_mutated_pickles() {
+    fuzz_half("pickle", 7, &pickles(8), |b| llama_parity::dump::pickle::tensor_info(b).is_ok());
+}
+
+#[test]
+fn pt_reader_never_panics_on_mutated_files() {
+    let seeds: Vec<Vec<u8>> = files(&root().join("fixtures/msprobe/gqa_pad_f32"), ends(".pt"))
+        .into_iter()
+        .take(8)
+        .collect();
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path().join("t.pt");
+    fuzz_half("pt", 8, &seeds, |b| {
+        std::fs::write(&p, b).expect("write");
+        let Ok(t) = llama_parity::dump::msprobe::pt::read(&p) else { return false };
+        std::hint::black_box((0..t.numel()).map(|i| t.get_f64(i)).sum::<f64>());
+        true
+    });
+}
+
+#[test]
+fn msprobe_dump_json_reader_never_panics_on_mutated_files() {
+    use llama_parity::dump::msprobe::{map::SiteMap, MsprobeDump};
+    let d = tempfile::tempdir().expect("tempdir");
+    let dump = d.path().join("dump");
+    crate::helpers::copy_tree(&root().join("fixtures/msprobe/gqa_pad_f32"), &dump);
+    let step = dump.join("step0");
+    let rank = std::fs::read_dir(&step).expect("step").next().expect("rank").expect("e").path();
+    let p = rank.join("dump.json");
+    let seeds = vec![std::fs::read(&p).expect("dump.json")];
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).expect("golden");
+    let map = SiteMap::hf();
+    fuzz_half("msprobe dump.json", 9, &seeds, |b| {
+        std::fs::write(&p, b).expect("write");
+        let Ok(m) = MsprobeDump::open(&dump, &map) else { return false };
+        m.to_dump(&map, &golden.manifest).is_ok()
+    });
+}
+
+#[test]
+fn checkpoint_index_reader_never_panics_on_mutated_files() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ckpt = d.path().join("ckpt");
+    crate::helpers::copy_tree(&root().join("fixtures/checkpoints/tiny_llama3"), &ckpt);
+    let p = ckpt.join("model.safetensors.index.json");
+    let seeds = vec![std::fs::read(&p).expect("index")];
+    fuzz_half("checkpoint index", 10, &seeds, |b| {
+        std::fs::write(&p, b).expect("write");
+        llama_parity::weights::checkpoint::HfCheckpoint::open(&ckpt).is_ok()
+    });
+}
+
+#[test]
+fn baseline_reader_never_panics_on_mutated_reports() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("accepted");
+    let args = ["compare", "golden/gqa_pad_f32", "golden/gqa_pad_f32", "--no-floor"];
+    let r = crate::helpers::parity(&[&args[..], &["--report", out.to_str().unwrap()]].concat());
+    assert_eq!(r.0, Some(0), "{r:?}");
+    let seeds = vec![std::fs::read(out.join("report.json")).expect("report.json")];
+    let p = d.path().join("baseline.json");
+    fuzz_half("baseline", 11, &seeds, |b| {
+        std::fs::write(&p, b).expect("write");
+        llama_parity::report::baseline::Baseline::load(&p).is_ok()
     });
 }

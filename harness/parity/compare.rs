@@ -37,5 +37,5 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     let naming = Naming { key_map: a.map.as_deref(), site_map: site_map.as_ref() };
     let candidate = Candidate::open(&a.candidate, naming, &golden.manifest)?;
     let report = pipeline::check(&golden, &candidate, None, &opts)?;
-    finish(report, &a.common)
+    finish(report, &a.common, &policy)
 }

@@ -25,6 +25,7 @@ use llama_parity::{Error, Result};
 use crate::args::{Cli, Command};
 
 fn main() -> ExitCode {
+    llama_parity::dump::mapped::exit_on_truncation();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,

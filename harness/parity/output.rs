@@ -96,7 +96,13 @@ pub fn check_max_regression(f: f64) -> Result<()> {
 }
 
 /// Prints the summary, writes the report, and maps the verdict to the exit status.
-pub fn finish(report: Report, c: &CommonArgs) -> Result<ExitCode> {
+pub fn finish(mut report: Report, c: &CommonArgs, policy: &Policy) -> Result<ExitCode> {
+    if let Some(file) = &c.policy {
+        report.record_policy(file, policy);
+        for w in report.policy.iter().flat_map(|p| &p.warnings) {
+            eprintln!("parity: warning: {w}");
+        }
+    }
     let color = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let text = render_summary(&report, color);

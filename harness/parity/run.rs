@@ -66,5 +66,5 @@ pub fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let opts =
         check_options(&a.common, &policy, floor, baseline.as_ref(), summary.as_ref(), &context);
     let (_, report) = pipeline::run(&golden, &run, a.dump.as_deref(), &opts)?;
-    finish(report, &a.common)
+    finish(report, &a.common, &policy)
 }

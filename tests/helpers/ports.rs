@@ -40,14 +40,23 @@ pub fn worst_site(report: &Value) -> String {
 /// `~/.cache/llama-parity/mindformers-venv`). Panics, saying how to make the venv, when
 /// it is not there: the tests that need MindFormers never pass silently without it.
 pub fn mindformers_python() -> PathBuf {
+    port_python(&llama_parity::model::ports::MINDFORMERS)
+}
+
+/// A port's interpreter, found as `parity run --impl` finds it; panics, saying how to
+/// make the venv, when it is not there.
+pub fn port_python(port: &llama_parity::model::ports::Port) -> PathBuf {
     let ports = llama_parity::model::Ports::from_vars(|k| std::env::var_os(k));
-    let py = llama_parity::model::ports::MINDFORMERS.python(&ports);
+    let py = port.python(&ports);
     assert!(
         py.is_file(),
-        "no MindFormers interpreter at {}: run bash .ci/setup (it creates \
-         ~/.cache/llama-parity/mindformers-venv), or point PARITY_MINDFORMERS_PYTHON or \
-         PARITY_MINDFORMERS_VENV at one",
-        py.display()
+        "no {} interpreter at {}: run bash .ci/setup (it creates ~/.cache/llama-parity/{}), \
+         or point {} or {} at one",
+        port.program,
+        py.display(),
+        port.venv_name,
+        port.python_env,
+        port.venv_env
     );
     py
 }

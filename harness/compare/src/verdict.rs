@@ -272,6 +272,7 @@ pub fn compare_with(
             Ok(r)
         })
         .collect::<Result<Vec<SiteResult>>>()?;
+    tensors_match_manifest_dtype(candidate, &sites, cm.dtype, &manifest)?;
     Ok(Comparison {
         golden: golden.label(),
         candidate: candidate.label(),
@@ -281,6 +282,51 @@ pub fn compare_with(
         candidate_producer: cm.producer.clone(),
         sites,
     })
+}
+
+/// A candidate whose manifest says bfloat16 or float16 while every float tensor it
+/// holds is float32, with values that are not the stated dtype's (the first such site's
+/// values are checked), is refused naming both: the manifest's dtype is what loosens the
+/// thresholds, and float32 values judged at bfloat16's thresholds would pass errors
+/// float32 never makes. A port that upcasts its bfloat16 outputs to float32 before
+/// dumping holds bfloat16 values and is judged as stated; so is a dump with some tensors
+/// in the stated dtype (a real port's mix), and float64 tensors, which carry the
+/// harness's own runs at full precision.
+fn tensors_match_manifest_dtype(
+    candidate: &Dump,
+    sites: &[SiteResult],
+    stated: Precision,
+    manifest: &Path,
+) -> Result<()> {
+    let exact: fn(f64) -> bool = match stated {
+        Precision::F32 => return Ok(()),
+        Precision::Bf16 => |x| (x as f32).to_bits() & 0xffff == 0,
+        Precision::F16 => |x| f64::from(half::f16::from_f64(x)) == x || x.is_nan(),
+    };
+    let mut floats = sites.iter().filter(|r| r.candidate_dtype.is_some_and(|d| d.is_float()));
+    let Some(first) = floats.next() else { return Ok(()) };
+    if first.candidate_dtype != Some(DType::F32)
+        || floats.any(|r| r.candidate_dtype != Some(DType::F32))
+    {
+        return Ok(());
+    }
+    let Some(t) = candidate.get(first.step, &first.site)? else { return Ok(()) };
+    let foreign = (0..t.numel()).map(|i| t.get_f64(i)).find(|&x| !exact(x));
+    t.release();
+    if let Some(x) = foreign {
+        return Err(Error::Manifest {
+            path: manifest.to_path_buf(),
+            what: format!(
+                "dtype is {} but every float tensor of the candidate is F32, and {} `{}` holds {x:e}, which is no {} value: judged at {}'s thresholds, float32 values would pass errors float32 never makes; state the dtype the tensors were computed in",
+                stated.name(),
+                first.step,
+                first.site,
+                stated.name(),
+                stated.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A candidate must be a run of the golden's inputs: its scenario's `input_ids`,

@@ -636,22 +636,43 @@ impl fmt::Display for ScopedFault {
     }
 }
 
+/// The most layer indices one `layers=` scope may list (repeats counted).
+pub const MAX_LAYER_INDICES: usize = 1 << 16;
+
+/// `value` cut to its first 40 characters, for a one-line message.
+fn shorten(value: &str) -> String {
+    match value.char_indices().nth(40) {
+        Some((at, _)) => format!("{:?}...", &value[..at]),
+        None => format!("{value:?}"),
+    }
+}
+
 /// `2`, `2,3`, `1-3`, `0,2-4`: sorted, without repeats.
 fn parse_layers(value: &str) -> Result<Vec<usize>, String> {
-    let bad = || format!("layers: {value:?} is not a list of layer indices (2,3 or 1-3)");
+    let bad = || format!("layers: {} is not a list of layer indices (2,3 or 1-3)", shorten(value));
     let mut out = Vec::new();
+    // Counted before anything is expanded: many wide ranges in one value (`0-65536,`
+    // repeated over 128 kB) would otherwise ask for gigabytes.
+    let mut count = 0usize;
     for item in value.split(',') {
-        match item.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b || b - a > 1 << 16 {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
+        let (a, b): (usize, usize) = match item.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let a = item.parse().map_err(|_| bad())?;
+                (a, a)
             }
-            None => out.push(item.parse().map_err(|_| bad())?),
+        };
+        if a > b {
+            return Err(bad());
         }
+        count = count.saturating_add(b - a).saturating_add(1);
+        if count > MAX_LAYER_INDICES {
+            return Err(format!(
+                "layers: {}: more than {MAX_LAYER_INDICES} layer indices",
+                shorten(value)
+            ));
+        }
+        out.extend(a..=b);
     }
     out.sort_unstable();
     out.dedup();
@@ -662,7 +683,8 @@ fn step_pattern_ok(p: &str) -> bool {
     p == "prefill" || p == "decode.*" || Step::parse(p).is_some()
 }
 
-fn step_matches(pattern: &str, step: Step) -> bool {
+/// Whether the step pattern `pattern` (`prefill`, `decode.3`, `decode.*`) names `step`.
+pub fn step_matches(pattern: &str, step: Step) -> bool {
     match pattern {
         "decode.*" => matches!(step, Step::Decode(_)),
         p => Step::parse(p) == Some(step),
@@ -737,6 +759,13 @@ mod tests {
         assert!(e.contains("decode.x"), "{e}");
         let e = ScopedFault::parse("kv.stale@layers=3-1").unwrap_err();
         assert!(e.contains("3-1"), "{e}");
+        // Counted before expanding: two ranges of 32769 indices are one too many.
+        assert!(ScopedFault::parse("kv.stale@layers=0-65535").is_ok());
+        let e = ScopedFault::parse("kv.stale@layers=0-32768,1-32768").unwrap_err();
+        assert!(e.contains("more than 65536 layer indices"), "{e}");
+        let long = format!("kv.stale@layers={}", "0-65535,".repeat(1000));
+        let e = ScopedFault::parse(&long).unwrap_err();
+        assert!(e.len() < 200, "the message quotes the whole value: {e}");
         let e = ScopedFault::parse("kv.stale@where=1").unwrap_err();
         assert!(e.contains("unknown scope"), "{e}");
         let e = ScopedFault::parse("kv.stale@theta=5").unwrap_err();

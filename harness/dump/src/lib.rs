@@ -12,8 +12,10 @@
 mod dtype;
 pub mod guard;
 mod manifest;
+pub mod mapped;
 pub mod msprobe;
 mod npy;
+pub mod pickle;
 pub mod read;
 pub mod safetensors;
 mod tensor;
@@ -259,9 +261,10 @@ impl Dump {
     }
 
     /// Writes this dump to `dir` (created if needed) as `manifest.json` and
-    /// `activations.safetensors`, each atomically.
+    /// `activations.safetensors`, as one set ([`write_set`]: the directory locked, both
+    /// files written aside and renamed into place), so that two runs writing the same
+    /// directory at once never leave one run's manifest beside the other's activations.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = BTreeMap::new();
         for (&step, sites) in &self.keys {
             for s in sites {
@@ -270,10 +273,15 @@ impl Dump {
                 }
             }
         }
-        safetensors::write(&dir.join("activations.safetensors"), &tensors, None)?;
+        let activations =
+            safetensors::serialize(&dir.join("activations.safetensors"), &tensors, None)?;
         let text = serde_json::to_string_pretty(&self.manifest.to_json())
             .map_err(|e| Error::format(dir, e.to_string()))?;
-        write_atomic(&dir.join("manifest.json"), format!("{text}\n").as_bytes())
+        let manifest = format!("{text}\n");
+        write_set(
+            dir,
+            &[("activations.safetensors", &activations), ("manifest.json", manifest.as_bytes())],
+        )
     }
 }
 

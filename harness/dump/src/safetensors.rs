@@ -71,9 +71,9 @@ impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let bad = |what: String| Error::format(path, what);
         let file = super::read::open_regular(path)?;
-        // SAFETY: the map is read-only; a dump is not expected to change while a run
-        // reads it, and every access is bounds-checked against the validated header.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Every access is bounds-checked against the validated header; a file cut short
+        // while mapped ends the run naming it (`mapped`).
+        let map = super::mapped::map(&file, path)?;
         let len = map.len();
         if len < 8 {
             return Err(bad(format!(
@@ -228,6 +228,15 @@ pub fn write(
     tensors: &BTreeMap<String, Tensor>,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    super::write_atomic(path, &serialize(path, tensors, metadata)?)
+}
+
+/// The safetensors bytes of `tensors` (keys sorted); errors name `path`, where they go.
+pub fn serialize(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, t)| {
@@ -246,7 +255,5 @@ pub fn write(
                 .map_err(|e| Error::format(path, format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, &metadata).map_err(|e| Error::format(path, e.to_string()))?;
-    super::write_atomic(path, &bytes)
+    safetensors::serialize(views, &metadata).map_err(|e| Error::format(path, e.to_string()))
 }

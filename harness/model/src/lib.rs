@@ -66,6 +66,12 @@ use dump::Dump;
 /// Runs `golden`'s scenario on its weights with the chosen implementation.
 pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
     let ctx = &opts.context;
+    plan::check_scopes(
+        &opts.faults,
+        golden.manifest.model.num_hidden_layers,
+        &golden.manifest.steps,
+    )
+    .map_err(|what| contract::error::Error::Usage { flag: "--fault".into(), what })?;
     match opts.implementation {
         Implementation::MindSpore => mindspore::run(golden, opts),
         Implementation::MindFormers(device) => mindformers::run(golden, opts, device),

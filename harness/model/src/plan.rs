@@ -373,3 +373,28 @@ impl Plan {
         self.lora_mappings.contains(&m)
     }
 }
+
+/// Refuses a fault scope that selects nothing or reaches past the model: a layer index
+/// outside the model's `layers` decoder layers, or a step pattern that matches none of
+/// the scenario's `steps`. Such a fault would plant nothing (or less than it says), and
+/// the run would pass as if it had been tried.
+pub fn check_scopes(faults: &[ScopedFault], layers: usize, steps: &[Step]) -> Result<(), String> {
+    for f in faults {
+        let id = f.fault.id();
+        if let Some(outside) = f.scope.layers.iter().flatten().find(|&&l| l >= layers) {
+            return Err(format!(
+                "{id}@layers: layer {outside} is outside the model, which has {layers} decoder layers (0-{})",
+                layers.saturating_sub(1)
+            ));
+        }
+        let matched = |p: &&String| steps.iter().any(|&s| contract::fault::step_matches(p, s));
+        if let Some(none) = f.scope.steps.iter().flatten().find(|p| !matched(p)) {
+            let have: Vec<String> = steps.iter().map(ToString::to_string).collect();
+            return Err(format!(
+                "{id}@steps: step {none} matches none of the scenario's steps ({})",
+                have.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}

@@ -60,6 +60,7 @@ impl Baseline {
         }
         let report: Report = serde_json::from_value(v)
             .map_err(|e| Error::format(path, format!("not a report.json: {e}")))?;
+        check_errors(&report).map_err(|what| Error::format(path, what))?;
         Ok(Baseline { path: path.to_path_buf(), report })
     }
 
@@ -167,6 +168,42 @@ pub fn noise(e: &SiteEntry, precision: Option<Precision>) -> f64 {
         }
         _ => 0.0,
     }
+}
+
+/// Refuses a baseline whose errors would switch the growth check off: an error that is
+/// NaN or negative, or infinite on a site that passed (growth against an infinite error
+/// is 0 whatever happens now). A failed site may be infinitely wrong (a candidate that is
+/// non-zero where the golden is all zeros), so its infinite error is kept. Integer and
+/// mask sites cannot have more mismatches than elements.
+fn check_errors(report: &Report) -> std::result::Result<(), String> {
+    for (i, e) in report.sites.iter().enumerate() {
+        let Some(m) = &e.metrics else { continue };
+        let (field, value) = match m {
+            SiteMetrics::Values(v) => ("metrics.rel_l2", v.rel_l2),
+            SiteMetrics::Exact { count, mismatches, .. }
+            | SiteMetrics::Visibility { count, mismatches, .. } => {
+                if mismatches > count {
+                    return Err(format!(
+                        "sites[{i}] ({} {}): metrics.mismatches {mismatches} exceeds metrics.count {count}",
+                        e.step, e.site
+                    ));
+                }
+                continue;
+            }
+        };
+        let bad =
+            value.is_nan() || value < 0.0 || (value.is_infinite() && e.status == Status::Pass);
+        if bad {
+            return Err(format!(
+                "sites[{i}] ({} {}): {field} is {} on a site that {}; a baseline's errors must be finite and non-negative",
+                e.step,
+                e.site,
+                super::sci(value),
+                if e.status == Status::Pass { "passed" } else { "did not pass" }
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `error_now / max(error_then, noise)`: 0 when both are 0, infinite when only the

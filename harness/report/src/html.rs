@@ -255,6 +255,16 @@ fn glance(out: &mut String, r: &Report) {
             "thresholds",
             r.noise_floor_note.clone().unwrap_or_else(|| "the fixed per-dtype defaults".into()),
         ),
+        (
+            "policy",
+            r.policy.as_ref().map_or_else(
+                || "none (no --policy)".into(),
+                |p| {
+                    let lines = p.lines().into_iter().chain(p.warnings.iter().cloned());
+                    format!("{}: {}", p.file, lines.collect::<Vec<_>>().join("; "))
+                },
+            ),
+        ),
     ] {
         let _ = writeln!(out, "<dt>{k}</dt><dd>{}</dd>", escape(&v));
     }

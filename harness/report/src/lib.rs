@@ -33,7 +33,7 @@ use compare::{Comparison, SiteMetrics, SiteResult, Status, Verdict};
 use contract::error::Result;
 use contract::site::{Site, Step};
 use diagnosis::Finding;
-use dump::{write_set, DType};
+use dump::{write_set, DType, Precision};
 
 pub use html::render_html;
 pub use junit::render_junit;
@@ -204,7 +204,62 @@ pub struct Report {
     /// Under `--baseline`: the accepted report and what regressed against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<baseline::BaselineSummary>,
+    /// Under `--policy`: the file the thresholds came from, as read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRecord>,
     pub sites: Vec<SiteEntry>,
+}
+
+/// The `--policy` file a run was judged by: its path, its `defaults` and `rules` as
+/// read, and a warning for each rule that matched no site of the report (a misspelt
+/// pattern loosens or skips nothing, and says so).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub file: String,
+    #[serde(default)]
+    pub defaults: std::collections::BTreeMap<String, compare::tolerance::Override>,
+    #[serde(default)]
+    pub rules: Vec<compare::tolerance::Rule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl PolicyRecord {
+    /// One line per rule and default, for people: `rules[0] site model.* step *:
+    /// max_rel_l2 1.8e308`.
+    pub fn lines(&self) -> Vec<String> {
+        let thresholds = |o: &compare::tolerance::Override| {
+            let mut t = Vec::new();
+            if let Some(x) = o.max_rel_l2 {
+                t.push(format!("max_rel_l2 {}", sci(x)));
+            }
+            if let Some(x) = o.min_cosine {
+                t.push(format!("min_cosine {}", sci(x)));
+            }
+            if let Some(x) = o.max_abs {
+                t.push(format!("max_abs {}", sci(x)));
+            }
+            t
+        };
+        let mut out = Vec::new();
+        for (k, o) in &self.defaults {
+            out.push(format!("defaults.{k}: {}", thresholds(o).join(", ")));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let mut t = thresholds(&r.thresholds);
+            if r.skip {
+                t.insert(0, "skip".into());
+            }
+            let dtype = r.dtype.as_deref().map_or_else(String::new, |d| format!(" dtype {d}"));
+            out.push(format!(
+                "rules[{i}] site {} step {}{dtype}: {}",
+                r.site,
+                r.step,
+                t.join(", ")
+            ));
+        }
+        out
+    }
 }
 
 impl Report {
@@ -230,8 +285,47 @@ impl Report {
             summary: Summary { pass, fail, missing, skipped },
             teacher_forced: false,
             baseline: None,
+            policy: None,
             sites: cmp.sites.iter().map(SiteEntry::from_result).collect(),
         }
+    }
+
+    /// Records the policy read from `file` that judged this report, with a warning for
+    /// each rule that matched none of its sites at its precision.
+    pub fn record_policy(&mut self, file: &Path, policy: &compare::tolerance::Policy) {
+        let precision = Precision::parse(&self.golden_dtype)
+            .zip(Precision::parse(&self.candidate_dtype))
+            .map(|(g, c)| g.coarser(c));
+        let warnings = policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                let dtype_ok = |p: Precision| {
+                    r.dtype.as_deref().and_then(Precision::parse).is_none_or(|d| d == p)
+                };
+                !precision.is_some_and(dtype_ok)
+                    || !self.sites.iter().any(|e| {
+                        compare::tolerance::glob(&r.site, &e.site.to_string())
+                            && compare::tolerance::glob(&r.step, &e.step.to_string())
+                    })
+            })
+            .map(|(i, r)| {
+                format!(
+                    "{}: rules[{i}] (site {:?}, step {:?}{}) matches no site of this comparison",
+                    file.display(),
+                    r.site,
+                    r.step,
+                    r.dtype.as_deref().map_or_else(String::new, |d| format!(", dtype {d}"))
+                )
+            })
+            .collect();
+        self.policy = Some(PolicyRecord {
+            file: file.display().to_string(),
+            defaults: policy.defaults.clone(),
+            rules: policy.rules.clone(),
+            warnings,
+        });
     }
 
     /// What to say of a failed comparison whose diagnosis is empty.

@@ -170,6 +170,18 @@ pub fn render_markdown(r: &Report) -> String {
     if let Some(n) = &r.noise_floor_note {
         let _ = writeln!(out, "Thresholds: {}.\n", escape_md(n));
     }
+    if let Some(p) = &r.policy {
+        let _ = writeln!(
+            out,
+            "Policy `{}`: its thresholds override the defaults where its rules match.\n",
+            p.file.replace('`', "'")
+        );
+        let warnings = p.warnings.iter().map(|w| format!("warning: {w}"));
+        for line in p.lines().into_iter().chain(warnings) {
+            let _ = writeln!(out, "- {}", escape_md(&line));
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(out, "Full report: `report.html`; every site: `report.json`, `junit.xml`.");
     out
 }

@@ -39,9 +39,9 @@ impl Checkpoint {
                 "empty file: a MindSpore checkpoint holds at least one tensor",
             ));
         }
-        // SAFETY: the map is read-only; a checkpoint is not expected to change while it
-        // is read, and every access is bounds-checked by the decoder below.
-        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+        // Every access is bounds-checked by the decoder below; a file cut short while
+        // mapped ends the run naming it (`dump::mapped`).
+        let map = Arc::new(dump::mapped::map(&file, path)?);
         let entries = decode(&map)
             .map_err(|m| Error::format(path, m.to_string()))?
             .into_iter()

@@ -312,6 +312,24 @@ impl MsprobeDump {
 
     /// The model forwards recorded, in order: `(step folder index, call counter)` of
     /// the map's anchor module on rank 0.
+    /// `layers`, the model's decoder layers, once the dump is seen to hold that many:
+    /// every layer leaves at least one record in each rank's `dump.json`, so a manifest
+    /// claiming more layers than the fullest `dump.json` has records (2^24, say) is
+    /// refused before the harness looks each one up.
+    fn layers_held(&self, layers: usize) -> Result<usize> {
+        let records =
+            self.steps.iter().flat_map(|s| s.ranks.iter().map(|r| r.data.len())).max().unwrap_or(0);
+        if layers > records {
+            return Err(Error::format(
+                &self.root,
+                format!(
+                    "the run's manifest says num_hidden_layers {layers}, but no dump.json here holds more than {records} records (at least one per layer)"
+                ),
+            ));
+        }
+        Ok(layers)
+    }
+
     fn forwards(&self, map: &SiteMap) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         for (si, s) in self.steps.iter().enumerate() {
@@ -534,6 +552,7 @@ impl MsprobeDump {
         }
         let forwards = self.forwards(map);
         let cfg = &like.model;
+        let layers_held = self.layers_held(cfg.num_hidden_layers)?;
         let mut tensors = BTreeMap::new();
         let mut dtype = None;
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
@@ -543,11 +562,8 @@ impl MsprobeDump {
                 like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
             let mut here: BTreeMap<String, Tensor> = BTreeMap::new();
             for rule in &map.sites {
-                let layers: Vec<usize> = if rule.site.contains("{i}") {
-                    (0..cfg.num_hidden_layers).collect()
-                } else {
-                    vec![0]
-                };
+                let layers: Vec<usize> =
+                    if rule.site.contains("{i}") { (0..layers_held).collect() } else { vec![0] };
                 for i in layers {
                     let site = rule.site.replace("{i}", &i.to_string());
                     let t = if let Some(src) = &rule.tail_of {
@@ -608,6 +624,7 @@ impl MsprobeDump {
     ) -> Result<BTreeMap<(Step, String), StatSite>> {
         let forwards = self.forwards(map);
         let cfg = &like.model;
+        let layers_held = self.layers_held(cfg.num_hidden_layers)?;
         let mut out = BTreeMap::new();
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
             let step = like.steps[k];
@@ -620,11 +637,8 @@ impl MsprobeDump {
                 {
                     continue;
                 }
-                let layers: Vec<usize> = if rule.site.contains("{i}") {
-                    (0..cfg.num_hidden_layers).collect()
-                } else {
-                    vec![0]
-                };
+                let layers: Vec<usize> =
+                    if rule.site.contains("{i}") { (0..layers_held).collect() } else { vec![0] };
                 for i in layers {
                     let name = rule.site.replace("{i}", &i.to_string());
                     let site = Site::parse(&name);

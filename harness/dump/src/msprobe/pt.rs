@@ -4,16 +4,16 @@
 //! `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`, the storage
 //! being a persistent ID `('storage', <dtype>Storage, key, location, numel)`) and the raw
 //! little-endian storages `<archive>/data/<key>`. The zip is read with `zip`, the pickle
-//! with candle's pickle reader (it resolves persistent IDs and torch's rebuild calls);
-//! the strided view is gathered here into a row-major tensor (a whole contiguous
-//! storage is taken as it is; otherwise the innermost contiguous axes are copied a run
-//! at a time).
+//! with [`crate::pickle`] (a bounded reader of only what that pickle holds); the
+//! storage's size is checked against the archive before it is read, and the strided
+//! view is gathered here into a row-major tensor (a whole contiguous storage is taken as
+//! it is; otherwise the innermost contiguous axes are copied a run at a time). A view
+//! with more elements than its storage (a stride of 0) is refused before its gather.
 
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use candle_core::pickle::{Object, Stack};
-
+use crate::pickle::{self, MAX_PICKLE_BYTES};
 use crate::{DType, Tensor};
 use contract::error::{Error, Result};
 
@@ -30,46 +30,53 @@ pub fn read(path: &Path) -> Result<Tensor> {
         .map(|n| n.into_owned())
         .ok_or_else(|| bad("no data.pkl in the zip archive: not a torch.save file".into()))?;
     let dir = pkl.strip_suffix(".pkl").unwrap_or(&pkl).to_string();
-    let obj = {
-        let entry = zip.by_name(&pkl).map_err(|e| bad(format!("{pkl}: {e}")))?;
-        let mut reader = BufReader::new(entry);
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut reader)
-            .map_err(|e| bad(format!("{pkl}: bad pickle: {}", message(e))))?;
-        stack.finalize().map_err(|e| bad(format!("{pkl}: bad pickle: {}", message(e))))?
+    let mut pickled = Vec::new();
+    zip.by_name(&pkl)
+        .map_err(|e| bad(format!("{pkl}: {e}")))?
+        .take(MAX_PICKLE_BYTES as u64 + 1)
+        .read_to_end(&mut pickled)
+        .map_err(|e| bad(format!("{pkl}: {e}")))?;
+    let info = pickle::tensor_info(&pickled).map_err(|e| bad(format!("{pkl}: bad pickle: {e}")))?;
+    let dtype = match info.storage_class {
+        "DoubleStorage" => DType::F64,
+        "FloatStorage" => DType::F32,
+        "HalfStorage" => DType::F16,
+        "BFloat16Storage" => DType::BF16,
+        "LongStorage" => DType::I64,
+        "ByteStorage" => DType::U8,
+        other => return Err(bad(format!("{pkl}: unsupported storage {other}"))),
     };
-    let info = obj
-        .into_tensor_info(Object::Unicode("tensor".into()), Path::new(&dir))
-        .map_err(|e| bad(format!("{pkl}: not a saved tensor: {}", message(e))))?
-        .ok_or_else(|| bad(format!("{pkl}: the pickled object is not a torch tensor")))?;
-    let dtype = match info.dtype {
-        candle_core::DType::F64 => DType::F64,
-        candle_core::DType::F32 => DType::F32,
-        candle_core::DType::F16 => DType::F16,
-        candle_core::DType::BF16 => DType::BF16,
-        candle_core::DType::I64 => DType::I64,
-        candle_core::DType::U8 => DType::U8,
-        other => return Err(bad(format!("unsupported tensor dtype {other:?}"))),
-    };
-    let mut storage = Vec::new();
-    zip.by_name(&info.path)
-        .map_err(|e| bad(format!("storage {}: {e}", info.path)))?
-        .read_to_end(&mut storage)
-        .map_err(|e| Error::io(path, e))?;
     let size = dtype.size();
-    if info.storage_size.checked_mul(size) != Some(storage.len()) {
+    let key = format!("{dir}/{}", info.key);
+    let want = info.storage_numel.checked_mul(size).filter(|&b| b <= isize::MAX as usize);
+    let want = want.ok_or_else(|| {
+        bad(format!("storage {key}: {} elements of {size} bytes overflow", info.storage_numel))
+    })?;
+    let mut entry = zip.by_name(&key).map_err(|e| bad(format!("storage {key}: {e}")))?;
+    // The archive's own size is checked first; the read then grows with the bytes that
+    // are there (stored entries only), so a size the archive lies about allocates nothing.
+    if entry.size() != want as u64 {
         return Err(bad(format!(
-            "storage {} holds {} bytes, the pickle says {} elements of {} bytes",
-            info.path,
-            storage.len(),
-            info.storage_size,
-            size
+            "storage {key} holds {} bytes, the pickle says {} elements of {size} bytes",
+            entry.size(),
+            info.storage_numel
         )));
     }
-    let shape = info.layout.dims().to_vec();
-    let stride = info.layout.stride().to_vec();
-    let start = info.layout.start_offset() / size;
+    let mut storage = Vec::new();
+    (&mut entry)
+        .take(want as u64 + 1)
+        .read_to_end(&mut storage)
+        .map_err(|e| bad(format!("storage {key}: {e}")))?;
+    drop(entry);
+    if storage.len() != want {
+        return Err(bad(format!(
+            "storage {key} holds {} bytes, the pickle says {} elements of {size} bytes",
+            storage.len(),
+            info.storage_numel
+        )));
+    }
+    let info_storage_size = info.storage_numel;
+    let (shape, stride, start) = (info.shape, info.stride, info.offset);
     // Checked: a shape whose element count wraps (e.g. [2^30, 2^30, 16] to 0) would
     // pass as an empty tensor.
     let numel = shape
@@ -87,15 +94,22 @@ pub fn read(path: &Path) -> Result<Tensor> {
     if numel.checked_mul(size).is_none_or(|b| b > isize::MAX as usize) {
         return Err(bad(format!("view shape {shape:?}: too many bytes")));
     }
-    if numel > 0 && last >= info.storage_size {
+    // A view with more elements than its storage repeats elements (a stride of 0, as
+    // `expand` makes): refused before its gather would allocate the repeats.
+    if numel > info_storage_size {
+        return Err(bad(format!(
+            "view shape {shape:?} stride {stride:?} has {numel} elements, more than its storage's {info_storage_size}: a view that repeats elements is not read"
+        )));
+    }
+    if numel > 0 && last >= info_storage_size {
         return Err(bad(format!(
             "view shape {shape:?} stride {stride:?} offset {start} reaches past the storage of {} elements",
-            info.storage_size
+            info_storage_size
         )));
     }
     let bytes = if numel == 0 {
         Vec::new()
-    } else if start == 0 && numel == info.storage_size && is_row_major(&shape, &stride) {
+    } else if start == 0 && numel == info_storage_size && is_row_major(&shape, &stride) {
         storage
     } else {
         gather_runs(&storage, size, &shape, &stride, start)
@@ -148,15 +162,6 @@ fn gather_runs(
         }
     }
     bytes
-}
-
-/// candle's error message on one line: without the backtrace candle attaches when
-/// `RUST_BACKTRACE` is set.
-fn message(e: candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => message(*inner),
-        other => other.to_string().lines().next().unwrap_or_default().to_string(),
-    }
 }
 
 #[cfg(test)]
