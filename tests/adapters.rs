@@ -131,7 +131,8 @@ fn scope_matches(scope: &Value, layers: Option<&str>, component: Option<&str>) -
 fn each_lora_fault_planted_with_fault_is_named_top_1_with_its_scope() {
     let tmp = tempfile::tempdir().unwrap();
     // (golden, dtype, fault spec, layers, component)
-    let cases: [(&str, &str, &str, Option<&str>, Option<&str>); 9] = [
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let cases: [Case; 9] = [
         ("lora_f32", "bfloat16", "lora.scale_alpha", None, None),
         ("lora_f32", "bfloat16", "lora.scale_missing@layers=1", Some("1"), None),
         ("lora_f32", "bfloat16", "lora.not_loaded", None, None),

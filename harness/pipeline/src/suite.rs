@@ -60,7 +60,7 @@ impl Expect {
                 .diagnosis
                 .as_ref()
                 .is_none_or(|fault| report.diagnosis.first().is_some_and(|f| &f.fault == fault))
-            && !(self.unnamed && !report.diagnosis.is_empty())
+            && (!self.unnamed || report.diagnosis.is_empty())
     }
 }
 
