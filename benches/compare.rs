@@ -52,6 +52,7 @@ fn shape(step: Step, site: &Site, p: usize) -> Vec<usize> {
         head_dim: D,
         hidden: H,
         vocab: V,
+        intermediate: I,
     };
     site.shape(step, &dims)
 }

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod adapters;
 mod ascend;
 mod bad_inputs;
 mod baseline_gate;

@@ -23,18 +23,32 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
     )
     .expect("json");
     let runs = suite.as_array().expect("array");
-    let goldens = std::fs::read_dir(root.join("golden"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file())
-        .count();
-    let candidates = std::fs::read_dir(root.join("fixtures/candidates")).unwrap().count();
+    let dumps = |dir: &str| {
+        std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file())
+            .count()
+    };
+    // The embedded goldens and the LoRA set (CONTRACT §5), each with its candidates.
+    let goldens = dumps("golden") + dumps("fixtures/lora/golden");
+    let candidates = dumps("fixtures/candidates") + dumps("fixtures/lora/candidates");
     assert_eq!(runs.len(), goldens * 3 + candidates, "three runs per golden and one per candidate");
     assert!(runs.iter().all(|r| r["ok"] == true));
     for r in runs.iter().filter(|r| r["run"].as_str().unwrap().starts_with("candidate ")) {
         let fault = r["run"].as_str().unwrap().trim_start_matches("candidate ");
-        assert_eq!(r["verdict"], "fail");
-        assert_eq!(r["diagnosis"], fault);
+        if fault.starts_with("other_") {
+            // An adapter fault outside the contract's: it fails, and none is named.
+            assert_eq!(r["verdict"], "fail", "{r}");
+            assert!(r["diagnosis"].is_null(), "{r}");
+        } else if fault == "lora.merged_low_precision" && r["golden"] == "lora_merged_bf16" {
+            // A bfloat16 fold: within the golden's own rounding by construction.
+            assert_eq!(r["verdict"], "pass", "{r}");
+        } else {
+            assert_eq!(r["verdict"], "fail", "{r}");
+            assert_eq!(r["diagnosis"], fault, "{r}");
+        }
     }
+    assert!(tmp.path().join("lora_f32/candidate_lora.not_loaded/report.html").is_file());
     assert!(tmp.path().join("gqa_pad_f32/candidate_rope.pos_reset/report.html").is_file());
 }
 

@@ -130,6 +130,9 @@ pub enum ImportTool {
     Msprobe,
 }
 
+/// Where the repository keeps its LoRA set (`golden/generate.py --lora`).
+pub const ADAPTER_SET: &str = "fixtures/lora";
+
 #[derive(Debug, clap::Args)]
 pub struct SuiteArgs {
     /// Directory holding one golden dump per subdirectory.
@@ -138,6 +141,10 @@ pub struct SuiteArgs {
     /// Directory of faulty candidates, named <golden>__<fault id with dots as _>.
     #[arg(long, value_name = "DIR", default_value = "fixtures/candidates")]
     pub candidates: PathBuf,
+    /// The LoRA set (CONTRACT §5): DIR/golden and DIR/candidates, planned as the goldens
+    /// and candidates above; the default is left out where it does not exist.
+    #[arg(long, value_name = "DIR", default_value = ADAPTER_SET)]
+    pub adapters: PathBuf,
     /// Also run the real MindSpore port (fixtures/ports/mindspore) on every golden at
     /// float32 and float16, and on the real model's bfloat16 golden at bfloat16 (needs
     /// its venv: see `bash .ci/setup`; about 7 s a run on the suite's goldens).

@@ -54,7 +54,17 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             what: format!("{} holds no golden dump", a.goldens.display()),
         });
     }
-    let mut inputs: Vec<&Path> = vec![a.goldens.as_path(), a.candidates.as_path()];
+    let adapter_goldens = a.adapters.join("golden");
+    if adapter_goldens.is_dir() {
+        plan.add(&adapter_goldens, &a.adapters.join("candidates"), a.mindspore)?;
+    } else if a.adapters != Path::new(crate::args::ADAPTER_SET) {
+        return Err(Error::Usage {
+            flag: "--adapters".into(),
+            what: format!("{} holds no golden/ directory of adapter goldens", a.adapters.display()),
+        });
+    }
+    let mut inputs: Vec<&Path> =
+        vec![a.goldens.as_path(), a.candidates.as_path(), a.adapters.as_path()];
     inputs.extend(real_dir.as_deref());
     inputs.extend(a.baseline.as_deref());
     let out = a.report.as_deref().map(|dir| guard::Output {

@@ -44,8 +44,12 @@ impl fmt::Display for Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LayerPart {
     InputLayernorm,
+    /// Optional (CONTRACT §5): a LoRA delta `s · B(A(x))` alone, before its projection.
+    QProjLora,
     QProj,
+    KProjLora,
     KProj,
+    VProjLora,
     VProj,
     QRope,
     KRope,
@@ -53,8 +57,16 @@ pub enum LayerPart {
     VCache,
     Probs,
     Context,
+    OProjLora,
     OProj,
     PostAttentionLayernorm,
+    /// Optional (CONTRACT §5): the MLP's projections and their LoRA deltas.
+    GateProjLora,
+    GateProj,
+    UpProjLora,
+    UpProj,
+    DownProjLora,
+    DownProj,
     Mlp,
     Output,
 }
@@ -77,9 +89,64 @@ impl LayerPart {
         LayerPart::Output,
     ];
 
+    /// The optional parts a producer may add (CONTRACT §5): compared where a golden has
+    /// them, never `missing` where it does not.
+    pub const OPTIONAL: [LayerPart; 10] = [
+        LayerPart::QProjLora,
+        LayerPart::KProjLora,
+        LayerPart::VProjLora,
+        LayerPart::OProjLora,
+        LayerPart::GateProjLora,
+        LayerPart::GateProj,
+        LayerPart::UpProjLora,
+        LayerPart::UpProj,
+        LayerPart::DownProjLora,
+        LayerPart::DownProj,
+    ];
+
+    /// The LoRA delta site of a projection part (`q_proj` → `q_proj.lora`), `None` for
+    /// a part that is not an adaptable projection.
+    pub fn lora(self) -> Option<LayerPart> {
+        Some(match self {
+            LayerPart::QProj => LayerPart::QProjLora,
+            LayerPart::KProj => LayerPart::KProjLora,
+            LayerPart::VProj => LayerPart::VProjLora,
+            LayerPart::OProj => LayerPart::OProjLora,
+            LayerPart::GateProj => LayerPart::GateProjLora,
+            LayerPart::UpProj => LayerPart::UpProjLora,
+            LayerPart::DownProj => LayerPart::DownProjLora,
+            _ => return None,
+        })
+    }
+
+    /// The projection a LoRA delta part belongs to (`q_proj.lora` → `q_proj`).
+    pub fn lora_of(self) -> Option<LayerPart> {
+        [
+            LayerPart::QProj,
+            LayerPart::KProj,
+            LayerPart::VProj,
+            LayerPart::OProj,
+            LayerPart::GateProj,
+            LayerPart::UpProj,
+            LayerPart::DownProj,
+        ]
+        .into_iter()
+        .find(|p| p.lora() == Some(self))
+    }
+
     /// The suffix after `model.layers.{i}` (empty for the layer output).
     pub fn suffix(self) -> &'static str {
         match self {
+            LayerPart::QProjLora => ".self_attn.q_proj.lora",
+            LayerPart::KProjLora => ".self_attn.k_proj.lora",
+            LayerPart::VProjLora => ".self_attn.v_proj.lora",
+            LayerPart::OProjLora => ".self_attn.o_proj.lora",
+            LayerPart::GateProjLora => ".mlp.gate_proj.lora",
+            LayerPart::GateProj => ".mlp.gate_proj",
+            LayerPart::UpProjLora => ".mlp.up_proj.lora",
+            LayerPart::UpProj => ".mlp.up_proj",
+            LayerPart::DownProjLora => ".mlp.down_proj.lora",
+            LayerPart::DownProj => ".mlp.down_proj",
             LayerPart::InputLayernorm => ".input_layernorm",
             LayerPart::QProj => ".self_attn.q_proj",
             LayerPart::KProj => ".self_attn.k_proj",
@@ -124,6 +191,8 @@ pub struct ShapeDims {
     pub head_dim: usize,
     pub hidden: usize,
     pub vocab: usize,
+    /// The MLP's width `I` (the optional `mlp.gate_proj` / `up_proj` sites).
+    pub intermediate: usize,
 }
 
 impl Site {
@@ -141,8 +210,19 @@ impl Site {
             Site::RotaryCos | Site::RotarySin => vec![b, t, hd],
             Site::Mask => vec![b, 1, t, s],
             Site::Layer(_, part) => match part {
-                LayerPart::QProj | LayerPart::Context => vec![b, t, nh * hd],
-                LayerPart::KProj | LayerPart::VProj => vec![b, t, nkv * hd],
+                LayerPart::QProj | LayerPart::QProjLora | LayerPart::Context => {
+                    vec![b, t, nh * hd]
+                }
+                LayerPart::KProj
+                | LayerPart::VProj
+                | LayerPart::KProjLora
+                | LayerPart::VProjLora => {
+                    vec![b, t, nkv * hd]
+                }
+                LayerPart::GateProj
+                | LayerPart::UpProj
+                | LayerPart::GateProjLora
+                | LayerPart::UpProjLora => vec![b, t, d.intermediate],
                 LayerPart::QRope => vec![b, nh, t, hd],
                 LayerPart::KRope => vec![b, nkv, t, hd],
                 LayerPart::KCache | LayerPart::VCache => vec![b, nkv, s, hd],
@@ -173,7 +253,8 @@ impl Site {
             if digits > 0 && !(digits > 1 && rest.starts_with('0')) {
                 if let Ok(i) = rest[..digits].parse::<usize>() {
                     let suffix = &rest[digits..];
-                    if let Some(part) = LayerPart::ALL.iter().find(|p| p.suffix() == suffix) {
+                    let parts = LayerPart::ALL.iter().chain(&LayerPart::OPTIONAL);
+                    if let Some(part) = parts.into_iter().find(|p| p.suffix() == suffix) {
                         return Site::Layer(i, *part);
                     }
                 }
@@ -299,6 +380,7 @@ mod tests {
             head_dim: 4,
             hidden: 32,
             vocab: 50,
+            intermediate: 48,
         };
         let l = |p| Site::Layer(1, p);
         assert_eq!(Site::Mask.shape(Step::Prefill, &d), vec![2, 1, 6, 6]);
@@ -312,6 +394,29 @@ mod tests {
         assert_eq!(Site::PositionIds.shape(Step::Prefill, &d), vec![2, 6]);
         assert_eq!(Site::LmHead.shape(Step::Decode(0), &d), vec![2, 1, 50]);
         assert_eq!(l(LayerPart::Mlp).shape(Step::Prefill, &d), vec![2, 6, 32]);
+        assert_eq!(l(LayerPart::UpProj).shape(Step::Prefill, &d), vec![2, 6, 48]);
+        assert_eq!(l(LayerPart::KProjLora).shape(Step::Decode(0), &d), vec![2, 1, 8]);
+        assert_eq!(l(LayerPart::DownProjLora).shape(Step::Prefill, &d), vec![2, 6, 32]);
+    }
+
+    #[test]
+    fn optional_sites_round_trip_and_sort_before_their_consumer() {
+        for p in LayerPart::OPTIONAL {
+            let s = Site::Layer(2, p);
+            assert_eq!(Site::parse(&s.to_string()), s);
+        }
+        let order = |a: &str, b: &str| Site::parse(a).compute_order(&Site::parse(b));
+        assert_eq!(
+            order("model.layers.0.self_attn.q_proj.lora", "model.layers.0.self_attn.q_proj"),
+            Ordering::Less
+        );
+        assert_eq!(order("model.layers.0.mlp.down_proj", "model.layers.0.mlp"), Ordering::Less);
+        assert_eq!(
+            order("model.layers.0.mlp.gate_proj", "model.layers.0.post_attention_layernorm"),
+            Ordering::Greater
+        );
+        assert_eq!(LayerPart::QProjLora.lora_of(), Some(LayerPart::QProj));
+        assert_eq!(LayerPart::UpProj.lora(), Some(LayerPart::UpProjLora));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn manifest(edit: impl FnOnce(&mut Value)) -> Manifest {
         dtype: Precision::F32,
         scenario: serde_json::from_value(v["scenario"].clone()).expect("scenario"),
         steps,
+        adapter: None,
         raw: v,
     }
 }

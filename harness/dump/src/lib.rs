@@ -25,7 +25,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use self::dtype::{DType, Precision};
-pub use self::manifest::{Manifest, ModelConfig, Scenario, FORMAT};
+pub use self::manifest::{AdapterSpec, Manifest, ModelConfig, Scenario, FORMAT};
 pub use self::safetensors::SafetensorsFile;
 pub use self::tensor::Tensor;
 
@@ -241,6 +241,17 @@ impl Dump {
             _ => p,
         };
         Ok(Some(WeightsRef { checkpoint, sha256 }))
+    }
+
+    /// The directory of the dump's LoRA adapter (CONTRACT §5) and whether it is merged;
+    /// `None` when the manifest names none. An in-memory dump's adapter is resolved
+    /// against nothing: it is refused, since its files cannot be found.
+    pub fn adapter(&self) -> Result<Option<(PathBuf, bool)>> {
+        let Some(spec) = &self.manifest.adapter else { return Ok(None) };
+        let dir = self.dir.as_ref().ok_or_else(|| {
+            Error::format(self.label(), "field `adapter`: an in-memory dump has no adapter files")
+        })?;
+        Ok(Some((dir.join(&spec.path), spec.merged)))
     }
 
     /// True when the dump carries weights, beside it or by reference.

@@ -1,7 +1,7 @@
 //! `manifest.json` of a dump (CONTRACT §1): format, producer, model config, dtype,
 //! scenario and steps.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,16 +14,15 @@ use super::dtype::Precision;
 /// The format string every dump carries.
 pub const FORMAT: &str = "llama-parity/dump@1";
 
-/// The top-level fields of `manifest.json` this harness implements (CONTRACT §1, §1.2).
-/// Any other (`adapter` §5, `train` §6, or a later one) is refused by name: comparing as
-/// if it were absent would judge a run the harness does not reproduce.
-pub const FIELDS: [&str; 7] =
-    ["format", "producer", "model", "dtype", "scenario", "steps", "weights"];
+/// The top-level fields of `manifest.json` this harness implements (CONTRACT §1, §1.2,
+/// §5). Any other (`train` §6, or a later one) is refused by name: comparing as if it
+/// were absent would judge a run the harness does not reproduce.
+pub const FIELDS: [&str; 8] =
+    ["format", "producer", "model", "dtype", "scenario", "steps", "weights", "adapter"];
 
 /// What a refused field is, for the message.
 fn unimplemented_field(name: &str) -> String {
     let what = match name {
-        "adapter" => " (a LoRA adapter, CONTRACT §5)",
         "train" => " (one training step, CONTRACT §6)",
         _ => "",
     };
@@ -289,6 +288,52 @@ impl Scenario {
     }
 }
 
+/// The manifest's `adapter` field (CONTRACT §5): `{"path": DIR, "merged": BOOL}`, `DIR`
+/// a directory inside the dump (relative, without `..`) holding PEFT's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterSpec {
+    /// Relative to the dump directory.
+    pub path: PathBuf,
+    /// `true`: the producer folded `W + s·B·A` into the weights before running.
+    pub merged: bool,
+}
+
+impl AdapterSpec {
+    /// The keys the field holds; any other is refused by name.
+    pub const KEYS: [&str; 2] = ["path", "merged"];
+
+    fn parse(v: &Value, path: &Path) -> Result<AdapterSpec> {
+        let bad = |what: String| Error::Manifest { path: path.to_path_buf(), what };
+        let o = v.as_object().ok_or_else(|| {
+            bad("field `adapter` is not an object {\"path\": DIR, \"merged\": BOOL}".into())
+        })?;
+        if let Some(k) = o.keys().find(|k| !Self::KEYS.contains(&k.as_str())) {
+            return Err(bad(format!(
+                "field `adapter.{}` is not implemented by this harness (only `path` and \
+                 `merged`): refusing to run as if it were absent",
+                contract::error::escape_controls(k)
+            )));
+        }
+        let dir = o
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("field `adapter.path` is missing or not a string".into()))?;
+        let inside = !dir.is_empty()
+            && Path::new(dir).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(bad(format!(
+                "field `adapter.path` is {dir:?}: not a directory inside the dump (a relative \
+                 path without `..`)"
+            )));
+        }
+        let merged = o
+            .get("merged")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| bad("field `adapter.merged` is missing or not a boolean".into()))?;
+        Ok(AdapterSpec { path: PathBuf::from(dir), merged })
+    }
+}
+
 /// A parsed `manifest.json`. The original JSON is kept so that fields this version
 /// does not model survive a rewrite.
 #[derive(Debug, Clone)]
@@ -298,6 +343,8 @@ pub struct Manifest {
     pub dtype: Precision,
     pub scenario: Scenario,
     pub steps: Vec<Step>,
+    /// The LoRA adapter the run was made with (CONTRACT §5), if any.
+    pub adapter: Option<AdapterSpec>,
     pub raw: Value,
 }
 
@@ -367,7 +414,8 @@ impl Manifest {
             }
         }
         model.validate(path)?;
-        Ok(Manifest { producer, model, dtype, scenario, steps, raw })
+        let adapter = obj.get("adapter").map(|v| AdapterSpec::parse(v, path)).transpose()?;
+        Ok(Manifest { producer, model, dtype, scenario, steps, adapter, raw })
     }
 
     /// The manifest as JSON: the original document with the modelled fields written back.
@@ -397,6 +445,7 @@ impl Manifest {
             head_dim: m.head_dim(),
             hidden: m.hidden_size,
             vocab: m.vocab_size,
+            intermediate: m.intermediate_size,
         }
     }
 

@@ -132,10 +132,19 @@ fn check_known<'c>(
         CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts, known)?,
         CandidateRef::Statistics(stats) => check_statistics(golden, stats, teacher_forced, opts)?,
     };
+    report.adapter = adapter_facts(golden)?;
     if let Some(b) = opts.baseline {
         b.apply(&mut report, opts.max_regression)?;
     }
     Ok(report)
+}
+
+/// The facts of `golden`'s LoRA adapter for the report, its files read and checked
+/// against the model (an adapter that cannot be read is an error, never left out).
+fn adapter_facts(golden: &Dump) -> Result<Option<weights::adapter::AdapterFacts>> {
+    let Some((dir, merged)) = golden.adapter()? else { return Ok(None) };
+    let adapter = weights::adapter::Adapter::open(&dir, &golden.manifest.model)?;
+    Ok(Some(adapter.facts(merged)))
 }
 
 /// [`check`] of a candidate with tensors, before the baseline.

@@ -64,6 +64,7 @@ table.sites th { background: var(--bg); position: sticky; top: 0; }
 table.sites td.nw { white-space: nowrap; }
 table.sites td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.sites tr.fail td { background: #fdecec; }
+table.sites tr.lora td:first-child { padding-left: 1.6em; }
 table.sites tr.missing td, table.sites tr.skipped td { background: #fff8e1; }
 table.sites tr.first td { outline: 2px solid var(--fail); outline-offset: -2px; }
 table.sites tr.step td { background: var(--bg); font-weight: 650; }
@@ -245,6 +246,7 @@ fn glance(out: &mut String, r: &Report) {
         ("golden", format!("{} ({})", r.golden, r.golden_dtype)),
         ("candidate", format!("{} ({})", r.candidate, r.candidate_dtype)),
         ("candidate producer", producer),
+        ("adapter", r.adapter.as_ref().map_or_else(|| "none".into(), |a| a.line())),
         (
             "teacher forcing",
             if r.teacher_forced { "yes: local errors measured".into() } else { "no".into() },
@@ -302,7 +304,7 @@ fn sites_table(out: &mut String, r: &Report) {
     );
     let columns = if based { 12 } else { 10 };
     let mut step: Option<Step> = None;
-    for e in &r.sites {
+    for e in grouped_under_projections(&r.sites) {
         if step != Some(e.step) {
             step = Some(e.step);
             let _ = writeln!(
@@ -364,10 +366,11 @@ fn sites_table(out: &mut String, r: &Report) {
         }
         let _ = writeln!(
             out,
-            "<tr class=\"{status}{}\"{}><td class=\"mono\" title=\"{}\">{}</td><td class=\"st\">{status}</td>\
+            "<tr class=\"{status}{}{}\"{}><td class=\"mono\" title=\"{}\">{}</td><td class=\"st\">{status}</td>\
              <td class=\"num\">{rel}</td><td class=\"num\">{cos}</td><td class=\"num\">{ma}</td><td class=\"num\">{mr}</td>\
              <td class=\"num\">{nn}</td><td class=\"num\" title=\"{}\">{xf}</td>{base}<td class=\"mono nw\">{}</td><td>{}</td></tr>",
             if first { " first" } else if e.regression.is_some() { " fail" } else { "" },
+            if is_lora_delta(&e.site) { " lora" } else { "" },
             if first { " id=\"row-first\"" } else { "" },
             escape(&e.site),
             escape(&short_or_full(&e.site)),
@@ -377,6 +380,39 @@ fn sites_table(out: &mut String, r: &Report) {
         );
     }
     let _ = writeln!(out, "</tbody></table>");
+}
+
+/// Whether `site` is a LoRA delta (`<projection>.lora`, CONTRACT §5).
+fn is_lora_delta(site: &Site) -> bool {
+    matches!(site, Site::Layer(_, p) if p.lora_of().is_some())
+}
+
+/// The sites in report order, each LoRA delta moved right under its projection's row
+/// (it is computed just before it), so that a projection and its delta read together.
+fn grouped_under_projections(sites: &[SiteEntry]) -> Vec<&SiteEntry> {
+    let mut out = Vec::with_capacity(sites.len());
+    let mut pending: Vec<&SiteEntry> = Vec::new();
+    for e in sites {
+        if let Some(p) = pending.first() {
+            if p.step != e.step {
+                out.append(&mut pending);
+            }
+        }
+        if is_lora_delta(&e.site) {
+            pending.push(e);
+            continue;
+        }
+        out.push(e);
+        let mine = |d: &&SiteEntry| match (&d.site, &e.site) {
+            (Site::Layer(i, dp), Site::Layer(j, p)) => i == j && dp.lora_of() == Some(*p),
+            _ => false,
+        };
+        if let Some(k) = pending.iter().position(mine) {
+            out.push(pending.remove(k));
+        }
+    }
+    out.append(&mut pending);
+    out
 }
 
 /// A multiple for a table cell: `2.31`, or `inf`.

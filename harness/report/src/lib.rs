@@ -176,6 +176,10 @@ pub struct Report {
     pub golden_dtype: String,
     pub candidate_dtype: String,
     pub candidate_producer: serde_json::Value,
+    /// The golden's LoRA adapter (CONTRACT §5): r, alpha, the scaling of each module,
+    /// merged or not; absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<weights::adapter::AdapterFacts>,
     pub first_divergence: Option<SiteEntry>,
     pub diagnosis: Vec<Finding>,
     pub summary: Summary,
@@ -271,6 +275,7 @@ impl Report {
             golden_dtype: cmp.golden_precision.name().to_string(),
             candidate_dtype: cmp.candidate_precision.name().to_string(),
             candidate_producer: cmp.candidate_producer.clone(),
+            adapter: None,
             first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
             diagnosis,
             diagnosis_note: None,

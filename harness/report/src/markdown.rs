@@ -44,6 +44,9 @@ pub fn render_markdown(r: &Report) -> String {
         escape_md(&r.candidate_dtype),
         if r.teacher_forced { ", teacher forced" } else { "" }
     );
+    if let Some(a) = &r.adapter {
+        let _ = writeln!(out, "Adapter: {}.\n", escape_md(&a.line()));
+    }
     let s = &r.summary;
     let _ = writeln!(out, "Sites: {}.\n", s.counts());
     if s.nothing_checked() {

@@ -1,10 +1,12 @@
 //! Stage 2, weights: HF checkpoint directories, memory-mapped in their stored dtype
 //! ([`checkpoint`]); a port's weights: MindSpore checkpoints ([`ckpt`]), the key maps that say
 //! how a port names and lays out each HF parameter ([`keymap`]), and `check-weights`
-//! ([`check`]), which checks a converted checkpoint against the HF weights.
+//! ([`check`]), which checks a converted checkpoint against the HF weights; PEFT LoRA
+//! adapters ([`adapter`], CONTRACT §5).
 //!
 //! Uses the contract and the dump stage.
 
+pub mod adapter;
 pub mod check;
 pub mod checkpoint;
 pub mod ckpt;
