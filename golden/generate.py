@@ -12,6 +12,7 @@ Usage:
         [--dtype bfloat16] [--layers 0,1,-1] [--prompt TEXT instead of --input-ids]
     python golden/generate.py --candidates [--out fixtures/candidates]
     python golden/generate.py --variants [--out fixtures/variants]
+    python golden/generate.py --lora [--out fixtures/lora]
     python golden/generate.py --check
 
 See golden/README.md for the scenario format and the regeneration procedure.
@@ -38,12 +39,16 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama as ml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adapters  # noqa: E402  (LoRA adapters with PEFT, CONTRACT §5)
+
 FORMAT = "llama-parity/dump@1"
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = REPO / "fixtures" / "scenarios"
 GOLDEN_DIR = REPO / "golden"
 CANDIDATE_DIR = REPO / "fixtures" / "candidates"
 VARIANT_DIR = REPO / "fixtures" / "variants"
+LORA_DIR = REPO / "fixtures" / "lora"
 CHECKSUMS = GOLDEN_DIR / "CHECKSUMS"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -204,6 +209,31 @@ PLANTS = {
     "mlp.gelu", "rope.partial", "norm.final_skipped", "residual.attn_dropped",
 }
 
+# The LoRA set (fixtures/lora/, CONTRACT §5): adapter goldens made with PEFT (adapter/ beside
+# the weights), then HF-made faulty candidates on them: every §5 fault (slug lora_<fault>)
+# and adapter faults outside the contract (slug other_<what>). A candidate's producer.expect
+# says what a consumer should conclude, as in the variant set.
+LORA_GOLDENS = ["lora_f32", "lora_bf16", "lora_rslora_pattern_f32", "lora_merged_bf16", "lora_merged_f32"]
+LORA_CANDIDATES = [
+    ("lora_f32", "lora_scale_alpha", {"fault": "lora.scale_alpha"}),
+    ("lora_f32", "lora_scale_missing", {"fault": "lora.scale_missing"}),
+    ("lora_f32", "lora_not_loaded", {"fault": "lora.not_loaded"}),
+    ("lora_f32", "lora_target_missing", {"fault": "lora.target_missing", "scope": {"component": "v_proj"}}),
+    ("lora_f32", "lora_gate_up_swapped", {"fault": "lora.gate_up_swapped"}),
+    ("lora_rslora_pattern_f32", "lora_rslora_ignored", {"fault": "lora.rslora_ignored"}),
+    ("lora_rslora_pattern_f32", "lora_pattern_ignored", {"fault": "lora.pattern_ignored"}),
+    ("lora_merged_bf16", "lora_merged_low_precision", {"fault": "lora.merged_low_precision"}),
+    ("lora_merged_f32", "lora_merged_low_precision",
+     {"fault": "lora.merged_low_precision", "params": {"dtype": "bfloat16"}}),
+    ("lora_bf16", "lora_scale_missing", {"fault": "lora.scale_missing"}),
+    ("lora_bf16", "lora_not_loaded", {"fault": "lora.not_loaded"}),
+    ("lora_bf16", "lora_gate_up_swapped", {"fault": "lora.gate_up_swapped"}),
+    ("lora_f32", "other_kv_swapped", {"plant": "lora.kv_swapped"}),
+    ("lora_f32", "other_dropout_on", {"plant": "lora.dropout_on", "params": {"seed": 3434}}),
+    ("lora_f32", "other_layers_swapped", {"plant": "lora.layers_swapped"}),
+    ("lora_f32", "other_applied_twice", {"plant": "lora.applied_twice"}),
+]
+
 
 # --------------------------------------------------------------------------- scenarios
 
@@ -219,6 +249,8 @@ def load_scenario(path: Path) -> dict:
         for k, v in sc.items():
             if k == "model" and v != base["model"]:
                 raise SystemExit(f"{path}: 'model' differs from weights_from scenario {src_name}")
+            if k == "adapter" and isinstance(base.get("adapter"), dict) and isinstance(v, dict):
+                v = {**base["adapter"], **v}  # the same adapter, some keys changed
             merged[k] = v
         merged.setdefault("weights_seed", base.get("weights_seed", base["seed"]))
         if merged["weights_seed"] != base.get("weights_seed", base["seed"]):
@@ -429,8 +461,38 @@ def site_shapes(cfg: LlamaConfig, B: int, T: int, S: int) -> dict:
     return shapes
 
 
+def projection_widths(cfg: LlamaConfig) -> dict:
+    """Output width of each Llama projection."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    nH, nKV = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = int(getattr(cfg, "head_dim", None) or H // nH)
+    return {"q_proj": nH * D, "k_proj": nKV * D, "v_proj": nKV * D, "o_proj": H,
+            "gate_proj": I, "up_proj": I, "down_proj": H}
+
+
+def projection_site(i: int, proj: str) -> str:
+    part = "self_attn" if proj in adapters.ATTN else "mlp"
+    return f"model.layers.{i}.{part}.{proj}"
+
+
+def adapter_site_shapes(cfg: LlamaConfig, B: int, T: int, spec: dict | None) -> dict:
+    """The optional sites of CONTRACT §5 an adapter golden dumps: the MLP projections, and
+    with ``delta_sites`` the delta ``<projection site>.lora`` of every target module."""
+    if spec is None:
+        return {}
+    widths = projection_widths(cfg)
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        for proj in adapters.MLP:
+            out[projection_site(i, proj)] = (B, T, widths[proj])
+        if spec["delta_sites"] and not spec["merged"]:
+            for proj in spec["target_modules"]:
+                out[projection_site(i, proj) + ".lora"] = (B, T, widths[proj])
+    return out
+
+
 class Recorder:
-    def __init__(self, model: LlamaForCausalLM, layers: set[int] | None = None):
+    def __init__(self, model: LlamaForCausalLM, layers: set[int] | None = None, mlp_projections: bool = False):
         self.model = model
         self.keep = layers  # None: every layer
         self.cur: dict[str, torch.Tensor] | None = None
@@ -441,6 +503,8 @@ class Recorder:
             p = f"model.layers.{i}"
             names += [p, f"{p}.input_layernorm", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
                       f"{p}.self_attn.v_proj", f"{p}.self_attn.o_proj", f"{p}.post_attention_layernorm", f"{p}.mlp"]
+            if mlp_projections:
+                names += [f"{p}.mlp.{proj}" for proj in adapters.MLP]
             attn = model.get_submodule(f"{p}.self_attn")
             if attn.layer_idx != i:
                 raise RuntimeError(f"{p}.self_attn.layer_idx is {attn.layer_idx}, expected {i}")
@@ -507,6 +571,23 @@ class Recorder:
             return out, weights
         return eager_attention_forward
 
+    def adapter_deltas(self, lora: dict, targets: list, dtype: torch.dtype) -> None:
+        """Records ``<projection site>.lora`` (CONTRACT §5) for every target module: the term
+        PEFT adds, or zeros where the module carries no adapter (nothing is added)."""
+        widths = projection_widths(self.model.config)
+        for i in range(self.model.config.num_hidden_layers):
+            for proj in targets:
+                site = projection_site(i, proj)
+                layer = lora.get(site)
+                if layer is not None:
+                    b = layer.lora_B[adapters.ADAPTER_NAME]
+                    self.handles.append(b.register_forward_hook(adapters.delta_hook(self.put, site, layer, dtype)))
+                else:
+                    def zeros(module, args, _site=site, _w=widths[proj]):
+                        x = args[0]
+                        self.put(f"{_site}.lora", torch.zeros(*x.shape[:-1], _w, dtype=dtype))
+                    self.handles.append(self.model.get_submodule(site).register_forward_pre_hook(zeros))
+
     def close(self):
         for h in self.handles:
             h.remove()
@@ -522,7 +603,7 @@ def variant_expect(spec: dict) -> dict:
     """What a consumer should conclude about a variant (manifest producer.expect)."""
     if spec.get("fault"):
         return {"fault": spec["fault"], "scope": variant_scope(spec), "params": dict(spec.get("params", {}))}
-    return {"fault": None, "first": spec["first"], "computation": spec["computation"]}
+    return {"fault": None, "first": spec.get("first"), "computation": spec.get("computation")}
 
 
 def fault_spec(fault: str, scope: dict, params: dict) -> str:
@@ -561,10 +642,15 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
     if fault is None:
         fault = spec.get("fault")
     plant = spec.get("plant")
-    if fault is not None and fault not in FAULTS:
-        raise SystemExit(f"unknown or unsupported fault '{fault}'; supported: {', '.join(sorted(FAULTS))}")
-    if plant is not None and plant not in PLANTS:
-        raise SystemExit(f"unknown plant '{plant}'; known: {', '.join(sorted(PLANTS))}")
+    if fault is not None and fault not in FAULTS and fault not in adapters.LORA_FAULTS:
+        raise SystemExit(f"unknown or unsupported fault '{fault}'; supported: "
+                         f"{', '.join(sorted(FAULTS) + sorted(adapters.LORA_FAULTS))}")
+    if plant is not None and plant not in PLANTS and plant not in adapters.LORA_PLANTS:
+        raise SystemExit(f"unknown plant '{plant}'; known: {', '.join(sorted(PLANTS | set(adapters.LORA_PLANTS)))}")
+    lora_spec = adapters.adapter_spec(sc)
+    lora_fault = fault if fault in adapters.LORA_FAULTS else plant if plant in adapters.LORA_PLANTS else None
+    if lora_fault is not None and lora_spec is None:
+        raise SystemExit(f"{lora_fault} needs a scenario with an adapter")
     scope = variant_scope(spec)
     params = spec.get("params", {})
     state = {"step": None}
@@ -598,6 +684,16 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
     weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight")  # HF checkpoints omit the tied head
+
+    adapter_files = None
+    lora_info = None
+    if lora_spec is not None:
+        # PEFT's files are written, then loaded back: the run reads what the golden ships
+        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+            adapters.write_adapter(model, lora_spec, Path(tmp))
+            adapter_files = {f: (Path(tmp) / f).read_bytes() for f in adapters.ADAPTER_FILES}
+            model, lora_info = adapters.attach(model, lora_spec, Path(tmp), dtype, lora_fault,
+                                               scope, params)
 
     if fault == "weights.gate_up_swapped":
         with torch.no_grad():
@@ -652,7 +748,9 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
         pos_prefill = torch.arange(P, dtype=torch.int64).expand(B, P).clone()
         last_pos = pos_prefill[:, -1:]
 
-    rec = Recorder(model)
+    rec = Recorder(model, mlp_projections=lora_spec is not None)
+    if lora_spec is not None and lora_spec["delta_sites"] and not lora_spec["merged"]:
+        rec.adapter_deltas(lora_info["lora"], lora_info["targets"], dtype)
     rope_inner = ml.apply_rotary_pos_emb
     if fault == "rope.interleaved":
         table = params.get("table", "half")
@@ -765,7 +863,7 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
                 cur, rec.cur = rec.cur, None
                 T = x.shape[1]
                 S = cache.get_seq_length()
-                check_step(cfg, cur, step, B, T, S, dtype)
+                check_step(cfg, cur, step, B, T, S, dtype, extra=adapter_site_shapes(cfg, B, T, lora_spec))
                 for site, t in cur.items():
                     acts[f"{step}/{site}"] = t
     finally:
@@ -780,6 +878,8 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
         "weights_seed": int(sc["weights_seed"]),
         "generator": "golden/generate.py",
     }
+    if lora_spec is not None:
+        producer["adapter"] = adapters.producer_info(lora_spec)
     if variant is not None:
         if fault is not None:
             producer["fault"] = fault_spec(fault, scope, params)
@@ -787,7 +887,7 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
         producer["expect"] = variant_expect(spec)
     elif fault is not None:
         producer["fault"] = fault
-        producer["fault_description"] = FAULTS[fault]
+        producer["fault_description"] = FAULTS.get(fault) or adapters.LORA_FAULTS[fault]
     manifest = {
         "format": FORMAT,
         "producer": producer,
@@ -805,7 +905,9 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
     }
     if sc.get("weights_from"):
         manifest["scenario"]["weights_from"] = sc["weights_from"]
-    return manifest, acts, weights
+    if lora_spec is not None and fault is None and plant is None:
+        manifest["adapter"] = {"path": "adapter", "merged": bool(lora_spec["merged"])}
+    return manifest, acts, weights, adapter_files
 
 
 def runtime_producer():
@@ -822,8 +924,8 @@ def runtime_producer():
     }
 
 
-def check_step(cfg, cur, step, B, T, S, dtype, layers=None):
-    want = site_shapes(cfg, B, T, S)
+def check_step(cfg, cur, step, B, T, S, dtype, layers=None, extra=None):
+    want = {**site_shapes(cfg, B, T, S), **(extra or {})}
     if layers is not None:
         want = {k: v for k, v in want.items()
                 if not k.startswith("model.layers.") or int(k.split(".")[2]) in layers}
@@ -856,7 +958,8 @@ def manifest_json(manifest: dict) -> str:
     return flat.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
-def write_dump(out: Path, manifest: dict, acts: dict, weights: dict | None) -> None:
+def write_dump(out: Path, manifest: dict, acts: dict, weights: dict | None, adapter: dict | None = None) -> None:
+    """Writes a dump; ``adapter`` (file name -> bytes, PEFT's files) goes to ``out/adapter/``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(manifest_json(manifest))
     save_tensors(acts, out / "activations.safetensors")
@@ -864,6 +967,12 @@ def write_dump(out: Path, manifest: dict, acts: dict, weights: dict | None) -> N
         save_tensors(weights, out / "weights.safetensors")
     elif (out / "weights.safetensors").exists():
         (out / "weights.safetensors").unlink()
+    if (out / "adapter").exists():
+        shutil.rmtree(out / "adapter")
+    if adapter is not None:
+        (out / "adapter").mkdir()
+        for name, data in adapter.items():
+            (out / "adapter" / name).write_bytes(data)
 
 
 def candidate_dirname(scenario: str, fault: str) -> str:
@@ -874,9 +983,9 @@ def gen_suite(golden_out: Path) -> list[Path]:
     written = []
     for name in SUITE:
         sc = load_scenario(SCENARIO_DIR / f"{name}.json")
-        m, a, w = run_scenario(sc)
+        m, a, w, ad = run_scenario(sc)
         d = golden_out / name
-        write_dump(d, m, a, w)
+        write_dump(d, m, a, w, ad)
         written.append(d)
         print(f"wrote {d} ({len(a)} tensors)")
     return written
@@ -886,7 +995,7 @@ def gen_candidates(cand_out: Path) -> list[Path]:
     written = []
     for name, fault in CANDIDATES:
         sc = load_scenario(SCENARIO_DIR / f"{name}.json")
-        m, a, _ = run_scenario(sc, fault)
+        m, a, _, _ = run_scenario(sc, fault)
         d = cand_out / candidate_dirname(name, fault)
         write_dump(d, m, a, None)
         written.append(d)
@@ -909,14 +1018,14 @@ def gen_variants(variant_out: Path) -> list[Path]:
     written = []
     for name in VARIANT_GOLDENS:
         sc = load_scenario(SCENARIO_DIR / f"{name}.json")
-        m, a, w = run_scenario(sc)
+        m, a, w, _ = run_scenario(sc)
         d = variant_out / "golden" / name
         write_dump(d, m, a, w)
         written.append(d)
         print(f"wrote {d} ({len(a)} tensors)")
     for name, slug, spec in VARIANTS:
         sc = load_scenario(SCENARIO_DIR / f"{name}.json")
-        m, a, _ = run_scenario(sc, variant=spec)
+        m, a, _, _ = run_scenario(sc, variant=spec)
         d = variant_out / "candidates" / f"{name}__{slug}"
         write_dump(d, m, a, None)
         written.append(d)
@@ -924,19 +1033,105 @@ def gen_variants(variant_out: Path) -> list[Path]:
     return written
 
 
-def committed_files(golden_root: Path, cand_root: Path, variant_root: Path) -> list[tuple[str, Path]]:
+def dir_files(rel: str, d: Path) -> list[tuple[str, Path]]:
+    """(repo-relative name, actual path) of every file under a dump directory (adapter/ included)."""
+    return [(f"{rel}/{p.relative_to(d).as_posix()}", p) for p in sorted(d.rglob("*")) if p.is_file()]
+
+
+def lora_dirs(lora_root: Path) -> list[tuple[str, Path]]:
+    """(repo-relative name, actual path) of every dump directory of the LoRA set."""
+    rel = "fixtures/lora"
+    dirs = [(f"{rel}/golden/{n}", lora_root / "golden" / n) for n in LORA_GOLDENS]
+    for name, slug, _ in LORA_CANDIDATES:
+        dn = f"{name}__{slug}"
+        dirs.append((f"{rel}/candidates/{dn}", lora_root / "candidates" / dn))
+    return dirs
+
+
+def compute_order(acts: dict, steps: list) -> list:
+    """(step, site) keys of ``acts`` in the order the model computes them (CONTRACT §1, §5):
+    ``<projection>.lora`` right before its projection, the MLP projections before ``mlp``."""
+    head = ["inputs.position_ids", "model.embed_tokens", "model.rotary_emb.cos", "model.rotary_emb.sin", "model.mask"]
+    per_layer = ["input_layernorm"]
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        per_layer += [f"self_attn.{proj}.lora", f"self_attn.{proj}"]
+    per_layer += ["self_attn.q_rope", "self_attn.k_rope", "self_attn.k_cache", "self_attn.v_cache",
+                  "self_attn.probs", "self_attn.context", "self_attn.o_proj.lora", "self_attn.o_proj",
+                  "post_attention_layernorm"]
+    for proj in adapters.MLP:
+        per_layer += [f"mlp.{proj}.lora", f"mlp.{proj}"]
+    per_layer += ["mlp", ""]
+    n_layers = 1 + max(int(k.split("/", 1)[1].split(".")[2]) for k in acts if "/model.layers." in k)
+    order = head + [f"model.layers.{i}.{s}".rstrip(".") for i in range(n_layers) for s in per_layer]
+    order += ["model.norm", "lm_head"]
+    return [(st, site) for st in steps for site in order if f"{st}/{site}" in acts]
+
+
+def first_divergence(golden: dict, cand: dict, manifest: dict) -> str | None:
+    """The first (step, site) in compute order where the candidate's rel-L2 to the golden
+    exceeds 1e-6, padding query rows of the prefill left out; "<step> <site>", or None."""
+    steps = manifest["steps"]
+    mask = torch.tensor(manifest["scenario"]["attention_mask"], dtype=torch.bool)
+    for st, site in compute_order(golden, steps):
+        g, c = golden[f"{st}/{site}"].double(), cand[f"{st}/{site}"].double()
+        if st == "prefill" and g.dim() == 3 and tuple(g.shape[:2]) == tuple(mask.shape) and site != "model.mask":
+            g, c = g[mask], c[mask]
+        if not torch.isfinite(c).all() or (c - g).norm() > 1e-6 * max(g.norm().item(), 1e-30):
+            return f"{st} {site}"
+    return None
+
+
+def gen_lora(lora_out: Path) -> list[Path]:
+    """The LoRA set: adapter goldens (weights, adapter/) and HF-made faulty candidates (neither).
+
+    Each candidate's ``producer.expect`` holds its fault (or ``null`` and ``plant`` for one
+    outside CONTRACT §5) with scope and params, and ``first``: the first divergent
+    "<step> <site>" against its golden, measured here.
+    """
+    written = []
+    golden_acts = {}
+    for name in LORA_GOLDENS:
+        sc = load_scenario(SCENARIO_DIR / f"{name}.json")
+        m, a, w, ad = run_scenario(sc)
+        d = lora_out / "golden" / name
+        write_dump(d, m, a, w, ad)
+        golden_acts[name] = a
+        written.append(d)
+        print(f"wrote {d} ({len(a)} tensors)")
+    for name, slug, spec in LORA_CANDIDATES:
+        sc = load_scenario(SCENARIO_DIR / f"{name}.json")
+        what = spec.get("fault") or spec["plant"]
+        full = {**spec, "description": {**adapters.LORA_FAULTS, **adapters.LORA_PLANTS}[what]}
+        m, a, _, _ = run_scenario(sc, variant=full)
+        if set(a) != set(golden_acts[name]):
+            raise RuntimeError(f"{name}__{slug}: sites differ from the golden's: "
+                               f"{sorted(set(a) ^ set(golden_acts[name]))[:4]}")
+        first = first_divergence(golden_acts[name], a, m)
+        if first is None:
+            raise RuntimeError(f"{name}__{slug}: the candidate does not differ from its golden")
+        expect = m["producer"]["expect"]
+        if spec.get("plant"):
+            expect = {"fault": None, "plant": spec["plant"]}
+        expect["first"] = first
+        m["producer"]["expect"] = expect
+        d = lora_out / "candidates" / f"{name}__{slug}"
+        write_dump(d, m, a, None)
+        written.append(d)
+        print(f"wrote {d} ({len(a)} tensors), first divergence {first}")
+    return written
+
+
+def committed_files(golden_root: Path, cand_root: Path, variant_root: Path,
+                    lora_root: Path) -> list[tuple[str, Path]]:
     """(repo-relative name, actual path) of every file the checksum list covers."""
     files = []
     for name in SUITE:
-        for p in sorted((golden_root / name).iterdir()):
-            files.append((f"golden/{name}/{p.name}", p))
+        files += dir_files(f"golden/{name}", golden_root / name)
     for name, fault in CANDIDATES:
         dn = candidate_dirname(name, fault)
-        for p in sorted((cand_root / dn).iterdir()):
-            files.append((f"fixtures/candidates/{dn}/{p.name}", p))
-    for rel, d in variant_dirs(variant_root):
-        for p in sorted(d.iterdir()):
-            files.append((f"{rel}/{p.name}", p))
+        files += dir_files(f"fixtures/candidates/{dn}", cand_root / dn)
+    for rel, d in variant_dirs(variant_root) + lora_dirs(lora_root):
+        files += dir_files(rel, d)
     return files
 
 
@@ -944,15 +1139,15 @@ def all_written() -> bool:
     """Whether every directory the checksum list covers exists in the repository."""
     return (all((GOLDEN_DIR / n).exists() for n in SUITE)
             and all((CANDIDATE_DIR / candidate_dirname(n, f)).exists() for n, f in CANDIDATES)
-            and all(d.exists() for _, d in variant_dirs(VARIANT_DIR)))
+            and all(d.exists() for _, d in variant_dirs(VARIANT_DIR) + lora_dirs(LORA_DIR)))
 
 
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def write_checksums(golden_root: Path, cand_root: Path, variant_root: Path) -> None:
-    lines = [f"{sha256(p)}  {rel}" for rel, p in committed_files(golden_root, cand_root, variant_root)]
+def write_checksums(golden_root: Path, cand_root: Path, variant_root: Path, lora_root: Path) -> None:
+    lines = [f"{sha256(p)}  {rel}" for rel, p in committed_files(golden_root, cand_root, variant_root, lora_root)]
     CHECKSUMS.write_text("\n".join(lines) + "\n")
     print(f"wrote {CHECKSUMS} ({len(lines)} files)")
 
@@ -990,7 +1185,8 @@ def check() -> int:
         gen_suite(tmp / "golden")
         gen_candidates(tmp / "candidates")
         gen_variants(tmp / "variants")
-        fresh = committed_files(tmp / "golden", tmp / "candidates", tmp / "variants")
+        gen_lora(tmp / "lora")
+        fresh = committed_files(tmp / "golden", tmp / "candidates", tmp / "variants", tmp / "lora")
         fresh_names = {rel for rel, _ in fresh}
         for rel in sorted(set(expected) - fresh_names):
             print(f"MISMATCH {rel}: listed in CHECKSUMS but not regenerated")
@@ -1189,6 +1385,9 @@ def main(argv=None) -> int:
     g.add_argument("--variants", action="store_true",
                    help="write the variant set: goldens and scoped / out-of-contract faulty candidates "
                         "(default OUT: fixtures/variants)")
+    g.add_argument("--lora", action="store_true",
+                   help="write the LoRA set: adapter goldens made with PEFT and their faulty candidates "
+                        "(default OUT: fixtures/lora)")
     g.add_argument("--check", action="store_true", help="regenerate into a temp dir, compare byte for byte")
     g.add_argument("--list-faults", action="store_true", help="print the supported fault IDs")
     g.add_argument("--model", type=Path,
@@ -1210,8 +1409,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.list_faults:
-        for k in sorted(FAULTS):
-            print(f"{k}\t{FAULTS[k]}")
+        for k, v in sorted({**FAULTS, **adapters.LORA_FAULTS}.items()):
+            print(f"{k}\t{v}")
         return 0
     if args.check:
         return check()
@@ -1229,12 +1428,13 @@ def main(argv=None) -> int:
         ap.error("--fault goes with --scenario")
     for chosen, gen, default in ((args.all, gen_suite, GOLDEN_DIR),
                                  (args.candidates, gen_candidates, CANDIDATE_DIR),
-                                 (args.variants, gen_variants, VARIANT_DIR)):
+                                 (args.variants, gen_variants, VARIANT_DIR),
+                                 (args.lora, gen_lora, LORA_DIR)):
         if chosen:
             out = (args.out or default).resolve()
             gen(out)
             if out == default.resolve() and all_written():
-                write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR)
+                write_checksums(GOLDEN_DIR, CANDIDATE_DIR, VARIANT_DIR, LORA_DIR)
             return 0
     if not args.out:
         ap.error("--scenario needs --out DIR")
@@ -1243,8 +1443,8 @@ def main(argv=None) -> int:
     if out == sc_path.parent or out in sc_path.parents:
         ap.error("refusing to write into the scenario folder")
     sc = load_scenario(sc_path)
-    m, a, w = run_scenario(sc, args.fault)
-    write_dump(out, m, a, None if (args.no_weights or args.fault) else w)
+    m, a, w, ad = run_scenario(sc, args.fault)
+    write_dump(out, m, a, None if (args.no_weights or args.fault) else w, None if args.fault else ad)
     print(f"wrote {out} ({len(a)} tensors{', fault ' + args.fault if args.fault else ''})")
     return 0
 
