@@ -113,7 +113,8 @@ fn simulated_faulty_candidates_are_diagnosed_in_at_least_95_percent_of_cases() {
             continue;
         }
         for precision in [Precision::F32, Precision::Bf16] {
-            for fault in Fault::ALL {
+            // The LoRA faults need an adapter golden: tests/adapters.rs.
+            for fault in Fault::ALL.into_iter().filter(|f| !f.is_lora()) {
                 let opts = RunOptions::new(Implementation::Ascend)
                     .with_precision(precision)
                     .with_faults(vec![fault.into()]);

@@ -34,11 +34,36 @@ pub enum Fault {
     KvGqaTiled,
     AttnNoScale,
     AttnSoftmaxLowPrecision,
+    LoraScaleAlpha,
+    LoraScaleMissing,
+    LoraRsloraIgnored,
+    LoraPatternIgnored,
+    LoraNotLoaded,
+    LoraTargetMissing,
+    LoraGateUpSwapped,
+    LoraMergedLowPrecision,
 }
 
 impl Fault {
-    /// Every fault, in the contract's order.
-    pub const ALL: [Fault; 25] = [
+    /// The LoRA faults (CONTRACT §5): planted only on a golden with an adapter.
+    pub const LORA: [Fault; 8] = [
+        Fault::LoraScaleAlpha,
+        Fault::LoraScaleMissing,
+        Fault::LoraRsloraIgnored,
+        Fault::LoraPatternIgnored,
+        Fault::LoraNotLoaded,
+        Fault::LoraTargetMissing,
+        Fault::LoraGateUpSwapped,
+        Fault::LoraMergedLowPrecision,
+    ];
+
+    /// Whether the fault acts on a LoRA adapter (needs a golden with one).
+    pub fn is_lora(self) -> bool {
+        Fault::LORA.contains(&self)
+    }
+
+    /// Every fault, in the contract's order (§3, then §5).
+    pub const ALL: [Fault; 33] = [
         Fault::RopePosReset,
         Fault::RopePosFixed,
         Fault::RopePosOffByOne,
@@ -64,6 +89,14 @@ impl Fault {
         Fault::KvGqaTiled,
         Fault::AttnNoScale,
         Fault::AttnSoftmaxLowPrecision,
+        Fault::LoraScaleAlpha,
+        Fault::LoraScaleMissing,
+        Fault::LoraRsloraIgnored,
+        Fault::LoraPatternIgnored,
+        Fault::LoraNotLoaded,
+        Fault::LoraTargetMissing,
+        Fault::LoraGateUpSwapped,
+        Fault::LoraMergedLowPrecision,
     ];
 
     /// The stable ID, e.g. `rope.pos_reset`.
@@ -94,6 +127,14 @@ impl Fault {
             Fault::KvGqaTiled => "kv.gqa_tiled",
             Fault::AttnNoScale => "attn.no_scale",
             Fault::AttnSoftmaxLowPrecision => "attn.softmax_low_precision",
+            Fault::LoraScaleAlpha => "lora.scale_alpha",
+            Fault::LoraScaleMissing => "lora.scale_missing",
+            Fault::LoraRsloraIgnored => "lora.rslora_ignored",
+            Fault::LoraPatternIgnored => "lora.pattern_ignored",
+            Fault::LoraNotLoaded => "lora.not_loaded",
+            Fault::LoraTargetMissing => "lora.target_missing",
+            Fault::LoraGateUpSwapped => "lora.gate_up_swapped",
+            Fault::LoraMergedLowPrecision => "lora.merged_low_precision",
         }
     }
 
@@ -131,6 +172,20 @@ impl Fault {
             Fault::KvGqaTiled => "GQA heads repeated by tiling (h % nKV) instead of h // (nH/nKV)",
             Fault::AttnNoScale => "scores not scaled by 1/sqrt(D)",
             Fault::AttnSoftmaxLowPrecision => "softmax computed in float16/bfloat16",
+            Fault::LoraScaleAlpha => "LoRA delta scaled by lora_alpha (r ignored)",
+            Fault::LoraScaleMissing => "LoRA delta added unscaled",
+            Fault::LoraRsloraIgnored => "alpha / r used where use_rslora asks alpha / sqrt(r)",
+            Fault::LoraPatternIgnored => {
+                "LoRA scaling from the default r and alpha (rank_pattern / alpha_pattern ignored)"
+            }
+            Fault::LoraNotLoaded => "adapter weights never loaded (B left at zero)",
+            Fault::LoraTargetMissing => "a target module left without its adapter",
+            Fault::LoraGateUpSwapped => {
+                "gate_proj's adapter applied to up_proj and up_proj's to gate_proj"
+            }
+            Fault::LoraMergedLowPrecision => {
+                "W + s * B A merged in bfloat16/float16 instead of float32"
+            }
         }
     }
 
@@ -198,6 +253,10 @@ impl Component {
         }
     }
 
+    fn is_projection(self) -> bool {
+        !self.is_norm()
+    }
+
     fn is_norm(self) -> bool {
         matches!(
             self,
@@ -239,6 +298,15 @@ impl Fault {
             NormWeightUnmapped => (true, false, Some(Component::is_norm)),
             WeightsTransposed => (true, false, Some(|c: Component| !c.is_norm())),
             WeightsGateUpSwapped => (true, false, None),
+            LoraScaleAlpha
+            | LoraScaleMissing
+            | LoraRsloraIgnored
+            | LoraPatternIgnored
+            | LoraTargetMissing
+            | LoraMergedLowPrecision => (true, false, Some(Component::is_projection)),
+            // The whole adapter is never loaded; one module without it is target_missing.
+            LoraNotLoaded => (false, false, None),
+            LoraGateUpSwapped => (true, false, None),
             RopeWrongTheta | RopeLowPrecisionAngles | NormNoUpcast | AttnSoftmaxLowPrecision => {
                 (false, false, None)
             }

@@ -28,6 +28,10 @@ pub(crate) enum Needs {
     SquareProjection,
     /// Grouped heads (1 < nKV < nH), where tiling and grouping differ.
     GroupedHeads,
+    /// A LoRA adapter (CONTRACT §5), merged or not.
+    Adapter,
+    /// A merged LoRA adapter.
+    MergedAdapter,
 }
 
 /// The parameter sets tried for a family beside its default form.
@@ -75,6 +79,9 @@ pub(crate) struct Facts {
     pub tables_refute: bool,
     pub grid: Grid,
     pub detail: Detail,
+    /// Whether the family is only ever named with a component: its unnarrowed form is
+    /// another fault (`lora.target_missing` on every module is `lora.not_loaded`).
+    pub component_required: bool,
 }
 
 /// A fault acting first at `(step, site)`, that shows on any golden, in its default
@@ -88,6 +95,7 @@ const fn acts(fault: Fault, step: Step, site: Site) -> Facts {
         tables_refute: true,
         grid: Grid::DefaultOnly,
         detail: Detail::None,
+        component_required: false,
     }
 }
 
@@ -110,6 +118,12 @@ impl Facts {
     /// Tried even where its default form cannot show.
     const fn unscreened(mut self) -> Facts {
         self.screened = false;
+        self
+    }
+
+    /// Tried and named only narrowed to a component.
+    const fn per_component(mut self) -> Facts {
+        self.component_required = true;
         self
     }
 
@@ -165,6 +179,14 @@ pub(crate) static FACTS: [Facts; Fault::ALL.len()] = {
         acts(KvGqaTiled, Prefill, layer0(Probs)).needs(GroupedHeads),
         acts(AttnNoScale, Prefill, layer0(Probs)),
         acts(AttnSoftmaxLowPrecision, Prefill, layer0(Probs)),
+        acts(LoraScaleAlpha, Prefill, layer0(QProjLora)).needs(Adapter),
+        acts(LoraScaleMissing, Prefill, layer0(QProjLora)).needs(Adapter),
+        acts(LoraRsloraIgnored, Prefill, layer0(QProjLora)).needs(Adapter),
+        acts(LoraPatternIgnored, Prefill, layer0(QProjLora)).needs(Adapter),
+        acts(LoraNotLoaded, Prefill, layer0(QProjLora)).needs(Adapter),
+        acts(LoraTargetMissing, Prefill, layer0(QProjLora)).needs(Adapter).per_component(),
+        acts(LoraGateUpSwapped, Prefill, layer0(GateProjLora)).needs(Adapter),
+        acts(LoraMergedLowPrecision, Prefill, layer0(QProjLora)).needs(MergedAdapter),
     ]
 };
 

@@ -28,7 +28,8 @@ pub(crate) fn forms(fault: Fault, first: &(Step, Site), params: &[Params]) -> Ve
         step_scopes.push(Some(vec!["decode.*".to_string()]));
     }
     let family = fault.components();
-    let mut components: Vec<Option<Component>> = vec![None];
+    let mut components: Vec<Option<Component>> =
+        if crate::faults::facts(fault).component_required { vec![] } else { vec![None] };
     if !family.is_empty() {
         let at: Vec<Component> =
             components_at(site).into_iter().filter(|c| family.contains(c)).collect();
@@ -104,10 +105,13 @@ fn components_at(site: &Site) -> Vec<Component> {
         Site::Layer(_, part) => match part {
             InputLayernorm => vec![Component::InputLayernorm],
             PostAttentionLayernorm => vec![Component::PostAttentionLayernorm],
-            QProj => vec![Component::QProj],
-            KProj => vec![Component::KProj],
-            VProj => vec![Component::VProj],
-            OProj => vec![Component::OProj],
+            QProj | QProjLora => vec![Component::QProj],
+            KProj | KProjLora => vec![Component::KProj],
+            VProj | VProjLora => vec![Component::VProj],
+            OProj | OProjLora => vec![Component::OProj],
+            GateProj | GateProjLora => vec![Component::GateProj],
+            UpProj | UpProjLora => vec![Component::UpProj],
+            DownProj | DownProjLora => vec![Component::DownProj],
             Mlp => vec![Component::GateProj, Component::UpProj, Component::DownProj],
             _ => Vec::new(),
         },
@@ -134,10 +138,23 @@ fn component_site(component: Component, layer: usize) -> Site {
 /// The earliest (step, site) at which `form` can change an activation: the family's
 /// [`earliest_effect`] moved to the first layer, step and component of its scope.
 pub(crate) fn form_effect(form: &ScopedFault) -> (Step, Site) {
+    use LayerPart::{DownProjLora, GateProjLora, UpProjLora};
     let (mut step, mut site) = earliest_effect(form.fault);
     let l0 = form.scope.layers.as_ref().and_then(|l| l.first().copied()).unwrap_or(0);
     if let Some(c) = form.scope.component {
         site = component_site(c, l0);
+        // A LoRA fault acts on the projection's delta, before the projection itself.
+        if form.fault.is_lora() {
+            if let Site::Layer(l, part) = site {
+                let part = match c {
+                    Component::GateProj => GateProjLora,
+                    Component::UpProj => UpProjLora,
+                    Component::DownProj => DownProjLora,
+                    _ => part.lora().unwrap_or(part),
+                };
+                site = Site::Layer(l, part);
+            }
+        }
     } else if let Site::Layer(_, part) = site {
         site = Site::Layer(l0, part);
     }

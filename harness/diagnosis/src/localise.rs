@@ -33,7 +33,21 @@ fn inputs(site: &Site, last_layer: usize) -> (Vec<Site>, &'static str) {
                 }
                 QProj | KProj | VProj => (
                     vec![l(InputLayernorm)],
-                    "the projection itself (its weights or how they were mapped)",
+                    "the projection itself (its weights or how they were mapped, or its LoRA \
+                     adapter where it has one)",
+                ),
+                QProjLora | KProjLora | VProjLora => (
+                    vec![l(InputLayernorm)],
+                    "the LoRA delta itself (its A, B, rank or scaling)",
+                ),
+                OProjLora => (vec![l(Context)], "the LoRA delta itself (its A, B, rank or scaling)"),
+                GateProjLora | UpProjLora | GateProj | UpProj => (
+                    vec![l(PostAttentionLayernorm)],
+                    "the MLP projection or its LoRA delta (weights, A, B, rank or scaling)",
+                ),
+                DownProjLora | DownProj => (
+                    vec![l(GateProj), l(UpProj)],
+                    "down_proj or its LoRA delta (weights, A, B, rank or scaling), or the activation",
                 ),
                 QRope => (
                     vec![l(QProj), Site::RotaryCos, Site::RotarySin],
@@ -52,7 +66,11 @@ fn inputs(site: &Site, last_layer: usize) -> (Vec<Site>, &'static str) {
                     vec![l(Probs), l(VCache)],
                     "probs · V (which value head each query head reads)",
                 ),
-                OProj => (vec![l(Context)], "o_proj itself (its weights or how they were mapped)"),
+                OProj => (
+                    vec![l(Context)],
+                    "o_proj itself (its weights or how they were mapped, or its LoRA adapter \
+                     where it has one)",
+                ),
                 PostAttentionLayernorm => (
                     vec![layer_input(*i), l(OProj)],
                     "the residual add after attention, or the norm itself",

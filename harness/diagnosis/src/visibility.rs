@@ -101,6 +101,11 @@ pub fn first_site(fault: Fault, m: &Manifest, precision: Precision) -> Visibilit
                 no("no square projection")
             }
         }
+        Needs::Adapter if m.adapter.is_none() => no("no LoRA adapter"),
+        Needs::MergedAdapter if !m.adapter.as_ref().is_some_and(|a| a.merged) => {
+            no("no merged LoRA adapter")
+        }
+        Needs::Adapter | Needs::MergedAdapter => shows,
         Needs::GroupedHeads => {
             let (nh, nkv) = (c.num_attention_heads, c.kv_heads());
             if nkv == 1 || nkv == nh {

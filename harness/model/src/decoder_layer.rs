@@ -63,12 +63,19 @@ impl DecoderLayer<'_> {
         let input_norm = norm_plan(Component::InputLayernorm);
         let x = RmsNorm::planned(&lw.input_layernorm, c.rms_norm_eps, &input_norm).forward(h, n);
         out.put(site(LayerPart::InputLayernorm), x.clone());
-        let q = lw.q_proj.forward(&x, n);
-        let k = lw.k_proj.forward(&x, n);
-        let v = lw.v_proj.forward(&x, n);
-        out.put(site(LayerPart::QProj), q.clone());
-        out.put(site(LayerPart::KProj), k.clone());
-        out.put(site(LayerPart::VProj), v.clone());
+        // An adapted layer also records the optional sites (CONTRACT §5): each LoRA
+        // delta right before its projection, and the MLP's projections.
+        let adapted = lw.adapted;
+        let mut put_projection = |part: LayerPart, (y, delta): (Array3<f64>, Option<_>)| {
+            if let (Some(d), Some(lora)) = (delta, part.lora()) {
+                out.put(site(lora), d);
+            }
+            out.put(site(part), y.clone());
+            y
+        };
+        let q = put_projection(LayerPart::QProj, lw.q_proj.forward_adapted(&x, n));
+        let k = put_projection(LayerPart::KProj, lw.k_proj.forward_adapted(&x, n));
+        let v = put_projection(LayerPart::VProj, lw.v_proj.forward_adapted(&x, n));
         if out.stopped() {
             return;
         }
@@ -97,7 +104,10 @@ impl DecoderLayer<'_> {
         );
         out.put(site(LayerPart::Probs), probs);
         out.put(site(LayerPart::Context), ctx.clone());
-        let o = lw.o_proj.forward(&ctx, n);
+        let (o, o_delta) = lw.o_proj.forward_adapted(&ctx, n);
+        if let Some(d) = o_delta {
+            out.put(site(LayerPart::OProjLora), d);
+        }
         out.put(site(LayerPart::OProj), o.clone());
         if out.stopped() {
             return;
@@ -111,8 +121,23 @@ impl DecoderLayer<'_> {
         if out.stopped() {
             return;
         }
-        let y = Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj }
-            .forward(&x, n);
+        let mlp = Mlp { gate_proj: &lw.gate_proj, up_proj: &lw.up_proj, down_proj: &lw.down_proj };
+        let y = if adapted {
+            let parts = mlp.forward_parts(&x, n);
+            for (part, (y, delta)) in [
+                (LayerPart::GateProj, parts.gate),
+                (LayerPart::UpProj, parts.up),
+                (LayerPart::DownProj, parts.down.clone()),
+            ] {
+                if let (Some(d), Some(lora)) = (delta, part.lora()) {
+                    out.put(site(lora), d);
+                }
+                out.put(site(part), y);
+            }
+            parts.down.0
+        } else {
+            mlp.forward(&x, n)
+        };
         out.put(site(LayerPart::Mlp), y.clone());
         residual_add(h, &y, n);
         out.put(site(LayerPart::Output), h.clone());

@@ -38,6 +38,7 @@ pub mod heads;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod mask;
 pub mod mindformers;
 pub mod mindspore;

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use dump::Tensor;
 
 use super::fma_product::{self, fit, PackedInput};
+use super::lora::Lora;
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 use super::rowdot::rows_dot;
 
@@ -217,11 +218,13 @@ fn gemm_t(m: usize, n: usize, k: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
     }
 }
 
-/// Weight `[out, in]` and optional bias `[out]`.
+/// Weight `[out, in]`, optional bias `[out]` and optional LoRA bypass (CONTRACT §5).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Matrix,
     pub bias: Option<Array1<f64>>,
+    /// An unmerged adapter's `s · B(A(x))`, added to the dense output.
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -233,8 +236,29 @@ impl Linear {
         self.weight.nrows()
     }
 
-    /// `[batch, seq, in]` → `[batch, seq, out]`, rounded at `RoundAt::Projection`.
+    /// `[batch, seq, in]` → `[batch, seq, out]`, rounded at `RoundAt::Projection`, with
+    /// its LoRA delta added if it has one.
     pub fn forward(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
+        self.forward_adapted(x, n).0
+    }
+
+    /// [`Linear::forward`] and, where the layer has a LoRA bypass, its delta
+    /// `s · B(A(x))` alone (`[batch, seq, out]`, the optional `.lora` site).
+    pub fn forward_adapted(
+        &self,
+        x: &Array3<f64>,
+        n: &dyn Numerics,
+    ) -> (Array3<f64>, Option<Array3<f64>>) {
+        let mut y = self.dense(x, n);
+        let delta = self.lora.as_ref().map(|l| l.delta(x, n));
+        if let Some(d) = &delta {
+            Lora::add_to(&mut y, d, n);
+        }
+        (y, delta)
+    }
+
+    /// `x · Wᵀ + b`, rounded at `RoundAt::Projection`.
+    fn dense(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
         let (b, t, h) = x.dim();
         debug_assert_eq!(h, self.in_features());
         let flat =

@@ -216,6 +216,30 @@ pub enum WeightMapping {
     NormWeightsUnmapped,
 }
 
+/// How a LoRA adapter (CONTRACT §5) is loaded onto a projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMapping {
+    /// PEFT's: each module's own A, B and scaling.
+    #[default]
+    Peft,
+    /// `lora.scale_alpha`: scaled by alpha (r ignored).
+    ScaleAlpha,
+    /// `lora.scale_missing`: added unscaled.
+    ScaleMissing,
+    /// `lora.rslora_ignored`: alpha / r where rsLoRA asks alpha / sqrt(r).
+    RsloraIgnored,
+    /// `lora.pattern_ignored`: the default r and alpha's scaling on every module.
+    PatternIgnored,
+    /// `lora.not_loaded`: no adapter (B left at zero).
+    NotLoaded,
+    /// `lora.target_missing`: the module left without its adapter.
+    TargetMissing,
+    /// `lora.gate_up_swapped`: gate_proj's adapter on up_proj and up_proj's on gate_proj.
+    GateUpSwapped,
+    /// `lora.merged_low_precision`: `W + s·B·A` folded in the compute dtype.
+    MergedLowPrecision,
+}
+
 /// The choices of every seam, derived from the planted faults.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -239,6 +263,7 @@ pub struct Plan {
     pub padding_source: PaddingSource,
     pub mask_fill: MaskFill,
     pub weight_mappings: Vec<WeightMapping>,
+    pub lora_mappings: Vec<LoraMapping>,
 }
 
 impl Plan {
@@ -324,6 +349,16 @@ impl Plan {
                 Fault::NormBias => p.norm_beta = NormBeta::LeftIn,
                 Fault::NormNoUpcast => p.variance_precision = VariancePrecision::Compute,
                 Fault::AttnSoftmaxLowPrecision => p.softmax_precision = SoftmaxPrecision::Compute,
+                Fault::LoraScaleAlpha => p.lora_mappings.push(LoraMapping::ScaleAlpha),
+                Fault::LoraScaleMissing => p.lora_mappings.push(LoraMapping::ScaleMissing),
+                Fault::LoraRsloraIgnored => p.lora_mappings.push(LoraMapping::RsloraIgnored),
+                Fault::LoraPatternIgnored => p.lora_mappings.push(LoraMapping::PatternIgnored),
+                Fault::LoraNotLoaded => p.lora_mappings.push(LoraMapping::NotLoaded),
+                Fault::LoraTargetMissing => p.lora_mappings.push(LoraMapping::TargetMissing),
+                Fault::LoraGateUpSwapped => p.lora_mappings.push(LoraMapping::GateUpSwapped),
+                Fault::LoraMergedLowPrecision => {
+                    p.lora_mappings.push(LoraMapping::MergedLowPrecision)
+                }
             }
         }
         p
@@ -331,5 +366,10 @@ impl Plan {
 
     pub fn maps(&self, m: WeightMapping) -> bool {
         self.weight_mappings.contains(&m)
+    }
+
+    /// Whether the plan loads a LoRA adapter with `m`.
+    pub fn maps_lora(&self, m: LoraMapping) -> bool {
+        self.lora_mappings.contains(&m)
     }
 }

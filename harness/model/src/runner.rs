@@ -103,17 +103,23 @@ pub fn load_model(
             ),
         });
     }
-    let weights = Weights::load(&weights_file, &cfg, plan)?;
-    if let Some((dir, _merged)) = golden.adapter()? {
-        let adapter = ::weights::adapter::Adapter::open(&dir, &cfg)?;
-        return Err(Error::unsupported(
-            contract::error::Feature::Implementation,
-            format!(
-                "{}: field `adapter`: {} modules read, but applying an adapter is not built yet",
-                manifest_path.display(),
-                adapter.modules.len()
-            ),
-        ));
+    let mut weights = Weights::load(&weights_file, &cfg, plan)?;
+    match golden.adapter()? {
+        Some((dir, merged)) => {
+            let adapter = ::weights::adapter::Adapter::open(&dir, &cfg)?;
+            crate::lora::attach(&mut weights, &adapter, merged, plan, golden.manifest.dtype)?;
+        }
+        None => {
+            if let Some(f) = plan.faults.iter().find(|f| f.fault.is_lora()) {
+                return Err(Error::Usage {
+                    flag: "--fault".into(),
+                    what: format!(
+                        "{f}: {} has no LoRA adapter (no `adapter` in its manifest, CONTRACT §5)",
+                        manifest_path.display()
+                    ),
+                });
+            }
+        }
     }
     let model = Llama::new(cfg, weights, &manifest_path)?;
     let sc = &golden.manifest.scenario;

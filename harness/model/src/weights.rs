@@ -47,6 +47,9 @@ pub struct LayerWeights {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// Whether the layer runs with an adapter (merged or not): it then also records the
+    /// optional sites of CONTRACT §5.
+    pub adapted: bool,
 }
 
 /// Every parameter of a `LlamaForCausalLM`.
@@ -140,7 +143,7 @@ impl<S: Source> Loader<'_, S> {
             weight = Matrix::Owned(weight.to_array().t().to_owned());
         }
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     fn load(&mut self) -> Result<Weights> {
@@ -212,6 +215,7 @@ impl<S: Source> Loader<'_, S> {
                     mb,
                     (i, C::DownProj),
                 )?,
+                adapted: false,
             });
         }
         let norm = self.norm("model.norm.weight", h, (None, Component::ModelNorm))?;
@@ -222,6 +226,7 @@ impl<S: Source> Loader<'_, S> {
                 self.matrix("lm_head.weight", v, h)?
             },
             bias: None,
+            lora: None,
         };
         Ok(Weights { embed_tokens, layers, norm, lm_head })
     }
