@@ -309,19 +309,20 @@ fn same_scaling(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
 }
 
-/// The §5 fault a port scaling `got` matches, for a module whose PEFT scaling differs.
+/// The §5 fault a port scaling `got` matches, for a module whose PEFT scaling differs;
+/// where two match (alpha = r makes alpha / r one), the one that explains the config.
 fn scaling_fault(cfg: &AdapterConfig, m: &ModuleAdapter, got: f64) -> Option<&'static str> {
     use crate::adapter::scaling;
     if same_scaling(got, m.alpha) {
         Some("lora.scale_alpha")
-    } else if same_scaling(got, 1.0) {
-        Some("lora.scale_missing")
     } else if cfg.use_rslora && same_scaling(got, scaling(m.rank, m.alpha, false)) {
         Some("lora.rslora_ignored")
     } else if cfg.has_patterns()
         && same_scaling(got, scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora))
     {
         Some("lora.pattern_ignored")
+    } else if same_scaling(got, 1.0) {
+        Some("lora.scale_missing")
     } else {
         None
     }
