@@ -42,13 +42,12 @@ const CONVERSIONS: &[(&str, &str, &[&str])] = &[
     ("rslora_ignored", "lora_rslora_pattern_f32", &["lora.rslora_ignored"]),
 ];
 
-/// The directory holding every converted checkpoint, made once per test run with one
-/// call of the converter.
+/// The directory holding every converted checkpoint, made afresh once per test run with
+/// one call of the converter.
 fn converted() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("check_weights_adapters.{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("check_weights_adapters");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let jobs: Vec<serde_json::Value> = CONVERSIONS
