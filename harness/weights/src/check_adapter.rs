@@ -76,6 +76,9 @@ pub fn adapter_files(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
     Ok(Some((dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE))))
 }
 
+/// A tensor and its name in the file.
+type Named = (String, Tensor);
+
 /// Reads a PEFT adapter from its config and weights files and checks it on its own:
 /// every tensor is `base_model.model.<projection module>.lora_{A,B}.weight` of a module
 /// the config targets, floating point, `lora_A` `[r, in]` and `lora_B` `[out, r]` with
@@ -90,7 +93,7 @@ pub fn open_peft(config: &Path, weights: &Path) -> Result<Adapter> {
         ));
     }
     let file = SafetensorsFile::open(weights)?;
-    let mut pairs: BTreeMap<(usize, Component), [Option<(String, Tensor)>; 2]> = BTreeMap::new();
+    let mut pairs: BTreeMap<(usize, Component), [Option<Named>; 2]> = BTreeMap::new();
     for key in file.keys() {
         let bad = |what: &str| {
             Error::format(
