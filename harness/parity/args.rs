@@ -59,8 +59,8 @@ pub enum Command {
     ///   parity suite --mindspore            (the real MindSpore port too)
     #[command(verbatim_doc_comment)]
     Suite(SuiteArgs),
-    /// Check a port's checkpoint against the HF weights, or a port's LoRA adapter
-    /// checkpoint against the PEFT adapter, it was converted from.
+    /// Check a port's checkpoint against the HF weights it was converted from, or its
+    /// LoRA adapter checkpoint against the PEFT adapter.
     #[command(verbatim_doc_comment)]
     ///
     /// Maps every HF tensor through the key map (the MindSpore port's map is built in)
