@@ -8,6 +8,7 @@ mod ascend;
 mod bad_inputs;
 mod baseline_gate;
 mod check_weights;
+mod check_weights_adapters;
 mod checkpoints;
 mod compare_goldens;
 mod compare_threads;

@@ -59,7 +59,8 @@ pub enum Command {
     ///   parity suite --mindspore            (the real MindSpore port too)
     #[command(verbatim_doc_comment)]
     Suite(SuiteArgs),
-    /// Check a port's checkpoint against the HF weights it was converted from.
+    /// Check a port's checkpoint against the HF weights it was converted from, or its
+    /// LoRA adapter checkpoint against the PEFT adapter.
     #[command(verbatim_doc_comment)]
     ///
     /// Maps every HF tensor through the key map (the MindSpore port's map is built in)
@@ -68,12 +69,36 @@ pub enum Command {
     /// not exactly the HF values cast to the port's dtype, naming a norm weight left at
     /// ones and a square matrix stored transposed.
     ///
+    /// LoRA adapters (CONTRACT §5): when HF is a PEFT adapter (a directory holding
+    /// adapter_config.json and adapter_model.safetensors, a dump whose manifest names
+    /// its `adapter`, or an adapter_model.safetensors with its config beside it), PORT
+    /// is the port's adapter checkpoint, with mindpet's names by default:
+    ///   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in]
+    ///     -> model.layers.{i}.attention.wq.mindpet_delta_lora_A [r, in]
+    ///   ...lora_B.weight [out, r] -> ...mindpet_delta_lora_B [out, r]
+    ///   (wq wk wv wo, feed_forward.w1 w3 w2 for q k v o, gate up down;
+    ///   fixtures/ports/mindspore/adapter_keymap.json; mindpet_delta_lora_a/_b, as
+    ///   MindSpore 2.10 saves them, match too)
+    /// or as --map says (rules from PEFT's tensor names, as stored, to the port's). It
+    /// names tensors missing (a module without either: lora.target_missing), extra,
+    /// stored transposed (lora_A as [in, r]), holding another module's values (gate and
+    /// up traded: lora.gate_up_swapped), a lora_B left at zero, and each module whose
+    /// scaling differs: PEFT's from adapter_config.json (alpha/r, alpha/sqrt(r) under
+    /// use_rslora, rank_pattern/alpha_pattern) against the port's, declared by
+    /// PORT.json beside the checkpoint (the converter's llama-parity/mindpet-adapter@1,
+    /// {"modules": {"model.layers.0.attention.wq": {"r", "lora_alpha", "scaling"}}}),
+    /// or --port-config, or --lora-alpha (mindpet's pet_config: lora_alpha / r). With
+    /// none of them the scalings are listed, not checked. Base-model tensors in the
+    /// checkpoint (a whole network's) are skipped.
+    ///
     /// Exit status: 0 no finding, 1 any finding, 2 bad input.
     ///
     /// Examples:
     ///   parity check-weights golden/gqa_pad_f32/weights.safetensors model.ckpt
     ///   parity check-weights hf.safetensors model.ckpt --dtype bfloat16 --report reports/weights
     ///   parity check-weights hf.safetensors model.ckpt --map my_keymap.json
+    ///   parity check-weights fixtures/lora/golden/lora_f32/adapter adapter.ckpt
+    ///   parity check-weights my_peft_adapter/ adapter.ckpt --lora-alpha 16
     CheckWeights(CheckWeightsArgs),
     /// Check that the harness reproduces a golden, before it is published or trusted.
     #[command(verbatim_doc_comment)]
@@ -194,13 +219,24 @@ pub struct CheckGoldenArgs {
 pub struct CheckWeightsArgs {
     /// The HF weights (safetensors, HF names and layouts): a golden's
     /// `weights.safetensors`, or an HF checkpoint directory (`model.safetensors`, or
-    /// shards listed by `model.safetensors.index.json`).
+    /// shards listed by `model.safetensors.index.json`); or a PEFT adapter: its
+    /// directory, a dump with an adapter, or its adapter_model.safetensors.
     pub hf: PathBuf,
-    /// The port's MindSpore checkpoint (.ckpt).
+    /// The port's MindSpore checkpoint (.ckpt); its adapter checkpoint when HF is a
+    /// PEFT adapter.
     pub port: PathBuf,
-    /// Key map (llama-parity/keymap@1 JSON) [default: the MindSpore port's, built in].
+    /// Key map (llama-parity/keymap@1 JSON) [default: the MindSpore port's, built in;
+    /// for an adapter, mindpet's names].
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
+    /// Adapters: the port's scaling declaration (llama-parity/mindpet-adapter@1)
+    /// [default: PORT.json beside the checkpoint, when there is one].
+    #[arg(long, value_name = "FILE", conflicts_with = "lora_alpha")]
+    pub port_config: Option<PathBuf>,
+    /// Adapters: the port runs mindpet's LoRADense with this lora_alpha on every module
+    /// (scaling lora_alpha / r, r each module's rank).
+    #[arg(long, value_name = "ALPHA")]
+    pub lora_alpha: Option<f64>,
     /// The dtype every port tensor must have [default: any; values are compared after
     /// casting the HF value to the port tensor's dtype].
     #[arg(long, value_enum)]

@@ -39,6 +39,10 @@ pub enum FindingKind {
     NormAtOnes,
     /// A square matrix that equals the HF one transposed.
     Transposed,
+    /// Holds the values of another tensor of the same layer (a swapped mapping).
+    Swapped,
+    /// A LoRA module's scaling differs between the two sides' declarations.
+    Scaling,
 }
 
 impl FindingKind {
@@ -53,6 +57,8 @@ impl FindingKind {
             FindingKind::Values => "values",
             FindingKind::NormAtOnes => "norm-at-ones",
             FindingKind::Transposed => "transposed",
+            FindingKind::Swapped => "swapped",
+            FindingKind::Scaling => "scaling",
         }
     }
 }
@@ -285,7 +291,7 @@ fn layer_prefix(key: &str) -> &str {
 /// (elements that differ, largest |difference|) between `port` and `hf` cast to the
 /// port's dtype; with `transpose`, `port[j, i]` is compared with `hf[i, j]`.
 /// Shapes agree (up to the transpose); NaN equals NaN.
-fn diff(port: &Tensor, hf: &Tensor, transpose: bool) -> (usize, f64) {
+pub(crate) fn diff(port: &Tensor, hf: &Tensor, transpose: bool) -> (usize, f64) {
     let dt = port.dtype();
     let (rows, cols) = match hf.shape() {
         [r, c] => (*r, *c),
@@ -423,12 +429,17 @@ impl WeightCheck {
 
     /// Writes `dir/weights.json` atomically (creating `dir`).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join("weights.json");
-        let text = serde_json::to_string_pretty(&self.to_json())
-            .map_err(|e| Error::format(&path, e.to_string()))?;
-        write_atomic(&path, format!("{text}\n").as_bytes())
+        write_report(dir, &self.to_json())
     }
+}
+
+/// Writes `json` as `dir/weights.json` atomically (creating `dir`).
+pub(crate) fn write_report(dir: &Path, json: &Value) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join("weights.json");
+    let text =
+        serde_json::to_string_pretty(json).map_err(|e| Error::format(&path, e.to_string()))?;
+    write_atomic(&path, format!("{text}\n").as_bytes())
 }
 
 #[cfg(test)]
