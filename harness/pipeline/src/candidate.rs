@@ -169,11 +169,11 @@ impl Candidate {
                 body: Body::Tensors(ms.to_dump(map, &like)?),
             },
             Mode::Statistics => {
-                let sites = ms.statistics(map, &like)?;
+                let (sites, manifest) = ms.statistics_with_manifest(map, &like)?;
                 Candidate {
                     kind: Kind::MsprobeStatistics,
                     body: Body::Statistics(Statistics {
-                        manifest: ms.statistics_manifest(map, &like),
+                        manifest,
                         label: format!("msprobe statistics dump {}", path.display()),
                         sites,
                     }),
