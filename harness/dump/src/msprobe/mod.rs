@@ -942,6 +942,7 @@ mod tests {
     #[test]
     fn concatenated_ranks_have_the_statistics_of_the_whole() {
         let rank = |r: usize| RankDir {
+            index: r,
             dir: PathBuf::from(format!("rank{r}")),
             data: serde_json::Map::new(),
             modules: HashMap::new(),

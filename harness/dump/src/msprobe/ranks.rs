@@ -11,6 +11,10 @@
 //! | the whole tensor, different on each rank, at a site that follows a row-parallel projection (o_proj, the MLP, a vocabulary-parallel embedding) | `sum` | adding (partial sums before their all-reduce) |
 //! | one rank alone (pipeline stages: ranks holding different layers) | `stage: rank R` | that rank's |
 //!
+//! Tried in that order, except that pieces whose concatenation makes the whole are
+//! concatenated before whole-and-different is considered (a rank's share of repeated
+//! key/value heads can have the shape of the unrepeated whole).
+//!
 //! Ranks that hold the whole tensor where they should be identical, and are not (or a
 //! rank of a key/value replica group unlike the others), are a finding: the site is a
 //! rank divergence naming the ranks that differ from the others, judged on the
@@ -188,30 +192,25 @@ pub(super) fn tensors(
             max_abs_diff(ts[i], ts[r])
         )
     };
-    if same_shape {
-        let g = groups(&ts, |a, b| a.bytes() == b.bytes());
-        if g.len() == 1 {
-            return Ok((ts[0].clone(), named(Reassembly::kind("replicated"))));
-        }
-        if fits(shapes[0]) {
-            let far = ts.iter().any(|t| rel_distance(t, ts[0]) >= REPLICA_DRIFT);
-            if may_be_partial(site) && far {
-                let files: Vec<(PathBuf, Tensor)> =
-                    parts.iter().map(|p| (p.1.clone(), p.2.clone())).collect();
-                return Ok((layout::sum(&files)?, named(Reassembly::kind("sum"))));
-            }
-            let (r, text) = divergence(&ranks, &g, detail);
-            let kind =
-                Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
-            return Ok((ts[r].clone(), named(kind)));
-        }
+    let g = groups(&ts, |a, b| a.bytes() == b.bytes());
+    if same_shape && g.len() == 1 {
+        return Ok((ts[0].clone(), named(Reassembly::kind("replicated"))));
     }
     let files: Vec<(PathBuf, Tensor)> = parts.iter().map(|p| (p.1.clone(), p.2.clone())).collect();
+    // Pieces that make the whole are concatenated first: a rank's share of repeated
+    // key/value heads can have the shape of the unrepeated whole.
     if let Some(axis) = concat_axis(&shapes, fits) {
-        return Ok((
-            layout::concat(&files, axis)?,
-            named(Reassembly::kind(format!("concat({axis})"))),
-        ));
+        let kind = Reassembly::kind(format!("concat({axis})"));
+        return Ok((layout::concat(&files, axis)?, named(kind)));
+    }
+    if same_shape && fits(shapes[0]) {
+        let far = ts.iter().any(|t| rel_distance(t, ts[0]) >= REPLICA_DRIFT);
+        if may_be_partial(site) && far {
+            return Ok((layout::sum(&files)?, named(Reassembly::kind("sum"))));
+        }
+        let (r, text) = divergence(&ranks, &g, detail);
+        let kind = Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
+        return Ok((ts[r].clone(), named(kind)));
     }
     // Key/value heads replicated over groups of consecutive ranks.
     let k = parts.len();
@@ -314,34 +313,31 @@ pub(super) fn statistics(
         format!("Norm {:?} against {:?}, Max {:?} against {:?}", a.norm, b.norm, a.max, b.max)
     };
     let stats: Vec<Stats> = parts.iter().map(|p| p.1).collect();
-    if same_shape {
-        let g = groups(&stats, |a, b| all(a) == all(b));
-        if g.len() == 1 {
-            return (stats[0], shapes[0].to_vec(), named(Reassembly::kind("replicated")));
-        }
-        if fits(shapes[0]) {
-            let drift = stats.iter().all(|s| close(s, &stats[0]));
-            if may_be_partial(site) && !drift {
-                let mean = stats.iter().map(|s| s.mean).sum::<Option<f64>>();
-                let merged = Stats { max: None, min: None, mean, norm: None };
-                let r = Reassembly {
-                    kind: "sum".into(),
-                    divergence: None,
-                    inexact: Some(
-                        "partial sums over ranks: the Max, Min and Norm of their sum are not known from the ranks' statistics; judged on the Mean (the sum of the ranks' Means) alone".into(),
-                    ),
-                };
-                return (merged, shapes[0].to_vec(), named(r));
-            }
-            let (r, text) = divergence(&ranks, &g, detail);
-            let kind =
-                Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
-            return (stats[r], shapes[0].to_vec(), named(kind));
-        }
+    let g = groups(&stats, |a, b| all(a) == all(b));
+    if same_shape && g.len() == 1 {
+        return (stats[0], shapes[0].to_vec(), named(Reassembly::kind("replicated")));
     }
     if let Some(axis) = concat_axis(&shapes, fits) {
         let (s, shape) = concat_stats(&stats, &shapes, axis);
         return (s, shape, named(Reassembly::kind(format!("concat({axis})"))));
+    }
+    if same_shape && fits(shapes[0]) {
+        let drift = stats.iter().all(|s| close(s, &stats[0]));
+        if may_be_partial(site) && !drift {
+            let mean = stats.iter().map(|s| s.mean).sum::<Option<f64>>();
+            let merged = Stats { max: None, min: None, mean, norm: None };
+            let r = Reassembly {
+                kind: "sum".into(),
+                divergence: None,
+                inexact: Some(
+                    "partial sums over ranks: the Max, Min and Norm of their sum are not known from the ranks' statistics; judged on the Mean (the sum of the ranks' Means) alone".into(),
+                ),
+            };
+            return (merged, shapes[0].to_vec(), named(r));
+        }
+        let (r, text) = divergence(&ranks, &g, detail);
+        let kind = Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
+        return (stats[r], shapes[0].to_vec(), named(kind));
     }
     let k = parts.len();
     if same_shape {
