@@ -398,3 +398,75 @@ fn pipeline_stages_holding_different_layers_are_read_from_their_stage() {
     assert_eq!(kind(&r, "prefill", "model.layers.0.mlp"), "stage: rank 0");
     assert_eq!(kind(&r, "prefill", "inputs.position_ids"), "replicated");
 }
+
+/// Writes the golden `golden/gqa_pad_f32` as a contract dump per rank into `dst`
+/// (`rank0/`, `rank1/`, each with the golden's manifest): q/k/v projections split along
+/// their last axis, o_proj's output as two exact partial sums, everything else whole;
+/// `change(rank, step, site, values)` may alter a rank's tensor.
+fn contract_per_rank(dst: &Path, change: impl Fn(usize, &str, &str, &mut Vec<f64>)) {
+    use llama_parity::dump::Dump;
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).unwrap();
+    for r in 0..2 {
+        let mut tensors = std::collections::BTreeMap::new();
+        for &step in &golden.manifest.steps {
+            for site in golden.sites(step) {
+                let t = golden.get(step, site).unwrap().unwrap();
+                let name = site.to_string();
+                let t = if name.ends_with("q_proj")
+                    || name.ends_with("k_proj")
+                    || name.ends_with("v_proj")
+                {
+                    let half = t.shape()[2] / 2;
+                    slice(&t, 2, r * half, (r + 1) * half)
+                } else if name.ends_with("o_proj") {
+                    let (hi, lo) = partial_sums(&t);
+                    [hi, lo][r].clone()
+                } else {
+                    t
+                };
+                let mut v = t.to_f64_vec();
+                change(r, &step.to_string(), &name, &mut v);
+                let t = Tensor::from_f64(t.shape(), &v, t.dtype());
+                tensors.insert(format!("{step}/{name}"), t);
+            }
+        }
+        let d = Dump::in_memory(golden.manifest.clone(), tensors).unwrap();
+        d.write(&dst.join(format!("rank{r}"))).unwrap();
+    }
+}
+
+#[test]
+fn a_contract_dump_written_per_rank_is_put_back_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("ranked");
+    contract_per_rank(&dump, |_, _, _, _| {});
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert_eq!(r["summary"]["fail"], 0);
+    assert_eq!(r["summary"]["missing"], 0);
+    for step in ["prefill", "decode.4"] {
+        assert_eq!(kind(&r, step, "model.layers.1.self_attn.k_proj"), "concat(2)");
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.o_proj"), "sum");
+        assert_eq!(kind(&r, step, "model.layers.0.mlp"), "replicated");
+    }
+    assert_eq!(r["candidate_producer"]["ranks"], 2);
+    // Rank 1's final norm off in one decode step: a rank divergence there.
+    let bad = tmp.path().join("bad");
+    contract_per_rank(&bad, |r, step, site, v| {
+        if r == 1 && step == "decode.2" && site == "model.norm" {
+            v[0] += 0.5;
+        }
+    });
+    let (code, r, err) = compare("golden/gqa_pad_f32", &bad, &tmp.path().join("b"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!((fd["step"].as_str(), fd["site"].as_str()), (Some("decode.2"), Some("model.norm")));
+    assert!(fd["note"].as_str().unwrap().starts_with("rank divergence: rank 1"), "{}", fd["note"]);
+    // A rank whose manifest differs exits 2 naming it.
+    let m = bad.join("rank1/manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap().replace("\"decode.4\"", "\"decode.9\"");
+    std::fs::write(&m, text).unwrap();
+    let (code, _, err) = parity(&["compare", "golden/gqa_pad_f32", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("rank1/manifest.json"), "{err}");
+}

@@ -14,6 +14,7 @@ pub mod guard;
 mod manifest;
 pub mod msprobe;
 mod npy;
+pub mod ranked;
 pub mod read;
 pub mod safetensors;
 mod tensor;

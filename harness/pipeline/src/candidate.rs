@@ -128,7 +128,13 @@ impl Candidate {
                 ),
             ));
         }
-        let dump = Dump::open(path)?;
+        // A contract dump written per tensor-parallel rank (`rank<R>/`) is put back
+        // together from its ranks.
+        let dump = if dump::ranked::is_ranked_dump(path) {
+            dump::ranked::open(path)?
+        } else {
+            Dump::open(path)?
+        };
         let Some(map_path) = naming.key_map else {
             return Ok(Candidate::from(dump));
         };

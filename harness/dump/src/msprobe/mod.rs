@@ -758,13 +758,16 @@ impl MsprobeDump {
 /// `reassembly` (step/site to kind), and where there were any, `rank_divergence`
 /// (step/site to the ranks that differ) and `reassembly_inexact` (step/site to what a
 /// statistics merge could not give). Nothing for a single-rank dump.
-fn record_reassembly(manifest: &mut Manifest, how: &BTreeMap<String, Reassembly>) {
+pub(crate) fn record_reassembly(manifest: &mut Manifest, how: &BTreeMap<String, Reassembly>) {
     if how.is_empty() {
         return;
     }
     let pick = |f: fn(&Reassembly) -> Option<&String>| -> serde_json::Map<String, Value> {
         how.iter().filter_map(|(k, r)| f(r).map(|v| (k.clone(), Value::from(v.as_str())))).collect()
     };
+    if !manifest.producer.is_object() {
+        manifest.producer = serde_json::json!({ "producer": manifest.producer });
+    }
     let p = &mut manifest.producer;
     p["reassembly"] = Value::Object(pick(|r| Some(&r.kind)));
     let divergence = pick(|r| r.divergence.as_ref());

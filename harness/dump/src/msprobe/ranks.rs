@@ -57,7 +57,7 @@ impl Reassembly {
 
 /// One rank's piece of a site: its rank number, the data file (for messages) and the
 /// tensor in the recorded layout.
-pub(super) type Part = (usize, PathBuf, Tensor);
+pub(crate) type Part = (usize, PathBuf, Tensor);
 
 /// Whether a site can be a partial sum: the output of a row-parallel projection (o_proj,
 /// down_proj as the MLP's output), a vocabulary-parallel embedding, or a site outside
@@ -162,7 +162,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// number of ranks of the dump (a site fewer ranks hold is a pipeline stage's);
 /// `fits(shape)` says whether a tensor of that recorded shape is the whole site (its
 /// layout normalised to the contract's); `vocab` is the vocabulary size for `lm_head`.
-pub(super) fn tensors(
+pub(crate) fn tensors(
     mut parts: Vec<Part>,
     total: usize,
     site: &Site,
