@@ -65,6 +65,9 @@ pub struct StatSite {
     pub dtype: Option<DType>,
 }
 
+/// Each site's statistics, keyed by `(step, site)`.
+pub type StatSites = BTreeMap<(Step, String), StatSite>;
+
 /// One `step*/<rank>` folder.
 struct RankDir {
     /// Its rank number (0 for a single `rank` or `proc<pid>` folder).
@@ -651,11 +654,7 @@ impl MsprobeDump {
     /// min of the minima, the mean weighted by elements, the root of the summed
     /// squared norms). Without a map's `ranks`, a multi-rank dump's ranks are merged
     /// as [`ranks::statistics`] infers.
-    pub fn statistics(
-        &self,
-        map: &SiteMap,
-        like: &Manifest,
-    ) -> Result<BTreeMap<(Step, String), StatSite>> {
+    pub fn statistics(&self, map: &SiteMap, like: &Manifest) -> Result<StatSites> {
         Ok(self.statistics_with_manifest(map, like)?.0)
     }
 
@@ -665,7 +664,7 @@ impl MsprobeDump {
         &self,
         map: &SiteMap,
         like: &Manifest,
-    ) -> Result<(BTreeMap<(Step, String), StatSite>, Manifest)> {
+    ) -> Result<(StatSites, Manifest)> {
         let forwards = self.forwards(map);
         let cfg = &like.model;
         let dims = like.shape_dims();

@@ -215,7 +215,7 @@ pub(crate) fn tensors(
     // Key/value heads replicated over groups of consecutive ranks.
     let k = parts.len();
     if same_shape {
-        for rep in (2..k).filter(|r| k % r == 0) {
+        for rep in (2..k).filter(|r| k.is_multiple_of(*r)) {
             let reps: Vec<&[usize]> = shapes.iter().step_by(rep).copied().collect();
             let Some(axis) = concat_axis(&reps, fits) else { continue };
             let mut odd = Vec::new();
@@ -341,7 +341,7 @@ pub(super) fn statistics(
     }
     let k = parts.len();
     if same_shape {
-        for rep in (2..k).filter(|r| k % r == 0) {
+        for rep in (2..k).filter(|r| k.is_multiple_of(*r)) {
             let reps: Vec<&[usize]> = shapes.iter().step_by(rep).copied().collect();
             let Some(axis) = concat_axis(&reps, fits) else { continue };
             let mut odd = Vec::new();
