@@ -44,6 +44,9 @@ pub fn is_ranked_dump(dir: &Path) -> bool {
 pub fn open(dir: &Path) -> Result<Dump> {
     let dirs = rank_dirs(dir);
     let k = dirs.len();
+    if k == 0 {
+        return Err(Error::format(dir, "no rank<R>/manifest.json: not a dump written per rank"));
+    }
     if dirs.iter().enumerate().any(|(i, (id, _))| *id != Some(i)) {
         return Err(Error::format(
             dir,
