@@ -44,4 +44,5 @@ mod rope_properties;
 mod scoped_faults;
 mod suite;
 mod summary_only;
+mod tensor_parallel;
 mod variants;

@@ -77,7 +77,7 @@ fn hf_map(dir: &Path, name: &str, edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
 
 /// msprobe's dump.json (Python's bare NaN/Infinity quoted as strings, as the reader
 /// accepts them).
-fn read_dump_json(p: &Path) -> Value {
+pub(crate) fn read_dump_json(p: &Path) -> Value {
     let t = std::fs::read_to_string(p).unwrap();
     let t = t
         .replace(": -Infinity", ": \"-Infinity\"")
@@ -87,7 +87,7 @@ fn read_dump_json(p: &Path) -> Value {
 }
 
 /// A little-endian `.npy` file of `t`.
-fn write_npy(path: &Path, t: &Tensor) {
+pub(crate) fn write_npy(path: &Path, t: &Tensor) {
     let descr = match t.dtype() {
         DType::F32 => "<f4",
         DType::I64 => "<i8",
@@ -109,7 +109,7 @@ fn write_npy(path: &Path, t: &Tensor) {
 }
 
 /// `t`'s slice `[from, to)` along `axis`.
-fn slice(t: &Tensor, axis: usize, from: usize, to: usize) -> Tensor {
+pub(crate) fn slice(t: &Tensor, axis: usize, from: usize, to: usize) -> Tensor {
     let shape = t.shape();
     let v = t.to_f64_vec();
     let inner: usize = shape[axis + 1..].iter().product();
@@ -125,7 +125,7 @@ fn slice(t: &Tensor, axis: usize, from: usize, to: usize) -> Tensor {
 }
 
 /// The tensors concatenated along their last axis.
-fn concat_last(ts: &[Tensor]) -> Tensor {
+pub(crate) fn concat_last(ts: &[Tensor]) -> Tensor {
     let shape = ts[0].shape();
     let axis = shape.len() - 1;
     let rows: usize = shape[..axis].iter().product();
@@ -144,7 +144,7 @@ fn concat_last(ts: &[Tensor]) -> Tensor {
 
 /// An f32 tensor as two exact partial sums `(hi, lo)`, `hi + lo == t`: `hi` keeps the
 /// top 16 bits of each value, `lo` the rest (exact: same sign and exponent).
-fn partial_sums(t: &Tensor) -> (Tensor, Tensor) {
+pub(crate) fn partial_sums(t: &Tensor) -> (Tensor, Tensor) {
     let v: Vec<f32> =
         t.bytes().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     let hi: Vec<f64> =
@@ -198,7 +198,7 @@ fn tp_ranks(site: &str) -> Option<&'static str> {
 
 /// Visits every tensor record of a dump.json's data: (entry, "input.K" / "output.K" /
 /// "kwargs.NAME", record).
-fn for_each_record(
+pub(crate) fn for_each_record(
     data: &mut serde_json::Map<String, Value>,
     mut f: impl FnMut(&str, &str, &mut Value),
 ) {
@@ -226,7 +226,7 @@ fn for_each_record(
 /// `step*/rank0`, `rank1`, each with the records `tp_split` names split (rank r holds
 /// half r of the axis, or partial sum r) as `.npy` files, every other record copied.
 /// `break_rank1` may change rank 1's piece of one record (shape and data both).
-fn split_over_two_ranks(src: &Path, dst: &Path, break_rank1: Option<(&str, &str)>) {
+pub(crate) fn split_over_two_ranks(src: &Path, dst: &Path, break_rank1: Option<(&str, &str)>) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("manifest.json"), dst.join("manifest.json")).unwrap();
     for step in std::fs::read_dir(src).unwrap().map(|e| e.unwrap().path()) {
@@ -311,10 +311,22 @@ fn a_dump_split_over_two_ranks_is_reassembled_and_judged_like_the_single_rank_du
         assert_eq!((c2, &f2), (c1, &f1), "{src}");
         assert_eq!(r2["summary"], r1["summary"], "{src}");
     }
-    // Read with the plain map (no `ranks`), the split sites come from rank 0 alone and
-    // fail: the reassembly is what makes the dump pass.
-    let (code, _, _) = compare(&tmp.path().join("gqa_pad_f32"), &hf);
+    // Read with the plain map (no `ranks`), the reassembly is inferred from the ranks
+    // (tests/tensor_parallel.rs); a map's `ranks` still overrides it: q_proj's halves
+    // declared partial sums are added and fail.
+    let (code, _, r) = compare(&tmp.path().join("gqa_pad_f32"), &hf);
+    assert_eq!(code, Some(0));
+    assert_eq!(r["summary"]["fail"], 0);
+    let wrong = hf_map(tmp.path(), "wrong.json", |rules| {
+        for r in rules.iter_mut() {
+            if r["site"] == "model.layers.{i}.self_attn.q_proj" {
+                r["ranks"] = json!("sum");
+            }
+        }
+    });
+    let (code, first, _) = compare(&tmp.path().join("gqa_pad_f32"), &wrong);
     assert_eq!(code, Some(1));
+    assert_eq!(first, ("prefill".to_string(), "model.layers.0.self_attn.q_proj".to_string()));
 }
 
 #[test]

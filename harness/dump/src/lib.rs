@@ -16,6 +16,7 @@ pub mod mapped;
 pub mod msprobe;
 mod npy;
 pub mod pickle;
+pub mod ranked;
 pub mod read;
 pub mod safetensors;
 mod tensor;

@@ -128,7 +128,13 @@ impl Candidate {
                 ),
             ));
         }
-        let dump = Dump::open(path)?;
+        // A contract dump written per tensor-parallel rank (`rank<R>/`) is put back
+        // together from its ranks.
+        let dump = if dump::ranked::is_ranked_dump(path) {
+            dump::ranked::open(path)?
+        } else {
+            Dump::open(path)?
+        };
         let Some(map_path) = naming.key_map else {
             return Ok(Candidate::from(dump));
         };
@@ -169,11 +175,11 @@ impl Candidate {
                 body: Body::Tensors(ms.to_dump(map, &like)?),
             },
             Mode::Statistics => {
-                let sites = ms.statistics(map, &like)?;
+                let (sites, manifest) = ms.statistics_with_manifest(map, &like)?;
                 Candidate {
                     kind: Kind::MsprobeStatistics,
                     body: Body::Statistics(Statistics {
-                        manifest: ms.statistics_manifest(map, &like),
+                        manifest,
                         label: format!("msprobe statistics dump {}", path.display()),
                         sites,
                     }),

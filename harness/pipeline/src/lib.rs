@@ -13,6 +13,7 @@
 //! Uses every earlier stage.
 
 pub mod candidate;
+mod ranks;
 pub mod suite;
 
 use std::path::Path;
@@ -157,10 +158,16 @@ fn check_tensors(
 ) -> Result<Report> {
     let source = noise_floor_known(golden, candidate, opts, known)?;
     let floor = source.as_ref().and_then(FloorSource::floor);
-    let cmp = compare_with(golden, candidate, opts.policy, floor, opts.summary_only)?;
+    let mut cmp = compare_with(golden, candidate, opts.policy, floor, opts.summary_only)?;
+    ranks::fail_divergent_ranks(&mut cmp);
     let mut report = Report::new(&cmp, Vec::new());
+    ranks::annotate(&mut report);
     report.noise_floor_note = source.as_ref().map(FloorSource::note);
-    if opts.diagnose {
+    if ranks::first_is_rank_divergence(&cmp) {
+        report.diagnosis_note = Some(
+            "not made: the first divergence is ranks that disagree where they should hold the same tensor, which no fault of a single-device model explains".into(),
+        );
+    } else if opts.diagnose {
         diagnose_into(&mut report, golden, candidate, &cmp, opts);
     } else if cmp.first_divergence().is_some() {
         report.diagnosis_note = Some("not made: not asked for".to_string());
@@ -214,8 +221,11 @@ fn check_statistics(
         }
     };
     (opts.progress)("statistics-mode msprobe dump: each site is judged on Max/Min/Mean/Norm alone");
-    let cmp = compare_statistics(golden, &stats.manifest, &stats.label, &stats.sites, opts.policy)?;
+    let mut cmp =
+        compare_statistics(golden, &stats.manifest, &stats.label, &stats.sites, opts.policy)?;
+    ranks::fail_divergent_ranks(&mut cmp);
     let mut report = Report::new(&cmp, Vec::new());
+    ranks::annotate(&mut report);
     report.noise_floor_note = floor_note;
     if cmp.first_divergence().is_some() {
         report.diagnosis_note = Some(

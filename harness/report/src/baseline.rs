@@ -296,6 +296,7 @@ mod tests {
             baseline_status: None,
             baseline_growth: None,
             regression: None,
+            reassembly: None,
             noise_floor: None,
         };
         e.tolerance = Some(compare::tolerance::Tolerance::default_for(Precision::F32));

@@ -265,6 +265,7 @@ fn glance(out: &mut String, r: &Report) {
                 },
             ),
         ),
+        ("ranks", r.reassembly_summary().unwrap_or_else(|| "one".into())),
     ] {
         let _ = writeln!(out, "<dt>{k}</dt><dd>{}</dd>", escape(&v));
     }
@@ -351,14 +352,7 @@ fn sites_table(out: &mut String, r: &Report) {
         } else {
             String::new()
         };
-        let mut note = e.note.clone().unwrap_or_default();
-        if let Some(why) = &e.regression {
-            note = if note.is_empty() {
-                format!("regressed: {why}")
-            } else {
-                format!("{note}; regressed: {why}")
-            };
-        }
+        let mut note = e.table_note();
         if let Some(m @ (SiteMetrics::Exact { .. } | SiteMetrics::Visibility { .. })) = &e.metrics {
             if e.status == Status::Fail {
                 note = metrics_line(m);

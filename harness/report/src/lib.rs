@@ -21,6 +21,7 @@ mod junit;
 mod markdown;
 mod terminal;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -95,6 +96,10 @@ pub struct SiteEntry {
     /// Under `--baseline`: why this site regressed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regression: Option<String>,
+    /// A candidate recorded over tensor-parallel ranks: how this site's ranks were put
+    /// back together (`replicated`, `concat(2)`, `sum`, `stage: rank 1`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reassembly: Option<String>,
 }
 
 impl SiteEntry {
@@ -120,7 +125,21 @@ impl SiteEntry {
             baseline_status: None,
             baseline_growth: None,
             regression: None,
+            reassembly: None,
         }
+    }
+
+    /// The note a site table shows: the site's note, then how its ranks were put back
+    /// together and why it regressed, where those apply.
+    pub fn table_note(&self) -> String {
+        let mut parts: Vec<String> = self.note.iter().cloned().collect();
+        if let Some(k) = &self.reassembly {
+            parts.push(format!("ranks: {k}"));
+        }
+        if let Some(why) = &self.regression {
+            parts.push(format!("regressed: {why}"));
+        }
+        parts.join("; ")
     }
 
     /// rel-L2 for value sites, the mismatch fraction otherwise.
@@ -326,6 +345,23 @@ impl Report {
             rules: policy.rules.clone(),
             warnings,
         });
+    }
+
+    /// How a candidate recorded over tensor-parallel ranks was put back together: each
+    /// kind with its number of sites (`concat(2) x24, replicated x40`), most first;
+    /// `None` for a single-rank candidate.
+    pub fn reassembly_summary(&self) -> Option<String> {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in self.sites.iter().filter_map(|e| e.reassembly.as_deref()) {
+            *counts.entry(k).or_default() += 1;
+        }
+        if counts.is_empty() {
+            return None;
+        }
+        let mut v: Vec<(&str, usize)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = v.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        Some(format!("sites put back together from the ranks as: {}", parts.join(", ")))
     }
 
     /// What to say of a failed comparison whose diagnosis is empty.

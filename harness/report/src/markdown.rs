@@ -71,6 +71,9 @@ pub fn render_markdown(r: &Report) -> String {
             if let Some(n) = &fd.note {
                 let _ = writeln!(out, "{}.", escape_md(n));
             }
+            if let Some(k) = &fd.reassembly {
+                let _ = writeln!(out, "Its ranks: {}.", escape_md(k));
+            }
             let _ = writeln!(out);
         }
         None if r.verdict == Verdict::Pass => {
@@ -181,6 +184,9 @@ pub fn render_markdown(r: &Report) -> String {
             let _ = writeln!(out, "- {}", escape_md(&line));
         }
         let _ = writeln!(out);
+    }
+    if let Some(n) = r.reassembly_summary() {
+        let _ = writeln!(out, "Ranks: {}.\n", escape_md(&n));
     }
     let _ = writeln!(out, "Full report: `report.html`; every site: `report.json`, `junit.xml`.");
     out

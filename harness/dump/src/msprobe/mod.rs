@@ -20,6 +20,7 @@ mod json;
 mod layout;
 pub mod map;
 pub mod pt;
+pub mod ranks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use contract::error::{Error, Result};
 use contract::site::{Site, Step};
 
 pub use self::map::{FusedLayout, Heads, Layout, QkvPart, Ranks, SiteMap, Take};
+pub use self::ranks::Reassembly;
 
 /// What msprobe saved: the tensors, or only their statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +65,13 @@ pub struct StatSite {
     pub dtype: Option<DType>,
 }
 
+/// Each site's statistics, keyed by `(step, site)`.
+pub type StatSites = BTreeMap<(Step, String), StatSite>;
+
 /// One `step*/<rank>` folder.
 struct RankDir {
+    /// Its rank number (0 for a single `rank` or `proc<pid>` folder).
+    index: usize,
     dir: PathBuf,
     data: serde_json::Map<String, Value>,
     /// `(module path, call n)` to its entry name.
@@ -266,7 +273,7 @@ fn read_rank(dir: PathBuf, map: &SiteMap) -> Result<(Mode, String, String, RankD
     for v in apis.values_mut() {
         v.sort();
     }
-    Ok((mode, framework, level, RankDir { dir, data, modules, apis }))
+    Ok((mode, framework, level, RankDir { index: 0, dir, data, modules, apis }))
 }
 
 impl MsprobeDump {
@@ -282,9 +289,10 @@ impl MsprobeDump {
         let mut level = String::new();
         for (_, rank_dirs) in dirs {
             let mut ranks = Vec::new();
-            for dir in rank_dirs {
+            for (index, dir) in rank_dirs.into_iter().enumerate() {
                 let djson = dir.join("dump.json");
-                let (m, f, l, rank) = read_rank(dir, map)?;
+                let (m, f, l, mut rank) = read_rank(dir, map)?;
+                rank.index = index;
                 if mode.is_some_and(|x| x != m) {
                     return Err(Error::format(
                         &djson,
@@ -412,9 +420,11 @@ impl MsprobeDump {
         Ok(Some(Record { rank, entry, rec }))
     }
 
-    /// The records a rule reads at one forward: rank 0's alone, or with `ranks` one a
-    /// rank. `None` when rank 0 lacks it (the site is missing); a rank that lacks what
-    /// rank 0 has is an error naming its `dump.json`.
+    /// The records a rule reads at one forward. With the rule's `ranks`, one a rank:
+    /// `None` when rank 0 lacks it (the site is missing), and a rank that lacks what
+    /// rank 0 has is an error naming its `dump.json`. Without, every rank's that has
+    /// it (one rank alone for a pipeline stage; [`ranks`] infers the rest); `None` when
+    /// no rank has it.
     fn records<'a>(
         &'a self,
         rule: &map::Rule,
@@ -423,6 +433,15 @@ impl MsprobeDump {
         (si, n): (usize, usize),
     ) -> Result<Option<Vec<Record<'a>>>> {
         let ranks = &self.steps[si].ranks;
+        if rule.ranks.is_none() && ranks.len() > 1 {
+            let mut out = Vec::new();
+            for rank in ranks {
+                if let Some(r) = Self::record(rank, rule, layer, n)? {
+                    out.push(r);
+                }
+            }
+            return Ok((!out.is_empty()).then_some(out));
+        }
         let Some(first) = Self::record(&ranks[0], rule, layer, n)? else { return Ok(None) };
         let mut out = vec![first];
         if rule.ranks.is_some() {
@@ -470,8 +489,11 @@ impl MsprobeDump {
     }
 
     /// A site's tensor at one forward: each rank's tensor read (the part of a fused
-    /// q/k/v projection taken), the ranks put back together as the rule declares, and
-    /// the layout normalised. `None` when the dump does not hold it as a tensor.
+    /// q/k/v projection taken), the ranks put back together as the rule declares or, by
+    /// default, as [`ranks::tensors`] infers against `want` (the site's contract shape
+    /// at this step), and the layout normalised; with how the ranks were put back
+    /// together (`None` for a single-rank dump). `None` when the dump does not hold it
+    /// as a tensor.
     fn site_tensor(
         &self,
         rule: &map::Rule,
@@ -479,7 +501,9 @@ impl MsprobeDump {
         layer: usize,
         fw: (usize, usize),
         cfg: &crate::ModelConfig,
-    ) -> Result<Option<Tensor>> {
+        want: &[usize],
+    ) -> Result<Option<(Tensor, Option<Reassembly>)>> {
+        let total = self.steps[fw.0].ranks.len();
         let Some(recs) = self.records(rule, site, layer, fw)? else { return Ok(None) };
         let r0 = recs[0].rec;
         if r0.get("data_name").is_none()
@@ -496,8 +520,12 @@ impl MsprobeDump {
                 Some(part) => {
                     // Split along the last axis over the ranks: each holds its share of
                     // the heads.
+                    let width = (cfg.num_attention_heads + 2 * cfg.kv_heads()) * cfg.head_dim();
                     let share = match rule.ranks {
                         Some(Ranks::Concat(a)) if a + 1 == t.shape().len() => n_ranks,
+                        None if n_ranks > 1 && t.shape().last() == Some(&(width / n_ranks)) => {
+                            n_ranks
+                        }
                         _ => 1,
                     };
                     let heads = (cfg.num_attention_heads, cfg.kv_heads());
@@ -511,14 +539,28 @@ impl MsprobeDump {
                     layout::split_qkv(&file, &t, part, rule.fused_layout, counts)?
                 }
             };
-            parts.push((file, t));
+            parts.push((r.rank.index, file, t));
         }
-        let t = match rule.ranks {
-            None => parts.swap_remove(0).1,
-            Some(Ranks::Concat(axis)) => layout::concat(&parts, axis)?,
-            Some(Ranks::Sum) => layout::sum(&parts)?,
+        let heads = (cfg.num_attention_heads, cfg.kv_heads());
+        let declared = |kind: String| (total > 1).then(|| Reassembly::declared(kind));
+        let (t, how) = match rule.ranks {
+            None if total > 1 => {
+                let site = Site::parse(site);
+                let fits = |s: &[usize]| fits_contract(s, want, rule, heads, site == Site::Mask);
+                let (t, how) = ranks::tensors(parts, total, &site, &fits, Some(cfg.vocab_size))?;
+                (t, Some(how))
+            }
+            None => (parts.swap_remove(0).2, None),
+            Some(Ranks::Concat(axis)) => {
+                let files: Vec<_> = parts.into_iter().map(|(_, f, t)| (f, t)).collect();
+                (layout::concat(&files, axis)?, declared(format!("concat({axis})")))
+            }
+            Some(Ranks::Sum) => {
+                let files: Vec<_> = parts.into_iter().map(|(_, f, t)| (f, t)).collect();
+                (layout::sum(&files)?, declared("sum".into()))
+            }
         };
-        Ok(Some(layout::normalise(t, rule, cfg.num_attention_heads, cfg.kv_heads())))
+        Ok(Some((layout::normalise(t, rule, heads.0, heads.1), how)))
     }
 
     /// The contract manifest of this dump: `like`'s model and scenario, the steps that
@@ -553,7 +595,9 @@ impl MsprobeDump {
         let forwards = self.forwards(map);
         let cfg = &like.model;
         let layers_held = self.layers_held(cfg.num_hidden_layers)?;
+        let dims = like.shape_dims();
         let mut tensors = BTreeMap::new();
+        let mut how = BTreeMap::new();
         let mut dtype = None;
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
             let step = like.steps[k];
@@ -576,8 +620,14 @@ impl MsprobeDump {
                             _ => continue,
                         }
                     } else {
-                        match self.site_tensor(rule, &site, i, fw, cfg)? {
-                            Some(t) => t,
+                        let want = Site::parse(&site).shape(step, &dims);
+                        match self.site_tensor(rule, &site, i, fw, cfg, &want)? {
+                            Some((t, h)) => {
+                                if let Some(h) = h {
+                                    how.insert(format!("{step}/{site}"), h);
+                                }
+                                t
+                            }
                             None => continue,
                         }
                     };
@@ -605,7 +655,9 @@ impl MsprobeDump {
             self.root.display(),
             map.name
         ));
-        let mut dump = Dump::in_memory_from(self.manifest(like, n, dtype), tensors, &source)?;
+        let mut manifest = self.manifest(like, n, dtype);
+        record_reassembly(&mut manifest, &how);
+        let mut dump = Dump::in_memory_from(manifest, tensors, &source)?;
         dump.set_name(format!("msprobe dump {}", self.root.display()));
         Ok(dump)
     }
@@ -616,15 +668,25 @@ impl MsprobeDump {
     /// projection or adding partial sums over ranks have no statistics; a site
     /// concatenated over ranks has the statistics of the whole (max of the maxima,
     /// min of the minima, the mean weighted by elements, the root of the summed
-    /// squared norms).
-    pub fn statistics(
+    /// squared norms). Without a map's `ranks`, a multi-rank dump's ranks are merged
+    /// as [`ranks::statistics`] infers.
+    pub fn statistics(&self, map: &SiteMap, like: &Manifest) -> Result<StatSites> {
+        Ok(self.statistics_with_manifest(map, like)?.0)
+    }
+
+    /// [`MsprobeDump::statistics`] with the manifest a statistics comparison reports
+    /// (which records how each site's ranks were merged).
+    pub fn statistics_with_manifest(
         &self,
         map: &SiteMap,
         like: &Manifest,
-    ) -> Result<BTreeMap<(Step, String), StatSite>> {
+    ) -> Result<(StatSites, Manifest)> {
         let forwards = self.forwards(map);
         let cfg = &like.model;
         let layers_held = self.layers_held(cfg.num_hidden_layers)?;
+        let dims = like.shape_dims();
+        let heads = (cfg.num_attention_heads, cfg.kv_heads());
+        let mut how = BTreeMap::new();
         let mut out = BTreeMap::new();
         for (k, &fw) in forwards.iter().enumerate().take(like.steps.len()) {
             let step = like.steps[k];
@@ -648,27 +710,41 @@ impl MsprobeDump {
                         per_rank.push(rank_stats(r)?);
                     }
                     let (mut stats, mut shape) = per_rank[0].clone();
-                    if let Some(Ranks::Concat(axis)) = rule.ranks {
-                        (stats, shape) = concat_stats(&recs, &per_rank, axis)?;
+                    let total = self.steps[fw.0].ranks.len();
+                    match rule.ranks {
+                        Some(Ranks::Concat(axis)) => {
+                            (stats, shape) = concat_stats(&recs, &per_rank, axis)?;
+                            how.insert(
+                                format!("{step}/{site}"),
+                                Reassembly::declared(format!("concat({axis})")),
+                            );
+                        }
+                        Some(Ranks::Sum) => {}
+                        None if total > 1 => {
+                            let want = site.shape(step, &dims);
+                            let fits = |s: &[usize]| {
+                                fits_contract(s, &want, rule, heads, site == Site::Mask)
+                            };
+                            let parts: Vec<ranks::StatPart> = recs
+                                .iter()
+                                .zip(per_rank)
+                                .map(|(r, (st, sh))| (r.rank.index, st, sh))
+                                .collect();
+                            let h;
+                            (stats, shape, h) = ranks::statistics(&parts, total, &site, &fits);
+                            how.insert(format!("{step}/{site}"), h);
+                        }
+                        None => {}
                     }
                     let mut repeat = 1;
-                    if let Some(l) = rule.layout {
-                        if shape.len() == 4 {
-                            shape = match l {
-                                Layout::Bnsd => shape,
-                                Layout::Bsnd => vec![shape[0], shape[2], shape[1], shape[3]],
-                                Layout::Bnds => vec![shape[0], shape[1], shape[3], shape[2]],
-                            };
-                        }
-                    }
                     if rule.heads == Some(Heads::Kv)
                         && shape.len() == 4
-                        && shape[1] == cfg.num_attention_heads
+                        && contract_shape(&shape, rule, (0, 0))[1] == cfg.num_attention_heads
                         && cfg.kv_heads() < cfg.num_attention_heads
                     {
                         repeat = cfg.num_attention_heads / cfg.kv_heads();
-                        shape[1] = cfg.kv_heads();
                     }
+                    shape = contract_shape(&shape, rule, heads);
                     if site == Site::Mask && shape.len() == 4 && shape[3] != s_len {
                         continue;
                     }
@@ -679,13 +755,75 @@ impl MsprobeDump {
                 }
             }
         }
-        Ok(out)
+        let mut manifest = self.statistics_manifest(map, like);
+        record_reassembly(&mut manifest, &how);
+        Ok((out, manifest))
     }
 
     /// The contract manifest a statistics comparison reports for this dump.
     pub fn statistics_manifest(&self, map: &SiteMap, like: &Manifest) -> Manifest {
         let n = self.forwards(map).len().min(like.steps.len());
         self.manifest(like, n, None)
+    }
+}
+
+/// Writes how each site's ranks were put back together into `manifest.producer`:
+/// `reassembly` (step/site to kind), and where there were any, `rank_divergence`
+/// (step/site to the ranks that differ) and `reassembly_inexact` (step/site to what a
+/// statistics merge could not give). Nothing for a single-rank dump.
+pub(crate) fn record_reassembly(manifest: &mut Manifest, how: &BTreeMap<String, Reassembly>) {
+    if how.is_empty() {
+        return;
+    }
+    let pick = |f: fn(&Reassembly) -> Option<&String>| -> serde_json::Map<String, Value> {
+        how.iter().filter_map(|(k, r)| f(r).map(|v| (k.clone(), Value::from(v.as_str())))).collect()
+    };
+    if !manifest.producer.is_object() {
+        manifest.producer = serde_json::json!({ "producer": manifest.producer });
+    }
+    let p = &mut manifest.producer;
+    p["reassembly"] = Value::Object(pick(|r| Some(&r.kind)));
+    let divergence = pick(|r| r.divergence.as_ref());
+    if !divergence.is_empty() {
+        p["rank_divergence"] = Value::Object(divergence);
+    }
+    let inexact = pick(|r| r.inexact.as_ref());
+    if !inexact.is_empty() {
+        p["reassembly_inexact"] = Value::Object(inexact);
+    }
+}
+
+/// A recorded shape in the contract's layout: `rule.layout` undone, and a GQA repeat of
+/// the key/value heads (`heads: kv`, `q` heads where the contract has `kv`) too.
+fn contract_shape(shape: &[usize], rule: &map::Rule, (q, kv): (usize, usize)) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if s.len() == 4 {
+        s = match rule.layout {
+            Some(Layout::Bsnd) => vec![s[0], s[2], s[1], s[3]],
+            Some(Layout::Bnds) => vec![s[0], s[1], s[3], s[2]],
+            _ => s,
+        };
+        if rule.heads == Some(Heads::Kv) && s[1] == q && kv < q {
+            s[1] = kv;
+        }
+    }
+    s
+}
+
+/// Whether a recorded tensor of `shape` is the whole site whose contract shape is
+/// `want` (a mask may be wider than the keys cached: it is cut to them).
+fn fits_contract(
+    shape: &[usize],
+    want: &[usize],
+    rule: &map::Rule,
+    heads: (usize, usize),
+    mask: bool,
+) -> bool {
+    let s = contract_shape(shape, rule, heads);
+    if mask && s.len() == 4 && want.len() == 4 {
+        s[..3] == want[..3] && s[3] >= want[3]
+    } else {
+        s == want
     }
 }
 
@@ -754,21 +892,9 @@ fn concat_stats(
             ));
         }
     }
-    let all = |f: fn(&Stats) -> Option<f64>| {
-        per_rank.iter().map(|(st, _)| f(st)).collect::<Option<Vec<f64>>>()
-    };
-    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
-    let total: f64 = per_rank.iter().map(|(_, s)| numel(s)).sum();
-    let stats = Stats {
-        max: all(|s| s.max).map(|v| v.into_iter().fold(f64::NEG_INFINITY, f64::max)),
-        min: all(|s| s.min).map(|v| v.into_iter().fold(f64::INFINITY, f64::min)),
-        mean: all(|s| s.mean)
-            .map(|v| v.iter().zip(per_rank).map(|(m, (_, s))| m * numel(s)).sum::<f64>() / total),
-        norm: all(|s| s.norm).map(|v| v.iter().map(|n| n * n).sum::<f64>().sqrt()),
-    };
-    let mut shape = shape0.clone();
-    shape[axis] = per_rank.iter().map(|(_, s)| s[axis]).sum();
-    Ok((stats, shape))
+    let stats: Vec<Stats> = per_rank.iter().map(|(s, _)| *s).collect();
+    let shapes: Vec<&[usize]> = per_rank.iter().map(|(_, s)| s.as_slice()).collect();
+    Ok(ranks::concat_stats(&stats, &shapes, axis))
 }
 
 /// What kind of JSON value `v` is, for a message.
@@ -832,6 +958,7 @@ mod tests {
     #[test]
     fn concatenated_ranks_have_the_statistics_of_the_whole() {
         let rank = |r: usize| RankDir {
+            index: r,
             dir: PathBuf::from(format!("rank{r}")),
             data: serde_json::Map::new(),
             modules: HashMap::new(),

@@ -1,0 +1,472 @@
+//! Tensor-parallel msprobe dumps (`step*/rank<R>/`) compared with a single-device golden,
+//! no map given: each site's ranks are put back together as the dump shows them
+//! (`dump::msprobe::ranks`), and the report names the kind per site.
+//!
+//! Real dumps: HF transformers' own tensor parallelism (`tp_plan="auto"`, gloo, CPU)
+//! under msprobe 26.2 at 2 and 4 ranks, made by `fixtures/msprobe/make_tp_dumps.py`.
+//! Labelled synthetic dumps, made here from the real single-rank dump
+//! (`fixtures/msprobe/gqa_pad_f32`) where HF's plan cannot make the layout: key/value
+//! heads replicated over ranks, a padded vocabulary, sequence-parallel norms, a
+//! vocabulary-parallel embedding's partial sums, and pipeline stages.
+
+use std::path::Path;
+
+use crate::helpers::{parity, root};
+use crate::msprobe_layouts::{
+    partial_sums, read_dump_json, slice, split_over_two_ranks, write_npy,
+};
+use llama_parity::dump::msprobe::pt;
+use llama_parity::dump::{DType, Tensor};
+use serde_json::{json, Value};
+
+const TP: &str = "fixtures/msprobe/tp";
+
+/// `parity compare GOLDEN CANDIDATE --report DIR`: (exit code, report.json, stderr).
+fn compare(golden: &str, candidate: &Path, report: &Path) -> (Option<i32>, Value, String) {
+    let (code, _, err) = parity(&[
+        "compare",
+        golden,
+        candidate.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(report.join("report.json"))
+        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
+    (code, serde_json::from_str(&text).unwrap(), err)
+}
+
+/// The site entry of `report` at `step`/`site`.
+fn entry<'a>(report: &'a Value, step: &str, site: &str) -> &'a Value {
+    report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["step"] == step && e["site"] == site)
+        .unwrap_or_else(|| panic!("no site {step}/{site} in the report"))
+}
+
+fn kind<'a>(report: &'a Value, step: &str, site: &str) -> &'a str {
+    entry(report, step, site)["reassembly"].as_str().unwrap_or("")
+}
+
+/// Every site the candidate holds names its kind; none failed.
+fn assert_passes_with_kinds(report: &Value, what: &str) {
+    assert_eq!(report["verdict"], "pass", "{what}");
+    assert_eq!(report["summary"]["fail"], 0, "{what}");
+    assert!(report["summary"]["pass"].as_u64().unwrap() >= 35, "{what}");
+    for e in report["sites"].as_array().unwrap() {
+        let held = e["status"] == "pass";
+        let derived = e["site"].as_str().unwrap().ends_with("k_rope");
+        if held && !derived {
+            assert!(e["reassembly"].is_string(), "{what}: {} {} has no kind", e["step"], e["site"]);
+        }
+    }
+}
+
+#[test]
+fn real_hf_tensor_parallel_dumps_at_2_and_4_ranks_pass_with_no_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dump, golden) in [
+        ("tp2/gqa_pad_f32", "golden/gqa_pad_f32"),
+        ("tp4/mha_f32", "golden/mha_f32"),
+        ("tp2/stats/gqa_pad_f32", "golden/gqa_pad_f32"),
+        ("tp4/stats/mha_f32", "golden/mha_f32"),
+    ] {
+        let rep = tmp.path().join(dump);
+        let (code, r, err) = compare(golden, &root().join(TP).join(dump), &rep);
+        assert_eq!(code, Some(0), "{dump}: {err}");
+        assert_passes_with_kinds(&r, dump);
+        // HF's plan: column-parallel projections, heads split, all-reduced outputs.
+        for (site, want) in [
+            ("model.layers.0.self_attn.q_proj", "concat(2)"),
+            ("model.layers.1.self_attn.k_proj", "concat(2)"),
+            ("model.layers.0.self_attn.context", "concat(2)"),
+            ("model.layers.0.self_attn.k_cache", "concat(1)"),
+            ("model.layers.1.self_attn.probs", "concat(1)"),
+            ("model.layers.0.self_attn.o_proj", "replicated"),
+            ("model.layers.1.mlp", "replicated"),
+            ("model.embed_tokens", "replicated"),
+            ("lm_head", "replicated"),
+        ] {
+            assert_eq!(kind(&r, "prefill", site), want, "{dump}: {site}");
+        }
+        assert_eq!(r["candidate_producer"]["ranks"], if dump.contains("tp4") { 4 } else { 2 });
+        // The kinds are in the HTML and Markdown reports too.
+        let md = std::fs::read_to_string(rep.join("summary.md")).unwrap();
+        assert!(md.contains("Ranks: sites put back together from the ranks as: "), "{md}");
+        let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
+        assert!(html.contains("ranks: concat(2)"), "{dump}: html");
+    }
+}
+
+#[test]
+fn a_fault_planted_in_the_tensor_parallel_run_fails_at_its_first_site_and_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = root().join(TP).join("tp2/gqa_pad_f32__rope_pos_reset");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("t"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(
+        (fd["step"].as_str(), fd["site"].as_str()),
+        (Some("decode.0"), Some("inputs.position_ids"))
+    );
+    assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
+    // Statistics mode: the same first site (no diagnosis from statistics).
+    let dump = root().join(TP).join("tp2/stats/gqa_pad_f32__rope_pos_reset");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("s"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(
+        (fd["step"].as_str(), fd["site"].as_str()),
+        (Some("decode.0"), Some("inputs.position_ids"))
+    );
+}
+
+/// Writes a copy of the real tensor-parallel dump `src` with rank `rank`'s tensor of
+/// `entry`'s `take` at step 0 changed by `f`.
+fn change_rank(
+    src: &Path,
+    dst: &Path,
+    rank: usize,
+    entry: &str,
+    take: &str,
+    f: impl Fn(&mut Vec<f64>),
+) {
+    crate::helpers::copy_tree(src, dst);
+    let dir = dst.join(format!("step0/rank{rank}"));
+    let mut d = read_dump_json(&dir.join("dump.json"));
+    let (kind, k) = take.split_once('.').unwrap();
+    let key = if kind == "input" { "input_args" } else { "output" };
+    let rec = &mut d["data"][entry][key][k.parse::<usize>().unwrap()];
+    let name = rec["data_name"].as_str().unwrap().to_string();
+    let t = pt::read(&dir.join("dump_tensor_data").join(&name)).unwrap();
+    let mut v = t.to_f64_vec();
+    f(&mut v);
+    let npy = name.replace(".pt", ".npy");
+    write_npy(
+        &dir.join("dump_tensor_data").join(&npy),
+        &Tensor::from_f64(t.shape(), &v, t.dtype()),
+    );
+    rec["data_name"] = json!(npy);
+    std::fs::write(dir.join("dump.json"), serde_json::to_string(&d).unwrap()).unwrap();
+}
+
+#[test]
+fn a_rank_that_diverges_from_its_replicas_fails_its_site_with_the_rank_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join(TP).join("tp2/gqa_pad_f32");
+    // A replicated norm output, one value off on rank 1.
+    let dump = tmp.path().join("norm");
+    let e = "Module.model.layers.0.input_layernorm.LlamaRMSNorm.forward.0";
+    change_rank(&src, &dump, 1, e, "output.0", |v| v[5] += 0.25);
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r1"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(fd["site"], "model.layers.0.input_layernorm");
+    let note = fd["note"].as_str().unwrap();
+    assert!(note.starts_with("rank divergence: rank 1 (rel-L2"), "{note}");
+    assert!(note.contains("from rank 0"), "{note}");
+    assert!(r["diagnosis_note"].as_str().unwrap().contains("ranks that disagree"));
+    // Judged on rank 0's tensor, not an average: its metrics pass the tolerance.
+    assert!(fd["metrics"]["rel_l2"].as_f64().unwrap() < 1e-5, "{}", fd["metrics"]);
+    // An all-reduced o_proj output that drifted a little on rank 0: a divergence too,
+    // not partial sums.
+    let dump = tmp.path().join("o_proj");
+    let e = "Module.model.layers.1.self_attn.o_proj.Linear.forward.0";
+    change_rank(&src, &dump, 0, e, "output.0", |v| v.iter_mut().for_each(|x| *x *= 1.001));
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r2"));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(r["first_divergence"]["site"], "model.layers.1.self_attn.o_proj");
+    assert_eq!(kind(&r, "prefill", "model.layers.1.self_attn.o_proj"), "replicated");
+    let note = r["first_divergence"]["note"].as_str().unwrap();
+    assert!(note.starts_with("rank divergence: rank 1"), "{note}");
+}
+
+#[test]
+fn partial_sums_over_ranks_are_added_without_a_map() {
+    // Labelled synthetic: the real single-rank dump split over two ranks, o_proj, the
+    // MLP and the embedding as exact partial sums (tests/msprobe_layouts.rs).
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("split");
+    split_over_two_ranks(&root().join("fixtures/msprobe/gqa_pad_f32"), &dump, None);
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
+    let kinds: Vec<String> = r["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "prefill")
+        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
+        .collect();
+    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_passes_with_kinds(&r, "split");
+    for site in ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp", "model.embed_tokens"] {
+        assert_eq!(kind(&r, "prefill", site), "sum", "{site}");
+    }
+    assert_eq!(kind(&r, "prefill", "lm_head"), "concat(2)");
+}
+
+/// Writes the real single-rank dump `src` as `k` ranks into `dst`: `keep(rank, entry,
+/// parent)` says whether a rank holds an entry at all; `piece(rank, entry, take, t)`
+/// gives its piece of a record (`None`: the whole tensor, msprobe's own file).
+fn make_ranks(
+    src: &Path,
+    dst: &Path,
+    k: usize,
+    keep: impl Fn(usize, &str, &str) -> bool,
+    piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
+) {
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(src.join("manifest.json"), dst.join("manifest.json")).unwrap();
+    for step in std::fs::read_dir(src).unwrap().map(|e| e.unwrap().path()) {
+        if !step.is_dir() {
+            continue;
+        }
+        let proc = std::fs::read_dir(&step).unwrap().next().unwrap().unwrap().path();
+        let djson = read_dump_json(&proc.join("dump.json"));
+        let construct = read_dump_json(&proc.join("construct.json"));
+        for r in 0..k {
+            let out = dst.join(step.file_name().unwrap()).join(format!("rank{r}"));
+            let data_dir = out.join("dump_tensor_data");
+            std::fs::create_dir_all(&data_dir).unwrap();
+            std::fs::copy(proc.join("construct.json"), out.join("construct.json")).unwrap();
+            let mut d = djson.clone();
+            let data = d["data"].as_object_mut().unwrap();
+            data.retain(|entry, _| keep(r, entry, construct[entry].as_str().unwrap_or("")));
+            crate::msprobe_layouts::for_each_record(data, |entry, take, rec| {
+                let Some(name) = rec.get("data_name").and_then(Value::as_str).map(str::to_string)
+                else {
+                    return;
+                };
+                let from = proc.join("dump_tensor_data").join(&name);
+                match piece(r, entry, take, &pt::read(&from).unwrap()) {
+                    None => {
+                        std::fs::copy(&from, data_dir.join(&name)).unwrap();
+                    }
+                    Some(p) => {
+                        let npy = name.replace(".pt", ".npy");
+                        write_npy(&data_dir.join(&npy), &p);
+                        rec["data_name"] = json!(npy);
+                        rec["shape"] = json!(p.shape());
+                    }
+                }
+            });
+            std::fs::write(out.join("dump.json"), serde_json::to_string(&d).unwrap()).unwrap();
+        }
+    }
+}
+
+/// `t` with its last axis padded with zeros to `width`.
+fn pad_last(t: &Tensor, width: usize) -> Tensor {
+    let w = *t.shape().last().unwrap();
+    let v = t.to_f64_vec();
+    let mut out = Vec::new();
+    for row in v.chunks(w) {
+        out.extend_from_slice(row);
+        out.extend(std::iter::repeat_n(0.0, width - w));
+    }
+    let mut s = t.shape().to_vec();
+    *s.last_mut().unwrap() = width;
+    Tensor::from_f64(&s, &out, t.dtype())
+}
+
+#[test]
+fn megatron_style_layouts_beyond_hf_plan_are_reassembled() {
+    // Labelled synthetic, from the real single-rank dump of golden/gqa_pad_f32 (8 query
+    // heads, 2 key/value heads, head_dim 8, vocab 192) over 4 ranks as Megatron lays it
+    // out: key/value heads replicated over pairs of ranks, query heads 2 a rank, lm_head
+    // vocabulary-parallel over a vocabulary padded to 200, sequence-parallel
+    // post-attention norms (prefill tokens 3, 2, 2, 2), the embedding's partial sums on
+    // two ranks (zeros on the others), everything else whole.
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("tp4");
+    let module = |e: &str, m: &str| e.starts_with("Module.") && e.contains(&format!(".{m}."));
+    make_ranks(
+        &root().join("fixtures/msprobe/gqa_pad_f32"),
+        &dump,
+        4,
+        |_, _, _| true,
+        |r, e, take, t| {
+            let last = t.shape().len() - 1;
+            match take {
+                "output.0" if module(e, "q_proj") => Some(slice(t, 2, r * 16, (r + 1) * 16)),
+                "output.0" if module(e, "k_proj") || module(e, "v_proj") => {
+                    Some(slice(t, 2, (r / 2) * 8, (r / 2 + 1) * 8))
+                }
+                "input.0" if module(e, "o_proj") => Some(slice(t, 2, r * 16, (r + 1) * 16)),
+                "input.0" | "input.1" if e.starts_with("Torch.matmul.") => {
+                    Some(slice(t, 1, r * 2, (r + 1) * 2))
+                }
+                "output.0" if e.starts_with("Functional.softmax.") => {
+                    Some(slice(t, 1, r * 2, (r + 1) * 2))
+                }
+                "output.0" if e.starts_with("Module.lm_head.") => {
+                    Some(slice(&pad_last(t, 200), last, r * 50, (r + 1) * 50))
+                }
+                "output.0" if module(e, "post_attention_layernorm") && t.shape()[1] == 9 => {
+                    let (from, to) = [(0, 3), (3, 5), (5, 7), (7, 9)][r];
+                    Some(slice(t, 1, from, to))
+                }
+                "output.0" if e.starts_with("Module.model.embed_tokens.") => {
+                    let (hi, lo) = partial_sums(t);
+                    let zero = Tensor::from_f64(t.shape(), &vec![0.0; t.numel()], DType::F32);
+                    Some([hi, zero.clone(), lo, zero][r].clone())
+                }
+                _ => None,
+            }
+        },
+    );
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
+    let kinds: Vec<String> = r["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "prefill")
+        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
+        .collect();
+    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_passes_with_kinds(&r, "tp4");
+    for step in ["prefill", "decode.0"] {
+        let kv = "concat(2), key/value heads replicated over 2 ranks";
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.k_proj"), kv);
+        assert_eq!(kind(&r, step, "model.layers.1.self_attn.v_proj"), kv);
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.q_proj"), "concat(2)");
+        assert_eq!(kind(&r, step, "model.layers.1.self_attn.k_cache"), "concat(1)");
+        assert_eq!(kind(&r, step, "lm_head"), "concat(2), vocab padded from 200");
+        assert_eq!(kind(&r, step, "model.embed_tokens"), "sum");
+        assert_eq!(kind(&r, step, "model.layers.0.input_layernorm"), "replicated");
+    }
+    assert_eq!(kind(&r, "prefill", "model.layers.1.post_attention_layernorm"), "concat(1)");
+    // A key/value replica that disagrees with its pair names its rank.
+    let bad = tmp.path().join("bad");
+    make_ranks(
+        &root().join("fixtures/msprobe/gqa_pad_f32"),
+        &bad,
+        4,
+        |_, _, _| true,
+        |r, e, take, t| match take {
+            "output.0" if module(e, "k_proj") && e.contains(".layers.0.") => {
+                let mut p = slice(t, 2, (r / 2) * 8, (r / 2 + 1) * 8).to_f64_vec();
+                if r == 3 {
+                    p[0] += 0.5;
+                }
+                let mut s = t.shape().to_vec();
+                s[2] = 8;
+                Some(Tensor::from_f64(&s, &p, DType::F32))
+            }
+            "output.0" if module(e, "k_proj") => Some(slice(t, 2, (r / 2) * 8, (r / 2 + 1) * 8)),
+            "output.0" if module(e, "q_proj") => Some(slice(t, 2, r * 16, (r + 1) * 16)),
+            _ => None,
+        },
+    );
+    let (code, r, err) = compare("golden/gqa_pad_f32", &bad, &tmp.path().join("b"));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(r["first_divergence"]["site"], "model.layers.0.self_attn.k_proj");
+    let note = r["first_divergence"]["note"].as_str().unwrap();
+    assert!(note.starts_with("rank divergence: rank 3 (rel-L2"), "{note}");
+}
+
+#[test]
+fn pipeline_stages_holding_different_layers_are_read_from_their_stage() {
+    // Labelled synthetic: the real single-rank dump as two pipeline stages, rank 0 with
+    // everything but layer 1, rank 1 with layer 1 (and the model's own entry).
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("pp");
+    let in_layer1 =
+        |e: &str, parent: &str| e.contains(".layers.1.") || parent.contains(".layers.1.");
+    make_ranks(
+        &root().join("fixtures/msprobe/gqa_pad_f32"),
+        &dump,
+        2,
+        |r, e, parent| {
+            let anchor = e.starts_with("Module.model.LlamaModel.");
+            anchor || (r == 1) == in_layer1(e, parent)
+        },
+        |_, _, _, _| None,
+    );
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
+    let kinds: Vec<String> = r["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "prefill")
+        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
+        .collect();
+    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_passes_with_kinds(&r, "pp");
+    assert_eq!(kind(&r, "prefill", "model.layers.1.self_attn.q_proj"), "stage: rank 1");
+    assert_eq!(kind(&r, "decode.0", "model.layers.1.self_attn.probs"), "stage: rank 1");
+    assert_eq!(kind(&r, "prefill", "model.layers.0.mlp"), "stage: rank 0");
+    assert_eq!(kind(&r, "prefill", "inputs.position_ids"), "replicated");
+}
+
+/// Writes the golden `golden/gqa_pad_f32` as a contract dump per rank into `dst`
+/// (`rank0/`, `rank1/`, each with the golden's manifest): q/k/v projections split along
+/// their last axis, o_proj's output as two exact partial sums, everything else whole;
+/// `change(rank, step, site, values)` may alter a rank's tensor.
+fn contract_per_rank(dst: &Path, change: impl Fn(usize, &str, &str, &mut Vec<f64>)) {
+    use llama_parity::dump::Dump;
+    let golden = Dump::open(&root().join("golden/gqa_pad_f32")).unwrap();
+    for r in 0..2 {
+        let mut tensors = std::collections::BTreeMap::new();
+        for &step in &golden.manifest.steps {
+            for site in golden.sites(step) {
+                let t = golden.get(step, site).unwrap().unwrap();
+                let name = site.to_string();
+                let t = if name.ends_with("q_proj")
+                    || name.ends_with("k_proj")
+                    || name.ends_with("v_proj")
+                {
+                    let half = t.shape()[2] / 2;
+                    slice(&t, 2, r * half, (r + 1) * half)
+                } else if name.ends_with("o_proj") {
+                    let (hi, lo) = partial_sums(&t);
+                    [hi, lo][r].clone()
+                } else {
+                    t
+                };
+                let mut v = t.to_f64_vec();
+                change(r, &step.to_string(), &name, &mut v);
+                let t = Tensor::from_f64(t.shape(), &v, t.dtype());
+                tensors.insert(format!("{step}/{name}"), t);
+            }
+        }
+        let d = Dump::in_memory(golden.manifest.clone(), tensors).unwrap();
+        d.write(&dst.join(format!("rank{r}"))).unwrap();
+    }
+}
+
+#[test]
+fn a_contract_dump_written_per_rank_is_put_back_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("ranked");
+    contract_per_rank(&dump, |_, _, _, _| {});
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert_eq!(r["summary"]["fail"], 0);
+    assert_eq!(r["summary"]["missing"], 0);
+    for step in ["prefill", "decode.4"] {
+        assert_eq!(kind(&r, step, "model.layers.1.self_attn.k_proj"), "concat(2)");
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.o_proj"), "sum");
+        assert_eq!(kind(&r, step, "model.layers.0.mlp"), "replicated");
+    }
+    assert_eq!(r["candidate_producer"]["ranks"], 2);
+    // Rank 1's final norm off in one decode step: a rank divergence there.
+    let bad = tmp.path().join("bad");
+    contract_per_rank(&bad, |r, step, site, v| {
+        if r == 1 && step == "decode.2" && site == "model.norm" {
+            v[0] += 0.5;
+        }
+    });
+    let (code, r, err) = compare("golden/gqa_pad_f32", &bad, &tmp.path().join("b"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!((fd["step"].as_str(), fd["site"].as_str()), (Some("decode.2"), Some("model.norm")));
+    assert!(fd["note"].as_str().unwrap().starts_with("rank divergence: rank 1"), "{}", fd["note"]);
+    // A rank whose manifest differs exits 2 naming it.
+    let m = bad.join("rank1/manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap().replace("\"decode.4\"", "\"decode.9\"");
+    std::fs::write(&m, text).unwrap();
+    let (code, _, err) = parity(&["compare", "golden/gqa_pad_f32", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("rank1/manifest.json"), "{err}");
+}
