@@ -105,12 +105,13 @@ fn merge_delta(m: &ModuleAdapter, s: f64, low: Option<Precision>) -> Array2<f64>
 /// dtype.
 ///
 /// Unmerged (`merged == false`): each adapted projection gets its bypass ([`Lora`]).
-/// Merged: the golden's weights are the base model's and its producer folded the adapter
-/// before running (PEFT `merge_and_unload`: the float32 delta added to the run-dtype
-/// weight, rounded once), so the fold is done here: `W + s·B·A` in float64, rounded to
-/// `run`. `lora.merged_low_precision` folds in the low dtype instead (`run` where it is
-/// bfloat16 or float16, else bfloat16): base, `B·A`, `s·B·A` and the sum each rounded to
-/// it. The other faults fold (or leave out) the module they name as they would apply it.
+/// Merged: the golden's weights already hold `W + s·B·A` (its producer folded the
+/// adapter before running, CONTRACT §5), so a correct run changes nothing; a planted
+/// fault refolds the module in float64 from the unmerged base `W - s·B·A`: with its own
+/// scaling or module (`lora.scale_*`, `lora.gate_up_swapped`, ...), without it
+/// (`lora.not_loaded`, `lora.target_missing`), or in the low dtype
+/// (`lora.merged_low_precision`: `run` where it is bfloat16 or float16, else bfloat16;
+/// base, `B·A`, `s·B·A` and the sum each rounded to it).
 ///
 /// Every layer is marked adapted, so that it records the optional sites of CONTRACT §5.
 pub fn attach(
@@ -148,26 +149,39 @@ pub fn attach(
             let dropped = here.maps_lora(LoraMapping::NotLoaded)
                 || here.maps_lora(LoraMapping::TargetMissing);
             let used = if dropped { None } else { adapter.get(i, source) };
-            let Some(m) = used else { continue };
-            let s = planned_scaling(m, adapter, &here);
+            let s = used.map(|m| planned_scaling(m, adapter, &here));
             let lin = projection_mut(lw, c);
             if !merged {
-                lin.lora = Some(Lora {
+                lin.lora = used.zip(s).map(|(m, scaling)| Lora {
                     a: Matrix::Stored(m.a.clone()),
                     b: Matrix::Stored(m.b.clone()),
-                    scaling: s,
+                    scaling,
                 });
                 continue;
             }
-            let fold_in = if here.maps_lora(LoraMapping::MergedLowPrecision) { low } else { run };
-            let mut w = lin.weight.to_array();
-            if fold_in != run {
-                w.mapv_inplace(|v| fold_in.round(v));
-                w += &merge_delta(m, s, Some(fold_in));
-            } else {
-                w += &merge_delta(m, s, None);
+            let truth = adapter.get(i, c);
+            let low_precision = here.maps_lora(LoraMapping::MergedLowPrecision);
+            let unchanged = match (truth, used) {
+                (Some(t), Some(u)) => t.a_key == u.a_key && Some(t.scaling) == s,
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged && !low_precision {
+                continue;
             }
-            w.mapv_inplace(|v| fold_in.round(v));
+            let mut w = lin.weight.to_array();
+            if let Some(t) = truth {
+                w -= &merge_delta(t, t.scaling, None);
+            }
+            let low = low_precision.then_some(low);
+            if let Some(p) = low {
+                w.mapv_inplace(|v| p.round(v));
+            }
+            if let (Some(u), Some(s)) = (used, s) {
+                w += &merge_delta(u, s, low);
+            }
+            let stored = low.unwrap_or(run);
+            w.mapv_inplace(|v| stored.round(v));
             lin.weight = Matrix::Owned(w);
         }
     }
