@@ -33,8 +33,8 @@ fn inputs(site: &Site, last_layer: usize) -> (Vec<Site>, &'static str) {
                 }
                 QProj | KProj | VProj => (
                     vec![l(InputLayernorm)],
-                    "the projection itself (its weights or how they were mapped, or its LoRA \
-                     adapter where it has one)",
+                    "the projection itself (its weights or how they were mapped), or its LoRA \
+                     adapter where it has one",
                 ),
                 QProjLora | KProjLora | VProjLora => (
                     vec![l(InputLayernorm)],
@@ -68,8 +68,8 @@ fn inputs(site: &Site, last_layer: usize) -> (Vec<Site>, &'static str) {
                 ),
                 OProj => (
                     vec![l(Context)],
-                    "o_proj itself (its weights or how they were mapped, or its LoRA adapter \
-                     where it has one)",
+                    "o_proj itself (its weights or how they were mapped), or its LoRA adapter \
+                     where it has one",
                 ),
                 PostAttentionLayernorm => (
                     vec![layer_input(*i), l(OProj)],
