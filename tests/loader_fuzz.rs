@@ -2,7 +2,7 @@
 //! mutator (proptest's ChaCha generator, fixed seed) over the corpus of each input kind
 //! (safetensors header and tensors, `.npy`, manifest, policy, key map, `.ckpt`, the
 //! pickle and zip of msprobe's `.pt`, msprobe's `dump.json`, an HF checkpoint's index,
-//! a `--baseline` report), each
+//! a `--baseline` report, a cached noise floor, a LoRA adapter's config), each
 //! loader time-boxed to `PARITY_FUZZ_SECONDS` (default 20 s). The invariant: a loader
 //! returns a value or an error on any bytes; it never panics, never takes more than
 //! 5 s on one input, and the process's peak RSS stays under 2 GiB.
@@ -352,5 +352,46 @@ fn baseline_reader_never_panics_on_mutated_reports() {
     fuzz_half("baseline", 11, &seeds, |b| {
         std::fs::write(&p, b).expect("write");
         llama_parity::report::baseline::Baseline::load(&p).is_ok()
+    });
+}
+
+#[test]
+fn floor_cache_reader_never_panics_on_mutated_entries() {
+    use llama_parity::compare::floor::{golden_hash, FloorCache};
+    use llama_parity::dump::Precision;
+    let d = tempfile::tempdir().expect("tempdir");
+    let cache = FloorCache { dir: d.path().join("floors") };
+    let dir = cache.dir.to_str().unwrap().to_string();
+    let r = crate::helpers::parity(&[
+        "compare",
+        "golden/gqa_pad_f32",
+        "golden/gqa_pad_f32",
+        "--floor-cache",
+        &dir,
+    ]);
+    assert_eq!(r.0, Some(0), "{r:?}");
+    let golden_dir = root().join("golden/gqa_pad_f32");
+    let golden = Dump::open(&golden_dir).expect("golden");
+    let hash = golden_hash(&golden_dir).expect("hash");
+    let path = cache.path(&hash, Precision::F32);
+    let seeds = vec![std::fs::read(&path).expect("the floor the comparison cached")];
+    // The unmutated entry is believed: the fuzzing starts from a floor that loads.
+    assert!(matches!(cache.load(&hash, Precision::F32, &golden), Ok(Some(_))));
+    fuzz_half("floor cache", 12, &seeds, |b| {
+        std::fs::write(&path, b).expect("write");
+        matches!(cache.load(&hash, Precision::F32, &golden), Ok(Some(_)))
+    });
+}
+
+#[test]
+fn adapter_config_reader_never_panics_on_mutated_configs() {
+    use llama_parity::weights::adapter::AdapterConfig;
+    let seeds = files(&root().join("fixtures/lora/golden"), |p| {
+        p.file_name().is_some_and(|n| n == "adapter_config.json")
+    });
+    assert!(seeds.len() >= 4, "the LoRA set's adapter configs");
+    let p = Path::new("adapter/adapter_config.json");
+    fuzz_half("adapter config", 13, &seeds, |b| {
+        std::str::from_utf8(b).is_ok_and(|t| AdapterConfig::parse(t, p).is_ok())
     });
 }
