@@ -399,3 +399,60 @@ fn a_baseline_that_is_a_fifo_or_over_the_json_cap_is_refused() {
         assert_refused(&res, &[s(file), says]);
     }
 }
+
+/// Defect 2, its second half: a shard changed in place, with a digest-cache entry
+/// planted for it (named as the cache names an entry: the file's canonical path, size,
+/// times, inode and device), passes the digest check; its weights then no longer belong
+/// to the golden's activations, so the golden is not reproduced and the run exits 2.
+#[test]
+fn a_planted_digest_cache_entry_for_a_changed_shard_never_passes() {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let tmp = checkpoint_and_golden(|_| {});
+    let name = "model-00002-of-00004.safetensors";
+    let shard = tmp.path().join("tiny_llama3").join(name);
+    // Every bfloat16 weight of the shard times 1.5, in place: same size, same header.
+    let mut b = std::fs::read(&shard).expect("read");
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+    for c in b[8 + n..].chunks_exact_mut(2) {
+        let x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) * 1.5;
+        c.copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+    }
+    std::fs::write(&shard, &b).expect("write");
+    let g = tmp.path().join("g");
+    let hashes = tmp.path().join("sha256");
+    let floors = tmp.path().join("floors");
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_parity"))
+            .args(["run", s(&g), "--impl", "reference"])
+            .env("PARITY_HASH_CACHE", &hashes)
+            .env("PARITY_FLOOR_CACHE", &floors)
+            .output()
+            .expect("run parity");
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (out.status.code(), text(out.stdout), text(out.stderr))
+    };
+    // Without an entry the digest check names the shard.
+    assert_refused(&run(), &[name, "sha256"]);
+    // The planted entry: the manifest's digest under the changed file's key.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(g.join("manifest.json")).expect("read"))
+            .expect("json");
+    let want = manifest["weights"]["sha256"][name].as_str().expect("digest");
+    let meta = std::fs::metadata(&shard).expect("stat");
+    let mut h = Sha256::new();
+    h.update(std::fs::canonicalize(&shard).expect("canonical").as_os_str().as_encoded_bytes());
+    for v in [meta.size() as i64, meta.mtime(), meta.mtime_nsec(), meta.ctime()] {
+        h.update(v.to_le_bytes());
+    }
+    for v in [meta.ctime_nsec() as u64, meta.ino(), meta.dev()] {
+        h.update(v.to_le_bytes());
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(hashes.join(&key).is_file(), "the entry the first run stored under this key");
+    std::fs::write(hashes.join(&key), want).expect("plant");
+    // The digest check is fooled; the reproduction check is not.
+    let r = run();
+    assert_refused(&r, &["not reproduced"]);
+    assert!(!r.2.contains("sha256"), "the planted digest was not taken: {}", r.2);
+}
