@@ -51,10 +51,12 @@ pub enum Command {
     /// For each golden under DIR: the float64 reference, and the simulated Ascend port
     /// at bfloat16 and float16 (a correct low-precision port must pass). For each
     /// candidate under fixtures/candidates/<golden>__<fault>/: the comparison with its
-    /// golden and the diagnosis, which should name the planted fault.
+    /// golden and the diagnosis, which should name the planted fault. Then the same for
+    /// the LoRA set (--adapters) and, when its goldens are there, the real trained model
+    /// with a fault matrix at bfloat16 (--real-model).
     ///
     /// Example:
-    ///   parity suite                      (golden/ and fixtures/candidates/)
+    ///   parity suite                      (golden/, fixtures/candidates/, the LoRA set, the real model)
     ///   parity suite golden --report reports/suite
     ///   parity suite --mindspore            (the real MindSpore port too)
     #[command(verbatim_doc_comment)]
