@@ -148,7 +148,7 @@ fn make_pair(dir: &Path, layers: usize, p: usize) {
             match site {
                 Site::PositionIds => {
                     let first = match step {
-                        Step::Prefill => 0,
+                        Step::Prefill | Step::Train => 0,
                         Step::Decode(j) => p + j,
                     };
                     for i in 0..n {

@@ -63,7 +63,7 @@ fn rewrite_weights(dir: &Path, f: impl Fn(&str, &[f32]) -> Vec<f32>) {
 }
 
 #[test]
-fn a_golden_with_a_missing_adapter_or_a_training_step_exits_2_naming_it() {
+fn a_golden_with_a_missing_adapter_or_a_malformed_training_step_exits_2_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let adapter = golden_copy("gqa_pad_f32", &tmp.path().join("adapter"), |m| {
@@ -72,9 +72,11 @@ fn a_golden_with_a_missing_adapter_or_a_training_step_exits_2_naming_it() {
     let train = golden_copy("gqa_pad_f32", &tmp.path().join("train"), |m| {
         m["train"] = serde_json::json!({"trainable": "all"});
     });
-    // Adapters are built (tests/adapters.rs): a golden whose manifest names an adapter
-    // that is not there exits 2 naming the adapter's file; `train` is not built.
-    for (g, names) in [(&adapter, "adapter/adapter_config.json"), (&train, "field `train`")] {
+    // A golden whose manifest names an adapter that is not there exits 2 naming the
+    // adapter's file; a `train` field without its labels, naming the missing key.
+    for (g, names) in
+        [(&adapter, "adapter/adapter_config.json"), (&train, "field `train.labels` is missing")]
+    {
         let mut runs = vec![
             vec!["run", g.as_str(), "--impl", "reference"],
             vec!["compare", g.as_str(), "golden/gqa_pad_f32"],

@@ -81,7 +81,7 @@ pub fn dump(plant: Plant, framework: &str, missing: &[(&str, &str)]) -> Dump {
             match site {
                 Site::PositionIds => {
                     let pos: Vec<i64> = match step {
-                        Step::Prefill => scenario.prefill_positions().concat(),
+                        Step::Prefill | Step::Train => scenario.prefill_positions().concat(),
                         Step::Decode(j) => scenario.decode_positions(j),
                     };
                     tensors.insert(key, Tensor::from_i64(&shp, &pos));

@@ -178,7 +178,7 @@ pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
     let prefill_max = sc.prefill_positions().iter().flatten().copied().max().unwrap_or(0);
     let largest_position = |step: Step| -> f64 {
         let p = match step {
-            Step::Prefill => prefill_max,
+            Step::Prefill | Step::Train => prefill_max,
             Step::Decode(j) => {
                 sc.decode_positions(j).into_iter().max().unwrap_or(0).max(prefill_max)
             }

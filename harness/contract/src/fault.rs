@@ -42,6 +42,14 @@ pub enum Fault {
     LoraTargetMissing,
     LoraGateUpSwapped,
     LoraMergedLowPrecision,
+    TrainLabelsUnshifted,
+    TrainIgnoreIndexCounted,
+    TrainLossScaleKept,
+    TrainOverflowApplied,
+    TrainWeightDecayEverywhere,
+    TrainClipPerParameter,
+    TrainAdamNoBiasCorrection,
+    TrainMicroBatchesSummed,
 }
 
 impl Fault {
@@ -57,12 +65,31 @@ impl Fault {
         Fault::LoraMergedLowPrecision,
     ];
 
+    /// The training faults (CONTRACT §6): they act on a training step only, so they are
+    /// not in [`Fault::ALL`] (the faults an inference run can hold).
+    pub const TRAIN: [Fault; 8] = [
+        Fault::TrainLabelsUnshifted,
+        Fault::TrainIgnoreIndexCounted,
+        Fault::TrainLossScaleKept,
+        Fault::TrainOverflowApplied,
+        Fault::TrainWeightDecayEverywhere,
+        Fault::TrainClipPerParameter,
+        Fault::TrainAdamNoBiasCorrection,
+        Fault::TrainMicroBatchesSummed,
+    ];
+
+    /// Whether the fault acts on a training step (needs a golden with `train`).
+    pub fn is_train(self) -> bool {
+        Fault::TRAIN.contains(&self)
+    }
+
     /// Whether the fault acts on a LoRA adapter (needs a golden with one).
     pub fn is_lora(self) -> bool {
         Fault::LORA.contains(&self)
     }
 
-    /// Every fault, in the contract's order (§3, then §5).
+    /// Every fault an inference run can hold, in the contract's order (§3, then §5);
+    /// the training faults of §6 are [`Fault::TRAIN`].
     pub const ALL: [Fault; 33] = [
         Fault::RopePosReset,
         Fault::RopePosFixed,
@@ -135,6 +162,14 @@ impl Fault {
             Fault::LoraTargetMissing => "lora.target_missing",
             Fault::LoraGateUpSwapped => "lora.gate_up_swapped",
             Fault::LoraMergedLowPrecision => "lora.merged_low_precision",
+            Fault::TrainLabelsUnshifted => "train.labels_unshifted",
+            Fault::TrainIgnoreIndexCounted => "train.ignore_index_counted",
+            Fault::TrainLossScaleKept => "train.loss_scale_kept",
+            Fault::TrainOverflowApplied => "train.overflow_applied",
+            Fault::TrainWeightDecayEverywhere => "train.weight_decay_everywhere",
+            Fault::TrainClipPerParameter => "train.clip_per_parameter",
+            Fault::TrainAdamNoBiasCorrection => "train.adam_no_bias_correction",
+            Fault::TrainMicroBatchesSummed => "train.micro_batches_summed",
         }
     }
 
@@ -186,12 +221,26 @@ impl Fault {
             Fault::LoraMergedLowPrecision => {
                 "W + s * B A merged in bfloat16/float16 instead of float32"
             }
+            Fault::TrainLabelsUnshifted => {
+                "the loss pairs logits t with label t (labels not shifted)"
+            }
+            Fault::TrainIgnoreIndexCounted => "positions labelled -100 counted in the loss mean",
+            Fault::TrainLossScaleKept => "gradients not divided by the loss scale",
+            Fault::TrainOverflowApplied => {
+                "a step whose float16 gradients overflowed is applied instead of skipped"
+            }
+            Fault::TrainWeightDecayEverywhere => "weight decay applied to the no_decay group",
+            Fault::TrainClipPerParameter => {
+                "each parameter clipped by its own norm instead of the global norm"
+            }
+            Fault::TrainAdamNoBiasCorrection => "AdamW without bias correction",
+            Fault::TrainMicroBatchesSummed => "micro-batch gradients summed, not averaged",
         }
     }
 
     /// Parses a stable ID.
     pub fn parse(id: &str) -> Option<Fault> {
-        Fault::ALL.iter().copied().find(|f| f.id() == id)
+        Fault::ALL.iter().chain(&Fault::TRAIN).copied().find(|f| f.id() == id)
     }
 
     /// Parses an ID spelled with `_` for its `.`, as candidate directory names spell it
@@ -310,6 +359,15 @@ impl Fault {
             RopeWrongTheta | RopeLowPrecisionAngles | NormNoUpcast | AttnSoftmaxLowPrecision => {
                 (false, false, None)
             }
+            // A training step's loss, scaler and optimizer act on the whole step.
+            TrainLabelsUnshifted
+            | TrainIgnoreIndexCounted
+            | TrainLossScaleKept
+            | TrainOverflowApplied
+            | TrainWeightDecayEverywhere
+            | TrainClipPerParameter
+            | TrainAdamNoBiasCorrection
+            | TrainMicroBatchesSummed => (false, false, None),
         };
         let params: &[&str] = match self {
             RopeWrongTheta => &["theta", "scaling"],

@@ -7,18 +7,23 @@
 use std::cmp::Ordering;
 use std::fmt;
 
-/// One forward call: the prefill, or decode step `j`.
+/// One forward call: the prefill, or decode step `j`; or one training step (CONTRACT
+/// §6: forward over the prompt, loss, backward, optimizer update).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {
     Prefill,
     Decode(usize),
+    Train,
 }
 
 impl Step {
-    /// Parses `"prefill"` or `"decode.N"`.
+    /// Parses `"prefill"`, `"decode.N"` or `"train"`.
     pub fn parse(s: &str) -> Option<Step> {
         if s == "prefill" {
             return Some(Step::Prefill);
+        }
+        if s == "train" {
+            return Some(Step::Train);
         }
         let n = s.strip_prefix("decode.")?;
         if n.is_empty()
@@ -36,6 +41,7 @@ impl fmt::Display for Step {
         match self {
             Step::Prefill => f.write_str("prefill"),
             Step::Decode(j) => write!(f, "decode.{j}"),
+            Step::Train => f.write_str("train"),
         }
     }
 }
@@ -165,7 +171,7 @@ impl LayerPart {
     }
 }
 
-/// A named activation of the model.
+/// A named activation of the model, or (CONTRACT §6) a value of a training step.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Site {
     PositionIds,
@@ -176,8 +182,68 @@ pub enum Site {
     Layer(usize, LayerPart),
     Norm,
     LmHead,
+    /// The training loss (a scalar).
+    Loss,
+    /// `grad.<site>`: d loss / d (a forward site), the site's shape.
+    Grad(Box<Site>),
+    /// The global gradient norm after unscaling, before clipping (a scalar).
+    GradNorm,
+    /// `param_grad.<name>`: d loss / d (a trainable parameter), after unscaling and
+    /// clipping; HF or PEFT parameter names.
+    ParamGrad(String),
+    /// `update.<name>`: the parameter after the optimizer step.
+    Update(String),
     /// A site outside the contract's table, kept by name.
     Other(String),
+}
+
+/// Where a parameter sits in HF's `named_parameters()` order (PEFT's `base_model.model.`
+/// prefix and a LoRA `lora_A`/`lora_B` after their projection's weight): embeddings,
+/// then layer by layer (q, k, v, o, gate, up, down, input_layernorm,
+/// post_attention_layernorm), the final norm, `lm_head`, and names outside these last.
+pub fn parameter_order(name: &str) -> (usize, usize, usize, usize) {
+    let n = name.strip_prefix("base_model.model.").unwrap_or(name);
+    if n.starts_with("model.embed_tokens.") {
+        return (0, 0, 0, 0);
+    }
+    if n.starts_with("model.norm.") {
+        return (2, 0, 0, 0);
+    }
+    if n.starts_with("lm_head.") {
+        return (3, 0, 0, 0);
+    }
+    if let Some(rest) = n.strip_prefix("model.layers.") {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(i) = rest[..digits].parse::<usize>() {
+            const PARTS: [&str; 9] = [
+                ".self_attn.q_proj.",
+                ".self_attn.k_proj.",
+                ".self_attn.v_proj.",
+                ".self_attn.o_proj.",
+                ".mlp.gate_proj.",
+                ".mlp.up_proj.",
+                ".mlp.down_proj.",
+                ".input_layernorm.",
+                ".post_attention_layernorm.",
+            ];
+            let tail = &rest[digits..];
+            if let Some(k) = PARTS.iter().position(|p| tail.starts_with(p)) {
+                let leaf = &tail[PARTS[k].len()..];
+                let sub = if leaf.starts_with("lora_A") {
+                    2
+                } else if leaf.starts_with("lora_B") {
+                    3
+                } else if leaf.starts_with("bias") {
+                    1
+                } else {
+                    0
+                };
+                return (1, i, k, sub);
+            }
+            return (1, i, PARTS.len(), 0);
+        }
+    }
+    (4, 0, 0, 0)
 }
 
 /// The sizes a site's contract shape is made of (CONTRACT §2): batch `B`, the prefill
@@ -201,7 +267,7 @@ impl Site {
     /// outside the table is taken as a hidden state `[B, T, H]`.
     pub fn shape(&self, step: Step, d: &ShapeDims) -> Vec<usize> {
         let (b, t, s) = match step {
-            Step::Prefill => (d.batch, d.prefill, d.prefill),
+            Step::Prefill | Step::Train => (d.batch, d.prefill, d.prefill),
             Step::Decode(j) => (d.batch, 1, d.prefill + j + 1),
         };
         let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
@@ -230,9 +296,40 @@ impl Site {
                 _ => vec![b, t, d.hidden],
             },
             Site::LmHead => vec![b, t, d.vocab],
+            Site::Loss | Site::GradNorm => vec![],
+            Site::Grad(inner) => inner.shape(step, d),
+            Site::ParamGrad(name) | Site::Update(name) => {
+                parameter_shape(name, d).unwrap_or_default()
+            }
             _ => vec![b, t, d.hidden],
         }
     }
+}
+
+/// The HF layout of a base parameter from the model's sizes (`q_proj.weight` is
+/// `[nH·D, H]`); `None` for a name outside HF's Llama (a LoRA factor, whose rank the
+/// sizes do not give).
+pub fn parameter_shape(name: &str, d: &ShapeDims) -> Option<Vec<usize>> {
+    let n = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let (h, q, kv, i) = (d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.intermediate);
+    if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+        return Some(vec![d.vocab, h]);
+    }
+    if n == "model.norm.weight" {
+        return Some(vec![h]);
+    }
+    let rest = n.strip_prefix("model.layers.")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    rest[..digits].parse::<usize>().ok()?;
+    Some(match &rest[digits..] {
+        ".self_attn.q_proj.weight" => vec![q, h],
+        ".self_attn.k_proj.weight" | ".self_attn.v_proj.weight" => vec![kv, h],
+        ".self_attn.o_proj.weight" => vec![h, q],
+        ".mlp.gate_proj.weight" | ".mlp.up_proj.weight" => vec![i, h],
+        ".mlp.down_proj.weight" => vec![h, i],
+        ".input_layernorm.weight" | ".post_attention_layernorm.weight" => vec![h],
+        _ => return None,
+    })
 }
 
 impl Site {
@@ -246,7 +343,18 @@ impl Site {
             "model.mask" => return Site::Mask,
             "model.norm" => return Site::Norm,
             "lm_head" => return Site::LmHead,
+            "loss" => return Site::Loss,
+            "grad_norm" => return Site::GradNorm,
             _ => {}
+        }
+        if let Some(inner) = name.strip_prefix("grad.") {
+            return Site::Grad(Box::new(Site::parse(inner)));
+        }
+        if let Some(p) = name.strip_prefix("param_grad.") {
+            return Site::ParamGrad(p.to_string());
+        }
+        if let Some(p) = name.strip_prefix("update.") {
+            return Site::Update(p.to_string());
         }
         if let Some(rest) = name.strip_prefix("model.layers.") {
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -280,7 +388,55 @@ impl Site {
         v
     }
 
-    /// Rank in compute order within a step.
+    /// Every site of a training step with `layers` decoder layers and these trainable
+    /// `parameters` (CONTRACT §6), in compute order: the forward value sites (no cache,
+    /// no position ids, tables or mask), `loss`, their gradients in reverse, `grad_norm`,
+    /// then each parameter's gradient and update in parameter order. Optional sites
+    /// (§5's adapter and MLP projections) are not listed.
+    pub fn train(layers: usize, parameters: &[String]) -> Vec<Site> {
+        let forward: Vec<Site> = Site::all(layers).into_iter().filter(Site::has_grad).collect();
+        let mut params = parameters.to_vec();
+        params.sort_by(|a, b| parameter_order(a).cmp(&parameter_order(b)).then(a.cmp(b)));
+        let mut v = forward.clone();
+        v.push(Site::Loss);
+        v.extend(forward.into_iter().rev().map(|s| Site::Grad(Box::new(s))));
+        v.push(Site::GradNorm);
+        v.extend(params.iter().map(|p| Site::ParamGrad(p.clone())));
+        v.extend(params.iter().map(|p| Site::Update(p.clone())));
+        v
+    }
+
+    /// Whether a training step has `grad.<this site>` (CONTRACT §6): every forward value
+    /// site but the position ids, the RoPE tables, the mask and the KV cache.
+    pub fn has_grad(&self) -> bool {
+        match self {
+            Site::EmbedTokens | Site::Norm | Site::LmHead => true,
+            Site::Layer(_, p) => !matches!(p, LayerPart::KCache | LayerPart::VCache),
+            _ => false,
+        }
+    }
+
+    /// Whether the site is the gradient, parameter gradient or update of a training step
+    /// (its value is not a forward activation).
+    pub fn is_backward(&self) -> bool {
+        matches!(self, Site::Grad(_) | Site::GradNorm | Site::ParamGrad(_) | Site::Update(_))
+    }
+
+    /// Compute order within a step: the forward sites, then (a training step) `loss`,
+    /// the gradients in reverse forward order, `grad_norm`, parameter gradients and
+    /// updates in parameter order; names outside the contract after their group's.
+    fn group(&self) -> usize {
+        match self {
+            Site::Loss => 1,
+            Site::Grad(_) => 2,
+            Site::GradNorm => 3,
+            Site::ParamGrad(_) => 4,
+            Site::Update(_) => 5,
+            _ => 0,
+        }
+    }
+
+    /// Rank in forward compute order within a step.
     fn rank(&self) -> (usize, usize, usize) {
         match self {
             Site::PositionIds => (0, 0, 0),
@@ -291,22 +447,33 @@ impl Site {
             Site::Layer(i, p) => (5, *i, *p as usize),
             Site::Norm => (6, 0, 0),
             Site::LmHead => (7, 0, 0),
-            Site::Other(_) => (8, 0, 0),
+            _ => (8, 0, 0),
         }
     }
 
     /// Compares two sites in compute order.
     pub fn compute_order(&self, other: &Site) -> Ordering {
-        self.rank().cmp(&other.rank()).then_with(|| match (self, other) {
-            (Site::Other(a), Site::Other(b)) => a.cmp(b),
-            _ => Ordering::Equal,
+        self.group().cmp(&other.group()).then_with(|| match (self, other) {
+            (Site::Grad(a), Site::Grad(b)) => b.compute_order(a),
+            (Site::ParamGrad(a), Site::ParamGrad(b)) | (Site::Update(a), Site::Update(b)) => {
+                parameter_order(a).cmp(&parameter_order(b)).then_with(|| a.cmp(b))
+            }
+            _ => self.rank().cmp(&other.rank()).then_with(|| match (self, other) {
+                (Site::Other(a), Site::Other(b)) => a.cmp(b),
+                _ => Ordering::Equal,
+            }),
         })
     }
 
-    /// The layer index, for layer sites.
+    /// The layer index, for layer sites, their gradients and their parameters.
     pub fn layer(&self) -> Option<usize> {
         match self {
             Site::Layer(i, _) => Some(*i),
+            Site::Grad(inner) => inner.layer(),
+            Site::ParamGrad(name) | Site::Update(name) => match parameter_order(name) {
+                (1, i, _, _) => Some(i),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -318,7 +485,10 @@ impl Site {
             Site::Mask => Some(2),
             Site::Layer(_, LayerPart::QRope | LayerPart::KRope | LayerPart::Probs) => Some(2),
             Site::Layer(_, LayerPart::KCache | LayerPart::VCache) => None,
-            Site::Other(_) => None,
+            Site::Grad(inner) => inner.token_axis(),
+            Site::Other(_) | Site::Loss | Site::GradNorm | Site::ParamGrad(_) | Site::Update(_) => {
+                None
+            }
             _ => Some(1),
         }
     }
@@ -336,6 +506,18 @@ impl Site {
             Site::Layer(i, p) => {
                 let part = p.suffix().trim_start_matches('.');
                 format!("L{i} {}", part.strip_prefix("self_attn.").unwrap_or(part))
+            }
+            Site::Grad(inner) => format!("grad {}", inner.short_name()),
+            Site::ParamGrad(name) | Site::Update(name) => {
+                let n = name.strip_prefix("base_model.model.").unwrap_or(name);
+                let n = n.strip_prefix("model.").unwrap_or(n);
+                let n = n.strip_suffix(".weight").unwrap_or(n);
+                let n = match n.strip_prefix("layers.") {
+                    Some(rest) => format!("L{}", rest.replacen("self_attn.", "", 1)),
+                    None => n.to_string(),
+                };
+                let kind = if matches!(self, Site::ParamGrad(_)) { "grad" } else { "update" };
+                format!("{kind} {n}")
             }
             other => {
                 let name = other.to_string();
@@ -356,6 +538,11 @@ impl fmt::Display for Site {
             Site::Layer(i, p) => write!(f, "model.layers.{i}{}", p.suffix()),
             Site::Norm => f.write_str("model.norm"),
             Site::LmHead => f.write_str("lm_head"),
+            Site::Loss => f.write_str("loss"),
+            Site::Grad(inner) => write!(f, "grad.{inner}"),
+            Site::GradNorm => f.write_str("grad_norm"),
+            Site::ParamGrad(name) => write!(f, "param_grad.{name}"),
+            Site::Update(name) => write!(f, "update.{name}"),
             Site::Other(s) => f.write_str(s),
         }
     }
@@ -442,6 +629,52 @@ mod tests {
     }
 
     #[test]
+    fn a_training_step_orders_forward_loss_backward_in_reverse_then_parameters() {
+        let params: Vec<String> = [
+            "lm_head.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.norm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.embed_tokens.weight",
+        ]
+        .map(String::from)
+        .to_vec();
+        let all = Site::train(2, &params);
+        for s in &all {
+            assert_eq!(Site::parse(&s.to_string()), *s, "{s}");
+        }
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        shuffled.sort_by(|a, b| a.compute_order(b));
+        assert_eq!(shuffled, all);
+        let names: Vec<String> = all.iter().map(Site::to_string).collect();
+        let at = |n: &str| names.iter().position(|x| x == n).unwrap_or_else(|| panic!("{n}"));
+        assert!(at("lm_head") < at("loss") && at("loss") < at("grad.lm_head"));
+        assert!(at("grad.lm_head") < at("grad.model.layers.1.mlp"));
+        assert!(at("grad.model.layers.0.input_layernorm") < at("grad.model.embed_tokens"));
+        assert!(at("grad.model.embed_tokens") < at("grad_norm"));
+        assert!(
+            at("param_grad.model.embed_tokens.weight")
+                < at("param_grad.model.layers.0.self_attn.q_proj.weight")
+        );
+        assert!(
+            at("param_grad.model.layers.0.self_attn.q_proj.weight")
+                < at("param_grad.model.layers.0.post_attention_layernorm.weight")
+        );
+        assert!(at("param_grad.lm_head.weight") < at("update.model.embed_tokens.weight"));
+        assert!(!names.iter().any(|n| n.contains("cache") || n.contains("rotary")));
+        assert_eq!(
+            parameter_order("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
+            (1, 0, 0, 3)
+        );
+        assert_eq!(Site::parse("grad.model.layers.3.mlp").layer(), Some(3));
+        assert_eq!(Site::parse("grad.model.layers.3.mlp").token_axis(), Some(1));
+        assert_eq!(Site::parse("loss").token_axis(), None);
+        assert_eq!(Step::parse("train"), Some(Step::Train));
+    }
+
+    #[test]
     fn every_contract_site_round_trips() {
         for s in Site::all(3) {
             assert_eq!(Site::parse(&s.to_string()), s);
@@ -487,7 +720,7 @@ mod serde_by_name {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Step, D::Error> {
             let name = String::deserialize(d)?;
             Step::parse(&name).ok_or_else(|| {
-                D::Error::custom(format!("{name:?} is not a step (prefill or decode.N)"))
+                D::Error::custom(format!("{name:?} is not a step (prefill, decode.N or train)"))
             })
         }
     }

@@ -84,6 +84,21 @@ fn inputs(site: &Site, last_layer: usize) -> (Vec<Site>, &'static str) {
         }
         Site::Norm => (vec![Site::Layer(last_layer, LayerPart::Output)], "the final norm itself"),
         Site::LmHead => (vec![Site::Norm], "lm_head itself (its weights, or tied embeddings)"),
+        Site::Loss => (
+            vec![Site::LmHead],
+            "the loss itself (the label shift, the positions it ignores or its reduction)",
+        ),
+        Site::Grad(_) => (vec![Site::Loss], "the backward of that site"),
+        Site::GradNorm => (vec![], "the global gradient norm (unscaling or its reduction)"),
+        Site::ParamGrad(_) => (
+            vec![Site::GradNorm],
+            "the parameter's gradient (unscaling, clipping or the micro-batch average)",
+        ),
+        Site::Update(name) => (
+            vec![Site::ParamGrad(name.clone())],
+            "the optimizer step (bias correction, the weight-decay groups, or a step that \
+             should have been skipped)",
+        ),
         Site::Other(_) => (vec![], "a site outside the contract's table"),
     }
 }

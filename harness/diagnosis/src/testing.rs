@@ -47,6 +47,7 @@ pub fn manifest(edit: impl FnOnce(&mut Value)) -> Manifest {
         scenario: serde_json::from_value(v["scenario"].clone()).expect("scenario"),
         steps,
         adapter: None,
+        train: None,
         raw: v,
     }
 }

@@ -15,20 +15,16 @@ use super::dtype::Precision;
 pub const FORMAT: &str = "llama-parity/dump@1";
 
 /// The top-level fields of `manifest.json` this harness implements (CONTRACT §1, §1.2,
-/// §5). Any other (`train` §6, or a later one) is refused by name: comparing as if it
-/// were absent would judge a run the harness does not reproduce.
-pub const FIELDS: [&str; 8] =
-    ["format", "producer", "model", "dtype", "scenario", "steps", "weights", "adapter"];
+/// §5, §6). Any other is refused by name: comparing as if it were absent would judge a
+/// run the harness does not reproduce.
+pub const FIELDS: [&str; 9] =
+    ["format", "producer", "model", "dtype", "scenario", "steps", "weights", "adapter", "train"];
 
 /// What a refused field is, for the message.
 fn unimplemented_field(name: &str) -> String {
-    let what = match name {
-        "train" => " (one training step, CONTRACT §6)",
-        _ => "",
-    };
     format!(
-        "field `{name}`{what} is not implemented by this harness: it refuses to compare as if \
-         the field were absent"
+        "field `{name}` is not implemented by this harness: it refuses to compare as if the \
+         field were absent"
     )
 }
 
@@ -220,7 +216,7 @@ impl Scenario {
     /// Decode tokens are always real.
     pub fn is_valid_query(&self, step: Step, b: usize, t: usize) -> bool {
         match step {
-            Step::Prefill => {
+            Step::Prefill | Step::Train => {
                 self.attention_mask.get(b).and_then(|r| r.get(t)).is_none_or(|&m| m != 0)
             }
             Step::Decode(_) => true,
@@ -334,6 +330,221 @@ impl AdapterSpec {
     }
 }
 
+/// What is trained (CONTRACT §6 `trainable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every parameter of the model.
+    All,
+    /// Only the LoRA adapter's parameters (the manifest has an `adapter`).
+    Adapter,
+}
+
+/// The loss scale of a training step (CONTRACT §6 `loss_scale`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossScale {
+    None,
+    /// Gradients of `loss × value`, divided by `value` before clipping.
+    Static(f64),
+    /// As `Static` for this one step, from the scaler's current `value`; an overflow
+    /// skips the step (and would lower the scale for the next).
+    Dynamic(f64),
+}
+
+impl LossScale {
+    /// The factor the loss is multiplied by (1 without a scale).
+    pub fn value(self) -> f64 {
+        match self {
+            LossScale::None => 1.0,
+            LossScale::Static(v) | LossScale::Dynamic(v) => v,
+        }
+    }
+}
+
+/// The optimizer of a training step (CONTRACT §6 `optimizer`): the first AdamW step
+/// from zero moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Glob patterns (`*` any run of characters) over HF/PEFT parameter names that get
+    /// no weight decay.
+    pub no_decay: Vec<String>,
+}
+
+impl AdamW {
+    /// Whether parameter `name` is in the no-decay group.
+    pub fn is_no_decay(&self, name: &str) -> bool {
+        self.no_decay.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// `*` matches any run of characters (possibly empty); every other character itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// The manifest's `train` field (CONTRACT §6): one training step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSpec {
+    /// `[B][P]`; -100 is ignored.
+    pub labels: Vec<Vec<i64>>,
+    /// The batch split in this many equal parts, gradients averaged.
+    pub micro_batches: usize,
+    pub trainable: Trainable,
+    pub optimizer: AdamW,
+    /// `None`: no clipping; else clipping by the global norm.
+    pub max_grad_norm: Option<f64>,
+    pub loss_scale: LossScale,
+}
+
+impl TrainSpec {
+    /// The keys the field holds; any other is refused by name.
+    pub const KEYS: [&str; 6] =
+        ["labels", "micro_batches", "trainable", "optimizer", "max_grad_norm", "loss_scale"];
+    /// The keys of `optimizer`.
+    pub const OPTIMIZER_KEYS: [&str; 6] =
+        ["name", "lr", "betas", "eps", "weight_decay", "no_decay"];
+    /// The keys of `loss_scale`.
+    pub const LOSS_SCALE_KEYS: [&str; 2] = ["kind", "value"];
+    /// The label ignored by the loss.
+    pub const IGNORE_INDEX: i64 = -100;
+
+    fn parse(v: &Value, scenario: &Scenario, path: &Path) -> Result<TrainSpec> {
+        let bad = |what: String| Error::Manifest { path: path.to_path_buf(), what };
+        let unknown = |field: &str, o: &serde_json::Map<String, Value>, keys: &[&str]| {
+            o.keys().find(|k| !keys.contains(&k.as_str())).map(|k| {
+                bad(format!(
+                    "field `{field}.{}` is not implemented by this harness: refusing to run as \
+                     if it were absent",
+                    contract::error::escape_controls(k)
+                ))
+            })
+        };
+        let o = v.as_object().ok_or_else(|| bad("field `train` is not an object".into()))?;
+        if let Some(e) = unknown("train", o, &Self::KEYS) {
+            return Err(e);
+        }
+        let get = |k: &str| o.get(k).ok_or_else(|| bad(format!("field `train.{k}` is missing")));
+        let num = |v: &Value, what: &str| {
+            v.as_f64()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| bad(format!("field `{what}` is not a finite number")))
+        };
+        let labels: Vec<Vec<i64>> = serde_json::from_value(get("labels")?.clone())
+            .map_err(|e| bad(format!("field `train.labels`: {e}")))?;
+        let (b, p) = (scenario.batch(), scenario.prefill_len());
+        if labels.len() != b || labels.iter().any(|r| r.len() != p) {
+            return Err(bad(format!("field `train.labels` must be [{b}][{p}], like input_ids")));
+        }
+        let micro_batches =
+            get("micro_batches")?.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
+                bad("field `train.micro_batches` is not a positive integer".into())
+            })? as usize;
+        if b % micro_batches != 0 {
+            return Err(bad(format!(
+                "field `train.micro_batches` is {micro_batches}: it does not split the batch of \
+                 {b} in equal parts"
+            )));
+        }
+        let trainable = match get("trainable")?.as_str() {
+            Some("all") => Trainable::All,
+            Some("adapter") => Trainable::Adapter,
+            _ => return Err(bad("field `train.trainable` is not \"all\" or \"adapter\"".into())),
+        };
+        let ov = get("optimizer")?;
+        let oo =
+            ov.as_object().ok_or_else(|| bad("field `train.optimizer` is not an object".into()))?;
+        if let Some(e) = unknown("train.optimizer", oo, &Self::OPTIMIZER_KEYS) {
+            return Err(e);
+        }
+        let oget = |k: &str| {
+            oo.get(k).ok_or_else(|| bad(format!("field `train.optimizer.{k}` is missing")))
+        };
+        match oget("name")?.as_str() {
+            Some("adamw") => {}
+            other => {
+                return Err(bad(format!(
+                    "field `train.optimizer.name` is {}: only \"adamw\" is implemented",
+                    other.map_or("not a string".to_string(), |s| format!("{s:?}"))
+                )))
+            }
+        }
+        let betas = oget("betas")?
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad("field `train.optimizer.betas` is not [beta1, beta2]".into()))?;
+        let no_decay: Vec<String> = serde_json::from_value(oget("no_decay")?.clone())
+            .map_err(|e| bad(format!("field `train.optimizer.no_decay`: {e}")))?;
+        let optimizer = AdamW {
+            lr: num(oget("lr")?, "train.optimizer.lr")?,
+            betas: (
+                num(&betas[0], "train.optimizer.betas[0]")?,
+                num(&betas[1], "train.optimizer.betas[1]")?,
+            ),
+            eps: num(oget("eps")?, "train.optimizer.eps")?,
+            weight_decay: num(oget("weight_decay")?, "train.optimizer.weight_decay")?,
+            no_decay,
+        };
+        let max_grad_norm = match get("max_grad_norm")? {
+            Value::Null => None,
+            v => Some(num(v, "train.max_grad_norm")?).filter(|&x| x > 0.0).map(Some).ok_or_else(
+                || bad("field `train.max_grad_norm` is not a positive number or null".into()),
+            )?,
+        };
+        let lv = get("loss_scale")?;
+        let lo = lv
+            .as_object()
+            .ok_or_else(|| bad("field `train.loss_scale` is not an object".into()))?;
+        if let Some(e) = unknown("train.loss_scale", lo, &Self::LOSS_SCALE_KEYS) {
+            return Err(e);
+        }
+        let value = || -> Result<f64> {
+            lo.get("value")
+                .ok_or_else(|| bad("field `train.loss_scale.value` is missing".into()))
+                .and_then(|v| num(v, "train.loss_scale.value"))
+                .and_then(|x| {
+                    if x > 0.0 {
+                        Ok(x)
+                    } else {
+                        Err(bad("field `train.loss_scale.value` is not positive".into()))
+                    }
+                })
+        };
+        let loss_scale = match lo.get("kind").and_then(Value::as_str) {
+            Some("none") => LossScale::None,
+            Some("static") => LossScale::Static(value()?),
+            Some("dynamic") => LossScale::Dynamic(value()?),
+            _ => {
+                return Err(bad(
+                    "field `train.loss_scale.kind` is not \"none\", \"static\" or \"dynamic\""
+                        .into(),
+                ))
+            }
+        };
+        Ok(TrainSpec { labels, micro_batches, trainable, optimizer, max_grad_norm, loss_scale })
+    }
+}
+
 /// A parsed `manifest.json`. The original JSON is kept so that fields this version
 /// does not model survive a rewrite.
 #[derive(Debug, Clone)]
@@ -345,6 +556,8 @@ pub struct Manifest {
     pub steps: Vec<Step>,
     /// The LoRA adapter the run was made with (CONTRACT §5), if any.
     pub adapter: Option<AdapterSpec>,
+    /// One training step (CONTRACT §6), if the dump is one: `steps` is then `["train"]`.
+    pub train: Option<TrainSpec>,
     pub raw: Value,
 }
 
@@ -390,7 +603,9 @@ impl Manifest {
             let name =
                 s.as_str().ok_or_else(|| bad(format!("field `steps`: {s} is not a string")))?;
             steps.push(Step::parse(name).ok_or_else(|| {
-                bad(format!("field `steps`: {name:?} is not \"prefill\" or \"decode.N\""))
+                bad(format!(
+                    "field `steps`: {name:?} is not \"prefill\", \"decode.N\" or \"train\""
+                ))
             })?);
         }
         if steps.is_empty() {
@@ -415,7 +630,24 @@ impl Manifest {
         }
         model.validate(path)?;
         let adapter = obj.get("adapter").map(|v| AdapterSpec::parse(v, path)).transpose()?;
-        Ok(Manifest { producer, model, dtype, scenario, steps, adapter, raw })
+        let train = obj.get("train").map(|v| TrainSpec::parse(v, &scenario, path)).transpose()?;
+        if train.is_some() && steps != [Step::Train] {
+            return Err(bad("field `steps` must be [\"train\"] in a dump with `train`".into()));
+        }
+        if train.is_none() && steps.contains(&Step::Train) {
+            return Err(bad(
+                "field `steps` holds \"train\" but the manifest has no `train` field".into()
+            ));
+        }
+        if let (Some(t), None) = (&train, &adapter) {
+            if t.trainable == Trainable::Adapter {
+                return Err(bad(
+                    "field `train.trainable` is \"adapter\" but the manifest has no `adapter`"
+                        .into(),
+                ));
+            }
+        }
+        Ok(Manifest { producer, model, dtype, scenario, steps, adapter, train, raw })
     }
 
     /// The manifest as JSON: the original document with the modelled fields written back.

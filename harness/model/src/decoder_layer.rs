@@ -56,7 +56,7 @@ impl DecoderLayer<'_> {
         let site = |p: LayerPart| Site::Layer(self.index, p);
         // The prefill fills the cache from its first slot; decode steps write as planned.
         let write = match shared.step {
-            Step::Prefill => CacheWrite::NextSlot,
+            Step::Prefill | Step::Train => CacheWrite::NextSlot,
             Step::Decode(_) => plan.cache_write,
         };
 

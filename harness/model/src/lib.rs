@@ -72,6 +72,17 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
         &golden.manifest.steps,
     )
     .map_err(|what| contract::error::Error::Usage { flag: "--fault".into(), what })?;
+    if golden.manifest.train.is_none() {
+        if let Some(f) = opts.faults.iter().find(|f| f.fault.is_train()) {
+            return Err(contract::error::Error::Usage {
+                flag: "--fault".into(),
+                what: format!(
+                    "{f}: the golden is not a training step (no `train` in its manifest, \
+                     CONTRACT §6)"
+                ),
+            });
+        }
+    }
     match opts.implementation {
         Implementation::MindSpore => mindspore::run(golden, opts),
         Implementation::MindFormers(device) => mindformers::run(golden, opts, device),

@@ -359,6 +359,16 @@ impl Plan {
                 Fault::LoraMergedLowPrecision => {
                     p.lora_mappings.push(LoraMapping::MergedLowPrecision)
                 }
+                // Training faults act on the loss, the scaler and the optimizer of a
+                // training step, which reads them from `faults` itself.
+                Fault::TrainLabelsUnshifted
+                | Fault::TrainIgnoreIndexCounted
+                | Fault::TrainLossScaleKept
+                | Fault::TrainOverflowApplied
+                | Fault::TrainWeightDecayEverywhere
+                | Fault::TrainClipPerParameter
+                | Fault::TrainAdamNoBiasCorrection
+                | Fault::TrainMicroBatchesSummed => {}
             }
         }
         p

@@ -325,6 +325,16 @@ impl Runner<'_> {
                         })?;
                     session.decode(&ids, inputs)?
                 }
+                Step::Train => {
+                    return Err(Error::Usage {
+                        flag: "--impl".into(),
+                        what: format!(
+                            "field `train` (one training step, CONTRACT §6) is not implemented \
+                             by the {} implementation",
+                            self.implementation
+                        ),
+                    })
+                }
             };
             let stopped = out.stopped();
             store(step, out, &mut tensors);

@@ -129,6 +129,14 @@ fn check_known<'c>(
     opts: &Options,
     known: Known,
 ) -> Result<Report> {
+    if golden.manifest.train.is_some() {
+        return Err(Error::Usage {
+            flag: "GOLDEN".into(),
+            what: "field `train` (one training step, CONTRACT §6): comparing a training step is \
+                   not implemented by this harness"
+                .into(),
+        });
+    }
     let mut report = match candidate.into() {
         CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts, known)?,
         CandidateRef::Statistics(stats) => check_statistics(golden, stats, teacher_forced, opts)?,
