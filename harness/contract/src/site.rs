@@ -389,17 +389,20 @@ impl Site {
     }
 
     /// Every site of a training step with `layers` decoder layers and these trainable
-    /// `parameters` (CONTRACT §6), in compute order: the forward value sites (no cache,
-    /// no position ids, tables or mask), `loss`, their gradients in reverse, `grad_norm`,
-    /// then each parameter's gradient and update in parameter order. Optional sites
-    /// (§5's adapter and MLP projections) are not listed.
+    /// `parameters` (CONTRACT §6), in compute order: the forward sites of the prefill
+    /// but the KV cache, `loss`, the gradients of those with one ([`Site::has_grad`]) in
+    /// reverse, `grad_norm`, then each parameter's gradient and update in parameter
+    /// order. Optional sites (§5's adapter and MLP projections) are not listed.
     pub fn train(layers: usize, parameters: &[String]) -> Vec<Site> {
-        let forward: Vec<Site> = Site::all(layers).into_iter().filter(Site::has_grad).collect();
+        let forward: Vec<Site> = Site::all(layers)
+            .into_iter()
+            .filter(|s| !matches!(s, Site::Layer(_, LayerPart::KCache | LayerPart::VCache)))
+            .collect();
         let mut params = parameters.to_vec();
         params.sort_by(|a, b| parameter_order(a).cmp(&parameter_order(b)).then(a.cmp(b)));
         let mut v = forward.clone();
         v.push(Site::Loss);
-        v.extend(forward.into_iter().rev().map(|s| Site::Grad(Box::new(s))));
+        v.extend(forward.into_iter().rev().filter(Site::has_grad).map(|s| Site::Grad(Box::new(s))));
         v.push(Site::GradNorm);
         v.extend(params.iter().map(|p| Site::ParamGrad(p.clone())));
         v.extend(params.iter().map(|p| Site::Update(p.clone())));
@@ -663,7 +666,9 @@ mod tests {
                 < at("param_grad.model.layers.0.post_attention_layernorm.weight")
         );
         assert!(at("param_grad.lm_head.weight") < at("update.model.embed_tokens.weight"));
-        assert!(!names.iter().any(|n| n.contains("cache") || n.contains("rotary")));
+        assert!(!names.iter().any(|n| n.contains("cache")));
+        assert!(at("model.mask") < at("model.layers.0.input_layernorm"));
+        assert!(!names.iter().any(|n| n.starts_with("grad.") && n.contains("rotary")));
         assert_eq!(
             parameter_order("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
             (1, 0, 0, 3)
