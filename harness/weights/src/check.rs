@@ -91,6 +91,53 @@ pub struct TensorRow {
     pub status: &'static str,
 }
 
+impl TensorRow {
+    /// The pair `hf` ↔ `port` before any comparison: shapes and dtypes of both, status
+    /// `ok`.
+    pub(crate) fn pair(hf: &str, port: &str, h: &Tensor, p: &Tensor) -> TensorRow {
+        TensorRow {
+            hf: hf.to_string(),
+            port: port.to_string(),
+            hf_shape: h.shape().to_vec(),
+            port_shape: p.shape().to_vec(),
+            hf_dtype: h.dtype(),
+            port_dtype: p.dtype(),
+            n_diff: None,
+            max_abs_diff: None,
+            status: "ok",
+        }
+    }
+}
+
+/// A finding of `kind` about the HF tensor `hf` and the port's `port`.
+pub(crate) fn finding(
+    kind: FindingKind,
+    hf: Option<&str>,
+    port: Option<&str>,
+    detail: String,
+    fault: Option<&'static str>,
+) -> Finding {
+    Finding { kind, hf: hf.map(str::to_string), port: port.map(str::to_string), detail, fault }
+}
+
+/// A finding when the port stores `p` in another dtype than the one asked for.
+pub(crate) fn dtype_finding(
+    want: Option<DType>,
+    p: &Tensor,
+    hf_key: &str,
+    port_key: &str,
+) -> Option<Finding> {
+    want.filter(|&d| d != p.dtype()).map(|d| {
+        finding(
+            FindingKind::DType,
+            Some(hf_key),
+            Some(port_key),
+            format!("port dtype {}, expected {d}", p.dtype()),
+            None,
+        )
+    })
+}
+
 /// The outcome of a weight check.
 #[derive(Debug, Clone)]
 pub struct WeightCheck {
@@ -113,13 +160,6 @@ pub fn check_weights(
     let mut tensors = Vec::new();
     let mut findings = Vec::new();
     let mut produced = BTreeSet::new();
-    let finding = |kind, hf: Option<&str>, port: Option<&str>, detail: String, fault| Finding {
-        kind,
-        hf: hf.map(str::to_string),
-        port: port.map(str::to_string),
-        detail,
-        fault,
-    };
     for hf_key in hf.keys() {
         let h = hf.require(hf_key)?;
         let Some((port_key, rule)) = map.to_port(hf_key) else {
@@ -143,29 +183,9 @@ pub fn check_weights(
             ));
             continue;
         };
-        let mut row = TensorRow {
-            hf: hf_key.to_string(),
-            port: port_key.clone(),
-            hf_shape: h.shape().to_vec(),
-            port_shape: p.shape().to_vec(),
-            hf_dtype: h.dtype(),
-            port_dtype: p.dtype(),
-            n_diff: None,
-            max_abs_diff: None,
-            status: "ok",
-        };
-        let mut here = Vec::new();
-        if let Some(d) = dtype {
-            if p.dtype() != d {
-                here.push(finding(
-                    FindingKind::DType,
-                    Some(hf_key),
-                    Some(&port_key),
-                    format!("port dtype {}, expected {d}", p.dtype()),
-                    None,
-                ));
-            }
-        }
+        let mut row = TensorRow::pair(hf_key, &port_key, &h, p);
+        let mut here: Vec<Finding> =
+            dtype_finding(dtype, p, hf_key, &port_key).into_iter().collect();
         let transpose = rule.transpose && h.shape().len() == 2;
         let expected: Vec<usize> =
             if transpose { h.shape().iter().rev().copied().collect() } else { h.shape().to_vec() };
