@@ -109,6 +109,37 @@ impl TensorRow {
     }
 }
 
+/// Writes a table of six columns, `head` then `rows`, each column as wide as its widest
+/// cell, columns from `first_right` on aligned right.
+pub(crate) fn write_table(
+    s: &mut String,
+    head: [&str; 6],
+    rows: &[[String; 6]],
+    first_right: usize,
+) {
+    let mut w = head.map(str::len);
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let cells = std::iter::once(head.map(String::from)).chain(rows.iter().cloned());
+    for r in cells {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < first_right {
+                    format!("{c:<w$}", w = w[i])
+                } else {
+                    format!("{c:>w$}", w = w[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "{}", line.join("  "));
+    }
+}
+
 /// A finding of `kind` about the HF tensor `hf` and the port's `port`.
 pub(crate) fn finding(
     kind: FindingKind,
@@ -371,34 +402,7 @@ impl WeightCheck {
             })
             .collect();
         let head = ["status", "port tensor", "shape", "dtype", "max|diff|", "differ"];
-        let mut w = head.map(str::len);
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        let line = |s: &mut String, c: &[&str]| {
-            let _ = writeln!(
-                s,
-                "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}",
-                c[0],
-                c[1],
-                c[2],
-                c[3],
-                c[4],
-                c[5],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3],
-                w4 = w[4],
-                w5 = w[5]
-            );
-        };
-        line(&mut s, &head);
-        for r in &rows {
-            line(&mut s, &r.iter().map(String::as_str).collect::<Vec<_>>());
-        }
+        write_table(&mut s, head, &rows, 4);
         let _ = writeln!(s);
         for f in &self.findings {
             let names = match (&f.port, &f.hf) {

@@ -38,7 +38,8 @@ use crate::adapter::{
     WEIGHTS_FILE,
 };
 use crate::check::{
-    diff, dtype_finding, finding, write_report, Finding, FindingKind, TensorRow, WeightCheck,
+    diff, dtype_finding, finding, write_report, write_table, Finding, FindingKind, TensorRow,
+    WeightCheck,
 };
 use crate::ckpt::Checkpoint;
 use crate::keymap::KeyMap;
@@ -698,31 +699,8 @@ impl AdapterCheck {
                 ]
             })
             .collect();
-        let head = ["status", "port module", "r", "alpha", "PEFT s", "port s"].map(String::from);
-        let mut w = [0; 6];
-        for r in std::iter::once(&head).chain(&rows) {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        for r in std::iter::once(&head).chain(&rows) {
-            let _ = writeln!(
-                s,
-                "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:>w5$}",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3],
-                w4 = w[4],
-                w5 = w[5]
-            );
-        }
+        let head = ["status", "port module", "r", "alpha", "PEFT s", "port s"];
+        write_table(&mut s, head, &rows, 2);
         if self.base_tensors > 0 {
             let _ =
                 writeln!(s, "({} base-model tensors in the checkpoint skipped)", self.base_tensors);
