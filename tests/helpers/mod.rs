@@ -296,3 +296,13 @@ pub fn rewrite_pickle(pt: &Path, edit: impl FnOnce(&[u8]) -> Vec<u8>) {
     }
     zout.finish().expect("finish");
 }
+
+/// Runs `cmd` (a `parity` command line) with `--report rep` appended: its exit code,
+/// stdout and stderr together, and the report's JSON (`Null` when none was written).
+pub fn run_with_report(mut cmd: std::process::Command, rep: &Path) -> (Option<i32>, String, Value) {
+    let out = cmd.arg("--report").arg(rep).output().expect("run parity");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = if rep.join("report.json").is_file() { report_json(rep) } else { Value::Null };
+    (out.status.code(), text, report)
+}
