@@ -7,7 +7,8 @@
 //!   `DynamicLossScaler`, `torch.amp.GradScaler`: `scale / 2`);
 //! - `grad_norm = sqrt(Σ_p ‖g_p‖²)`, as `clip_grad_norm_` returns it (per-parameter
 //!   norms, then the norm of those);
-//! - clipping: every gradient times `min(1, max_grad_norm / (grad_norm + 1e-6))`;
+//! - clipping: every gradient times `min(1, max_grad_norm / (grad_norm + 1e-6))`, on a
+//!   skipped step too (`clip_grad_norm_` comes before the scaler's check), NaN kept;
 //! - AdamW from zero moments, step 1: `p ← p·(1 − lr·wd)` (wd 0 in the `no_decay`
 //!   group), `m = (1−β₁)·g`, `v = (1−β₂)·g²`,
 //!   `p ← p − (lr / (1−β₁)) · m / (sqrt(v) / sqrt(1−β₂) + eps)` (torch's
@@ -92,10 +93,14 @@ pub fn step(
     let norms: Vec<f64> = grads.iter().map(|g| norm(g, st)).collect();
     let grad_norm = st.master(norms.iter().map(|n| n * n).sum::<f64>().sqrt());
     let skipped = overflow && !rule.overflow_applied;
-    if let (Some(max), false) = (max_grad_norm, skipped) {
+    // Clipping multiplies even a step that will be skipped (`clip_grad_norm_` runs
+    // before the scaler's check): a non-finite norm makes every gradient NaN (or 0 times
+    // its finite entries when the norm is Inf), and `clamp(max=1)` keeps a NaN.
+    if let Some(max) = max_grad_norm {
         for (g, &own) in grads.iter_mut().zip(&norms) {
             let total = if rule.clip_per_parameter { own } else { grad_norm };
-            let coef = st.master((st.master(max) / st.master(total + 1e-6)).min(1.0));
+            let coef = st.master(max) / st.master(total + 1e-6);
+            let coef = st.master(if coef.is_nan() { coef } else { coef.min(1.0) });
             g.mapv_inplace(|x| st.master(x * coef));
         }
     }

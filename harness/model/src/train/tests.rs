@@ -238,14 +238,23 @@ proptest! {
     #[test]
     fn embedding_backward_scatter_adds_repeated_tokens_by_central_differences(
         seed in any::<u64>(), b in 1usize..3, t in 1usize..5, vocab in 1usize..6, h in 1usize..5,
+        padded in any::<bool>(),
     ) {
         let mut r = SplitMix64::new(seed);
         let e = rand(&mut r, (vocab, h));
         let ids: Vec<Vec<i64>> = (0..b).map(|_| (0..t).map(|_| r.below(vocab as u64) as i64).collect()).collect();
         let dh = rand(&mut r, (b, t, h));
-        let de = blocks::embedding(&ids, &dh, vocab, st());
+        // The padding row gets no gradient (torch's `padding_idx`): its forward value is
+        // then held fixed in the differences too.
+        let padding_idx = padded.then_some(0);
+        let de = blocks::embedding(&ids, &dh, vocab, padding_idx, st());
+        prop_assert!(!padded || de.row(0).iter().all(|&x| x == 0.0));
         check("dembedding", &e, &de, 64, |e| {
-            let m = Matrix::Owned(e.clone());
+            let mut e = e.clone();
+            if padded {
+                e.row_mut(0).assign(&Array1::zeros(h));
+            }
+            let m = Matrix::Owned(e);
             dot(&dh, &Embedding { weight: &m }.forward(&ids, &EXACT).expect("ids in range"))
         })?;
     }
