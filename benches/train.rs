@@ -11,7 +11,8 @@
 //! `loss.backward()`, load excluded, best of `TRAIN_REPEAT`, default 2), the harness's
 //! step in this process (`model::run` with the reference: weights mapped, forward,
 //! backward, clipping, AdamW and the in-memory dump of every site, best of the same
-//! count). Peak memory: PyTorch's `ru_maxrss`, this process's `VmHWM`.
+//! count). Peak memory: PyTorch's `ru_maxrss`, this process's `VmHWM`. The simulated
+//! Ascend step at bfloat16 is timed after (its peak memory includes the reference's).
 //!
 //! `cargo bench --bench train`; `TRAIN_SCENARIO` picks another scenario file,
 //! `TRAIN_THREADS` the thread count of both sides (default: the cores available).
@@ -23,7 +24,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use llama_parity::contract::site::{Site, Step};
-use llama_parity::dump::Dump;
+use llama_parity::dump::{Dump, Precision};
 use llama_parity::model::{self, Implementation, RunOptions};
 
 /// This process's peak resident set (`VmHWM`), bytes.
@@ -120,6 +121,14 @@ fn main() {
         loss = l.to_f64_vec()[0];
     }
     let rss = peak_rss() as f64;
+    let bf16 = RunOptions::new(Implementation::Ascend).with_precision(Precision::Bf16);
+    let mut ascend = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        pool.install(|| model::run(&golden, &bf16)).unwrap_or_else(|e| panic!("{e}"));
+        ascend = ascend.min(t.elapsed().as_secs_f64());
+    }
+    let rss_all = peak_rss() as f64;
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let ratio = best / torch_s;
     println!("training step, {stem}, adapter-only, {threads} threads, best of {repeat}");

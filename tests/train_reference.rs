@@ -306,3 +306,30 @@ fn a_fault_a_training_step_does_not_plant_is_refused_naming_the_flag() {
         assert!(text.starts_with("--fault") && text.contains(f.id()), "{text}");
     }
 }
+
+#[test]
+fn a_training_dump_written_to_disk_reads_back_site_for_site() {
+    let g = fixture("golden", "train_adapter_f32");
+    let r = run(&g, Implementation::Reference, None, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    r.write(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let back = Dump::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(back.manifest.train.is_some(), "the train field survives");
+    assert_eq!(back.sites(Step::Train), r.sites(Step::Train));
+    // Every site of Site::train is there, and §5's adapter sites with it.
+    let params: Vec<String> = r
+        .sites(Step::Train)
+        .iter()
+        .filter_map(|s| if let Site::ParamGrad(p) = s { Some(p.clone()) } else { None })
+        .collect();
+    assert_eq!(params.len(), 28, "14 adapted projections, A and B each");
+    for s in Site::train(2, &params) {
+        assert!(back.has(Step::Train, &s), "{s} missing");
+    }
+    assert!(back.has(Step::Train, &Site::parse("grad.model.layers.0.self_attn.q_proj.lora")));
+    for s in r.sites(Step::Train) {
+        let a = r.get(Step::Train, s).expect("read").expect("site").to_array();
+        let b = back.get(Step::Train, s).expect("read").expect("site").to_array();
+        assert_eq!(a, b, "{s}");
+    }
+}
