@@ -148,6 +148,13 @@ fn main() {
         gib(rss)
     );
     println!(
+        "{:<44} {:>9.2} {:>9.2} {:>10.2}",
+        "ascend step (bf16 simulated, after the above)",
+        ascend,
+        ascend / torch_s,
+        gib(rss_all)
+    );
+    println!(
         "loss: pytorch {torch_loss:.7}, reference {loss:.7} (rel {:.1e}); goal ≤ 3x: {}",
         ((loss - torch_loss) / torch_loss).abs(),
         if ratio <= 3.0 { "met" } else { "not met" }
