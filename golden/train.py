@@ -559,18 +559,32 @@ def differs(g: torch.Tensor, c: torch.Tensor) -> bool:
     return bool((c - g).norm() > 1e-6 * max(g.norm().item(), 1e-30))
 
 
-def first_divergence(golden: dict, cand: dict, mask: torch.Tensor) -> str | None:
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and bytes (NaN payloads included)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and a.contiguous().reshape(-1).view(torch.uint8).equal(b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def first_divergence(golden: dict, cand: dict, mask: torch.Tensor):
     """The first site of step train, in compute order, where ``cand`` differs from ``golden``
-    (padding query rows of [B,P,...] sites left out); None when none does."""
+    (padding query rows of [B,P,...] sites left out): ("train <site>", its rel-L2 over the
+    finite elements, how many sites before it are bitwise the golden's), or None."""
     if set(golden) != set(cand):
         raise RuntimeError(f"site sets differ: {sorted(set(golden) ^ set(cand))[:4]}")
     keep = mask.bool()
-    for site in train_order(golden):
+    for n, site in enumerate(train_order(golden)):
         g, c = golden[f"train/{site}"], cand[f"train/{site}"]
         if g.dim() >= 2 and tuple(g.shape[:2]) == tuple(keep.shape) and "model.mask" not in site:
             g, c = g[keep], c[keep]
         if differs(g, c):
-            return f"train {site}"
+            before = train_order(golden)[:n]
+            equal = sum(bitwise_equal(golden[f"train/{s}"], cand[f"train/{s}"]) for s in before)
+            if equal != n:
+                raise RuntimeError(f"{n - equal} sites before {site} differ below the threshold")
+            fin = torch.isfinite(g.double()) & torch.isfinite(c.double())
+            gd, cd = g.double()[fin], c.double()[fin]
+            r = float((cd - gd).norm() / max(gd.norm().item(), 1e-300))
+            return f"train {site}", r, equal
     return None
 
 
@@ -621,15 +635,18 @@ def gen_train(out: Path) -> list[Path]:
         m, acts, _, ad, info = run_train(name, fault)
         gm, gacts = golden[name]
         mask = torch.tensor(gm["scenario"]["attention_mask"])
-        first = first_divergence(gacts, acts, mask)
-        if first is None:
+        found = first_divergence(gacts, acts, mask)
+        if found is None:
             raise RuntimeError(f"{candidate_dirname(name, fault)}: the candidate does not differ from its golden")
+        first, r, equal = found
         m["producer"]["expect"] = {"fault": None if fault in OTHER_FAULTS else fault,
-                                   **({"plant": fault} if fault in OTHER_FAULTS else {}), "first": first}
+                                   **({"plant": fault} if fault in OTHER_FAULTS else {}), "first": first,
+                                   "first_rel_l2": float(f"{r:.4g}"), "sites_before_bitwise_equal": equal}
         d = out / "candidates" / candidate_dirname(name, fault)
         write_train_dump(d, m, acts, None, ad if m.get("adapter") else None)
         written.append(d)
-        print(f"wrote {d} ({len(acts)} tensors), first divergence {first}")
+        print(f"wrote {d} ({len(acts)} tensors), first divergence {first} (rel-L2 {r:.3g}, "
+              f"{equal} sites before it bitwise equal)")
     return written
 
 
