@@ -55,8 +55,9 @@ TRAIN_KEYS = {"prompt_tokens", "micro_batches", "trainable", "optimizer", "max_g
 
 TRAIN_FAULTS = {
     "train.labels_unshifted": "ForCausalLMLoss called with shift_labels=labels: logits at t paired with label t",
-    "train.ignore_index_counted": "ForCausalLMLoss called with num_items_in_batch = B*P: the cross entropy summed "
-                                  "over the labelled positions, divided by every position (-100 ones included)",
+    "train.ignore_index_counted": "ForCausalLMLoss called with num_items_in_batch = B*(P-1): the cross entropy "
+                                  "summed over the labelled positions, divided by every shifted position "
+                                  "(-100 ones included)",
     "train.loss_scale_kept": "GradScaler.unscale_ never called: gradients (and grad.<site>) stay multiplied by the "
                              "loss scale through clipping and AdamW (the overflow check still made)",
     "train.overflow_applied": "AdamW.step() called directly instead of GradScaler.step(): the step whose "
@@ -302,7 +303,7 @@ def train_step(ctx: dict, sc: dict, fault: str | None, info: dict) -> dict:
         if fault == "train.labels_unshifted":
             loss_k = hf_loss(model, out.logits, labels[sl], shift_labels=labels[sl])
         elif fault == "train.ignore_index_counted":
-            loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(rows * P))
+            loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(rows * (P - 1)))
         elif fault == "other.loss_sum":
             loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(1))
         elif fault == "other.token_weighted_micro":
