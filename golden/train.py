@@ -30,10 +30,7 @@ fault planted by ``generate.run_scenario``'s own machinery.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
-import hashlib
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -507,13 +504,7 @@ def run_train(name: str, fault: str | None = None):
         "step_skipped": info["skipped"],
         "no_decay_parameters": info["no_decay"],
         "grad_dtype": "float32 (grad.<site> taken in the compute dtype, cast, then divided by the loss scale)",
-        "torch_optim": "AdamW", "peft": None,
     }
-    if sc.get("adapter") is not None:
-        import peft
-        prod["train"]["peft"] = peft.__version__
-    else:
-        del prod["train"]["peft"]
     if info["nonfinite_grad_sites"]:
         prod["train"]["nonfinite_grad_elements"] = info["nonfinite_grad_sites"]
     if "next_loss_scale" in info:
@@ -591,10 +582,6 @@ def first_divergence(golden: dict, cand: dict, mask: torch.Tensor):
 
 # --------------------------------------------------------------------------- the set
 
-def write_train_dump(d: Path, m: dict, acts: dict, weights: dict | None, adapter_files: dict | None) -> None:
-    gen.write_dump(d, m, acts, weights, adapter_files)
-
-
 def golden_checks(name: str, m: dict, acts: dict, weights: dict, info: dict) -> None:
     """What each golden is made to show."""
     gn = info["grad_norm"]
@@ -625,7 +612,7 @@ def gen_train(out: Path) -> list[Path]:
         m, acts, w, ad, info = run_train(name)
         golden_checks(name, m, acts, w, info)
         d = out / "golden" / name
-        write_train_dump(d, m, acts, w, ad if m.get("adapter") else None)
+        gen.write_dump(d, m, acts, w, ad if m.get("adapter") else None)
         golden[name] = (m, acts)
         written.append(d)
         extra = f", next scale {info['next_loss_scale']:g}" if "next_loss_scale" in info else ""
@@ -644,7 +631,7 @@ def gen_train(out: Path) -> list[Path]:
                                    **({"plant": fault} if fault in OTHER_FAULTS else {}), "first": first,
                                    "first_rel_l2": float(f"{r:.4g}"), "sites_before_bitwise_equal": equal}
         d = out / "candidates" / candidate_dirname(name, fault)
-        write_train_dump(d, m, acts, None, ad if m.get("adapter") else None)
+        gen.write_dump(d, m, acts, None, ad if m.get("adapter") else None)
         written.append(d)
         print(f"wrote {d} ({len(acts)} tensors), first divergence {first} (rel-L2 {r:.3g}, "
               f"{equal} sites before it bitwise equal)")
