@@ -4,10 +4,13 @@
 //!
 //! Real dumps: HF transformers' own tensor parallelism (`tp_plan="auto"`, gloo, CPU)
 //! under msprobe 26.2 at 2 and 4 ranks, made by `fixtures/msprobe/make_tp_dumps.py`.
-//! Labelled synthetic dumps, made here from the real single-rank dump
-//! (`fixtures/msprobe/gqa_pad_f32`) where HF's plan cannot make the layout: key/value
-//! heads replicated over ranks, a padded vocabulary, sequence-parallel norms, a
-//! vocabulary-parallel embedding's partial sums, and pipeline stages.
+//! Real MindSpore runs too: the repository's MindSpore port over 2 ranks under `msrun`,
+//! one contract dump per rank (`fixtures/tp/make_mindspore_tp_dumps.py`).
+//! Labelled synthetic dumps, made here from real single-rank dumps
+//! (`fixtures/msprobe/gqa_pad_f32`, `fixtures/msprobe/mlp/gqa_pad_f32`) where HF's plan
+//! cannot make the layout: key/value heads replicated over ranks, a padded vocabulary
+//! (tensors and statistics), sequence-parallel norms, a vocabulary-parallel embedding's
+//! partial sums, fused q/k/v and fused gate/up shards, and pipeline stages.
 
 use std::path::{Path, PathBuf};
 
@@ -852,4 +855,56 @@ fn statistics_of_megatron_style_ranks_merge_and_a_padded_vocabulary_is_judged_as
     let (code, r, err) = run(&make("p196", 196, 0.0, 1.0));
     assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
     assert!(entry(&r, "prefill", "lm_head")["note"].as_str().unwrap().contains("judged one-sided"));
+}
+
+#[test]
+fn real_mindspore_tensor_parallel_runs_per_rank_are_put_back_together() {
+    // Real: the repository's MindSpore port run over 2 ranks on the CPU under msrun
+    // (MindSpore 2.10's collectives), Megatron's split of its weights, one contract dump
+    // per rank, prefill and decode.0 of golden/gqa_pad_f32
+    // (fixtures/tp/make_mindspore_tp_dumps.py).
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = root().join("fixtures/tp/mindspore");
+    let (code, r, err) =
+        compare("golden/gqa_pad_f32", &ms.join("gqa_pad_f32"), &tmp.path().join("c"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert_eq!(r["summary"]["fail"], 0);
+    assert_eq!(r["candidate_producer"]["ranks"], 2);
+    for step in ["prefill", "decode.0"] {
+        for (site, want) in [
+            ("model.layers.0.self_attn.q_proj", "concat(2)"),
+            ("model.layers.1.self_attn.v_proj", "concat(2)"),
+            ("model.layers.0.self_attn.q_rope", "concat(1)"),
+            ("model.layers.1.self_attn.k_cache", "concat(1)"),
+            ("model.layers.0.self_attn.probs", "concat(1)"),
+            ("model.layers.1.self_attn.context", "concat(2)"),
+            ("model.layers.0.self_attn.o_proj", "replicated"),
+            ("model.layers.1.mlp", "replicated"),
+            ("model.embed_tokens", "replicated"),
+            ("model.norm", "replicated"),
+            ("lm_head", "concat(2)"),
+        ] {
+            assert_eq!(kind(&r, step, site), want, "{step} {site}");
+            assert_eq!(entry(&r, step, site)["status"], "pass", "{step} {site}");
+        }
+    }
+    // The same run recorded before the row-parallel AllReduce: partial sums, added.
+    let dump = ms.join("gqa_pad_f32__partial_sums");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("p"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    for step in ["prefill", "decode.0"] {
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.o_proj"), "sum", "{step}");
+        assert_eq!(kind(&r, step, "model.layers.1.mlp"), "sum", "{step}");
+        assert_eq!(kind(&r, step, "model.layers.1"), "replicated", "{step}");
+    }
+    // rope.pos_reset planted on both ranks: found where it first shows, and named.
+    let dump = ms.join("gqa_pad_f32__rope_pos_reset");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("f"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(
+        (fd["step"].as_str(), fd["site"].as_str()),
+        (Some("decode.0"), Some("inputs.position_ids"))
+    );
+    assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
 }
