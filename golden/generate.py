@@ -1450,6 +1450,11 @@ def main(argv=None) -> int:
     if args.check:
         return check()
     if args.train or args.check_train:
+        if args.fault or args.no_weights or args.input_ids or args.prompt or args.layers:
+            ap.error("--train and --check-train take no --fault, --no-weights, --input-ids, --prompt or --layers "
+                     "(the set's candidates carry their faults)")
+        if args.check_train and args.out:
+            ap.error("--check-train compares with fixtures/train and takes no --out")
         import train  # noqa: E402  (one training step, CONTRACT §6)
         if args.check_train:
             return train.check_train(train.TRAIN_DIR)
@@ -1487,6 +1492,8 @@ def main(argv=None) -> int:
     if out == sc_path.parent or out in sc_path.parents:
         ap.error("refusing to write into the scenario folder")
     sc = load_scenario(sc_path)
+    if "train" in sc:
+        ap.error(f"{sc_path}: a training scenario (its 'train' block): made by --train, not --scenario")
     m, a, w, ad = run_scenario(sc, args.fault)
     write_dump(out, m, a, None if (args.no_weights or args.fault) else w, None if args.fault else ad)
     print(f"wrote {out} ({len(a)} tensors{', fault ' + args.fault if args.fault else ''})")

@@ -30,10 +30,7 @@ fault planted by ``generate.run_scenario``'s own machinery.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
-import hashlib
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -55,8 +52,9 @@ TRAIN_KEYS = {"prompt_tokens", "micro_batches", "trainable", "optimizer", "max_g
 
 TRAIN_FAULTS = {
     "train.labels_unshifted": "ForCausalLMLoss called with shift_labels=labels: logits at t paired with label t",
-    "train.ignore_index_counted": "ForCausalLMLoss called with num_items_in_batch = B*P: the cross entropy summed "
-                                  "over the labelled positions, divided by every position (-100 ones included)",
+    "train.ignore_index_counted": "ForCausalLMLoss called with num_items_in_batch = B*(P-1): the cross entropy "
+                                  "summed over the labelled positions, divided by every shifted position "
+                                  "(-100 ones included)",
     "train.loss_scale_kept": "GradScaler.unscale_ never called: gradients (and grad.<site>) stay multiplied by the "
                              "loss scale through clipping and AdamW (the overflow check still made)",
     "train.overflow_applied": "AdamW.step() called directly instead of GradScaler.step(): the step whose "
@@ -302,7 +300,7 @@ def train_step(ctx: dict, sc: dict, fault: str | None, info: dict) -> dict:
         if fault == "train.labels_unshifted":
             loss_k = hf_loss(model, out.logits, labels[sl], shift_labels=labels[sl])
         elif fault == "train.ignore_index_counted":
-            loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(rows * P))
+            loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(rows * (P - 1)))
         elif fault == "other.loss_sum":
             loss_k = hf_loss(model, out.logits, labels[sl], num_items_in_batch=torch.tensor(1))
         elif fault == "other.token_weighted_micro":
@@ -506,13 +504,7 @@ def run_train(name: str, fault: str | None = None):
         "step_skipped": info["skipped"],
         "no_decay_parameters": info["no_decay"],
         "grad_dtype": "float32 (grad.<site> taken in the compute dtype, cast, then divided by the loss scale)",
-        "torch_optim": "AdamW", "peft": None,
     }
-    if sc.get("adapter") is not None:
-        import peft
-        prod["train"]["peft"] = peft.__version__
-    else:
-        del prod["train"]["peft"]
     if info["nonfinite_grad_sites"]:
         prod["train"]["nonfinite_grad_elements"] = info["nonfinite_grad_sites"]
     if "next_loss_scale" in info:
@@ -559,26 +551,36 @@ def differs(g: torch.Tensor, c: torch.Tensor) -> bool:
     return bool((c - g).norm() > 1e-6 * max(g.norm().item(), 1e-30))
 
 
-def first_divergence(golden: dict, cand: dict, mask: torch.Tensor) -> str | None:
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and bytes (NaN payloads included)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and a.contiguous().reshape(-1).view(torch.uint8).equal(b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def first_divergence(golden: dict, cand: dict, mask: torch.Tensor):
     """The first site of step train, in compute order, where ``cand`` differs from ``golden``
-    (padding query rows of [B,P,...] sites left out); None when none does."""
+    (padding query rows of [B,P,...] sites left out): ("train <site>", its rel-L2 over the
+    finite elements, how many sites before it are bitwise the golden's), or None."""
     if set(golden) != set(cand):
         raise RuntimeError(f"site sets differ: {sorted(set(golden) ^ set(cand))[:4]}")
     keep = mask.bool()
-    for site in train_order(golden):
+    for n, site in enumerate(train_order(golden)):
         g, c = golden[f"train/{site}"], cand[f"train/{site}"]
         if g.dim() >= 2 and tuple(g.shape[:2]) == tuple(keep.shape) and "model.mask" not in site:
             g, c = g[keep], c[keep]
         if differs(g, c):
-            return f"train {site}"
+            before = train_order(golden)[:n]
+            equal = sum(bitwise_equal(golden[f"train/{s}"], cand[f"train/{s}"]) for s in before)
+            if equal != n:
+                raise RuntimeError(f"{n - equal} sites before {site} differ below the threshold")
+            fin = torch.isfinite(g.double()) & torch.isfinite(c.double())
+            gd, cd = g.double()[fin], c.double()[fin]
+            r = float((cd - gd).norm() / max(gd.norm().item(), 1e-300))
+            return f"train {site}", r, equal
     return None
 
 
 # --------------------------------------------------------------------------- the set
-
-def write_train_dump(d: Path, m: dict, acts: dict, weights: dict | None, adapter_files: dict | None) -> None:
-    gen.write_dump(d, m, acts, weights, adapter_files)
-
 
 def golden_checks(name: str, m: dict, acts: dict, weights: dict, info: dict) -> None:
     """What each golden is made to show."""
@@ -610,7 +612,7 @@ def gen_train(out: Path) -> list[Path]:
         m, acts, w, ad, info = run_train(name)
         golden_checks(name, m, acts, w, info)
         d = out / "golden" / name
-        write_train_dump(d, m, acts, w, ad if m.get("adapter") else None)
+        gen.write_dump(d, m, acts, w, ad if m.get("adapter") else None)
         golden[name] = (m, acts)
         written.append(d)
         extra = f", next scale {info['next_loss_scale']:g}" if "next_loss_scale" in info else ""
@@ -621,15 +623,18 @@ def gen_train(out: Path) -> list[Path]:
         m, acts, _, ad, info = run_train(name, fault)
         gm, gacts = golden[name]
         mask = torch.tensor(gm["scenario"]["attention_mask"])
-        first = first_divergence(gacts, acts, mask)
-        if first is None:
+        found = first_divergence(gacts, acts, mask)
+        if found is None:
             raise RuntimeError(f"{candidate_dirname(name, fault)}: the candidate does not differ from its golden")
+        first, r, equal = found
         m["producer"]["expect"] = {"fault": None if fault in OTHER_FAULTS else fault,
-                                   **({"plant": fault} if fault in OTHER_FAULTS else {}), "first": first}
+                                   **({"plant": fault} if fault in OTHER_FAULTS else {}), "first": first,
+                                   "first_rel_l2": float(f"{r:.4g}"), "sites_before_bitwise_equal": equal}
         d = out / "candidates" / candidate_dirname(name, fault)
-        write_train_dump(d, m, acts, None, ad if m.get("adapter") else None)
+        gen.write_dump(d, m, acts, None, ad if m.get("adapter") else None)
         written.append(d)
-        print(f"wrote {d} ({len(acts)} tensors), first divergence {first}")
+        print(f"wrote {d} ({len(acts)} tensors), first divergence {first} (rel-L2 {r:.3g}, "
+              f"{equal} sites before it bitwise equal)")
     return written
 
 

@@ -9,6 +9,10 @@ activations.safetensors) with numpy, no torch, and recomputes in float64:
 - ``grad.lm_head`` from the same: ``(softmax - onehot) / count / N`` on the labelled rows;
   under a loss scale, the elements whose scaled value leaves float16 must be the
   non-finite ones;
+- every other ``grad.<site>`` from the gradients of the sites it feeds, one op's backward
+  at a time (``lm_head``, RMSNorm, the residual adds, the SiLU MLP, o_proj, attention
+  probabilities and values, softmax and the 1/sqrt(D) scale, GQA's repeated heads, RoPE,
+  the q/k/v projections; a LoRA'd projection with W + s·B·A);
 - every parameter's gradient from the dumped sites, their dumped gradients and the
   weights (embedding scatter, projection outer products, RMSNorm weights, the SiLU MLP,
   LoRA's A and B), then the global norm (``grad_norm``) and the clipping factor
@@ -39,8 +43,10 @@ F16_MAX_FINITE = 65520.0  # float16 rounds anything at or above this to Inf
 # Bounds (relative L2 unless said): float32 goldens recomputed from float32 sites, float16
 # goldens from float16 sites (their backward ran in float16).
 BOUNDS = {
-    "float32": {"loss": 1e-6, "grad.lm_head": 1e-5, "param_grad": 1e-4, "grad_norm": 1e-5, "update_ulp": 4.0},
-    "float16": {"loss": 1e-6, "grad.lm_head": 2e-3, "param_grad": 2e-2, "grad_norm": 2e-2, "update_ulp": 4.0},
+    "float32": {"loss": 1e-6, "grad.lm_head": 1e-5, "grad_chain": 1e-4, "param_grad": 1e-4, "grad_norm": 1e-5,
+                "update_ulp": 4.0},
+    "float16": {"loss": 1e-6, "grad.lm_head": 2e-3, "grad_chain": 3e-2, "param_grad": 2e-2, "grad_norm": 2e-2,
+                "update_ulp": 4.0},
 }
 
 
@@ -158,6 +164,96 @@ def param_grads_from_sites(a: dict, w: dict, m: dict, adapter: dict | None) -> d
     return out
 
 
+def rms_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """d/dx of y = w * x / sqrt(mean(x^2) + eps), given dy."""
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    u = gy * w
+    return r * u - x * r ** 3 * (u * x).mean(-1, keepdims=True)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    return np.concatenate((-x[..., h:], x[..., :h]), -1)
+
+
+def site_gradient_chain(a: dict, w: dict, m: dict, adapter: dict | None) -> dict:
+    """Each ``grad.<site>`` recomputed in float64 from the gradients of the sites it feeds
+    (the backward of one op at a time, from ``grad.lm_head`` down), against the dumped one:
+    {site: rel-L2}. A LoRA'd projection's input gradient uses W + s·B·A."""
+    cfg = m["model"]
+    L, eps = cfg["num_hidden_layers"], cfg["rms_norm_eps"]
+    nH, nKV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    rep_n = nH // nKV
+    s = lambda k: np.asarray(a[f"train/{k}"], np.float64)  # noqa: E731
+    g = lambda k: np.asarray(a[f"train/grad.{k}"], np.float64)  # noqa: E731
+
+    def W(p, proj):
+        wt = np.asarray(w[f"{p}.{proj}.weight"], np.float64)
+        if adapter is not None:
+            name = f"base_model.model.{p}.{proj}"
+            if f"{name}.lora_A.weight" in adapter:
+                sc = adapter["scaling"][proj.split(".")[-1]]
+                wt = wt + sc * adapter[f"{name}.lora_B.weight"] @ adapter[f"{name}.lora_A.weight"]
+        return wt
+
+    out = {}
+
+    def check(site, want):
+        out[site] = rel(g(site), want)
+
+    B, T = np.asarray(m["scenario"]["input_ids"]).shape
+    cos, sin = s("model.rotary_emb.cos")[:, None], s("model.rotary_emb.sin")[:, None]  # [B,1,T,D]
+    check("model.norm", g("lm_head") @ np.asarray(w["lm_head.weight"], np.float64))
+    check(f"model.layers.{L - 1}", rms_backward(g("model.norm"), s(f"model.layers.{L - 1}"),
+                                                np.asarray(w["model.norm.weight"], np.float64), eps))
+    for i in reversed(range(L)):
+        p = f"model.layers.{i}"
+        h_in = s("model.embed_tokens") if i == 0 else s(f"model.layers.{i - 1}")
+        h_mid = h_in + s(f"{p}.self_attn.o_proj")
+        x_mlp = s(f"{p}.post_attention_layernorm")
+        d_out = g(p)
+        check(f"{p}.mlp", d_out)
+        wg, wu, wd = W(p, "mlp.gate_proj"), W(p, "mlp.up_proj"), W(p, "mlp.down_proj")
+        gate, up = x_mlp @ wg.T, x_mlp @ wu.T
+        d_act = g(f"{p}.mlp") @ wd
+        d_gate, d_up = d_act * up * dsilu(gate), d_act * silu(gate)
+        if adapter is not None:
+            check(f"{p}.mlp.down_proj", g(f"{p}.mlp"))
+            check(f"{p}.mlp.gate_proj", d_gate)
+            check(f"{p}.mlp.up_proj", d_up)
+        check(f"{p}.post_attention_layernorm", d_gate @ wg + d_up @ wu)
+        d_mid = d_out + rms_backward(g(f"{p}.post_attention_layernorm"), h_mid,
+                                     np.asarray(w[f"{p}.post_attention_layernorm.weight"], np.float64), eps)
+        check(f"{p}.self_attn.o_proj", d_mid)
+        check(f"{p}.self_attn.context", g(f"{p}.self_attn.o_proj") @ W(p, "self_attn.o_proj"))
+        heads = lambda t, n: t.reshape(B, T, n, D).transpose(0, 2, 1, 3)  # noqa: E731
+        unheads = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, -1)  # noqa: E731
+        d_ctx = heads(g(f"{p}.self_attn.context"), nH)
+        v = np.repeat(heads(s(f"{p}.self_attn.v_proj"), nKV), rep_n, axis=1)
+        probs = s(f"{p}.self_attn.probs")
+        check(f"{p}.self_attn.probs", d_ctx @ v.transpose(0, 1, 3, 2))
+        d_v = (probs.transpose(0, 1, 3, 2) @ d_ctx).reshape(B, nKV, rep_n, T, D).sum(2)
+        check(f"{p}.self_attn.v_proj", unheads(d_v))
+        gp = g(f"{p}.self_attn.probs")
+        d_scores = probs * (gp - (gp * probs).sum(-1, keepdims=True)) * D ** -0.5
+        q, k = s(f"{p}.self_attn.q_rope"), np.repeat(s(f"{p}.self_attn.k_rope"), rep_n, axis=1)
+        check(f"{p}.self_attn.q_rope", d_scores @ k)
+        check(f"{p}.self_attn.k_rope", (d_scores.transpose(0, 1, 3, 2) @ q).reshape(B, nKV, rep_n, T, D).sum(2))
+        for proj, n in (("q", nH), ("k", nKV)):
+            gr = g(f"{p}.self_attn.{proj}_rope")
+            check(f"{p}.self_attn.{proj}_proj", unheads(gr * cos - rotate_half(gr * sin)))
+        if adapter is not None:
+            for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                check(f"{p}.{proj}.lora", g(f"{p}.{proj}"))
+        check(f"{p}.input_layernorm", sum(g(f"{p}.self_attn.{x}_proj") @ W(p, f"self_attn.{x}_proj")
+                                          for x in ("q", "k", "v")))
+        d_in = d_mid + rms_backward(g(f"{p}.input_layernorm"), h_in,
+                                    np.asarray(w[f"{p}.input_layernorm.weight"], np.float64), eps)
+        check("model.embed_tokens" if i == 0 else f"model.layers.{i - 1}", d_in)
+    return out
+
+
 def load_adapter(d: Path, m: dict) -> dict | None:
     ad = m.get("adapter")
     if ad is None:
@@ -212,6 +308,16 @@ def verify(d: Path) -> tuple[bool, list[str]]:
                          f"{np.abs(dlogits * scale)[~over].max():.6g})")
     report("grad.lm_head (rel, finite part)", rel(glm[fin], dlogits[fin]), bounds["grad.lm_head"])
 
+    if np.isfinite(glm).all():
+        chain = site_gradient_chain(a, w32, m, adapter)
+        want = {k[len("train/grad."):] for k in a if k.startswith("train/grad.")} - {"lm_head"}
+        if set(chain) != want:
+            raise Bad(f"{d}: site gradients recomputed {sorted(set(chain) ^ want)[:4]} differ from the dumped ones")
+        worst = max(chain, key=chain.get)
+        report(f"grad.<site> chain, worst of {len(chain)} (rel) {worst.split('layers.')[-1][:20]}",
+               chain[worst], bounds["grad_chain"])
+    else:
+        lines.append("  grad.<site> chain not checked (non-finite site gradients)")
     names = [k[len("train/param_grad."):] for k in a if k.startswith("train/param_grad.")]
     gn = float(a["train/grad_norm"])
     if not np.isfinite(gn):
