@@ -333,3 +333,19 @@ fn a_training_dump_written_to_disk_reads_back_site_for_site() {
         assert_eq!(a, b, "{s}");
     }
 }
+
+#[test]
+fn precision_faults_act_on_the_simulated_float16_step() {
+    // `norm.no_upcast` and `attn.softmax_low_precision` are choices of the simulated
+    // port's numerics: its forward (and so everything after) moves, the reference's not.
+    let g = fixture("golden", "train_scaled_f16");
+    let clean = run(&g, Implementation::Ascend, Some(Precision::F16), &[]);
+    for f in [Fault::NormNoUpcast, Fault::AttnSoftmaxLowPrecision] {
+        let faulty = run(&g, Implementation::Ascend, Some(Precision::F16), &[f]);
+        let moved = errors(&clean, &faulty).iter().filter(|e| e.rel_l2 > 0.0).count();
+        assert!(moved > 10, "{f}: {moved} sites moved");
+        let reference = run(&g, Implementation::Reference, None, &[f]);
+        let base = run(&g, Implementation::Reference, None, &[]);
+        assert!(errors(&base, &reference).iter().all(|e| e.rel_l2 == 0.0), "{f} in float64");
+    }
+}

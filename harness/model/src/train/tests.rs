@@ -523,18 +523,19 @@ impl TinyRun {
 }
 
 proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 6, ..config() })]
+    #![proptest_config(proptest::test_runner::Config { cases: 10, ..config() })]
 
     #[test]
     fn whole_tiny_model_parameter_gradients_match_central_differences(
         seed in any::<u64>(), tied in any::<bool>(), layers in 1usize..3, t in 2usize..5,
-        fault in 0usize..4,
+        fault in 0usize..6,
     ) {
         let run = TinyRun::new(seed, tied, layers, 2, t, false);
         // The forward faults a training step plants change the function differentiated.
         let faults = [vec![], vec![contract::fault::Fault::NormLayernorm],
             vec![contract::fault::Fault::RopeInterleaved, contract::fault::Fault::AttnNoScale],
-            vec![contract::fault::Fault::KvGqaTiled, contract::fault::Fault::NormEpsOutside]];
+            vec![contract::fault::Fault::KvGqaTiled, contract::fault::Fault::NormEpsOutside],
+            vec![contract::fault::Fault::MaskNone], vec![contract::fault::Fault::MaskPaddingIgnored]];
         let plan = Plan::new(&faults[fault]);
         let trainables = Trainables { trainable: Trainable::All, adapter_keys: BTreeMap::new() };
         let grads = run.gradients(&trainables, &plan);
