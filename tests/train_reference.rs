@@ -163,11 +163,12 @@ fn float16_bound(c: Class) -> f64 {
 }
 
 /// A bfloat16 run against a float32 golden: bfloat16's unit roundoff is 3.9e-3, 8× float16's
-/// (measured ≤ 2.4e-2 at the attention's gradients, ≤ 3e-3 forward).
+/// (measured ≤ 1.8e-2 forward, at the second layer's MLP; ≤ 2.4e-2 at the attention's
+/// gradients): about 8 and 15 unit roundoffs.
 fn bfloat16_bound(c: Class) -> f64 {
     match c {
         Class::Loss => 1e-3,
-        Class::Forward => 2e-2,
+        Class::Forward => 3e-2,
         _ => 6e-2,
     }
 }
