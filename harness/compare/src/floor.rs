@@ -546,6 +546,10 @@ pub fn floor_for_run(
     } else {
         progress("the free-running reference is not within every site's bound: checking each layer alone (one teacher-forced run) ...");
         reproduction = match known.teacher_forced {
+            // A training step: its forward teacher-forced, its backward on the free run.
+            _ if golden.manifest.train.is_some() => {
+                reproduce::check_train(golden, &reference, ctx)?
+            }
             Some(tf) => reproduce::judge(golden, tf)?,
             None => reproduce::check(golden, ctx)?,
         };
