@@ -154,7 +154,12 @@ impl Reproduction {
     /// One line for a message: the first unreproduced site and its numbers.
     pub fn describe_failure(&self) -> Option<String> {
         let s = self.first_unreproduced()?;
+        let nonfinite = s.note.as_deref().filter(|n| n.contains("NaN/Inf"));
         let what = match (s.rel_l2, s.mismatches) {
+            (Some(_), _) if nonfinite.is_some() => format!(
+                "the float64 reference's values and the golden's differ in where they are NaN/Inf: {}",
+                nonfinite.unwrap_or_default()
+            ),
             (Some(r), _) => format!(
                 "the float64 reference, {}, is off by \
                  rel-L2 {r:.3e} ({:.0} unit roundoffs of {}), above the {:.3e} rounding explains",
