@@ -92,6 +92,8 @@ fn diagnose_forward(
     };
     let mut d = crate::diagnose(&g, &c, &forward_as_prefill(cmp), ctx)?;
     for f in &mut d.findings {
+        // The evidence names the step the candidate ran.
+        f.explains = f.explains.replace("prefill ", "train ");
         if let Some(steps) = f.scope.as_mut().and_then(|s| s.get_mut("steps")) {
             *steps = serde_json::json!([Step::Train.to_string()]);
         }
