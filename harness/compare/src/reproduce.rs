@@ -320,3 +320,22 @@ pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
         .collect();
     Reproduction { golden: golden.label(), golden_precision: precision, bound, sites }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_sites_inherit_the_bounds_of_the_layers_they_read() {
+        let l = 2;
+        assert_eq!(inherited_bounds(&Site::parse("model.layers.1.mlp"), l), 1.0);
+        assert_eq!(inherited_bounds(&Site::Loss, l), 3.0);
+        assert_eq!(inherited_bounds(&Site::parse("grad.model.embed_tokens"), l), 7.0);
+        assert_eq!(inherited_bounds(&Site::GradNorm, l), 7.0);
+        // An update's change: at least 2·sqrt(b), the sign flips of rounding.
+        let b = 1e-4;
+        assert_eq!(site_bound(&Site::parse("param_grad.lm_head.weight"), b), b);
+        assert!((site_bound(&Site::parse("update.lm_head.weight"), b) - 0.02).abs() < 1e-15);
+        assert_eq!(site_bound(&Site::parse("update.lm_head.weight"), 4.0), 4.0);
+    }
+}

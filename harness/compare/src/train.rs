@@ -145,3 +145,54 @@ impl PreStep {
 pub fn scalar(t: &Tensor) -> Option<f64> {
     (t.numel() == 1).then(|| t.get_f64(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(edit: impl Fn(&mut serde_json::Value)) -> Manifest {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/train/golden");
+        let p = root.join("train_full_f32/manifest.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).expect("manifest")).expect("json");
+        edit(&mut v);
+        Manifest::parse(&v.to_string(), &p).expect("a manifest")
+    }
+
+    #[test]
+    fn only_the_same_step_is_compared_and_a_refusal_names_the_field_and_both_dumps() {
+        let golden = manifest(|_| {});
+        let c = Path::new("cand/manifest.json");
+        assert!(same_step(&golden, &golden, "g", c).is_ok());
+        let refused = |m: &Manifest| {
+            let e = same_step(&golden, m, "golden-dir", c).expect_err("refused").to_string();
+            assert!(e.contains("golden-dir") && e.contains("cand/manifest.json"), "{e}");
+            e
+        };
+        let inference = manifest(|v| {
+            v.as_object_mut().expect("object").remove("train");
+            v["steps"] = serde_json::json!(["prefill"]);
+        });
+        assert!(refused(&inference).contains("inference run"));
+        assert!(same_step(&inference, &golden, "g", c).is_err());
+        assert!(same_step(&inference, &inference, "g", c).is_ok());
+        for (key, value, field) in [
+            ("lr", serde_json::json!(2e-3), "train.optimizer"),
+            ("max_grad_norm", serde_json::json!(null), "train.max_grad_norm"),
+            ("micro_batches", serde_json::json!(2), "train.micro_batches"),
+        ] {
+            let m = manifest(|v| {
+                if key == "lr" {
+                    v["train"]["optimizer"]["lr"] = value.clone();
+                } else {
+                    v["train"][key] = value.clone();
+                }
+            });
+            assert!(refused(&m).contains(field), "{field}");
+        }
+        let scaled = manifest(|v| {
+            v["train"]["loss_scale"] = serde_json::json!({"kind": "static", "value": 1024.0})
+        });
+        assert!(refused(&scaled).contains("train.loss_scale"));
+    }
+}
