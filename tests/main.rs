@@ -46,4 +46,5 @@ mod suite;
 mod summary_only;
 mod tensor_parallel;
 mod train_compare;
+mod train_reference;
 mod variants;

@@ -239,11 +239,10 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
 
     let mut warnings = Vec::new();
     if opts.teacher_force {
-        warnings.push(
-            "no teacher-forced run of a training step: its backward runs through every layer \
-             at once (the free run's forward sites localise a forward fault)"
-                .to_string(),
-        );
+        let text = "no teacher-forced run of a training step: its backward runs through every \
+                    layer at once (the free run's forward sites localise a forward fault)";
+        ctx.emit(&crate::context::RunEvent::Warning { text });
+        warnings.push(text.to_string());
     }
     let mut model = load_model(golden, &plan, ctx, &mut warnings)?;
     let cfg = model.config.clone();
