@@ -42,11 +42,14 @@ pub fn summary(golden: &Dump, candidate: &Dump, cmp: &Comparison) -> Result<Opti
     let mut param_grads = Vec::new();
     for r in cmp.sites.iter().filter(|r| matches!(r.site, Site::ParamGrad(_))) {
         let Site::ParamGrad(name) = &r.site else { continue };
+        // Nothing compared (non-finite on both sides, a skipped step's gradients): no
+        // numbers to show.
         let (rel_l2, cosine) = match &r.metrics {
-            Some(SiteMetrics::Values(m)) => (Some(m.rel_l2), Some(m.cosine)),
+            Some(SiteMetrics::Values(m)) if m.count > 0 => (Some(m.rel_l2), Some(m.cosine)),
             _ => (None, None),
         };
         let norm_ratio = match (norm(golden, &r.site)?, norm(candidate, &r.site)?) {
+            _ if rel_l2.is_none() => None,
             (Some(g), Some(c)) if g > 0.0 => Some(c / g),
             (Some(_), Some(c)) => Some(if c == 0.0 { 1.0 } else { f64::INFINITY }),
             _ => None,

@@ -166,8 +166,12 @@ fn line_keys(names: impl Iterator<Item = String>) -> Vec<(String, Key)> {
 }
 
 /// The first site of a decoder layer, where the compute-order chart marks `L{i}`.
+/// In a training step's backward, a layer starts at the gradient of its output.
 fn is_layer_start(site: &Site) -> bool {
-    matches!(site, Site::Layer(_, LayerPart::InputLayernorm))
+    match site {
+        Site::Grad(inner) => matches!(**inner, Site::Layer(_, LayerPart::Output)),
+        _ => matches!(site, Site::Layer(_, LayerPart::InputLayernorm)),
+    }
 }
 
 /// Steps in report order, each with its sites in compute order.
