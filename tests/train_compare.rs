@@ -639,10 +639,10 @@ fn the_hf_made_training_candidates_form_a_diagonal_confusion_matrix() {
                 .push(format!("{name} against itself: {:?}", r.first_divergence.map(|f| f.site)));
         }
     }
-    // The harness reproduces every golden but the skipped overflow step, whose float16
-    // overflow the float64 reference cannot show (docs/training.md).
+    // The harness reproduces every golden, the skipped overflow step too (the float64
+    // reference keeps a float16 golden's range, docs/training.md).
     for (name, believed) in &floored {
-        assert_eq!(*believed, name != "train_overflow_f16", "{name}: {rows:#?}");
+        assert!(*believed, "{name}: {rows:#?}");
     }
     let mut cands: Vec<PathBuf> = std::fs::read_dir(dir.join("candidates"))
         .unwrap()
