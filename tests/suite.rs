@@ -29,15 +29,29 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
             .filter(|e| e.as_ref().unwrap().path().join("manifest.json").is_file())
             .count()
     };
-    // The embedded goldens and the LoRA set (CONTRACT §5), each with its candidates.
-    let goldens = dumps("golden") + dumps("fixtures/lora/golden");
-    let candidates = dumps("fixtures/candidates") + dumps("fixtures/lora/candidates");
-    assert_eq!(runs.len(), goldens * 3 + candidates, "three runs per golden and one per candidate");
+    // The embedded goldens, the LoRA set (CONTRACT §5) and the training set (§6), each
+    // with its candidates; the skipped float16 training step runs the port at float16
+    // alone.
+    let goldens = dumps("golden") + dumps("fixtures/lora/golden") + dumps("fixtures/train/golden");
+    let candidates = dumps("fixtures/candidates")
+        + dumps("fixtures/lora/candidates")
+        + dumps("fixtures/train/candidates");
+    assert_eq!(
+        runs.len(),
+        goldens * 3 + candidates - 1,
+        "three runs per golden (two on the skipped float16 training step) and one per candidate"
+    );
+    let training: Vec<_> = runs.iter().filter(|r| r["golden"] == "train_overflow_f16").collect();
+    assert!(
+        training.iter().all(|r| r["run"] != "ascend bfloat16"),
+        "the skipped float16 step is not run at bfloat16: {training:?}"
+    );
     assert!(runs.iter().all(|r| r["ok"] == true));
     for r in runs.iter().filter(|r| r["run"].as_str().unwrap().starts_with("candidate ")) {
         let fault = r["run"].as_str().unwrap().trim_start_matches("candidate ");
         if fault.starts_with("other_") {
-            // An adapter fault outside the contract's: it fails, and none is named.
+            // An adapter or training fault outside the contract's: it fails, and none is
+            // named.
             assert_eq!(r["verdict"], "fail", "{r}");
             assert!(r["diagnosis"].is_null(), "{r}");
         } else if fault == "lora.merged_low_precision" && r["golden"] == "lora_merged_bf16" {
@@ -50,6 +64,10 @@ fn the_suite_runs_as_expected_on_the_embedded_goldens() {
     }
     assert!(tmp.path().join("lora_f32/candidate_lora.not_loaded/report.html").is_file());
     assert!(tmp.path().join("gqa_pad_f32/candidate_rope.pos_reset/report.html").is_file());
+    assert!(tmp
+        .path()
+        .join("train_full_f32/candidate_train.labels_unshifted/report.html")
+        .is_file());
 }
 
 #[test]

@@ -52,11 +52,12 @@ pub enum Command {
     /// at bfloat16 and float16 (a correct low-precision port must pass). For each
     /// candidate under fixtures/candidates/<golden>__<fault>/: the comparison with its
     /// golden and the diagnosis, which should name the planted fault. Then the same for
-    /// the LoRA set (--adapters) and, when its goldens are there, the real trained model
+    /// the LoRA set (--adapters), the training set (--training: one training step of
+    /// CONTRACT §6 per golden) and, when its goldens are there, the real trained model
     /// with a fault matrix at bfloat16 (--real-model).
     ///
     /// Example:
-    ///   parity suite                      (golden/, fixtures/candidates/, the LoRA set, the real model)
+    ///   parity suite                      (golden/, fixtures/candidates/, the LoRA and training sets, the real model)
     ///   parity suite golden --report reports/suite
     ///   parity suite --mindspore            (the real MindSpore port too)
     #[command(verbatim_doc_comment)]
@@ -160,6 +161,9 @@ pub enum ImportTool {
 /// Where the repository keeps its LoRA set (`golden/generate.py --lora`).
 pub const ADAPTER_SET: &str = "fixtures/lora";
 
+/// Where the repository keeps its training set (`golden/generate.py --train`).
+pub const TRAINING_SET: &str = "fixtures/train";
+
 #[derive(Debug, clap::Args)]
 pub struct SuiteArgs {
     /// Directory holding one golden dump per subdirectory.
@@ -172,6 +176,13 @@ pub struct SuiteArgs {
     /// and candidates above; the default is left out where it does not exist.
     #[arg(long, value_name = "DIR", default_value = ADAPTER_SET)]
     pub adapters: PathBuf,
+    /// The training set (CONTRACT §6, one training step): DIR/golden and DIR/candidates,
+    /// planned as the goldens and candidates above (the simulated port's float16 step
+    /// alone on a golden whose float16 step overflowed and was skipped: at bfloat16 it
+    /// does not overflow, a different step); the default is left out where it does not
+    /// exist.
+    #[arg(long, value_name = "DIR", default_value = TRAINING_SET)]
+    pub training: PathBuf,
     /// Also run the real MindSpore port (fixtures/ports/mindspore) on every golden at
     /// float32 and float16, and on the real model's bfloat16 golden at bfloat16 (needs
     /// its venv: see `bash .ci/setup`; about 7 s a run on the suite's goldens).

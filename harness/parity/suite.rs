@@ -63,8 +63,24 @@ pub fn cmd_suite(a: SuiteArgs) -> Result<ExitCode> {
             what: format!("{} holds no golden/ directory of adapter goldens", a.adapters.display()),
         });
     }
-    let mut inputs: Vec<&Path> =
-        vec![a.goldens.as_path(), a.candidates.as_path(), a.adapters.as_path()];
+    let training_goldens = a.training.join("golden");
+    if training_goldens.is_dir() {
+        plan.add(&training_goldens, &a.training.join("candidates"), a.mindspore)?;
+    } else if a.training != Path::new(crate::args::TRAINING_SET) {
+        return Err(Error::Usage {
+            flag: "--training".into(),
+            what: format!(
+                "{} holds no golden/ directory of training goldens",
+                a.training.display()
+            ),
+        });
+    }
+    let mut inputs: Vec<&Path> = vec![
+        a.goldens.as_path(),
+        a.candidates.as_path(),
+        a.adapters.as_path(),
+        a.training.as_path(),
+    ];
     inputs.extend(real_dir.as_deref());
     inputs.extend(a.baseline.as_deref());
     let out = a.report.as_deref().map(|dir| guard::Output {
