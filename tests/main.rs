@@ -45,4 +45,5 @@ mod scoped_faults;
 mod suite;
 mod summary_only;
 mod tensor_parallel;
+mod train_mindspore;
 mod variants;

@@ -5,6 +5,12 @@
 //! The port narrows a fault to decoder layers (`--fault attn.no_scale@layers=1`); it
 //! takes no other scope and no parameter.
 //!
+//! A golden of one training step (CONTRACT §6, `train` in its manifest) goes to the port
+//! the same way: its runner sees `train` and runs the step (`train.py`), the `train.*`
+//! faults passed as `--fault` like any other. What comes back must be that step:
+//! `steps` `["train"]` and the golden's own `train` field, else the run is an error. A
+//! port that does not train ([`Port::trains`]) is refused such a golden.
+//!
 //! Where the interpreter and the script are found is [`crate::ports`]' business
 //! ([`MINDSPORE`]).
 
@@ -14,7 +20,7 @@ use std::process::{Command, Stdio};
 
 use contract::error::{Error, Feature, Result};
 use contract::fault::ScopedFault;
-use contract::site;
+use contract::site::{self, Step};
 use dump::{Dump, Tensor};
 
 use crate::context::RunEvent;
@@ -64,6 +70,15 @@ pub fn run_port(
         return Err(Error::unsupported(
             Feature::TeacherForcing,
             format!("the {impl_name} implementation runs the port as a whole; it cannot start a layer from the golden's input"),
+        ));
+    }
+    if golden.manifest.train.is_some() && !port.trains {
+        return Err(Error::unsupported(
+            Feature::Implementation,
+            format!(
+                "field `train` (one training step, CONTRACT §6) is not implemented by the \
+                 {impl_name} port"
+            ),
         ));
     }
     let Some(golden_dir) = golden.dir() else {
@@ -158,8 +173,33 @@ pub fn run_port(
         });
     }
     let dump = Dump::open(&out)?;
+    if let Some(what) = not_the_step(golden, &dump) {
+        return Err(Error::External {
+            program: port.program.into(),
+            what: format!(
+                "{} wrote a dump that is not the golden's step: {what}",
+                script.display()
+            ),
+        });
+    }
     let dump = into_memory(&dump)?;
     Ok(RunOutput { dump, teacher_forced: None, warnings: Vec::new() })
+}
+
+/// Why the port's `dump` is not a run of `golden`'s training step, or `None` when it
+/// is one (or the golden is not a training step): `steps` must be `["train"]` and
+/// `train` the golden's own.
+fn not_the_step(golden: &Dump, dump: &Dump) -> Option<String> {
+    let spec = golden.manifest.train.as_ref()?;
+    if dump.manifest.steps != [Step::Train] {
+        let steps: Vec<String> = dump.manifest.steps.iter().map(ToString::to_string).collect();
+        return Some(format!("its steps are {steps:?}, not [\"train\"]"));
+    }
+    match &dump.manifest.train {
+        None => Some("its manifest has no `train` field".into()),
+        Some(t) if t != spec => Some("its `train` field differs from the golden's".into()),
+        Some(_) => None,
+    }
 }
 
 /// The module named by a `ModuleNotFoundError: No module named 'x'` line.
