@@ -239,3 +239,87 @@ fn the_float16_training_goldens_are_reproduced_at_float16() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The port's run with `fault` planted on `golden` against the HF-made candidate of the
+/// same fault: every site within `tol`, and the first site where the port's run leaves
+/// the golden (in compute order) is the one the candidate records (`producer.expect.
+/// first`), so the fault is not only reproduced but also visible.
+fn fault_reproduces_its_candidate(candidate: &Path, fault: &str) -> Vec<String> {
+    let name = candidate.file_name().unwrap().to_string_lossy().into_owned();
+    let golden_name = name.split("__").next().unwrap().to_string();
+    let g = golden_dir(&golden_name);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = port_dump(&g, tmp.path(), &["--fault", fault]);
+    let cand = Dump::open(candidate).expect("candidate");
+    let golden = Dump::open(&g).expect("golden");
+    let f16 = golden.manifest.dtype != llama_parity::dump::Precision::F32;
+    let tol = |s: &Site| if f16 { tol_f16(s) } else { TOL_F32 };
+    let mut failures = over(&format!("{name} ({fault})"), &compare(&cand, &p), tol);
+    let expect = cand.manifest.raw["producer"]["expect"]["first"].as_str().unwrap_or("");
+    let first = compare(&golden, &p).into_iter().find(|(s, o)| !o.within(tol(s)));
+    let got = first.as_ref().map(|(s, _)| format!("train {s}")).unwrap_or_default();
+    eprintln!("{name}: the port's run leaves the golden first at {got:?} (candidate: {expect:?})");
+    if got != expect {
+        failures
+            .push(format!("{name}: first divergence from the golden {got:?}, expected {expect:?}"));
+    }
+    failures
+}
+
+/// Each of the eight `train.*` faults planted in the port (where a port makes it: the
+/// loss, the micro-batch loop, the loss scaler, the clipping, the parameter groups, the
+/// optimizer) reproduces the HF-made candidate of that fault at every site, and so do
+/// the candidates of §3 faults planted in a training step's forward.
+#[test]
+fn every_planted_training_fault_reproduces_its_hf_made_candidate() {
+    let dir = root().join(TRAIN).join("candidates");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    let mut failures = Vec::new();
+    let mut planted = std::collections::BTreeSet::new();
+    for c in entries {
+        let cand = Dump::open(&c).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+        // a fault outside the contract (`producer.plant`) has no switch in the port
+        let Some(fault) = cand.manifest.raw["producer"]["fault"].as_str() else { continue };
+        planted.insert(fault.to_string());
+        failures.extend(fault_reproduces_its_candidate(&c, fault));
+    }
+    let train: Vec<&str> = llama_parity::contract::fault::Fault::TRAIN
+        .iter()
+        .map(|f| f.id())
+        .filter(|id| !planted.contains(*id))
+        .collect();
+    assert!(train.is_empty(), "no candidate for {train:?}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What the port cannot plant or run is refused with exit 2 and one line naming it,
+/// never run as something else: a training fault narrowed to a scope, a loss-scale
+/// fault on a step without a loss scale, a micro-batch fault on a single batch, a
+/// training fault on an inference golden; and MindFormers, which has no training
+/// step, is refused a training golden by `parity run`.
+#[test]
+fn what_the_port_cannot_plant_or_run_exits_2_naming_it() {
+    let full = golden_dir("train_full_f32");
+    let cases: [(&Path, &str, &str); 4] = [
+        (&full, "train.labels_unshifted@layers=1", "acts on the whole step"),
+        (&full, "train.loss_scale_kept", "has no loss scale"),
+        (&full, "train.micro_batches_summed", "has one micro-batch"),
+        (Path::new("golden/gqa_pad_f32"), "train.labels_unshifted", "not a training step"),
+    ];
+    for (golden, fault, says) in cases {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (code, stderr) = port(golden, &tmp.path().join("out"), &["--fault", fault]);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert_eq!(code, Some(2), "{fault}: {stderr}");
+        assert!(last.starts_with("run.py: ") && last.contains(says), "{fault}: {last}");
+        assert!(!tmp.path().join("out").exists(), "{fault}: a dump was written");
+    }
+    let golden = format!("{TRAIN}/golden/train_full_f32");
+    let (code, _, stderr) = parity(&["run", &golden, "--impl", "mindformers"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not implemented by the mindformers port"), "{stderr}");
+}
