@@ -224,7 +224,9 @@ def delta_hook(recorder_put, site: str, layer: LoraLayer, out_dtype: torch.dtype
     """A forward hook on ``lora_B``: records ``scaling * lora_B(lora_A(dropout(x)))``, the term
     PEFT adds to the projection, cast to the run dtype."""
     def f(module, args, out):
-        recorder_put(f"{site}.lora", (out * layer.scaling[ADAPTER_NAME]).to(out_dtype))
+        s = layer.scaling[ADAPTER_NAME]
+        # d loss / d delta is d loss / d (lora_B's output) / s: PEFT adds lora_B(...) * s
+        recorder_put(f"{site}.lora", (out * s).to(out_dtype), grad_of=out, grad_map=lambda g: g / s)
     return f
 
 

@@ -13,6 +13,8 @@ Usage:
     python golden/generate.py --candidates [--out fixtures/candidates]
     python golden/generate.py --variants [--out fixtures/variants]
     python golden/generate.py --lora [--out fixtures/lora]
+    python golden/generate.py --train [--out fixtures/train]
+    python golden/generate.py --check-train
     python golden/generate.py --check
 
 See golden/README.md for the scenario format and the regeneration procedure.
@@ -28,7 +30,7 @@ import re
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -496,6 +498,10 @@ class Recorder:
         self.model = model
         self.keep = layers  # None: every layer
         self.cur: dict[str, torch.Tensor] | None = None
+        # A training step (golden/train.py) sets this to a list: every put then also records
+        # (site, the tensor the model goes on computing with, the map from that tensor's
+        # gradient to the site's), so that the gradient of the loss w.r.t. the site is taken.
+        self.graph: list | None = None
         self.layer: int | None = None
         self.handles = []
         names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
@@ -513,7 +519,9 @@ class Recorder:
         for n in names:
             self.handles.append(model.get_submodule(n).register_forward_hook(self._hook(n)))
 
-    def put(self, key: str, t: torch.Tensor) -> None:
+    def put(self, key: str, t: torch.Tensor, grad_of: torch.Tensor | None = None, grad_map=None) -> None:
+        """Records site ``key``. ``grad_of``: the tensor the model computes on when ``t`` is a
+        reshaped copy of it; ``grad_map`` turns its gradient into the site's."""
         if self.cur is None:
             return
         if self.keep is not None and key.startswith("model.layers."):
@@ -522,6 +530,8 @@ class Recorder:
         if key in self.cur:
             raise RuntimeError(f"site {key} captured twice in one step")
         self.cur[key] = t.detach().clone().contiguous()
+        if self.graph is not None:
+            self.graph.append((key, t if grad_of is None else grad_of, grad_map))
 
     def _enter_layer(self, i):
         def f(module, args):
@@ -567,7 +577,8 @@ class Recorder:
             self.put(f"{p}.v_cache", value)
             self.put(f"{p}.probs", weights)
             B, T = out.shape[0], out.shape[1]
-            self.put(f"{p}.context", out.reshape(B, T, -1))
+            self.put(f"{p}.context", out.reshape(B, T, -1), grad_of=out,
+                     grad_map=lambda g, B=B, T=T: g.reshape(B, T, -1))
             return out, weights
         return eager_attention_forward
 
@@ -632,11 +643,15 @@ def norm_modules(model, component: str | None, layer_ok) -> list:
     return out
 
 
-def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None):
+def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None, runner=None):
     """Return (manifest, activations{key: tensor}, weights{name: tensor}).
 
     ``variant`` (an entry of VARIANTS) plants its fault narrowed to its scope with its
     params, or one of PLANTS; ``fault`` alone plants a fault everywhere in its default form.
+    ``runner`` replaces the prefill and decode steps (a training step, golden/train.py): it
+    is called with a dict of the prepared run (model, recorder, inputs, the float32 weights
+    before the cast) inside the same planted-fault patches, with autograd on, and returns
+    the activations; the manifest is then the prefill's, for the caller to complete.
     """
     spec = variant or {}
     if fault is None:
@@ -671,6 +686,7 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
     init_weights(model, sc["weights_seed"], sc["weight_scale"])
     rot = model.model.rotary_emb
     inv_freq32 = (rot.inv_freq.detach().clone(), rot.original_inv_freq.detach().clone())
+    weights32 = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     model = model.to(dtype).eval()
     # model.to(dtype) also casts the rotary inv_freq buffers; from_pretrained(dtype=...) keeps
     # them in float32 (they are computed in float32 at init). Follow the loading path.
@@ -841,8 +857,15 @@ def run_scenario(sc: dict, fault: str | None = None, variant: dict | None = None
              patched(ml, "repeat_kv", repeat_kv), \
              patched(ml.LlamaRMSNorm, "forward", norm_forward), \
              patched(ml.LlamaDecoderLayer, "forward", layer_forward), \
-             torch.no_grad():
+             (torch.no_grad() if runner is None else nullcontext()):
             am = mask.clone()
+            if runner is not None:
+                state["step"] = "train"
+                acts = runner({"model": model, "recorder": rec, "config": cfg, "dtype": dtype, "ids": ids,
+                               "mask": mask, "position_ids": pos_prefill, "weights32": weights32,
+                               "lora": lora_info, "lora_spec": lora_spec,
+                               "adapter_files": adapter_files})
+                steps = []
             for si, step in enumerate(steps):
                 state["step"] = step
                 if step == "prefill":
@@ -1395,7 +1418,12 @@ def main(argv=None) -> int:
     g.add_argument("--lora", action="store_true",
                    help="write the LoRA set: adapter goldens made with PEFT and their faulty candidates "
                         "(default OUT: fixtures/lora)")
+    g.add_argument("--train", action="store_true",
+                   help="write the training set (CONTRACT §6): one-step goldens made with torch autograd and "
+                        "AdamW, and their faulty candidates (default OUT: fixtures/train; golden/train.py)")
     g.add_argument("--check", action="store_true", help="regenerate into a temp dir, compare byte for byte")
+    g.add_argument("--check-train", action="store_true",
+                   help="regenerate the training set into a temp dir, compare byte for byte with fixtures/train")
     g.add_argument("--list-faults", action="store_true", help="print the supported fault IDs")
     g.add_argument("--model", type=Path,
                    help="an HF LlamaForCausalLM checkpoint directory: golden with per-step files, weights by reference")
@@ -1421,6 +1449,20 @@ def main(argv=None) -> int:
         return 0
     if args.check:
         return check()
+    if args.train or args.check_train:
+        if args.fault or args.no_weights or args.input_ids or args.prompt or args.layers:
+            ap.error("--train and --check-train take no --fault, --no-weights, --input-ids, --prompt or --layers "
+                     "(the set's candidates carry their faults)")
+        if args.check_train and args.out:
+            ap.error("--check-train compares with fixtures/train and takes no --out")
+        import train  # noqa: E402  (one training step, CONTRACT §6)
+        if args.check_train:
+            return train.check_train(train.TRAIN_DIR)
+        out = (args.out or train.TRAIN_DIR).resolve()
+        train.gen_train(out)
+        if out == train.TRAIN_DIR.resolve():
+            train.write_checksums(out)
+        return 0
     if args.model:
         if not args.out:
             ap.error("--model needs --out DIR")
@@ -1450,6 +1492,8 @@ def main(argv=None) -> int:
     if out == sc_path.parent or out in sc_path.parents:
         ap.error("refusing to write into the scenario folder")
     sc = load_scenario(sc_path)
+    if "train" in sc:
+        ap.error(f"{sc_path}: a training scenario (its 'train' block): made by --train, not --scenario")
     m, a, w, ad = run_scenario(sc, args.fault)
     write_dump(out, m, a, None if (args.no_weights or args.fault) else w, None if args.fault else ad)
     print(f"wrote {out} ({len(a)} tensors{', fault ' + args.fault if args.fault else ''})")

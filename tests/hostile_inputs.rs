@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::helpers::{copy_tree, root};
+use crate::helpers::{copy_tree, rewrite_pickle, root};
 
 /// Runs `parity ARGS` from the repository root, killing it after 60 s (a hang fails
 /// the test). Returns (exit code, stdout, stderr).
@@ -231,33 +231,19 @@ fn malformed_msprobe_records_are_bad_input_naming_the_record() {
 /// dump.json agreeing) was read as an empty tensor and `parity import msprobe` exited 0.
 #[test]
 fn a_pt_shape_whose_element_count_overflows_is_refused() {
-    use std::io::{Read, Write};
     let (tmp, dump) = copy_fixture("gqa_pad_f32");
     let rank = rank_dir(&dump, 0);
     let entry = "Module.model.layers.0.input_layernorm.LlamaRMSNorm.forward.0";
     let pt = rank.join("dump_tensor_data").join(format!("{entry}.output.0.pt"));
-    let mut zin = zip::ZipArchive::new(std::fs::File::open(&pt).expect("open")).expect("zip");
-    let mut files = Vec::new();
-    for i in 0..zin.len() {
-        let mut f = zin.by_index(i).expect("entry");
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).expect("read");
-        files.push((f.name().expect("name").to_string(), bytes));
-    }
     // size (2, 9, 64) stride (576, 64, 1) to size (2^30, 2^30, 16) stride (0, 0, 1).
     let from: &[u8] = b"K\x02K\tK@\x87q\x06M@\x02K@K\x01\x87";
     let to: &[u8] = b"J\x00\x00\x00\x40J\x00\x00\x00\x40K\x10\x87q\x06K\x00K\x00K\x01\x87";
-    let pkl = files.iter_mut().find(|(n, _)| n.ends_with("data.pkl")).expect("data.pkl");
-    let at = pkl.1.windows(from.len()).position(|w| w == from).expect("the shape in the pickle");
-    pkl.1.splice(at..at + from.len(), to.iter().copied());
-    let mut zout = zip::ZipWriter::new(std::fs::File::create(&pt).expect("create"));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (name, bytes) in &files {
-        zout.start_file(name.as_str(), opts).expect("start");
-        zout.write_all(bytes).expect("write");
-    }
-    zout.finish().expect("finish");
+    rewrite_pickle(&pt, |pkl| {
+        let at = pkl.windows(from.len()).position(|w| w == from).expect("the shape in the pickle");
+        let mut out = pkl.to_vec();
+        out.splice(at..at + from.len(), to.iter().copied());
+        out
+    });
     let dj = rank.join("dump.json");
     let t = std::fs::read_to_string(&dj).expect("read");
     let at = t.find(&format!("\"{entry}\"")).expect("entry");

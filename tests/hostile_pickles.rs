@@ -5,10 +5,9 @@
 //! tuple), overflowed the stack (nesting 10^6 deep), ran 20-25 s to 8 GB (a memo bomb)
 //! or asked for 16 GiB at once (a stride-0 view); the bounded reader refuses each.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::helpers::{copy_tree, parity_in, root};
+use crate::helpers::{copy_tree, parity_in, rewrite_pickle, root};
 
 const ENTRY: &str = "Module.model.layers.0.input_layernorm.LlamaRMSNorm.forward.0";
 
@@ -23,28 +22,6 @@ fn dump_copy() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let pt = rank.join("dump_tensor_data").join(format!("{ENTRY}.output.0.pt"));
     assert!(pt.is_file(), "{}", pt.display());
     (tmp, dump, pt)
-}
-
-/// Rewrites the `.pt` zip at `pt` with its `data.pkl` replaced by `edit(old pickle)`.
-fn rewrite_pickle(pt: &Path, edit: impl FnOnce(&[u8]) -> Vec<u8>) {
-    let mut zin = zip::ZipArchive::new(std::fs::File::open(pt).expect("open")).expect("zip");
-    let mut files = Vec::new();
-    for i in 0..zin.len() {
-        let mut f = zin.by_index(i).expect("entry");
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).expect("read");
-        files.push((f.name().expect("name").to_string(), bytes));
-    }
-    let pkl = files.iter_mut().find(|(n, _)| n.ends_with("data.pkl")).expect("data.pkl");
-    pkl.1 = edit(&pkl.1);
-    let mut zout = zip::ZipWriter::new(std::fs::File::create(pt).expect("create"));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (name, bytes) in &files {
-        zout.start_file(name.as_str(), opts).expect("start");
-        zout.write_all(bytes).expect("write");
-    }
-    zout.finish().expect("finish");
 }
 
 /// `parity import msprobe DUMP --out <tmp>/o` must exit 2 with one error line naming

@@ -13,27 +13,20 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helpers::{copy_tree, report_json, root};
+use crate::helpers::{copy_tree, root, run_with_report};
 
 /// `parity run GOLDEN --impl IMPL ARGS... --report DIR` with the ports' caches in
 /// `cache`: exit code, stdout and stderr together, and the report's JSON.
 fn run(golden: &Path, cache: &Path, args: &[&str]) -> (Option<i32>, String, Value) {
     let rep = cache.join(format!("report-{}", args.join("-").replace(['/', '@', '='], "_")));
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .arg("run")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_parity"));
+    cmd.arg("run")
         .arg(golden)
         .args(args)
-        .arg("--report")
-        .arg(&rep)
         .env("PARITY_PORT_CACHE", cache.join("ports"))
         .env("PARITY_HASH_CACHE", cache.join("sha256"))
-        .env_remove("LLAMA_PARITY_SKIP_SHA256")
-        .output()
-        .expect("run parity");
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let report = if rep.join("report.json").is_file() { report_json(&rep) } else { Value::Null };
-    (out.status.code(), text, report)
+        .env_remove("LLAMA_PARITY_SKIP_SHA256");
+    run_with_report(cmd, &rep)
 }
 
 fn golden() -> PathBuf {

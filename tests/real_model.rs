@@ -12,7 +12,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helpers::{report_json, root};
+use crate::helpers::{root, run_with_report};
 
 /// `<models cache>/smollm2-135m` when both its goldens are there; else `None`, said on
 /// stderr.
@@ -38,17 +38,9 @@ fn real_model() -> Option<PathBuf> {
 fn parity_report(args: &[&str]) -> (Option<i32>, String, Value) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let rep = tmp.path().join("r");
-    let out = Command::new(env!("CARGO_BIN_EXE_parity"))
-        .current_dir(root())
-        .args(args)
-        .arg("--report")
-        .arg(&rep)
-        .output()
-        .expect("run parity");
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let report = if rep.join("report.json").is_file() { report_json(&rep) } else { Value::Null };
-    (out.status.code(), text, report)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_parity"));
+    cmd.current_dir(root()).args(args);
+    run_with_report(cmd, &rep)
 }
 
 /// The layer index of a site name `model.layers.N...`.

@@ -273,3 +273,36 @@ pub fn parity_in(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Rewrites the `.pt` zip at `pt` with its `data.pkl` replaced by `edit(old pickle)`.
+pub fn rewrite_pickle(pt: &Path, edit: impl FnOnce(&[u8]) -> Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut zin = zip::ZipArchive::new(std::fs::File::open(pt).expect("open")).expect("zip");
+    let mut files = Vec::new();
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).expect("entry");
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).expect("read");
+        files.push((f.name().expect("name").to_string(), bytes));
+    }
+    let pkl = files.iter_mut().find(|(n, _)| n.ends_with("data.pkl")).expect("data.pkl");
+    pkl.1 = edit(&pkl.1);
+    let mut zout = zip::ZipWriter::new(std::fs::File::create(pt).expect("create"));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in &files {
+        zout.start_file(name.as_str(), opts).expect("start");
+        zout.write_all(bytes).expect("write");
+    }
+    zout.finish().expect("finish");
+}
+
+/// Runs `cmd` (a `parity` command line) with `--report rep` appended: its exit code,
+/// stdout and stderr together, and the report's JSON (`Null` when none was written).
+pub fn run_with_report(mut cmd: std::process::Command, rep: &Path) -> (Option<i32>, String, Value) {
+    let out = cmd.arg("--report").arg(rep).output().expect("run parity");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = if rep.join("report.json").is_file() { report_json(rep) } else { Value::Null };
+    (out.status.code(), text, report)
+}

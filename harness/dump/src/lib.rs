@@ -26,7 +26,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use self::dtype::{DType, Precision};
-pub use self::manifest::{AdapterSpec, Manifest, ModelConfig, Scenario, FORMAT};
+pub use self::manifest::{
+    AdamW, AdapterSpec, LossScale, Manifest, ModelConfig, Scenario, TrainSpec, Trainable, FORMAT,
+};
 pub use self::safetensors::SafetensorsFile;
 pub use self::tensor::Tensor;
 

@@ -54,6 +54,7 @@ mod rowdot;
 pub mod run;
 pub mod runner;
 pub mod step_output;
+pub mod train;
 pub mod weights;
 
 pub use context::{EventSink, RunContext, RunEvent, Sha256Check};
@@ -82,6 +83,11 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
                 ),
             });
         }
+    }
+    if golden.manifest.train.is_some()
+        && matches!(opts.implementation, Implementation::Reference | Implementation::Ascend)
+    {
+        return train::run(golden, opts);
     }
     match opts.implementation {
         Implementation::MindSpore => mindspore::run(golden, opts),

@@ -106,6 +106,27 @@ impl Matrix {
         self.rows(r, r + 1, n).index_axis_move(Axis(0), 0)
     }
 
+    /// Rows `r0..r1`, columns `c0..c1` as `f64` `[r1 - r0, c1 - c0]`, stored at
+    /// `RoundAt::Weight`: a block of a matrix a backward product reads untransposed.
+    pub(crate) fn block(
+        &self,
+        (r0, r1): (usize, usize),
+        (c0, c1): (usize, usize),
+        n: &dyn Numerics,
+    ) -> Array2<f64> {
+        match self {
+            Matrix::Owned(a) => a.slice(s![r0..r1, c0..c1]).to_owned(),
+            Matrix::Stored(t) => {
+                let (cols, w) = (self.ncols(), c1 - c0);
+                let mut v = vec![0.0; (r1 - r0) * w];
+                for (i, row) in v.chunks_mut(w.max(1)).enumerate().take(r1 - r0) {
+                    t.read_f64_rounded_into((r0 + i) * cols + c0, row, n.weight_precision());
+                }
+                Array2::from_shape_vec((r1 - r0, w), v).expect("block shape")
+            }
+        }
+    }
+
     /// The whole matrix as `f64` (tests and small models only).
     pub fn to_array(&self) -> Array2<f64> {
         match self {
@@ -257,8 +278,8 @@ impl Linear {
         (y, delta)
     }
 
-    /// `x · Wᵀ + b`, rounded at `RoundAt::Projection`.
-    fn dense(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
+    /// `x · Wᵀ + b`, rounded at `RoundAt::Projection`, without the LoRA bypass.
+    pub(crate) fn dense(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
         let (b, t, h) = x.dim();
         debug_assert_eq!(h, self.in_features());
         let flat =

@@ -40,6 +40,16 @@ pub struct Lora {
 impl Lora {
     /// The delta `s · B(A(x))`: `[batch, seq, in]` → `[batch, seq, out]`.
     pub fn delta(&self, x: &Array3<f64>, n: &dyn Numerics) -> Array3<f64> {
+        self.delta_parts(x, n).1
+    }
+
+    /// [`Lora::delta`] and the rank-`r` product `A(x)` it went through
+    /// (`[batch·seq, r]`, rounded at `RoundAt::Projection`), which a backward pass reads.
+    pub(crate) fn delta_parts(
+        &self,
+        x: &Array3<f64>,
+        n: &dyn Numerics,
+    ) -> (Array2<f64>, Array3<f64>) {
         let (b, t, h) = x.dim();
         let flat = x.as_standard_layout().into_owned();
         let flat = flat.into_shape_with_order((b * t, h)).expect("standard layout reshapes");
@@ -50,7 +60,7 @@ impl Lora {
         let s = n.round(RoundAt::Weight, self.scaling);
         bax.mapv_inplace(|v| v * s);
         round_in_place(n, RoundAt::Projection, &mut bax);
-        bax.into_shape_with_order((b, t, self.b.nrows())).expect("row count is b * t")
+        (ax, bax.into_shape_with_order((b, t, self.b.nrows())).expect("row count is b * t"))
     }
 
     /// `y += delta`, rounded at `RoundAt::Projection`. Both `[batch, seq, out]`.

@@ -91,6 +91,84 @@ pub struct TensorRow {
     pub status: &'static str,
 }
 
+impl TensorRow {
+    /// The pair `hf` ↔ `port` before any comparison: shapes and dtypes of both, status
+    /// `ok`.
+    pub(crate) fn pair(hf: &str, port: &str, h: &Tensor, p: &Tensor) -> TensorRow {
+        TensorRow {
+            hf: hf.to_string(),
+            port: port.to_string(),
+            hf_shape: h.shape().to_vec(),
+            port_shape: p.shape().to_vec(),
+            hf_dtype: h.dtype(),
+            port_dtype: p.dtype(),
+            n_diff: None,
+            max_abs_diff: None,
+            status: "ok",
+        }
+    }
+}
+
+/// Writes a table of six columns, `head` then `rows`, each column as wide as its widest
+/// cell, columns from `first_right` on aligned right.
+pub(crate) fn write_table(
+    s: &mut String,
+    head: [&str; 6],
+    rows: &[[String; 6]],
+    first_right: usize,
+) {
+    let mut w = head.map(str::len);
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let cells = std::iter::once(head.map(String::from)).chain(rows.iter().cloned());
+    for r in cells {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < first_right {
+                    format!("{c:<w$}", w = w[i])
+                } else {
+                    format!("{c:>w$}", w = w[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "{}", line.join("  "));
+    }
+}
+
+/// A finding of `kind` about the HF tensor `hf` and the port's `port`.
+pub(crate) fn finding(
+    kind: FindingKind,
+    hf: Option<&str>,
+    port: Option<&str>,
+    detail: String,
+    fault: Option<&'static str>,
+) -> Finding {
+    Finding { kind, hf: hf.map(str::to_string), port: port.map(str::to_string), detail, fault }
+}
+
+/// A finding when the port stores `p` in another dtype than the one asked for.
+pub(crate) fn dtype_finding(
+    want: Option<DType>,
+    p: &Tensor,
+    hf_key: &str,
+    port_key: &str,
+) -> Option<Finding> {
+    want.filter(|&d| d != p.dtype()).map(|d| {
+        finding(
+            FindingKind::DType,
+            Some(hf_key),
+            Some(port_key),
+            format!("port dtype {}, expected {d}", p.dtype()),
+            None,
+        )
+    })
+}
+
 /// The outcome of a weight check.
 #[derive(Debug, Clone)]
 pub struct WeightCheck {
@@ -113,13 +191,6 @@ pub fn check_weights(
     let mut tensors = Vec::new();
     let mut findings = Vec::new();
     let mut produced = BTreeSet::new();
-    let finding = |kind, hf: Option<&str>, port: Option<&str>, detail: String, fault| Finding {
-        kind,
-        hf: hf.map(str::to_string),
-        port: port.map(str::to_string),
-        detail,
-        fault,
-    };
     for hf_key in hf.keys() {
         let h = hf.require(hf_key)?;
         let Some((port_key, rule)) = map.to_port(hf_key) else {
@@ -143,29 +214,9 @@ pub fn check_weights(
             ));
             continue;
         };
-        let mut row = TensorRow {
-            hf: hf_key.to_string(),
-            port: port_key.clone(),
-            hf_shape: h.shape().to_vec(),
-            port_shape: p.shape().to_vec(),
-            hf_dtype: h.dtype(),
-            port_dtype: p.dtype(),
-            n_diff: None,
-            max_abs_diff: None,
-            status: "ok",
-        };
-        let mut here = Vec::new();
-        if let Some(d) = dtype {
-            if p.dtype() != d {
-                here.push(finding(
-                    FindingKind::DType,
-                    Some(hf_key),
-                    Some(&port_key),
-                    format!("port dtype {}, expected {d}", p.dtype()),
-                    None,
-                ));
-            }
-        }
+        let mut row = TensorRow::pair(hf_key, &port_key, &h, p);
+        let mut here: Vec<Finding> =
+            dtype_finding(dtype, p, hf_key, &port_key).into_iter().collect();
         let transpose = rule.transpose && h.shape().len() == 2;
         let expected: Vec<usize> =
             if transpose { h.shape().iter().rev().copied().collect() } else { h.shape().to_vec() };
@@ -351,34 +402,7 @@ impl WeightCheck {
             })
             .collect();
         let head = ["status", "port tensor", "shape", "dtype", "max|diff|", "differ"];
-        let mut w = head.map(str::len);
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        let line = |s: &mut String, c: &[&str]| {
-            let _ = writeln!(
-                s,
-                "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}",
-                c[0],
-                c[1],
-                c[2],
-                c[3],
-                c[4],
-                c[5],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3],
-                w4 = w[4],
-                w5 = w[5]
-            );
-        };
-        line(&mut s, &head);
-        for r in &rows {
-            line(&mut s, &r.iter().map(String::as_str).collect::<Vec<_>>());
-        }
+        write_table(&mut s, head, &rows, 4);
         let _ = writeln!(s);
         for f in &self.findings {
             let names = match (&f.port, &f.hf) {

@@ -37,7 +37,10 @@ use crate::adapter::{
     module_name, Adapter, AdapterConfig, ModuleAdapter, CONFIG_FILE, KEY_PREFIX, PROJECTIONS,
     WEIGHTS_FILE,
 };
-use crate::check::{diff, write_report, Finding, FindingKind, TensorRow, WeightCheck};
+use crate::check::{
+    diff, dtype_finding, finding, write_report, write_table, Finding, FindingKind, TensorRow,
+    WeightCheck,
+};
 use crate::ckpt::Checkpoint;
 use crate::keymap::KeyMap;
 
@@ -385,27 +388,9 @@ pub fn check_adapter(
                 file: port.path().to_path_buf(),
                 key: port_key.into(),
             })?;
-            let mut row = TensorRow {
-                hf: key.clone(),
-                port: port_key.to_string(),
-                hf_shape: h.shape().to_vec(),
-                port_shape: p.shape().to_vec(),
-                hf_dtype: h.dtype(),
-                port_dtype: p.dtype(),
-                n_diff: None,
-                max_abs_diff: None,
-                status: "ok",
-            };
-            let mut here = Vec::new();
-            if let Some(d) = dtype.filter(|&d| d != p.dtype()) {
-                here.push(finding(
-                    FindingKind::DType,
-                    Some(key),
-                    Some(port_key),
-                    format!("port dtype {}, expected {d}", p.dtype()),
-                    None,
-                ));
-            }
+            let mut row = TensorRow::pair(key, port_key, h, p);
+            let mut here: Vec<Finding> =
+                dtype_finding(dtype, p, key, port_key).into_iter().collect();
             let t = rule.transpose;
             let expected: Vec<usize> =
                 if t { h.shape().iter().rev().copied().collect() } else { h.shape().to_vec() };
@@ -480,16 +465,6 @@ pub fn check_adapter(
     })
 }
 
-fn finding(
-    kind: FindingKind,
-    hf: Option<&str>,
-    port: Option<&str>,
-    detail: String,
-    fault: Option<&'static str>,
-) -> Finding {
-    Finding { kind, hf: hf.map(str::to_string), port: port.map(str::to_string), detail, fault }
-}
-
 /// The PEFT module of the same layer whose tensor of the same role (`0` A, `1` B) the
 /// port tensor `p` holds exactly, and the fault that is (`lora.gate_up_swapped`).
 fn holder<'a>(
@@ -532,15 +507,11 @@ fn explain(
     counts: String,
 ) -> Finding {
     let h = if role == 0 { &m.a } else { &m.b };
-    if let Some((o, fault)) = holder(peft, m, role, p, transpose) {
-        let other = if role == 0 { &o.a_key } else { &o.b_key };
-        return finding(
-            FindingKind::Swapped,
-            Some(key),
-            Some(port_key),
-            format!("holds the values of PEFT `{other}` ({} swapped in); {counts}", o.module()),
-            fault,
-        );
+    let what = |other: &str, module: &str| {
+        format!("holds the values of PEFT `{other}` ({module} swapped in); {counts}")
+    };
+    if let Some(f) = swapped(peft, m, role, key, port_key, p, transpose, what) {
+        return f;
     }
     if role == 1 && p.iter_f64().all(|v| v == 0.0) && h.iter_f64().any(|v| v != 0.0) {
         return finding(
@@ -552,6 +523,24 @@ fn explain(
         );
     }
     finding(FindingKind::Values, Some(key), Some(port_key), counts, None)
+}
+
+/// A `Swapped` finding when `p` holds another module's PEFT tensor of the same role,
+/// its message `what(other tensor, other module)`.
+#[allow(clippy::too_many_arguments)]
+fn swapped(
+    peft: &Adapter,
+    m: &ModuleAdapter,
+    role: usize,
+    key: &str,
+    port_key: &str,
+    p: &Tensor,
+    transpose: bool,
+    what: impl Fn(&str, &str) -> String,
+) -> Option<Finding> {
+    let (o, fault) = holder(peft, m, role, p, transpose)?;
+    let other = if role == 0 { &o.a_key } else { &o.b_key };
+    Some(finding(FindingKind::Swapped, Some(key), Some(port_key), what(other, &o.module()), fault))
 }
 
 /// Names a shape difference: the tensor stored transposed, another module's tensor, or
@@ -580,15 +569,11 @@ fn explain_shape(
             None,
         );
     }
-    if let Some((o, fault)) = holder(peft, m, role, p, transpose) {
-        let other = if role == 0 { &o.a_key } else { &o.b_key };
-        return finding(
-            FindingKind::Swapped,
-            Some(key),
-            Some(port_key),
-            format!("{shapes}: holds the values of PEFT `{other}` ({} swapped in)", o.module()),
-            fault,
-        );
+    let what = |other: &str, module: &str| {
+        format!("{shapes}: holds the values of PEFT `{other}` ({module} swapped in)")
+    };
+    if let Some(f) = swapped(peft, m, role, key, port_key, p, transpose, what) {
+        return f;
     }
     let hint = if flipped { " (stored transposed, values differ too)" } else { "" };
     finding(FindingKind::Shape, Some(key), Some(port_key), format!("{shapes}{hint}"), None)
@@ -714,31 +699,8 @@ impl AdapterCheck {
                 ]
             })
             .collect();
-        let head = ["status", "port module", "r", "alpha", "PEFT s", "port s"].map(String::from);
-        let mut w = [0; 6];
-        for r in std::iter::once(&head).chain(&rows) {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        for r in std::iter::once(&head).chain(&rows) {
-            let _ = writeln!(
-                s,
-                "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:>w5$}",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3],
-                w4 = w[4],
-                w5 = w[5]
-            );
-        }
+        let head = ["status", "port module", "r", "alpha", "PEFT s", "port s"];
+        write_table(&mut s, head, &rows, 2);
         if self.base_tensors > 0 {
             let _ =
                 writeln!(s, "({} base-model tensors in the checkpoint skipped)", self.base_tensors);
