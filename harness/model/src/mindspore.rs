@@ -226,6 +226,46 @@ fn into_memory(dump: &Dump) -> Result<Dump> {
 mod tests {
     use super::*;
 
+    /// A manifest of one training step with `lr`, or of a prefill when `lr` is None.
+    fn dump(lr: Option<f64>) -> Dump {
+        let train = lr.map_or(String::new(), |lr| {
+            format!(
+                r#", "train": {{"labels": [[-100, 2, 3]], "micro_batches": 1, "trainable": "all",
+                  "optimizer": {{"name": "adamw", "lr": {lr}, "betas": [0.9, 0.999], "eps": 1e-8,
+                                "weight_decay": 0.1, "no_decay": []}},
+                  "max_grad_norm": 1.0, "loss_scale": {{"kind": "none"}}}}"#
+            )
+        });
+        let steps = if lr.is_some() { "train" } else { "prefill" };
+        let text = format!(
+            r#"{{"format": "llama-parity/dump@1", "producer": {{}},
+              "model": {{"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}},
+              "dtype": "float32",
+              "scenario": {{"name": "t", "input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]],
+                           "decode_ids": [[]]}},
+              "steps": ["{steps}"]{train}}}"#
+        );
+        let m = dump::Manifest::parse(&text, std::path::Path::new("t/manifest.json"))
+            .expect("manifest");
+        let key = if lr.is_some() { "train/loss" } else { "prefill/model.norm" };
+        let t = Tensor::from_f64(&[], &[1.0], dump::DType::F32);
+        Dump::in_memory(m, BTreeMap::from([(key.to_string(), t)])).expect("dump")
+    }
+
+    #[test]
+    fn a_port_dump_must_be_the_golden_training_step() {
+        let golden = dump(Some(1e-3));
+        assert_eq!(not_the_step(&golden, &dump(Some(1e-3))), None);
+        let other = not_the_step(&golden, &dump(Some(2e-3))).unwrap_or_default();
+        assert!(other.contains("differs from the golden's"), "{other}");
+        let prefill = not_the_step(&golden, &dump(None)).unwrap_or_default();
+        assert!(prefill.contains(r#"not ["train"]"#), "{prefill}");
+        // an inference golden asks nothing of the steps
+        assert_eq!(not_the_step(&dump(None), &dump(Some(1e-3))), None);
+    }
+
     #[test]
     fn a_missing_module_is_recognised() {
         assert_eq!(
