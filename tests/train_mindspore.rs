@@ -43,14 +43,16 @@ fn golden_dir(name: &str) -> PathBuf {
     p
 }
 
-/// Runs `python fixtures/ports/mindspore/run.py --golden DIR --out OUT ARGS...`:
+/// Runs `python fixtures/ports/mindspore/run.py --golden DIR --out OUT ARGS...` in a
+/// temporary working directory (a relative `golden` is under the repository root):
 /// (exit code, stderr).
 fn port(golden: &Path, out: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let cwd = tempfile::tempdir().expect("tmp");
     let o = Command::new(port_python(&MINDSPORE))
-        .current_dir(root())
-        .arg("fixtures/ports/mindspore/run.py")
+        .current_dir(cwd.path())
+        .arg(root().join("fixtures/ports/mindspore/run.py"))
         .arg("--golden")
-        .arg(golden)
+        .arg(root().join(golden))
         .arg("--out")
         .arg(out)
         .args(args)
