@@ -4,19 +4,23 @@
 //!
 //! Real dumps: HF transformers' own tensor parallelism (`tp_plan="auto"`, gloo, CPU)
 //! under msprobe 26.2 at 2 and 4 ranks, made by `fixtures/msprobe/make_tp_dumps.py`.
-//! Labelled synthetic dumps, made here from the real single-rank dump
-//! (`fixtures/msprobe/gqa_pad_f32`) where HF's plan cannot make the layout: key/value
-//! heads replicated over ranks, a padded vocabulary, sequence-parallel norms, a
-//! vocabulary-parallel embedding's partial sums, and pipeline stages.
+//! Real MindSpore runs too: the repository's MindSpore port over 2 ranks under `msrun`,
+//! one contract dump per rank (`fixtures/tp/make_mindspore_tp_dumps.py`).
+//! Labelled synthetic dumps, made here from real single-rank dumps
+//! (`fixtures/msprobe/gqa_pad_f32`, `fixtures/msprobe/mlp/gqa_pad_f32`) where HF's plan
+//! cannot make the layout: key/value heads replicated over ranks, a padded vocabulary
+//! (tensors and statistics), sequence-parallel norms, a vocabulary-parallel embedding's
+//! partial sums, fused q/k/v and fused gate/up shards, and pipeline stages.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::helpers::{parity, root};
 use crate::msprobe_layouts::{
     partial_sums, read_dump_json, slice, split_over_two_ranks, write_npy,
 };
+use llama_parity::contract::site::Site;
 use llama_parity::dump::msprobe::pt;
-use llama_parity::dump::{DType, Tensor};
+use llama_parity::dump::{DType, Dump, Tensor};
 use serde_json::{json, Value};
 
 const TP: &str = "fixtures/msprobe/tp";
@@ -215,6 +219,29 @@ fn make_ranks(
     keep: impl Fn(usize, &str, &str) -> bool,
     piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
 ) {
+    make_ranks_as(src, dst, k, keep, piece, false);
+}
+
+/// The Max, Min, Mean and Norm msprobe records of a tensor (computed in float64).
+fn stats_of(t: &Tensor) -> (f64, f64, f64, f64) {
+    let v = t.to_f64_vec();
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (max, min, mean, norm)
+}
+
+/// [`make_ranks`], as a statistics-mode dump when `statistics`: no tensor files, each
+/// whole record keeping msprobe's own statistics and each piece getting its own.
+fn make_ranks_as(
+    src: &Path,
+    dst: &Path,
+    k: usize,
+    keep: impl Fn(usize, &str, &str) -> bool,
+    piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
+    statistics: bool,
+) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("manifest.json"), dst.join("manifest.json")).unwrap();
     for step in std::fs::read_dir(src).unwrap().map(|e| e.unwrap().path()) {
@@ -230,6 +257,9 @@ fn make_ranks(
             std::fs::create_dir_all(&data_dir).unwrap();
             std::fs::copy(proc.join("construct.json"), out.join("construct.json")).unwrap();
             let mut d = djson.clone();
+            if statistics {
+                d["task"] = json!("statistics");
+            }
             let data = d["data"].as_object_mut().unwrap();
             data.retain(|entry, _| keep(r, entry, construct[entry].as_str().unwrap_or("")));
             crate::msprobe_layouts::for_each_record(data, |entry, take, rec| {
@@ -238,15 +268,28 @@ fn make_ranks(
                     return;
                 };
                 let from = proc.join("dump_tensor_data").join(&name);
-                match piece(r, entry, take, &pt::read(&from).unwrap()) {
-                    None => {
+                match (piece(r, entry, take, &pt::read(&from).unwrap()), statistics) {
+                    (None, false) => {
                         std::fs::copy(&from, data_dir.join(&name)).unwrap();
                     }
-                    Some(p) => {
+                    (Some(p), false) => {
                         let npy = name.replace(".pt", ".npy");
                         write_npy(&data_dir.join(&npy), &p);
                         rec["data_name"] = json!(npy);
                         rec["shape"] = json!(p.shape());
+                    }
+                    (None, true) => {
+                        rec.as_object_mut().unwrap().remove("data_name");
+                    }
+                    (Some(p), true) => {
+                        let (max, min, mean, norm) = stats_of(&p);
+                        let o = rec.as_object_mut().unwrap();
+                        o.remove("data_name");
+                        o.insert("shape".into(), json!(p.shape()));
+                        for (key, v) in [("Max", max), ("Min", min), ("Mean", mean), ("Norm", norm)]
+                        {
+                            o.insert(key.into(), json!(v));
+                        }
                     }
                 }
             });
@@ -469,4 +512,399 @@ fn a_contract_dump_written_per_rank_is_put_back_together() {
     let (code, _, err) = parity(&["compare", "golden/gqa_pad_f32", bad.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("rank1/manifest.json"), "{err}");
+}
+
+/// `parity import msprobe DUMP --msprobe-map MAP --out DIR` (exit 0), opened.
+fn import_with(dump: &Path, map: &Path, out: &Path) -> Dump {
+    let (code, _, err) = parity(&[
+        "import",
+        "msprobe",
+        dump.to_str().unwrap(),
+        "--msprobe-map",
+        map.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    Dump::open(out).unwrap()
+}
+
+/// `parity compare GOLDEN CANDIDATE --msprobe-map MAP --report DIR`.
+fn compare_mapped(
+    golden: &str,
+    candidate: &Path,
+    map: &Path,
+    report: &Path,
+) -> (Option<i32>, Value, String) {
+    let (code, _, err) = parity(&[
+        "compare",
+        golden,
+        candidate.to_str().unwrap(),
+        "--msprobe-map",
+        map.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(report.join("report.json"))
+        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
+    (code, serde_json::from_str(&text).unwrap(), err)
+}
+
+/// The shipped HF map with each rule whose site ends in a key of `fused` read from a
+/// fused module instead: `(site suffix, (module suffix, field, part))`, the layout given.
+fn fused_hf_map(
+    dir: &Path,
+    name: &str,
+    fused: &[(&str, (&str, &str, &str))],
+    layout: &str,
+) -> PathBuf {
+    let mut m: Value =
+        serde_json::from_str(include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
+    for r in m["sites"].as_array_mut().unwrap() {
+        let site = r["site"].as_str().unwrap().to_string();
+        for (suffix, (module, field, part)) in fused {
+            if site == format!("model.layers.{{i}}.{suffix}") {
+                r["module"] = json!(format!("model.layers.{{i}}.{module}"));
+                r[*field] = json!(part);
+                r["fused_layout"] = json!(layout);
+            }
+        }
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    p
+}
+
+/// In every rank folder of the multi-rank msprobe dump `dir` (each holding the whole
+/// tensors), replaces layer `i`'s modules `parts` (`model.layers.{i}.<part>`, their
+/// `output.0`) by one module `model.layers.{i}.<fused>` whose output is `build(rank,
+/// whole outputs)`, as a port with that projection fused would record it.
+fn fuse_per_rank(
+    dir: &Path,
+    k: usize,
+    parts: &[&str],
+    fused: &str,
+    build: impl Fn(usize, &[Tensor]) -> Tensor,
+) {
+    for step in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+        if !step.is_dir() {
+            continue;
+        }
+        for r in 0..k {
+            let rank = step.join(format!("rank{r}"));
+            let data_dir = rank.join("dump_tensor_data");
+            let mut djson = read_dump_json(&rank.join("dump.json"));
+            let data = djson["data"].as_object_mut().unwrap();
+            for i in 0..2 {
+                let entry = |p: &str| format!("Module.model.layers.{i}.{p}.Linear.forward.0");
+                let whole: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| {
+                        let e = data.remove(&entry(p)).unwrap();
+                        let f = data_dir.join(e["output"][0]["data_name"].as_str().unwrap());
+                        pt::read(&f).unwrap()
+                    })
+                    .collect();
+                let t = build(r, &whole);
+                let file = format!("{}.output.0.npy", entry(fused));
+                write_npy(&data_dir.join(&file), &t);
+                let out = json!({"type": "torch.Tensor", "dtype": "torch.float32",
+                                 "shape": t.shape(), "data_name": file});
+                data.insert(
+                    entry(fused),
+                    json!({"input_args": [], "input_kwargs": {}, "output": [out]}),
+                );
+            }
+            std::fs::write(rank.join("dump.json"), serde_json::to_string(&djson).unwrap()).unwrap();
+        }
+    }
+}
+
+/// `ts` interleaved column by column along the last axis: `[a0, b0, a1, b1, ...]`.
+fn interleave_last(ts: &[Tensor]) -> Tensor {
+    let w = *ts[0].shape().last().unwrap();
+    let cols: Vec<Tensor> = (0..w)
+        .flat_map(|j| ts.iter().map(move |t| slice(t, t.shape().len() - 1, j, j + 1)))
+        .collect();
+    crate::msprobe_layouts::concat_last(&cols)
+}
+
+#[test]
+fn fused_gate_up_shards_are_split_per_rank_and_put_back_without_a_ranks_rule() {
+    // Labelled synthetic, from the real single-rank dump `fixtures/msprobe/mlp/gqa_pad_f32`
+    // (HF's run with the MLP's projections recorded; intermediate_size 128) over two
+    // ranks: each rank's fused gate/up module holds its half of gate_proj's and of
+    // up_proj's units, as Megatron lays `linear_fc1` out (`[gate_r | up_r]`, blocks) or
+    // as MindFormers' `w_gate_hidden` does (pairs `[g, u, g, u, ..]`, groups). Judged
+    // against the same run's contract dump, which holds the mlp.gate_proj, up_proj and
+    // down_proj sites.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("fixtures/msprobe/mlp/gqa_pad_f32");
+    let golden = "fixtures/msprobe/mlp/gqa_pad_f32.contract";
+    let fused = [
+        ("mlp.gate_proj", ("mlp.gate_up_proj", "fused_gate_up", "gate")),
+        ("mlp.up_proj", ("mlp.gate_up_proj", "fused_gate_up", "up")),
+    ];
+    // The single-rank dump read with the shipped map: the reference tensors.
+    let hf = tmp.path().join("hf.json");
+    std::fs::write(&hf, include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
+    let whole = import_with(&src, &hf, &tmp.path().join("whole"));
+    for (layout, pairs) in [("blocks", false), ("groups", true)] {
+        let dump = tmp.path().join(layout);
+        make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
+        fuse_per_rank(&dump, 2, &["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj", |r, w| {
+            let half = |t: &Tensor| slice(t, 2, r * 64, (r + 1) * 64);
+            let (g, u) = (half(&w[0]), half(&w[1]));
+            if pairs {
+                interleave_last(&[g, u])
+            } else {
+                crate::msprobe_layouts::concat_last(&[g, u])
+            }
+        });
+        let map = fused_hf_map(tmp.path(), &format!("{layout}.json"), &fused, layout);
+        let (code, r, err) =
+            compare_mapped(golden, &dump, &map, &tmp.path().join(format!("r_{layout}")));
+        assert_eq!(code, Some(0), "{layout}: {err}{}", r["first_divergence"]);
+        assert_eq!(r["summary"]["fail"], 0, "{layout}");
+        let want = format!("fused gate/up ({layout}), concat(2)");
+        for site in ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"] {
+            assert_eq!(entry(&r, "prefill", site)["status"], "pass", "{layout}: {site}");
+            assert_eq!(kind(&r, "prefill", site), want, "{layout}: {site}");
+        }
+        assert_eq!(kind(&r, "prefill", "model.layers.1.mlp.down_proj"), "replicated");
+        // Put back, they are the single-rank dump's tensors byte for byte.
+        let imported = import_with(&dump, &map, &tmp.path().join(format!("imp_{layout}")));
+        let step = imported.manifest.steps[0];
+        for i in 0..2 {
+            for p in ["gate_proj", "up_proj"] {
+                let site = Site::parse(&format!("model.layers.{i}.mlp.{p}"));
+                let (a, b) = (
+                    imported.get(step, &site).unwrap().unwrap(),
+                    whole.get(step, &site).unwrap().unwrap(),
+                );
+                assert!(a.bytes() == b.bytes(), "{layout}: {site} differs");
+            }
+        }
+        // Read with the other layout, gate and up are mixed: it fails at the first gate_proj.
+        let other = if pairs { "blocks" } else { "groups" };
+        let wrong = fused_hf_map(tmp.path(), &format!("wrong_{layout}.json"), &fused, other);
+        let (code, r, err) =
+            compare_mapped(golden, &dump, &wrong, &tmp.path().join(format!("w_{layout}")));
+        assert_eq!(code, Some(1), "{layout}: {err}");
+        assert_eq!(r["first_divergence"]["site"], "model.layers.0.mlp.gate_proj", "{layout}");
+    }
+}
+
+#[test]
+fn a_fused_qkv_projection_over_ranks_is_split_per_rank_without_a_ranks_rule() {
+    // Labelled synthetic, from the real single-rank dump of golden/gqa_pad_f32 (8 query
+    // heads, 2 key/value heads, head_dim 8) over two ranks, each holding one key/value
+    // head's group: its 4 query heads, its k and v heads, fused into one `qkv_proj`
+    // whose output is 48 = 96 / 2 wide. Megatron's per-rank `[q_r | k_r | v_r]` (blocks)
+    // and MindFormers' `w_qkv` (one group per key/value head, groups) agree at one group
+    // a rank; read as blocks of the whole tensor (the ranks concatenated first) they
+    // would not.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("fixtures/msprobe/gqa_pad_f32");
+    let fused = [
+        ("self_attn.q_proj", ("self_attn.qkv_proj", "fused_qkv", "q")),
+        ("self_attn.k_proj", ("self_attn.qkv_proj", "fused_qkv", "k")),
+        ("self_attn.v_proj", ("self_attn.qkv_proj", "fused_qkv", "v")),
+    ];
+    for layout in ["blocks", "groups"] {
+        let dump = tmp.path().join(layout);
+        make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
+        let parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+        fuse_per_rank(&dump, 2, &parts, "self_attn.qkv_proj", |r, w| {
+            crate::msprobe_layouts::concat_last(&[
+                slice(&w[0], 2, r * 32, (r + 1) * 32),
+                slice(&w[1], 2, r * 8, (r + 1) * 8),
+                slice(&w[2], 2, r * 8, (r + 1) * 8),
+            ])
+        });
+        let map = fused_hf_map(tmp.path(), &format!("{layout}.json"), &fused, layout);
+        let (code, r, err) = compare_mapped(
+            "golden/gqa_pad_f32",
+            &dump,
+            &map,
+            &tmp.path().join(format!("r_{layout}")),
+        );
+        assert_eq!(code, Some(0), "{layout}: {err}{}", r["first_divergence"]);
+        assert_passes_with_kinds(&r, layout);
+        let want = format!("fused q/k/v ({layout}), concat(2)");
+        for step in ["prefill", "decode.0"] {
+            for p in ["q_proj", "k_proj", "v_proj"] {
+                let site = format!("model.layers.1.self_attn.{p}");
+                assert_eq!(kind(&r, step, &site), want, "{layout}: {step} {site}");
+            }
+        }
+    }
+    // One rank's piece a query head short: exit 2 naming its file.
+    let dump = tmp.path().join("short");
+    make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
+    let parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+    fuse_per_rank(&dump, 2, &parts, "self_attn.qkv_proj", |r, w| {
+        let q = if r == 1 { 24 } else { 32 };
+        crate::msprobe_layouts::concat_last(&[
+            slice(&w[0], 2, r * 32, r * 32 + q),
+            slice(&w[1], 2, r * 8, (r + 1) * 8),
+            slice(&w[2], 2, r * 8, (r + 1) * 8),
+        ])
+    });
+    let map = fused_hf_map(tmp.path(), "short.json", &fused, "blocks");
+    let (code, _, err) = parity(&[
+        "compare",
+        "golden/gqa_pad_f32",
+        dump.to_str().unwrap(),
+        "--msprobe-map",
+        map.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("rank1") && err.contains("qkv_proj") && err.contains("fused q/k/v"),
+        "{err}"
+    );
+}
+
+#[test]
+fn statistics_of_megatron_style_ranks_merge_and_a_padded_vocabulary_is_judged_as_known() {
+    // Labelled synthetic, from the real single-rank dump of golden/gqa_pad_f32 over 4
+    // ranks as statistics (each piece's Max/Min/Mean/Norm, whole records keeping
+    // msprobe's own): query heads 2 a rank, key/value heads replicated over pairs of
+    // ranks, both norms sequence-parallel (prefill tokens 3, 2, 2, 2), lm_head
+    // vocabulary-parallel over a vocabulary of 192 padded to `padded` (padding values
+    // `pad`), its logits scaled by `scale`.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("fixtures/msprobe/gqa_pad_f32");
+    let module = |e: &str, m: &str| e.starts_with("Module.") && e.contains(&format!(".{m}."));
+    let make = |name: &str, padded: usize, pad: f64, scale: f64| {
+        let dump = tmp.path().join(name);
+        let per = padded / 4;
+        make_ranks_as(
+            &src,
+            &dump,
+            4,
+            |_, _, _| true,
+            |r, e, take, t| match take {
+                "output.0" if module(e, "q_proj") => Some(slice(t, 2, r * 16, (r + 1) * 16)),
+                "output.0" if module(e, "k_proj") || module(e, "v_proj") => {
+                    Some(slice(t, 2, (r / 2) * 8, (r / 2 + 1) * 8))
+                }
+                "output.0"
+                    if (module(e, "input_layernorm") || module(e, "post_attention_layernorm"))
+                        && t.shape()[1] == 9 =>
+                {
+                    let (from, to) = [(0, 3), (3, 5), (5, 7), (7, 9)][r];
+                    Some(slice(t, 1, from, to))
+                }
+                "output.0" if e.starts_with("Module.lm_head.") => {
+                    let v: Vec<f64> = t.to_f64_vec().iter().map(|x| x * scale).collect();
+                    let t = Tensor::from_f64(t.shape(), &v, t.dtype());
+                    let mut p = pad_last(&t, padded).to_f64_vec();
+                    for (j, x) in p.iter_mut().enumerate() {
+                        if j % padded >= 192 {
+                            *x = pad;
+                        }
+                    }
+                    let p = Tensor::from_f64(&[t.shape()[0], t.shape()[1], padded], &p, t.dtype());
+                    Some(slice(&p, 2, r * per, (r + 1) * per))
+                }
+                _ => None,
+            },
+            true,
+        );
+        dump
+    };
+    let run = |dump: &Path| compare("golden/gqa_pad_f32", dump, &dump.with_extension("report"));
+    // Padded to 200: rank 3 holds 42 real columns and 8 of padding (here 50.0, far above
+    // any logit): one-sided, and it passes.
+    let (code, r, err) = run(&make("p200", 200, 50.0, 1.0));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert_passes_with_kinds(&r, "p200");
+    for step in ["prefill", "decode.0"] {
+        assert_eq!(kind(&r, step, "lm_head"), "concat(2), vocab padded from 200");
+        let note = entry(&r, step, "lm_head")["note"].as_str().unwrap();
+        assert!(note.contains("statistics only"), "{note}");
+        assert!(note.contains("rank 3's statistics count its 8 padding columns"), "{note}");
+        assert!(note.contains("judged one-sided"), "{note}");
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.q_proj"), "concat(2)");
+        let kv = "concat(2), key/value heads replicated over 2 ranks";
+        assert_eq!(kind(&r, step, "model.layers.1.self_attn.v_proj"), kv);
+    }
+    for norm in ["input_layernorm", "post_attention_layernorm"] {
+        assert_eq!(kind(&r, "prefill", &format!("model.layers.1.{norm}")), "concat(1)", "{norm}");
+    }
+    // Logits halved, padding zero: the merged Norm, an upper bound, falls below the
+    // golden's. (Under padding of 50.0 it would not: one-sided statistics prove nothing
+    // there.)
+    let (code, r, err) = run(&make("p200_half", 200, 0.0, 0.5));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(r["first_divergence"]["site"], "lm_head", "{}", r["first_divergence"]);
+    assert_eq!(r["first_divergence"]["step"], "prefill");
+    // Padded to 256: rank 3 holds padding alone (zeros), cut; the merge is exact.
+    let (code, r, err) = run(&make("p256", 256, 0.0, 1.0));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    let lm = entry(&r, "prefill", "lm_head");
+    assert_eq!(
+        lm["reassembly"],
+        "concat(2), vocab padded from 256 (rank 3 holding only padding cut)"
+    );
+    assert!(!lm["note"].as_str().unwrap().contains("padding"), "{}", lm["note"]);
+    // Padded to 196 with zeros, and a 4-rank split of 49: rank 3 straddles; no rank holds
+    // padding alone, so its zeros are not known to be zeros: one-sided still.
+    let (code, r, err) = run(&make("p196", 196, 0.0, 1.0));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert!(entry(&r, "prefill", "lm_head")["note"].as_str().unwrap().contains("judged one-sided"));
+}
+
+#[test]
+fn real_mindspore_tensor_parallel_runs_per_rank_are_put_back_together() {
+    // Real: the repository's MindSpore port run over 2 ranks on the CPU under msrun
+    // (MindSpore 2.10's collectives), Megatron's split of its weights, one contract dump
+    // per rank, prefill and decode.0 of golden/gqa_pad_f32
+    // (fixtures/tp/make_mindspore_tp_dumps.py).
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = root().join("fixtures/tp/mindspore");
+    let (code, r, err) =
+        compare("golden/gqa_pad_f32", &ms.join("gqa_pad_f32"), &tmp.path().join("c"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    assert_eq!(r["summary"]["fail"], 0);
+    assert_eq!(r["candidate_producer"]["ranks"], 2);
+    for step in ["prefill", "decode.0"] {
+        for (site, want) in [
+            ("model.layers.0.self_attn.q_proj", "concat(2)"),
+            ("model.layers.1.self_attn.v_proj", "concat(2)"),
+            ("model.layers.0.self_attn.q_rope", "concat(1)"),
+            ("model.layers.1.self_attn.k_cache", "concat(1)"),
+            ("model.layers.0.self_attn.probs", "concat(1)"),
+            ("model.layers.1.self_attn.context", "concat(2)"),
+            ("model.layers.0.self_attn.o_proj", "replicated"),
+            ("model.layers.1.mlp", "replicated"),
+            ("model.embed_tokens", "replicated"),
+            ("model.norm", "replicated"),
+            ("lm_head", "concat(2)"),
+        ] {
+            assert_eq!(kind(&r, step, site), want, "{step} {site}");
+            assert_eq!(entry(&r, step, site)["status"], "pass", "{step} {site}");
+        }
+    }
+    // The same run recorded before the row-parallel AllReduce: partial sums, added.
+    let dump = ms.join("gqa_pad_f32__partial_sums");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("p"));
+    assert_eq!(code, Some(0), "{err}{}", r["first_divergence"]);
+    for step in ["prefill", "decode.0"] {
+        assert_eq!(kind(&r, step, "model.layers.0.self_attn.o_proj"), "sum", "{step}");
+        assert_eq!(kind(&r, step, "model.layers.1.mlp"), "sum", "{step}");
+        assert_eq!(kind(&r, step, "model.layers.1"), "replicated", "{step}");
+    }
+    // rope.pos_reset planted on both ranks: found where it first shows, and named.
+    let dump = ms.join("gqa_pad_f32__rope_pos_reset");
+    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("f"));
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(
+        (fd["step"].as_str(), fd["site"].as_str()),
+        (Some("decode.0"), Some("inputs.position_ids"))
+    );
+    assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
 }

@@ -6,7 +6,7 @@
 use crate::Tensor;
 use contract::error::{Error, Result};
 
-use super::map::{self, FusedLayout, Heads, Layout, QkvPart};
+use super::map::{self, FusedLayout, GateUpPart, Heads, Layout, QkvPart};
 
 /// The ranks' tensors of one site, `(data file, tensor)` rank 0 first, concatenated
 /// along `axis`: `[.., a0 + a1 + .., ..]`. Every rank's tensor must have rank 0's dtype
@@ -121,6 +121,35 @@ pub(super) fn split_qkv(
         }
     };
     let cols: Vec<usize> = heads.iter().flat_map(|h| h * head_dim..(h + 1) * head_dim).collect();
+    Ok(select(t, axis, &cols))
+}
+
+/// Half `part` of a fused gate/up projection `t` (`[.., 2·units]`, ordered by `layout`:
+/// `Blocks` `[gate | up]`, `Groups` `[g0, u0, g1, u1, ..]`), as `[.., units]`. `file` is
+/// named when the last axis is not `2·units` wide.
+pub(super) fn split_gate_up(
+    file: &std::path::Path,
+    t: &Tensor,
+    part: GateUpPart,
+    layout: FusedLayout,
+    units: usize,
+) -> Result<Tensor> {
+    let last = t.shape().len().checked_sub(1);
+    let Some(axis) = last.filter(|&a| units > 0 && t.shape()[a] == 2 * units) else {
+        return Err(Error::format(
+            file,
+            format!(
+                "fused gate/up tensor of shape {:?}: its last axis should hold 2 x {units} = {}",
+                t.shape(),
+                2 * units
+            ),
+        ));
+    };
+    let up = usize::from(part == GateUpPart::Up);
+    let cols: Vec<usize> = match layout {
+        FusedLayout::Blocks => (up * units..(up + 1) * units).collect(),
+        FusedLayout::Groups => (0..units).map(|j| 2 * j + up).collect(),
+    };
     Ok(select(t, axis, &cols))
 }
 
@@ -250,6 +279,7 @@ mod tests {
             tail_of: None,
             ranks: None,
             fused_qkv: None,
+            fused_gate_up: None,
             fused_layout: FusedLayout::Blocks,
         };
         // kv heads a=[1,1], b=[2,2]; 4 query heads.
@@ -301,5 +331,24 @@ mod tests {
         assert_eq!(part(QkvPart::V, FusedLayout::Groups), vec![3., 7.]);
         let e = split_qkv(f, &t, QkvPart::Q, FusedLayout::Blocks, (4, 1, 1)).unwrap_err();
         assert!(e.to_string().starts_with("qkv.pt: fused q/k/v tensor of shape [1, 1, 8]"), "{e}");
+    }
+
+    #[test]
+    fn fused_gate_up_splits_by_blocks_and_by_pairs() {
+        // 4 units: 8 columns, each holding its column index.
+        let t =
+            Tensor::from_f64(&[1, 1, 8], &(0..8).map(f64::from).collect::<Vec<_>>(), DType::F32);
+        let f = std::path::Path::new("gu.npy");
+        let part = |p, l| split_gate_up(f, &t, p, l, 4).unwrap().to_f64_vec();
+        assert_eq!(part(GateUpPart::Gate, FusedLayout::Blocks), vec![0., 1., 2., 3.]);
+        assert_eq!(part(GateUpPart::Up, FusedLayout::Blocks), vec![4., 5., 6., 7.]);
+        // pairs: [g0 u0 g1 u1 g2 u2 g3 u3]
+        assert_eq!(part(GateUpPart::Gate, FusedLayout::Groups), vec![0., 2., 4., 6.]);
+        assert_eq!(part(GateUpPart::Up, FusedLayout::Groups), vec![1., 3., 5., 7.]);
+        let e = split_gate_up(f, &t, GateUpPart::Up, FusedLayout::Blocks, 3).unwrap_err();
+        assert!(
+            e.to_string().starts_with("gu.npy: fused gate/up tensor of shape [1, 1, 8]"),
+            "{e}"
+        );
     }
 }

@@ -30,6 +30,18 @@
 //! (default) is `[q heads | k heads | v heads]`; `"groups"` is one group per key/value
 //! head, `[its nH/nKV q heads, k, v]` (Megatron's). With `ranks` concatenating along
 //! the last axis, each rank's tensor is split with its share of the heads first.
+//!
+//! A fused gate/up projection (MindFormers' `feed_forward.w_gate_hidden` with
+//! `ffn_concat`, Megatron's `linear_fc1` of a gated MLP): `"fused_gate_up": "gate"` (or
+//! `"up"`) takes that half of the recorded tensor's last axis (`2·I` wide, `I` the
+//! golden's `intermediate_size`). `"fused_layout": "blocks"` (default) is `[gate | up]`
+//! (Megatron's, per rank); `"groups"` is one pair per unit of the MLP, `[g0, u0, g1, u1,
+//! ...]` (MindFormers 2.0's `w_gate_hidden`, whose output it reshapes to `[.., I, 2]`).
+//!
+//! Over ranks, with `ranks` concatenating along the last axis or with no `ranks` and a
+//! last axis 1/K of the fused width (K ranks), each rank's fused tensor is split with its
+//! share first (its heads, its units) and the parts are then put back together: the
+//! report's kind says `fused q/k/v (LAYOUT), ...` or `fused gate/up (LAYOUT), ...`.
 
 use std::path::Path;
 
@@ -98,7 +110,16 @@ pub enum QkvPart {
     V,
 }
 
-/// How a fused q/k/v projection orders its heads along its last axis.
+/// Which half of a fused gate/up projection a rule takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateUpPart {
+    Gate,
+    Up,
+}
+
+/// How a fused q/k/v projection orders its heads along its last axis (and a fused
+/// gate/up projection its units: `blocks` `[gate | up]`, `groups` `[g0, u0, g1, u1, ..]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FusedLayout {
@@ -133,6 +154,8 @@ pub struct Rule {
     pub ranks: Option<Ranks>,
     #[serde(default)]
     pub fused_qkv: Option<QkvPart>,
+    #[serde(default)]
+    pub fused_gate_up: Option<GateUpPart>,
     #[serde(default)]
     pub fused_layout: FusedLayout,
 }
@@ -203,13 +226,18 @@ impl SiteMap {
             let bad = |what: &str| Error::format(path, format!("rule for `{}`: {what}", r.site));
             match (&r.module, &r.tail_of) {
                 (Some(_), None) => {
+                    if r.fused_qkv.is_some() && r.fused_gate_up.is_some() {
+                        return Err(bad("takes one of `fused_qkv` and `fused_gate_up`, not both"));
+                    }
                     let t = r.take.as_deref().ok_or_else(|| bad("needs `take`"))?;
                     Take::parse(t)
                         .ok_or_else(|| bad("`take` must be input.K, kwargs.NAME or output.K"))?;
                 }
                 (None, Some(_)) => {
-                    if r.ranks.is_some() || r.fused_qkv.is_some() {
-                        return Err(bad("a `tail_of` rule takes neither `ranks` nor `fused_qkv`"));
+                    if r.ranks.is_some() || r.fused_qkv.is_some() || r.fused_gate_up.is_some() {
+                        return Err(bad(
+                            "a `tail_of` rule takes none of `ranks`, `fused_qkv` and `fused_gate_up`",
+                        ));
                     }
                 }
                 _ => return Err(bad("needs exactly one of `module` and `tail_of`")),
@@ -241,6 +269,12 @@ mod tests {
         assert_eq!(m.sites[0].fused_layout, FusedLayout::Groups);
         assert_eq!(m.sites[1].ranks, Some(Ranks::Sum));
         assert_eq!(m.sites[1].fused_layout, FusedLayout::Blocks);
+        let both = t.replace(r#""fused_qkv": "q""#, r#""fused_qkv": "q", "fused_gate_up": "up""#);
+        let e = SiteMap::parse(&both, Path::new("m.json")).unwrap_err().to_string();
+        assert!(e.contains("m.json") && e.contains("rule for `q`: takes one of"), "{e}");
+        let gu = t.replace(r#""fused_qkv": "q""#, r#""fused_gate_up": "up""#);
+        let m = SiteMap::parse(&gu, Path::new("m.json")).unwrap();
+        assert_eq!(m.sites[0].fused_gate_up, Some(GateUpPart::Up));
         let bad = t.replace("concat(2)", "concat(x)");
         let e = SiteMap::parse(&bad, Path::new("m.json")).unwrap_err().to_string();
         assert!(e.contains("m.json") && e.contains("concat(AXIS)"), "{e}");

@@ -31,7 +31,7 @@ use crate::{DType, Dump, Manifest, Precision, Tensor};
 use contract::error::{Error, Result};
 use contract::site::{Site, Step};
 
-pub use self::map::{FusedLayout, Heads, Layout, QkvPart, Ranks, SiteMap, Take};
+pub use self::map::{FusedLayout, GateUpPart, Heads, Layout, QkvPart, Ranks, SiteMap, Take};
 pub use self::ranks::Reassembly;
 
 /// What msprobe saved: the tensors, or only their statistics.
@@ -63,6 +63,9 @@ pub struct StatSite {
     /// larger); already divided out of `stats.norm`.
     pub repeat: usize,
     pub dtype: Option<DType>,
+    /// The statistics bound the real tensor's from one side only ([`Reassembly`]'s
+    /// `one_sided`: Max and Norm from above, Min from below; no Mean).
+    pub one_sided: bool,
 }
 
 /// Each site's statistics, keyed by `(step, site)`.
@@ -513,14 +516,20 @@ impl MsprobeDump {
         }
         let n_ranks = recs.len();
         let mut parts = Vec::with_capacity(n_ranks);
+        let mut fused = None;
         for r in &recs {
             let (file, t) = self.load_tensor(r)?;
-            let t = match rule.fused_qkv {
+            let t = match fused_part(rule) {
                 None => t,
-                Some(part) => {
+                Some(what) => {
                     // Split along the last axis over the ranks: each holds its share of
-                    // the heads.
-                    let width = (cfg.num_attention_heads + 2 * cfg.kv_heads()) * cfg.head_dim();
+                    // the heads (of the MLP's units).
+                    let width = match what {
+                        Fused::Qkv(_) => {
+                            (cfg.num_attention_heads + 2 * cfg.kv_heads()) * cfg.head_dim()
+                        }
+                        Fused::GateUp(_) => 2 * cfg.intermediate_size,
+                    };
                     let share = match rule.ranks {
                         Some(Ranks::Concat(a)) if a + 1 == t.shape().len() => n_ranks,
                         None if n_ranks > 1 && t.shape().last() == Some(&(width / n_ranks)) => {
@@ -528,15 +537,36 @@ impl MsprobeDump {
                         }
                         _ => 1,
                     };
-                    let heads = (cfg.num_attention_heads, cfg.kv_heads());
-                    if !heads.0.is_multiple_of(share) || !heads.1.is_multiple_of(share) {
-                        return Err(Error::format(
-                            &file,
-                            format!("fused q/k/v over {share} ranks: {} query and {} key/value heads do not divide among them", heads.0, heads.1),
-                        ));
+                    fused = Some(what.describe(rule.fused_layout));
+                    match what {
+                        Fused::Qkv(part) => {
+                            let heads = (cfg.num_attention_heads, cfg.kv_heads());
+                            if !heads.0.is_multiple_of(share) || !heads.1.is_multiple_of(share) {
+                                return Err(Error::format(
+                                    &file,
+                                    format!("fused q/k/v over {share} ranks: {} query and {} key/value heads do not divide among them", heads.0, heads.1),
+                                ));
+                            }
+                            let counts = (heads.0 / share, heads.1 / share, cfg.head_dim());
+                            layout::split_qkv(&file, &t, part, rule.fused_layout, counts)?
+                        }
+                        Fused::GateUp(part) => {
+                            let units = cfg.intermediate_size;
+                            if !units.is_multiple_of(share) {
+                                return Err(Error::format(
+                                    &file,
+                                    format!("fused gate/up over {share} ranks: intermediate_size {units} does not divide among them"),
+                                ));
+                            }
+                            layout::split_gate_up(
+                                &file,
+                                &t,
+                                part,
+                                rule.fused_layout,
+                                units / share,
+                            )?
+                        }
                     }
-                    let counts = (heads.0 / share, heads.1 / share, cfg.head_dim());
-                    layout::split_qkv(&file, &t, part, rule.fused_layout, counts)?
                 }
             };
             parts.push((r.rank.index, file, t));
@@ -559,6 +589,17 @@ impl MsprobeDump {
                 let files: Vec<_> = parts.into_iter().map(|(_, f, t)| (f, t)).collect();
                 (layout::sum(&files)?, declared("sum".into()))
             }
+        };
+        // A fused projection split per rank says so before how its parts were put back.
+        let how = match (how, fused) {
+            (Some(h), Some(f)) => {
+                let kind = match h.kind.strip_prefix("map: ") {
+                    Some(k) => format!("map: {f}, {k}"),
+                    None => format!("{f}, {}", h.kind),
+                };
+                Some(Reassembly { kind, ..h })
+            }
+            (h, _) => h,
         };
         Ok(Some((layout::normalise(t, rule, heads.0, heads.1), how)))
     }
@@ -694,7 +735,7 @@ impl MsprobeDump {
                 like.scenario.prefill_len() + if let Step::Decode(j) = step { j + 1 } else { 0 };
             for rule in &map.sites {
                 if rule.tail_of.is_some()
-                    || rule.fused_qkv.is_some()
+                    || fused_part(rule).is_some()
                     || rule.ranks == Some(Ranks::Sum)
                 {
                     continue;
@@ -711,6 +752,7 @@ impl MsprobeDump {
                     }
                     let (mut stats, mut shape) = per_rank[0].clone();
                     let total = self.steps[fw.0].ranks.len();
+                    let mut one_sided = false;
                     match rule.ranks {
                         Some(Ranks::Concat(axis)) => {
                             (stats, shape) = concat_stats(&recs, &per_rank, axis)?;
@@ -731,7 +773,10 @@ impl MsprobeDump {
                                 .map(|(r, (st, sh))| (r.rank.index, st, sh))
                                 .collect();
                             let h;
-                            (stats, shape, h) = ranks::statistics(&parts, total, &site, &fits);
+                            let vocab = Some(cfg.vocab_size);
+                            (stats, shape, h) =
+                                ranks::statistics(&parts, total, &site, &fits, vocab);
+                            one_sided = h.one_sided;
                             how.insert(format!("{step}/{site}"), h);
                         }
                         None => {}
@@ -751,7 +796,10 @@ impl MsprobeDump {
                     stats.norm = stats.norm.map(|n| n / (repeat as f64).sqrt());
                     let dtype =
                         recs[0].rec.get("dtype").and_then(Value::as_str).and_then(parse_dtype);
-                    out.insert((step, site.to_string()), StatSite { stats, shape, repeat, dtype });
+                    out.insert(
+                        (step, site.to_string()),
+                        StatSite { stats, shape, repeat, dtype, one_sided },
+                    );
                 }
             }
         }
@@ -765,6 +813,32 @@ impl MsprobeDump {
         let n = self.forwards(map).len().min(like.steps.len());
         self.manifest(like, n, None)
     }
+}
+
+/// The part of a fused projection a rule takes.
+#[derive(Clone, Copy)]
+enum Fused {
+    Qkv(QkvPart),
+    GateUp(GateUpPart),
+}
+
+impl Fused {
+    /// `fused q/k/v (groups)`, `fused gate/up (blocks)`: how a report names it.
+    fn describe(self, layout: FusedLayout) -> String {
+        let what = match self {
+            Fused::Qkv(_) => "q/k/v",
+            Fused::GateUp(_) => "gate/up",
+        };
+        let layout = match layout {
+            FusedLayout::Blocks => "blocks",
+            FusedLayout::Groups => "groups",
+        };
+        format!("fused {what} ({layout})")
+    }
+}
+
+fn fused_part(rule: &map::Rule) -> Option<Fused> {
+    rule.fused_qkv.map(Fused::Qkv).or(rule.fused_gate_up.map(Fused::GateUp))
 }
 
 /// Writes how each site's ranks were put back together into `manifest.producer`:

@@ -42,6 +42,10 @@ pub struct Reassembly {
     pub divergence: Option<String>,
     /// Where a statistics merge is not exact, what it could not give.
     pub inexact: Option<String>,
+    /// The merged statistics bound the real tensor's from one side only: its Max and
+    /// Norm are upper bounds and its Min a lower bound (statistics that count padding of
+    /// unknown values); its Mean is not known.
+    pub one_sided: bool,
 }
 
 impl Reassembly {
@@ -51,7 +55,7 @@ impl Reassembly {
     }
 
     fn kind(kind: impl Into<String>) -> Reassembly {
-        Reassembly { kind: kind.into(), divergence: None, inexact: None }
+        Reassembly { kind: kind.into(), divergence: None, inexact: None, one_sided: false }
     }
 }
 
@@ -209,7 +213,12 @@ pub(crate) fn tensors(
             return Ok((layout::sum(&files)?, named(Reassembly::kind("sum"))));
         }
         let (r, text) = divergence(&ranks, &g, detail);
-        let kind = Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
+        let kind = Reassembly {
+            kind: "replicated".into(),
+            divergence: Some(text),
+            inexact: None,
+            one_sided: false,
+        };
         return Ok((ts[r].clone(), named(kind)));
     }
     // Key/value heads replicated over groups of consecutive ranks.
@@ -232,6 +241,7 @@ pub(crate) fn tensors(
                 kind: format!("concat({axis}), key/value heads replicated over {rep} ranks"),
                 divergence: (!odd.is_empty()).then(|| odd.join("; ")),
                 inexact: None,
+                one_sided: false,
             };
             return Ok((layout::concat(&picked, axis)?, named(kind)));
         }
@@ -283,6 +293,7 @@ pub(super) fn statistics(
     total: usize,
     site: &Site,
     fits: &dyn Fn(&[usize]) -> bool,
+    vocab: Option<usize>,
 ) -> (Stats, Vec<usize>, Reassembly) {
     let ranks: Vec<usize> = parts.iter().map(|p| p.0).collect();
     if parts.len() < total && parts.len() == 1 {
@@ -332,11 +343,17 @@ pub(super) fn statistics(
                 inexact: Some(
                     "partial sums over ranks: the Max, Min and Norm of their sum are not known from the ranks' statistics; judged on the Mean (the sum of the ranks' Means) alone".into(),
                 ),
+                one_sided: false,
             };
             return (merged, shapes[0].to_vec(), named(r));
         }
         let (r, text) = divergence(&ranks, &g, detail);
-        let kind = Reassembly { kind: "replicated".into(), divergence: Some(text), inexact: None };
+        let kind = Reassembly {
+            kind: "replicated".into(),
+            divergence: Some(text),
+            inexact: None,
+            one_sided: false,
+        };
         return (stats[r], shapes[0].to_vec(), named(kind));
     }
     let k = parts.len();
@@ -359,8 +376,14 @@ pub(super) fn statistics(
                 kind: format!("concat({axis}), key/value heads replicated over {rep} ranks"),
                 divergence: (!odd.is_empty()).then(|| odd.join("; ")),
                 inexact: None,
+                one_sided: false,
             };
             return (s, shape, named(kind));
+        }
+    }
+    if let (Site::LmHead, Some(v)) = (site, vocab) {
+        if let Some((s, shape, r)) = padded_vocab_statistics(&stats, &shapes, &ranks, v, fits) {
+            return (s, shape, named(r));
         }
     }
     let shown: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
@@ -370,6 +393,107 @@ pub(super) fn statistics(
         shown.join(", ")
     );
     (stats[0], shapes[0].to_vec(), named(Reassembly::kind(kind)))
+}
+
+/// The statistics of `lm_head` pieces over a vocabulary padded from `v` to divide among
+/// the ranks (the padding the last columns, as Megatron pads it), or `None` when the
+/// pieces do not make such a vocabulary. Where the padding lies is known, its values are
+/// not: ranks holding only padding are cut (exact); a rank holding real columns and
+/// padding counts both in its statistics. Its padding is taken as zero when the ranks
+/// holding only padding record zeros (Max, Min and Norm 0): the Mean is then re-weighted
+/// to the real vocabulary and the Norm is exact, and a Max or Min a zero could be is left
+/// out. Otherwise the merge is one-sided: its Max and Norm bound the real vocabulary's
+/// from above, its Min from below, and its Mean is not known. Either way `inexact` says
+/// so.
+fn padded_vocab_statistics(
+    stats: &[Stats],
+    shapes: &[&[usize]],
+    ranks: &[usize],
+    v: usize,
+    fits: &dyn Fn(&[usize]) -> bool,
+) -> Option<(Stats, Vec<usize>, Reassembly)> {
+    let last = shapes[0].len().checked_sub(1)?;
+    let mut whole = concat_shape(shapes, last)?;
+    let padded = whole[last];
+    whole[last] = v;
+    if padded <= v || !fits(&whole) {
+        return None;
+    }
+    let (mut keep, mut pad_only, mut straddle) = (Vec::new(), Vec::new(), None);
+    let mut start = 0;
+    for (i, s) in shapes.iter().enumerate() {
+        let end = start + s[last];
+        if start >= v {
+            pad_only.push(i);
+        } else {
+            keep.push(i);
+            if end > v {
+                straddle = Some((i, end - v));
+            }
+        }
+        start = end;
+    }
+    let kept: Vec<Stats> = keep.iter().map(|&i| stats[i]).collect();
+    let kept_shapes: Vec<&[usize]> = keep.iter().map(|&i| shapes[i]).collect();
+    let (mut merged, _) = concat_stats(&kept, &kept_shapes, last);
+    let kind = format!("concat({last}), vocab padded from {padded}");
+    let named = |is: &[usize]| {
+        let rs: Vec<usize> = is.iter().map(|&i| ranks[i]).collect();
+        format!("rank{} {}", if rs.len() == 1 { "" } else { "s" }, list(&rs))
+    };
+    let cut = if pad_only.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} holding only padding cut)", named(&pad_only))
+    };
+    let Some((i, q)) = straddle else {
+        return Some((merged, whole, Reassembly::kind(format!("{kind}{cut}"))));
+    };
+    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
+    let counted: f64 = kept_shapes.iter().map(|s| numel(s)).sum();
+    let real = numel(&whole);
+    let zero = |s: &Stats| [s.max, s.min, s.norm].iter().all(|x| *x == Some(0.0));
+    let known_zero = !pad_only.is_empty() && pad_only.iter().all(|&j| zero(&stats[j]));
+    let straddler = named(&[i]);
+    let (text, one_sided) = if known_zero {
+        merged.mean = merged.mean.map(|m| m * counted / real);
+        let mut left_out = Vec::new();
+        if merged.max.is_some_and(|x| x <= 0.0) {
+            merged.max = None;
+            left_out.push("Max");
+        }
+        if merged.min.is_some_and(|x| x >= 0.0) {
+            merged.min = None;
+            left_out.push("Min");
+        }
+        let left_out = if left_out.is_empty() {
+            String::new()
+        } else {
+            format!("; its {} left out (a padding zero could be it)", left_out.join(" and "))
+        };
+        (
+            format!(
+                "vocabulary padded from {v} to {padded}: {straddler} holds {q} padding columns among its own, taken as zero since the {} holding only padding record zeros: the Mean (re-weighted to {v} columns) and Norm are the real vocabulary's{left_out}",
+                named(&pad_only)
+            ),
+            false,
+        )
+    } else {
+        merged.mean = None;
+        (
+            format!(
+                "vocabulary padded from {v} to {padded}: {straddler}'s statistics count its {q} padding columns, whose values are not known: the merged Max and Norm bound the real vocabulary's from above and the Min from below, judged one-sided; the Mean is not known"
+            ),
+            true,
+        )
+    };
+    let r = Reassembly {
+        kind: format!("{kind}{cut}"),
+        divergence: None,
+        inexact: Some(text),
+        one_sided,
+    };
+    Some((merged, whole, r))
 }
 
 /// The statistics of pieces concatenated along `axis` (shapes already checked to agree
@@ -522,7 +646,7 @@ mod tests {
             (0, st(2., 1., 1.5, 5f64.sqrt()), vec![1, 2]),
             (1, st(3., -4., -1. / 3., 25f64.sqrt()), vec![1, 3]),
         ];
-        let (s, shape, r) = statistics(&parts, 2, &q, &whole(&[1, 5]));
+        let (s, shape, r) = statistics(&parts, 2, &q, &whole(&[1, 5]), None);
         assert_eq!((shape, r.kind.as_str()), (vec![1, 5], "concat(1)"));
         assert_eq!((s.max, s.min), (Some(3.), Some(-4.)));
         assert!((s.mean.unwrap() - 0.4).abs() < 1e-15);
@@ -530,11 +654,59 @@ mod tests {
         let o = Site::parse("model.layers.0.mlp");
         let parts =
             vec![(0, st(2., 1., 1.5, 2.), vec![1, 2]), (1, st(3., -4., -1., 5.), vec![1, 2])];
-        let (s, _, r) = statistics(&parts, 2, &o, &whole(&[1, 2]));
+        let (s, _, r) = statistics(&parts, 2, &o, &whole(&[1, 2]), None);
         assert_eq!((r.kind.as_str(), s.mean, s.max, s.norm), ("sum", Some(0.5), None, None));
         assert!(r.inexact.is_some());
         // The same at a norm's output: a divergence naming rank 1.
-        let (_, _, r) = statistics(&parts, 2, &Site::Norm, &whole(&[1, 2]));
+        let (_, _, r) = statistics(&parts, 2, &Site::Norm, &whole(&[1, 2]), None);
         assert!(r.divergence.unwrap().starts_with("rank divergence: rank 1 (Norm"));
+    }
+
+    /// `lm_head` over a vocabulary of 3 padded to 4 (two ranks of 2) or to 6 (three
+    /// ranks of 2, the last all padding): the real columns are [1, 2, -3].
+    #[test]
+    fn padded_vocabulary_statistics_are_cut_taken_as_zero_or_one_sided() {
+        let st = |v: &[f64]| Stats {
+            max: Some(v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+            min: Some(v.iter().copied().fold(f64::INFINITY, f64::min)),
+            mean: Some(v.iter().sum::<f64>() / v.len() as f64),
+            norm: Some(v.iter().map(|x| x * x).sum::<f64>().sqrt()),
+        };
+        let lm = Site::LmHead;
+        let fits = whole(&[1, 3]);
+        // Padding of unknown value (7) beside rank 1's real column: one-sided.
+        let parts = vec![(0, st(&[1., 2.]), vec![1, 2]), (1, st(&[-3., 7.]), vec![1, 2])];
+        let (s, shape, r) = statistics(&parts, 2, &lm, &fits, Some(3));
+        assert_eq!((shape, r.kind.as_str()), (vec![1, 3], "concat(1), vocab padded from 4"));
+        assert!(r.one_sided);
+        assert_eq!((s.max, s.min, s.mean), (Some(7.), Some(-3.), None));
+        assert!((s.norm.unwrap() - 63f64.sqrt()).abs() < 1e-12);
+        assert!(r.inexact.unwrap().contains("rank 1's statistics count its 1 padding columns"));
+        // A third rank of padding alone, recording zeros: cut, and rank 1's padding taken
+        // as zero: the Mean and Norm of [1, 2, -3], the Max (2 > 0) and Min (-3 < 0) too.
+        let parts = vec![
+            (0, st(&[1., 2.]), vec![1, 2]),
+            (1, st(&[-3., 0.]), vec![1, 2]),
+            (2, st(&[0., 0.]), vec![1, 2]),
+        ];
+        let (s, shape, r) = statistics(&parts, 3, &lm, &fits, Some(3));
+        assert_eq!(shape, vec![1, 3]);
+        assert_eq!(r.kind, "concat(1), vocab padded from 6 (rank 2 holding only padding cut)");
+        assert!(!r.one_sided);
+        assert!(r.inexact.unwrap().contains("taken as zero"));
+        assert_eq!((s.max, s.min), (Some(2.), Some(-3.)));
+        assert!(s.mean.unwrap().abs() < 1e-15);
+        assert!((s.norm.unwrap() - 14f64.sqrt()).abs() < 1e-12);
+        // Padding that fills whole ranks only: cut, exact.
+        let fits2 = whole(&[1, 4]);
+        let parts = vec![
+            (0, st(&[1., 2.]), vec![1, 2]),
+            (1, st(&[-3., 5.]), vec![1, 2]),
+            (2, st(&[9., 9.]), vec![1, 2]),
+        ];
+        let (s, _, r) = statistics(&parts, 3, &lm, &fits2, Some(4));
+        assert_eq!(r.kind, "concat(1), vocab padded from 6 (rank 2 holding only padding cut)");
+        assert_eq!((r.inexact, r.one_sided, s.max, s.min), (None, false, Some(5.), Some(-3.)));
+        assert!((s.mean.unwrap() - 1.25).abs() < 1e-15);
     }
 }
