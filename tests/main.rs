@@ -45,5 +45,7 @@ mod scoped_faults;
 mod suite;
 mod summary_only;
 mod tensor_parallel;
+mod train_compare;
 mod train_mindspore;
+mod train_reference;
 mod variants;

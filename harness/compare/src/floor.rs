@@ -75,6 +75,10 @@ pub const VARIANTS: [&str; 3] = [
     "ascend, other rounding boundaries (exact accumulation, norm weight in float32, float32 rotary tables)",
 ];
 
+/// How many of [`VARIANTS`] a training step's floor runs: the float64 reference and the
+/// simulated port with MindFormers' conventions (the training step is built for those).
+pub const TRAIN_VARIANTS: usize = 2;
+
 /// The floor of one site: the worst error of the correct runs against the golden.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SiteFloor {
@@ -243,7 +247,15 @@ fn measure_with(
 ) -> Result<NoiseFloor> {
     let mut sites: BTreeMap<String, SiteFloor> = BTreeMap::new();
     let policy = Policy::default();
+    let train = golden.manifest.train.is_some();
     for k in 0..VARIANTS.len() {
+        if train && k >= TRAIN_VARIANTS {
+            progress(&format!(
+                "noise floor: variant {} is not built for a training step (the simulated step rounds at MindFormers' boundaries only): not run",
+                k + 1
+            ));
+            continue;
+        }
         if let Some(j) = same_as_earlier(precision, k) {
             progress(&format!(
                 "noise floor: variant {} computes the same bits as variant {} at {precision}: not run again",
@@ -279,7 +291,11 @@ fn measure_with(
         golden_sha256: hash.to_string(),
         precision: precision.name().to_string(),
         margin: MARGIN,
-        variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
+        variants: VARIANTS
+            .iter()
+            .take(if train { TRAIN_VARIANTS } else { VARIANTS.len() })
+            .map(|s| s.to_string())
+            .collect(),
         harness: HARNESS.to_string(),
         reproduction: None,
         sites,
@@ -325,6 +341,14 @@ pub fn run_variant(
         0 => model::run(
             golden,
             &RunOptions::new(Implementation::Reference)
+                .with_precision(precision)
+                .with_context(ctx.clone()),
+        )?,
+        // The training step's simulated port (MindFormers' conventions), through the
+        // one entry that runs a step.
+        1 if golden.manifest.train.is_some() => model::run(
+            golden,
+            &RunOptions::new(Implementation::Ascend)
                 .with_precision(precision)
                 .with_context(ctx.clone()),
         )?,
@@ -546,6 +570,10 @@ pub fn floor_for_run(
     } else {
         progress("the free-running reference is not within every site's bound: checking each layer alone (one teacher-forced run) ...");
         reproduction = match known.teacher_forced {
+            // A training step: its forward teacher-forced, its backward on the free run.
+            _ if golden.manifest.train.is_some() => {
+                reproduce::check_train(golden, &reference, ctx)?
+            }
             Some(tf) => reproduce::judge(golden, tf)?,
             None => reproduce::check(golden, ctx)?,
         };

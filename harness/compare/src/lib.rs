@@ -14,6 +14,7 @@ pub mod reproduce;
 mod simd;
 pub mod statistics;
 pub mod tolerance;
+pub mod train;
 pub mod verdict;
 
 pub use self::verdict::*;

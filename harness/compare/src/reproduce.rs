@@ -26,6 +26,21 @@
 //! teacher-forced run only where that run is past the bound somewhere
 //! ([`crate::floor::floor_for_run`]); [`check`] (`parity check-golden`) always runs it.
 //!
+//! A training step (CONTRACT §6). Its forward is the prefill: its forward sites are held
+//! to the rule above, teacher-forced on the step seen as a prefill where the free run is
+//! past the bound. A backward has no teacher forcing (a gradient is computed from the
+//! whole forward and every later layer's gradient), so the free-running reference is
+//! judged at `loss` and every backward site, with the site's bound `b` (the rule's,
+//! above) times the number of roundings it inherits at first order: `loss` reads the
+//! logits, which the `L` layers and the head made (`(L + 1) × b`); a gradient, the
+//! gradient norm, a parameter gradient or an update reads the whole forward and the
+//! loss, then at most `L` backward layers and the head's gradient, each adding what a
+//! forward layer adds, and one reduction more (`(2L + 3) × b`). Each layer's own error
+//! is within `b` at first order (what the forward check shows), and first-order errors
+//! add along a chain whose gains a correct golden keeps near one (normalised layers,
+//! AdamW's first step normalising each gradient element): so a reproduced golden stays
+//! within the sum, while a backward that computes something else is off by far more.
+//!
 //! rel-L2 alone decides a value site: `‖a − b‖ ≤ r‖a‖` bounds the angle between the two
 //! as well (`1 − cosine ≤ r²/2` for small `r`).
 //!
@@ -139,10 +154,20 @@ impl Reproduction {
     /// One line for a message: the first unreproduced site and its numbers.
     pub fn describe_failure(&self) -> Option<String> {
         let s = self.first_unreproduced()?;
+        let nonfinite = s.note.as_deref().filter(|n| n.contains("NaN/Inf"));
         let what = match (s.rel_l2, s.mismatches) {
+            (Some(_), _) if nonfinite.is_some() => format!(
+                "the float64 reference's values and the golden's differ in where they are NaN/Inf: {}",
+                nonfinite.unwrap_or_default()
+            ),
             (Some(r), _) => format!(
-                "the float64 reference, given the golden's own inputs to this layer, is off by \
+                "the float64 reference, {}, is off by \
                  rel-L2 {r:.3e} ({:.0} unit roundoffs of {}), above the {:.3e} rounding explains",
+                if is_forward(&s.site) {
+                    "given the golden's own inputs to this layer"
+                } else {
+                    "running the whole step (a backward has no teacher forcing)"
+                },
                 r / self.golden_precision.unit_roundoff(),
                 self.golden_precision,
                 s.bound
@@ -156,10 +181,69 @@ impl Reproduction {
 
 /// Checks that the float64 reference reproduces `golden` (see the module doc). The
 /// golden must have weights (`weights.safetensors` or a checkpoint by reference); the
-/// run is made within `ctx`.
+/// run is made within `ctx`. A training golden is judged by [`check_train`] on the
+/// reference's free run of its step.
 pub fn check(golden: &Dump, ctx: &model::RunContext) -> Result<Reproduction> {
+    if golden.manifest.train.is_some() {
+        let opts =
+            model::RunOptions::new(model::Implementation::Reference).with_context(ctx.clone());
+        let free = model::run(golden, &opts)?;
+        let cmp = compare(golden, &free.dump, &Policy::default())?;
+        return check_train(golden, &cmp, ctx);
+    }
     let run = model::reference::run_teacher_forced(golden, ctx)?;
     judge(golden, &run)
+}
+
+/// The check of a training golden: `free` is the comparison of the reference's free run
+/// of the step against it; the forward sites are judged teacher-forced on the step seen
+/// as a prefill, `loss` and the backward sites on the free run by their inherited bound
+/// (see the module doc).
+pub fn check_train(
+    golden: &Dump,
+    free: &Comparison,
+    ctx: &model::RunContext,
+) -> Result<Reproduction> {
+    let mut r = judge_comparison(golden, free);
+    let Some(view) = golden.train_forward_as_prefill()? else { return Ok(r) };
+    let tf = model::reference::run_teacher_forced(&view, ctx)?;
+    let local = judge(&view, &tf)?;
+    for s in r.sites.iter_mut().filter(|s| is_forward(&s.site)) {
+        if let Some(l) = local.sites.iter().find(|l| l.site == s.site) {
+            *s = SiteCheck { step: s.step, ..l.clone() };
+        }
+    }
+    Ok(r)
+}
+
+/// A forward site of a training step (neither `loss` nor a backward site).
+fn is_forward(site: &Site) -> bool {
+    !site.is_backward() && *site != Site::Loss
+}
+
+/// The bound of a site whose inherited bound is `b`: `b`, but for `update.*` (judged as
+/// its change) at least `2·√b`. AdamW's first step moves an element by about
+/// `lr·sign(g)`: an element whose gradient is within the gradient's own rounding error
+/// may move the other way (an error of `2·lr`), and with a gradient off by a relative
+/// `b` about a fraction `b` of the elements are that small (gradient magnitudes spread
+/// evenly near zero), which puts the change off by about `2·√b`.
+pub fn site_bound(site: &Site, b: f64) -> f64 {
+    match site {
+        Site::Update(_) => b.max(2.0 * b.sqrt()),
+        _ => b,
+    }
+}
+
+/// How many site bounds a training step's site inherits (see the module doc): 1 for a
+/// forward site, `L + 1` for `loss`, `2L + 3` for a backward site.
+pub fn inherited_bounds(site: &Site, layers: usize) -> f64 {
+    if site.is_backward() {
+        (2 * layers + 3) as f64
+    } else if *site == Site::Loss {
+        (layers + 1) as f64
+    } else {
+        1.0
+    }
 }
 
 /// Judges `teacher_forced` (the reference's teacher-forced run of `golden`) by the rule.
@@ -175,6 +259,7 @@ pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
     let u32 = Precision::F32.unit_roundoff();
     let bound = LOCAL_BOUND * precision.unit_roundoff() + FLOAT32_BOUND * u32;
     let sc = &golden.manifest.scenario;
+    let layers = golden.manifest.model.num_hidden_layers;
     let prefill_max = sc.prefill_positions().iter().flatten().copied().max().unwrap_or(0);
     let largest_position = |step: Step| -> f64 {
         let p = match step {
@@ -195,7 +280,11 @@ pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
                 rel_l2: None,
                 cosine: None,
                 mismatches: None,
-                bound: bound + ANGLE_BOUND * largest_position(s.step) * u32,
+                bound: site_bound(
+                    &s.site,
+                    (bound + ANGLE_BOUND * largest_position(s.step) * u32)
+                        * inherited_bounds(&s.site, layers),
+                ),
                 reproduced: None,
                 note: None,
             };
@@ -230,4 +319,23 @@ pub fn judge_comparison(golden: &Dump, cmp: &Comparison) -> Reproduction {
         })
         .collect();
     Reproduction { golden: golden.label(), golden_precision: precision, bound, sites }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_sites_inherit_the_bounds_of_the_layers_they_read() {
+        let l = 2;
+        assert_eq!(inherited_bounds(&Site::parse("model.layers.1.mlp"), l), 1.0);
+        assert_eq!(inherited_bounds(&Site::Loss, l), 3.0);
+        assert_eq!(inherited_bounds(&Site::parse("grad.model.embed_tokens"), l), 7.0);
+        assert_eq!(inherited_bounds(&Site::GradNorm, l), 7.0);
+        // An update's change: at least 2·sqrt(b), the sign flips of rounding.
+        let b = 1e-4;
+        assert_eq!(site_bound(&Site::parse("param_grad.lm_head.weight"), b), b);
+        assert!((site_bound(&Site::parse("update.lm_head.weight"), b) - 0.02).abs() < 1e-15);
+        assert_eq!(site_bound(&Site::parse("update.lm_head.weight"), 4.0), 4.0);
+    }
 }

@@ -332,6 +332,21 @@ impl Policy {
         precision: Precision,
         floor: Option<(SiteFloor, f64)>,
     ) -> Decision {
+        self.decide_in(step, site, precision, floor, None)
+    }
+
+    /// [`Policy::decide_with_floor`] for a model of `layers` decoder layers: the least
+    /// threshold of a training step's backward site is its forward one widened by
+    /// [`backward_factor`] (the deepest when `layers` is `None`), the policy's own
+    /// defaults included; a rule still sets a site's threshold exactly.
+    pub fn decide_in(
+        &self,
+        step: Step,
+        site: &Site,
+        precision: Precision,
+        floor: Option<(SiteFloor, f64)>,
+        layers: Option<usize>,
+    ) -> Decision {
         // A policy's own defaults stay the least threshold; the built-in one yields to
         // the measured floor (see `Tolerance::floor_minimum`).
         let own = self.defaults.get(precision.name());
@@ -342,6 +357,7 @@ impl Policy {
         if let Some(o) = own {
             o.apply(&mut t);
         }
+        t = t.widened(backward_factor(site, layers));
         if let Some((f, margin)) = floor {
             t = f.raise(t, margin);
         }
@@ -359,6 +375,48 @@ impl Policy {
             Decision::Skip
         } else {
             Decision::Check(t)
+        }
+    }
+}
+
+/// How many times a forward site's least threshold a site of a training step gets
+/// (docs/training.md, "Judging"): 1 for the forward sites and `loss`; for a backward site
+/// `2 × (1 + d / L)`, `d` the decoder layers the backward has passed through when it
+/// reaches the site (0 at `grad.lm_head` and `grad.model.norm`, `L − i` in layer `i`, `L`
+/// at `grad.model.embed_tokens`) and `L` for `grad_norm`, `param_grad.*` and `update.*`,
+/// which gather every layer's gradient (the global norm scales all of them). A gradient
+/// carries the forward's error at the logits (what the forward threshold allows) and
+/// adds the backward's own: two products per projection (input and weight gradients)
+/// where the forward has one, over as many layers again. So between 2 and 4; 4 where
+/// `layers` is unknown.
+pub fn backward_factor(site: &Site, layers: Option<usize>) -> f64 {
+    let depth = |d: usize| match layers {
+        Some(l) if l > 0 => 2.0 * (1.0 + d.min(l) as f64 / l as f64),
+        _ => 4.0,
+    };
+    let all = layers.unwrap_or(usize::MAX);
+    match site {
+        Site::Grad(inner) => match inner.as_ref() {
+            Site::LmHead | Site::Norm => 2.0,
+            Site::Layer(i, _) => depth(all.saturating_sub(*i)),
+            _ => depth(all),
+        },
+        Site::GradNorm | Site::ParamGrad(_) | Site::Update(_) => depth(all),
+        _ => 1.0,
+    }
+}
+
+impl Tolerance {
+    /// These thresholds `k` times wider: `k × max_rel_l2` (and `max_abs`), `k² × (1 −
+    /// min_cosine)` (for small errors `1 − cosine` grows as the square of rel-L2).
+    pub fn widened(self, k: f64) -> Tolerance {
+        if k == 1.0 {
+            return self;
+        }
+        Tolerance {
+            max_rel_l2: self.max_rel_l2 * k,
+            min_cosine: (1.0 - (1.0 - self.min_cosine) * k * k).max(-1.0),
+            max_abs: self.max_abs.map(|a| a * k),
         }
     }
 }
@@ -420,6 +478,37 @@ mod tests {
             (false, f64::INFINITY, Criterion::Exact)
         );
         assert_eq!(Judgement::exact(0, "x").excess, 0.0);
+    }
+
+    #[test]
+    fn backward_sites_widen_with_the_layers_the_backward_passed_through() {
+        let f = |n: &str, l| backward_factor(&Site::parse(n), l);
+        assert_eq!(f("model.layers.1.mlp", Some(4)), 1.0);
+        assert_eq!(f("loss", Some(4)), 1.0);
+        assert_eq!(f("grad.lm_head", Some(4)), 2.0);
+        // Layer 3 of 4: one layer of backward behind it.
+        assert_eq!(f("grad.model.layers.3.mlp", Some(4)), 2.5);
+        assert_eq!(f("grad.model.layers.0.mlp", Some(4)), 4.0);
+        assert_eq!(f("grad.model.embed_tokens", Some(4)), 4.0);
+        assert_eq!(f("grad_norm", Some(4)), 4.0);
+        assert_eq!(f("update.model.norm.weight", None), 4.0);
+        let p = Policy::default();
+        let Decision::Check(t) =
+            p.decide_in(Step::Train, &Site::GradNorm, Precision::F32, None, Some(2))
+        else {
+            panic!()
+        };
+        assert!((t.max_rel_l2 - 4e-4).abs() < 1e-15, "{t:?}");
+        assert!((1.0 - t.min_cosine - 16.0 * 1e-5).abs() < 1e-12, "{t:?}");
+        // A rule still sets the threshold exactly.
+        let p: Policy =
+            serde_json::from_str(r#"{"rules":[{"site":"grad_norm","max_rel_l2":0.5}]}"#).unwrap();
+        let Decision::Check(t) =
+            p.decide_in(Step::Train, &Site::GradNorm, Precision::F32, None, Some(2))
+        else {
+            panic!()
+        };
+        assert_eq!(t.max_rel_l2, 0.5);
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub fn compare_with(
 ) -> Result<Comparison> {
     let (gm, cm) = (&golden.manifest, &candidate.manifest);
     let manifest = candidate.dir().map(|d| d.join("manifest.json")).unwrap_or_default();
+    crate::train::same_step(gm, cm, &golden.label(), &manifest)?;
     same_inputs(&gm.scenario, &cm.scenario, &manifest)?;
     // The tolerance follows the coarser of the two dtypes: a float32 run measured
     // against a bfloat16 golden inherits the golden's own rounding error.
@@ -251,7 +252,9 @@ pub fn compare_with(
         heads: Some(gm.model.num_attention_heads),
         floor,
         summary,
+        layers: Some(gm.model.num_hidden_layers),
     };
+    let pre_step = crate::train::PreStep::open(golden)?;
     let jobs: Vec<(Step, &Site)> = gm
         .steps
         .iter()
@@ -264,7 +267,16 @@ pub fn compare_with(
                 Error::format(golden.label(), format!("tensor `{step}/{site}` vanished"))
             })?;
             let c = if cm.steps.contains(&step) { candidate.get(step, site)? } else { None };
-            let r = compare_site_in(step, site, &g, c.as_ref(), &ctx);
+            let (golden_dtype, candidate_dtype) = (g.dtype(), c.as_ref().map(Tensor::dtype));
+            let (g, c, change) = pre_step.judged(site, g, c);
+            let mut r = compare_site_in(step, site, &g, c.as_ref(), &ctx);
+            if change {
+                // The dtypes stored, not those of the changes judged.
+                (r.golden_dtype, r.candidate_dtype) = (golden_dtype, candidate_dtype);
+                if r.note.is_none() {
+                    r.note = Some(crate::train::CHANGE_NOTE.into());
+                }
+            }
             g.release();
             if let Some(c) = &c {
                 c.release();
@@ -365,6 +377,9 @@ pub struct SiteContext<'a> {
     pub floor: Option<&'a NoiseFloor>,
     /// Statistics first: value sites judged on their statistics where those suffice.
     pub summary: Option<&'a SummaryOnly>,
+    /// The model's decoder layers, which widen a training step's backward thresholds
+    /// ([`crate::tolerance::backward_factor`]); `None` takes the widest.
+    pub layers: Option<usize>,
 }
 
 /// Compares one site. `c` is `None` when the candidate lacks it.
@@ -382,7 +397,15 @@ pub fn compare_site(
         site,
         g,
         c,
-        &SiteContext { scenario, policy, precision, heads: None, floor: None, summary: None },
+        &SiteContext {
+            scenario,
+            policy,
+            precision,
+            heads: None,
+            floor: None,
+            summary: None,
+            layers: None,
+        },
     )
 }
 
@@ -394,14 +417,14 @@ pub fn compare_site_in(
     c: Option<&Tensor>,
     ctx: &SiteContext,
 ) -> SiteResult {
-    let SiteContext { scenario, policy, precision, heads, floor, summary } = *ctx;
+    let SiteContext { scenario, policy, precision, heads, floor, summary, layers } = *ctx;
     let site_floor = floor.and_then(|f| f.get(step, site)).filter(|_| g.dtype().is_float());
     let mut r = SiteResult {
         noise_floor: site_floor,
         ..SiteResult::unmeasured(step, site, g, c.map(|c| c.shape().to_vec()), c.map(Tensor::dtype))
     };
     let margin = floor.map_or(0.0, |f| f.margin);
-    let tol = match policy.decide_with_floor(step, site, precision, site_floor.map(|f| (f, margin)))
+    let tol = match policy.decide_in(step, site, precision, site_floor.map(|f| (f, margin)), layers)
     {
         Decision::Skip => {
             r.status = Status::Skipped;
@@ -562,7 +585,7 @@ impl<'a> RowFilter<'a> {
             (_, Site::Layer(_, LayerPart::KCache | LayerPart::VCache)) if batch_ok(2) => {
                 Some((stride(0), stride(2), shape[2], Axis::Slot))
             }
-            (Step::Prefill, _) => match site.token_axis() {
+            (Step::Prefill | Step::Train, _) => match site.token_axis() {
                 Some(ax) if batch_ok(ax) && shape[ax] == scenario.prefill_len() => {
                     Some((stride(0), stride(ax), shape[ax], Axis::Query))
                 }

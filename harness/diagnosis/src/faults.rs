@@ -196,9 +196,142 @@ pub(crate) fn facts(fault: Fault) -> &'static Facts {
     &FACTS[fault as usize]
 }
 
+/// What a training step (CONTRACT §6) must hold for a training fault to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TrainNeeds {
+    /// Nothing: every training step shows it.
+    Nothing,
+    /// A label -100 among those the shifted loss reads (`labels[b][t]`, `t ≥ 1`).
+    IgnoredLabels,
+    /// A loss scale other than 1.
+    LossScale,
+    /// A step the golden skipped (its gradients overflowed: `grad_norm` non-finite).
+    SkippedStep,
+    /// Weight decay and a trainable parameter in the `no_decay` group.
+    NoDecayParameter,
+    /// Clipping (`max_grad_norm`) that some parameter's own norm would set differently.
+    Clipping,
+    /// More than one micro-batch.
+    MicroBatches,
+}
+
+/// Where a training fault first changes the step, by kind of site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TrainSite {
+    Loss,
+    /// The first gradient (`grad.lm_head`), or `grad_norm` where the dump's activation
+    /// gradients are unscaled.
+    Gradients,
+    ParamGrad,
+    Update,
+}
+
+/// The diagnosis's facts about one training fault.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TrainFacts {
+    pub fault: Fault,
+    pub acts_first: TrainSite,
+    pub needs: TrainNeeds,
+    /// The form that reproduces it from the golden's own tensors, in words.
+    pub form: &'static str,
+}
+
+const fn train(
+    fault: Fault,
+    acts_first: TrainSite,
+    needs: TrainNeeds,
+    form: &'static str,
+) -> TrainFacts {
+    TrainFacts { fault, acts_first, needs, form }
+}
+
+/// Every training fault's facts, in the contract's order ([`Fault::TRAIN`]).
+pub(crate) static TRAIN_FACTS: [TrainFacts; Fault::TRAIN.len()] = {
+    use Fault::*;
+    use TrainNeeds::*;
+    use TrainSite::*;
+    [
+        train(
+            TrainLabelsUnshifted,
+            Loss,
+            Nothing,
+            "the loss recomputed from the golden's logits with logits t paired with label t",
+        ),
+        train(
+            TrainIgnoreIndexCounted,
+            Loss,
+            IgnoredLabels,
+            "the loss recomputed from the golden's logits with the -100 positions counted in the mean",
+        ),
+        train(
+            TrainLossScaleKept,
+            Gradients,
+            LossScale,
+            "the golden's gradients times the loss scale, clipped by the scaled norm",
+        ),
+        train(
+            TrainOverflowApplied,
+            Update,
+            SkippedStep,
+            "the golden skipped the step (non-finite grad_norm, updates equal to the weights) and the candidate's updates moved the weights",
+        ),
+        train(
+            TrainWeightDecayEverywhere,
+            Update,
+            NoDecayParameter,
+            "AdamW recomputed from the golden's param_grad and weights with weight decay on the no_decay group too",
+        ),
+        train(
+            TrainClipPerParameter,
+            ParamGrad,
+            Clipping,
+            "the golden's unclipped gradients (param_grad / the global clip coefficient) clipped each by its own norm",
+        ),
+        train(
+            TrainAdamNoBiasCorrection,
+            Update,
+            Nothing,
+            "AdamW recomputed from the golden's param_grad and weights without bias correction",
+        ),
+        train(
+            TrainMicroBatchesSummed,
+            Gradients,
+            MicroBatches,
+            "the golden's gradients times the micro-batch count, clipped by the summed norm",
+        ),
+    ]
+};
+
+/// The facts of training fault `fault`; `None` for an inference fault.
+pub(crate) fn train_facts(fault: Fault) -> Option<&'static TrainFacts> {
+    TRAIN_FACTS.iter().find(|f| f.fault == fault)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_training_table_holds_every_training_fault_once_in_the_contracts_order() {
+        let listed: Vec<Fault> = TRAIN_FACTS.iter().map(|f| f.fault).collect();
+        assert_eq!(listed, Fault::TRAIN.to_vec());
+        for fault in Fault::TRAIN {
+            assert!(fault.is_train() && !Fault::ALL.contains(&fault), "{fault}");
+            assert_eq!(train_facts(fault).map(|f| f.fault), Some(fault));
+            // A training fault acts on the whole step: no scope, no parameters.
+            assert!(!fault.takes_layers() && fault.components().is_empty(), "{fault}");
+            assert!(fault.param_names().is_empty(), "{fault}");
+        }
+        for fault in Fault::ALL {
+            assert_eq!(train_facts(fault), None, "{fault}");
+        }
+        // Only the loss faults act on the loss, and only they are judged there.
+        for f in &TRAIN_FACTS {
+            let loss =
+                matches!(f.fault, Fault::TrainLabelsUnshifted | Fault::TrainIgnoreIndexCounted);
+            assert_eq!(f.acts_first == TrainSite::Loss, loss, "{}", f.fault);
+        }
+    }
 
     #[test]
     fn the_table_holds_every_contract_fault_once_in_the_contracts_order() {

@@ -62,11 +62,13 @@ mod params;
 mod refutation;
 #[cfg(test)]
 mod testing;
+mod train;
 mod visibility;
 
 pub use finding::{Diagnosis, Finding};
 pub use forms::departure_of;
 pub use localise::localise;
+pub use train::forward_as_prefill;
 pub use visibility::{earliest_effect, first_site, Visibility};
 
 use compare::Comparison;
@@ -95,6 +97,9 @@ pub fn diagnose(
     ctx: &RunContext,
 ) -> Result<Diagnosis> {
     let Some(evidence) = Evidence::of(cmp) else { return Ok(Diagnosis::default()) };
+    if golden.manifest.train.is_some() {
+        return train::diagnose(golden, candidate, cmp, ctx);
+    }
     if !golden.has_weights() {
         return Ok(Diagnosis::default());
     }

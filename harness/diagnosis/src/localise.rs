@@ -163,7 +163,7 @@ pub fn localise(cmp: &Comparison) -> Option<String> {
             join(&unknown)
         )
     };
-    if first.step != Step::Prefill
+    if matches!(first.step, Step::Decode(_))
         && matches!(first.site, Site::Layer(_, LayerPart::Probs | LayerPart::Context))
     {
         out.push_str(" (the cache holds every earlier step's keys and values too)");

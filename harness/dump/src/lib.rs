@@ -149,6 +149,41 @@ impl Dump {
         })
     }
 
+    /// The forward of a training step (CONTRACT §6) seen as the prefill it is
+    /// (docs/training.md: the same positions, tables and mask): a dump whose only step is
+    /// `prefill`, holding this dump's forward sites of step `train`, its manifest without
+    /// `train` and without decode tokens. Weights and adapter are this dump's (the
+    /// directory is kept); tensors are shared, not copied. `None` for a dump that is not a
+    /// training step.
+    pub fn train_forward_as_prefill(&self) -> Result<Option<Dump>> {
+        if self.manifest.train.is_none() {
+            return Ok(None);
+        }
+        let mut manifest = self.manifest.clone();
+        manifest.train = None;
+        manifest.steps = vec![Step::Prefill];
+        manifest.scenario.decode_ids.clear();
+        if let Some(o) = manifest.raw.as_object_mut() {
+            o.remove("train");
+        }
+        let mut tensors = BTreeMap::new();
+        for s in self.sites(Step::Train).iter().filter(|s| !s.is_backward() && **s != Site::Loss) {
+            let t = self.get(Step::Train, s)?.ok_or_else(|| {
+                Error::format(self.label(), format!("tensor `train/{s}` vanished"))
+            })?;
+            tensors.insert(site::key(Step::Prefill, s), t);
+        }
+        let names: Vec<String> = tensors.keys().cloned().collect();
+        let keys = index_keys(&manifest, &names, Path::new(&self.label()))?;
+        Ok(Some(Dump {
+            dir: self.dir.clone(),
+            name: Some(self.label()),
+            manifest,
+            store: Store::Memory(tensors),
+            keys,
+        }))
+    }
+
     /// The directory this dump was read from, if any.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()

@@ -78,18 +78,21 @@ impl PackedInput {
 ///
 /// The weights are read a chunk of `k` at a time, as the product reaches it:
 /// `read(j, c0, dst)` fills `dst` with weight row `j`'s values `c0..c0 + dst.len()`, so
-/// that only one chunk of the rows (`n × CHUNK`) is ever held, in the cache. `slab` and
-/// `sums` are the chunk and the float32 partial sums, buffers the caller keeps from one
-/// call to the next.
+/// that only one chunk of the rows (`n × CHUNK`) is ever held, in the cache;
+/// `prefetch(j, c0, len)` may hint that row `j`'s values `c0..c0 + len` are read next (the
+/// next chunk's, called as each row of a chunk is read), or do nothing. `slab` and `sums`
+/// are the chunk and the float32 partial sums, buffers the caller keeps from one call to
+/// the next.
 pub fn product(
     a: &PackedInput,
     n: usize,
     read: impl FnMut(usize, usize, &mut [f32]),
+    prefetch: impl FnMut(usize, usize, usize),
     out: &mut [f64],
     slab: &mut Vec<f32>,
     sums: &mut Vec<f32>,
 ) {
-    product_on(Kernel::best(), a, n, read, out, slab, sums);
+    product_on(Kernel::best(), a, n, read, prefetch, out, slab, sums);
 }
 
 /// The code that computes the chains; every one gives the same bits.
@@ -128,11 +131,13 @@ impl Kernel {
 }
 
 /// [`product`] on `kernel`.
+#[allow(clippy::too_many_arguments)]
 fn product_on(
     kernel: Kernel,
     a: &PackedInput,
     n: usize,
     mut read: impl FnMut(usize, usize, &mut [f32]),
+    mut prefetch: impl FnMut(usize, usize, usize),
     out: &mut [f64],
     slab: &mut Vec<f32>,
     sums: &mut Vec<f32>,
@@ -149,21 +154,45 @@ fn product_on(
         for (j, row) in slab.chunks_exact_mut(kc).enumerate() {
             read(j, c0, row);
         }
-        match kernel {
-            // SAFETY (both): the CPU has the instructions (asserted above); `slab` is
-            // `[n][kc]` and `sums` `[n][width]`, and `a` holds `width / 32` tiles of
-            // `[k][32]` with `c0 + kc <= k`.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::chunk(a, c0, kc, slab, n, sums) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2Fma => unsafe { x86::lanes_chunk_fma(a, c0, kc, slab, n, sums) },
-            _ => lanes_chunk(a, c0, kc, slab, n, sums),
+        // A group of weight rows at a time, each group's next chunk hinted before it is
+        // multiplied: the hints spread over the chunk's products.
+        let next = (c0 + kc, CHUNK.min(k - (c0 + kc)));
+        for j0 in (0..n).step_by(TILE_COLS) {
+            let cols = TILE_COLS.min(n - j0);
+            if next.1 > 0 {
+                (j0..j0 + cols).for_each(|j| prefetch(j, next.0, next.1));
+            }
+            let slab = &slab[j0 * kc..][..cols * kc];
+            let sums = &mut sums[j0 * width..][..cols * width];
+            chunk_on(kernel, a, c0, kc, slab, cols, sums);
         }
     }
     for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate().take(m) {
         for (j, o) in o.iter_mut().enumerate() {
             *o = f64::from(sums[j * width + i]);
         }
+    }
+}
+
+/// One chunk of [`product_on`] for `n` weight rows on `kernel`, which this CPU runs
+/// (asserted by [`product_on`]).
+fn chunk_on(
+    kernel: Kernel,
+    a: &PackedInput,
+    c0: usize,
+    kc: usize,
+    slab: &[f32],
+    n: usize,
+    sums: &mut [f32],
+) {
+    match kernel {
+        // SAFETY (both): the CPU has the instructions; `slab` is `[n][kc]` and `sums`
+        // `[n][width]`, and `a` holds `width / 32` tiles of `[k][32]` with `c0 + kc <= k`.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { x86::chunk(a, c0, kc, slab, n, sums) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma => unsafe { x86::lanes_chunk_fma(a, c0, kc, slab, n, sums) },
+        _ => lanes_chunk(a, c0, kc, slab, n, sums),
     }
 }
 
@@ -356,7 +385,8 @@ mod tests {
             dst.copy_from_slice(&w[j * k + c0..][..dst.len()])
         };
         let (mut slab, mut sums) = (vec![f32::NAN; 3000], vec![f32::NAN; 5000]);
-        product_on(kernel, &PackedInput::new(a, m, k), n, read, &mut out, &mut slab, &mut sums);
+        let a = PackedInput::new(a, m, k);
+        product_on(kernel, &a, n, read, |_, _, _| {}, &mut out, &mut slab, &mut sums);
         out
     }
 

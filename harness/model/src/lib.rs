@@ -34,6 +34,7 @@ pub mod context;
 pub mod decoder_layer;
 pub mod embedding;
 mod fma_product;
+mod fma_product64;
 pub mod heads;
 pub mod kv_cache;
 pub mod linear;

@@ -2,15 +2,15 @@
 //! (`torch.nn.Linear.forward`, `F.linear(input, weight, bias)`).
 //!
 //! A weight stays in the checkpoint's stored dtype ([`Matrix::Stored`], a view into the
-//! mapped file) and is widened a block of [`ROW_BLOCK`] output rows at a time, when the
-//! layer runs: host memory never holds a float64 copy of a whole matrix. Each block is
-//! one matrix product on the block's thread: in float64 through the `gemm` crate's
-//! kernels, or in float32 where the numerics multiplies there ([`Products::Float32`]: a
-//! bfloat16/float16 port's float32 accumulation) as one fused multiply-add chain per
-//! output element, over `k` in order ([`fma_product`]), its weights rounded a slice of
-//! `k` at a time. The blocks run in parallel (rayon); each output element's summation
-//! order depends only on its block, never on the thread that ran it, so the result is
-//! bit-identical whatever the thread count.
+//! mapped file) and is read a block of [`ROW_BLOCK`] output rows at a time, when the
+//! layer runs: host memory never holds a float64 copy of a matrix or a block. Each block is
+//! one matrix product on the block's thread, each output element one fused multiply-add
+//! chain over `k` in order: in float64 ([`fma_product64`]), or in float32 where the
+//! numerics multiplies there ([`Products::Float32`]: a bfloat16/float16 port's float32
+//! accumulation, [`fma_product`]), its weights widened (or rounded) a slice of `k` at a
+//! time into the cache. The blocks run in parallel (rayon); each output element's
+//! summation order is fixed by the chain, never by the block or the thread that ran it,
+//! so the result is bit-identical whatever the thread count.
 
 use std::cell::RefCell;
 
@@ -20,21 +20,23 @@ use rayon::prelude::*;
 use dump::Tensor;
 
 use super::fma_product::{self, fit, PackedInput};
+use super::fma_product64::{self, PackedInput64};
 use super::lora::Lora;
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 use super::rowdot::rows_dot;
 
-/// Output rows widened and multiplied together: 256 rows of a 14336-wide matrix are
-/// 28 MiB of `f64` per thread.
+/// Output rows multiplied together by one task: their weights are read a slice of `k`
+/// at a time.
 pub const ROW_BLOCK: usize = 256;
 
 /// Up to this many input rows, a stored matrix is multiplied a weight row at a time.
 const VECTOR_ROWS: usize = 8;
 
 thread_local! {
-    /// A thread's widened block of weight rows, kept from one block to the next (and
-    /// across products) so that a block is neither allocated nor zeroed again.
-    static BLOCK_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    /// A thread's chunk of widened weight rows and float64 partial sums for
+    /// [`fma_product64::product`], kept from one block to the next (and across products)
+    /// so that they are neither allocated nor zeroed again.
+    static SLAB_F64: RefCell<(Vec<f64>, Vec<f64>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// A thread's chunk of rounded weight rows and float32 partial sums for
     /// [`fma_product::product`], kept the same way.
     static SLAB_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -73,7 +75,7 @@ impl Matrix {
     }
 
     /// Rows `r0..r1` as `f64` into `out` (row-major, resized to fit), stored at
-    /// `RoundAt::Weight`: [`Matrix::rows`] into a buffer a thread keeps.
+    /// `RoundAt::Weight`: [`Matrix::rows`]'s values.
     fn rows_into(&self, r0: usize, r1: usize, n: &dyn Numerics, out: &mut Vec<f64>) {
         match self {
             Matrix::Owned(a) => {
@@ -85,6 +87,38 @@ impl Matrix {
                 t.read_f64_rounded_into(r0 * self.ncols(), out, n.weight_precision());
             }
         }
+    }
+
+    /// Row `r`'s values `c0..c0 + out.len()` as `f64`, stored at `RoundAt::Weight`.
+    fn row_f64_into(&self, r: usize, c0: usize, n: &dyn Numerics, out: &mut [f64]) {
+        match self {
+            Matrix::Owned(a) => {
+                let src = a.slice(s![r, c0..c0 + out.len()]);
+                out.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
+            }
+            Matrix::Stored(t) => {
+                t.read_f64_rounded_into(r * self.ncols() + c0, out, n.weight_precision())
+            }
+        }
+    }
+
+    /// Hints that row `r`'s stored values `c0..c0 + len` are read soon: their cache lines
+    /// are prefetched into the L2 cache (a stored matrix on x86-64; nothing otherwise).
+    fn prefetch_row(&self, r: usize, c0: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Matrix::Stored(t) = self {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            let size = t.dtype().size();
+            let start = (r * self.ncols() + c0) * size;
+            let bytes = &t.bytes()[start..start + len * size];
+            for line in bytes.chunks(64) {
+                // SAFETY: a prefetch reads nothing architecturally; the address is
+                // inside `bytes`.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (r, c0, len);
     }
 
     /// Row `r`'s values `c0..c0 + out.len()` as `f32`, stored at `RoundAt::Weight`
@@ -138,13 +172,13 @@ impl Matrix {
     }
 
     /// `x · selfᵀ`: `x` `[m, cols]` → `[m, rows]`, in parallel blocks of [`ROW_BLOCK`]
-    /// output columns, each block's weights widened (and rounded) when it runs, and
-    /// multiplied in the precision of `n.products()`.
+    /// output columns, each block's weights widened (and rounded) a slice of `k` at a time
+    /// when it runs, and multiplied in the precision of `n.products()`.
     ///
     /// A few input rows (a decode step) make this a matrix-vector product bound by
     /// reading the weights: each stored weight row is then decoded and dotted with each
-    /// input row as it is read ([`rows_dot`]), instead of widening and packing whole
-    /// blocks for a matrix product.
+    /// input row as it is read ([`rows_dot`]), instead of through a matrix product's
+    /// slabs.
     pub fn matmul_t(&self, x: ArrayView2<f64>, n: &dyn Numerics) -> Array2<f64> {
         let (rows, cols, m) = (self.nrows(), self.ncols(), x.nrows());
         let x = x.as_standard_layout();
@@ -155,6 +189,7 @@ impl Matrix {
         let x32: Vec<f32> =
             if in_f32 && by_row { x64.iter().map(|&v| v as f32).collect() } else { vec![] };
         let packed = (in_f32 && !by_row).then(|| PackedInput::new(x64, m, cols));
+        let packed64 = (!in_f32 && !by_row).then(|| PackedInput64::new(x64, m, cols));
         if let Matrix::Stored(t) = self {
             // Read whole: its pages mapped in one call, the first time only.
             t.populate();
@@ -175,14 +210,17 @@ impl Matrix {
                             rows_dot(t, at, rows, x64, &mut part);
                         }
                     }
-                    (_, false) => BLOCK_F64.with_borrow_mut(|w| {
-                        self.rows_into(r0, r1, n, w);
-                        gemm_t(m, nb, cols, x64, w, &mut part);
+                    (_, false) => SLAB_F64.with_borrow_mut(|(slab, sums)| {
+                        let a = packed64.as_ref().expect("packed for a float64 product");
+                        let read = |j, c0, dst: &mut [f64]| self.row_f64_into(r0 + j, c0, n, dst);
+                        let prefetch = |j, c0, len| self.prefetch_row(r0 + j, c0, len);
+                        fma_product64::product(a, nb, read, prefetch, &mut part, slab, sums);
                     }),
                     (_, true) => SLAB_F32.with_borrow_mut(|(slab, sums)| {
                         let a = packed.as_ref().expect("packed for a float32 product");
                         let read = |j, c0, dst: &mut [f32]| self.row_f32_into(r0 + j, c0, n, dst);
-                        fma_product::product(a, nb, read, &mut part, slab, sums);
+                        let prefetch = |j, c0, len| self.prefetch_row(r0 + j, c0, len);
+                        fma_product::product(a, nb, read, prefetch, &mut part, slab, sums);
                     }),
                 }
                 part
@@ -196,46 +234,6 @@ impl Matrix {
             y.slice_mut(s![.., r0..r0 + nb]).assign(&p);
         }
         y
-    }
-}
-
-/// `out[m, n] = a[m, k] · b[n, k]ᵀ` in float64, every operand row-major and contiguous,
-/// computed on the calling thread (so its summation order never depends on a thread
-/// count).
-fn gemm_t(m: usize, n: usize, k: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
-    assert!(a.len() == m * k && b.len() == n * k && out.len() == m * n, "gemm operand sizes");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
-    // SAFETY: the asserts above bound every access: `out` is `[m, n]` with strides
-    // `(n, 1)`, `a` is `[m, k]` with `(k, 1)`, and `bᵀ` is `[k, n]` read from `b` with
-    // strides `(1, k)`; `read_dst` is false, so `out`'s prior contents are not read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

@@ -15,6 +15,7 @@
 pub mod candidate;
 mod ranks;
 pub mod suite;
+pub mod train;
 
 use std::path::Path;
 
@@ -129,15 +130,22 @@ fn check_known<'c>(
     opts: &Options,
     known: Known,
 ) -> Result<Report> {
+    let candidate = candidate.into();
     if golden.manifest.train.is_some() {
-        return Err(Error::Usage {
-            flag: "GOLDEN".into(),
-            what: "field `train` (one training step, CONTRACT §6): comparing a training step is \
-                   not implemented by this harness"
-                .into(),
-        });
+        if let CandidateRef::Statistics(stats) = candidate {
+            return Err(Error::Usage {
+                flag: "CANDIDATE".into(),
+                what: format!(
+                    "{} is an msprobe statistics dump and golden {} is one training step \
+                     (CONTRACT §6): its loss, gradients and updates are compared from tensors, \
+                     which a statistics dump does not hold",
+                    stats.label,
+                    golden.label()
+                ),
+            });
+        }
     }
-    let mut report = match candidate.into() {
+    let mut report = match candidate {
         CandidateRef::Tensors(dump) => check_tensors(golden, dump, teacher_forced, opts, known)?,
         CandidateRef::Statistics(stats) => check_statistics(golden, stats, teacher_forced, opts)?,
     };
@@ -170,6 +178,7 @@ fn check_tensors(
     ranks::fail_divergent_ranks(&mut cmp);
     let mut report = Report::new(&cmp, Vec::new());
     ranks::annotate(&mut report);
+    report.train = train::summary(golden, candidate, &cmp)?;
     report.noise_floor_note = source.as_ref().map(FloorSource::note);
     if ranks::first_is_rank_divergence(&cmp) {
         report.diagnosis_note = Some(

@@ -61,7 +61,12 @@ pub struct Chart {
 /// Every chart the report has data for, in page order.
 pub fn all(r: &Report) -> Result<Vec<Chart>> {
     let mut v = Vec::new();
-    v.extend(compute_order(r)?);
+    if r.train.is_some() {
+        v.extend(compute_order(r, Order::Forward)?);
+        v.extend(compute_order(r, Order::Backward)?);
+    } else {
+        v.extend(compute_order(r, Order::All)?);
+    }
     v.extend(per_token(r)?);
     v.extend(head_heatmap(r)?);
     v.extend(abs_histogram(r)?);
@@ -161,14 +166,44 @@ fn line_keys(names: impl Iterator<Item = String>) -> Vec<(String, Key)> {
 }
 
 /// The first site of a decoder layer, where the compute-order chart marks `L{i}`.
+/// In a training step's backward, a layer starts at the gradient of its output.
 fn is_layer_start(site: &Site) -> bool {
-    matches!(site, Site::Layer(_, LayerPart::InputLayernorm))
+    match site {
+        Site::Grad(inner) => matches!(**inner, Site::Layer(_, LayerPart::Output)),
+        _ => matches!(site, Site::Layer(_, LayerPart::InputLayernorm)),
+    }
 }
 
 /// Steps in report order, each with its sites in compute order.
 fn steps(r: &Report) -> Vec<(Step, Vec<&SiteEntry>)> {
+    steps_of(r, Order::All)
+}
+
+/// Which sites an error-along-the-compute-order chart follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Every site (inference).
+    All,
+    /// A training step's forward and its loss.
+    Forward,
+    /// A training step's backward: gradients, `grad_norm`, parameter gradients, updates.
+    Backward,
+}
+
+impl Order {
+    fn keeps(self, site: &Site) -> bool {
+        match self {
+            Order::All => true,
+            Order::Forward => !site.is_backward(),
+            Order::Backward => site.is_backward(),
+        }
+    }
+}
+
+/// [`steps`] with only the sites `order` keeps.
+fn steps_of(r: &Report, order: Order) -> Vec<(Step, Vec<&SiteEntry>)> {
     let mut out: Vec<(Step, Vec<&SiteEntry>)> = Vec::new();
-    for e in &r.sites {
+    for e in r.sites.iter().filter(|e| order.keeps(&e.site)) {
         match out.last_mut() {
             Some((s, v)) if *s == e.step => v.push(e),
             _ => out.push((e.step, vec![e])),
@@ -367,9 +402,13 @@ fn tolerance_of(e: &SiteEntry) -> f64 {
 }
 
 /// Chart 1: rel-L2 along the compute order, one series per step.
-fn compute_order(r: &Report) -> Result<Option<Chart>> {
-    const ID: &str = "chart-compute-order";
-    let steps = steps(r);
+fn compute_order(r: &Report, order: Order) -> Result<Option<Chart>> {
+    let (id, title): (&'static str, &str) = match order {
+        Order::All => ("chart-compute-order", "Error along the compute order"),
+        Order::Forward => ("chart-compute-order", "Forward: error along the compute order"),
+        Order::Backward => ("chart-backward", "Backward: error along the compute order"),
+    };
+    let steps = steps_of(r, order);
     let n = steps.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     if n == 0 || !r.sites.iter().any(|e| e.metrics.is_some()) {
         return Ok(None);
@@ -425,7 +464,6 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             format!("first divergence: {} {}", fd.step, fd.site.short_name()),
         ))
     });
-    let title = "Error along the compute order";
     let mut keys = line_keys(series.iter().map(|(s, _)| s.to_string()));
     if has_floor {
         keys.insert(1, ("noise floor".into(), Key::Band(FLOOR_FILL)));
@@ -437,18 +475,18 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             .take(baselines.len())
             .map(|(k, (s, _))| (format!("{s} baseline"), Key::Dashed(PALETTE[k % PALETTE.len()]))),
     );
-    let out = svg(ID, title, (WIDTH, 440), |root| {
+    let out = svg(id, title, (WIDTH, 440), |root| {
         let (plot, side) = root.split_horizontally(WIDTH - LEGEND_W);
-        side_legend(&side, ID, &keys)?;
+        side_legend(&side, id, &keys)?;
         let mut chart = log_chart(
             &plot,
-            ID,
+            id,
             n,
             (lo, hi),
             "site index in compute order (layer starts marked L0, L1, …)",
         )?;
         if has_floor {
-            draw_floor_band(&mut chart, ID, lo, &floor)?;
+            draw_floor_band(&mut chart, id, lo, &floor)?;
         }
         // Layer boundaries, labelled at the top.
         let every = (reference.iter().filter(|e| is_layer_start(&e.site)).count() / 24).max(1);
@@ -462,29 +500,29 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
                             vec![(x, lo), (x, hi)],
                             RGBColor(200, 200, 200),
                         )))
-                        .or_chart(ID)?;
+                        .or_chart(id)?;
                     chart
                         .draw_series(std::iter::once(Text::new(
                             format!("L{layer}"),
                             (x + 0.15, hi),
                             (FONT, 13).into_font().color(&RGBColor(110, 110, 110)),
                         )))
-                        .or_chart(ID)?;
+                        .or_chart(id)?;
                 }
                 k += 1;
             }
         }
-        draw_tolerance(&mut chart, ID, &tol)?;
+        draw_tolerance(&mut chart, id, &tol)?;
         for (k, pts) in baselines.iter().enumerate() {
-            draw_dashed(&mut chart, ID, pts, PALETTE[k % PALETTE.len()])?;
+            draw_dashed(&mut chart, id, pts, PALETTE[k % PALETTE.len()])?;
         }
         for (k, (_, pts)) in series.iter().enumerate() {
-            draw_line(&mut chart, ID, pts, PALETTE[k % PALETTE.len()], pts.len() <= 80)?;
+            draw_line(&mut chart, id, pts, PALETTE[k % PALETTE.len()], pts.len() <= 80)?;
         }
         if let Some((x, y, label)) = &first {
             chart
                 .draw_series(std::iter::once(Circle::new((*x, *y), 8, FAIL_RED.stroke_width(3))))
-                .or_chart(ID)?;
+                .or_chart(id)?;
             // Above the ring, or below it when the ring is near the top.
             let near_top = (hi / *y).log10() < 0.25 * (hi / lo).log10();
             let (ty, vpos) =
@@ -493,18 +531,23 @@ fn compute_order(r: &Report) -> Result<Option<Chart>> {
             let style = label_style(14, hpos, vpos).color(&FAIL_RED);
             chart
                 .draw_series(std::iter::once(Text::new(label.clone(), (*x + 0.3, ty), style)))
-                .or_chart(ID)?;
+                .or_chart(id)?;
         }
         Ok(())
     })?;
     Ok(Some(Chart {
-        id: ID,
+        id,
         title: title.into(),
-        caption: "rel-L2 of every site (the mismatch fraction for positions and the mask), in the order the model \
+        caption: match order {
+            Order::Backward => "rel-L2 of every backward site of the training step (activation gradients from grad.lm_head back to \
+                                grad.model.embed_tokens, grad_norm, each parameter's gradient, each update's change from its weight), \
+                                in the order the step computes them. "
+                .to_string(),
+            _ => String::new(),
+        } + "rel-L2 of every site (the mismatch fraction for positions and the mask), in the order the model \
                   computes them, one line per step. The dashed grey line is the tolerance; the blue band, where measured, is the \
                   noise floor (the worst error of correct runs of this model at each site); the red ring marks the \
                   first divergence."
-            .to_string()
             + if r.baseline.is_some() {
                 " Dashed coloured lines: the same steps in the accepted baseline report."
             } else {

@@ -116,6 +116,7 @@ pub fn render_html(r: &Report) -> Result<String> {
         escape(&r.candidate_dtype)
     );
     glance(&mut out, r);
+    train_section(&mut out, r);
     if !charts.is_empty() {
         let _ = writeln!(out, "<h2 class=\"section\" id=\"charts\">Charts</h2>");
         for c in &charts {
@@ -279,6 +280,60 @@ fn glance(out: &mut String, r: &Report) {
         let _ = writeln!(out, "<dt>statistics only</dt><dd>{}</dd>", escape(&line));
     }
     let _ = writeln!(out, "</dl></div>\n</section>");
+}
+
+/// A training step's loss, gradient norm and skip on both sides, and the parameter
+/// gradients (CONTRACT §6); nothing for inference.
+fn train_section(out: &mut String, r: &Report) {
+    use super::train::opt;
+    let Some(t) = &r.train else { return };
+    let _ = writeln!(out, "<h2 class=\"section\" id=\"train\">Training step</h2>");
+    let _ = writeln!(
+        out,
+        "<table class=\"sites\" id=\"train-scalars\"><thead><tr><th></th><th>golden</th><th>candidate</th><th>rel err</th></tr></thead><tbody>"
+    );
+    for (name, p) in [("loss", &t.loss), ("grad_norm", &t.grad_norm)] {
+        let _ = writeln!(
+            out,
+            "<tr><td class=\"mono\">{name}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td></tr>",
+            opt(p.golden),
+            opt(p.candidate),
+            opt(p.rel_err)
+        );
+    }
+    let b = |x: Option<bool>| x.map_or("unknown", |b| if b { "yes" } else { "no" });
+    let _ = writeln!(
+        out,
+        "<tr><td>step skipped</td><td>{}</td><td>{}</td><td></td></tr></tbody></table>",
+        b(t.skipped.golden),
+        b(t.skipped.candidate)
+    );
+    let _ = writeln!(
+        out,
+        "<p class=\"muted\">Updates are judged as {}.</p>",
+        escape(&t.updates_judged_as)
+    );
+    let _ = writeln!(
+        out,
+        "<table class=\"sites\" id=\"param-grads\"><thead><tr><th>parameter gradient</th><th>status</th><th>rel-L2</th><th>cosine</th><th>norm candidate/golden</th></tr></thead><tbody>"
+    );
+    for p in &t.param_grads {
+        let status = match p.status {
+            Status::Pass => "pass",
+            Status::Fail => "fail",
+            Status::Missing => "missing",
+            Status::Skipped => "skipped",
+        };
+        let _ = writeln!(
+            out,
+            "<tr class=\"{status}\"><td class=\"mono\">{}</td><td class=\"c-{status}\">{status}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td></tr>",
+            escape(&p.name),
+            opt(p.rel_l2),
+            p.cosine.map_or_else(|| "—".into(), |c| format!("{c:.6}")),
+            p.norm_ratio.map_or_else(|| "—".into(), |x| format!("{x:.4}"))
+        );
+    }
+    let _ = writeln!(out, "</tbody></table>");
 }
 
 /// `framework version on device`, from the producer object's string fields.

@@ -63,6 +63,16 @@ pub fn render_junit(r: &Report) -> String {
             ("regressions", b.regressions.len().to_string()),
             ("max_regression", b.max_regression.to_string()),
         ]
+    }))
+    .chain(r.train.iter().flat_map(|t| {
+        [
+            ("train_loss", t.loss.line()),
+            ("train_grad_norm", t.grad_norm.line()),
+            (
+                "train_skipped",
+                format!("golden {:?}, candidate {:?}", t.skipped.golden, t.skipped.candidate),
+            ),
+        ]
     })) {
         let _ = writeln!(out, r#"      <property name="{k}" value="{}"/>"#, escape_xml(&v));
     }

@@ -20,6 +20,7 @@ mod html;
 mod junit;
 mod markdown;
 mod terminal;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -199,6 +200,10 @@ pub struct Report {
     /// merged or not; absent when it has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<weights::adapter::AdapterFacts>,
+    /// One training step (CONTRACT §6): loss, gradient norm and skip of both sides, the
+    /// parameter gradients; absent for inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<train::TrainSummary>,
     pub first_divergence: Option<SiteEntry>,
     pub diagnosis: Vec<Finding>,
     pub summary: Summary,
@@ -295,6 +300,7 @@ impl Report {
             candidate_dtype: cmp.candidate_precision.name().to_string(),
             candidate_producer: cmp.candidate_producer.clone(),
             adapter: None,
+            train: None,
             first_divergence: cmp.first_divergence().map(SiteEntry::from_result),
             diagnosis,
             diagnosis_note: None,

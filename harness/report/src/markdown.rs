@@ -47,6 +47,25 @@ pub fn render_markdown(r: &Report) -> String {
     if let Some(a) = &r.adapter {
         let _ = writeln!(out, "Adapter: {}.\n", escape_md(&a.line()));
     }
+    if let Some(t) = &r.train {
+        let _ = writeln!(out, "Training step: {}.\n", escape_md(&t.line()));
+        let worst = t.worst_param_grads(3);
+        if worst.iter().any(|p| p.status == Status::Fail) {
+            let rows: Vec<String> = worst
+                .iter()
+                .filter(|p| p.status == Status::Fail)
+                .map(|p| {
+                    format!(
+                        "`{}` rel-L2 {}, norm ratio {}",
+                        p.name.replace('`', "'"),
+                        super::train::opt(p.rel_l2),
+                        super::train::opt(p.norm_ratio)
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "Worst parameter gradients: {}.\n", rows.join("; "));
+        }
+    }
     let s = &r.summary;
     let _ = writeln!(out, "Sites: {}.\n", s.counts());
     if s.nothing_checked() {

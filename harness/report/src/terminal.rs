@@ -22,6 +22,9 @@ pub fn render_summary(r: &Report, color: bool) -> String {
         "{verdict}  {} vs {}  (scenario {}, golden {}, candidate {})",
         r.candidate, r.golden, r.scenario, r.golden_dtype, r.candidate_dtype
     );
+    if let Some(t) = &r.train {
+        let _ = writeln!(out, "training step: {}", t.line());
+    }
     let s = &r.summary;
     let _ = writeln!(out, "sites: {}", s.counts());
     if s.nothing_checked() {

@@ -235,7 +235,12 @@ pub fn backward(
     }
     g.site(Site::EmbedTokens, dh.clone().into_dyn());
     if all {
-        let mut de: Array2<f64> = blocks::embedding(ids, &dh, c.vocab_size, st);
+        let padding_idx = c
+            .extra
+            .get("pad_token_id")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|p| usize::try_from(p).ok());
+        let mut de: Array2<f64> = blocks::embedding(ids, &dh, c.vocab_size, padding_idx, st);
         let head_w = head.weight.expect("lm_head's weight gradient when everything trains");
         if c.tie_word_embeddings {
             de += &head_w;

@@ -15,7 +15,7 @@
 //! - RoPE `x·cos + rotate_half(x)·sin`: the rotation's transpose,
 //!   `dx = dy·cos + rotate_half_ᵀ(dy·sin)`;
 //! - SwiGLU `m = silu(g)·u`: `dg = dm·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dm·silu(g)`;
-//! - embedding: `dE[id] += dh` (scatter-add).
+//! - embedding: `dE[id] += dh` (scatter-add), none for the padding index.
 //!
 //! Each result is stored as the run's [`Storage`] says (nothing rounded in float64).
 
@@ -356,12 +356,23 @@ pub fn swiglu(
 }
 
 /// The embedding's backward: `dh` `[batch, seq, H]` scattered onto the rows of `ids`
-/// (`[batch][seq]`) of a `[vocab, H]` gradient, summed where a token repeats.
-pub fn embedding(ids: &[Vec<i64>], dh: &Array3<f64>, vocab: usize, st: Storage) -> Array2<f64> {
+/// (`[batch][seq]`) of a `[vocab, H]` gradient, summed where a token repeats. The row of
+/// `padding_idx` gets none (`nn.Embedding(vocab, H, padding_idx)`, which HF's
+/// `LlamaModel` builds with `config.pad_token_id`), wherever that token occurs.
+pub fn embedding(
+    ids: &[Vec<i64>],
+    dh: &Array3<f64>,
+    vocab: usize,
+    padding_idx: Option<usize>,
+    st: Storage,
+) -> Array2<f64> {
     let h = dh.len_of(Axis(2));
     let mut de = Array2::zeros((vocab, h));
     for (bi, row) in ids.iter().enumerate() {
         for (ti, &id) in row.iter().enumerate() {
+            if Some(id as usize) == padding_idx {
+                continue;
+            }
             let mut r = de.row_mut(id as usize);
             r += &dh.slice(s![bi, ti, ..]);
         }

@@ -26,8 +26,8 @@ pub const IGNORE_INDEX: i64 = -100;
 pub struct LossRule {
     /// `train.labels_unshifted`: logits at `t` paired with `labels[t]`.
     pub unshifted: bool,
-    /// `train.ignore_index_counted`: every position of the micro-batch counted in the
-    /// mean (ignored ones add 0 to the sum).
+    /// `train.ignore_index_counted`: every shifted position of the micro-batch counted
+    /// in the mean, `rows · (P − 1)` (ignored ones add 0 to the sum).
     pub count_ignored: bool,
     /// `train.micro_batches_summed`: micro-batch gradients summed, not averaged.
     pub summed: bool,
@@ -90,7 +90,9 @@ pub fn cross_entropy(
     for k in 0..n {
         let part = k * rows..(k + 1) * rows;
         let counted = if rule.count_ignored {
-            rows * t
+            // Every position that has a label slot after the shift: `P − 1` a row
+            // (unshifted, all `P`).
+            rows * if rule.unshifted { t } else { t - 1 }
         } else {
             tg[part.clone()].iter().flatten().filter(|x| x.is_some()).count()
         };

@@ -36,27 +36,48 @@ pub use step::run;
 /// Where the backward pass stores its values: the forward's numerics (a low-precision
 /// run stores each gradient in its compute dtype, a matrix product's through float32
 /// first) and the master precision of parameters, unscaled gradients and the optimizer
-/// (`None`: float64, the reference; float32 for a mixed-precision run).
+/// (`None`: float64, the reference; float32 for a mixed-precision run). `range`: the
+/// dtype whose range a stored value keeps without its rounding (the reference of a
+/// float16/bfloat16 golden: a value past its largest finite number is infinite there,
+/// as when that dtype stores it, so a loss scale that overflows the golden's gradients
+/// overflows the reference's at the same elements and the step is skipped alike).
 #[derive(Clone, Copy)]
 pub struct Storage<'n> {
     pub numerics: &'n dyn Numerics,
     pub master: Option<Precision>,
+    pub range: Option<Precision>,
 }
 
 impl<'n> Storage<'n> {
     /// Nothing rounded: the float64 reference's backward.
     pub fn exact(numerics: &'n dyn Numerics) -> Storage<'n> {
-        Storage { numerics, master: None }
+        Storage { numerics, master: None, range: None }
+    }
+
+    /// Values past the largest finite number of `range` become infinite.
+    fn overflow<D: Dimension>(&self, a: &mut Array<f64, D>) {
+        if let Some(p) = self.range {
+            a.mapv_inplace(|x| {
+                let r = p.round(x);
+                if r.is_infinite() {
+                    r
+                } else {
+                    x
+                }
+            });
+        }
     }
 
     /// An elementwise result stored in the compute dtype.
     pub fn act<D: Dimension>(&self, a: &mut Array<f64, D>) {
         round_in_place(self.numerics, RoundAt::Residual, a);
+        self.overflow(a);
     }
 
     /// A matrix product's result: float32 accumulation, stored in the compute dtype.
     pub fn prod<D: Dimension>(&self, a: &mut Array<f64, D>) {
         round_in_place(self.numerics, RoundAt::Projection, a);
+        self.overflow(a);
     }
 
     /// A value of the softmax's own dtype (float32 in HF and MindFormers).

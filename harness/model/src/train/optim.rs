@@ -7,7 +7,8 @@
 //!   `DynamicLossScaler`, `torch.amp.GradScaler`: `scale / 2`);
 //! - `grad_norm = sqrt(Σ_p ‖g_p‖²)`, as `clip_grad_norm_` returns it (per-parameter
 //!   norms, then the norm of those);
-//! - clipping: every gradient times `min(1, max_grad_norm / (grad_norm + 1e-6))`;
+//! - clipping: every gradient times `min(1, max_grad_norm / (grad_norm + 1e-6))`, on a
+//!   skipped step too (`clip_grad_norm_` comes before the scaler's check), NaN kept;
 //! - AdamW from zero moments, step 1: `p ← p·(1 − lr·wd)` (wd 0 in the `no_decay`
 //!   group), `m = (1−β₁)·g`, `v = (1−β₂)·g²`,
 //!   `p ← p − (lr / (1−β₁)) · m / (sqrt(v) / sqrt(1−β₂) + eps)` (torch's
@@ -92,10 +93,14 @@ pub fn step(
     let norms: Vec<f64> = grads.iter().map(|g| norm(g, st)).collect();
     let grad_norm = st.master(norms.iter().map(|n| n * n).sum::<f64>().sqrt());
     let skipped = overflow && !rule.overflow_applied;
-    if let (Some(max), false) = (max_grad_norm, skipped) {
+    // Clipping multiplies even a step that will be skipped (`clip_grad_norm_` runs
+    // before the scaler's check): a non-finite norm makes every gradient NaN (or 0 times
+    // its finite entries when the norm is Inf), and `clamp(max=1)` keeps a NaN.
+    if let Some(max) = max_grad_norm {
         for (g, &own) in grads.iter_mut().zip(&norms) {
             let total = if rule.clip_per_parameter { own } else { grad_norm };
-            let coef = st.master((st.master(max) / st.master(total + 1e-6)).min(1.0));
+            let coef = st.master(max) / st.master(total + 1e-6);
+            let coef = st.master(if coef.is_nan() { coef } else { coef.min(1.0) });
             g.mapv_inplace(|x| st.master(x * coef));
         }
     }
@@ -135,4 +140,81 @@ pub fn step(
         _ => None,
     };
     Stepped { grad_norm, grads, updates, overflow, skipped, next_loss_scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::Exact;
+    use dump::Precision;
+    use ndarray::arr1;
+
+    const EXACT: Exact = Exact { mask_dtype: Precision::F32 };
+
+    fn adamw() -> AdamW {
+        AdamW {
+            lr: 0.1,
+            betas: (0.9, 0.999),
+            eps: 0.0,
+            weight_decay: 0.5,
+            no_decay: vec!["*norm*".into()],
+        }
+    }
+
+    fn params() -> Vec<Param> {
+        vec![
+            Param {
+                name: "w".into(),
+                weight: arr1(&[1.0, 2.0]).into_dyn(),
+                grad: arr1(&[3.0, -4.0]).into_dyn(),
+            },
+            Param {
+                name: "norm".into(),
+                weight: arr1(&[1.0]).into_dyn(),
+                grad: arr1(&[0.0]).into_dyn(),
+            },
+        ]
+    }
+
+    #[test]
+    fn first_adamw_step_by_hand() {
+        // |g| = 5: clipped to norm 1 by 1/(5 + 1e-6); the first bias-corrected Adam step
+        // is lr·sign(g) with eps 0; decay 1 − 0.05 on `w`, none on `norm`.
+        let s = step(
+            &params(),
+            &adamw(),
+            Some(1.0),
+            LossScale::None,
+            OptimRule::default(),
+            Storage::exact(&EXACT),
+        );
+        assert_eq!(s.grad_norm, 5.0);
+        let c = 1.0 / (5.0 + 1e-6);
+        assert_eq!(s.grads[0], arr1(&[3.0 * c, -4.0 * c]).into_dyn());
+        let u = &s.updates[0];
+        assert!((u[0] - (0.95 - 0.1)).abs() < 1e-12 && (u[1] - (1.9 + 0.1)).abs() < 1e-12, "{u}");
+        // A zero gradient with eps 0 is 0/0: torch's NaN, as here.
+        assert!(s.updates[1][0].is_nan());
+        // Without bias correction the step is lr·(1−β₁)/sqrt(1−β₂) times sign(g).
+        let rule = OptimRule { no_bias_correction: true, ..OptimRule::default() };
+        let s = step(&params(), &adamw(), None, LossScale::None, rule, Storage::exact(&EXACT));
+        let k = 0.1 * 0.1 / 0.001f64.sqrt();
+        assert!((s.updates[0][0] - (0.95 - k)).abs() < 1e-12, "{}", s.updates[0]);
+    }
+
+    #[test]
+    fn an_overflowed_step_is_skipped_and_halves_a_dynamic_scale() {
+        let mut p = params();
+        p[0].grad[0] = f64::INFINITY;
+        let st = Storage::exact(&EXACT);
+        let s = step(&p, &adamw(), Some(1.0), LossScale::Dynamic(1024.0), OptimRule::default(), st);
+        assert!(s.overflow && s.skipped && s.grad_norm.is_infinite());
+        assert_eq!(s.next_loss_scale, Some(512.0));
+        assert_eq!(s.updates[0], p[0].weight);
+        // Clipping by 1/(Inf + 1e-6) = 0 still ran: Inf·0 is NaN, a finite entry 0.
+        assert!(s.grads[0][0].is_nan() && s.grads[0][1] == 0.0);
+        let rule = OptimRule { overflow_applied: true, ..OptimRule::default() };
+        let s = step(&p, &adamw(), Some(1.0), LossScale::Dynamic(1024.0), rule, st);
+        assert!(!s.skipped && s.updates[0].iter().any(|x| x.is_nan()));
+    }
 }

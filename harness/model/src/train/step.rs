@@ -204,7 +204,11 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
             }
         };
     let n: &dyn Numerics = numerics.as_ref();
-    let st = Storage { numerics: n, master };
+    // The reference keeps the range of a float16/bfloat16 golden (not its rounding): a
+    // loss scale that overflows the golden's gradients overflows its own alike.
+    let range = (implementation == Implementation::Reference && golden_dtype != Precision::F32)
+        .then_some(golden_dtype);
+    let st = Storage { numerics: n, master, range };
 
     let adapter = match (spec.trainable, golden.adapter()?) {
         (Trainable::Adapter, None) => {
@@ -239,11 +243,10 @@ pub fn run(golden: &Dump, opts: &RunOptions) -> Result<RunOutput> {
 
     let mut warnings = Vec::new();
     if opts.teacher_force {
-        warnings.push(
-            "no teacher-forced run of a training step: its backward runs through every layer \
-             at once (the free run's forward sites localise a forward fault)"
-                .to_string(),
-        );
+        let text = "no teacher-forced run of a training step: its backward runs through every \
+                    layer at once (the free run's forward sites localise a forward fault)";
+        ctx.emit(&crate::context::RunEvent::Warning { text });
+        warnings.push(text.to_string());
     }
     let mut model = load_model(golden, &plan, ctx, &mut warnings)?;
     let cfg = model.config.clone();

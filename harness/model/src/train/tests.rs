@@ -238,14 +238,23 @@ proptest! {
     #[test]
     fn embedding_backward_scatter_adds_repeated_tokens_by_central_differences(
         seed in any::<u64>(), b in 1usize..3, t in 1usize..5, vocab in 1usize..6, h in 1usize..5,
+        padded in any::<bool>(),
     ) {
         let mut r = SplitMix64::new(seed);
         let e = rand(&mut r, (vocab, h));
         let ids: Vec<Vec<i64>> = (0..b).map(|_| (0..t).map(|_| r.below(vocab as u64) as i64).collect()).collect();
         let dh = rand(&mut r, (b, t, h));
-        let de = blocks::embedding(&ids, &dh, vocab, st());
+        // The padding row gets no gradient (torch's `padding_idx`): its forward value is
+        // then held fixed in the differences too.
+        let padding_idx = padded.then_some(0);
+        let de = blocks::embedding(&ids, &dh, vocab, padding_idx, st());
+        prop_assert!(!padded || de.row(0).iter().all(|&x| x == 0.0));
         check("dembedding", &e, &de, 64, |e| {
-            let m = Matrix::Owned(e.clone());
+            let mut e = e.clone();
+            if padded {
+                e.row_mut(0).assign(&Array1::zeros(h));
+            }
+            let m = Matrix::Owned(e);
             dot(&dh, &Embedding { weight: &m }.forward(&ids, &EXACT).expect("ids in range"))
         })?;
     }
@@ -514,18 +523,19 @@ impl TinyRun {
 }
 
 proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 6, ..config() })]
+    #![proptest_config(proptest::test_runner::Config { cases: 10, ..config() })]
 
     #[test]
     fn whole_tiny_model_parameter_gradients_match_central_differences(
         seed in any::<u64>(), tied in any::<bool>(), layers in 1usize..3, t in 2usize..5,
-        fault in 0usize..4,
+        fault in 0usize..6,
     ) {
         let run = TinyRun::new(seed, tied, layers, 2, t, false);
         // The forward faults a training step plants change the function differentiated.
         let faults = [vec![], vec![contract::fault::Fault::NormLayernorm],
             vec![contract::fault::Fault::RopeInterleaved, contract::fault::Fault::AttnNoScale],
-            vec![contract::fault::Fault::KvGqaTiled, contract::fault::Fault::NormEpsOutside]];
+            vec![contract::fault::Fault::KvGqaTiled, contract::fault::Fault::NormEpsOutside],
+            vec![contract::fault::Fault::MaskNone], vec![contract::fault::Fault::MaskPaddingIgnored]];
         let plan = Plan::new(&faults[fault]);
         let trainables = Trainables { trainable: Trainable::All, adapter_keys: BTreeMap::new() };
         let grads = run.gradients(&trainables, &plan);
