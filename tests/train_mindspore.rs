@@ -20,7 +20,7 @@ use llama_parity::contract::site::{Site, Step};
 use llama_parity::dump::Dump;
 use llama_parity::model::ports::MINDSPORE;
 
-use crate::helpers::ports::{parity_reported, port_python};
+use crate::helpers::ports::{parity_reported, port_python, Reported};
 use crate::helpers::{parity, root};
 
 const TRAIN: &str = "fixtures/train";
@@ -326,49 +326,71 @@ fn what_the_port_cannot_plant_or_run_exits_2_naming_it() {
     assert!(stderr.contains("is not implemented by the mindformers port"), "{stderr}");
 }
 
-/// `parity run GOLDEN --impl mindspore --no-floor` judges the port's step with the
-/// harness's own comparison and its fixed per-dtype thresholds (no noise floor: that
-/// needs the float64 reference to reproduce the golden first): every training golden
-/// passes at its own dtype (exit 0), and each planted `train.*` fault fails (exit 1)
-/// with the fault named by the diagnosis.
-#[test]
-#[ignore = "needs the comparison of a training step (pipeline); measured against it before \
-            it was merged: train_full_f32 fails at update.model.layers.0.self_attn.q_proj.weight \
-            (change from the weight, rel-L2 4.16e-4 > 4.0e-4: one element whose float32 gradient \
-            is 1.5e-8, at AdamW's eps, differs by 10% from HF's), train_scaled_f16 at the same \
-            update (6.2e-2 > 4e-2), and weight_decay_everywhere and loss_scale_kept are not named"]
-fn parity_run_passes_the_port_on_every_training_golden_and_names_a_planted_fault() {
+/// `parity run GOLDEN --impl mindspore ARGS... --report TMP` on a training golden.
+fn parity_run(golden: &str, extra: &[&str]) -> Reported {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let golden = format!("{TRAIN}/golden/{golden}");
+    let args = ["run", golden.as_str(), "--impl", "mindspore", "--quiet"];
+    parity_reported(&root(), args.iter().chain(extra), &tmp.path().join("r"), "report.json")
+}
+
+/// `parity run` on each golden (exit 0 expected) and with each (golden, fault) planted
+/// (exit 1 and the fault named top by the diagnosis expected): what went otherwise.
+fn parity_runs(goldens: &[&str], faults: &[(&str, &str)]) -> Vec<String> {
     let mut failures = Vec::new();
-    let run = |golden: &str, extra: &[&str]| {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let golden = format!("{TRAIN}/golden/{golden}");
-        let args = ["run", golden.as_str(), "--impl", "mindspore", "--quiet", "--no-floor"];
-        parity_reported(&root(), args.iter().chain(extra), &tmp.path().join("r"), "report.json")
-    };
-    for name in GOLDENS {
-        let o = run(name, &[]);
+    for name in goldens {
+        let o = parity_run(name, &[]);
         eprintln!("{name}: exit {:?}, verdict {}", o.code, o.report["verdict"]);
         if o.code != Some(0) {
             failures.push(format!("{name}: exit {:?}\n{}", o.code, o.output));
         }
     }
-    let faults = [
-        ("train_full_f32", "train.labels_unshifted"),
-        ("train_full_f32", "train.ignore_index_counted"),
-        ("train_full_f32", "train.weight_decay_everywhere"),
-        ("train_full_f32", "train.clip_per_parameter"),
-        ("train_full_f32", "train.adam_no_bias_correction"),
-        ("train_micro_f32", "train.micro_batches_summed"),
-        ("train_scaled_f16", "train.loss_scale_kept"),
-        ("train_overflow_f16", "train.overflow_applied"),
-    ];
     for (name, fault) in faults {
-        let o = run(name, &["--fault", fault]);
+        let o = parity_run(name, &["--fault", fault]);
         let named = o.report["diagnosis"][0]["fault"].as_str().unwrap_or("(none)").to_string();
         eprintln!("{name} --fault {fault}: exit {:?}, diagnosis {named}", o.code);
-        if o.code != Some(1) || named != fault {
+        if o.code != Some(1) || named != *fault {
             failures.push(format!("{name} --fault {fault}: exit {:?}, diagnosis {named}", o.code));
         }
     }
+    failures
+}
+
+/// `parity run GOLDEN --impl mindspore` judges the port's step with the harness's own
+/// comparison (over the noise floor of its correct runs): the float32 training goldens
+/// pass (exit 0), and each `train.*` fault planted on one of them fails (exit 1) with
+/// the fault named top by the diagnosis.
+#[test]
+fn parity_run_passes_the_port_on_the_float32_goldens_and_names_each_fault_planted_there() {
+    let failures = parity_runs(
+        &["train_full_f32", "train_adapter_f32", "train_micro_f32"],
+        &[
+            ("train_full_f32", "train.labels_unshifted"),
+            ("train_full_f32", "train.ignore_index_counted"),
+            ("train_full_f32", "train.weight_decay_everywhere"),
+            ("train_full_f32", "train.clip_per_parameter"),
+            ("train_full_f32", "train.adam_no_bias_correction"),
+            ("train_micro_f32", "train.micro_batches_summed"),
+        ],
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The same on the float16 goldens and their faults.
+#[test]
+#[ignore = "measured: train_overflow_f16 passes and train.overflow_applied is named, but \
+            train_scaled_f16 fails at update.model.layers.1.self_attn.k_proj.weight (its change \
+            from the weight: rel-L2 6.2e-2 over the noise floor's 4.1e-3; AdamW's first step \
+            turns each gradient element into its sign, and the port's float16 gradients, \
+            within 2.1e-3 of HF's, flip the elements near zero), and train.loss_scale_kept \
+            fails with no fault named"]
+fn parity_run_passes_the_port_on_the_float16_goldens_and_names_each_fault_planted_there() {
+    let failures = parity_runs(
+        &["train_scaled_f16", "train_overflow_f16"],
+        &[
+            ("train_scaled_f16", "train.loss_scale_kept"),
+            ("train_overflow_f16", "train.overflow_applied"),
+        ],
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
