@@ -46,5 +46,6 @@ mod suite;
 mod summary_only;
 mod tensor_parallel;
 mod train_compare;
+mod train_mindspore;
 mod train_reference;
 mod variants;

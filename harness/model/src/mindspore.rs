@@ -5,6 +5,12 @@
 //! The port narrows a fault to decoder layers (`--fault attn.no_scale@layers=1`); it
 //! takes no other scope and no parameter.
 //!
+//! A golden of one training step (CONTRACT §6, `train` in its manifest) goes to the port
+//! the same way: its runner sees `train` and runs the step (`train.py`), the `train.*`
+//! faults passed as `--fault` like any other. What comes back must be that step:
+//! `steps` `["train"]` and the golden's own `train` field, else the run is an error. A
+//! port that does not train ([`Port::trains`]) is refused such a golden.
+//!
 //! Where the interpreter and the script are found is [`crate::ports`]' business
 //! ([`MINDSPORE`]).
 
@@ -14,7 +20,7 @@ use std::process::{Command, Stdio};
 
 use contract::error::{Error, Feature, Result};
 use contract::fault::ScopedFault;
-use contract::site;
+use contract::site::{self, Step};
 use dump::{Dump, Tensor};
 
 use crate::context::RunEvent;
@@ -64,6 +70,15 @@ pub fn run_port(
         return Err(Error::unsupported(
             Feature::TeacherForcing,
             format!("the {impl_name} implementation runs the port as a whole; it cannot start a layer from the golden's input"),
+        ));
+    }
+    if golden.manifest.train.is_some() && !port.trains {
+        return Err(Error::unsupported(
+            Feature::Implementation,
+            format!(
+                "field `train` (one training step, CONTRACT §6) is not implemented by the \
+                 {impl_name} port"
+            ),
         ));
     }
     let Some(golden_dir) = golden.dir() else {
@@ -158,8 +173,33 @@ pub fn run_port(
         });
     }
     let dump = Dump::open(&out)?;
+    if let Some(what) = not_the_step(golden, &dump) {
+        return Err(Error::External {
+            program: port.program.into(),
+            what: format!(
+                "{} wrote a dump that is not the golden's step: {what}",
+                script.display()
+            ),
+        });
+    }
     let dump = into_memory(&dump)?;
     Ok(RunOutput { dump, teacher_forced: None, warnings: Vec::new() })
+}
+
+/// Why the port's `dump` is not a run of `golden`'s training step, or `None` when it
+/// is one (or the golden is not a training step): `steps` must be `["train"]` and
+/// `train` the golden's own.
+fn not_the_step(golden: &Dump, dump: &Dump) -> Option<String> {
+    let spec = golden.manifest.train.as_ref()?;
+    if dump.manifest.steps != [Step::Train] {
+        let steps: Vec<String> = dump.manifest.steps.iter().map(ToString::to_string).collect();
+        return Some(format!("its steps are {steps:?}, not [\"train\"]"));
+    }
+    match &dump.manifest.train {
+        None => Some("its manifest has no `train` field".into()),
+        Some(t) if t != spec => Some("its `train` field differs from the golden's".into()),
+        Some(_) => None,
+    }
 }
 
 /// The module named by a `ModuleNotFoundError: No module named 'x'` line.
@@ -185,6 +225,46 @@ fn into_memory(dump: &Dump) -> Result<Dump> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest of one training step with `lr`, or of a prefill when `lr` is None.
+    fn dump(lr: Option<f64>) -> Dump {
+        let train = lr.map_or(String::new(), |lr| {
+            format!(
+                r#", "train": {{"labels": [[-100, 2, 3]], "micro_batches": 1, "trainable": "all",
+                  "optimizer": {{"name": "adamw", "lr": {lr}, "betas": [0.9, 0.999], "eps": 1e-8,
+                                "weight_decay": 0.1, "no_decay": []}},
+                  "max_grad_norm": 1.0, "loss_scale": {{"kind": "none"}}}}"#
+            )
+        });
+        let steps = if lr.is_some() { "train" } else { "prefill" };
+        let text = format!(
+            r#"{{"format": "llama-parity/dump@1", "producer": {{}},
+              "model": {{"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}},
+              "dtype": "float32",
+              "scenario": {{"name": "t", "input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]],
+                           "decode_ids": [[]]}},
+              "steps": ["{steps}"]{train}}}"#
+        );
+        let m = dump::Manifest::parse(&text, std::path::Path::new("t/manifest.json"))
+            .expect("manifest");
+        let key = if lr.is_some() { "train/loss" } else { "prefill/model.norm" };
+        let t = Tensor::from_f64(&[], &[1.0], dump::DType::F32);
+        Dump::in_memory(m, BTreeMap::from([(key.to_string(), t)])).expect("dump")
+    }
+
+    #[test]
+    fn a_port_dump_must_be_the_golden_training_step() {
+        let golden = dump(Some(1e-3));
+        assert_eq!(not_the_step(&golden, &dump(Some(1e-3))), None);
+        let other = not_the_step(&golden, &dump(Some(2e-3))).unwrap_or_default();
+        assert!(other.contains("differs from the golden's"), "{other}");
+        let prefill = not_the_step(&golden, &dump(None)).unwrap_or_default();
+        assert!(prefill.contains(r#"not ["train"]"#), "{prefill}");
+        // an inference golden asks nothing of the steps
+        assert_eq!(not_the_step(&dump(None), &dump(Some(1e-3))), None);
+    }
 
     #[test]
     fn a_missing_module_is_recognised() {

@@ -93,6 +93,9 @@ pub struct Port {
     /// Whether the script's `--fault` takes a `layers` scope (`ID@layers=1,2`); no port
     /// takes any other scope or a parameter.
     pub layer_scopes: bool,
+    /// Whether the script runs one training step (CONTRACT §6) on a golden whose
+    /// manifest has `train`; a port that does not is refused such a golden.
+    pub trains: bool,
     /// This port's paths among the given ones.
     pub given: fn(&Ports) -> &PortPaths,
 }
@@ -108,6 +111,7 @@ pub const MINDSPORE: Port = Port {
     install: "python3 -m venv {venv} && {venv}/bin/pip install -r fixtures/ports/mindspore/requirements.txt",
     needs: "mindspore 2.10",
     layer_scopes: true,
+    trains: true,
     given: |p| &p.mindspore,
 };
 
@@ -124,6 +128,7 @@ pub const MINDFORMERS: Port = Port {
               && {venv}/bin/pip install --no-deps mindformers==2.0.0",
     needs: "mindformers 2.0.0 on mindspore 2.10",
     layer_scopes: false,
+    trains: false,
     given: |p| &p.mindformers,
 };
 
