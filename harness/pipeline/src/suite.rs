@@ -392,7 +392,13 @@ impl Plan {
                     .push((format!("ascend {p}"), run_options(Implementation::Ascend, Some(p))));
             }
             if mindspore {
-                for p in [Precision::F32, Precision::F16] {
+                // A training step runs the port at the golden's own dtype (its loss
+                // scale is that dtype's); an inference golden at float32 and float16.
+                let ports = match training_dtype(gdir)? {
+                    Some(p) => vec![p],
+                    None => vec![Precision::F32, Precision::F16],
+                };
+                for p in ports {
                     implementations.push((
                         format!("mindspore {p}"),
                         run_options(Implementation::MindSpore, Some(p)),
@@ -513,6 +519,12 @@ fn accepted(dir: &Path, golden: &str, run: &str) -> Result<Option<Baseline>> {
 }
 
 /// A correct run of `implementation` at `precision` (`None`: the golden's).
+/// The dtype of the golden under `dir` when it is a training step.
+fn training_dtype(dir: &Path) -> Result<Option<Precision>> {
+    let m = dump::Manifest::load(&dir.join("manifest.json"))?;
+    Ok(m.train.is_some().then_some(m.dtype))
+}
+
 /// Whether the golden under `dir` is a float16 training step that overflowed and was
 /// skipped (its `grad_norm` non-finite).
 fn skipped_float16_step(dir: &Path) -> Result<bool> {
