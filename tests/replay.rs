@@ -102,3 +102,85 @@ fn a_replay_stopped_by_its_watch_ends_with_the_steps_it_ran() {
         .sites(Step::Decode(1))
         .contains(&Site::Layer(0, llama_parity::contract::site::LayerPart::Output)));
 }
+
+/// A run decodes its steps together, a layer at a time for all of them, where nothing
+/// watches it; a watched run decodes step by step. Both give the same bits, at every
+/// numerics, with faults that act at some decode steps only, free and teacher-forced,
+/// and where a product's rows cap how many steps go together (batch 3: two at a time).
+#[test]
+fn decoding_the_steps_together_equals_decoding_them_one_by_one_bit_for_bit() {
+    use llama_parity::model::ascend::AscendNumerics;
+    use llama_parity::model::llama::Watch;
+    use llama_parity::model::numerics::{Exact, Numerics};
+    use llama_parity::model::runner::{load_model, RopeTableSource, Runner};
+
+    let ctx = RunContext::new();
+    let mut compared = 0;
+    for (name, decode_group) in
+        [("golden/gqa_pad_f32", 4), ("golden/mqa_tied_f32", 2), ("golden/linear_f32", 8)]
+    {
+        let golden = Dump::open(&root().join(name)).expect("golden");
+        for spec in
+            ["", "kv.wrong_slot@steps=decode.1", "rope.pos_reset", "attn.no_scale@steps=decode.2"]
+        {
+            let forms: Vec<ScopedFault> = (!spec.is_empty())
+                .then(|| ScopedFault::parse(spec).expect("form"))
+                .into_iter()
+                .collect();
+            let plan = Plan::scoped(&forms);
+            let model = load_model(&golden, &plan, &ctx, &mut Vec::new()).expect("model");
+            let numerics: Vec<(Box<dyn Numerics>, RopeTableSource)> = vec![
+                (Box::new(Exact::new(golden.manifest.dtype)), RopeTableSource::PerStep),
+                (
+                    Box::new(AscendNumerics::new(
+                        AscendOptions::mindformers(Precision::Bf16),
+                        &plan,
+                    )),
+                    RopeTableSource::Precomputed,
+                ),
+                (
+                    Box::new(AscendNumerics::new(
+                        AscendOptions::mindformers(Precision::F16),
+                        &plan,
+                    )),
+                    RopeTableSource::Precomputed,
+                ),
+                (
+                    Box::new(AscendNumerics::new(
+                        AscendOptions::mindformers(Precision::F32),
+                        &plan,
+                    )),
+                    RopeTableSource::Precomputed,
+                ),
+            ];
+            for (n, rope_tables) in &numerics {
+                let runner = |watch| Runner {
+                    implementation: "test",
+                    numerics: n.as_ref(),
+                    plan: &plan,
+                    declared: golden.manifest.dtype,
+                    rope_tables: *rope_tables,
+                    watch,
+                    context: &ctx,
+                };
+                let together = runner(None);
+                let one_by_one = runner(Some(std::sync::Arc::new(Watch::new(|_, _, _| true))));
+                let what = format!("{name} [{spec}] {}", n.name());
+                let a = together.run(&model, &golden, true).expect("run");
+                let b = one_by_one.run(&model, &golden, true).expect("run");
+                assert_same(&a.dump, &b.dump, &what);
+                let (a, b) = (a.teacher_forced.expect("tf"), b.teacher_forced.expect("tf"));
+                assert_same(&a, &b, &format!("{what}, teacher-forced"));
+                compared += 1;
+            }
+        }
+        // The group the session takes is the one the test means to cover.
+        let plan = Plan::default();
+        let model = load_model(&golden, &plan, &ctx, &mut Vec::new()).expect("model");
+        let n = Exact::new(golden.manifest.dtype);
+        let batch = golden.manifest.scenario.batch();
+        let session = llama_parity::model::llama::Session::new(&model, batch, 32, &n, &plan);
+        assert_eq!(session.decode_group(), decode_group, "{name}");
+    }
+    assert_eq!(compared, 3 * 4 * 4);
+}

@@ -30,7 +30,7 @@ use super::rowdot::rows_dot;
 pub const ROW_BLOCK: usize = 256;
 
 /// Up to this many input rows, a stored matrix is multiplied a weight row at a time.
-const VECTOR_ROWS: usize = 8;
+pub const VECTOR_ROWS: usize = 8;
 
 thread_local! {
     /// A thread's chunk of widened weight rows and float64 partial sums for

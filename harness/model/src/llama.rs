@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, Array3};
+use ndarray::{s, Array2, Array3, Axis};
 
 use contract::error::{Error, Result};
 use contract::fault::Component;
@@ -23,6 +23,7 @@ use crate::context::{EventSink, RunEvent};
 use crate::decoder_layer::{DecoderLayer, StepShared};
 use crate::embedding::Embedding;
 use crate::kv_cache::KvCache;
+use crate::linear::VECTOR_ROWS;
 use crate::mask;
 use crate::numerics::Numerics;
 use crate::plan::{DecodePositions, MaskFill, PaddingSource, Plan, RopeTables, OVERFLOWING_FILL};
@@ -214,7 +215,8 @@ impl<'m> Session<'m> {
         attention_mask: &[Vec<i64>],
         teacher: Option<&dyn LayerInputs>,
     ) -> Result<StepOutput> {
-        self.check_batch(ids)?;
+        let past = self.caches.first().map_or(0, KvCache::len);
+        self.check_batch(ids, past)?;
         let t = ids.first().map_or(0, Vec::len);
         if attention_mask.len() != ids.len() || attention_mask.iter().any(|r| r.len() != t) {
             return Err(Error::scenario("attention_mask", "must have the shape of input_ids"));
@@ -233,13 +235,71 @@ impl<'m> Session<'m> {
             self.pos_offset[b] = c;
         }
         let valid = self.real_tokens(Step::Prefill, ids, attention_mask);
-        self.forward(Step::Prefill, ids, &valid, positions, teacher)
+        let start = self.begin(Step::Prefill, ids, &valid, positions, past)?;
+        let mut outs = self.forward_steps(vec![start], &[teacher])?;
+        Ok(outs.pop().expect("one step in, one out"))
     }
 
     /// Feeds one token per row, `ids` `[batch]`; its position continues the row's count.
     pub fn decode(&mut self, ids: &[i64], teacher: Option<&dyn LayerInputs>) -> Result<StepOutput> {
+        let start = self.decode_start(ids, self.caches.first().map_or(0, KvCache::len))?;
+        let mut outs = self.forward_steps(vec![start], &[teacher])?;
+        Ok(outs.pop().expect("one step in, one out"))
+    }
+
+    /// Feeds several decode steps, `steps[j]` `[batch]` the tokens of the `j`-th (each
+    /// row's position continuing its count, as [`Session::decode`] step after step), and
+    /// returns each step's sites: the same values, bit for bit, as that many calls of
+    /// [`Session::decode`], computed a layer at a time for all the steps together so that
+    /// each weight is read once per layer instead of once per step. `teachers[j]` is
+    /// step `j`'s teacher-forced inputs, if any. Takes no watch: a watched session
+    /// (which stops within a step) decodes step by step.
+    pub fn decode_steps(
+        &mut self,
+        steps: &[Vec<i64>],
+        teachers: &[Option<&dyn LayerInputs>],
+    ) -> Result<Vec<StepOutput>> {
+        if self.watch.is_some() {
+            let mut outs = Vec::with_capacity(steps.len());
+            for (ids, teacher) in steps.iter().zip(teachers) {
+                let out = self.decode(ids, *teacher)?;
+                let stopped = out.stopped();
+                outs.push(out);
+                if stopped {
+                    break;
+                }
+            }
+            return Ok(outs);
+        }
+        let mut past = self.caches.first().map_or(0, KvCache::len);
+        let mut starts = Vec::with_capacity(steps.len());
+        for ids in steps {
+            starts.push(self.decode_start(ids, past)?);
+            past += 1;
+        }
+        self.forward_steps(starts, teachers)
+    }
+
+    /// How many decode steps [`Session::decode_steps`] takes together with the bits of
+    /// step-by-step decoding: as many as keep a product's rows within
+    /// [`crate::linear::VECTOR_ROWS`] when one step's do (a product of a few rows reads
+    /// each weight row and dots it, a larger one runs the blocked product, and the two
+    /// sum in different orders), and all of them when one step's rows are past it
+    /// already (each blocked product's element is its own row's chain).
+    pub fn decode_group(&self) -> usize {
+        let batch = self.pos_offset.len().max(1);
+        if batch <= VECTOR_ROWS {
+            VECTOR_ROWS / batch
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// The positions, validity and step of the next decode step, whose keys go after
+    /// `past` filled slots, advancing the rows' counts.
+    fn decode_start(&mut self, ids: &[i64], past: usize) -> Result<StepStart> {
         let rows: Vec<Vec<i64>> = ids.iter().map(|&i| vec![i]).collect();
-        self.check_batch(&rows)?;
+        self.check_batch(&rows, past)?;
         let j = self.decode_steps as i64;
         let step = Step::Decode(self.decode_steps);
         let rule = self.plan.at(None, Some(step), None).decode_positions;
@@ -254,10 +314,12 @@ impl<'m> Session<'m> {
         }
         self.decode_steps += 1;
         let valid = self.real_tokens(step, &rows, &vec![vec![1]; ids.len()]);
-        self.forward(step, &rows, &valid, positions, teacher)
+        self.begin(step, &rows, &valid, positions, past)
     }
 
-    fn check_batch(&self, ids: &[Vec<i64>]) -> Result<()> {
+    /// Checks `ids` `[batch][T]` against the session's rows, and that `T` more slots fit
+    /// in the cache after `past` filled ones.
+    fn check_batch(&self, ids: &[Vec<i64>], past: usize) -> Result<()> {
         let t = ids.first().map_or(0, Vec::len);
         if ids.len() != self.pos_offset.len() || t == 0 || ids.iter().any(|r| r.len() != t) {
             return Err(Error::scenario(
@@ -266,7 +328,7 @@ impl<'m> Session<'m> {
             ));
         }
         let room = self.caches.first().map_or(usize::MAX, KvCache::capacity);
-        if self.caches.first().map_or(0, KvCache::len) + t > room {
+        if past + t > room {
             return Err(Error::scenario(
                 "input_ids",
                 format!("the step overflows the cache of {room} slots"),
@@ -275,25 +337,25 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// One forward call: `ids` `[batch][T]`, `valid` `[batch][T]`, `positions` `[batch, T]`.
-    fn forward(
+    /// What a forward call computes before the layers: the embedding, the rotary tables
+    /// and the mask of `ids` `[batch][T]` (`valid` `[batch][T]`, `positions`
+    /// `[batch, T]`), whose keys go after `past` filled slots.
+    fn begin(
         &mut self,
         step: Step,
         ids: &[Vec<i64>],
         valid: &[Vec<bool>],
         positions: Array2<i64>,
-        teacher: Option<&dyn LayerInputs>,
-    ) -> Result<StepOutput> {
+        past: usize,
+    ) -> Result<StepStart> {
         let (model, n) = (self.model, self.numerics);
         // The seams before the layers, at this step; each layer narrows its own.
         let plan = &self.plan.at(None, Some(step), None);
-        let c = &model.config;
-        let w = &model.weights;
         let t = ids[0].len();
         let mut out = StepOutput::new(step, self.watch.clone());
         out.put(Site::PositionIds, positions.mapv(|p| p as f64));
 
-        let mut h = Embedding { weight: &w.embed_tokens }.forward(ids, n)?;
+        let h = Embedding { weight: &model.weights.embed_tokens }.forward(ids, n)?;
         out.put(Site::EmbedTokens, h.clone());
 
         let (mut cos, mut sin) = self.rope.tables(&positions, n);
@@ -303,7 +365,6 @@ impl<'m> Session<'m> {
         out.put(Site::RotaryCos, cos.clone());
         out.put(Site::RotarySin, sin.clone());
 
-        let past = self.caches.first().map_or(0, KvCache::len);
         for (row, v) in self.key_valid.iter_mut().zip(valid) {
             row.extend_from_slice(v);
         }
@@ -311,13 +372,44 @@ impl<'m> Session<'m> {
             MaskFill::Convention => n.mask_fill(),
             MaskFill::Overflowing => n.mask_precision().round(OVERFLOWING_FILL),
         };
-        let m = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
-        out.put(Site::Mask, m.clone());
-        if out.stopped() {
-            return Ok(out);
-        }
+        let mask = mask::additive(&self.key_valid, past, t, plan.mask_rule, fill);
+        out.put(Site::Mask, mask.clone());
+        Ok(StepStart { step, out, h, cos, sin, mask })
+    }
 
-        let shared = StepShared { step, cos: cos.view(), sin: sin.view(), mask: &m };
+    /// The forward calls of consecutive steps begun by [`Session::begin`], through the
+    /// layers a layer at a time for all of them ([`DecoderLayer::forward_steps`]), then
+    /// the final norm and `lm_head` (one product for all the steps): each step's sites,
+    /// as one forward call of each step after the other computes them.
+    fn forward_steps(
+        &mut self,
+        starts: Vec<StepStart>,
+        teachers: &[Option<&dyn LayerInputs>],
+    ) -> Result<Vec<StepOutput>> {
+        let (model, n) = (self.model, self.numerics);
+        let c = &model.config;
+        let w = &model.weights;
+        let mut outs = Vec::with_capacity(starts.len());
+        let mut hs = Vec::with_capacity(starts.len());
+        let mut tables = Vec::with_capacity(starts.len());
+        for s in starts {
+            outs.push(s.out);
+            hs.push(s.h);
+            tables.push((s.step, s.cos, s.sin, s.mask));
+        }
+        let stopped = |outs: &[StepOutput]| outs.iter().any(StepOutput::stopped);
+        if stopped(&outs) {
+            return Ok(outs);
+        }
+        let shared: Vec<StepShared> = tables
+            .iter()
+            .map(|(step, cos, sin, mask)| StepShared {
+                step: *step,
+                cos: cos.view(),
+                sin: sin.view(),
+                mask,
+            })
+            .collect();
         let first = self.first_layer.min(w.layers.len());
         // A layer input from elsewhere (a resumed run, the golden under teacher forcing)
         // replaces the hidden state only with the shape the model computes.
@@ -332,25 +424,61 @@ impl<'m> Session<'m> {
             Ok(())
         };
         if let (true, Some(input)) = (first > 0, &self.resume_input) {
-            replace(&mut h, input(step, first)?, first, "the resumed input")?;
+            for (h, sh) in hs.iter_mut().zip(&shared) {
+                replace(h, input(sh.step, first)?, first, "the resumed input")?;
+            }
         }
         for (i, lw) in w.layers.iter().enumerate().skip(first) {
-            if let Some(sink) = &self.events {
-                sink(&RunEvent::Layer { step, layer: i, layers: w.layers.len() });
-            }
-            if let Some(x) = teacher.map(|t| t.layer_input(i)).transpose()?.flatten() {
-                replace(&mut h, x, i, &format!("the golden's input to layer {i}"))?;
+            for (h, (sh, teacher)) in hs.iter_mut().zip(shared.iter().zip(teachers)) {
+                if let Some(sink) = &self.events {
+                    sink(&RunEvent::Layer { step: sh.step, layer: i, layers: w.layers.len() });
+                }
+                if let Some(x) = teacher.map(|t| t.layer_input(i)).transpose()?.flatten() {
+                    replace(h, x, i, &format!("the golden's input to layer {i}"))?;
+                }
             }
             let layer = DecoderLayer { index: i, weights: lw, config: c, plan: self.plan };
-            layer.forward(&mut h, &shared, &mut self.caches[i], n, &mut out);
-            if out.stopped() {
-                return Ok(out);
+            layer.forward_steps(&mut hs, &shared, &mut self.caches[i], n, &mut outs);
+            if stopped(&outs) {
+                return Ok(outs);
             }
         }
-        let final_norm = self.plan.at(None, Some(step), Some(Component::ModelNorm));
-        let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, &final_norm).forward(&h, n);
-        out.put(Site::Norm, x.clone());
-        out.put(Site::LmHead, w.lm_head.forward(&x, n));
-        Ok(out)
+        let mut xs = Vec::with_capacity(hs.len());
+        for (h, (sh, out)) in hs.iter().zip(shared.iter().zip(outs.iter_mut())) {
+            let final_norm = self.plan.at(None, Some(sh.step), Some(Component::ModelNorm));
+            let x = RmsNorm::planned(&w.norm, c.rms_norm_eps, &final_norm).forward(h, n);
+            out.put(Site::Norm, x.clone());
+            xs.push(x);
+        }
+        let logits = match xs.as_slice() {
+            [x] => vec![w.lm_head.forward(x, n)],
+            _ => {
+                let views: Vec<_> = xs.iter().map(Array3::view).collect();
+                let x = ndarray::concatenate(Axis(1), &views).expect("the steps share a batch");
+                let y = w.lm_head.forward(&x, n);
+                let mut at = 0;
+                xs.iter()
+                    .map(|x| {
+                        let t = x.dim().1;
+                        at += t;
+                        y.slice(s![.., at - t..at, ..]).to_owned()
+                    })
+                    .collect()
+            }
+        };
+        for (out, y) in outs.iter_mut().zip(logits) {
+            out.put(Site::LmHead, y);
+        }
+        Ok(outs)
     }
+}
+
+/// A step's forward call up to the layers ([`Session::begin`]).
+struct StepStart {
+    step: Step,
+    out: StepOutput,
+    h: Array3<f64>,
+    cos: Array3<f64>,
+    sin: Array3<f64>,
+    mask: ndarray::Array4<f64>,
 }

@@ -297,7 +297,23 @@ impl Runner<'_> {
         };
         self.context.emit(&RunEvent::Started { what: &what });
         let mut done: Vec<Step> = steps[..start.min(steps.len())].to_vec();
-        for (j, &step) in steps.iter().enumerate().skip(start) {
+        // Consecutive decode steps run together, a layer at a time for all of them
+        // ([`Session::decode_steps`]), where nothing needs the session between them: no
+        // watch, no recorded states, no replay.
+        let together = if self.watch.is_none() && replay.is_none() && record.is_none() {
+            session.decode_group()
+        } else {
+            1
+        };
+        let decode_ids = |step: Step| -> Result<Vec<i64>> {
+            let Step::Decode(j) = step else { unreachable!("a decode step") };
+            sc.decode_ids.iter().map(|r| r.get(j).copied()).collect::<Option<_>>().ok_or_else(
+                || Error::scenario("decode_ids", format!("step {step} has no decode token")),
+            )
+        };
+        let mut j = start;
+        while j < steps.len() {
+            let step = steps[j];
             if let Some(states) = record.as_deref_mut() {
                 states.push(session.state());
             }
@@ -306,24 +322,27 @@ impl Runner<'_> {
                     session.restore_caches(state, r.layer);
                 }
             }
-            done.push(step);
-            let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
-            let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);
-            let out = match step {
-                Step::Prefill => session.prefill(&sc.input_ids, &sc.attention_mask, inputs)?,
-                Step::Decode(j) => {
-                    let ids: Vec<i64> = sc
-                        .decode_ids
+            let outs = match step {
+                Step::Prefill => {
+                    let inputs = teacher.map(|g| GoldenInputs { golden: g, step });
+                    let inputs = inputs.as_ref().map(|g| g as &dyn LayerInputs);
+                    vec![session.prefill(&sc.input_ids, &sc.attention_mask, inputs)?]
+                }
+                Step::Decode(_) => {
+                    let group: Vec<Step> = steps[j..]
                         .iter()
-                        .map(|r| r.get(j).copied())
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| {
-                            Error::scenario(
-                                "decode_ids",
-                                format!("step {step} has no decode token"),
-                            )
-                        })?;
-                    session.decode(&ids, inputs)?
+                        .take(together)
+                        .take_while(|s| matches!(s, Step::Decode(_)))
+                        .copied()
+                        .collect();
+                    let ids = group.iter().map(|&s| decode_ids(s)).collect::<Result<Vec<_>>>()?;
+                    let inputs: Vec<Option<GoldenInputs>> = group
+                        .iter()
+                        .map(|&step| teacher.map(|g| GoldenInputs { golden: g, step }))
+                        .collect();
+                    let inputs: Vec<Option<&dyn LayerInputs>> =
+                        inputs.iter().map(|g| g.as_ref().map(|g| g as &dyn LayerInputs)).collect();
+                    session.decode_steps(&ids, &inputs)?
                 }
                 Step::Train => {
                     return Err(Error::Usage {
@@ -336,8 +355,13 @@ impl Runner<'_> {
                     })
                 }
             };
-            let stopped = out.stopped();
-            store(step, out, &mut tensors);
+            let mut stopped = false;
+            for (out, &step) in outs.into_iter().zip(&steps[j..]) {
+                done.push(step);
+                stopped = out.stopped();
+                store(step, out, &mut tensors);
+                j += 1;
+            }
             if stopped {
                 break;
             }
