@@ -271,11 +271,11 @@ impl<'m> Session<'m> {
             }
             return Ok(outs);
         }
-        let mut past = self.caches.first().map_or(0, KvCache::len);
+        let past = self.caches.first().map_or(0, KvCache::len);
         let mut starts = Vec::with_capacity(steps.len());
-        for ids in steps {
-            starts.push(self.decode_start(ids, past)?);
-            past += 1;
+        for (j, ids) in steps.iter().enumerate() {
+            // Each decode step holds one token a row: step `j`'s keys go after `j` more.
+            starts.push(self.decode_start(ids, past + j)?);
         }
         self.forward_steps(starts, teachers)
     }
