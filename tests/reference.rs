@@ -126,7 +126,7 @@ fn the_reference_dump_names_its_producer_and_declares_the_golden_dtype() {
 }
 
 #[test]
-fn a_run_tells_its_sink_when_it_starts_each_layer_of_each_step_and_when_it_ends() {
+fn a_run_tells_its_sink_when_it_starts_each_layer_of_each_step_in_compute_order_and_when_it_ends() {
     let g = golden("gqa_pad_f32");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let keep = seen.clone();
@@ -136,13 +136,22 @@ fn a_run_tells_its_sink_when_it_starts_each_layer_of_each_step_and_when_it_ends(
     let out = model::run(&g, &opts).expect("run");
     assert!(out.warnings.is_empty(), "{:?}", out.warnings);
     let layers = g.manifest.model.num_hidden_layers;
+    // The prefill, then the decode steps in groups that run a layer at a time for all
+    // of their steps (batch 2: four steps a group), in compute order.
+    let steps = &g.manifest.steps;
+    assert_eq!(g.manifest.scenario.batch(), 2);
+    let mut groups = vec![&steps[..1]];
+    groups.extend(steps[1..].chunks(4));
     let mut expected = Vec::new();
     for what in ["reference run", "reference run, teacher-forced"] {
         expected.push(format!("Started {{ what: {what:?} }}"));
-        for step in &g.manifest.steps {
+        for group in &groups {
             for layer in 0..layers {
-                expected
-                    .push(format!("Layer {{ step: {step:?}, layer: {layer}, layers: {layers} }}"));
+                for step in *group {
+                    expected.push(format!(
+                        "Layer {{ step: {step:?}, layer: {layer}, layers: {layers} }}"
+                    ));
+                }
             }
         }
         expected.push("Finished".to_string());

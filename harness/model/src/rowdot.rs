@@ -158,17 +158,18 @@ mod x86 {
     /// [`dot`]'s eight lanes of each row combined, for the summing type.
     pub trait Sums: Sized {
         /// Over the first `main` values (a multiple of 8) of each of `rows`, decoded as
-        /// `code`; false when a value is off the fast path.
+        /// `code` once and dotted with each of the `M` input rows `xs`; false when a
+        /// value is off the fast path.
         ///
         /// # Safety
         /// [`available`] holds; every row holds at least `main` values of its dtype and
-        /// `x` at least `main` values.
-        unsafe fn sums(
+        /// each of `xs` at least `main` values.
+        unsafe fn sums<const M: usize>(
             code: Code,
             rows: &[&[u8]; GROUP],
-            x: &[Self],
+            xs: [&[Self]; M],
             main: usize,
-            out: &mut [Self; GROUP],
+            out: &mut [[Self; GROUP]; M],
         ) -> bool;
     }
 
@@ -176,20 +177,20 @@ mod x86 {
     macro_rules! sums_by {
         ($t:ty, $k:ident) => {
             impl Sums for $t {
-                unsafe fn sums(
+                unsafe fn sums<const M: usize>(
                     c: Code,
                     rows: &[&[u8]; GROUP],
-                    x: &[$t],
+                    xs: [&[$t]; M],
                     main: usize,
-                    out: &mut [$t; GROUP],
+                    out: &mut [[$t; GROUP]; M],
                 ) -> bool {
                     // SAFETY: passed on from the caller.
                     unsafe {
                         match c {
-                            Code::F32 => $k::<0>(rows, x, main, out),
-                            Code::F32ToBf16 => $k::<1>(rows, x, main, out),
-                            Code::Bf16 => $k::<2>(rows, x, main, out),
-                            Code::F16 => $k::<3>(rows, x, main, out),
+                            Code::F32 => $k::<0, M>(rows, xs, main, out),
+                            Code::F32ToBf16 => $k::<1, M>(rows, xs, main, out),
+                            Code::Bf16 => $k::<2, M>(rows, xs, main, out),
+                            Code::F16 => $k::<3, M>(rows, xs, main, out),
                         }
                     }
                 }
@@ -219,20 +220,36 @@ mod x86 {
             std::array::from_fn(|j| &bytes[j * cols * size..(j + 1) * cols * size]);
         let main = cols - cols % 8;
         let tail = cols - main;
-        for i in 0..m {
-            let xi = &x[i * cols..(i + 1) * cols];
-            let mut o = [T::default(); GROUP];
-            // SAFETY: `available()` holds (the caller checks it); every row holds `cols`
-            // values of the dtype's size and `xi` holds `cols` values, of which the
-            // kernel reads the first `main`.
-            if !unsafe { T::sums(code, &rows, xi, main, &mut o) } {
-                return false;
-            }
-            let mut w = [T::default(); 8];
+        let xi = |i: usize| &x[i * cols..(i + 1) * cols];
+        let mut w = [T::default(); 8];
+        let mut finish = |i: usize, o: [T; GROUP], put: &mut dyn FnMut(usize, usize, f64)| {
             for (j, o) in o.into_iter().enumerate() {
                 T::read(t, (r + j) * cols + main, &mut w[..tail], at);
-                put(i, j, finish_tail(o, &xi[main..], &w[..tail]).wide());
+                put(i, j, finish_tail(o, &xi(i)[main..], &w[..tail]).wide());
             }
+        };
+        // Two input rows at a time share each decoded weight; each sum is its own.
+        let mut i = 0;
+        while i + 2 <= m {
+            let mut o = [[T::default(); GROUP]; 2];
+            // SAFETY: `available()` holds (the caller checks it); every row holds `cols`
+            // values of the dtype's size and each input row `cols` values, of which the
+            // kernel reads the first `main`.
+            if !unsafe { T::sums(code, &rows, [xi(i), xi(i + 1)], main, &mut o) } {
+                return false;
+            }
+            for (d, o) in o.into_iter().enumerate() {
+                finish(i + d, o, put);
+            }
+            i += 2;
+        }
+        if i < m {
+            let mut o = [[T::default(); GROUP]; 1];
+            // SAFETY: as above.
+            if !unsafe { T::sums(code, &rows, [xi(i)], main, &mut o) } {
+                return false;
+            }
+            finish(i, o[0], put);
         }
         true
     }
@@ -284,36 +301,41 @@ mod x86 {
     }
 
     /// [`dot`]'s eight lanes over the first `main` values (a multiple of 8) of each of
-    /// the rows, combined; false when a value is off the fast path.
+    /// the rows dotted with each input row, combined; false when a value is off the
+    /// fast path.
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f32_sums<const C: u8>(
+    unsafe fn f32_sums<const C: u8, const M: usize>(
         rows: &[&[u8]; GROUP],
-        x: &[f32],
+        xs: [&[f32]; M],
         main: usize,
-        out: &mut [f32; GROUP],
+        out: &mut [[f32; GROUP]; M],
     ) -> bool {
-        let mut acc = [_mm256_setzero_ps(); GROUP];
+        let mut acc = [[_mm256_setzero_ps(); GROUP]; M];
         let mut bad = _mm256_setzero_si256();
         let mut k = 0;
         while k < main {
-            let xv = _mm256_loadu_ps(x.as_ptr().add(k));
+            let xv: [__m256; M] = std::array::from_fn(|i| _mm256_loadu_ps(xs[i].as_ptr().add(k)));
             for j in 0..GROUP {
                 let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
-                acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(xv, w));
+                for i in 0..M {
+                    acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(xv[i], w));
+                }
             }
             k += 8;
         }
         if _mm256_testz_si256(bad, bad) == 0 {
             return false;
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            let mut p = [0.0f32; 8];
-            _mm256_storeu_ps(p.as_mut_ptr(), a);
-            let mut sum = 0.0f32;
-            for l in 0..4 {
-                sum += p[l] + p[l + 4];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            for (o, a) in out.iter_mut().zip(acc) {
+                let mut p = [0.0f32; 8];
+                _mm256_storeu_ps(p.as_mut_ptr(), a);
+                let mut sum = 0.0f32;
+                for l in 0..4 {
+                    sum += p[l] + p[l + 4];
+                }
+                *o = sum;
             }
-            *o = sum;
         }
         true
     }
@@ -321,40 +343,44 @@ mod x86 {
     /// [`f32_sums`] in float64: each decoded value widened, lanes 0–3 and 4–7 in two
     /// registers.
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f64_sums<const C: u8>(
+    unsafe fn f64_sums<const C: u8, const M: usize>(
         rows: &[&[u8]; GROUP],
-        x: &[f64],
+        xs: [&[f64]; M],
         main: usize,
-        out: &mut [f64; GROUP],
+        out: &mut [[f64; GROUP]; M],
     ) -> bool {
-        let mut lo = [_mm256_setzero_pd(); GROUP];
-        let mut hi = [_mm256_setzero_pd(); GROUP];
+        let mut lo = [[_mm256_setzero_pd(); GROUP]; M];
+        let mut hi = [[_mm256_setzero_pd(); GROUP]; M];
         let mut bad = _mm256_setzero_si256();
         let mut k = 0;
         while k < main {
-            let xl = _mm256_loadu_pd(x.as_ptr().add(k));
-            let xh = _mm256_loadu_pd(x.as_ptr().add(k + 4));
             for j in 0..GROUP {
                 let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
                 let wl = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
                 let wh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w));
-                lo[j] = _mm256_add_pd(lo[j], _mm256_mul_pd(xl, wl));
-                hi[j] = _mm256_add_pd(hi[j], _mm256_mul_pd(xh, wh));
+                for i in 0..M {
+                    let xl = _mm256_loadu_pd(xs[i].as_ptr().add(k));
+                    let xh = _mm256_loadu_pd(xs[i].as_ptr().add(k + 4));
+                    lo[i][j] = _mm256_add_pd(lo[i][j], _mm256_mul_pd(xl, wl));
+                    hi[i][j] = _mm256_add_pd(hi[i][j], _mm256_mul_pd(xh, wh));
+                }
             }
             k += 8;
         }
         if _mm256_testz_si256(bad, bad) == 0 {
             return false;
         }
-        for j in 0..GROUP {
-            let mut p = [0.0f64; 8];
-            _mm256_storeu_pd(p.as_mut_ptr(), lo[j]);
-            _mm256_storeu_pd(p.as_mut_ptr().add(4), hi[j]);
-            let mut sum = 0.0f64;
-            for l in 0..4 {
-                sum += p[l] + p[l + 4];
+        for i in 0..M {
+            for j in 0..GROUP {
+                let mut p = [0.0f64; 8];
+                _mm256_storeu_pd(p.as_mut_ptr(), lo[i][j]);
+                _mm256_storeu_pd(p.as_mut_ptr().add(4), hi[i][j]);
+                let mut sum = 0.0f64;
+                for l in 0..4 {
+                    sum += p[l] + p[l + 4];
+                }
+                out[i][j] = sum;
             }
-            out[j] = sum;
         }
         true
     }
@@ -436,7 +462,8 @@ mod tests {
     #[test]
     fn the_kernel_gives_the_bits_of_the_reads_and_dot_for_every_stored_dtype() {
         // 11 rows (two groups of four and three rows by the reads), 45 columns (five
-        // lanes of eight and a tail of five), one to three input rows.
+        // lanes of eight and a tail of five), one to five input rows (in pairs and one
+        // alone).
         let (rows, cols) = (11, 45);
         let mut w = values(rows * cols, 3);
         // Every third weight halfway between two bfloat16 values, on odd and even ones.
@@ -455,7 +482,7 @@ mod tests {
         ];
         for (dtype, at) in cases {
             let t = Tensor::from_f64(&[rows, cols], &w, dtype);
-            for m in 1..=3 {
+            for m in 1..=5 {
                 let x64: Vec<f64> =
                     values(m * cols, 4).iter().map(|&v| Precision::Bf16.round(v)).collect();
                 let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
