@@ -137,6 +137,23 @@ pub fn parity(args: &[&str]) -> (Option<i32>, String, String) {
     (out.status.code(), text(out.stdout), text(out.stderr))
 }
 
+/// `parity compare GOLDEN CANDIDATE --report REPORT ARGS...`: (exit code, report.json,
+/// stderr); panics, showing stderr, when no report was written.
+pub fn compare_report(
+    golden: &str,
+    candidate: &Path,
+    report: &Path,
+    args: &[&str],
+) -> (Option<i32>, Value, String) {
+    let mut all = vec!["compare", golden, candidate.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--report", report.to_str().unwrap()]);
+    let (code, _, err) = parity(&all);
+    let text = std::fs::read_to_string(report.join("report.json"))
+        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
+    (code, serde_json::from_str(&text).unwrap(), err)
+}
+
 /// The `report.json` of the report set written into `dir`.
 pub fn report_json(dir: &Path) -> serde_json::Value {
     let p = dir.join("report.json");
