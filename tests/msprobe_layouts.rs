@@ -1,7 +1,8 @@
 //! msprobe dumps laid out other ways than one rank with separate q/k/v projections,
 //! built at test time from the committed real dumps (`fixtures/msprobe/`): a dump
 //! split over two tensor-parallel ranks (`step*/rank0`, `rank1`) and a dump whose q/k/v
-//! projections are one fused module. Each must import to exactly the tensors of the
+//! projections are one fused module (and, for tests/tensor_parallel.rs, the writer of
+//! any split over ranks, `make_ranks`). Each must import to exactly the tensors of the
 //! single-rank dump and get the same verdict; broken ones exit 2 naming the file.
 //!
 //! Split or fused tensors are written as `.npy` files (the reader takes `.pt` and
@@ -9,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::helpers::{copy_tree, parity, root};
+use crate::helpers::{compare_report, copy_tree, parity, root};
 use crate::msprobe::assert_refused;
 use llama_parity::dump::msprobe::pt;
 use llama_parity::dump::{DType, Dump, Tensor};
@@ -20,25 +21,29 @@ use serde_json::{json, Value};
 fn compare(candidate: &Path, map: &Path) -> (Option<i32>, (String, String), Value) {
     let tmp = tempfile::tempdir().unwrap();
     let rep = tmp.path().join("r");
-    let (code, _, err) = parity(&[
-        "compare",
-        "golden/gqa_pad_f32",
-        candidate.to_str().unwrap(),
-        "--msprobe-map",
-        map.to_str().unwrap(),
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
-    let text = std::fs::read_to_string(rep.join("report.json"))
-        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
-    let r: Value = serde_json::from_str(&text).unwrap();
+    let args = ["--msprobe-map", map.to_str().unwrap()];
+    let (code, r, _) = compare_report("golden/gqa_pad_f32", candidate, &rep, &args);
     let f = &r["first_divergence"];
     let first = (f["step"].as_str().unwrap_or("").into(), f["site"].as_str().unwrap_or("").into());
     (code, first, r)
 }
 
+/// `parity compare golden/gqa_pad_f32 DUMP --msprobe-map MAP`, which must exit 2: its
+/// stderr.
+pub(crate) fn refused_with_map(dump: &Path, map: &Path) -> String {
+    let (code, _, err) = parity(&[
+        "compare",
+        "golden/gqa_pad_f32",
+        dump.to_str().unwrap(),
+        "--msprobe-map",
+        map.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    err
+}
+
 /// `parity import msprobe DUMP --msprobe-map MAP --out DIR` (exit 0), opened.
-fn import(dump: &Path, map: &Path, out: &Path) -> Dump {
+pub(crate) fn import(dump: &Path, map: &Path, out: &Path) -> Dump {
     let (code, _, err) = parity(&[
         "import",
         "msprobe",
@@ -66,13 +71,44 @@ fn assert_same_tensors(a: &Dump, b: &Dump, what: &str) {
 }
 
 /// The shipped HF map with `edit` applied to its rules, written to `dir/name`.
-fn hf_map(dir: &Path, name: &str, edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
+pub(crate) fn hf_map(dir: &Path, name: &str, edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
     let mut m: Value =
         serde_json::from_str(include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
     edit(m["sites"].as_array_mut().unwrap());
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
     p
+}
+
+/// A fused q/k/v projection's rules: each site suffix read from `self_attn.qkv_proj`'s
+/// part of it.
+pub(crate) const FUSED_QKV: [(&str, (&str, &str, &str)); 3] = [
+    ("self_attn.q_proj", ("self_attn.qkv_proj", "fused_qkv", "q")),
+    ("self_attn.k_proj", ("self_attn.qkv_proj", "fused_qkv", "k")),
+    ("self_attn.v_proj", ("self_attn.qkv_proj", "fused_qkv", "v")),
+];
+
+/// The shipped HF map with each rule whose site ends in a key of `fused` read from a
+/// fused module instead: `(site suffix, (module suffix, field, part))`, the layout given;
+/// written to `dir/name`.
+pub(crate) fn fused_hf_map(
+    dir: &Path,
+    name: &str,
+    fused: &[(&str, (&str, &str, &str))],
+    layout: &str,
+) -> PathBuf {
+    hf_map(dir, name, |rules| {
+        for r in rules.iter_mut() {
+            let site = r["site"].as_str().unwrap().to_string();
+            for (suffix, (module, field, part)) in fused {
+                if site == format!("model.layers.{{i}}.{suffix}") {
+                    r["module"] = json!(format!("model.layers.{{i}}.{module}"));
+                    r[*field] = json!(part);
+                    r["fused_layout"] = json!(layout);
+                }
+            }
+        }
+    })
 }
 
 /// msprobe's dump.json (Python's bare NaN/Infinity quoted as strings, as the reader
@@ -227,6 +263,64 @@ pub(crate) fn for_each_record(
 /// half r of the axis, or partial sum r) as `.npy` files, every other record copied.
 /// `break_rank1` may change rank 1's piece of one record (shape and data both).
 pub(crate) fn split_over_two_ranks(src: &Path, dst: &Path, break_rank1: Option<(&str, &str)>) {
+    make_ranks(
+        src,
+        dst,
+        2,
+        Records::Tensors,
+        |_, _, _| true,
+        |r, entry, take, t| {
+            let mut piece = match tp_split(entry, take)? {
+                Split::Concat(axis) => {
+                    let half = t.shape()[axis] / 2;
+                    slice(t, axis, r * half, (r + 1) * half)
+                }
+                Split::Sum => {
+                    let (hi, lo) = partial_sums(t);
+                    [hi, lo][r].clone()
+                }
+            };
+            if r == 1 && break_rank1 == Some((entry, take)) {
+                piece = slice(&piece, 1, 0, piece.shape()[1] - 1);
+            }
+            Some(piece)
+        },
+    );
+}
+
+/// The Max, Min, Mean and Norm msprobe records of a tensor (computed in float64).
+fn stats_of(t: &Tensor) -> (f64, f64, f64, f64) {
+    let v = t.to_f64_vec();
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (max, min, mean, norm)
+}
+
+/// What each rank's records hold in a dump [`make_ranks`] writes.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Records {
+    /// Tensor files: msprobe's own for a whole record, `.npy` for a piece.
+    Tensors,
+    /// No tensor files (a statistics-mode dump): each whole record keeps msprobe's own
+    /// statistics and each piece gets its own.
+    Statistics,
+}
+
+/// Writes the real single-rank dump `src` as `k` ranks into `dst`, their records as
+/// `records` says: `keep(rank, entry, parent)` says whether a rank holds an entry at
+/// all; `piece(rank, entry, take, t)` gives its piece of a record (`None`: the whole
+/// tensor, msprobe's own file).
+pub(crate) fn make_ranks(
+    src: &Path,
+    dst: &Path,
+    k: usize,
+    records: Records,
+    keep: impl Fn(usize, &str, &str) -> bool,
+    piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
+) {
+    let statistics = records == Records::Statistics;
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("manifest.json"), dst.join("manifest.json")).unwrap();
     for step in std::fs::read_dir(src).unwrap().map(|e| e.unwrap().path()) {
@@ -235,41 +329,48 @@ pub(crate) fn split_over_two_ranks(src: &Path, dst: &Path, break_rank1: Option<(
         }
         let proc = std::fs::read_dir(&step).unwrap().next().unwrap().unwrap().path();
         let djson = read_dump_json(&proc.join("dump.json"));
-        for r in 0..2 {
+        let construct = read_dump_json(&proc.join("construct.json"));
+        for r in 0..k {
             let out = dst.join(step.file_name().unwrap()).join(format!("rank{r}"));
             let data_dir = out.join("dump_tensor_data");
             std::fs::create_dir_all(&data_dir).unwrap();
             std::fs::copy(proc.join("construct.json"), out.join("construct.json")).unwrap();
             let mut d = djson.clone();
+            if statistics {
+                d["task"] = json!("statistics");
+            }
             let data = d["data"].as_object_mut().unwrap();
+            data.retain(|entry, _| keep(r, entry, construct[entry].as_str().unwrap_or("")));
             for_each_record(data, |entry, take, rec| {
                 let Some(name) = rec.get("data_name").and_then(Value::as_str).map(str::to_string)
                 else {
                     return;
                 };
                 let from = proc.join("dump_tensor_data").join(&name);
-                let Some(split) = tp_split(entry, take) else {
-                    std::fs::copy(&from, data_dir.join(&name)).unwrap();
-                    return;
-                };
-                let t = pt::read(&from).unwrap();
-                let mut piece = match split {
-                    Split::Concat(axis) => {
-                        let half = t.shape()[axis] / 2;
-                        slice(&t, axis, r * half, (r + 1) * half)
+                match (piece(r, entry, take, &pt::read(&from).unwrap()), statistics) {
+                    (None, false) => {
+                        std::fs::copy(&from, data_dir.join(&name)).unwrap();
                     }
-                    Split::Sum => {
-                        let (hi, lo) = partial_sums(&t);
-                        [hi, lo][r].clone()
+                    (Some(p), false) => {
+                        let npy = name.replace(".pt", ".npy");
+                        write_npy(&data_dir.join(&npy), &p);
+                        rec["data_name"] = json!(npy);
+                        rec["shape"] = json!(p.shape());
                     }
-                };
-                if r == 1 && break_rank1 == Some((entry, take)) {
-                    piece = slice(&piece, 1, 0, piece.shape()[1] - 1);
+                    (None, true) => {
+                        rec.as_object_mut().unwrap().remove("data_name");
+                    }
+                    (Some(p), true) => {
+                        let (max, min, mean, norm) = stats_of(&p);
+                        let o = rec.as_object_mut().unwrap();
+                        o.remove("data_name");
+                        o.insert("shape".into(), json!(p.shape()));
+                        for (key, v) in [("Max", max), ("Min", min), ("Mean", mean), ("Norm", norm)]
+                        {
+                            o.insert(key.into(), json!(v));
+                        }
+                    }
                 }
-                let npy = name.replace(".pt", ".npy");
-                write_npy(&data_dir.join(&npy), &piece);
-                rec["data_name"] = json!(npy);
-                rec["shape"] = json!(piece.shape());
             });
             std::fs::write(out.join("dump.json"), serde_json::to_string(&d).unwrap()).unwrap();
         }
@@ -401,18 +502,7 @@ fn fuse_qkv(src: &Path, dst: &Path, groups: bool, drop_v: bool) {
 }
 
 fn fused_map(dir: &Path, layout: &str) -> PathBuf {
-    hf_map(dir, &format!("fused_{layout}.json"), |rules| {
-        for r in rules.iter_mut() {
-            let site = r["site"].as_str().unwrap().to_string();
-            for (proj, part) in [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")] {
-                if site == format!("model.layers.{{i}}.self_attn.{proj}") {
-                    r["module"] = json!("model.layers.{i}.self_attn.qkv_proj");
-                    r["fused_qkv"] = json!(part);
-                    r["fused_layout"] = json!(layout);
-                }
-            }
-        }
-    })
+    fused_hf_map(dir, &format!("fused_{layout}.json"), &FUSED_QKV, layout)
 }
 
 #[test]
@@ -442,14 +532,7 @@ fn a_fused_qkv_projection_is_split_by_the_golden_head_counts_in_either_layout() 
     let dump = tmp.path().join("fused_short");
     fuse_qkv(&root().join(CORRECT), &dump, false, true);
     let map = fused_map(tmp.path(), "blocks");
-    let (code, _, err) = parity(&[
-        "compare",
-        "golden/gqa_pad_f32",
-        dump.to_str().unwrap(),
-        "--msprobe-map",
-        map.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(2), "{err}");
+    let err = refused_with_map(&dump, &map);
     assert_eq!(err.lines().count(), 1, "{err}");
     let file = "step0/proc0/dump_tensor_data/Module.model.layers.0.self_attn.qkv_proj.Linear.forward.0.output.0.npy";
     assert!(err.contains(dump.join(file).to_str().unwrap()), "{err}");

@@ -6,37 +6,39 @@
 //! under msprobe 26.2 at 2 and 4 ranks, made by `fixtures/msprobe/make_tp_dumps.py`.
 //! Real MindSpore runs too: the repository's MindSpore port over 2 ranks under `msrun`,
 //! one contract dump per rank (`fixtures/tp/make_mindspore_tp_dumps.py`).
-//! Labelled synthetic dumps, made here from real single-rank dumps
-//! (`fixtures/msprobe/gqa_pad_f32`, `fixtures/msprobe/mlp/gqa_pad_f32`) where HF's plan
-//! cannot make the layout: key/value heads replicated over ranks, a padded vocabulary
+//! Labelled synthetic dumps, made at test time (`msprobe_layouts::make_ranks`) from real
+//! single-rank dumps (`fixtures/msprobe/gqa_pad_f32`, `fixtures/msprobe/mlp/gqa_pad_f32`)
+//! where HF's plan cannot make the layout: key/value heads replicated over ranks, a padded vocabulary
 //! (tensors and statistics), sequence-parallel norms, a vocabulary-parallel embedding's
 //! partial sums, fused q/k/v and fused gate/up shards, and pipeline stages.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::helpers::{parity, root};
+use crate::helpers::{compare_report, parity, root};
 use crate::msprobe_layouts::{
-    partial_sums, read_dump_json, slice, split_over_two_ranks, write_npy,
+    fused_hf_map, import, make_ranks, partial_sums, read_dump_json, refused_with_map, slice,
+    split_over_two_ranks, write_npy, Records, FUSED_QKV,
 };
 use llama_parity::contract::site::Site;
 use llama_parity::dump::msprobe::pt;
-use llama_parity::dump::{DType, Dump, Tensor};
+use llama_parity::dump::{DType, Tensor};
 use serde_json::{json, Value};
 
 const TP: &str = "fixtures/msprobe/tp";
 
 /// `parity compare GOLDEN CANDIDATE --report DIR`: (exit code, report.json, stderr).
 fn compare(golden: &str, candidate: &Path, report: &Path) -> (Option<i32>, Value, String) {
-    let (code, _, err) = parity(&[
-        "compare",
-        golden,
-        candidate.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    let text = std::fs::read_to_string(report.join("report.json"))
-        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
-    (code, serde_json::from_str(&text).unwrap(), err)
+    compare_report(golden, candidate, report, &[])
+}
+
+/// `parity compare GOLDEN CANDIDATE --msprobe-map MAP --report DIR`.
+fn compare_mapped(
+    golden: &str,
+    candidate: &Path,
+    map: &Path,
+    report: &Path,
+) -> (Option<i32>, Value, String) {
+    compare_report(golden, candidate, report, &["--msprobe-map", map.to_str().unwrap()])
 }
 
 /// The site entry of `report` at `step`/`site`.
@@ -51,6 +53,44 @@ fn entry<'a>(report: &'a Value, step: &str, site: &str) -> &'a Value {
 
 fn kind<'a>(report: &'a Value, step: &str, site: &str) -> &'a str {
     entry(report, step, site)["reassembly"].as_str().unwrap_or("")
+}
+
+/// Each prefill site of `report` as `site status kind`, to show where a check fails.
+fn prefill_kinds(report: &Value) -> Vec<String> {
+    report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "prefill")
+        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
+        .collect()
+}
+
+/// Compares `dump`, a run of golden/gqa_pad_f32 with rope.pos_reset planted, with that
+/// golden, the report written into `report`: it exits 1 with its first divergence where
+/// the fault first shows, decode.0's position ids. Returns the report.
+fn assert_pos_reset_found(dump: &Path, report: &Path) -> Value {
+    let (code, r, err) = compare("golden/gqa_pad_f32", dump, report);
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(
+        (fd["step"].as_str(), fd["site"].as_str()),
+        (Some("decode.0"), Some("inputs.position_ids"))
+    );
+    r
+}
+
+/// Compares `dump` with golden/gqa_pad_f32, the report written into `report`: it exits 1
+/// with its first divergence at `site`, a rank divergence whose note starts with `note`.
+/// Returns the report.
+fn assert_rank_divergence(dump: &Path, report: &Path, site: &str, note: &str) -> Value {
+    let (code, r, err) = compare("golden/gqa_pad_f32", dump, report);
+    assert_eq!(code, Some(1), "{err}");
+    let fd = &r["first_divergence"];
+    assert_eq!(fd["site"], site, "{fd}");
+    let got = fd["note"].as_str().unwrap();
+    assert!(got.starts_with(note), "{got}");
+    r
 }
 
 /// Every site the candidate holds names its kind; none failed.
@@ -107,23 +147,11 @@ fn real_hf_tensor_parallel_dumps_at_2_and_4_ranks_pass_with_no_map() {
 fn a_fault_planted_in_the_tensor_parallel_run_fails_at_its_first_site_and_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dump = root().join(TP).join("tp2/gqa_pad_f32__rope_pos_reset");
-    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("t"));
-    assert_eq!(code, Some(1), "{err}");
-    let fd = &r["first_divergence"];
-    assert_eq!(
-        (fd["step"].as_str(), fd["site"].as_str()),
-        (Some("decode.0"), Some("inputs.position_ids"))
-    );
+    let r = assert_pos_reset_found(&dump, &tmp.path().join("t"));
     assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
     // Statistics mode: the same first site (no diagnosis from statistics).
     let dump = root().join(TP).join("tp2/stats/gqa_pad_f32__rope_pos_reset");
-    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("s"));
-    assert_eq!(code, Some(1), "{err}");
-    let fd = &r["first_divergence"];
-    assert_eq!(
-        (fd["step"].as_str(), fd["site"].as_str()),
-        (Some("decode.0"), Some("inputs.position_ids"))
-    );
+    assert_pos_reset_found(&dump, &tmp.path().join("s"));
 }
 
 /// Writes a copy of the real tensor-parallel dump `src` with rank `rank`'s tensor of
@@ -163,12 +191,14 @@ fn a_rank_that_diverges_from_its_replicas_fails_its_site_with_the_rank_named() {
     let dump = tmp.path().join("norm");
     let e = "Module.model.layers.0.input_layernorm.LlamaRMSNorm.forward.0";
     change_rank(&src, &dump, 1, e, "output.0", |v| v[5] += 0.25);
-    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r1"));
-    assert_eq!(code, Some(1), "{err}");
+    let r = assert_rank_divergence(
+        &dump,
+        &tmp.path().join("r1"),
+        "model.layers.0.input_layernorm",
+        "rank divergence: rank 1 (rel-L2",
+    );
     let fd = &r["first_divergence"];
-    assert_eq!(fd["site"], "model.layers.0.input_layernorm");
     let note = fd["note"].as_str().unwrap();
-    assert!(note.starts_with("rank divergence: rank 1 (rel-L2"), "{note}");
     assert!(note.contains("from rank 0"), "{note}");
     assert!(r["diagnosis_note"].as_str().unwrap().contains("ranks that disagree"));
     // Judged on rank 0's tensor, not an average: its metrics pass the tolerance.
@@ -178,12 +208,10 @@ fn a_rank_that_diverges_from_its_replicas_fails_its_site_with_the_rank_named() {
     let dump = tmp.path().join("o_proj");
     let e = "Module.model.layers.1.self_attn.o_proj.Linear.forward.0";
     change_rank(&src, &dump, 0, e, "output.0", |v| v.iter_mut().for_each(|x| *x *= 1.001));
-    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r2"));
-    assert_eq!(code, Some(1), "{err}");
-    assert_eq!(r["first_divergence"]["site"], "model.layers.1.self_attn.o_proj");
-    assert_eq!(kind(&r, "prefill", "model.layers.1.self_attn.o_proj"), "replicated");
-    let note = r["first_divergence"]["note"].as_str().unwrap();
-    assert!(note.starts_with("rank divergence: rank 1"), "{note}");
+    let o_proj = "model.layers.1.self_attn.o_proj";
+    let r =
+        assert_rank_divergence(&dump, &tmp.path().join("r2"), o_proj, "rank divergence: rank 1");
+    assert_eq!(kind(&r, "prefill", o_proj), "replicated");
 }
 
 #[test]
@@ -194,108 +222,12 @@ fn partial_sums_over_ranks_are_added_without_a_map() {
     let dump = tmp.path().join("split");
     split_over_two_ranks(&root().join("fixtures/msprobe/gqa_pad_f32"), &dump, None);
     let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
-    let kinds: Vec<String> = r["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["step"] == "prefill")
-        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
-        .collect();
-    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_eq!(code, Some(0), "{err}{:#?}", prefill_kinds(&r));
     assert_passes_with_kinds(&r, "split");
     for site in ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp", "model.embed_tokens"] {
         assert_eq!(kind(&r, "prefill", site), "sum", "{site}");
     }
     assert_eq!(kind(&r, "prefill", "lm_head"), "concat(2)");
-}
-
-/// Writes the real single-rank dump `src` as `k` ranks into `dst`: `keep(rank, entry,
-/// parent)` says whether a rank holds an entry at all; `piece(rank, entry, take, t)`
-/// gives its piece of a record (`None`: the whole tensor, msprobe's own file).
-fn make_ranks(
-    src: &Path,
-    dst: &Path,
-    k: usize,
-    keep: impl Fn(usize, &str, &str) -> bool,
-    piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
-) {
-    make_ranks_as(src, dst, k, keep, piece, false);
-}
-
-/// The Max, Min, Mean and Norm msprobe records of a tensor (computed in float64).
-fn stats_of(t: &Tensor) -> (f64, f64, f64, f64) {
-    let v = t.to_f64_vec();
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let mean = v.iter().sum::<f64>() / v.len() as f64;
-    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    (max, min, mean, norm)
-}
-
-/// [`make_ranks`], as a statistics-mode dump when `statistics`: no tensor files, each
-/// whole record keeping msprobe's own statistics and each piece getting its own.
-fn make_ranks_as(
-    src: &Path,
-    dst: &Path,
-    k: usize,
-    keep: impl Fn(usize, &str, &str) -> bool,
-    piece: impl Fn(usize, &str, &str, &Tensor) -> Option<Tensor>,
-    statistics: bool,
-) {
-    std::fs::create_dir_all(dst).unwrap();
-    std::fs::copy(src.join("manifest.json"), dst.join("manifest.json")).unwrap();
-    for step in std::fs::read_dir(src).unwrap().map(|e| e.unwrap().path()) {
-        if !step.is_dir() {
-            continue;
-        }
-        let proc = std::fs::read_dir(&step).unwrap().next().unwrap().unwrap().path();
-        let djson = read_dump_json(&proc.join("dump.json"));
-        let construct = read_dump_json(&proc.join("construct.json"));
-        for r in 0..k {
-            let out = dst.join(step.file_name().unwrap()).join(format!("rank{r}"));
-            let data_dir = out.join("dump_tensor_data");
-            std::fs::create_dir_all(&data_dir).unwrap();
-            std::fs::copy(proc.join("construct.json"), out.join("construct.json")).unwrap();
-            let mut d = djson.clone();
-            if statistics {
-                d["task"] = json!("statistics");
-            }
-            let data = d["data"].as_object_mut().unwrap();
-            data.retain(|entry, _| keep(r, entry, construct[entry].as_str().unwrap_or("")));
-            crate::msprobe_layouts::for_each_record(data, |entry, take, rec| {
-                let Some(name) = rec.get("data_name").and_then(Value::as_str).map(str::to_string)
-                else {
-                    return;
-                };
-                let from = proc.join("dump_tensor_data").join(&name);
-                match (piece(r, entry, take, &pt::read(&from).unwrap()), statistics) {
-                    (None, false) => {
-                        std::fs::copy(&from, data_dir.join(&name)).unwrap();
-                    }
-                    (Some(p), false) => {
-                        let npy = name.replace(".pt", ".npy");
-                        write_npy(&data_dir.join(&npy), &p);
-                        rec["data_name"] = json!(npy);
-                        rec["shape"] = json!(p.shape());
-                    }
-                    (None, true) => {
-                        rec.as_object_mut().unwrap().remove("data_name");
-                    }
-                    (Some(p), true) => {
-                        let (max, min, mean, norm) = stats_of(&p);
-                        let o = rec.as_object_mut().unwrap();
-                        o.remove("data_name");
-                        o.insert("shape".into(), json!(p.shape()));
-                        for (key, v) in [("Max", max), ("Min", min), ("Mean", mean), ("Norm", norm)]
-                        {
-                            o.insert(key.into(), json!(v));
-                        }
-                    }
-                }
-            });
-            std::fs::write(out.join("dump.json"), serde_json::to_string(&d).unwrap()).unwrap();
-        }
-    }
 }
 
 /// `t` with its last axis padded with zeros to `width`.
@@ -327,6 +259,7 @@ fn megatron_style_layouts_beyond_hf_plan_are_reassembled() {
         &root().join("fixtures/msprobe/gqa_pad_f32"),
         &dump,
         4,
+        Records::Tensors,
         |_, _, _| true,
         |r, e, take, t| {
             let last = t.shape().len() - 1;
@@ -359,14 +292,7 @@ fn megatron_style_layouts_beyond_hf_plan_are_reassembled() {
         },
     );
     let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
-    let kinds: Vec<String> = r["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["step"] == "prefill")
-        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
-        .collect();
-    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_eq!(code, Some(0), "{err}{:#?}", prefill_kinds(&r));
     assert_passes_with_kinds(&r, "tp4");
     for step in ["prefill", "decode.0"] {
         let kv = "concat(2), key/value heads replicated over 2 ranks";
@@ -385,6 +311,7 @@ fn megatron_style_layouts_beyond_hf_plan_are_reassembled() {
         &root().join("fixtures/msprobe/gqa_pad_f32"),
         &bad,
         4,
+        Records::Tensors,
         |_, _, _| true,
         |r, e, take, t| match take {
             "output.0" if module(e, "k_proj") && e.contains(".layers.0.") => {
@@ -401,11 +328,12 @@ fn megatron_style_layouts_beyond_hf_plan_are_reassembled() {
             _ => None,
         },
     );
-    let (code, r, err) = compare("golden/gqa_pad_f32", &bad, &tmp.path().join("b"));
-    assert_eq!(code, Some(1), "{err}");
-    assert_eq!(r["first_divergence"]["site"], "model.layers.0.self_attn.k_proj");
-    let note = r["first_divergence"]["note"].as_str().unwrap();
-    assert!(note.starts_with("rank divergence: rank 3 (rel-L2"), "{note}");
+    assert_rank_divergence(
+        &bad,
+        &tmp.path().join("b"),
+        "model.layers.0.self_attn.k_proj",
+        "rank divergence: rank 3 (rel-L2",
+    );
 }
 
 #[test]
@@ -420,6 +348,7 @@ fn pipeline_stages_holding_different_layers_are_read_from_their_stage() {
         &root().join("fixtures/msprobe/gqa_pad_f32"),
         &dump,
         2,
+        Records::Tensors,
         |r, e, parent| {
             let anchor = e.starts_with("Module.model.LlamaModel.");
             anchor || (r == 1) == in_layer1(e, parent)
@@ -427,14 +356,7 @@ fn pipeline_stages_holding_different_layers_are_read_from_their_stage() {
         |_, _, _, _| None,
     );
     let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("r"));
-    let kinds: Vec<String> = r["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["step"] == "prefill")
-        .map(|e| format!("{} {} {}", e["site"], e["status"], e["reassembly"]))
-        .collect();
-    assert_eq!(code, Some(0), "{err}{:#?}", kinds);
+    assert_eq!(code, Some(0), "{err}{:#?}", prefill_kinds(&r));
     assert_passes_with_kinds(&r, "pp");
     assert_eq!(kind(&r, "prefill", "model.layers.1.self_attn.q_proj"), "stage: rank 1");
     assert_eq!(kind(&r, "decode.0", "model.layers.1.self_attn.probs"), "stage: rank 1");
@@ -500,11 +422,13 @@ fn a_contract_dump_written_per_rank_is_put_back_together() {
             v[0] += 0.5;
         }
     });
-    let (code, r, err) = compare("golden/gqa_pad_f32", &bad, &tmp.path().join("b"));
-    assert_eq!(code, Some(1), "{err}");
-    let fd = &r["first_divergence"];
-    assert_eq!((fd["step"].as_str(), fd["site"].as_str()), (Some("decode.2"), Some("model.norm")));
-    assert!(fd["note"].as_str().unwrap().starts_with("rank divergence: rank 1"), "{}", fd["note"]);
+    let r = assert_rank_divergence(
+        &bad,
+        &tmp.path().join("b"),
+        "model.norm",
+        "rank divergence: rank 1",
+    );
+    assert_eq!(r["first_divergence"]["step"], "decode.2");
     // A rank whose manifest differs exits 2 naming it.
     let m = bad.join("rank1/manifest.json");
     let text = std::fs::read_to_string(&m).unwrap().replace("\"decode.4\"", "\"decode.9\"");
@@ -512,67 +436,6 @@ fn a_contract_dump_written_per_rank_is_put_back_together() {
     let (code, _, err) = parity(&["compare", "golden/gqa_pad_f32", bad.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("rank1/manifest.json"), "{err}");
-}
-
-/// `parity import msprobe DUMP --msprobe-map MAP --out DIR` (exit 0), opened.
-fn import_with(dump: &Path, map: &Path, out: &Path) -> Dump {
-    let (code, _, err) = parity(&[
-        "import",
-        "msprobe",
-        dump.to_str().unwrap(),
-        "--msprobe-map",
-        map.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    Dump::open(out).unwrap()
-}
-
-/// `parity compare GOLDEN CANDIDATE --msprobe-map MAP --report DIR`.
-fn compare_mapped(
-    golden: &str,
-    candidate: &Path,
-    map: &Path,
-    report: &Path,
-) -> (Option<i32>, Value, String) {
-    let (code, _, err) = parity(&[
-        "compare",
-        golden,
-        candidate.to_str().unwrap(),
-        "--msprobe-map",
-        map.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    let text = std::fs::read_to_string(report.join("report.json"))
-        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
-    (code, serde_json::from_str(&text).unwrap(), err)
-}
-
-/// The shipped HF map with each rule whose site ends in a key of `fused` read from a
-/// fused module instead: `(site suffix, (module suffix, field, part))`, the layout given.
-fn fused_hf_map(
-    dir: &Path,
-    name: &str,
-    fused: &[(&str, (&str, &str, &str))],
-    layout: &str,
-) -> PathBuf {
-    let mut m: Value =
-        serde_json::from_str(include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
-    for r in m["sites"].as_array_mut().unwrap() {
-        let site = r["site"].as_str().unwrap().to_string();
-        for (suffix, (module, field, part)) in fused {
-            if site == format!("model.layers.{{i}}.{suffix}") {
-                r["module"] = json!(format!("model.layers.{{i}}.{module}"));
-                r[*field] = json!(part);
-                r["fused_layout"] = json!(layout);
-            }
-        }
-    }
-    let p = dir.join(name);
-    std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
-    p
 }
 
 /// In every rank folder of the multi-rank msprobe dump `dir` (each holding the whole
@@ -648,10 +511,10 @@ fn fused_gate_up_shards_are_split_per_rank_and_put_back_without_a_ranks_rule() {
     // The single-rank dump read with the shipped map: the reference tensors.
     let hf = tmp.path().join("hf.json");
     std::fs::write(&hf, include_str!("../harness/dump/src/msprobe/maps/hf.json")).unwrap();
-    let whole = import_with(&src, &hf, &tmp.path().join("whole"));
+    let whole = import(&src, &hf, &tmp.path().join("whole"));
     for (layout, pairs) in [("blocks", false), ("groups", true)] {
         let dump = tmp.path().join(layout);
-        make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
+        make_ranks(&src, &dump, 2, Records::Tensors, |_, _, _| true, |_, _, _, _| None);
         fuse_per_rank(&dump, 2, &["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj", |r, w| {
             let half = |t: &Tensor| slice(t, 2, r * 64, (r + 1) * 64);
             let (g, u) = (half(&w[0]), half(&w[1]));
@@ -673,7 +536,7 @@ fn fused_gate_up_shards_are_split_per_rank_and_put_back_without_a_ranks_rule() {
         }
         assert_eq!(kind(&r, "prefill", "model.layers.1.mlp.down_proj"), "replicated");
         // Put back, they are the single-rank dump's tensors byte for byte.
-        let imported = import_with(&dump, &map, &tmp.path().join(format!("imp_{layout}")));
+        let imported = import(&dump, &map, &tmp.path().join(format!("imp_{layout}")));
         let step = imported.manifest.steps[0];
         for i in 0..2 {
             for p in ["gate_proj", "up_proj"] {
@@ -706,22 +569,23 @@ fn a_fused_qkv_projection_over_ranks_is_split_per_rank_without_a_ranks_rule() {
     // would not.
     let tmp = tempfile::tempdir().unwrap();
     let src = root().join("fixtures/msprobe/gqa_pad_f32");
-    let fused = [
-        ("self_attn.q_proj", ("self_attn.qkv_proj", "fused_qkv", "q")),
-        ("self_attn.k_proj", ("self_attn.qkv_proj", "fused_qkv", "k")),
-        ("self_attn.v_proj", ("self_attn.qkv_proj", "fused_qkv", "v")),
-    ];
-    for layout in ["blocks", "groups"] {
-        let dump = tmp.path().join(layout);
-        make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
+    let fused = FUSED_QKV;
+    // The dump over two ranks, each rank's q/k/v fused, rank `r` holding `q(r)` of its 32
+    // query columns.
+    let fused_ranks = |dump: &Path, q: fn(usize) -> usize| {
+        make_ranks(&src, dump, 2, Records::Tensors, |_, _, _| true, |_, _, _, _| None);
         let parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-        fuse_per_rank(&dump, 2, &parts, "self_attn.qkv_proj", |r, w| {
+        fuse_per_rank(dump, 2, &parts, "self_attn.qkv_proj", |r, w| {
             crate::msprobe_layouts::concat_last(&[
-                slice(&w[0], 2, r * 32, (r + 1) * 32),
+                slice(&w[0], 2, r * 32, r * 32 + q(r)),
                 slice(&w[1], 2, r * 8, (r + 1) * 8),
                 slice(&w[2], 2, r * 8, (r + 1) * 8),
             ])
         });
+    };
+    for layout in ["blocks", "groups"] {
+        let dump = tmp.path().join(layout);
+        fused_ranks(&dump, |_| 32);
         let map = fused_hf_map(tmp.path(), &format!("{layout}.json"), &fused, layout);
         let (code, r, err) = compare_mapped(
             "golden/gqa_pad_f32",
@@ -741,25 +605,9 @@ fn a_fused_qkv_projection_over_ranks_is_split_per_rank_without_a_ranks_rule() {
     }
     // One rank's piece a query head short: exit 2 naming its file.
     let dump = tmp.path().join("short");
-    make_ranks(&src, &dump, 2, |_, _, _| true, |_, _, _, _| None);
-    let parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-    fuse_per_rank(&dump, 2, &parts, "self_attn.qkv_proj", |r, w| {
-        let q = if r == 1 { 24 } else { 32 };
-        crate::msprobe_layouts::concat_last(&[
-            slice(&w[0], 2, r * 32, r * 32 + q),
-            slice(&w[1], 2, r * 8, (r + 1) * 8),
-            slice(&w[2], 2, r * 8, (r + 1) * 8),
-        ])
-    });
+    fused_ranks(&dump, |r| if r == 1 { 24 } else { 32 });
     let map = fused_hf_map(tmp.path(), "short.json", &fused, "blocks");
-    let (code, _, err) = parity(&[
-        "compare",
-        "golden/gqa_pad_f32",
-        dump.to_str().unwrap(),
-        "--msprobe-map",
-        map.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(2), "{err}");
+    let err = refused_with_map(&dump, &map);
     assert!(
         err.contains("rank1") && err.contains("qkv_proj") && err.contains("fused q/k/v"),
         "{err}"
@@ -780,10 +628,11 @@ fn statistics_of_megatron_style_ranks_merge_and_a_padded_vocabulary_is_judged_as
     let make = |name: &str, padded: usize, pad: f64, scale: f64| {
         let dump = tmp.path().join(name);
         let per = padded / 4;
-        make_ranks_as(
+        make_ranks(
             &src,
             &dump,
             4,
+            Records::Statistics,
             |_, _, _| true,
             |r, e, take, t| match take {
                 "output.0" if module(e, "q_proj") => Some(slice(t, 2, r * 16, (r + 1) * 16)),
@@ -811,7 +660,6 @@ fn statistics_of_megatron_style_ranks_merge_and_a_padded_vocabulary_is_judged_as
                 }
                 _ => None,
             },
-            true,
         );
         dump
     };
@@ -899,12 +747,6 @@ fn real_mindspore_tensor_parallel_runs_per_rank_are_put_back_together() {
     }
     // rope.pos_reset planted on both ranks: found where it first shows, and named.
     let dump = ms.join("gqa_pad_f32__rope_pos_reset");
-    let (code, r, err) = compare("golden/gqa_pad_f32", &dump, &tmp.path().join("f"));
-    assert_eq!(code, Some(1), "{err}");
-    let fd = &r["first_divergence"];
-    assert_eq!(
-        (fd["step"].as_str(), fd["site"].as_str()),
-        (Some("decode.0"), Some("inputs.position_ids"))
-    );
+    let r = assert_pos_reset_found(&dump, &tmp.path().join("f"));
     assert_eq!(r["diagnosis"][0]["fault"], "rope.pos_reset", "{}", r["diagnosis"]);
 }

@@ -113,38 +113,7 @@ pub fn max_abs_diff(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
 
 /// The HF-named tensors of `w` (for writing a `weights.safetensors`).
 pub fn weight_tensors(w: &Weights, tied: bool, dtype: DType) -> BTreeMap<String, Tensor> {
-    let mut m = BTreeMap::new();
-    let mut put = |k: String, a: ArrayD<f64>| {
-        m.insert(k, Tensor::from_array(&a, dtype));
-    };
-    put("model.embed_tokens.weight".into(), w.embed_tokens.to_array().into_dyn());
-    put("model.norm.weight".into(), w.norm.clone().into_dyn());
-    if !tied {
-        put("lm_head.weight".into(), w.lm_head.weight.to_array().into_dyn());
-    }
-    for (i, l) in w.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), l.input_layernorm.clone().into_dyn());
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            l.post_attention_layernorm.clone().into_dyn(),
-        );
-        for (name, lin) in [
-            ("self_attn.q_proj", &l.q_proj),
-            ("self_attn.k_proj", &l.k_proj),
-            ("self_attn.v_proj", &l.v_proj),
-            ("self_attn.o_proj", &l.o_proj),
-            ("mlp.gate_proj", &l.gate_proj),
-            ("mlp.up_proj", &l.up_proj),
-            ("mlp.down_proj", &l.down_proj),
-        ] {
-            put(format!("{p}.{name}.weight"), lin.weight.to_array().into_dyn());
-            if let Some(b) = &lin.bias {
-                put(format!("{p}.{name}.bias"), b.clone().into_dyn());
-            }
-        }
-    }
-    m
+    w.named_parameters(tied).into_iter().map(|(k, a)| (k, Tensor::from_array(&a, dtype))).collect()
 }
 
 /// Proptest settings for every property file: 256 cases (or `PROPTEST_CASES`) from a
@@ -166,6 +135,23 @@ pub fn parity(args: &[&str]) -> (Option<i32>, String, String) {
         .expect("run parity");
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// `parity compare GOLDEN CANDIDATE --report REPORT ARGS...`: (exit code, report.json,
+/// stderr); panics, showing stderr, when no report was written.
+pub fn compare_report(
+    golden: &str,
+    candidate: &Path,
+    report: &Path,
+    args: &[&str],
+) -> (Option<i32>, Value, String) {
+    let mut all = vec!["compare", golden, candidate.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--report", report.to_str().unwrap()]);
+    let (code, _, err) = parity(&all);
+    let text = std::fs::read_to_string(report.join("report.json"))
+        .unwrap_or_else(|e| panic!("{}: no report ({e}); stderr: {err}", candidate.display()));
+    (code, serde_json::from_str(&text).unwrap(), err)
 }
 
 /// The `report.json` of the report set written into `dir`.

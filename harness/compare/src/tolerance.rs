@@ -127,6 +127,23 @@ impl Judgement {
     }
 }
 
+/// How far a measure is past its limit: `x / limit`. A NaN measure is infinitely past
+/// any limit; against a limit of zero (or below), any positive measure is infinitely
+/// past it and zero or less is not past it at all. Above 1 exactly when `x > limit`
+/// (for a positive limit, up to rounding). [`Tolerance::judge`] takes a site's excess
+/// as the largest of these over its metrics.
+pub fn excess(x: f64, limit: f64) -> f64 {
+    if x.is_nan() {
+        f64::INFINITY
+    } else if limit > 0.0 {
+        x / limit
+    } else if x > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
 impl Tolerance {
     /// The one pass/fail rule: judges a value site's metrics against these thresholds.
     /// The verdict and the diagnosis use it; the report's "x tol" column shows the
@@ -134,20 +151,10 @@ impl Tolerance {
     pub fn judge(&self, m: &Metrics) -> Judgement {
         // `x <= limit` rather than `!(x > limit)` on purpose: a NaN metric must fail.
         let within = |x: f64, limit: f64| x <= limit;
-        let ratio = |x: f64, limit: f64| {
-            if x.is_nan() {
-                f64::INFINITY
-            } else if limit > 0.0 {
-                x / limit
-            } else if x > 0.0 {
-                f64::INFINITY
-            } else {
-                0.0
-            }
-        };
         let mut why = Vec::new();
         // The excess so far and where it comes from; the first criterion to reach the
-        // largest ratio keeps it.
+        // largest ratio keeps it. (`self::excess` is the module's ratio function, which
+        // this local shadows.)
         let (mut excess, mut criterion) = (0.0f64, Criterion::RelL2);
         let mut raise = |x: f64, c: Criterion| {
             if x > excess {
@@ -174,18 +181,18 @@ impl Tolerance {
             why.push(format!("rel_l2 {:.3e} > {:.1e}", m.rel_l2, self.max_rel_l2));
             broken = broken.or(Some(Criterion::RelL2));
         }
-        raise(ratio(m.rel_l2, self.max_rel_l2), Criterion::RelL2);
+        raise(self::excess(m.rel_l2, self.max_rel_l2), Criterion::RelL2);
         if !within(-m.cosine, -self.min_cosine) {
             why.push(format!("cosine {:.6} < {}", m.cosine, self.min_cosine));
             broken = broken.or(Some(Criterion::Cosine));
         }
-        raise(ratio(1.0 - m.cosine, 1.0 - self.min_cosine), Criterion::Cosine);
+        raise(self::excess(1.0 - m.cosine, 1.0 - self.min_cosine), Criterion::Cosine);
         if let Some(ma) = self.max_abs {
             if !within(m.max_abs, ma) {
                 why.push(format!("max_abs {:.3e} > {:.1e}", m.max_abs, ma));
                 broken = broken.or(Some(Criterion::MaxAbs));
             }
-            raise(ratio(m.max_abs, ma), Criterion::MaxAbs);
+            raise(self::excess(m.max_abs, ma), Criterion::MaxAbs);
         }
         let pass = why.is_empty();
         // Ratios round; the comparisons above decide, and the excess follows them.
@@ -449,6 +456,15 @@ mod tests {
     fn metrics(rel_l2: f64, cosine: f64, max_abs: f64) -> Metrics {
         let none = dump::msprobe::Stats { max: None, min: None, mean: None, norm: None };
         Metrics { rel_l2, cosine, max_abs, ..crate::statistics::lower_bounds(&none, &none, 1.0) }
+    }
+
+    #[test]
+    fn excess_is_the_ratio_to_the_limit_and_infinite_for_nan() {
+        assert_eq!(excess(3.0, 2.0), 1.5);
+        assert_eq!(excess(f64::NAN, 2.0), f64::INFINITY);
+        assert_eq!(excess(1e-9, 0.0), f64::INFINITY);
+        assert_eq!(excess(0.0, 0.0), 0.0);
+        assert_eq!(excess(-1.0, 0.0), 0.0);
     }
 
     #[test]

@@ -33,7 +33,7 @@
 
 use std::collections::BTreeMap;
 
-use compare::tolerance::Tolerance;
+use compare::tolerance::{self, Tolerance};
 use compare::train::PreStep;
 use compare::{Comparison, SiteResult, Status};
 use contract::error::Result;
@@ -411,18 +411,7 @@ fn excess(pred: &[f64], target: &[f64], tol: &Tolerance) -> f64 {
     } else {
         (spt / (spp.sqrt() * stt.sqrt())).clamp(-1.0, 1.0)
     };
-    let ratio = |x: f64, limit: f64| {
-        if x.is_nan() {
-            f64::INFINITY
-        } else if limit > 0.0 {
-            x / limit
-        } else if x > 0.0 {
-            f64::INFINITY
-        } else {
-            0.0
-        }
-    };
-    ratio(rel, tol.max_rel_l2).max(ratio(1.0 - cos, 1.0 - tol.min_cosine))
+    tolerance::excess(rel, tol.max_rel_l2).max(tolerance::excess(1.0 - cos, 1.0 - tol.min_cosine))
 }
 
 /// The divergence at `loss` or later, matched against the training forms.

@@ -19,9 +19,10 @@
 //! The key mapping is a fault seam ([`WeightMapping`]): gate/up swapped, a square
 //! projection left untransposed, norm weights never loaded.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayD};
 
 use ::weights::checkpoint::HfCheckpoint;
 use contract::error::{Error, Result};
@@ -282,6 +283,43 @@ impl Weights {
         Loader { src: &mut src, cfg, plan: &Plan::default() }
             .load()
             .expect("generated tensors have the expected shapes")
+    }
+
+    /// Every parameter by its HF name, widened to `f64`, each at the shape the module
+    /// header lists (e.g. `model.layers.{i}.self_attn.q_proj.weight` `[nH·D, H]`); with
+    /// `tied`, no `lm_head.weight` (it is the embedding), as torch's
+    /// `named_parameters()` lists a tied parameter once.
+    pub fn named_parameters(&self, tied: bool) -> BTreeMap<String, ArrayD<f64>> {
+        let mut m = BTreeMap::new();
+        let mat = |x: &Matrix| x.to_array().into_dyn();
+        m.insert("model.embed_tokens.weight".to_string(), mat(&self.embed_tokens));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            m.insert(format!("{p}.input_layernorm.weight"), l.input_layernorm.clone().into_dyn());
+            m.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.clone().into_dyn(),
+            );
+            for (name, lin) in [
+                ("self_attn.q_proj", &l.q_proj),
+                ("self_attn.k_proj", &l.k_proj),
+                ("self_attn.v_proj", &l.v_proj),
+                ("self_attn.o_proj", &l.o_proj),
+                ("mlp.gate_proj", &l.gate_proj),
+                ("mlp.up_proj", &l.up_proj),
+                ("mlp.down_proj", &l.down_proj),
+            ] {
+                m.insert(format!("{p}.{name}.weight"), mat(&lin.weight));
+                if let Some(b) = &lin.bias {
+                    m.insert(format!("{p}.{name}.bias"), b.clone().into_dyn());
+                }
+            }
+        }
+        m.insert("model.norm.weight".to_string(), self.norm.clone().into_dyn());
+        if !tied {
+            m.insert("lm_head.weight".to_string(), mat(&self.lm_head.weight));
+        }
+        m
     }
 
     /// Where weights of a dump live: `<dir>/weights.safetensors`.

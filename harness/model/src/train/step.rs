@@ -30,7 +30,6 @@ use dump::{LossScale, TrainSpec, Trainable};
 
 use crate::ascend::{AscendNumerics, AscendOptions};
 use crate::context::RunContext;
-use crate::linear::Matrix;
 use crate::numerics::{Exact, Numerics};
 use crate::plan::Plan;
 use crate::run::{Implementation, RunOptions, RunOutput};
@@ -109,49 +108,17 @@ fn masters(
     trainable: Trainable,
     tied: bool,
 ) -> BTreeMap<String, ArrayD<f64>> {
-    let mut m = BTreeMap::new();
-    let mat = |x: &Matrix| x.to_array().into_dyn();
     match trainable {
-        Trainable::All => {
-            m.insert("model.embed_tokens.weight".to_string(), mat(&w.embed_tokens));
-            for (i, l) in w.layers.iter().enumerate() {
-                let p = format!("model.layers.{i}");
-                m.insert(
-                    format!("{p}.input_layernorm.weight"),
-                    l.input_layernorm.clone().into_dyn(),
-                );
-                m.insert(
-                    format!("{p}.post_attention_layernorm.weight"),
-                    l.post_attention_layernorm.clone().into_dyn(),
-                );
-                for (name, lin) in [
-                    ("self_attn.q_proj", &l.q_proj),
-                    ("self_attn.k_proj", &l.k_proj),
-                    ("self_attn.v_proj", &l.v_proj),
-                    ("self_attn.o_proj", &l.o_proj),
-                    ("mlp.gate_proj", &l.gate_proj),
-                    ("mlp.up_proj", &l.up_proj),
-                    ("mlp.down_proj", &l.down_proj),
-                ] {
-                    m.insert(format!("{p}.{name}.weight"), mat(&lin.weight));
-                    if let Some(b) = &lin.bias {
-                        m.insert(format!("{p}.{name}.bias"), b.clone().into_dyn());
-                    }
-                }
-            }
-            m.insert("model.norm.weight".to_string(), w.norm.clone().into_dyn());
-            if !tied {
-                m.insert("lm_head.weight".to_string(), mat(&w.lm_head.weight));
-            }
-        }
+        Trainable::All => w.named_parameters(tied),
         Trainable::Adapter => {
+            let mut m = BTreeMap::new();
             for module in adapter.map(|a| a.modules.as_slice()).unwrap_or_default() {
                 m.insert(module.a_key.clone(), module.a.to_array());
                 m.insert(module.b_key.clone(), module.b.to_array());
             }
+            m
         }
     }
-    m
 }
 
 /// Runs one training step of `golden` (whose manifest has `train`) with `opts`.
