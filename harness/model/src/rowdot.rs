@@ -103,9 +103,22 @@ impl Value for f64 {
 pub fn rows_dot<T: Value>(
     t: &Tensor,
     at: Option<Precision>,
+    rows: (usize, usize),
+    x: &[T],
+    part: &mut [f64],
+) {
+    rows_dot_with(t, at, rows, x, part, x86::wide());
+}
+
+/// [`rows_dot`], with the kernels that use AVX-512VL's registers where `wide` (which the
+/// CPU must have), else the AVX2 ones: the same bits either way.
+fn rows_dot_with<T: Value>(
+    t: &Tensor,
+    at: Option<Precision>,
     (r0, r1): (usize, usize),
     x: &[T],
     part: &mut [f64],
+    wide: bool,
 ) {
     let cols = t.shape()[1];
     let nb = r1 - r0;
@@ -116,7 +129,8 @@ pub fn rows_dot<T: Value>(
     while r < r1 {
         let g = GROUP.min(r1 - r);
         let mut put = |i: usize, j: usize, v: f64| part[i * nb + r + j - r0] = v;
-        let done = code.is_some_and(|c| g == GROUP && x86::group(t, at, c, r, x, m, &mut put));
+        let done =
+            code.is_some_and(|c| g == GROUP && x86::group(t, at, c, wide, r, x, m, &mut put));
         if !done {
             by_reads(t, at, (r, r + g), x, m, &mut put);
         }
@@ -155,17 +169,29 @@ mod x86 {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
     }
 
+    /// True when the kernels may also use AVX-512VL's sixteen more vector registers
+    /// (the same instructions on 256-bit vectors, the same bits): enough to carry four
+    /// input rows' float32 sums, or two rows' float64 ones, without spilling them.
+    pub(super) fn wide() -> bool {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
+    }
+
     /// [`dot`]'s eight lanes of each row combined, for the summing type.
     pub trait Sums: Sized {
+        /// How many input rows one pass carries at most: what fits the vector registers
+        /// with `wide` ones.
+        fn rows_at_once(wide: bool) -> usize;
+
         /// Over the first `main` values (a multiple of 8) of each of `rows`, decoded as
         /// `code` once and dotted with each of the `M` input rows `xs`; false when a
         /// value is off the fast path.
         ///
         /// # Safety
-        /// [`available`] holds; every row holds at least `main` values of its dtype and
-        /// each of `xs` at least `main` values.
+        /// [`available`] holds, and [`wide`] where `wide` is true; every row holds at
+        /// least `main` values of its dtype and each of `xs` at least `main` values.
         unsafe fn sums<const M: usize>(
             code: Code,
+            wide: bool,
             rows: &[&[u8]; GROUP],
             xs: [&[Self]; M],
             main: usize,
@@ -173,12 +199,22 @@ mod x86 {
         ) -> bool;
     }
 
-    /// `Sums` for type `$t` by kernel `$k`, monomorphised per code.
+    /// `Sums` for type `$t` by kernel `$k` (and `$w` with the wide registers), carrying
+    /// at most `$narrow` (`$wide`) input rows, monomorphised per code.
     macro_rules! sums_by {
-        ($t:ty, $k:ident) => {
+        ($t:ty, $k:ident, $w:ident, $narrow:expr, $wide:expr) => {
             impl Sums for $t {
+                fn rows_at_once(wide: bool) -> usize {
+                    if wide {
+                        $wide
+                    } else {
+                        $narrow
+                    }
+                }
+
                 unsafe fn sums<const M: usize>(
                     c: Code,
+                    wide: bool,
                     rows: &[&[u8]; GROUP],
                     xs: [&[$t]; M],
                     main: usize,
@@ -186,28 +222,34 @@ mod x86 {
                 ) -> bool {
                     // SAFETY: passed on from the caller.
                     unsafe {
-                        match c {
-                            Code::F32 => $k::<0, M>(rows, xs, main, out),
-                            Code::F32ToBf16 => $k::<1, M>(rows, xs, main, out),
-                            Code::Bf16 => $k::<2, M>(rows, xs, main, out),
-                            Code::F16 => $k::<3, M>(rows, xs, main, out),
+                        match (c, wide) {
+                            (Code::F32, false) => $k::<0, M>(rows, xs, main, out),
+                            (Code::F32ToBf16, false) => $k::<1, M>(rows, xs, main, out),
+                            (Code::Bf16, false) => $k::<2, M>(rows, xs, main, out),
+                            (Code::F16, false) => $k::<3, M>(rows, xs, main, out),
+                            (Code::F32, true) => $w::<0, M>(rows, xs, main, out),
+                            (Code::F32ToBf16, true) => $w::<1, M>(rows, xs, main, out),
+                            (Code::Bf16, true) => $w::<2, M>(rows, xs, main, out),
+                            (Code::F16, true) => $w::<3, M>(rows, xs, main, out),
                         }
                     }
                 }
             }
         };
     }
-    sums_by!(f32, f32_sums);
-    sums_by!(f64, f64_sums);
+    sums_by!(f32, f32_sums, f32_sums_wide, 2, 4);
+    sums_by!(f64, f64_sums, f64_sums_wide, 2, 2);
 
     /// Rows `r..r + GROUP` of `t` (stored at `at`, which `code` decodes) dotted with
     /// the `m` rows of `x`, each result handed to `put(i, j, value)`; false when a
     /// weight is off the fast path (nothing is handed then: the weights decide it, and
     /// the first input row finds it).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn group<T: Value>(
         t: &Tensor,
         at: Option<Precision>,
         code: Code,
+        wide: bool,
         r: usize,
         x: &[T],
         m: usize,
@@ -228,28 +270,49 @@ mod x86 {
                 put(i, j, finish_tail(o, &xi(i)[main..], &w[..tail]).wide());
             }
         };
-        // Two input rows at a time share each decoded weight; each sum is its own.
+        // Input rows go through a pass together (four or two, then one), sharing each
+        // decoded weight; each sum is its own.
+        let most = T::rows_at_once(wide);
         let mut i = 0;
-        while i + 2 <= m {
-            let mut o = [[T::default(); GROUP]; 2];
-            // SAFETY: `available()` holds (the caller checks it); every row holds `cols`
-            // values of the dtype's size and each input row `cols` values, of which the
-            // kernel reads the first `main`.
-            if !unsafe { T::sums(code, &rows, [xi(i), xi(i + 1)], main, &mut o) } {
+        while i < m {
+            let left = m - i;
+            let ok = if most >= 4 && left >= 4 {
+                pass::<T, 4>(code, wide, &rows, xi, i, main, &mut finish, put)
+            } else if left >= 2 {
+                pass::<T, 2>(code, wide, &rows, xi, i, main, &mut finish, put)
+            } else {
+                pass::<T, 1>(code, wide, &rows, xi, i, main, &mut finish, put)
+            };
+            if !ok {
                 return false;
             }
-            for (d, o) in o.into_iter().enumerate() {
-                finish(i + d, o, put);
-            }
-            i += 2;
+            i += if most >= 4 && left >= 4 { 4 } else { left.min(2) };
         }
-        if i < m {
-            let mut o = [[T::default(); GROUP]; 1];
-            // SAFETY: as above.
-            if !unsafe { T::sums(code, &rows, [xi(i)], main, &mut o) } {
-                return false;
-            }
-            finish(i, o[0], put);
+        true
+    }
+
+    /// One pass of the kernel over input rows `i..i + M`, each result finished by
+    /// `finish`; false when a weight is off the fast path (nothing finished then).
+    #[allow(clippy::too_many_arguments)]
+    fn pass<'x, T: Value + 'x, const M: usize>(
+        code: Code,
+        wide: bool,
+        rows: &[&[u8]; GROUP],
+        xi: impl Fn(usize) -> &'x [T],
+        i: usize,
+        main: usize,
+        finish: &mut impl FnMut(usize, [T; GROUP], &mut dyn FnMut(usize, usize, f64)),
+        put: &mut dyn FnMut(usize, usize, f64),
+    ) -> bool {
+        let mut o = [[T::default(); GROUP]; M];
+        // SAFETY: `available()` holds (the caller checks it) and `wide()` where `wide`;
+        // every row holds `cols` values of the dtype's size and each input row `cols`
+        // values, of which the kernel reads the first `main`.
+        if !unsafe { T::sums(code, wide, rows, std::array::from_fn(|d| xi(i + d)), main, &mut o) } {
+            return false;
+        }
+        for (d, o) in o.into_iter().enumerate() {
+            finish(i + d, o, put);
         }
         true
     }
@@ -300,90 +363,100 @@ mod x86 {
         }
     }
 
-    /// [`dot`]'s eight lanes over the first `main` values (a multiple of 8) of each of
-    /// the rows dotted with each input row, combined; false when a value is off the
-    /// fast path.
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f32_sums<const C: u8, const M: usize>(
-        rows: &[&[u8]; GROUP],
-        xs: [&[f32]; M],
-        main: usize,
-        out: &mut [[f32; GROUP]; M],
-    ) -> bool {
-        let mut acc = [[_mm256_setzero_ps(); GROUP]; M];
-        let mut bad = _mm256_setzero_si256();
-        let mut k = 0;
-        while k < main {
-            let xv: [__m256; M] = std::array::from_fn(|i| _mm256_loadu_ps(xs[i].as_ptr().add(k)));
-            for j in 0..GROUP {
-                let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
-                for i in 0..M {
-                    acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(xv[i], w));
+    /// The kernels, compiled for the target features `$features`.
+    macro_rules! kernels {
+        ($f32:ident, $f64:ident, $features:literal) => {
+            /// [`dot`]'s eight lanes over the first `main` values (a multiple of 8) of each of
+            /// the rows dotted with each input row, combined; false when a value is off the
+            /// fast path.
+            #[target_feature(enable = $features)]
+            unsafe fn $f32<const C: u8, const M: usize>(
+                rows: &[&[u8]; GROUP],
+                xs: [&[f32]; M],
+                main: usize,
+                out: &mut [[f32; GROUP]; M],
+            ) -> bool {
+                let mut acc = [[_mm256_setzero_ps(); GROUP]; M];
+                let mut bad = _mm256_setzero_si256();
+                let mut k = 0;
+                while k < main {
+                    let mut xv = [_mm256_setzero_ps(); M];
+                    for i in 0..M {
+                        xv[i] = _mm256_loadu_ps(xs[i].as_ptr().add(k));
+                    }
+                    for j in 0..GROUP {
+                        let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
+                        for i in 0..M {
+                            acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(xv[i], w));
+                        }
+                    }
+                    k += 8;
                 }
-            }
-            k += 8;
-        }
-        if _mm256_testz_si256(bad, bad) == 0 {
-            return false;
-        }
-        for (out, acc) in out.iter_mut().zip(acc) {
-            for (o, a) in out.iter_mut().zip(acc) {
-                let mut p = [0.0f32; 8];
-                _mm256_storeu_ps(p.as_mut_ptr(), a);
-                let mut sum = 0.0f32;
-                for l in 0..4 {
-                    sum += p[l] + p[l + 4];
+                if _mm256_testz_si256(bad, bad) == 0 {
+                    return false;
                 }
-                *o = sum;
+                for (out, acc) in out.iter_mut().zip(acc) {
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        let mut p = [0.0f32; 8];
+                        _mm256_storeu_ps(p.as_mut_ptr(), a);
+                        let mut sum = 0.0f32;
+                        for l in 0..4 {
+                            sum += p[l] + p[l + 4];
+                        }
+                        *o = sum;
+                    }
+                }
+                true
             }
-        }
-        true
-    }
 
-    /// [`f32_sums`] in float64: each decoded value widened, lanes 0–3 and 4–7 in two
-    /// registers.
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f64_sums<const C: u8, const M: usize>(
-        rows: &[&[u8]; GROUP],
-        xs: [&[f64]; M],
-        main: usize,
-        out: &mut [[f64; GROUP]; M],
-    ) -> bool {
-        let mut lo = [[_mm256_setzero_pd(); GROUP]; M];
-        let mut hi = [[_mm256_setzero_pd(); GROUP]; M];
-        let mut bad = _mm256_setzero_si256();
-        let mut k = 0;
-        while k < main {
-            for j in 0..GROUP {
-                let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
-                let wl = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
-                let wh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w));
+            /// the float32 kernel in float64: each decoded value widened, lanes 0–3 and 4–7 in two
+            /// registers.
+            #[target_feature(enable = $features)]
+            unsafe fn $f64<const C: u8, const M: usize>(
+                rows: &[&[u8]; GROUP],
+                xs: [&[f64]; M],
+                main: usize,
+                out: &mut [[f64; GROUP]; M],
+            ) -> bool {
+                let mut lo = [[_mm256_setzero_pd(); GROUP]; M];
+                let mut hi = [[_mm256_setzero_pd(); GROUP]; M];
+                let mut bad = _mm256_setzero_si256();
+                let mut k = 0;
+                while k < main {
+                    for j in 0..GROUP {
+                        let w = load8::<C>(rows[j].as_ptr(), k, &mut bad);
+                        let wl = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
+                        let wh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w));
+                        for i in 0..M {
+                            let xl = _mm256_loadu_pd(xs[i].as_ptr().add(k));
+                            let xh = _mm256_loadu_pd(xs[i].as_ptr().add(k + 4));
+                            lo[i][j] = _mm256_add_pd(lo[i][j], _mm256_mul_pd(xl, wl));
+                            hi[i][j] = _mm256_add_pd(hi[i][j], _mm256_mul_pd(xh, wh));
+                        }
+                    }
+                    k += 8;
+                }
+                if _mm256_testz_si256(bad, bad) == 0 {
+                    return false;
+                }
                 for i in 0..M {
-                    let xl = _mm256_loadu_pd(xs[i].as_ptr().add(k));
-                    let xh = _mm256_loadu_pd(xs[i].as_ptr().add(k + 4));
-                    lo[i][j] = _mm256_add_pd(lo[i][j], _mm256_mul_pd(xl, wl));
-                    hi[i][j] = _mm256_add_pd(hi[i][j], _mm256_mul_pd(xh, wh));
+                    for j in 0..GROUP {
+                        let mut p = [0.0f64; 8];
+                        _mm256_storeu_pd(p.as_mut_ptr(), lo[i][j]);
+                        _mm256_storeu_pd(p.as_mut_ptr().add(4), hi[i][j]);
+                        let mut sum = 0.0f64;
+                        for l in 0..4 {
+                            sum += p[l] + p[l + 4];
+                        }
+                        out[i][j] = sum;
+                    }
                 }
+                true
             }
-            k += 8;
-        }
-        if _mm256_testz_si256(bad, bad) == 0 {
-            return false;
-        }
-        for i in 0..M {
-            for j in 0..GROUP {
-                let mut p = [0.0f64; 8];
-                _mm256_storeu_pd(p.as_mut_ptr(), lo[i][j]);
-                _mm256_storeu_pd(p.as_mut_ptr().add(4), hi[i][j]);
-                let mut sum = 0.0f64;
-                for l in 0..4 {
-                    sum += p[l] + p[l + 4];
-                }
-                out[i][j] = sum;
-            }
-        }
-        true
+        };
     }
+    kernels!(f32_sums, f64_sums, "avx2,f16c");
+    kernels!(f32_sums_wide, f64_sums_wide, "avx2,f16c,avx512f,avx512vl");
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -399,10 +472,16 @@ mod x86 {
         false
     }
 
+    pub(super) fn wide() -> bool {
+        false
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn group<T: Value>(
         _: &Tensor,
         _: Option<Precision>,
         _: Code,
+        _: bool,
         _: usize,
         _: &[T],
         _: usize,
@@ -442,8 +521,15 @@ mod tests {
         m: usize,
     ) -> (Vec<f64>, Vec<f64>) {
         let mut part = vec![0.0; m * t.shape()[0]];
-        rows_dot(t, at, (0, t.shape()[0]), x, &mut part);
-        (part, by_reads_part(t, at, x, m))
+        rows_dot_with(t, at, (0, t.shape()[0]), x, &mut part, false);
+        let reads = by_reads_part(t, at, x, m);
+        if x86::wide() {
+            // The wide kernels, where the CPU has them, give the narrow ones' bits.
+            let mut wide = vec![0.0; part.len()];
+            rows_dot_with(t, at, (0, t.shape()[0]), x, &mut wide, true);
+            assert!(wide.iter().zip(&part).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        (part, reads)
     }
 
     #[test]
