@@ -232,7 +232,10 @@ fn a_poisoned_floor_cache_never_passes_a_faulty_candidate() {
     let file = std::fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with("-bfloat16-v4.json"))
+        .find(|p| {
+            let version = llama_parity::compare::floor::FORMAT.rsplit('@').next().unwrap();
+            p.to_string_lossy().ends_with(&format!("-bfloat16-v{version}.json"))
+        })
         .expect("the floor was cached");
     let text = std::fs::read_to_string(&file).unwrap();
     let mut floor: serde_json::Value = serde_json::from_str(&text).unwrap();
