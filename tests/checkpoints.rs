@@ -16,7 +16,7 @@ use llama_parity::model::{
 use llama_parity::weights::checkpoint::HfCheckpoint;
 use serde_json::Value;
 
-use crate::helpers::{parity, report_json};
+use crate::helpers::{copy_tree, parity, report_json};
 
 /// `parity run GOLDEN ARGS... --report DIR` into a fresh directory: exit code, the
 /// output, and the report's JSON.
@@ -192,4 +192,46 @@ fn a_run_is_bit_identical_on_one_and_two_threads() {
         }
     }
     assert_eq!(compared, 4 * (7 + 4 * 14));
+}
+
+/// Runs made with one context share the checkpoint their golden references: the second
+/// run reads the mapping the first made (the same pages, not a second mapping of the
+/// files) and computes the same bits; a checkpoint whose files changed is opened again.
+#[test]
+fn runs_sharing_a_context_share_the_checkpoint_mapping_until_its_files_change() {
+    use llama_parity::model::context::CheckpointCache;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ckpt = tmp.path().join("ckpt");
+    copy_tree(&fixture("tiny_llama3"), &ckpt);
+    let cache = CheckpointCache::default();
+    let open = |cache: &CheckpointCache| cache.open(&ckpt, HfCheckpoint::open).expect("open");
+    let key = "model.layers.0.mlp.down_proj.weight";
+    let at = |c: &HfCheckpoint| c.get(key).expect("tensor").bytes().as_ptr() as usize;
+    let (a, b) = (open(&cache), open(&cache));
+    assert_eq!(at(&a), at(&b), "the second open maps the files again");
+    assert_ne!(at(&a), at(&HfCheckpoint::open(&ckpt).expect("open")), "a fresh open shares");
+    // The same bytes written anew: another inode and modification time.
+    let shard = a.file_of(key).to_path_buf();
+    let bytes = std::fs::read(&shard).expect("read");
+    std::fs::remove_file(&shard).expect("rm");
+    std::fs::write(&shard, bytes).expect("write");
+    assert_ne!(at(&open(&cache)), at(&a), "a changed checkpoint is opened again");
+
+    let golden = Dump::open(&fixture("tiny_llama3_golden")).expect("open");
+    let run = |ctx: &RunContext| {
+        let opts = RunOptions::new(Implementation::Reference).with_context(ctx.clone());
+        model::run(&golden, &opts).expect("run").dump
+    };
+    let shared = RunContext::new().with_shared_checkpoints();
+    let (one, two, alone) = (run(&shared), run(&shared), run(&RunContext::new()));
+    let mut compared = 0;
+    for &step in &golden.manifest.steps {
+        for site in one.sites(step) {
+            let get = |d: &Dump| d.get(step, site).expect("get").expect("site").bytes().to_vec();
+            assert_eq!(get(&one), get(&alone), "{step}/{site}");
+            assert_eq!(get(&two), get(&alone), "{step}/{site}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "{compared}");
 }

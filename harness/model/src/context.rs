@@ -1,7 +1,8 @@
 //! What a run takes from its caller besides what to run: where the subprocess ports are
-//! found ([`Ports`]), whether a referenced checkpoint is hashed ([`Sha256Check`]), and who
-//! is told of the run's progress and warnings ([`EventSink`]). One [`RunContext`] holds
-//! the three; the floor and the diagnosis pass theirs to the runs they make.
+//! found ([`Ports`]), whether a referenced checkpoint is hashed ([`Sha256Check`]), who
+//! is told of the run's progress and warnings ([`EventSink`]), and whether the runs share
+//! a referenced checkpoint's mapping ([`CheckpointCache`]). One [`RunContext`] holds
+//! them; the floor and the diagnosis pass theirs to the runs they make.
 //!
 //! The library prints nothing and reads no environment variable. The `parity` binary
 //! hands its environment to [`RunContext::from_vars`] (the variables it honours are
@@ -10,11 +11,14 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use contract::site::Step;
 
 use crate::ports::Ports;
+use contract::error::Result;
+use weights::checkpoint::HfCheckpoint;
 
 /// What a run says while it runs, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +52,69 @@ pub enum Sha256Check {
     Skip,
 }
 
+/// The checkpoint referenced last by a run's golden (CONTRACT §1.2), kept open so that
+/// the next run on it (the noise floor's runs after the run, the diagnosis's
+/// hypotheses) reads the pages this one mapped instead of mapping the files again. One
+/// checkpoint at a time: a run on another replaces it. A checkpoint whose files changed
+/// since (length, modification time or inode of any file in its directory) is opened
+/// again. Clones share the one slot.
+#[derive(Clone, Default)]
+pub struct CheckpointCache(Arc<Mutex<Option<Kept>>>);
+
+/// The checkpoint kept: its directory, its files' stamps when opened, the checkpoint.
+type Kept = (PathBuf, Vec<FileStamp>, HfCheckpoint);
+
+/// What identifies a file's content without reading it: path, length, modification
+/// time, inode.
+type FileStamp = (PathBuf, u64, Option<std::time::SystemTime>, u64);
+
+impl CheckpointCache {
+    /// The checkpoint at `dir`: the one kept when it is that directory, unchanged, else
+    /// opened with `open` (and kept).
+    pub fn open(
+        &self,
+        dir: &Path,
+        open: impl FnOnce(&Path) -> Result<HfCheckpoint>,
+    ) -> Result<HfCheckpoint> {
+        let stamp = stamp(dir);
+        let mut slot = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((kept, s, ckpt)) = slot.as_ref() {
+            if kept == dir && stamp.as_ref() == Some(s) {
+                return Ok(ckpt.clone());
+            }
+        }
+        let ckpt = open(dir)?;
+        *slot = stamp.map(|s| (dir.to_path_buf(), s, ckpt.clone()));
+        Ok(ckpt)
+    }
+}
+
+/// The stamps of the files in `dir` (or of `dir` itself when it is a file), in name
+/// order; `None` when one cannot be read.
+fn stamp(dir: &Path) -> Option<Vec<FileStamp>> {
+    let one = |p: PathBuf| {
+        let m = std::fs::metadata(&p).ok()?;
+        #[cfg(unix)]
+        let ino = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let ino = 0;
+        Some((p, m.len(), m.modified().ok(), ino))
+    };
+    if dir.is_file() {
+        return Some(vec![one(dir.to_path_buf())?]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .ok()?;
+    files.sort();
+    files.into_iter().filter(|p| p.is_file()).map(one).collect()
+}
+
 /// What runs take from their caller besides what to run (see the module header). The
-/// default verifies checkpoints, finds the ports at their defaults and tells no one.
+/// default verifies checkpoints, finds the ports at their defaults, tells no one and
+/// maps each run's checkpoint anew.
 #[derive(Clone, Default)]
 pub struct RunContext {
     pub ports: Ports,
@@ -57,17 +122,26 @@ pub struct RunContext {
     /// Told of each run's progress and warnings; `None` tells no one (the warnings of
     /// `model::run` are still in its output).
     pub events: Option<EventSink>,
+    /// Shared by the runs made with this context (and its clones); `None` opens each
+    /// run's checkpoint anew.
+    pub checkpoints: Option<CheckpointCache>,
 }
 
 impl RunContext {
-    /// Checkpoints verified, the ports at their defaults, no one told.
+    /// Checkpoints verified, the ports at their defaults, no one told, none shared.
     pub const fn new() -> RunContext {
-        RunContext { ports: Ports::new(), sha256: Sha256Check::Verify, events: None }
+        RunContext {
+            ports: Ports::new(),
+            sha256: Sha256Check::Verify,
+            events: None,
+            checkpoints: None,
+        }
     }
 
     /// The context the environment variables `var` gives say: the ports of
     /// [`Ports::from_vars`], and the sha256 check skipped when `LLAMA_PARITY_SKIP_SHA256`
-    /// is `1`. No one is told of events. The `parity` binary passes its environment
+    /// is `1`. No one is told of events; the runs share a referenced checkpoint
+    /// ([`CheckpointCache`]). The `parity` binary passes its environment
     /// (`|k| std::env::var_os(k)`), and so do the tests that run a port.
     pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> RunContext {
         let skip = var("LLAMA_PARITY_SKIP_SHA256").is_some_and(|v| v == "1");
@@ -75,7 +149,14 @@ impl RunContext {
             ports: Ports::from_vars(var),
             sha256: if skip { Sha256Check::Skip } else { Sha256Check::Verify },
             events: None,
+            checkpoints: Some(CheckpointCache::default()),
         }
+    }
+
+    /// Runs made with this context (and its clones) share the checkpoint they reference.
+    pub fn with_shared_checkpoints(mut self) -> RunContext {
+        self.checkpoints = Some(CheckpointCache::default());
+        self
     }
 
     pub fn with_ports(mut self, ports: Ports) -> RunContext {
@@ -108,6 +189,7 @@ impl fmt::Debug for RunContext {
             .field("ports", &self.ports)
             .field("sha256", &self.sha256)
             .field("events", &self.events.as_ref().map(|_| "<sink>"))
+            .field("checkpoints", &self.checkpoints.as_ref().map(|_| "<shared>"))
             .finish()
     }
 }

@@ -50,7 +50,10 @@ fn golden_checkpoint(
                 .into(),
         });
     };
-    let ckpt = HfCheckpoint::open(&r.checkpoint)?;
+    let ckpt = match &ctx.checkpoints {
+        Some(cache) => cache.open(&r.checkpoint, HfCheckpoint::open)?,
+        None => HfCheckpoint::open(&r.checkpoint)?,
+    };
     let mut warn = |text: String| {
         ctx.emit(&RunEvent::Warning { text: &text });
         warnings.push(text);

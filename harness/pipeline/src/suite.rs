@@ -72,7 +72,7 @@ impl Expect {
 #[derive(Debug, Clone)]
 pub enum Subject {
     /// An implementation's run on the golden's scenario.
-    Implementation(RunOptions),
+    Implementation(Box<RunOptions>),
     /// A candidate on disk (any layout [`Candidate::open`] reads).
     Candidate(PathBuf),
 }
@@ -201,7 +201,7 @@ impl RealModel<'_> {
             runs.extend(list.into_iter().map(|(run, opts)| Planned {
                 golden: golden.clone(),
                 run,
-                subject: Subject::Implementation(opts),
+                subject: Subject::Implementation(Box::new(opts)),
                 expect: Expect::pass(),
             }));
         }
@@ -214,7 +214,7 @@ impl RealModel<'_> {
             runs.push(Planned {
                 golden: g16.clone(),
                 run: format!("ascend bfloat16 {}", fault.id()),
-                subject: Subject::Implementation(opts),
+                subject: Subject::Implementation(Box::new(opts)),
                 expect: if caught { Expect::diagnosed(fault.id()) } else { Expect::pass() },
             });
         }
@@ -409,7 +409,7 @@ impl Plan {
                 runs.push(Planned {
                     golden: golden.clone(),
                     run,
-                    subject: Subject::Implementation(opts),
+                    subject: Subject::Implementation(Box::new(opts)),
                     expect: Expect::pass(),
                 });
             }
