@@ -247,19 +247,20 @@ impl NoiseFloor {
         if !golden.has_weights() {
             return Ok(None);
         }
-        let f = measure_with(golden, precision, hash, None, &|_| {}, ctx)?;
+        let f = measure_with(golden, precision, hash, None, None, &|_| {}, ctx)?;
         Ok(Some(f))
     }
 }
 
 /// The floor over the [`VARIANTS`] run at `precision` ([`variants_run`]), variant 0 (the
 /// reference) taken from `reference` (its comparison against the golden by the default
-/// policy) when the caller has it already.
+/// policy) and variant 1 from `port` when the caller has them already.
 fn measure_with(
     golden: &Dump,
     precision: Precision,
     hash: &str,
     reference: Option<&Comparison>,
+    port: Option<&Dump>,
     progress: &dyn Fn(&str),
     ctx: &RunContext,
 ) -> Result<NoiseFloor> {
@@ -278,8 +279,12 @@ fn measure_with(
             continue;
         }
         let owned;
-        let cmp = match (k, reference) {
-            (0, Some(c)) => c,
+        let cmp = match (k, reference, port) {
+            (0, Some(c), _) => c,
+            (1, _, Some(run)) => {
+                owned = compare(golden, run, &policy)?;
+                &owned
+            }
             _ => {
                 owned = compare(golden, &run_variant(golden, precision, k, ctx)?, &policy)?;
                 &owned
@@ -505,6 +510,24 @@ pub struct Known<'a> {
     pub reference: Option<&'a Dump>,
     /// The float64 reference's teacher-forced run without faults.
     pub teacher_forced: Option<&'a Dump>,
+    /// The simulated port's run with MindFormers' conventions at the candidate's dtype,
+    /// without faults (variant 1 of [`VARIANTS`]).
+    pub port: Option<&'a Dump>,
+}
+
+/// Whether [`floor_for_run`] would measure the floor of `golden` at `precision` (it has
+/// weights to run, and `cache` holds no floor of it that can be believed): what a
+/// caller asks before making the floor's runs alongside its own.
+pub fn will_measure(
+    golden: &Dump,
+    precision: Precision,
+    cache: Option<&FloorCache>,
+) -> Result<bool> {
+    if !golden.has_weights() {
+        return Ok(false);
+    }
+    let (Some(dir), Some(c)) = (golden.dir(), cache) else { return Ok(true) };
+    Ok(!matches!(c.load(&golden_hash(dir)?, precision, golden), Ok(Some(_))))
 }
 
 /// [`floor_for`], with the runs the caller has already made.
@@ -549,12 +572,26 @@ pub fn floor_for_run(
     // A floor is believed only where the golden is reproduced.
     progress("checking that the reference reproduces the golden ...");
     let owned;
+    let mut port = None;
     let reference = match known.reference {
         Some(r) => r,
         None => {
-            owned = run_variant(golden, precision, 0, ctx)?;
+            // The port's run, which the floor needs once the golden is reproduced, runs
+            // alongside the reference's (the threads each leaves idle go to the other);
+            // its result waits for the check, and an error of it comes after the
+            // check's, as when it is made after.
+            let (r, p) = rayon::join(
+                || run_variant(golden, precision, 0, ctx),
+                || known.port.is_none().then(|| run_variant(golden, precision, 1, ctx)),
+            );
+            port = p;
+            owned = r?;
             &owned
         }
+    };
+    let known = match (&port, known.port) {
+        (Some(Ok(p)), None) => Known { port: Some(p), ..known },
+        _ => known,
     };
     let reference = compare(golden, reference, &Policy::default())?;
     let mut reproduction = reproduce::judge_comparison(golden, &reference);
@@ -590,9 +627,10 @@ pub fn floor_for_run(
     };
     progress(&format!(
         "measuring the noise floor at {precision} ({} correct runs, the reference's done) ...",
-        VARIANTS.len()
+        variants_run(precision, golden.manifest.train.is_some()).len()
     ));
-    let mut f = measure_with(golden, precision, &hash, Some(&reference), progress, ctx)?;
+    let mut f =
+        measure_with(golden, precision, &hash, Some(&reference), known.port, progress, ctx)?;
     f.reproduction = Some(record);
     // Through JSON and back, so that a measured floor and the same floor read from the
     // cache are the same numbers (JSON's decimal form may move a last bit) and give

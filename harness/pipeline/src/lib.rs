@@ -267,17 +267,23 @@ fn noise_floor_known(
     known: Known,
 ) -> Result<Option<FloorSource>> {
     let precision = candidate.manifest.dtype;
-    let cache = match opts.floor {
-        Floor::Off => {
-            return Ok(Some(FloorSource::Unavailable(
-                "--no-floor; the golden's reproduction is not checked either".into(),
-            )))
-        }
-        Floor::Measure => None,
-        Floor::DefaultCache => FloorCache::default_dir().map(|dir| FloorCache { dir }),
-        Floor::Cache(dir) => Some(FloorCache { dir: dir.to_path_buf() }),
+    let Some(cache) = floor_cache(opts) else {
+        return Ok(Some(FloorSource::Unavailable(
+            "--no-floor; the golden's reproduction is not checked either".into(),
+        )));
     };
     floor_for_run(golden, precision, cache.as_ref(), opts.progress, opts.context, known).map(Some)
+}
+
+/// Where `opts.floor` keeps floors: `None` when it asks for none, `Some(None)` when it
+/// measures without a cache.
+fn floor_cache(opts: &Options) -> Option<Option<FloorCache>> {
+    match opts.floor {
+        Floor::Off => None,
+        Floor::Measure => Some(None),
+        Floor::DefaultCache => Some(FloorCache::default_dir().map(|dir| FloorCache { dir })),
+        Floor::Cache(dir) => Some(Some(FloorCache { dir: dir.to_path_buf() })),
+    }
 }
 
 /// Runs `run`'s implementation on `golden`'s scenario and weights, names the run after
@@ -291,16 +297,35 @@ pub fn run(
     opts: &Options,
 ) -> Result<(RunOutput, Report)> {
     (opts.progress)(&format!("running {} on {} ...", run.implementation.name(), golden.label()));
-    let mut out = model::run(golden, run)?;
+    // The reference without faults is the floor's first variant and the run the
+    // reproduction check judges: they are taken from this run, not made again. When the
+    // floor is to be measured, its port run is made alongside this one (the threads
+    // each leaves idle go to the other) and used once the golden is reproduced; an error
+    // of it is met again, after the check, by the floor making it itself.
+    let correct_reference =
+        run.implementation == Implementation::Reference && run.faults.is_empty();
+    let precision = run.precision.unwrap_or(golden.manifest.dtype);
+    let with_port = correct_reference
+        && match floor_cache(opts) {
+            Some(cache) => compare::floor::will_measure(golden, precision, cache.as_ref())?,
+            None => false,
+        };
+    let (out, port) = rayon::join(
+        || model::run(golden, run),
+        || with_port.then(|| compare::floor::run_variant(golden, precision, 1, opts.context)),
+    );
+    let mut out = out?;
     out.dump.set_name(run_name(run));
     if let Some(dir) = keep {
         out.dump.write(dir)?;
         (opts.progress)(&format!("dump written to {}", dir.display()));
     }
-    // The reference without faults is the floor's first variant and the run the
-    // reproduction check judges: they are taken from this run, not made again.
-    let known = if run.implementation == Implementation::Reference && run.faults.is_empty() {
-        Known { reference: Some(&out.dump), teacher_forced: out.teacher_forced.as_ref() }
+    let known = if correct_reference {
+        Known {
+            reference: Some(&out.dump),
+            teacher_forced: out.teacher_forced.as_ref(),
+            port: port.as_ref().and_then(|p| p.as_ref().ok()),
+        }
     } else {
         Known::default()
     };
