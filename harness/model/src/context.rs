@@ -53,8 +53,8 @@ pub enum Sha256Check {
 }
 
 /// The checkpoint referenced last by a run's golden (CONTRACT §1.2), kept open so that
-/// the next run on it (the noise floor's runs after the run, the diagnosis's
-/// hypotheses) reads the pages this one mapped instead of mapping the files again. One
+/// the next run on it (the noise floor's runs, made alongside the run or after it)
+/// reads the pages this one mapped instead of mapping the files again. One
 /// checkpoint at a time: a run on another replaces it. A checkpoint whose files changed
 /// since (length, modification time or inode of any file in its directory) is opened
 /// again. Clones share the one slot.
@@ -86,6 +86,11 @@ impl CheckpointCache {
         let ckpt = open(dir)?;
         *slot = stamp.map(|s| (dir.to_path_buf(), s, ckpt.clone()));
         Ok(ckpt)
+    }
+
+    /// Lets the kept checkpoint go (its mapping goes with the last run that holds it).
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 

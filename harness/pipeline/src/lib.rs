@@ -365,7 +365,14 @@ fn diagnose_into(
         return;
     }
     (opts.progress)("diagnosing the divergence ...");
-    match diagnose(golden, candidate, cmp, opts.context) {
+    // The diagnosis's hypotheses each map only the layers they run and drop them after,
+    // which keeps its memory to the checkpoint's bytes and its own state: the checkpoint
+    // the runs before it shared is let go, and the hypotheses do not share one.
+    let context = RunContext { checkpoints: None, ..opts.context.clone() };
+    if let Some(shared) = &opts.context.checkpoints {
+        shared.clear();
+    }
+    match diagnose(golden, candidate, cmp, &context) {
         Ok(d) => {
             report.diagnosis = d.findings;
             report.diagnosis_notes = d.notes;
