@@ -409,7 +409,7 @@ mod x86 {
                 true
             }
 
-            /// the float32 kernel in float64: each decoded value widened, lanes 0–3 and 4–7 in two
+            /// The float32 kernel in float64: each decoded value widened, lanes 0–3 and 4–7 in two
             /// registers.
             #[target_feature(enable = $features)]
             unsafe fn $f64<const C: u8, const M: usize>(
