@@ -20,56 +20,56 @@
 //! weight rows are read a chunk at a time as the product reaches it, so that a chunk is
 //! rounded to the weight precision into the cache and used there.
 
+#[cfg(any(test, target_arch = "x86_64"))]
+use super::fma_tiles::TILE_COLS;
+use super::fma_tiles::{lanes_chunk, product_on, Element, Kernel, Packed};
+
 /// Input rows per kernel tile: two 16-lane vectors.
 const TILE_ROWS: usize = 32;
 
-/// Weight rows per kernel tile: 24 accumulators and the two input vectors stay in the 32
-/// vector registers.
-const TILE_COLS: usize = 12;
-
-/// The slice of `k` one pass of the kernel covers: a tile's 12 weight rows (24 KiB) stay
-/// in the L1 cache while every input tile passes over them.
+/// The slice of `k` one pass of the kernel covers: a tile's 12 weight rows (24 KiB)
+/// stay in the L1 cache while every input tile passes over them.
 pub const CHUNK: usize = 512;
 
-/// `v` with `len` elements, its contents left as they are where it had them (every
-/// caller overwrites them all): a buffer a thread keeps between products, resized
-/// without being zeroed (here and in `linear`).
-pub(super) fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
-    v.truncate(len);
-    v.resize(len, T::default());
-}
+/// Input rows `a[m, k]` packed as tiles of 32 rows, each `[k][32]` (rows past `m`
+/// zero): a tile's 32 values at one `k` are two contiguous vectors.
+pub type PackedInput = Packed<f32>;
 
-/// `k`'s chunks: `(start, length)` of each.
-fn chunks(k: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..k).step_by(CHUNK).map(move |c0| (c0, CHUNK.min(k - c0)))
-}
+impl Element for f32 {
+    const TILE_ROWS: usize = TILE_ROWS;
+    const CHUNK: usize = CHUNK;
 
-/// Input rows `a[m, k]` packed as tiles of 32 rows, each `[k][32]` (rows past `m` zero):
-/// a tile's 32 values at one `k` are two contiguous vectors.
-#[derive(Debug, Clone)]
-pub struct PackedInput {
-    m: usize,
-    k: usize,
-    data: Vec<f32>,
-}
-
-impl PackedInput {
-    /// Packs row-major `a` (`[m, k]`), each value narrowed to `f32`.
-    pub fn new<T: Copy + Into<f64>>(a: &[T], m: usize, k: usize) -> PackedInput {
-        assert_eq!(a.len(), m * k, "input rows are [m, k]");
-        let tiles = m.div_ceil(TILE_ROWS);
-        let mut data = vec![0.0f32; tiles * k * TILE_ROWS];
-        for (i, row) in a.chunks_exact(k.max(1)).enumerate().take(m) {
-            let tile = &mut data[(i / TILE_ROWS) * k * TILE_ROWS..][..k * TILE_ROWS];
-            for (kk, &v) in row.iter().enumerate() {
-                tile[kk * TILE_ROWS + i % TILE_ROWS] = v.into() as f32;
-            }
-        }
-        PackedInput { m, k, data }
+    fn from_f64(v: f64) -> f32 {
+        v as f32
     }
 
-    fn tiles(&self) -> usize {
-        self.m.div_ceil(TILE_ROWS)
+    fn mul_add(self, a: f32, b: f32) -> f32 {
+        f32::mul_add(self, a, b)
+    }
+
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+
+    fn chunk(
+        kernel: Kernel,
+        a: &PackedInput,
+        c0: usize,
+        kc: usize,
+        slab: &[f32],
+        n: usize,
+        sums: &mut [f32],
+    ) {
+        match kernel {
+            // SAFETY (both): the CPU has the instructions (`product_on` asserts it);
+            // `slab` is `[n][kc]` and `sums` `[n][width]`, and `a` holds `width / 32`
+            // tiles of `[k][32]` with `c0 + kc <= k`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::chunk(a, c0, kc, slab, n, sums) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => unsafe { x86::lanes_chunk_fma(a, c0, kc, slab, n, sums) },
+            _ => lanes_chunk::<f32, TILE_ROWS>(a, c0, kc, slab, n, sums),
+        }
     }
 }
 
@@ -95,246 +95,18 @@ pub fn product(
     product_on(Kernel::best(), a, n, read, prefetch, out, slab, sums);
 }
 
-/// The code that computes the chains; every one gives the same bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    /// The AVX-512 kernel ([`x86::chunk`]).
-    Avx512,
-    /// [`lanes_chunk`] compiled for AVX2 and FMA.
-    Avx2Fma,
-    /// [`lanes_chunk`] compiled for the baseline of the target.
-    Lanes,
-}
-
-impl Kernel {
-    /// The fastest this CPU runs.
-    fn best() -> Kernel {
-        [Kernel::Avx512, Kernel::Avx2Fma]
-            .into_iter()
-            .find(|k| k.runs_here())
-            .unwrap_or(Kernel::Lanes)
-    }
-
-    /// Whether this CPU has the instructions of `self`.
-    fn runs_here(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return match self {
-            Kernel::Avx512 => std::is_x86_feature_detected!("avx512f"),
-            Kernel::Avx2Fma => {
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-            }
-            Kernel::Lanes => true,
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        return self == Kernel::Lanes;
-    }
-}
-
-/// [`product`] on `kernel`.
-#[allow(clippy::too_many_arguments)]
-fn product_on(
-    kernel: Kernel,
-    a: &PackedInput,
-    n: usize,
-    mut read: impl FnMut(usize, usize, &mut [f32]),
-    mut prefetch: impl FnMut(usize, usize, usize),
-    out: &mut [f64],
-    slab: &mut Vec<f32>,
-    sums: &mut Vec<f32>,
-) {
-    let (m, k) = (a.m, a.k);
-    assert_eq!(out.len(), m * n, "product output size");
-    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
-    // Partial sums `[n][width]`: weight row by input row (padded to whole tiles).
-    let width = a.tiles() * TILE_ROWS;
-    sums.clear();
-    sums.resize(n * width, 0.0);
-    for (c0, kc) in chunks(k) {
-        fit(slab, n * kc);
-        for (j, row) in slab.chunks_exact_mut(kc).enumerate() {
-            read(j, c0, row);
-        }
-        // A group of weight rows at a time, each group's next chunk hinted before it is
-        // multiplied: the hints spread over the chunk's products.
-        let next = (c0 + kc, CHUNK.min(k - (c0 + kc)));
-        for j0 in (0..n).step_by(TILE_COLS) {
-            let cols = TILE_COLS.min(n - j0);
-            if next.1 > 0 {
-                (j0..j0 + cols).for_each(|j| prefetch(j, next.0, next.1));
-            }
-            let slab = &slab[j0 * kc..][..cols * kc];
-            let sums = &mut sums[j0 * width..][..cols * width];
-            chunk_on(kernel, a, c0, kc, slab, cols, sums);
-        }
-    }
-    for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate().take(m) {
-        for (j, o) in o.iter_mut().enumerate() {
-            *o = f64::from(sums[j * width + i]);
-        }
-    }
-}
-
-/// One chunk of [`product_on`] for `n` weight rows on `kernel`, which this CPU runs
-/// (asserted by [`product_on`]).
-fn chunk_on(
-    kernel: Kernel,
-    a: &PackedInput,
-    c0: usize,
-    kc: usize,
-    slab: &[f32],
-    n: usize,
-    sums: &mut [f32],
-) {
-    match kernel {
-        // SAFETY (both): the CPU has the instructions; `slab` is `[n][kc]` and `sums`
-        // `[n][width]`, and `a` holds `width / 32` tiles of `[k][32]` with `c0 + kc <= k`.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => unsafe { x86::chunk(a, c0, kc, slab, n, sums) },
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2Fma => unsafe { x86::lanes_chunk_fma(a, c0, kc, slab, n, sums) },
-        _ => lanes_chunk(a, c0, kc, slab, n, sums),
-    }
-}
-
-/// One chunk of [`product`] as loops over a tile's 32 input rows, two weight rows at a
-/// time: each row's chain continues in index order, and the 64 independent chains of a
-/// step of `k` are what the compiler vectorises.
-#[inline(always)]
-fn lanes_chunk(a: &PackedInput, c0: usize, kc: usize, slab: &[f32], n: usize, sums: &mut [f32]) {
-    let (k, tiles) = (a.k, a.tiles());
-    let width = tiles * TILE_ROWS;
-    let mut j = 0;
-    while j < n {
-        let cols = if n - j >= 2 { 2 } else { 1 };
-        for t in 0..tiles {
-            let at = &a.data[t * k * TILE_ROWS + c0 * TILE_ROWS..][..kc * TILE_ROWS];
-            let w = &slab[j * kc..][..cols * kc];
-            let acc = &mut sums[j * width + t * TILE_ROWS..];
-            if cols == 2 {
-                lanes_tile::<2>(at, w, kc, acc, width);
-            } else {
-                lanes_tile::<1>(at, w, kc, acc, width);
-            }
-        }
-        j += cols;
-    }
-}
-
-/// `N` weight rows (`w`, `[N][kc]`) by one tile of 32 input rows (`at`, `[kc][32]`),
-/// continuing the chains `acc[jj * width..][..32]`.
-#[inline(always)]
-fn lanes_tile<const N: usize>(at: &[f32], w: &[f32], kc: usize, acc: &mut [f32], width: usize) {
-    let mut s = [[0.0f32; TILE_ROWS]; N];
-    for (jj, s) in s.iter_mut().enumerate() {
-        s.copy_from_slice(&acc[jj * width..][..TILE_ROWS]);
-    }
-    for (kk, av) in at.chunks_exact(TILE_ROWS).enumerate() {
-        for (jj, s) in s.iter_mut().enumerate() {
-            let wv = w[jj * kc + kk];
-            for (s, &x) in s.iter_mut().zip(av) {
-                *s = x.mul_add(wv, *s);
-            }
-        }
-    }
-    for (jj, s) in s.iter().enumerate() {
-        acc[jj * width..][..TILE_ROWS].copy_from_slice(s);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{PackedInput, TILE_COLS, TILE_ROWS};
-
-    /// [`super::lanes_chunk`] compiled with AVX2 and FMA.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; the operands as [`chunk`] takes them.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn lanes_chunk_fma(
-        a: &PackedInput,
-        c0: usize,
-        kc: usize,
-        slab: &[f32],
-        n: usize,
-        sums: &mut [f32],
-    ) {
-        super::lanes_chunk(a, c0, kc, slab, n, sums)
-    }
-
-    /// One tile: 32 input rows (`a`, `[kc][32]`) by `N` weight rows (`w`, row stride
-    /// `ws`) over `kc` values of `k`, its chains continued from `acc` (`[N][32]`, row
-    /// stride `cs`) and written back there.
-    ///
-    /// # Safety
-    /// AVX-512F; `a` readable for `kc * 32` values, `w` for `N` rows of `kc` at stride
-    /// `ws`, `acc` readable and writable for `N` rows of 32 at stride `cs`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const N: usize>(
-        kc: usize,
-        a: *const f32,
-        w: *const f32,
-        ws: usize,
-        acc: *mut f32,
-        cs: usize,
-    ) {
-        let mut s = [[_mm512_setzero_ps(); 2]; N];
-        for (j, s) in s.iter_mut().enumerate() {
-            s[0] = _mm512_loadu_ps(acc.add(j * cs));
-            s[1] = _mm512_loadu_ps(acc.add(j * cs + 16));
-        }
-        for kk in 0..kc {
-            let a0 = _mm512_loadu_ps(a.add(kk * TILE_ROWS));
-            let a1 = _mm512_loadu_ps(a.add(kk * TILE_ROWS + 16));
-            for (j, s) in s.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*w.add(j * ws + kk));
-                s[0] = _mm512_fmadd_ps(a0, b, s[0]);
-                s[1] = _mm512_fmadd_ps(a1, b, s[1]);
-            }
-        }
-        for (j, s) in s.iter().enumerate() {
-            _mm512_storeu_ps(acc.add(j * cs), s[0]);
-            _mm512_storeu_ps(acc.add(j * cs + 16), s[1]);
-        }
-    }
-
-    /// Continues every chain `sums[j][i]` (row stride `32 · a.tiles()`) of input row `i`
-    /// and weight row `j` over the chunk `c0..c0 + kc` of `k`, whose weights `slab` holds
-    /// (`[n][kc]`).
-    ///
-    /// # Safety
-    /// AVX-512F; `slab.len() == n * kc`, `sums.len() == n * 32 * a.tiles()`,
-    /// `c0 + kc <= a.k`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn chunk(
-        a: &PackedInput,
-        c0: usize,
-        kc: usize,
-        slab: &[f32],
-        n: usize,
-        sums: &mut [f32],
-    ) {
-        let (k, tiles) = (a.k, a.tiles());
-        let width = tiles * TILE_ROWS;
-        for j0 in (0..n).step_by(TILE_COLS) {
-            let cols = TILE_COLS.min(n - j0);
-            let w = slab[j0 * kc..].as_ptr();
-            for t in 0..tiles {
-                let a = a.data[t * k * TILE_ROWS + c0 * TILE_ROWS..].as_ptr();
-                let c = sums[j0 * width + t * TILE_ROWS..].as_mut_ptr();
-                macro_rules! run {
-                    ($($n:literal)*) => {
-                        match cols {
-                            $($n => tile::<$n>(kc, a, w, kc, c, width),)*
-                            _ => unreachable!("a tile has 1 to {TILE_COLS} columns"),
-                        }
-                    };
-                }
-                run!(1 2 3 4 5 6 7 8 9 10 11 12);
-            }
-        }
-    }
+    crate::fma_tiles::x86_kernels!(
+        f32,
+        PackedInput,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
 }
 
 #[cfg(test)]

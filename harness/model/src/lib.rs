@@ -35,6 +35,7 @@ pub mod decoder_layer;
 pub mod embedding;
 mod fma_product;
 mod fma_product64;
+mod fma_tiles;
 pub mod heads;
 pub mod kv_cache;
 pub mod linear;

@@ -19,8 +19,9 @@ use rayon::prelude::*;
 
 use dump::Tensor;
 
-use super::fma_product::{self, fit, PackedInput};
+use super::fma_product::{self, PackedInput};
 use super::fma_product64::{self, PackedInput64};
+use super::fma_tiles::fit;
 use super::lora::Lora;
 use super::numerics::{round_in_place, Numerics, Products, RoundAt};
 use super::rowdot::rows_dot;
